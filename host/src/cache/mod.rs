@@ -1,0 +1,1 @@
+//! Radix-tree prefix KV cache shared by every request of the local engine.

@@ -1,0 +1,79 @@
+//! The command line. Each subcommand lives in its own file and calls the same library
+//! functions the server and the tests use; nothing here does work of its own.
+
+mod bench;
+mod generate;
+mod model;
+mod plugin;
+mod run;
+mod trace;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Multi-agent LLM pipelines with staircase streaming and sandboxed WebAssembly policies.
+#[derive(Debug, Parser)]
+#[command(name = "staircase", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a pipeline on a prompt and stream its answer.
+    Run(run::Args),
+    /// Generate with one model, no pipeline.
+    Generate(generate::Args),
+    /// Build, check and list plugins.
+    #[command(subcommand)]
+    Plugin(plugin::Command),
+    /// Fetch and list models.
+    #[command(subcommand)]
+    Model(model::Command),
+    /// Run a benchmark and print its table.
+    #[command(subcommand)]
+    Bench(bench::Command),
+    /// Work with run traces.
+    #[command(subcommand)]
+    Trace(trace::Command),
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    init_tracing();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Generate(args) => generate::run(args),
+        Command::Plugin(command) => plugin::run(command),
+        Command::Model(command) => model::run(command),
+        Command::Bench(command) => bench::run(command),
+        Command::Trace(command) => trace::run(command),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs go to stderr, filtered by `RUST_LOG` (default: warnings).
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// A multi-threaded tokio runtime for commands that need one.
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}

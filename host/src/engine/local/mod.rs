@@ -1,0 +1,1 @@
+//! The embedded engine: GGUF models on llama.cpp kernels under our own scheduler.

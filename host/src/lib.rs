@@ -1,0 +1,16 @@
+//! Staircase: a host that runs multi-agent LLM pipelines with staircase streaming,
+//! while every agent-specific policy runs as a sandboxed WebAssembly component.
+//!
+//! One folder per concept: `engine/` generates tokens (local GGUF or remote servers),
+//! `cache/` holds the prefix KV cache, `speculate/` drafts tokens, `pipeline/` runs DAGs of
+//! agents, `plugin/` hosts the WebAssembly policies, `trace/` records timelines, `model/`
+//! fetches and lists models, and `cli/` is the command line over all of them.
+
+pub mod cache;
+pub mod cli;
+pub mod engine;
+pub mod model;
+pub mod pipeline;
+pub mod plugin;
+pub mod speculate;
+pub mod trace;

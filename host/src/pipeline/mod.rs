@@ -1,0 +1,2 @@
+//! Pipelines: DAGs of agents with staircase streaming along edges.
+pub mod policy;

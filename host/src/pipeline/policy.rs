@@ -1,0 +1,137 @@
+//! What a pipeline needs from its policies, mirroring the WIT worlds in
+//! `wit/v0.1.0/agent.wit`. The plugin host implements these traits for WebAssembly
+//! components; the pipeline runtime only sees the traits, so it never touches wasmtime.
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{ChatMessage, SamplingParams};
+
+/// An error a policy returned or caused (a trap, a timeout, a refused call), with the
+/// plugin it came from already named in the message.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct PolicyError(pub String);
+
+/// An upstream node whose output reaches a policy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Source {
+    /// The node id from the pipeline file.
+    pub id: String,
+    /// A human-readable label, such as the node's role name.
+    pub label: String,
+}
+
+/// The finished output of an upstream node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamOutput {
+    pub source: Source,
+    pub text: String,
+}
+
+/// What an agent receives.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RoleInput {
+    pub conversation: Vec<ChatMessage>,
+    pub upstream: Vec<UpstreamOutput>,
+}
+
+/// An agent's role (WIT `role-policy`).
+pub trait RolePolicy: Send {
+    fn system_prompt(&mut self) -> Result<String, PolicyError>;
+    /// The messages sent to the model, system prompt included.
+    fn build_messages(&mut self, input: &RoleInput) -> Result<Vec<ChatMessage>, PolicyError>;
+    /// Generation parameters (`seed` is not part of the WIT and stays at its default).
+    fn params(&mut self) -> Result<SamplingParams, PolicyError>;
+}
+
+/// How a pipeline runs its aggregators.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamMode {
+    /// Step on the first chunks of the sources, then again as more arrive.
+    Staircase,
+    /// Classic Mixture-of-Agents: one step once every source is complete.
+    Layered,
+}
+
+/// Whether an aggregator still wants a source's output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Demand {
+    More,
+    /// The source has given enough; the runtime may cancel it.
+    Enough,
+}
+
+/// One generation step of an aggregator model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Step {
+    /// The full prompt of this step; its beginning stays stable across steps.
+    pub messages: Vec<ChatMessage>,
+    /// Tokens to generate now, continuing the answer so far.
+    pub max_tokens: u32,
+    /// Generate until the model stops; no step follows.
+    pub is_final: bool,
+}
+
+/// The staircase policy's state for one run (WIT `aggregator-policy.session`).
+pub trait AggregatorSession: Send {
+    /// A chunk of a source's output; chunks of one source arrive in order.
+    fn push(&mut self, source_id: &str, text: &str) -> Result<Demand, PolicyError>;
+    /// The source has no more output.
+    fn finish(&mut self, source_id: &str) -> Result<(), PolicyError>;
+    /// The aggregator's own answer grew by this text.
+    fn answered(&mut self, text: &str) -> Result<(), PolicyError>;
+    /// The step to run now, if any; asked after every push and finish.
+    fn next_step(&mut self) -> Result<Option<Step>, PolicyError>;
+}
+
+/// Shortens a history to a token budget (WIT `compressor-policy`).
+pub trait CompressorPolicy: Send {
+    fn compress(
+        &mut self,
+        history: &[ChatMessage],
+        budget_tokens: u32,
+    ) -> Result<Vec<ChatMessage>, PolicyError>;
+}
+
+/// What a router knows about a step (WIT `router-policy.route-request`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteRequest {
+    pub node_id: String,
+    pub prompt_tokens: u32,
+    pub query: String,
+    pub models: Vec<String>,
+}
+
+/// Chooses a model per step (WIT `router-policy`).
+pub trait RouterPolicy: Send {
+    /// One of `request.models`.
+    fn route(&mut self, request: &RouteRequest) -> Result<String, PolicyError>;
+}
+
+/// Where a pipeline gets its policies by name. The plugin registry implements it; each call
+/// returns a fresh instance on the newest version, so a run keeps the version it started with.
+pub trait PolicyProvider: Send + Sync {
+    fn role(&self, plugin: &str) -> Result<Box<dyn RolePolicy>, PolicyError>;
+    fn aggregator(
+        &self,
+        plugin: &str,
+        conversation: &[ChatMessage],
+        sources: &[Source],
+        mode: StreamMode,
+    ) -> Result<Box<dyn AggregatorSession>, PolicyError>;
+    fn compressor(&self, plugin: &str) -> Result<Box<dyn CompressorPolicy>, PolicyError>;
+    fn router(&self, plugin: &str) -> Result<Box<dyn RouterPolicy>, PolicyError>;
+    /// Whether a plugin of that name exists, and of which kind (for validation).
+    fn kind_of(&self, plugin: &str) -> Option<PluginKind>;
+}
+
+/// The four plugin kinds, one WIT world each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PluginKind {
+    Role,
+    Aggregator,
+    Compressor,
+    Router,
+}

@@ -1,0 +1,1 @@
+//! The WebAssembly plugin host: sandbox, loading, compiled-code cache and hot reload.

@@ -1,0 +1,1 @@
+//! Run timelines: recording, Chrome/Perfetto export and the staircase SVG chart.
