@@ -399,3 +399,10 @@ fn a_prompt_cancelled_mid_prefill_leaves_its_prefilled_part_cached() {
         answer.usage.prompt_tokens
     );
 }
+
+#[test]
+fn the_engine_can_be_shared_across_threads() {
+    fn shareable<T: Send + Sync + 'static>() {}
+    shareable::<LocalEngine>();
+    shareable::<std::sync::Arc<dyn Engine>>();
+}
