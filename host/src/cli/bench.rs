@@ -23,8 +23,8 @@ pub struct EngineArgs {
     model: Option<PathBuf>,
     #[arg(long)]
     threads: Option<usize>,
-    /// Runs per comparison; the best counts.
-    #[arg(long, default_value_t = 3)]
+    /// Runs per comparison (rates: the best run; ratios: the median pair).
+    #[arg(long, default_value_t = 5)]
     repeats: usize,
     /// Instead: compare these GGUF files of one model (the first is the reference) for speed
     /// and greedy agreement, e.g. the default model and its `model quantize` variants.

@@ -54,7 +54,7 @@ pub struct Comparison {
     pub tokens: usize,
     pub bare_tok_s: f64,
     pub engine_tok_s: f64,
-    /// engine / bare; 0.95 means the scheduler costs 5%.
+    /// engine / bare rate, median over back-to-back pairs; 0.95 means the scheduler costs 5%.
     pub ratio: f64,
 }
 
@@ -220,18 +220,16 @@ pub fn run(config: &BenchConfig) -> Result<EngineBenchReport, EngineError> {
     // Prefill.
     let prompt = engine.tokenize(&filler_text(&engine, config.prefill_tokens, 0));
     let prompt = prompt[..config.prefill_tokens.min(prompt.len())].to_vec();
-    let mut best_bare = Duration::MAX;
-    let mut best_engine = Duration::MAX;
+    let mut pairs = Vec::new();
     for _ in 0..config.repeats.max(1) {
         let (bare, _) = bare_loop(&bare_model, &prompt, 0, n_ctx, threads)?;
-        best_bare = best_bare.min(bare);
         let mut request = GenerationRequest::chat(Vec::new());
         request.prompt = Prompt::Tokens(prompt.clone());
         request.sampling.max_tokens = 1;
         let outcome = drain(engine.submit(request)?)?;
-        best_engine = best_engine.min(outcome.timings.prefill_done - outcome.timings.queued);
+        pairs.push((bare, outcome.timings.prefill_done - outcome.timings.queued));
     }
-    let prefill = comparison(prompt.len(), best_bare, best_engine);
+    let prefill = comparison(prompt.len(), &pairs);
     tracing::info!(?prefill, "prefill measured");
 
     // Decode: ours first, so the bare loop decodes exactly as many tokens.
@@ -241,19 +239,17 @@ pub fn run(config: &BenchConfig) -> Result<EngineBenchReport, EngineError> {
         config.decode_tokens,
     );
     let decode_prompt = engine.prompt_tokens(&request.prompt)?;
-    let mut best_bare = Duration::MAX;
-    let mut best_engine = Duration::MAX;
+    let mut pairs = Vec::new();
     let mut steps = 0;
     for _ in 0..config.repeats.max(1) {
         let outcome = drain(engine.submit(request.clone())?)?;
         // Decode steps after the first token (which prefill produced).
         steps = outcome.usage.completion_tokens.saturating_sub(1) as usize;
         let first = outcome.timings.first_token.unwrap_or_default();
-        best_engine = best_engine.min(outcome.timings.finished - first);
         let (_, bare) = bare_loop(&bare_model, &decode_prompt, steps, n_ctx, threads)?;
-        best_bare = best_bare.min(bare);
+        pairs.push((bare, outcome.timings.finished - first));
     }
-    let decode = comparison(steps, best_bare, best_engine);
+    let decode = comparison(steps, &pairs);
     tracing::info!(?decode, "decode measured");
     drop(engine);
     drop(bare_model);
@@ -343,14 +339,19 @@ pub fn run(config: &BenchConfig) -> Result<EngineBenchReport, EngineError> {
     })
 }
 
-fn comparison(tokens: usize, bare: Duration, engine: Duration) -> Comparison {
-    let bare_tok_s = tokens as f64 / secs(bare);
-    let engine_tok_s = tokens as f64 / secs(engine);
+/// Rates from the best run of each side; the ratio is the median over back-to-back pairs,
+/// which a burst of load on a shared machine disturbs least.
+fn comparison(tokens: usize, pairs: &[(Duration, Duration)]) -> Comparison {
+    let bare = pairs.iter().map(|p| p.0).min().unwrap_or_default();
+    let engine = pairs.iter().map(|p| p.1).min().unwrap_or_default();
+    let mut ratios: Vec<f64> = pairs.iter().map(|(b, e)| secs(*b) / secs(*e)).collect();
+    ratios.sort_by(f64::total_cmp);
+    let ratio = ratios.get(ratios.len() / 2).copied().unwrap_or(0.0);
     Comparison {
         tokens,
-        bare_tok_s,
-        engine_tok_s,
-        ratio: engine_tok_s / bare_tok_s,
+        bare_tok_s: tokens as f64 / secs(bare),
+        engine_tok_s: tokens as f64 / secs(engine),
+        ratio,
     }
 }
 
