@@ -84,7 +84,9 @@ impl Default for SamplingParams {
 
 /// Scheduling priority: when more sequences want a step than fit, higher goes first.
 /// Pipelines give critical-path nodes a higher priority.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct Priority(pub i32);
 
 /// One generation request.
@@ -93,6 +95,10 @@ pub struct GenerationRequest {
     pub prompt: Prompt,
     pub sampling: SamplingParams,
     pub priority: Priority,
+    /// Other agents' output streamed to this request while it runs (an aggregator's
+    /// proposers), so the engine can draft speculative tokens from it. `None` for most
+    /// requests.
+    pub draft_feed: Option<crate::speculate::DraftFeed>,
 }
 
 impl GenerationRequest {
@@ -105,6 +111,7 @@ impl GenerationRequest {
             },
             sampling: SamplingParams::default(),
             priority: Priority::default(),
+            draft_feed: None,
         }
     }
 }
@@ -126,6 +133,9 @@ pub struct Usage {
     /// Prompt tokens served from the prefix cache instead of being prefilled.
     pub cached_prompt_tokens: u32,
     pub completion_tokens: u32,
+    /// What speculative decoding did for this request; `None` when it was off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub speculation: Option<crate::speculate::SpeculationStats>,
 }
 
 /// When things happened, measured from submission.
