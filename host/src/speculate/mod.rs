@@ -9,11 +9,13 @@
 //! exactly those plain decoding would emit (greedy) or have exactly its distribution
 //! (sampling). The draft length adapts to match length, recent acceptance and the width of
 //! the step ([`DraftController`]), and drops to zero where drafting would cost more than it
-//! wins. This module proposes and decides; it must not touch the model or its KV cache.
+//! wins. This module proposes and decides; it must not touch the model or its KV cache
+//! (`bench` drives whole engines through the `Engine` trait, like any caller).
 
 mod accept;
 mod adaptive;
 mod automaton;
+pub mod bench;
 mod linkcut;
 mod sources;
 mod stats;
@@ -124,12 +126,13 @@ impl Speculator {
         if !self.enabled || cap == 0 {
             return None;
         }
+        let min_match = self.controller.config().min_match;
         let window = &self.context[self.context.len().saturating_sub(MATCH_WINDOW)..];
         // The longest match wins; on equal lengths the request's own text, then the pipeline,
         // then past sessions (closest to this sequence first).
         let mut best: Option<(Match, Vec<TokenId>, DraftSource)> = None;
         let own = self.request.match_own_suffix();
-        if own.len > 0 {
+        if own.len >= min_match {
             let tokens = self.request.draft(own, cap, sources::is_separator);
             if !tokens.is_empty() {
                 best = Some((own, tokens, DraftSource::Request));
@@ -141,12 +144,12 @@ impl Speculator {
         if let Some((m, tokens)) = self
             .pipeline
             .as_mut()
-            .and_then(|p| p.best_draft(window, cap))
+            .and_then(|p| p.best_draft(window, min_match, cap))
             && better(&best, &m)
         {
             best = Some((m, tokens, DraftSource::Pipeline));
         }
-        if let Some((m, tokens)) = sessions.and_then(|s| s.best_draft(window, cap))
+        if let Some((m, tokens)) = sessions.and_then(|s| s.best_draft(window, min_match, cap))
             && better(&best, &m)
         {
             best = Some((m, tokens, DraftSource::Sessions));

@@ -75,18 +75,19 @@ impl SessionStore {
         }
     }
 
-    /// The longest match of a suffix of `window` over all segments, with a draft of up to
-    /// `max_len` tokens from it.
+    /// The longest match (at least `min_len`) of a suffix of `window` over all segments, with
+    /// a draft of up to `max_len` tokens from it.
     pub(super) fn best_draft(
         &mut self,
         window: &[TokenId],
+        min_len: u32,
         max_len: usize,
     ) -> Option<(Match, Vec<TokenId>)> {
         let mut best: Option<(Match, Vec<TokenId>)> = None;
         // Newest first, so equal matches prefer recent sessions.
         for automaton in self.segments.iter_mut().rev() {
             let m = automaton.with_continuation(automaton.match_suffix(window));
-            if best.as_ref().is_some_and(|(b, _)| b.len >= m.len) || m.len == 0 {
+            if best.as_ref().is_some_and(|(b, _)| b.len >= m.len) || m.len < min_len.max(1) {
                 continue;
             }
             let draft = automaton.draft(m, max_len, is_separator);
@@ -225,17 +226,19 @@ impl PipelineSource {
         }
     }
 
-    /// The longest match of a suffix of `window` over all streams, with its draft.
+    /// The longest match (at least `min_len`) of a suffix of `window` over all streams, with
+    /// its draft.
     pub(super) fn best_draft(
         &mut self,
         window: &[TokenId],
+        min_len: u32,
         max_len: usize,
     ) -> Option<(Match, Vec<TokenId>)> {
         let mut best: Option<(Match, Vec<TokenId>)> = None;
         for state in self.streams.values_mut() {
             let automaton = &mut state.automaton;
             let m = automaton.with_continuation(automaton.match_suffix(window));
-            if best.as_ref().is_some_and(|(b, _)| b.len >= m.len) || m.len == 0 {
+            if best.as_ref().is_some_and(|(b, _)| b.len >= m.len) || m.len < min_len.max(1) {
                 continue;
             }
             let draft = automaton.draft(m, max_len, is_separator);
@@ -268,14 +271,14 @@ mod tests {
     fn sessions_are_bounded_and_evict_the_oldest() {
         let mut store = SessionStore::new(100);
         store.add_session(&toks("the quick brown fox"));
-        assert!(store.best_draft(&toks("the quick"), 6).is_some());
+        assert!(store.best_draft(&toks("the quick"), 1, 6).is_some());
         for i in 0..20 {
             store.add_session(&toks(&format!("filler session number {i:03}")));
         }
         assert!(store.tokens() <= 100 + 100 / SESSION_SEGMENTS + 30);
-        let m = store.best_draft(&toks("the quick"), 6);
+        let m = store.best_draft(&toks("the quick"), 1, 6);
         assert!(m.is_none_or(|(m, _)| m.len < 5), "oldest session evicted");
-        let (m, draft) = store.best_draft(&toks("session number 01"), 4).unwrap();
+        let (m, draft) = store.best_draft(&toks("session number 01"), 1, 4).unwrap();
         assert_eq!(m.len, 17);
         assert_eq!(
             draft.len(),
@@ -289,14 +292,14 @@ mod tests {
         let mut store = SessionStore::new(1000);
         store.add_session(&toks("abc xyz"));
         store.add_session(&toks("abc def"));
-        let (m, draft) = store.best_draft(&toks("abc"), 8).unwrap();
+        let (m, draft) = store.best_draft(&toks("abc"), 1, 8).unwrap();
         assert_eq!(
             (m.len, draft),
             (3, toks(" def")),
             "ties go to the most recent session"
         );
         assert!(
-            store.best_draft(&toks("xyz"), 8).is_none(),
+            store.best_draft(&toks("xyz"), 1, 8).is_none(),
             "nothing follows xyz but a boundary"
         );
     }
@@ -316,7 +319,7 @@ mod tests {
         feed.finish("a");
         source.sync(&mut tokenize);
         assert_eq!(calls, vec!["hello", " world and", " more"]);
-        let (m, draft) = source.best_draft(&toks("xx world"), 4).unwrap();
+        let (m, draft) = source.best_draft(&toks("xx world"), 1, 4).unwrap();
         assert_eq!(m.len, 6);
         assert_eq!(draft, toks(" and"));
     }

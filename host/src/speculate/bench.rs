@@ -1,0 +1,285 @@
+//! `staircase bench speculation`: decode speed with and without speculation on the embedded
+//! model, in one run, on three workloads (an aggregator synthesising given proposer answers,
+//! a multi-turn agent re-emitting earlier content, novel text), whether the outputs were
+//! identical, and the automaton's own cost. The forward cost curve that bounds what
+//! speculation can win is measured by the engine side (`engine::local`), next to the kernels.
+//! Figures are ratios within one run; runs alternate plain/speculative so machine load hits
+//! both sides alike, and the best of the repeats counts.
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::{DraftFeed, SpeculationStats, SuffixAutomaton};
+use crate::engine::{
+    ChatMessage, Engine, EngineError, GenerationEvent, GenerationRequest, Role, TokenId, Usage,
+};
+
+/// One workload: a greedy chat request, plus proposer streams fed to the request.
+#[derive(Clone, Debug)]
+pub struct Workload {
+    pub name: &'static str,
+    pub description: &'static str,
+    pub messages: Vec<ChatMessage>,
+    /// `(stream, text)` pushed into the request's draft feed before it starts.
+    pub feed: Vec<(&'static str, &'static str)>,
+}
+
+const QUESTION: &str = "Why do cities build bicycle lanes?";
+
+const PROPOSER_ANSWERS: [&str; 3] = [
+    "Cities build bicycle lanes to make cycling safer. Separated lanes keep cyclists away from \
+     fast cars, which reduces crashes and injuries. When people feel safe, more of them choose \
+     to ride a bicycle instead of driving.",
+    "Bicycle lanes reduce traffic congestion and air pollution. Every person who rides a \
+     bicycle instead of driving is one less car on the road, which means less noise, cleaner \
+     air and shorter travel times for everyone.",
+    "Bicycle lanes are cheap compared with roads for cars, and they improve public health. \
+     Regular cycling is good exercise, so cities with bicycle lanes have healthier residents \
+     and lower health care costs.",
+];
+
+const EARLIER_CODE: &str = "```python\n\
+def is_prime(n):\n    if n < 2:\n        return False\n    for i in range(2, int(n ** 0.5) + 1):\n        if n % i == 0:\n            return False\n    return True\n\n\
+def primes_below(limit):\n    return [n for n in range(limit) if is_prime(n)]\n```";
+
+/// The three workloads of the benchmark.
+pub fn workloads() -> Vec<Workload> {
+    let answers = PROPOSER_ANSWERS
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("Answer {}: {a}", i + 1))
+        .collect::<Vec<_>>()
+        .join("\n\n");
+    vec![
+        Workload {
+            name: "aggregator",
+            description: "aggregator synthesising three given proposer answers",
+            messages: vec![
+                ChatMessage::new(
+                    Role::System,
+                    "You combine several answers into one. Keep their sentences where they are good.",
+                ),
+                ChatMessage::new(
+                    Role::User,
+                    format!(
+                        "Question: {QUESTION}\n\n{answers}\n\nWrite one combined answer that uses the sentences above."
+                    ),
+                ),
+            ],
+            feed: vec![
+                ("proposer-1", PROPOSER_ANSWERS[0]),
+                ("proposer-2", PROPOSER_ANSWERS[1]),
+                ("proposer-3", PROPOSER_ANSWERS[2]),
+            ],
+        },
+        Workload {
+            name: "multi-turn",
+            description: "agent asked to repeat earlier code with a small change",
+            messages: vec![
+                ChatMessage::new(
+                    Role::User,
+                    "Write Python functions to test for primes and list the primes below a limit.",
+                ),
+                ChatMessage::new(Role::Assistant, EARLIER_CODE),
+                ChatMessage::new(
+                    Role::User,
+                    "Show the same code again, unchanged, and then explain it in one sentence.",
+                ),
+            ],
+            feed: Vec::new(),
+        },
+        Workload {
+            name: "novel",
+            description: "free writing with nothing to copy",
+            messages: vec![ChatMessage::new(
+                Role::User,
+                "Write a short story about a lighthouse keeper who finds a strange map.",
+            )],
+            feed: Vec::new(),
+        },
+    ]
+}
+
+/// One generation's output and speed.
+#[derive(Clone, Debug)]
+pub struct RunOutcome {
+    pub tokens: Vec<TokenId>,
+    pub text: String,
+    pub usage: Usage,
+    /// Generated tokens after the first, per second after the first (prefill excluded).
+    pub decode_tok_s: f64,
+}
+
+/// Runs one workload to the end on `engine`.
+pub fn run_once(
+    engine: &dyn Engine,
+    workload: &Workload,
+    max_tokens: u32,
+) -> Result<RunOutcome, EngineError> {
+    let mut request = GenerationRequest::chat(workload.messages.clone());
+    request.sampling.max_tokens = max_tokens;
+    if !workload.feed.is_empty() {
+        let feed = DraftFeed::new();
+        for (stream, text) in &workload.feed {
+            feed.push_text(stream, text);
+            feed.finish(stream);
+        }
+        request.draft_feed = Some(feed);
+    }
+    let mut stream = engine.submit(request)?;
+    let (mut tokens, mut text) = (Vec::new(), String::new());
+    while let Some(event) = stream.blocking_next() {
+        match event? {
+            GenerationEvent::Delta {
+                text: t,
+                tokens: ts,
+            } => {
+                text.push_str(&t);
+                tokens.extend(ts);
+            }
+            GenerationEvent::Finished { usage, timings, .. } => {
+                let decode = timings.first_token.map_or(Duration::ZERO, |first| {
+                    timings.finished.saturating_sub(first)
+                });
+                let after_first = usage.completion_tokens.saturating_sub(1);
+                let decode_tok_s = if decode.is_zero() {
+                    0.0
+                } else {
+                    f64::from(after_first) / decode.as_secs_f64()
+                };
+                return Ok(RunOutcome {
+                    tokens,
+                    text,
+                    usage,
+                    decode_tok_s,
+                });
+            }
+        }
+    }
+    Err(EngineError::Stopped)
+}
+
+/// One workload, plain against speculative.
+#[derive(Clone, Debug, Serialize)]
+pub struct WorkloadReport {
+    pub name: &'static str,
+    pub description: &'static str,
+    pub completion_tokens: u32,
+    pub plain_tok_s: f64,
+    pub speculative_tok_s: f64,
+    /// speculative / plain.
+    pub ratio: f64,
+    /// Greedy outputs token for token equal.
+    pub identical: bool,
+    /// First token index where they differ, if they do.
+    pub first_difference: Option<usize>,
+    pub speculation: SpeculationStats,
+    /// The beginning of the speculative output, to see what was measured.
+    pub sample: String,
+}
+
+/// Runs every workload `repeats` times on both engines, alternating, best run counting.
+pub fn compare(
+    plain: &dyn Engine,
+    speculative: &dyn Engine,
+    max_tokens: u32,
+    repeats: usize,
+) -> Result<Vec<WorkloadReport>, EngineError> {
+    let mut reports = Vec::new();
+    for workload in workloads() {
+        let mut best_plain: Option<RunOutcome> = None;
+        let mut best_spec: Option<RunOutcome> = None;
+        for _ in 0..repeats.max(1) {
+            let p = run_once(plain, &workload, max_tokens)?;
+            if best_plain
+                .as_ref()
+                .is_none_or(|b| p.decode_tok_s > b.decode_tok_s)
+            {
+                best_plain = Some(p);
+            }
+            let s = run_once(speculative, &workload, max_tokens)?;
+            if best_spec
+                .as_ref()
+                .is_none_or(|b| s.decode_tok_s > b.decode_tok_s)
+            {
+                best_spec = Some(s);
+            }
+        }
+        let (Some(p), Some(s)) = (best_plain, best_spec) else {
+            return Err(EngineError::Stopped);
+        };
+        let first_difference = p
+            .tokens
+            .iter()
+            .zip(&s.tokens)
+            .position(|(a, b)| a != b)
+            .or_else(|| {
+                (p.tokens.len() != s.tokens.len()).then(|| p.tokens.len().min(s.tokens.len()))
+            });
+        reports.push(WorkloadReport {
+            name: workload.name,
+            description: workload.description,
+            completion_tokens: s.usage.completion_tokens,
+            plain_tok_s: p.decode_tok_s,
+            speculative_tok_s: s.decode_tok_s,
+            ratio: if p.decode_tok_s > 0.0 {
+                s.decode_tok_s / p.decode_tok_s
+            } else {
+                0.0
+            },
+            identical: first_difference.is_none(),
+            first_difference,
+            speculation: s.usage.speculation.clone().unwrap_or_default(),
+            sample: s.text.chars().take(160).collect(),
+        });
+    }
+    Ok(reports)
+}
+
+/// What the automaton itself costs (so its share of a ~30 ms step is visible).
+#[derive(Clone, Debug, Serialize)]
+pub struct AutomatonCost {
+    pub tokens: usize,
+    /// Extension cost per token, occurrence counts included.
+    pub extend_ns_per_token: f64,
+    /// One longest-match lookup plus a 16-token draft.
+    pub draft_us: f64,
+}
+
+/// Measures the automaton on text shaped like agent output (phrases recurring with
+/// variation), generated from a fixed seed.
+pub fn automaton_cost(tokens: usize) -> AutomatonCost {
+    let mut rng = super::SplitMix64::new(0x00c0_ffee);
+    let phrases: Vec<Vec<TokenId>> = (0..200)
+        .map(|_| {
+            (0..8 + rng.next_u64() % 24)
+                .map(|_| TokenId((rng.next_u64() % 32_000) as i32))
+                .collect()
+        })
+        .collect();
+    let mut text = Vec::with_capacity(tokens);
+    while text.len() < tokens {
+        let phrase = &phrases[(rng.next_u64() % phrases.len() as u64) as usize];
+        text.extend_from_slice(phrase);
+        text.push(TokenId((rng.next_u64() % 32_000) as i32));
+    }
+    text.truncate(tokens);
+    let started = Instant::now();
+    let mut sam = SuffixAutomaton::from_tokens(&text);
+    let extend = started.elapsed();
+    let lookups = 1000;
+    let started = Instant::now();
+    for i in 0..lookups {
+        let end = tokens - (i * 37) % (tokens / 2);
+        let window = &text[end.saturating_sub(64)..end];
+        let m = sam.with_continuation(sam.match_suffix(window));
+        std::hint::black_box(sam.draft(m, 16, |_| false));
+    }
+    let draft = started.elapsed();
+    AutomatonCost {
+        tokens,
+        extend_ns_per_token: extend.as_nanos() as f64 / tokens as f64,
+        draft_us: draft.as_secs_f64() * 1e6 / lookups as f64,
+    }
+}
