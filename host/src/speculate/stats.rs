@@ -33,7 +33,7 @@ impl SourceStats {
 }
 
 /// What speculation did: per request in `Usage`, or merged over many requests.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct SpeculationStats {
     /// Forward passes this request took part in while decoding (one per step).
