@@ -1,19 +1,179 @@
 //! `staircase bench speculation`: decode speed with and without speculation on the embedded
 //! model, in one run, on three workloads (an aggregator synthesising given proposer answers,
 //! a multi-turn agent re-emitting earlier content, novel text), whether the outputs were
-//! identical, and the automaton's own cost. The forward cost curve that bounds what
-//! speculation can win is measured by the engine side (`engine::local`), next to the kernels.
-//! Figures are ratios within one run; runs alternate plain/speculative so machine load hits
-//! both sides alike, and the best of the repeats counts.
+//! identical, the automaton's own cost, and the cost curve of a k-token forward pass (logits
+//! at every position) that bounds what speculation can win on this machine. Figures are
+//! ratios within one run; runs alternate plain/speculative so machine load hits both sides
+//! alike, and the best of the repeats counts.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::token::LlamaToken;
 use serde::Serialize;
 
-use super::{DraftFeed, SpeculationStats, SuffixAutomaton};
+use super::{CostModel, DraftFeed, SpeculationConfig, SpeculationStats, SuffixAutomaton};
+use crate::engine::local::{LocalEngine, LocalEngineConfig, backend, context_params, load_model};
 use crate::engine::{
     ChatMessage, Engine, EngineError, GenerationEvent, GenerationRequest, Role, TokenId, Usage,
 };
+
+/// What to measure.
+#[derive(Clone, Debug)]
+pub struct BenchConfig {
+    pub model_path: PathBuf,
+    pub threads: Option<usize>,
+    /// Tokens generated per workload run.
+    pub max_tokens: u32,
+    /// Runs per workload and engine; the fastest counts.
+    pub repeats: usize,
+    /// Draft lengths whose forward cost is measured.
+    pub cost_points: Vec<u32>,
+    /// Context already in the KV cache when the forward costs are measured (the issue's
+    /// figures used 200).
+    pub cost_context: usize,
+}
+
+impl BenchConfig {
+    pub fn new(model_path: impl Into<PathBuf>) -> Self {
+        Self {
+            model_path: model_path.into(),
+            threads: None,
+            max_tokens: 160,
+            repeats: 2,
+            cost_points: vec![1, 2, 3, 4, 6, 8, 12, 16, 24, 32],
+            cost_context: 200,
+        }
+    }
+}
+
+/// Everything `staircase bench speculation` reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct SpeculationReport {
+    pub model: String,
+    pub threads: usize,
+    pub workloads: Vec<WorkloadReport>,
+    pub cost_curve: Vec<CostPoint>,
+    /// Best speedup possible with every draft token accepted, from the measured curve:
+    /// `(k + 1) / cost(k + 1)` at the best k up to 32.
+    pub ceiling_draft_len: usize,
+    pub ceiling_speedup: f64,
+    pub automaton: AutomatonCost,
+}
+
+/// Cost of one forward over `tokens` tokens with logits at every position.
+#[derive(Clone, Debug, Serialize)]
+pub struct CostPoint {
+    pub tokens: u32,
+    pub ms: f64,
+    /// Relative to a single-token step.
+    pub relative: f64,
+}
+
+/// Runs the whole benchmark: the cost curve first (a bare context), then the workloads on
+/// two engines that differ only in speculation being on, using the measured curve.
+pub fn run(config: &BenchConfig) -> Result<SpeculationReport, EngineError> {
+    let mut engine_config = LocalEngineConfig::new(&config.model_path);
+    engine_config.threads = config.threads;
+    // Workload prompts are short; a small context keeps two engines' KV small.
+    engine_config.context_tokens = Some(2048);
+    let threads = engine_config
+        .threads
+        .unwrap_or_else(crate::engine::local::default_threads)
+        .max(1);
+    let cost_curve = measure_cost_curve(config, threads)?;
+    let cost = CostModel::from_measurements(
+        &cost_curve
+            .iter()
+            .map(|p| (p.tokens, p.ms))
+            .collect::<Vec<_>>(),
+    )
+    .unwrap_or_default();
+    let (ceiling_draft_len, ceiling_speedup) = cost.ceiling(31);
+
+    // Past sessions would hand the second repeat of a workload its own earlier answer; keep
+    // that source out so each run drafts only from what a first run could see.
+    engine_config.speculation = SpeculationConfig {
+        enabled: true,
+        cost,
+        session_budget: 0,
+        ..SpeculationConfig::default()
+    };
+    let speculative = LocalEngine::load(engine_config.clone())?;
+    engine_config.speculation.enabled = false;
+    let plain = LocalEngine::load(engine_config)?;
+    let workloads = compare(&plain, &speculative, config.max_tokens, config.repeats)?;
+    Ok(SpeculationReport {
+        model: speculative.model_info().name.clone(),
+        threads,
+        workloads,
+        cost_curve,
+        ceiling_draft_len,
+        ceiling_speedup,
+        automaton: automaton_cost(100_000),
+    })
+}
+
+/// Times forwards of k tokens (logits at every position, as verification needs) on top of
+/// `cost_context` cached tokens, removing them from the KV cache after each, best of 5.
+pub fn measure_cost_curve(
+    config: &BenchConfig,
+    threads: usize,
+) -> Result<Vec<CostPoint>, EngineError> {
+    const TRIES: usize = 5;
+    let model = load_model(&config.model_path)?;
+    let max_k = config.cost_points.iter().copied().max().unwrap_or(1) as usize;
+    let batch_tokens = config.cost_context.max(max_k);
+    let n_ctx = (config.cost_context + max_k + 16) as u32;
+    let backend_error = |e: String| EngineError::Backend(format!("cost curve: {e}"));
+    let mut ctx = model
+        .new_context(backend()?, context_params(n_ctx, batch_tokens, 1, threads))
+        .map_err(|e| backend_error(e.to_string()))?;
+    let mut batch = LlamaBatch::new(batch_tokens, 1);
+    // Any fixed token ids do: cost does not depend on which tokens are fed.
+    let vocab = model.n_vocab().max(2);
+    let token = |i: usize| LlamaToken(((i * 7919) % (vocab as usize - 1)) as i32 + 1);
+    for pos in 0..config.cost_context {
+        batch
+            .add(token(pos), pos as i32, &[0], pos + 1 == config.cost_context)
+            .map_err(|e| backend_error(e.to_string()))?;
+    }
+    ctx.decode(&mut batch)
+        .map_err(|e| backend_error(e.to_string()))?;
+    let mut points = Vec::new();
+    for &k in &config.cost_points {
+        let mut best = Duration::MAX;
+        for _ in 0..TRIES {
+            batch.clear();
+            for i in 0..k as usize {
+                let pos = config.cost_context + i;
+                batch
+                    .add(token(pos), pos as i32, &[0], true)
+                    .map_err(|e| backend_error(e.to_string()))?;
+            }
+            let started = Instant::now();
+            ctx.decode(&mut batch)
+                .map_err(|e| backend_error(e.to_string()))?;
+            best = best.min(started.elapsed());
+            ctx.clear_kv_cache_seq(Some(0), Some(config.cost_context as u32), None)
+                .map_err(|e| backend_error(e.to_string()))?;
+        }
+        points.push(CostPoint {
+            tokens: k,
+            ms: best.as_secs_f64() * 1e3,
+            relative: 0.0,
+        });
+    }
+    let one = points
+        .iter()
+        .find(|p| p.tokens == 1)
+        .map_or(1.0, |p| p.ms.max(1e-9));
+    for p in &mut points {
+        p.relative = p.ms / one;
+    }
+    Ok(points)
+}
 
 /// One workload: a greedy chat request, plus proposer streams fed to the request.
 #[derive(Clone, Debug)]

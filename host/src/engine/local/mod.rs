@@ -51,6 +51,10 @@ pub const DEFAULT_CACHE_BUDGET_CELLS: usize = 3072;
 /// llama.cpp's flash-attention setting "disabled" (`LLAMA_FLASH_ATTN_TYPE_DISABLED`): on this
 /// CPU it is faster off.
 const FLASH_ATTENTION_DISABLED: i32 = 0;
+/// `LLAMA_FLASH_ATTN_TYPE_ENABLED`: slower at long contexts here, but batch-invariant (each
+/// query row is computed alone), so a token's KV and logits do not depend on how many tokens
+/// share its batch. Speculative greedy output is then bit-identical to plain greedy output.
+const FLASH_ATTENTION_ENABLED: i32 = 1;
 
 /// Threads llama.cpp uses when the user does not say. llama.cpp's threads spin at barriers,
 /// so when another process holds a core a thread per core collapses (measured: 2 threads on 2
@@ -84,6 +88,10 @@ pub struct LocalEngineConfig {
     /// Speculative decoding (`crate::speculate`): on by default; it switches itself off per
     /// sequence where it would not pay.
     pub speculation: SpeculationConfig,
+    /// Flash attention. Off by default (faster on this CPU); on makes results independent of
+    /// batch shape, so speculation and batching never change a greedy token (with it off they
+    /// can, at near-ties of the top two logits).
+    pub flash_attention: bool,
 }
 
 impl LocalEngineConfig {
@@ -99,6 +107,7 @@ impl LocalEngineConfig {
             cache_budget_cells: DEFAULT_CACHE_BUDGET_CELLS,
             chat_template: None,
             speculation: SpeculationConfig::default(),
+            flash_attention: false,
         }
     }
 }
@@ -245,12 +254,15 @@ impl LocalEngine {
         let (ready_tx, ready_rx) = mpsc::channel();
         let thread_model = Arc::clone(&model);
         let thread_shared = Arc::clone(&shared);
-        let params = context_params(
+        let mut params = context_params(
             n_ctx,
             settings.batch_tokens,
             settings.sequence_slots,
             threads,
         );
+        if config.flash_attention {
+            params = params.with_flash_attention_policy(FLASH_ATTENTION_ENABLED);
+        }
         let thread = std::thread::Builder::new()
             .name("staircase-engine".into())
             .spawn(move || {
