@@ -29,6 +29,9 @@ pub struct SpeculationArgs {
     /// Runs per workload and engine; the fastest counts.
     #[arg(long, default_value_t = 2)]
     repeats: usize,
+    /// Flash attention in both engines (batch-invariant kernels: outputs must be identical).
+    #[arg(long)]
+    flash_attention: bool,
     /// Write the report as JSON to this file too.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -67,10 +70,13 @@ fn speculation(args: SpeculationArgs) -> anyhow::Result<()> {
     config.threads = args.threads;
     config.max_tokens = args.max_tokens;
     config.repeats = args.repeats;
+    config.flash_attention = args.flash_attention;
     let report = bench::run(&config).context("speculation benchmark")?;
     println!(
-        "speculation benchmark: {} on {} threads",
-        report.model, report.threads
+        "speculation benchmark: {} on {} threads, flash attention {}",
+        report.model,
+        report.threads,
+        if report.flash_attention { "on" } else { "off" }
     );
     println!(
         "forward cost with logits at every position ({}-token context):",

@@ -88,7 +88,8 @@ pub struct ControllerConfig {
     /// Weight (in observed tokens) of the prior acceptance, so a couple of outcomes do not
     /// swing the estimate to 0 or 1.
     pub prior_weight: f64,
-    /// Per-decision decay of the evidence towards the prior (half-life ~35 decisions).
+    /// Per-decision decay of the evidence towards the prior (half-life ~14 decisions):
+    /// agent text alternates between copying and writing, and the estimate must follow.
     pub decay: f64,
 }
 
@@ -98,8 +99,8 @@ impl Default for ControllerConfig {
             max_draft: 16,
             min_match: 2,
             min_gain: 1.05,
-            prior_weight: 4.0,
-            decay: 0.98,
+            prior_weight: 2.0,
+            decay: 0.95,
         }
     }
 }
@@ -109,7 +110,7 @@ const BUCKET_EDGES: [u32; 3] = [4, 8, 16];
 
 /// Prior per-token acceptance for each bucket: low for short matches so novel text does not
 /// draft on chance n-gram repeats; high for long ones (copied phrases, re-emitted code).
-const PRIOR_ACCEPTANCE: [f64; 4] = [0.35, 0.55, 0.75, 0.85];
+const PRIOR_ACCEPTANCE: [f64; 4] = [0.5, 0.65, 0.8, 0.9];
 
 fn bucket(match_len: u32) -> usize {
     BUCKET_EDGES.iter().take_while(|&&e| match_len >= e).count()
@@ -185,6 +186,13 @@ impl DraftController {
         if accepted < drafted {
             e.rejected += 1.0;
         }
+    }
+
+    /// Records, for a step decoded without a draft, whether the draft's first token would
+    /// have been accepted. Free evidence: it lets a sequence that entered a copying stretch
+    /// start drafting without paying for a probe, and keeps a sequence on novel text off.
+    pub fn record_shadow(&mut self, match_len: u32, hit: bool) {
+        self.record(match_len, 1, usize::from(hit));
     }
 }
 

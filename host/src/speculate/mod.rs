@@ -78,6 +78,9 @@ pub struct Speculator {
     pipeline: Option<PipelineSource>,
     controller: DraftController,
     stats: SpeculationStats,
+    /// The draft that was on offer when the controller chose not to draft, checked against
+    /// the token the step produced (see `DraftController::record_shadow`).
+    shadow: Option<(u32, TokenId)>,
 }
 
 impl Speculator {
@@ -90,6 +93,7 @@ impl Speculator {
             pipeline: feed.map(PipelineSource::new),
             controller: DraftController::new(config.controller.clone(), config.cost.clone()),
             stats: SpeculationStats::default(),
+            shadow: None,
         }
     }
 
@@ -158,6 +162,10 @@ impl Speculator {
             .as_ref()
             .map_or((0, 0), |(m, tokens, _)| (m.len, tokens.len()));
         let k = self.controller.choose(m, available, batch_tokens);
+        self.shadow = best
+            .as_ref()
+            .filter(|_| k == 0)
+            .and_then(|(m, tokens, _)| tokens.first().map(|&t| (m.len, t)));
         let (m, mut tokens, source) = best.filter(|_| k > 0)?;
         tokens.truncate(k);
         Some(Draft {
@@ -173,7 +181,10 @@ impl Speculator {
         if let Some(d) = draft {
             self.controller
                 .record(d.match_len, d.tokens.len(), accepted);
+        } else if let (Some((match_len, token)), Some(&first)) = (self.shadow, emitted.first()) {
+            self.controller.record_shadow(match_len, token == first);
         }
+        self.shadow = None;
         let drafted = draft.map_or(0, |d| d.tokens.len());
         self.stats
             .record_step(draft.map(|d| d.source), drafted, accepted, emitted.len());
