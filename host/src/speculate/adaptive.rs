@@ -108,15 +108,17 @@ impl Default for ControllerConfig {
 /// Match-length buckets: a long match predicts its continuation far better than a short one.
 const BUCKET_EDGES: [u32; 3] = [4, 8, 16];
 
-/// Prior per-token acceptance for each bucket: low for short matches so novel text does not
-/// draft on chance n-gram repeats; high for long ones (copied phrases, re-emitted code).
-const PRIOR_ACCEPTANCE: [f64; 4] = [0.5, 0.65, 0.8, 0.9];
+/// Prior per-token acceptance for each bucket: all below what pays on the measured cost
+/// curve, so nothing is drafted on a prior alone (novel text must not pay for probes); the
+/// free shadow evidence of plain steps lifts the estimate once the text is being copied.
+/// Longer matches start closer to paying.
+const PRIOR_ACCEPTANCE: [f64; 4] = [0.4, 0.55, 0.7, 0.8];
 
 fn bucket(match_len: u32) -> usize {
     BUCKET_EDGES.iter().take_while(|&&e| match_len >= e).count()
 }
 
-/// Decayed evidence of per-token acceptance in one bucket.
+/// Decayed evidence of per-token acceptance in this sequence's recent steps.
 #[derive(Clone, Copy, Debug, Default)]
 struct Evidence {
     accepted: f64,
@@ -129,7 +131,9 @@ struct Evidence {
 pub struct DraftController {
     config: ControllerConfig,
     cost: CostModel,
-    evidence: [Evidence; 4],
+    /// One pool for all match lengths: a copying stretch walks through every bucket as its
+    /// match grows, and what it shows (the text is being copied) holds for all of them.
+    evidence: Evidence,
 }
 
 impl DraftController {
@@ -137,7 +141,7 @@ impl DraftController {
         Self {
             config,
             cost,
-            evidence: [Evidence::default(); 4],
+            evidence: Evidence::default(),
         }
     }
 
@@ -148,7 +152,7 @@ impl DraftController {
     /// Estimated probability that the next draft token of a match this long is accepted.
     pub fn acceptance(&self, match_len: u32) -> f64 {
         let b = bucket(match_len);
-        let e = self.evidence[b];
+        let e = self.evidence;
         let w = self.config.prior_weight;
         (e.accepted + w * PRIOR_ACCEPTANCE[b]) / (e.accepted + e.rejected + w)
     }
@@ -157,10 +161,8 @@ impl DraftController {
     /// in a step that already holds `batch_tokens` tokens (this sequence's own included).
     /// 0 means decode plainly.
     pub fn choose(&mut self, match_len: u32, available: usize, batch_tokens: usize) -> usize {
-        for e in &mut self.evidence {
-            e.accepted *= self.config.decay;
-            e.rejected *= self.config.decay;
-        }
+        self.evidence.accepted *= self.config.decay;
+        self.evidence.rejected *= self.config.decay;
         if match_len < self.config.min_match {
             return 0;
         }
@@ -178,10 +180,10 @@ impl DraftController {
         best.0
     }
 
-    /// Records the outcome of verifying a draft of `drafted` tokens from a match of
-    /// `match_len`, of which the first `accepted` were accepted.
-    pub fn record(&mut self, match_len: u32, drafted: usize, accepted: usize) {
-        let e = &mut self.evidence[bucket(match_len)];
+    /// Records the outcome of verifying a draft of `drafted` tokens, of which the first
+    /// `accepted` were accepted.
+    pub fn record(&mut self, drafted: usize, accepted: usize) {
+        let e = &mut self.evidence;
         e.accepted += accepted as f64;
         if accepted < drafted {
             e.rejected += 1.0;
@@ -191,8 +193,8 @@ impl DraftController {
     /// Records, for a step decoded without a draft, whether the draft's first token would
     /// have been accepted. Free evidence: it lets a sequence that entered a copying stretch
     /// start drafting without paying for a probe, and keeps a sequence on novel text off.
-    pub fn record_shadow(&mut self, match_len: u32, hit: bool) {
-        self.record(match_len, 1, usize::from(hit));
+    pub fn record_shadow(&mut self, hit: bool) {
+        self.record(1, usize::from(hit));
     }
 }
 
@@ -219,7 +221,7 @@ mod tests {
         assert!(c.choose(32, 16, 1) > 0, "a long match starts out drafting");
         assert_eq!(c.choose(1, 16, 1), 0, "a one-token match never drafts");
         for _ in 0..20 {
-            c.record(32, 8, 0);
+            c.record(8, 0);
         }
         assert_eq!(
             c.choose(32, 16, 1),
@@ -239,8 +241,8 @@ mod tests {
     fn busy_engine_drafts_less() {
         let mut c = DraftController::new(ControllerConfig::default(), CostModel::default());
         for _ in 0..20 {
-            c.record(32, 4, 3);
-            c.record(32, 4, 4);
+            c.record(4, 3);
+            c.record(4, 4);
         }
         let alone = c.choose(32, 16, 1);
         // A step already holding a 64-token prefill chunk: extra width is no longer cheap

@@ -80,7 +80,7 @@ pub struct Speculator {
     stats: SpeculationStats,
     /// The draft that was on offer when the controller chose not to draft, checked against
     /// the token the step produced (see `DraftController::record_shadow`).
-    shadow: Option<(u32, TokenId)>,
+    shadow: Option<TokenId>,
 }
 
 impl Speculator {
@@ -165,7 +165,7 @@ impl Speculator {
         self.shadow = best
             .as_ref()
             .filter(|_| k == 0)
-            .and_then(|(m, tokens, _)| tokens.first().map(|&t| (m.len, t)));
+            .and_then(|(_, tokens, _)| tokens.first().copied());
         let (m, mut tokens, source) = best.filter(|_| k > 0)?;
         tokens.truncate(k);
         Some(Draft {
@@ -179,10 +179,9 @@ impl Speculator {
     /// its tokens were accepted, and the tokens emitted (which are observed here).
     pub fn record(&mut self, draft: Option<&Draft>, accepted: usize, emitted: &[TokenId]) {
         if let Some(d) = draft {
-            self.controller
-                .record(d.match_len, d.tokens.len(), accepted);
-        } else if let (Some((match_len, token)), Some(&first)) = (self.shadow, emitted.first()) {
-            self.controller.record_shadow(match_len, token == first);
+            self.controller.record(d.tokens.len(), accepted);
+        } else if let (Some(token), Some(&first)) = (self.shadow, emitted.first()) {
+            self.controller.record_shadow(token == first);
         }
         self.shadow = None;
         let drafted = draft.map_or(0, |d| d.tokens.len());
@@ -236,6 +235,29 @@ mod tests {
             spec.stats().by_source[&DraftSource::Pipeline].accepted_tokens,
             2
         );
+    }
+
+    #[test]
+    fn shadow_hits_switch_drafting_on_while_copying() {
+        let mut spec = Speculator::new(&SpeculationConfig::default(), None);
+        let phrase = toks(" the quick brown fox jumps over the lazy dog");
+        spec.observe(&toks("intro:"));
+        spec.observe(&phrase);
+        spec.observe(&toks(" and then"));
+        // Plain steps copy the phrase; each offers a draft the controller declines at first.
+        let mut drafted_at = None;
+        for (i, &token) in phrase.iter().enumerate() {
+            if let Some(d) = spec.draft(None, 1, 16) {
+                assert_eq!(d.source, DraftSource::Request);
+                assert!(phrase[i..].starts_with(&d.tokens));
+                drafted_at = Some(i);
+                break;
+            }
+            spec.record(None, 0, &[token]);
+        }
+        let at = drafted_at.expect("copying switched drafting on");
+        assert!(at >= 2, "the prior alone never drafts (drafted at {at})");
+        assert!(at < 12, "a few free hits suffice (drafted at {at})");
     }
 
     #[test]
