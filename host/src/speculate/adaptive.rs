@@ -108,17 +108,22 @@ impl Default for ControllerConfig {
 /// Match-length buckets: a long match predicts its continuation far better than a short one.
 const BUCKET_EDGES: [u32; 3] = [4, 8, 16];
 
-/// Prior per-token acceptance for each bucket: all below what pays on the measured cost
-/// curve, so nothing is drafted on a prior alone (novel text must not pay for probes); the
-/// free shadow evidence of plain steps lifts the estimate once the text is being copied.
-/// Longer matches start closer to paying.
-const PRIOR_ACCEPTANCE: [f64; 4] = [0.4, 0.55, 0.7, 0.8];
+/// Prior per-token acceptance for each bucket: for short matches below what pays on the
+/// measured cost curve, so novel text does not draft on chance n-gram repeats (the free
+/// shadow evidence of plain steps lifts the estimate once the text is being copied); for
+/// long matches (copied phrases, re-emitted code, loops) high, as measured on agent text.
+const PRIOR_ACCEPTANCE: [f64; 4] = [0.4, 0.6, 0.85, 0.95];
+
+/// How much more the prior weighs in each bucket than `prior_weight`: a long match is
+/// strong evidence of its own (novel text almost never repeats 8 tokens), so misses of short
+/// matches elsewhere in the sequence must not talk it down quickly.
+const PRIOR_STRENGTH: [f64; 4] = [1.0, 1.0, 2.0, 4.0];
 
 fn bucket(match_len: u32) -> usize {
     BUCKET_EDGES.iter().take_while(|&&e| match_len >= e).count()
 }
 
-/// Decayed evidence of per-token acceptance in this sequence's recent steps.
+/// Decayed evidence of per-token acceptance for matches of one length bucket.
 #[derive(Clone, Copy, Debug, Default)]
 struct Evidence {
     accepted: f64,
@@ -131,9 +136,8 @@ struct Evidence {
 pub struct DraftController {
     config: ControllerConfig,
     cost: CostModel,
-    /// One pool for all match lengths: a copying stretch walks through every bucket as its
-    /// match grows, and what it shows (the text is being copied) holds for all of them.
-    evidence: Evidence,
+    /// Per match-length bucket: short matches fail often even while long ones copy well.
+    evidence: [Evidence; 4],
 }
 
 impl DraftController {
@@ -141,7 +145,7 @@ impl DraftController {
         Self {
             config,
             cost,
-            evidence: Evidence::default(),
+            evidence: [Evidence::default(); 4],
         }
     }
 
@@ -152,8 +156,8 @@ impl DraftController {
     /// Estimated probability that the next draft token of a match this long is accepted.
     pub fn acceptance(&self, match_len: u32) -> f64 {
         let b = bucket(match_len);
-        let e = self.evidence;
-        let w = self.config.prior_weight;
+        let e = self.evidence[b];
+        let w = self.config.prior_weight * PRIOR_STRENGTH[b];
         (e.accepted + w * PRIOR_ACCEPTANCE[b]) / (e.accepted + e.rejected + w)
     }
 
@@ -161,8 +165,10 @@ impl DraftController {
     /// in a step that already holds `batch_tokens` tokens (this sequence's own included).
     /// 0 means decode plainly.
     pub fn choose(&mut self, match_len: u32, available: usize, batch_tokens: usize) -> usize {
-        self.evidence.accepted *= self.config.decay;
-        self.evidence.rejected *= self.config.decay;
+        for e in &mut self.evidence {
+            e.accepted *= self.config.decay;
+            e.rejected *= self.config.decay;
+        }
         if match_len < self.config.min_match {
             return 0;
         }
@@ -180,21 +186,23 @@ impl DraftController {
         best.0
     }
 
-    /// Records the outcome of verifying a draft of `drafted` tokens, of which the first
-    /// `accepted` were accepted.
-    pub fn record(&mut self, drafted: usize, accepted: usize) {
-        let e = &mut self.evidence;
+    /// Records the outcome of verifying a draft of `drafted` tokens from a match of
+    /// `match_len`, of which the first `accepted` were accepted.
+    pub fn record(&mut self, match_len: u32, drafted: usize, accepted: usize) {
+        let e = &mut self.evidence[bucket(match_len)];
         e.accepted += accepted as f64;
         if accepted < drafted {
             e.rejected += 1.0;
         }
     }
 
-    /// Records, for a step decoded without a draft, whether the draft's first token would
-    /// have been accepted. Free evidence: it lets a sequence that entered a copying stretch
-    /// start drafting without paying for a probe, and keeps a sequence on novel text off.
-    pub fn record_shadow(&mut self, hit: bool) {
-        self.record(1, usize::from(hit));
+    /// Records, for a step decoded without a draft, whether the next token of a declined
+    /// draft would have been accepted (one shadow draft is followed token by token until it
+    /// misses, so hits and misses count as a real draft's would). Free evidence: a sequence
+    /// that entered a copying stretch starts drafting without paying for a probe, and one on
+    /// novel text stays off.
+    pub fn record_shadow(&mut self, match_len: u32, hit: bool) {
+        self.record(match_len, 1, usize::from(hit));
     }
 }
 
@@ -221,7 +229,7 @@ mod tests {
         assert!(c.choose(32, 16, 1) > 0, "a long match starts out drafting");
         assert_eq!(c.choose(1, 16, 1), 0, "a one-token match never drafts");
         for _ in 0..20 {
-            c.record(8, 0);
+            c.record(32, 8, 0);
         }
         assert_eq!(
             c.choose(32, 16, 1),
@@ -241,8 +249,8 @@ mod tests {
     fn busy_engine_drafts_less() {
         let mut c = DraftController::new(ControllerConfig::default(), CostModel::default());
         for _ in 0..20 {
-            c.record(4, 3);
-            c.record(4, 4);
+            c.record(32, 4, 3);
+            c.record(32, 4, 4);
         }
         let alone = c.choose(32, 16, 1);
         // A step already holding a 64-token prefill chunk: extra width is no longer cheap
