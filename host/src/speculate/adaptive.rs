@@ -77,8 +77,9 @@ impl CostModel {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ControllerConfig {
-    /// Longest draft ever proposed. 16 is where the measured cost curve ends; past it each
-    /// token costs about half a step, so only near-certain drafts would pay.
+    /// Longest draft ever proposed. On Q4_1 each token past ~8 costs about half a step, so
+    /// the controller rarely goes this far; on Q8_0 a 32-token forward costs ~9 steps and a
+    /// re-emitted block of code pays for it.
     pub max_draft: usize,
     /// Shortest match worth drafting from: one shared token predicts little.
     pub min_match: u32,
@@ -96,7 +97,7 @@ pub struct ControllerConfig {
 impl Default for ControllerConfig {
     fn default() -> Self {
         Self {
-            max_draft: 16,
+            max_draft: 32,
             min_match: 2,
             min_gain: 1.05,
             prior_weight: 2.0,
