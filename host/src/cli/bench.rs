@@ -1,9 +1,16 @@
 //! `staircase bench`.
 
+mod staircase;
+
 /// Subcommands of `staircase bench`.
 #[derive(Debug, clap::Subcommand)]
-pub enum Command {}
+pub enum Command {
+    /// Single model vs layered vs staircase Mixture-of-Agents: TTFT, total time, cache use.
+    Staircase(staircase::Args),
+}
 
 pub fn run(command: Command) -> anyhow::Result<()> {
-    match command {}
+    match command {
+        Command::Staircase(args) => staircase::run(args),
+    }
 }

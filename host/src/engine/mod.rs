@@ -84,7 +84,9 @@ impl Default for SamplingParams {
 
 /// Scheduling priority: when more sequences want a step than fit, higher goes first.
 /// Pipelines give critical-path nodes a higher priority.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct Priority(pub i32);
 
 /// One generation request.
