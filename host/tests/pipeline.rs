@@ -301,10 +301,7 @@ impl PolicyProvider for TestPolicies {
             return Err(PolicyError("plugin `broken` trapped: unreachable".into()));
         }
         Ok(Box::new(TestRole {
-            persona: config
-                .get("persona")
-                .cloned()
-                .unwrap_or_else(|| plugin.into()),
+            persona: config.get("role").cloned().unwrap_or_else(|| plugin.into()),
         }))
     }
 
@@ -361,7 +358,7 @@ kind = "agent"
 plugin = "proposer"
 model = "default"
 max_tokens = 12
-config = { persona = "a" }
+config = { role = "a" }
 
 [[nodes]]
 id = "b"
@@ -369,7 +366,7 @@ kind = "agent"
 plugin = "proposer"
 model = "default"
 max_tokens = 7
-config = { persona = "b" }
+config = { role = "b" }
 
 [[nodes]]
 id = "c"
@@ -377,7 +374,7 @@ kind = "agent"
 plugin = "proposer"
 model = "default"
 max_tokens = 9
-config = { persona = "c" }
+config = { role = "c" }
 
 [[nodes]]
 id = "final"
@@ -615,13 +612,13 @@ id = "pro"
 kind = "agent"
 plugin = "proposer"
 model = "default"
-config = { persona = "pro" }
+config = { role = "pro" }
 [[nodes]]
 id = "con"
 kind = "agent"
 plugin = "proposer"
 model = "default"
-config = { persona = "con" }
+config = { role = "con" }
 [[nodes]]
 id = "pro2"
 kind = "agent"
@@ -629,7 +626,7 @@ plugin = "proposer"
 model = "default"
 max_tokens = 100
 inputs = ["pro", "con"]
-config = { persona = "pro2" }
+config = { role = "pro2" }
 [[nodes]]
 id = "judge"
 kind = "aggregator"
@@ -697,7 +694,7 @@ id = "a"
 kind = "agent"
 plugin = "proposer"
 model = "default"
-config = { persona = "a" }
+config = { role = "a" }
 [[nodes]]
 id = "short"
 kind = "compressor"

@@ -771,7 +771,12 @@ impl<'r> RunCtx<'r> {
                 cancelled = true;
                 break;
             }
-            let Some(step) = session.next_step().map_err(&policy_error)? else {
+            // A non-final step of zero tokens asks for nothing now: treat it as no step.
+            let step = session
+                .next_step()
+                .map_err(&policy_error)?
+                .filter(|step| step.is_final || step.max_tokens > 0);
+            let Some(step) = step else {
                 if inputs.rx.is_none() {
                     return Err(RunError::NoFinalStep {
                         node: node.id.clone(),
@@ -800,6 +805,7 @@ impl<'r> RunCtx<'r> {
             } else {
                 step.max_tokens.min(remaining)
             };
+            // Only a spent budget gives zero here (zero-token non-final steps were skipped).
             if max_tokens == 0 {
                 break;
             }

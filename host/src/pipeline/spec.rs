@@ -18,7 +18,7 @@
 //! plugin = "proposer"            # a role plugin
 //! model = "default"
 //! max_tokens = 128
-//! config = { persona = "a careful analyst" }
+//! config = { role = "a careful analyst" }
 //!
 //! [[nodes]]
 //! id = "final"
