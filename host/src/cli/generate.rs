@@ -1,9 +1,131 @@
-//! `staircase generate`.
+//! `staircase generate`: one model, no pipeline; streams the answer. The single-model
+//! baseline the pipeline benchmarks compare against.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use serde_json::json;
+
+use crate::engine::local::{LocalEngine, LocalEngineConfig};
+use crate::engine::{
+    ChatMessage, Engine, GenerationEvent, GenerationRequest, Prompt, Role, SamplingParams,
+};
 
 /// Arguments of `staircase generate`.
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// The user message.
+    prompt: String,
+    /// A GGUF file to run instead of the default model.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// A system message.
+    #[arg(long)]
+    system: Option<String>,
+    /// A partial answer for the model to continue.
+    #[arg(long)]
+    continue_from: Option<String>,
+    #[arg(long, default_value_t = 256)]
+    max_tokens: u32,
+    /// 0 means greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: u32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop before this string (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// llama.cpp threads (default: measured per machine, see the README).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print one JSON object with the text, timings and usage instead of streaming.
+    #[arg(long)]
+    json: bool,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`staircase generate` is not available in this build yet")
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let model_path = match args.model {
+        Some(path) => path,
+        None => crate::model::default_model_path().context("getting the default model")?,
+    };
+    let mut config = LocalEngineConfig::new(model_path);
+    config.threads = args.threads;
+    let engine = LocalEngine::load(config)?;
+    let mut messages = Vec::new();
+    if let Some(system) = args.system {
+        messages.push(ChatMessage::new(Role::System, system));
+    }
+    messages.push(ChatMessage::new(Role::User, args.prompt));
+    let request = GenerationRequest {
+        prompt: Prompt::Chat {
+            messages,
+            assistant_prefix: args.continue_from.clone(),
+        },
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_p: args.top_p,
+            top_k: args.top_k,
+            seed: args.seed,
+            max_tokens: args.max_tokens,
+            stop: args.stop,
+        },
+        priority: Default::default(),
+    };
+    let mut stream = engine.submit(request)?;
+    let mut text = String::new();
+    let mut stdout = std::io::stdout().lock();
+    if !args.json
+        && let Some(prefix) = &args.continue_from
+    {
+        write!(stdout, "{prefix}")?;
+    }
+    while let Some(event) = stream.blocking_next() {
+        match event? {
+            GenerationEvent::Delta { text: delta, .. } => {
+                if args.json {
+                    text.push_str(&delta);
+                } else {
+                    write!(stdout, "{delta}")?;
+                    stdout.flush()?;
+                }
+            }
+            GenerationEvent::Finished {
+                reason,
+                usage,
+                timings,
+            } => {
+                if args.json {
+                    let report = json!({
+                        "model": engine.model_info().name,
+                        "text": text,
+                        "finish_reason": reason,
+                        "usage": usage,
+                        "timings_ms": {
+                            "queued": timings.queued.as_secs_f64() * 1e3,
+                            "prefill_done": timings.prefill_done.as_secs_f64() * 1e3,
+                            "first_token": timings.first_token.map(|t| t.as_secs_f64() * 1e3),
+                            "finished": timings.finished.as_secs_f64() * 1e3,
+                        },
+                        "decode_tok_s": decode_rate(usage.completion_tokens, &timings),
+                    });
+                    writeln!(stdout, "{}", serde_json::to_string_pretty(&report)?)?;
+                } else {
+                    writeln!(stdout)?;
+                }
+                return Ok(());
+            }
+        }
+    }
+    anyhow::bail!("the engine stopped before the answer finished")
+}
+
+fn decode_rate(tokens: u32, timings: &crate::engine::Timings) -> Option<f64> {
+    let first = timings.first_token?;
+    let span = timings.finished.checked_sub(first)?.as_secs_f64();
+    (tokens > 1 && span > 0.0).then(|| f64::from(tokens - 1) / span)
 }

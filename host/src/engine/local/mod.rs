@@ -1,1 +1,466 @@
 //! The embedded engine: GGUF models on llama.cpp kernels under our own scheduler.
+//!
+//! [`LocalEngine`] is the handle callers hold: it renders chat templates, tokenizes and
+//! validates requests on the caller's thread, then hands them to one engine thread
+//! (`runner.rs`) that owns the llama.cpp context and runs continuous batching with chunked
+//! prefill and the radix prefix cache (`crate::cache`). Only llama.cpp's kernels, tokenizer and
+//! sampler chain come from the `llama-cpp-2` crate; scheduling, batching and caching are ours.
+//! This room must not know about pipelines or plugins.
+
+mod backend;
+pub mod bench;
+mod output;
+mod runner;
+mod template;
+
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, mpsc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::token::LlamaToken;
+
+pub use backend::backend;
+pub use template::ChatTemplate;
+
+use self::runner::{Command, Pending, Runner, Shared};
+use super::{Engine, EngineError, GenerationRequest, GenerationStream, ModelInfo, Prompt, TokenId};
+
+/// Context size when the model's training context is larger: a 135M model rarely needs more,
+/// and every cell in use widens attention for all sequences in llama.cpp's unified cache.
+pub const DEFAULT_CONTEXT_TOKENS: u32 = 8192;
+/// Tokens per llama.cpp decode call (logical and physical batch): a full prefill chunk when
+/// nothing else runs. llama.cpp's own default.
+pub const DEFAULT_BATCH_TOKENS: usize = 512;
+/// Prefill tokens per step while other sequences decode: ~0.2–0.3 s of prefill on 2 cores, so
+/// running sequences keep streaming while a long prompt is absorbed.
+pub const DEFAULT_PREFILL_CHUNK: usize = 64;
+/// Sequences decoded together. Batching beyond ~8 gains little on a small CPU, and each
+/// running sequence reserves KV for its prompt plus `max_tokens`.
+pub const DEFAULT_MAX_RUNNING: usize = 16;
+/// llama.cpp sequence ids kept for cached prefixes, on top of the running ones.
+pub const CACHE_SLOTS: usize = 32;
+/// Cells the prefix cache may keep: a few long system prompts. Kept well below the context
+/// because the unified cache makes every step attend over all used cells.
+pub const DEFAULT_CACHE_BUDGET_CELLS: usize = 3072;
+/// llama.cpp's flash-attention setting "disabled" (`LLAMA_FLASH_ATTN_TYPE_DISABLED`): on this
+/// CPU it is faster off.
+const FLASH_ATTENTION_DISABLED: i32 = 0;
+
+/// Threads llama.cpp uses when the user does not say. llama.cpp's threads spin at barriers,
+/// so when another process holds a core a thread per core collapses (measured: 2 threads on 2
+/// busy cores run far slower than 1). One core is left free on small machines; larger ones use
+/// at most 8, where this model stops scaling.
+pub fn default_threads() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    match cores {
+        0..=2 => 1,
+        3..=4 => cores - 1,
+        _ => (cores - 2).min(8),
+    }
+}
+
+/// How to run a local engine.
+#[derive(Clone, Debug)]
+pub struct LocalEngineConfig {
+    pub model_path: PathBuf,
+    /// llama.cpp threads; `None` means [`default_threads`].
+    pub threads: Option<usize>,
+    /// Context (KV cells, shared by all sequences); `None` means the model's training context,
+    /// at most [`DEFAULT_CONTEXT_TOKENS`].
+    pub context_tokens: Option<u32>,
+    pub batch_tokens: usize,
+    pub prefill_chunk: usize,
+    pub max_running: usize,
+    pub prefix_cache: bool,
+    pub cache_budget_cells: usize,
+    /// Replaces the GGUF's chat template.
+    pub chat_template: Option<String>,
+}
+
+impl LocalEngineConfig {
+    pub fn new(model_path: impl Into<PathBuf>) -> Self {
+        Self {
+            model_path: model_path.into(),
+            threads: None,
+            context_tokens: None,
+            batch_tokens: DEFAULT_BATCH_TOKENS,
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
+            max_running: DEFAULT_MAX_RUNNING,
+            prefix_cache: true,
+            cache_budget_cells: DEFAULT_CACHE_BUDGET_CELLS,
+            chat_template: None,
+        }
+    }
+}
+
+/// What the engine thread is doing, published after every step.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Sequences holding a llama.cpp sequence for a request.
+    pub live_sequences: usize,
+    pub queued: usize,
+    /// KV cells in use by our accounting: cached prefixes plus running sequences' own cells.
+    pub kv_cells_used: usize,
+    /// Positions llama.cpp reports across all sequence ids (cells shared by a sequence copy
+    /// count once per sequence): the ground truth that freed sequences left llama.cpp.
+    pub kv_sequence_positions: usize,
+    pub cache_entries: usize,
+    pub cache_cells: usize,
+    /// Cached prefixes running requests copied from (never evicted).
+    pub locked_prefixes: usize,
+    pub steps: u64,
+    pub finished_requests: u64,
+}
+
+/// Settings the engine thread needs.
+#[derive(Clone, Debug)]
+struct RunnerSettings {
+    batch_tokens: usize,
+    prefill_chunk: usize,
+    max_running: usize,
+    sequence_slots: usize,
+    prefix_cache: bool,
+    cache_budget_cells: usize,
+}
+
+/// The embedded engine. Cheap to share behind an `Arc`; dropping the last handle stops the
+/// engine thread after the work in flight.
+pub struct LocalEngine {
+    model: Arc<LlamaModel>,
+    info: ModelInfo,
+    template: Result<ChatTemplate, String>,
+    add_bos: bool,
+    threads: usize,
+    commands: Option<mpsc::Sender<Command>>,
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for LocalEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalEngine")
+            .field("info", &self.info)
+            .field("threads", &self.threads)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Loads a GGUF model (weights only) through the shared backend, with a clear error for a
+/// missing or unloadable file.
+pub fn load_model(path: &Path) -> Result<LlamaModel, EngineError> {
+    if !path.is_file() {
+        return Err(EngineError::ModelNotFound {
+            path: path.to_path_buf(),
+        });
+    }
+    let backend = backend()?;
+    LlamaModel::load_from_file(backend, path, &LlamaModelParams::default()).map_err(|error| {
+        EngineError::InvalidModel {
+            path: path.to_path_buf(),
+            reason: format!("llama.cpp could not load it as a GGUF model ({error})"),
+        }
+    })
+}
+
+/// Context parameters shared by the engine and the benchmark's bare loop.
+pub fn context_params(
+    n_ctx: u32,
+    batch_tokens: usize,
+    sequences: usize,
+    threads: usize,
+) -> LlamaContextParams {
+    LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(n_ctx))
+        .with_n_batch(batch_tokens as u32)
+        .with_n_ubatch(batch_tokens as u32)
+        .with_n_seq_max(sequences as u32)
+        .with_kv_unified(true)
+        .with_flash_attention_policy(FLASH_ATTENTION_DISABLED)
+        .with_n_threads(threads as i32)
+        .with_n_threads_batch(threads as i32)
+}
+
+impl LocalEngine {
+    /// Loads the model, creates the context and starts the engine thread.
+    pub fn load(config: LocalEngineConfig) -> Result<Self, EngineError> {
+        let model = Arc::new(load_model(&config.model_path)?);
+        let train = model.n_ctx_train().max(1);
+        let n_ctx = config
+            .context_tokens
+            .unwrap_or(train.min(DEFAULT_CONTEXT_TOKENS));
+        let threads = config.threads.unwrap_or_else(default_threads).max(1);
+        let max_running = config.max_running.max(1);
+        let settings = RunnerSettings {
+            batch_tokens: config.batch_tokens.max(1),
+            prefill_chunk: config.prefill_chunk.max(1),
+            max_running,
+            sequence_slots: max_running + if config.prefix_cache { CACHE_SLOTS } else { 0 },
+            prefix_cache: config.prefix_cache,
+            cache_budget_cells: config.cache_budget_cells,
+        };
+        let vocab = model.vocab();
+        let bos = vocab.bos();
+        let bos_text = String::from_utf8_lossy(&vocab.token_to_piece(bos, true, None)).into_owned();
+        let eos_text =
+            String::from_utf8_lossy(&vocab.token_to_piece(vocab.eos(), true, None)).into_owned();
+        let add_bos = vocab.should_add_bos();
+        let source = match &config.chat_template {
+            Some(source) => Ok(source.clone()),
+            None => model
+                .chat_template(None)
+                .map_err(|error| format!("the model has no chat template ({error})"))
+                .and_then(|t| t.to_string().map_err(|e| e.to_string())),
+        };
+        let template = source.and_then(|source| {
+            ChatTemplate::new(&source, &bos_text, &eos_text).map_err(|error| error.to_string())
+        });
+        if let Err(reason) = &template {
+            tracing::warn!(%reason, "chat requests will fail; token prompts still work");
+        }
+        let name = config
+            .model_path
+            .file_stem()
+            .map_or_else(|| "local".to_owned(), |s| s.to_string_lossy().into_owned());
+        let info = ModelInfo {
+            name,
+            context_tokens: n_ctx as usize,
+        };
+
+        let shared = Arc::new(Shared::default());
+        let (commands, receiver) = mpsc::channel();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let thread_model = Arc::clone(&model);
+        let thread_shared = Arc::clone(&shared);
+        let params = context_params(
+            n_ctx,
+            settings.batch_tokens,
+            settings.sequence_slots,
+            threads,
+        );
+        let thread = std::thread::Builder::new()
+            .name("staircase-engine".into())
+            .spawn(move || {
+                let backend = match backend() {
+                    Ok(backend) => backend,
+                    Err(error) => {
+                        let _ = ready_tx.send(Err(error));
+                        return;
+                    }
+                };
+                let ctx = match thread_model.new_context(backend, params) {
+                    Ok(ctx) => ctx,
+                    Err(error) => {
+                        let _ = ready_tx.send(Err(EngineError::Backend(format!(
+                            "cannot create a llama.cpp context of {n_ctx} tokens: {error}"
+                        ))));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(()));
+                Runner::new(&thread_model, ctx, settings, thread_shared).run(receiver);
+            })
+            .map_err(|error| {
+                EngineError::Backend(format!("cannot start the engine thread: {error}"))
+            })?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => return Err(error),
+            Err(_) => return Err(EngineError::Stopped),
+        }
+        tracing::info!(model = %info.name, n_ctx, threads, "local engine ready");
+        Ok(Self {
+            model,
+            info,
+            template,
+            add_bos,
+            threads,
+            commands: Some(commands),
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Threads llama.cpp runs with.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// The latest stats (published after every engine step).
+    pub fn stats(&self) -> EngineStats {
+        self.shared
+            .stats
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
+    }
+
+    /// Waits until the engine publishes stats for which `done` holds, or `timeout` passes
+    /// (then returns `None`). Tests use this instead of sleeping.
+    pub fn wait_for_stats(
+        &self,
+        timeout: Duration,
+        mut done: impl FnMut(&EngineStats) -> bool,
+    ) -> Option<EngineStats> {
+        let deadline = Instant::now() + timeout;
+        let mut stats = self.shared.stats.lock().ok()?;
+        loop {
+            if done(&stats) {
+                return Some(stats.clone());
+            }
+            let left = deadline.checked_duration_since(Instant::now())?;
+            stats = self.shared.changed.wait_timeout(stats, left).ok()?.0;
+        }
+    }
+
+    /// Tokens of a text as the model sees it (no special tokens added).
+    pub fn tokenize(&self, text: &str) -> Vec<TokenId> {
+        self.model
+            .vocab()
+            .tokenize(text.as_bytes(), false, false)
+            .into_iter()
+            .map(|t| TokenId(t.0))
+            .collect()
+    }
+
+    /// Text of tokens.
+    pub fn detokenize(&self, tokens: &[TokenId]) -> String {
+        let tokens: Vec<LlamaToken> = tokens.iter().map(|t| LlamaToken(t.0)).collect();
+        String::from_utf8_lossy(&self.model.vocab().detokenize(&tokens, false, false)).into_owned()
+    }
+
+    /// The prompt tokens a request turns into (template rendered, special tokens parsed).
+    pub fn prompt_tokens(&self, prompt: &Prompt) -> Result<Vec<TokenId>, EngineError> {
+        let tokens = match prompt {
+            Prompt::Tokens(tokens) => tokens.clone(),
+            Prompt::Chat {
+                messages,
+                assistant_prefix,
+            } => {
+                let template = self.template.as_ref().map_err(|reason| {
+                    EngineError::Template(format!("{}: {reason}", self.info.name))
+                })?;
+                let text = template.render(messages, assistant_prefix.as_deref())?;
+                let vocab = self.model.vocab();
+                // Templates that write the BOS text themselves must not get a second one.
+                let bos_text = vocab.token_to_piece(vocab.bos(), true, None);
+                let add_bos = self.add_bos && !text.as_bytes().starts_with(&bos_text);
+                vocab
+                    .tokenize(text.as_bytes(), add_bos, true)
+                    .into_iter()
+                    .map(|t| TokenId(t.0))
+                    .collect()
+            }
+        };
+        if tokens.is_empty() {
+            return Err(EngineError::InvalidRequest("the prompt is empty".into()));
+        }
+        let n_vocab = self.model.n_vocab();
+        if let Some(bad) = tokens.iter().find(|t| t.0 < 0 || t.0 >= n_vocab) {
+            return Err(EngineError::InvalidRequest(format!(
+                "token id {} is outside the vocabulary of {n_vocab}",
+                bad.0
+            )));
+        }
+        // One position stays free for the first generated token's input.
+        if tokens.len() >= self.info.context_tokens {
+            return Err(EngineError::PromptTooLong {
+                tokens: tokens.len(),
+                context: self.info.context_tokens,
+            });
+        }
+        Ok(tokens)
+    }
+
+    fn send(&self, pending: Pending) -> Result<(), EngineError> {
+        self.commands
+            .as_ref()
+            .ok_or(EngineError::Stopped)?
+            .send(Command::Submit(pending))
+            .map_err(|_| EngineError::Stopped)
+    }
+
+    /// The `k` highest next-token logits after `tokens`, decoded alone (diagnostics: how
+    /// close a near-tie is).
+    pub fn next_token_logits(
+        &self,
+        tokens: &[TokenId],
+        k: usize,
+    ) -> Result<Vec<(TokenId, f32)>, EngineError> {
+        let tokens = self.prompt_tokens(&Prompt::Tokens(tokens.to_vec()))?;
+        let (events, _stream) = GenerationStream::channel();
+        let (probe, answer) = mpsc::channel();
+        self.send(Pending {
+            tokens,
+            sampling: Default::default(),
+            priority: Default::default(),
+            events,
+            submitted: Instant::now(),
+            probe: Some(probe),
+        })?;
+        let mut top = answer.recv().map_err(|_| EngineError::Stopped)?;
+        top.truncate(k);
+        Ok(top)
+    }
+}
+
+impl Engine for LocalEngine {
+    fn submit(&self, request: GenerationRequest) -> Result<GenerationStream, EngineError> {
+        let submitted = Instant::now();
+        let sampling = request.sampling;
+        if sampling.max_tokens == 0 {
+            return Err(EngineError::InvalidRequest(
+                "max_tokens must be at least 1".into(),
+            ));
+        }
+        if !(sampling.temperature >= 0.0 && sampling.temperature.is_finite()) {
+            return Err(EngineError::InvalidRequest(format!(
+                "temperature must be a finite number >= 0, got {}",
+                sampling.temperature
+            )));
+        }
+        if !(sampling.top_p > 0.0 && sampling.top_p <= 1.0) {
+            return Err(EngineError::InvalidRequest(format!(
+                "top_p must be in (0, 1], got {}",
+                sampling.top_p
+            )));
+        }
+        let tokens = self.prompt_tokens(&request.prompt)?;
+        let (events, stream) = GenerationStream::channel();
+        let span = tracing::debug_span!("submit", prompt_tokens = tokens.len());
+        let _entered = span.enter();
+        self.send(Pending {
+            tokens,
+            sampling,
+            priority: request.priority,
+            events,
+            submitted,
+            probe: None,
+        })?;
+        Ok(stream)
+    }
+
+    fn model_info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn count_tokens(&self, text: &str) -> Result<usize, EngineError> {
+        Ok(self.tokenize(text).len())
+    }
+}
+
+impl Drop for LocalEngine {
+    fn drop(&mut self) {
+        // Closing the channel lets the engine thread finish its work and exit.
+        self.commands.take();
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("the engine thread panicked");
+        }
+    }
+}

@@ -1,0 +1,329 @@
+//! `staircase bench engine`: the local engine against a bare llama.cpp loop through the same
+//! crate (same model, threads and context settings), aggregate token rate by batch size, and
+//! time to first token with a cached versus a cold 1k-token prefix. Every figure is a ratio
+//! measured within one run, so machine load affects both sides alike.
+
+use std::time::{Duration, Instant};
+
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::token::LlamaToken;
+use serde::Serialize;
+
+use super::{LocalEngine, LocalEngineConfig, backend, context_params, load_model};
+use crate::engine::{
+    ChatMessage, Engine, EngineError, GenerationEvent, GenerationRequest, Prompt, Role,
+    SamplingParams, Timings, TokenId, Usage,
+};
+
+/// What to measure.
+#[derive(Clone, Debug)]
+pub struct BenchConfig {
+    pub model_path: std::path::PathBuf,
+    pub threads: Option<usize>,
+    /// Prompt length for the prefill comparison.
+    pub prefill_tokens: usize,
+    /// Generated tokens for the decode comparison.
+    pub decode_tokens: u32,
+    pub batch_sizes: Vec<usize>,
+    /// Tokens per request in the batch measurement.
+    pub batch_decode_tokens: u32,
+    /// Length of the shared prefix for the warm/cold TTFT measurement.
+    pub prefix_tokens: usize,
+    /// Each comparison runs this many times; the best run counts (least disturbed by load).
+    pub repeats: usize,
+}
+
+impl BenchConfig {
+    pub fn new(model_path: impl Into<std::path::PathBuf>) -> Self {
+        Self {
+            model_path: model_path.into(),
+            threads: None,
+            prefill_tokens: 512,
+            decode_tokens: 128,
+            batch_sizes: vec![1, 2, 4, 8],
+            batch_decode_tokens: 48,
+            prefix_tokens: 1000,
+            repeats: 3,
+        }
+    }
+}
+
+/// Ours against the bare loop.
+#[derive(Clone, Debug, Serialize)]
+pub struct Comparison {
+    pub tokens: usize,
+    pub bare_tok_s: f64,
+    pub engine_tok_s: f64,
+    /// engine / bare; 0.95 means the scheduler costs 5%.
+    pub ratio: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BatchPoint {
+    pub batch: usize,
+    pub generated_tokens: u32,
+    pub wall_s: f64,
+    pub aggregate_tok_s: f64,
+    /// Aggregate rate relative to batch 1.
+    pub speedup: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TtftPoint {
+    pub prompt_tokens: u32,
+    pub cached_prompt_tokens: u32,
+    pub cold_ms: f64,
+    pub warm_ms: f64,
+    /// cold / warm.
+    pub speedup: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct EngineBenchReport {
+    pub model: String,
+    pub threads: usize,
+    pub prefill: Comparison,
+    pub decode: Comparison,
+    pub batches: Vec<BatchPoint>,
+    pub ttft: TtftPoint,
+}
+
+/// Filler text of roughly `tokens` tokens; `variant` changes its first words so different
+/// variants share no cached prefix.
+pub fn filler_text(engine: &LocalEngine, tokens: usize, variant: usize) -> String {
+    const SENTENCES: [&str; 6] = [
+        "The river town kept its records in a stone hall by the bridge.",
+        "Every spring the clerks copied the ledgers before the floods arrived.",
+        "Merchants argued about the price of salt, wool and dried fish.",
+        "A lighthouse keeper wrote letters about the ships that never came back.",
+        "Children learned to count with beads strung on copper wire.",
+        "At night the bells rang once for each boat still out on the water.",
+    ];
+    let mut text = format!("Archive volume {variant}. ");
+    let mut i = 0;
+    while engine.tokenize(&text).len() < tokens {
+        text.push_str(SENTENCES[i % SENTENCES.len()]);
+        text.push(' ');
+        i += 1;
+    }
+    text
+}
+
+struct Outcome {
+    usage: Usage,
+    timings: Timings,
+}
+
+fn drain(mut stream: crate::engine::GenerationStream) -> Result<Outcome, EngineError> {
+    while let Some(event) = stream.blocking_next() {
+        if let GenerationEvent::Finished { usage, timings, .. } = event? {
+            return Ok(Outcome { usage, timings });
+        }
+    }
+    Err(EngineError::Stopped)
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64().max(1e-9)
+}
+
+fn argmax(logits: &[f32]) -> LlamaToken {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    LlamaToken(best as i32)
+}
+
+/// The bare loop: one context, prefill in `batch_tokens` chunks with logits at the end, then
+/// greedy decoding of `decode` tokens one call each. Returns (prefill time, decode time).
+fn bare_loop(
+    model: &llama_cpp_2::model::LlamaModel,
+    prompt: &[TokenId],
+    decode: usize,
+    n_ctx: u32,
+    threads: usize,
+) -> Result<(Duration, Duration), EngineError> {
+    let batch_tokens = super::DEFAULT_BATCH_TOKENS;
+    let params = context_params(n_ctx, batch_tokens, 1, threads);
+    let mut ctx = model
+        .new_context(backend()?, params)
+        .map_err(|e| EngineError::Backend(e.to_string()))?;
+    let mut batch = LlamaBatch::new(batch_tokens, 1);
+    let decode_error = |e: llama_cpp_2::DecodeError| EngineError::Backend(e.to_string());
+    let start = Instant::now();
+    for (chunk_index, chunk) in prompt.chunks(batch_tokens).enumerate() {
+        batch.clear();
+        for (i, token) in chunk.iter().enumerate() {
+            let pos = chunk_index * batch_tokens + i;
+            let last = pos + 1 == prompt.len();
+            batch
+                .add(LlamaToken(token.0), pos as i32, &[0], last)
+                .map_err(|e| EngineError::Backend(e.to_string()))?;
+        }
+        ctx.decode(&mut batch).map_err(decode_error)?;
+    }
+    let mut token = argmax(ctx.get_logits_ith(batch.n_tokens() - 1));
+    let prefill = start.elapsed();
+    let vocab = model.vocab();
+    let start = Instant::now();
+    for step in 0..decode {
+        let _piece = vocab.token_to_piece(token, false, None);
+        batch.clear();
+        batch
+            .add(token, (prompt.len() + step) as i32, &[0], true)
+            .map_err(|e| EngineError::Backend(e.to_string()))?;
+        ctx.decode(&mut batch).map_err(decode_error)?;
+        token = argmax(ctx.get_logits_ith(0));
+    }
+    Ok((prefill, start.elapsed()))
+}
+
+fn chat(system: Option<&str>, user: &str, max_tokens: u32) -> GenerationRequest {
+    let mut messages = Vec::new();
+    if let Some(system) = system {
+        messages.push(ChatMessage::new(Role::System, system));
+    }
+    messages.push(ChatMessage::new(Role::User, user));
+    let mut request = GenerationRequest::chat(messages);
+    request.sampling = SamplingParams {
+        max_tokens,
+        ..SamplingParams::default()
+    };
+    request
+}
+
+/// Runs the whole benchmark. Progress goes to `tracing`; the caller prints the report.
+pub fn run(config: &BenchConfig) -> Result<EngineBenchReport, EngineError> {
+    let mut engine_config = LocalEngineConfig::new(&config.model_path);
+    engine_config.threads = config.threads;
+    // Without the prefix cache, repeated prompts cost the same as the bare loop's.
+    engine_config.prefix_cache = false;
+    let engine = LocalEngine::load(engine_config.clone())?;
+    let threads = engine.threads();
+    let n_ctx = engine.model_info().context_tokens as u32;
+    let bare_model = load_model(&config.model_path)?;
+
+    // Prefill.
+    let prompt = engine.tokenize(&filler_text(&engine, config.prefill_tokens, 0));
+    let prompt = prompt[..config.prefill_tokens.min(prompt.len())].to_vec();
+    let mut best_bare = Duration::MAX;
+    let mut best_engine = Duration::MAX;
+    for _ in 0..config.repeats.max(1) {
+        let (bare, _) = bare_loop(&bare_model, &prompt, 0, n_ctx, threads)?;
+        best_bare = best_bare.min(bare);
+        let mut request = GenerationRequest::chat(Vec::new());
+        request.prompt = Prompt::Tokens(prompt.clone());
+        request.sampling.max_tokens = 1;
+        let outcome = drain(engine.submit(request)?)?;
+        best_engine = best_engine.min(outcome.timings.prefill_done - outcome.timings.queued);
+    }
+    let prefill = comparison(prompt.len(), best_bare, best_engine);
+    tracing::info!(?prefill, "prefill measured");
+
+    // Decode: ours first, so the bare loop decodes exactly as many tokens.
+    let request = chat(
+        None,
+        "Write a long, detailed story about a lighthouse keeper and a storm.",
+        config.decode_tokens,
+    );
+    let decode_prompt = engine.prompt_tokens(&request.prompt)?;
+    let mut best_bare = Duration::MAX;
+    let mut best_engine = Duration::MAX;
+    let mut steps = 0;
+    for _ in 0..config.repeats.max(1) {
+        let outcome = drain(engine.submit(request.clone())?)?;
+        // Decode steps after the first token (which prefill produced).
+        steps = outcome.usage.completion_tokens.saturating_sub(1) as usize;
+        let first = outcome.timings.first_token.unwrap_or_default();
+        best_engine = best_engine.min(outcome.timings.finished - first);
+        let (_, bare) = bare_loop(&bare_model, &decode_prompt, steps, n_ctx, threads)?;
+        best_bare = best_bare.min(bare);
+    }
+    let decode = comparison(steps, best_bare, best_engine);
+    tracing::info!(?decode, "decode measured");
+    drop(engine);
+    drop(bare_model);
+
+    // Aggregate rate by batch size, prefix cache on (the shared template prefix is cached).
+    engine_config.prefix_cache = true;
+    let engine = LocalEngine::load(engine_config)?;
+    let questions = [
+        "Describe a busy harbour at dawn.",
+        "Explain how a bicycle gear works.",
+        "Write a short poem about snow.",
+        "List some uses of copper.",
+        "Tell a story about a lost key.",
+        "Describe the taste of fresh bread.",
+        "Explain why the sky looks blue.",
+        "Write a letter to a distant friend.",
+    ];
+    drain(engine.submit(chat(None, "Hello", 1))?)?;
+    let mut batches = Vec::new();
+    let mut base_rate = None;
+    for &size in &config.batch_sizes {
+        let start = Instant::now();
+        let streams = (0..size)
+            .map(|i| {
+                let question = questions[i % questions.len()];
+                engine.submit(chat(None, question, config.batch_decode_tokens))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut generated = 0;
+        for stream in streams {
+            generated += drain(stream)?.usage.completion_tokens;
+        }
+        let wall = start.elapsed();
+        let rate = f64::from(generated) / secs(wall);
+        let base = *base_rate.get_or_insert(rate);
+        batches.push(BatchPoint {
+            batch: size,
+            generated_tokens: generated,
+            wall_s: wall.as_secs_f64(),
+            aggregate_tok_s: rate,
+            speedup: rate / base,
+        });
+        tracing::info!(size, rate, "batch measured");
+    }
+
+    // TTFT: a fresh 1k-token prefix (cold), then the same prefix with another question (warm).
+    let mut best_cold = Duration::MAX;
+    let mut best_warm = Duration::MAX;
+    let mut ttft_usage = Usage::default();
+    for variant in 0..config.repeats.max(1) {
+        let prefix = filler_text(&engine, config.prefix_tokens, variant + 1);
+        let cold = drain(engine.submit(chat(Some(&prefix), "What is kept in the hall?", 1))?)?;
+        let warm = drain(engine.submit(chat(Some(&prefix), "Who rang the bells?", 1))?)?;
+        best_cold = best_cold.min(cold.timings.first_token.unwrap_or_default());
+        best_warm = best_warm.min(warm.timings.first_token.unwrap_or_default());
+        ttft_usage = warm.usage;
+    }
+    let ttft = TtftPoint {
+        prompt_tokens: ttft_usage.prompt_tokens,
+        cached_prompt_tokens: ttft_usage.cached_prompt_tokens,
+        cold_ms: best_cold.as_secs_f64() * 1e3,
+        warm_ms: best_warm.as_secs_f64() * 1e3,
+        speedup: secs(best_cold) / secs(best_warm),
+    };
+    Ok(EngineBenchReport {
+        model: engine.model_info().name.clone(),
+        threads,
+        prefill,
+        decode,
+        batches,
+        ttft,
+    })
+}
+
+fn comparison(tokens: usize, bare: Duration, engine: Duration) -> Comparison {
+    let bare_tok_s = tokens as f64 / secs(bare);
+    let engine_tok_s = tokens as f64 / secs(engine);
+    Comparison {
+        tokens,
+        bare_tok_s,
+        engine_tok_s,
+        ratio: engine_tok_s / bare_tok_s,
+    }
+}
