@@ -15,6 +15,12 @@ pub enum Command {
     Engine(EngineArgs),
     /// Single model vs layered vs staircase Mixture-of-Agents: TTFT, total time, cache use.
     Staircase(staircase::Args),
+    /// What the plugin host costs: per-chunk calls, instantiation, cached loading, hot reload.
+    Plugins {
+        /// Also save the figures as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 /// Arguments of `staircase bench engine`.
@@ -37,7 +43,24 @@ pub fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Engine(args) => engine(args),
         Command::Staircase(args) => staircase::run(args),
+        Command::Plugins { json } => plugins(json),
     }
+}
+
+fn plugins(json: Option<PathBuf>) -> anyhow::Result<()> {
+    let rows = crate::plugin::bench::run().context("plugin benchmark")?;
+    println!("{:<48} {:>12}  note", "measure", "value");
+    for row in &rows {
+        println!(
+            "{:<48} {:>9.2} {:<2}  {}",
+            row.name, row.value, row.unit, row.note
+        );
+    }
+    if let Some(path) = json {
+        std::fs::write(&path, serde_json::to_string_pretty(&rows)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }
 
 fn engine(args: EngineArgs) -> anyhow::Result<()> {

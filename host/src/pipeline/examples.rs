@@ -64,7 +64,7 @@ mod tests {
     fn kinds(plugin: &str) -> Option<PluginKind> {
         match plugin {
             "proposer" => Some(PluginKind::Role),
-            "moa" => Some(PluginKind::Aggregator),
+            "moa-aggregator" => Some(PluginKind::Aggregator),
             _ => None,
         }
     }
