@@ -832,3 +832,48 @@ async fn a_run_trace_is_chrome_json_and_renders_as_a_staircase() {
     assert!(report_json["ttft_ms"].is_number());
     assert_eq!(report_json["nodes"].as_array().unwrap().len(), 4);
 }
+
+// ---- the real model and the built-in plugins -----------------------------------------
+
+/// Every example pipeline, in both modes, on the embedded model with the built-in plugins:
+/// each run ends with a non-empty answer from its output node, nothing left streaming.
+#[test]
+fn every_example_pipeline_answers_in_both_modes_on_the_real_model() {
+    use staircase::pipeline::examples::BUILTIN;
+    use staircase::pipeline::setup;
+
+    let setup = setup::open(None).expect("the default model and built-in plugins load");
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for (name, _) in BUILTIN {
+        let mut pipeline = staircase::pipeline::load(name).unwrap();
+        // Short outputs keep CI quick on two cores.
+        pipeline.limit_tokens(12);
+        for mode in [StreamMode::Staircase, StreamMode::Layered] {
+            let request = RunRequest::prompt("Name one planet of the solar system.", mode);
+            let report = tokio
+                .block_on(setup.runner.run(&pipeline, request, None))
+                .unwrap_or_else(|e| panic!("{name} {mode:?}: {e}"));
+            assert!(
+                !report.answer.trim().is_empty(),
+                "{name} {mode:?}: empty answer"
+            );
+            assert!(report.ttft_ms.is_some(), "{name} {mode:?}");
+            let output = &report.nodes[pipeline.output.0];
+            assert!(
+                !output.cancelled && output.finished_ms.is_some(),
+                "{name} {mode:?}"
+            );
+            assert!(output.steps >= 1, "{name} {mode:?}");
+            if mode == StreamMode::Layered {
+                assert_eq!(output.steps, 1, "{name}: layered aggregators step once");
+                assert!(
+                    report.nodes.iter().all(|n| !n.cancelled),
+                    "{name}: layered reads all"
+                );
+            }
+        }
+    }
+}

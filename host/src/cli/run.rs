@@ -47,10 +47,8 @@ pub struct Args {
 /// The runner every pipeline command uses: the local engine on `model` (the default model,
 /// fetched on first use, when `None`) and the plugin registry with the built-in plugins.
 pub(crate) fn open_runner(model: Option<&Path>) -> anyhow::Result<(Runner, Arc<dyn Engine>)> {
-    let _ = model;
-    anyhow::bail!(
-        "pipelines need the local engine and the plugin host, which this build does not include yet"
-    )
+    let setup = crate::pipeline::setup::open(model)?;
+    Ok((setup.runner, setup.engine))
 }
 
 /// Loads a pipeline by file or name, with an optional token cap.

@@ -881,10 +881,14 @@ impl<'r> RunCtx<'r> {
             answer.push_str(&step_text);
             answer_tokens += step_tokens;
             session.answered(&step_text).map_err(&policy_error)?;
-            // The model ending its answer (end of sequence) ends the node even between
-            // steps: continuing would re-open an answer the model considers complete.
-            if step.is_final || reason == FinishReason::Stop || answer_tokens >= budget {
+            // The model may end a non-final step early (end of sequence): it said all it
+            // could from what it had seen. The next step, with more input, continues the
+            // answer; only the final step or the budget ends the node.
+            if step.is_final || answer_tokens >= budget {
                 break;
+            }
+            if reason == FinishReason::Stop {
+                tracing::debug!(node = %node.id, "model ended a non-final step early");
             }
         }
 

@@ -107,7 +107,9 @@ pub enum SpecErrorKind {
     #[error("node `{node}`: unknown plugin `{plugin}`")]
     UnknownPlugin { node: String, plugin: String },
     #[error(
-        "node `{node}`: plugin `{plugin}` is a {found:?} plugin, but a {expected:?} node needs a {expected:?} plugin"
+        "node `{node}` needs {} plugin, but `{plugin}` is {} plugin",
+        kind_label(*.expected),
+        kind_label(*.found)
     )]
     WrongPluginKind {
         node: String,
@@ -121,6 +123,16 @@ pub enum SpecErrorKind {
         model: String,
         known: Vec<String>,
     },
+}
+
+/// A plugin kind with its article, for messages.
+fn kind_label(kind: PluginKind) -> &'static str {
+    match kind {
+        PluginKind::Role => "a role",
+        PluginKind::Aggregator => "an aggregator",
+        PluginKind::Compressor => "a compressor",
+        PluginKind::Router => "a router",
+    }
 }
 
 /// Position of a node in [`Pipeline::nodes`].

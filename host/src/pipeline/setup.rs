@@ -1,0 +1,56 @@
+//! The default runner: the local engine on a GGUF model and the plugin registry with the
+//! built-in plugins. The CLI, the server and the tests assemble a runner here, the one
+//! place in `pipeline/` that names concrete engine and plugin types.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use super::runtime::{Models, Runner};
+use crate::engine::local::{LocalEngine, LocalEngineConfig};
+use crate::engine::{Engine, EngineError};
+use crate::model::ModelError;
+use crate::plugin::{HostConfig, PluginError, PluginRuntime, Registry};
+
+/// Why the default runner could not be assembled.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("getting the model: {0}")]
+    Model(#[from] ModelError),
+    #[error("loading the model: {0}")]
+    Engine(#[from] EngineError),
+    #[error("loading the built-in plugins: {0}")]
+    Plugin(#[from] PluginError),
+}
+
+/// A runner and the engine under it.
+pub struct DefaultRunner {
+    pub runner: Runner,
+    pub engine: Arc<dyn Engine>,
+    pub registry: Arc<Registry>,
+}
+
+/// The engine with `config`, and a registry with the built-ins whose plugins count tokens
+/// (and, when granted, call the model) through that engine.
+pub fn open_with(config: LocalEngineConfig) -> Result<DefaultRunner, SetupError> {
+    let engine: Arc<dyn Engine> = Arc::new(LocalEngine::load(config)?);
+    let registry = Registry::new(PluginRuntime::new(HostConfig {
+        engine: Some(engine.clone()),
+        ..HostConfig::default()
+    })?);
+    registry.load_builtins()?;
+    let runner = Runner::new(Models::with_default(engine.clone()), registry.clone());
+    Ok(DefaultRunner {
+        runner,
+        engine,
+        registry,
+    })
+}
+
+/// [`open_with`] on `model`, or on the default model (fetched on first use) when `None`.
+pub fn open(model: Option<&Path>) -> Result<DefaultRunner, SetupError> {
+    let path = match model {
+        Some(path) => path.to_path_buf(),
+        None => crate::model::default_model_path()?,
+    };
+    open_with(LocalEngineConfig::new(path))
+}
