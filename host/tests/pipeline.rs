@@ -824,8 +824,8 @@ async fn a_run_trace_is_chrome_json_and_renders_as_a_staircase() {
     assert!(chart.contains("<polyline"));
     assert_eq!(
         chart.matches("<polyline").count(),
-        3,
-        "one staircase per proposer"
+        4,
+        "one staircase per proposer, and the answer's own (two steps)"
     );
     // The report serializes for `--json`.
     let report_json = serde_json::to_value(&report).unwrap();

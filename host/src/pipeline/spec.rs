@@ -10,7 +10,7 @@
 //! name = "moa"
 //! [stream]                       # default for every edge: staircase or complete
 //! policy = "staircase"
-//! chunk_tokens = [8, 16, 32, 64] # chunk sizes; the last one repeats
+//! chunk_tokens = [2, 8, 16, 32]  # chunk sizes; the last one repeats
 //!
 //! [[nodes]]
 //! id = "analyst"

@@ -35,7 +35,8 @@ struct Lane {
     critical: bool,
     cancelled: bool,
     first_token: Option<f64>,
-    steps: Vec<(f64, f64, bool)>,
+    /// Start, end, final, tokens.
+    steps: Vec<(f64, f64, bool, f64)>,
     chunks: Vec<(f64, f64)>,
 }
 
@@ -89,7 +90,12 @@ pub fn render(trace: &ChromeTrace) -> Result<String, RenderError> {
             }
             ("X", "step") => {
                 let is_final = event.args.get("final").and_then(Value::as_bool) == Some(true);
-                lane.steps.push((event.ts, end, is_final));
+                let tokens = event
+                    .args
+                    .get("tokens")
+                    .and_then(Value::as_f64)
+                    .unwrap_or(0.0);
+                lane.steps.push((event.ts, end, is_final, tokens));
             }
             ("i", "token") => lane.first_token = Some(event.ts),
             ("i", "chunk") => {
@@ -104,6 +110,18 @@ pub fn render(trace: &ChromeTrace) -> Result<String, RenderError> {
         }
     }
     lanes.retain(|_, lane| lane.span.is_some());
+    for lane in lanes.values_mut() {
+        lane.steps.sort_by(|a, b| a.0.total_cmp(&b.0));
+        // A node that hands nothing downstream (the answer) shows its own output growing,
+        // step by step, as its staircase.
+        if lane.chunks.is_empty() && lane.steps.len() > 1 {
+            let mut total = 0.0;
+            for step in &lane.steps {
+                total += step.3;
+                lane.chunks.push((step.1, total));
+            }
+        }
+    }
     if lanes.is_empty() {
         return Err(RenderError::Empty);
     }
@@ -125,7 +143,7 @@ pub fn render(trace: &ChromeTrace) -> Result<String, RenderError> {
     let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
     let _ = writeln!(
         svg,
-        r#"<text x="10" y="20" font-size="14" font-weight="bold">Staircase timeline</text><text x="{}" y="20" fill="{CRITICAL_COLOUR}">red: critical path</text><text x="{}" y="20" fill="{STEP_COLOUR}">blue: aggregator steps</text>"#,
+        r#"<text x="10" y="20" font-size="14" font-weight="bold">Staircase timeline</text><text x="{}" y="20" fill="{CRITICAL_COLOUR}">red: critical path</text><text x="{}" y="20" fill="{STEP_COLOUR}">blue: generation steps</text>"#,
         LABEL_WIDTH + 200.0,
         LABEL_WIDTH + 340.0
     );
@@ -197,7 +215,13 @@ pub fn render(trace: &ChromeTrace) -> Result<String, RenderError> {
                 );
             }
         }
-        for (start, end, is_final) in &lane.steps {
+        // One step is the whole generation: nothing to show beyond the bar.
+        let steps: &[_] = if lane.steps.len() > 1 {
+            &lane.steps
+        } else {
+            &[]
+        };
+        for (start, end, is_final, _) in steps {
             let opacity = if *is_final { 0.9 } else { 0.6 };
             let _ = writeln!(
                 svg,
