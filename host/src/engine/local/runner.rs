@@ -4,7 +4,8 @@
 //! (taking their longest cached prefix), build one batch with the decode input of every running
 //! sequence plus a bounded slice of pending prefill, decode it, then sample, emit and retire.
 //! Logits are requested only where a token is sampled. Finished sequences hand their KV to the
-//! prefix cache; cancelled ones free it at once.
+//! prefix cache; cancelled ones free it at once (except a prompt cancelled mid-prefill, whose
+//! prefilled part is cached for the longer prompt that usually follows).
 //!
 //! The per-sequence decode step lives in [`Runner::decode_inputs`] (what a sequence feeds this
 //! step: its last token plus any draft tokens) and [`Runner::verify`] (sample at each fed
@@ -627,6 +628,18 @@ impl<'m> Runner<'m> {
             }
             Exit::Cancelled => {
                 tracing::debug!(slot = seq.slot.0, "sequence cancelled");
+                // A prompt cancelled mid-prefill keeps what was prefilled: a staircase
+                // aggregator re-issues a longer prompt with the same start and resumes there.
+                // Output of a cancelled request is not kept (nobody will read it).
+                if seq.prefilling()
+                    && seq.n_past > seq.cached_prompt
+                    && let Some(cache) = self.cache.as_mut()
+                {
+                    let mut released = cache.insert(&seq.tokens[..seq.n_past], seq.slot);
+                    released.slots.extend(cache.evict_to_budget().slots);
+                    self.free_released(released.slots);
+                    return;
+                }
             }
             Exit::Failed(error) => {
                 let _ = seq.events.send(Err(error));
