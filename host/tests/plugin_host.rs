@@ -5,7 +5,8 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::Receiver;
 use std::time::Duration;
 
 use staircase::engine::{ChatMessage, Role};
@@ -13,7 +14,13 @@ use staircase::pipeline::policy::{
     Demand, PluginKind, PolicyProvider, RoleInput, RouteRequest, Source, StreamMode, UpstreamOutput,
 };
 use staircase::plugin::builtin::{guest_artifact, guest_manifest};
-use staircase::plugin::{Capability, HostConfig, Manifest, PluginError, PluginRuntime, Registry};
+use staircase::plugin::{
+    Capability, HostConfig, Manifest, PluginError, PluginRuntime, Registry, RegistryEvent,
+};
+
+/// Waiting for a file event longer than this means the watcher is broken (a bound on a
+/// wait so a broken build fails instead of hanging, not a timing assertion).
+const EVENT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A fresh folder under the system temp dir, removed when dropped.
 struct Scratch(PathBuf);
@@ -461,4 +468,153 @@ fn invalid_and_wrong_interface_components_are_typed_errors() {
         }
         other => panic!("expected an incompatible interface, got {other:?}"),
     }
+}
+
+/// Replaces a file atomically: written under a name the watcher ignores, then renamed.
+fn replace(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("partial");
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// The next event matching `want`, skipping others.
+fn wait_for(
+    events: &Receiver<RegistryEvent>,
+    want: impl Fn(&RegistryEvent) -> bool,
+) -> RegistryEvent {
+    loop {
+        let event = events
+            .recv_timeout(EVENT_TIMEOUT)
+            .expect("the registry reports every file change");
+        if want(&event) {
+            return event;
+        }
+    }
+}
+
+fn system_prompt(registry: &Registry) -> String {
+    registry
+        .open_role("reloadable")
+        .unwrap()
+        .try_system_prompt()
+        .unwrap()
+}
+
+#[test]
+fn hot_reload_swaps_versions_under_load_without_a_failed_call() {
+    let registry = registry_with(config());
+    let dir = Scratch::new("reload");
+    let wasm_path = dir.0.join("reloadable.wasm");
+    let toml_path = dir.0.join("reloadable.toml");
+    let read = |p: PathBuf| std::fs::read(p).unwrap();
+    let v1 = (
+        read(guest_artifact("reload-v1")),
+        read(guest_manifest("fixtures/reload-v1")),
+    );
+    let v2 = (
+        read(guest_artifact("reload-v2")),
+        read(guest_manifest("fixtures/reload-v2")),
+    );
+    replace(&toml_path, &v1.1);
+    replace(&wasm_path, &v1.0);
+    registry
+        .load_dir(&dir.0)
+        .unwrap()
+        .into_iter()
+        .for_each(|(_, r)| {
+            r.unwrap();
+        });
+    let events = registry.subscribe();
+    registry.watch(std::slice::from_ref(&dir.0)).unwrap();
+
+    // A caller that never stops asking, as a server would.
+    let stop = Arc::new(AtomicBool::new(false));
+    let caller = {
+        let (registry, stop) = (registry.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let (mut calls, mut failures, mut seen) =
+                (0usize, Vec::new(), std::collections::BTreeSet::new());
+            while !stop.load(Ordering::Relaxed) {
+                match registry
+                    .role("reloadable")
+                    .and_then(|mut r| r.system_prompt())
+                {
+                    Ok(prompt) => {
+                        seen.insert(prompt);
+                    }
+                    Err(error) => failures.push(error.to_string()),
+                }
+                calls += 1;
+            }
+            (calls, failures, seen)
+        })
+    };
+
+    for round in 0..3 {
+        for (version, (wasm, toml)) in [("v2", &v2), ("v1", &v1)] {
+            // A run that started before the swap keeps its version to the end.
+            let mut in_flight = registry.open_role("reloadable").unwrap();
+            let before = in_flight.try_system_prompt().unwrap();
+            replace(&toml_path, toml);
+            replace(&wasm_path, wasm);
+            let expected = sha256(wasm);
+            wait_for(
+                &events,
+                |e| matches!(e, RegistryEvent::Loaded { sha256, .. } if *sha256 == expected),
+            );
+            assert_eq!(
+                system_prompt(&registry),
+                format!("reloadable {version}"),
+                "round {round}"
+            );
+            assert_eq!(
+                in_flight.try_system_prompt().unwrap(),
+                before,
+                "in-flight run kept its version"
+            );
+        }
+    }
+
+    // A truncated file and a component of the wrong kind are rejected; v1 keeps serving.
+    replace(&wasm_path, &v1.0[..v1.0.len() / 3]);
+    match wait_for(&events, |e| matches!(e, RegistryEvent::Rejected { .. })) {
+        RegistryEvent::Rejected { error, .. } => {
+            assert!(error.contains("invalid component"), "{error}")
+        }
+        _ => unreachable!(),
+    }
+    assert_eq!(system_prompt(&registry), "reloadable v1");
+    replace(&wasm_path, &read(guest_artifact("hostile")));
+    match wait_for(&events, |e| matches!(e, RegistryEvent::Rejected { .. })) {
+        RegistryEvent::Rejected { error, .. } => {
+            assert!(error.contains("incompatible interface"), "{error}")
+        }
+        _ => unreachable!(),
+    }
+    assert_eq!(system_prompt(&registry), "reloadable v1");
+
+    stop.store(true, Ordering::Relaxed);
+    let (calls, failures, seen) = caller.join().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} failed calls of {calls}: {:?}",
+        failures.len(),
+        failures.first()
+    );
+    assert!(
+        seen.contains("reloadable v1") && seen.contains("reloadable v2"),
+        "{seen:?}"
+    );
+
+    // Removing the file unloads the plugin; a run holding it finishes on it.
+    let mut holder = registry.open_role("reloadable").unwrap();
+    std::fs::remove_file(&wasm_path).unwrap();
+    wait_for(&events, |e| matches!(e, RegistryEvent::Unloaded { .. }));
+    assert_eq!(registry.kind_of("reloadable"), None);
+    assert_eq!(holder.try_system_prompt().unwrap(), "reloadable v1");
 }
