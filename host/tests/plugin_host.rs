@@ -618,3 +618,161 @@ fn hot_reload_swaps_versions_under_load_without_a_failed_call() {
     assert_eq!(registry.kind_of("reloadable"), None);
     assert_eq!(holder.try_system_prompt().unwrap(), "reloadable v1");
 }
+
+/// The repository's root folder.
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Builds an example with its language's toolchain, once per content of its sources (the
+/// build output is kept in the test scratch folder), and installs it with its manifest in
+/// `dir`. Fails, never skips, when the toolchain is missing: `.ci/run` installs it.
+fn build_example(
+    lang: &str,
+    sources: &[&str],
+    name: &str,
+    dir: &Path,
+    build: impl Fn(&Path) -> std::process::Command,
+) -> PathBuf {
+    use sha2::Digest;
+    let example = repo().join("examples/plugins").join(lang);
+    let mut hasher = sha2::Sha256::new();
+    for file in sources
+        .iter()
+        .copied()
+        .chain(["../../../wit/v0.1.0/agent.wit"])
+    {
+        hasher.update(std::fs::read(example.join(file)).unwrap());
+    }
+    let built = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("examples")
+        .join(format!(
+            "{name}-{}.wasm",
+            hex::encode(&hasher.finalize()[..8])
+        ));
+    if !built.exists() {
+        std::fs::create_dir_all(built.parent().unwrap()).unwrap();
+        let partial = built.with_extension("partial.wasm");
+        let mut command = build(&partial);
+        let output = command.output().unwrap_or_else(|e| {
+            panic!("cannot run the {lang} example's build ({command:?}): {e}; `.ci/run` installs the toolchain")
+        });
+        assert!(
+            output.status.success(),
+            "building the {lang} example failed ({command:?}):\n{}\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        std::fs::rename(&partial, &built).unwrap();
+    }
+    let wasm = dir.join(format!("{name}.wasm"));
+    std::fs::copy(&built, &wasm).unwrap();
+    std::fs::copy(
+        example.join(format!("{name}.toml")),
+        dir.join(format!("{name}.toml")),
+    )
+    .unwrap();
+    wasm
+}
+
+#[test]
+fn the_python_example_aggregates_through_the_same_host_code() {
+    let dir = Scratch::new("python");
+    let wasm = build_example(
+        "python",
+        &["app.py", "aggregator_policy.py"],
+        "py-relay",
+        &dir.0,
+        |out| {
+            let mut command = std::process::Command::new("componentize-py");
+            command
+                .arg("-d")
+                .arg(repo().join("wit/v0.1.0"))
+                .args(["-w", "aggregator", "componentize", "-p"])
+                .arg(repo().join("examples/plugins/python"))
+                .arg("app")
+                .arg("-o")
+                .arg(out);
+            command
+        },
+    );
+    let registry = registry_with(config());
+    registry.load_file(&wasm).unwrap();
+    let provider: &dyn PolicyProvider = registry.as_ref();
+    assert_eq!(provider.kind_of("py-relay"), Some(PluginKind::Aggregator));
+    let mut session = provider
+        .aggregator(
+            "py-relay",
+            &user("Why is the sky blue?"),
+            &sources(2),
+            StreamMode::Staircase,
+        )
+        .unwrap();
+    assert_eq!(
+        session.push("p0", "Rayleigh scattering").unwrap(),
+        Demand::More
+    );
+    let first = session
+        .next_step()
+        .unwrap()
+        .expect("steps on the first text");
+    assert!(!first.is_final);
+    assert!(
+        first.messages[1]
+            .content
+            .starts_with("Why is the sky blue?")
+    );
+    assert!(first.messages[1].content.ends_with("Rayleigh scattering"));
+    session.finish("p0").unwrap();
+    session.push("p1", "of sunlight").unwrap();
+    session.finish("p1").unwrap();
+    let last = session.next_step().unwrap().expect("final step");
+    assert!(last.is_final);
+    assert!(
+        last.messages[1]
+            .content
+            .starts_with(&first.messages[1].content)
+    );
+    assert_eq!(session.next_step().unwrap(), None);
+}
+
+#[test]
+fn the_javascript_example_answers_through_the_same_host_code() {
+    let dir = Scratch::new("js");
+    let wasm = build_example(
+        "js",
+        &["role.js", "build.mjs", "package.json"],
+        "js-reviewer",
+        &dir.0,
+        |out| {
+            let mut command = std::process::Command::new("node");
+            command
+                .arg(repo().join("examples/plugins/js/build.mjs"))
+                .arg(out);
+            command
+        },
+    );
+    let registry = registry_with(config());
+    registry.load_file(&wasm).unwrap();
+    let mut role = registry.role("js-reviewer").unwrap();
+    assert!(role.system_prompt().unwrap().contains("careful reviewer"));
+    let messages = role
+        .build_messages(&RoleInput {
+            conversation: user("2 + 2?"),
+            upstream: vec![UpstreamOutput {
+                source: Source {
+                    id: "a".into(),
+                    label: "solver".into(),
+                },
+                text: "5".into(),
+            }],
+        })
+        .unwrap();
+    assert_eq!(messages.len(), 3);
+    assert_eq!(messages[0].role, Role::System);
+    assert_eq!(messages[1], ChatMessage::new(Role::User, "2 + 2?"));
+    assert!(messages[2].content.contains("### solver\n5"));
+    let params = role.params().unwrap();
+    assert_eq!(params.max_tokens, 256);
+    assert!((params.temperature - 0.2).abs() < 1e-6);
+}
