@@ -156,9 +156,9 @@ impl Registry {
     /// Loads every `*.wasm` in a folder; failures are reported per file and do not stop
     /// the others.
     pub fn load_dir(&self, dir: &Path) -> Result<Vec<FileLoad>, PluginError> {
-        let entries = std::fs::read_dir(dir).map_err(|source| PluginError::Io {
+        let entries = std::fs::read_dir(dir).map_err(|error| PluginError::Io {
             path: dir.to_path_buf(),
-            source,
+            error,
         })?;
         let mut paths: Vec<PathBuf> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -394,9 +394,15 @@ pub fn manifest_path(wasm_path: &Path) -> PathBuf {
 
 /// Reads and parses a manifest file.
 pub fn read_manifest(path: &Path) -> Result<Manifest, PluginError> {
-    let text = std::fs::read_to_string(path).map_err(|source| PluginError::Io {
-        path: path.to_path_buf(),
-        source,
+    let text = std::fs::read_to_string(path).map_err(|error| match error.kind() {
+        std::io::ErrorKind::NotFound => PluginError::Manifest {
+            path: path.to_path_buf(),
+            reason: "not found (a plugin's manifest sits beside its component: NAME.toml next to NAME.wasm)".into(),
+        },
+        _ => PluginError::Io {
+            path: path.to_path_buf(),
+            error,
+        },
     })?;
     Manifest::parse(&text).map_err(|e| PluginError::Manifest {
         path: path.to_path_buf(),
@@ -419,9 +425,9 @@ pub fn load_files(
     manifest_path: &Path,
 ) -> Result<Arc<LoadedPlugin>, PluginError> {
     let manifest = read_manifest(manifest_path)?;
-    let wasm = std::fs::read(wasm_path).map_err(|source| PluginError::Io {
+    let wasm = std::fs::read(wasm_path).map_err(|error| PluginError::Io {
         path: wasm_path.to_path_buf(),
-        source,
+        error,
     })?;
     runtime.load(&wasm, manifest)
 }

@@ -48,8 +48,8 @@ const MAX_TABLE_ELEMENTS: usize = 1 << 20;
 const POOL_COMPONENT_INSTANCES: u32 = 256;
 /// Core instances at once: a Python component holds about a dozen.
 const POOL_CORE_INSTANCES: u32 = 2048;
-const POOL_MEMORIES: u32 = 512;
-const POOL_TABLES: u32 = 512;
+const POOL_MEMORIES: u32 = 256;
+const POOL_TABLES: u32 = 256;
 const POOL_CORE_INSTANCES_PER_COMPONENT: u32 = 64;
 const POOL_MEMORIES_PER_COMPONENT: u32 = 16;
 const POOL_TABLES_PER_COMPONENT: u32 = 16;
