@@ -776,3 +776,24 @@ fn the_javascript_example_answers_through_the_same_host_code() {
     assert_eq!(params.max_tokens, 256);
     assert!((params.temperature - 0.2).abs() < 1e-6);
 }
+
+#[test]
+fn a_guest_panic_inside_an_async_task_is_a_typed_error() {
+    // Pipelines call policies from tokio tasks; a guest writing to its (discarded) stderr
+    // there must not take the host down.
+    let registry = hostile_registry();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .build()
+        .unwrap();
+    let error = runtime.block_on(async move {
+        tokio::spawn(async move {
+            let error = attack(&registry, "panic");
+            still_serving(&registry);
+            error
+        })
+        .await
+        .expect("the task completes")
+    });
+    assert!(matches!(error, PluginError::Trap { .. }), "{error}");
+}

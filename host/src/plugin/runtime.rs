@@ -529,16 +529,30 @@ impl PluginInstance {
         };
         store.set_epoch_deadline(self.deadline_ticks);
         store.data_mut().deadline = Instant::now() + self.deadline;
-        match f(store) {
-            Ok(value) => Ok(value),
-            Err(error) => {
+        // A host function may panic on the guest's behalf: wasmtime-wasi's blocking I/O
+        // (a guest writing to its discarded stdio, e.g. a Rust panic message) runs a tokio
+        // `block_on`, which panics on an async runtime's worker thread. The panic unwinds
+        // out of wasm to here; it fails this call and the instance, never the host.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(store)));
+        let error = match outcome {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(error)) => {
                 let refused = store.data().limiter.memory_refused;
-                let error = self.classify(call, refused, error);
-                tracing::warn!(%error, "plugin call failed; dropping its instance");
-                self.store = None;
-                Err(error)
+                self.classify(call, refused, error)
             }
-        }
+            Err(panic) => PluginError::Trap {
+                plugin: self.plugin.plugin.clone(),
+                call,
+                kind: format!(
+                    "a host call made by the plugin failed: {} (WASI I/O such as printing is \
+                     unavailable when the plugin is called from an async task; use the `log` import)",
+                    panic_message(&panic)
+                ),
+            },
+        };
+        tracing::warn!(%error, "plugin call failed; dropping its instance");
+        self.store = None;
+        Err(error)
     }
 
     fn classify(
@@ -606,4 +620,12 @@ impl PluginInstance {
         let plugin = self.plugin.clone();
         self.call("instantiate", |store| f(store, &plugin.pre))
     }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".into())
 }
