@@ -778,22 +778,41 @@ fn the_javascript_example_answers_through_the_same_host_code() {
 }
 
 #[test]
-fn a_guest_panic_inside_an_async_task_is_a_typed_error() {
-    // Pipelines call policies from tokio tasks; a guest writing to its (discarded) stderr
-    // there must not take the host down.
+fn sleeping_in_a_host_call_times_out_at_the_plugin_deadline() {
+    // Epoch interruption only stops wasm code; a guest blocked on a pollable is bounded by
+    // the host's I/O, which waits no longer than the call's deadline.
+    let registry = hostile_registry();
+    match attack(&registry, "sleep") {
+        PluginError::Timeout { deadline, .. } => assert_eq!(deadline, Duration::from_millis(100)),
+        other => panic!("expected a timeout, got {other}"),
+    }
+    still_serving(&registry);
+}
+
+#[test]
+fn hostile_guests_fail_the_same_way_inside_an_async_task() {
+    // Pipelines call policies from tokio tasks, where blocking WASI I/O (a Rust panic
+    // message written to the discarded stderr, a sleep) must neither panic the host nor
+    // escape the deadline.
     let registry = hostile_registry();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
+        .enable_all()
         .build()
         .unwrap();
-    let error = runtime.block_on(async move {
+    let (panic, sleep) = runtime.block_on(async move {
         tokio::spawn(async move {
-            let error = attack(&registry, "panic");
+            let panic = attack(&registry, "panic");
+            let sleep = attack(&registry, "sleep");
             still_serving(&registry);
-            error
+            (panic, sleep)
         })
         .await
         .expect("the task completes")
     });
-    assert!(matches!(error, PluginError::Trap { .. }), "{error}");
+    match panic {
+        PluginError::Trap { kind, .. } => assert!(kind.contains("unreachable"), "{kind}"),
+        other => panic!("expected a trap, got {other}"),
+    }
+    assert!(matches!(sleep, PluginError::Timeout { .. }), "{sleep}");
 }

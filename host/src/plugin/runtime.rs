@@ -208,6 +208,7 @@ impl PluginRuntime {
         };
         let mut linker: Linker<StoreState> = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+            .and_then(|()| super::wasi_io::add_to_linker(&mut linker))
             .map_err(|e| PluginError::Runtime(format!("WASI linker: {e}")))?;
         compressor::Compressor::add_to_linker::<StoreState, wasmtime::component::HasSelf<StoreState>>(
             &mut linker,
@@ -449,6 +450,12 @@ pub(crate) struct StoreState {
     pub(crate) origin: Instant,
     /// When the current call must end (the `model` import waits at most until then).
     pub(crate) deadline: Instant,
+}
+
+impl StoreState {
+    pub(crate) fn table_mut(&mut self) -> &mut ResourceTable {
+        &mut self.table
+    }
 }
 
 impl WasiView for StoreState {
