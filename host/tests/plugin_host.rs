@@ -120,6 +120,16 @@ fn builtin_plugins_answer_through_the_policy_traits() {
     assert!(messages[2].content.contains("Rayleigh scattering."));
     assert!(role.params().unwrap().max_tokens > 0);
 
+    // A pipeline node's settings reach the plugin's `config` import.
+    let node = [("role".to_string(), "a physicist".to_string())].into();
+    let mut physicist = provider.role_with_config("proposer", &node).unwrap();
+    assert!(
+        physicist
+            .system_prompt()
+            .unwrap()
+            .starts_with("You are a physicist.")
+    );
+
     let mut router = provider.router("rule-router").unwrap();
     let mut request = RouteRequest {
         node_id: "n".into(),

@@ -23,8 +23,8 @@ use super::policies::{AggregatorInstance, CompressorInstance, RoleInstance, Rout
 use super::runtime::{LoadedPlugin, PluginRuntime};
 use crate::engine::ChatMessage;
 use crate::pipeline::policy::{
-    AggregatorSession, CompressorPolicy, PluginKind, PolicyError, PolicyProvider, RolePolicy,
-    RouterPolicy, Source, StreamMode,
+    AggregatorSession, CompressorPolicy, PluginConfig, PluginKind, PolicyError, PolicyProvider,
+    RolePolicy, RouterPolicy, Source, StreamMode,
 };
 
 /// Quiet time after the last file event before reloading: editors and `cp` write a file in
@@ -266,6 +266,16 @@ impl Registry {
         RoleInstance::new(&self.runtime, &self.get_or_err(name)?)
     }
 
+    /// A fresh role instance on the newest version of `name` with a pipeline node's
+    /// settings (typed errors).
+    pub fn open_role_with_config(
+        &self,
+        name: &str,
+        config: &PluginConfig,
+    ) -> Result<RoleInstance, PluginError> {
+        RoleInstance::with_config(&self.runtime, &self.get_or_err(name)?, config)
+    }
+
     /// A fresh aggregator session on the newest version of `name` (typed errors).
     pub fn open_aggregator(
         &self,
@@ -443,6 +453,14 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl PolicyProvider for Registry {
     fn role(&self, plugin: &str) -> Result<Box<dyn RolePolicy>, PolicyError> {
         Ok(Box::new(self.open_role(plugin)?))
+    }
+
+    fn role_with_config(
+        &self,
+        plugin: &str,
+        config: &PluginConfig,
+    ) -> Result<Box<dyn RolePolicy>, PolicyError> {
+        Ok(Box::new(self.open_role_with_config(plugin, config)?))
     }
 
     fn aggregator(

@@ -480,7 +480,25 @@ pub(crate) struct PluginInstance {
 impl PluginInstance {
     /// A fresh store for `plugin`, with nothing inherited from the host.
     pub(crate) fn store(runtime: &PluginRuntime, plugin: &Arc<LoadedPlugin>) -> Self {
+        Self::store_with(runtime, plugin, None)
+    }
+
+    /// A fresh store whose `config` import also sees `overrides` (a pipeline node's
+    /// settings), which win over the operator's values for this plugin.
+    pub(crate) fn store_with(
+        runtime: &PluginRuntime,
+        plugin: &Arc<LoadedPlugin>,
+        overrides: Option<&BTreeMap<String, String>>,
+    ) -> Self {
         let inner = &runtime.inner;
+        let config = match overrides {
+            Some(overrides) if !overrides.is_empty() => {
+                let mut merged = BTreeMap::clone(&plugin.config);
+                merged.extend(overrides.iter().map(|(k, v)| (k.clone(), v.clone())));
+                Arc::new(merged)
+            }
+            _ => plugin.config.clone(),
+        };
         // No env, args, preopened folders or stdio (the builder inherits nothing unless
         // asked); network off explicitly.
         let wasi = wasmtime_wasi::WasiCtxBuilder::new()
@@ -496,7 +514,7 @@ impl PluginInstance {
                 memory_refused: false,
             },
             plugin: plugin.plugin.clone(),
-            config: plugin.config.clone(),
+            config,
             model_granted: plugin.model_granted,
             engine: inner.config.engine.clone(),
             origin: inner.origin,
