@@ -5,7 +5,8 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::Receiver;
 use std::time::Duration;
 
 use staircase::engine::{ChatMessage, Role};
@@ -13,7 +14,13 @@ use staircase::pipeline::policy::{
     Demand, PluginKind, PolicyProvider, RoleInput, RouteRequest, Source, StreamMode, UpstreamOutput,
 };
 use staircase::plugin::builtin::{guest_artifact, guest_manifest};
-use staircase::plugin::{Capability, HostConfig, Manifest, PluginError, PluginRuntime, Registry};
+use staircase::plugin::{
+    Capability, HostConfig, Manifest, PluginError, PluginRuntime, Registry, RegistryEvent,
+};
+
+/// Waiting for a file event longer than this means the watcher is broken (a bound on a
+/// wait so a broken build fails instead of hanging, not a timing assertion).
+const EVENT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A fresh folder under the system temp dir, removed when dropped.
 struct Scratch(PathBuf);
@@ -112,6 +119,16 @@ fn builtin_plugins_answer_through_the_policy_traits() {
     );
     assert!(messages[2].content.contains("Rayleigh scattering."));
     assert!(role.params().unwrap().max_tokens > 0);
+
+    // A pipeline node's settings reach the plugin's `config` import.
+    let node = [("role".to_string(), "a physicist".to_string())].into();
+    let mut physicist = provider.role_with_config("proposer", &node).unwrap();
+    assert!(
+        physicist
+            .system_prompt()
+            .unwrap()
+            .starts_with("You are a physicist.")
+    );
 
     let mut router = provider.router("rule-router").unwrap();
     let mut request = RouteRequest {
@@ -461,4 +478,351 @@ fn invalid_and_wrong_interface_components_are_typed_errors() {
         }
         other => panic!("expected an incompatible interface, got {other:?}"),
     }
+}
+
+/// Replaces a file atomically: written under a name the watcher ignores, then renamed.
+fn replace(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("partial");
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// The next event matching `want`, skipping others.
+fn wait_for(
+    events: &Receiver<RegistryEvent>,
+    want: impl Fn(&RegistryEvent) -> bool,
+) -> RegistryEvent {
+    loop {
+        let event = events
+            .recv_timeout(EVENT_TIMEOUT)
+            .expect("the registry reports every file change");
+        if want(&event) {
+            return event;
+        }
+    }
+}
+
+fn system_prompt(registry: &Registry) -> String {
+    registry
+        .open_role("reloadable")
+        .unwrap()
+        .try_system_prompt()
+        .unwrap()
+}
+
+#[test]
+fn hot_reload_swaps_versions_under_load_without_a_failed_call() {
+    let registry = registry_with(config());
+    let dir = Scratch::new("reload");
+    let wasm_path = dir.0.join("reloadable.wasm");
+    let toml_path = dir.0.join("reloadable.toml");
+    let read = |p: PathBuf| std::fs::read(p).unwrap();
+    let v1 = (
+        read(guest_artifact("reload-v1")),
+        read(guest_manifest("fixtures/reload-v1")),
+    );
+    let v2 = (
+        read(guest_artifact("reload-v2")),
+        read(guest_manifest("fixtures/reload-v2")),
+    );
+    replace(&toml_path, &v1.1);
+    replace(&wasm_path, &v1.0);
+    registry
+        .load_dir(&dir.0)
+        .unwrap()
+        .into_iter()
+        .for_each(|(_, r)| {
+            r.unwrap();
+        });
+    let events = registry.subscribe();
+    registry.watch(std::slice::from_ref(&dir.0)).unwrap();
+
+    // A caller that never stops asking, as a server would.
+    let stop = Arc::new(AtomicBool::new(false));
+    let caller = {
+        let (registry, stop) = (registry.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let (mut calls, mut failures, mut seen) =
+                (0usize, Vec::new(), std::collections::BTreeSet::new());
+            while !stop.load(Ordering::Relaxed) {
+                match registry
+                    .role("reloadable")
+                    .and_then(|mut r| r.system_prompt())
+                {
+                    Ok(prompt) => {
+                        seen.insert(prompt);
+                    }
+                    Err(error) => failures.push(error.to_string()),
+                }
+                calls += 1;
+            }
+            (calls, failures, seen)
+        })
+    };
+
+    for round in 0..3 {
+        for (version, (wasm, toml)) in [("v2", &v2), ("v1", &v1)] {
+            // A run that started before the swap keeps its version to the end.
+            let mut in_flight = registry.open_role("reloadable").unwrap();
+            let before = in_flight.try_system_prompt().unwrap();
+            replace(&toml_path, toml);
+            replace(&wasm_path, wasm);
+            let expected = sha256(wasm);
+            wait_for(
+                &events,
+                |e| matches!(e, RegistryEvent::Loaded { sha256, .. } if *sha256 == expected),
+            );
+            assert_eq!(
+                system_prompt(&registry),
+                format!("reloadable {version}"),
+                "round {round}"
+            );
+            assert_eq!(
+                in_flight.try_system_prompt().unwrap(),
+                before,
+                "in-flight run kept its version"
+            );
+        }
+    }
+
+    // A truncated file and a component of the wrong kind are rejected; v1 keeps serving.
+    replace(&wasm_path, &v1.0[..v1.0.len() / 3]);
+    match wait_for(&events, |e| matches!(e, RegistryEvent::Rejected { .. })) {
+        RegistryEvent::Rejected { error, .. } => {
+            assert!(error.contains("invalid component"), "{error}")
+        }
+        _ => unreachable!(),
+    }
+    assert_eq!(system_prompt(&registry), "reloadable v1");
+    replace(&wasm_path, &read(guest_artifact("hostile")));
+    match wait_for(&events, |e| matches!(e, RegistryEvent::Rejected { .. })) {
+        RegistryEvent::Rejected { error, .. } => {
+            assert!(error.contains("incompatible interface"), "{error}")
+        }
+        _ => unreachable!(),
+    }
+    assert_eq!(system_prompt(&registry), "reloadable v1");
+
+    stop.store(true, Ordering::Relaxed);
+    let (calls, failures, seen) = caller.join().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} failed calls of {calls}: {:?}",
+        failures.len(),
+        failures.first()
+    );
+    assert!(
+        seen.contains("reloadable v1") && seen.contains("reloadable v2"),
+        "{seen:?}"
+    );
+
+    // Removing the file unloads the plugin; a run holding it finishes on it.
+    let mut holder = registry.open_role("reloadable").unwrap();
+    std::fs::remove_file(&wasm_path).unwrap();
+    wait_for(&events, |e| matches!(e, RegistryEvent::Unloaded { .. }));
+    assert_eq!(registry.kind_of("reloadable"), None);
+    assert_eq!(holder.try_system_prompt().unwrap(), "reloadable v1");
+}
+
+/// The repository's root folder.
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Builds an example with its language's toolchain, once per content of its sources (the
+/// build output is kept in the test scratch folder), and installs it with its manifest in
+/// `dir`. Fails, never skips, when the toolchain is missing: `.ci/run` installs it.
+fn build_example(
+    lang: &str,
+    sources: &[&str],
+    name: &str,
+    dir: &Path,
+    build: impl Fn(&Path) -> std::process::Command,
+) -> PathBuf {
+    use sha2::Digest;
+    let example = repo().join("examples/plugins").join(lang);
+    let mut hasher = sha2::Sha256::new();
+    for file in sources
+        .iter()
+        .copied()
+        .chain(["../../../wit/v0.1.0/agent.wit"])
+    {
+        hasher.update(std::fs::read(example.join(file)).unwrap());
+    }
+    let built = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("examples")
+        .join(format!(
+            "{name}-{}.wasm",
+            hex::encode(&hasher.finalize()[..8])
+        ));
+    if !built.exists() {
+        std::fs::create_dir_all(built.parent().unwrap()).unwrap();
+        let partial = built.with_extension("partial.wasm");
+        let mut command = build(&partial);
+        let output = command.output().unwrap_or_else(|e| {
+            panic!("cannot run the {lang} example's build ({command:?}): {e}; `.ci/run` installs the toolchain")
+        });
+        assert!(
+            output.status.success(),
+            "building the {lang} example failed ({command:?}):\n{}\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        std::fs::rename(&partial, &built).unwrap();
+    }
+    let wasm = dir.join(format!("{name}.wasm"));
+    std::fs::copy(&built, &wasm).unwrap();
+    std::fs::copy(
+        example.join(format!("{name}.toml")),
+        dir.join(format!("{name}.toml")),
+    )
+    .unwrap();
+    wasm
+}
+
+#[test]
+fn the_python_example_aggregates_through_the_same_host_code() {
+    let dir = Scratch::new("python");
+    let wasm = build_example(
+        "python",
+        &["app.py", "aggregator_policy.py"],
+        "py-relay",
+        &dir.0,
+        |out| {
+            let mut command = std::process::Command::new("componentize-py");
+            command
+                .arg("-d")
+                .arg(repo().join("wit/v0.1.0"))
+                .args(["-w", "aggregator", "componentize", "-p"])
+                .arg(repo().join("examples/plugins/python"))
+                .arg("app")
+                .arg("-o")
+                .arg(out);
+            command
+        },
+    );
+    let registry = registry_with(config());
+    registry.load_file(&wasm).unwrap();
+    let provider: &dyn PolicyProvider = registry.as_ref();
+    assert_eq!(provider.kind_of("py-relay"), Some(PluginKind::Aggregator));
+    let mut session = provider
+        .aggregator(
+            "py-relay",
+            &user("Why is the sky blue?"),
+            &sources(2),
+            StreamMode::Staircase,
+        )
+        .unwrap();
+    assert_eq!(
+        session.push("p0", "Rayleigh scattering").unwrap(),
+        Demand::More
+    );
+    let first = session
+        .next_step()
+        .unwrap()
+        .expect("steps on the first text");
+    assert!(!first.is_final);
+    assert!(
+        first.messages[1]
+            .content
+            .starts_with("Why is the sky blue?")
+    );
+    assert!(first.messages[1].content.ends_with("Rayleigh scattering"));
+    session.finish("p0").unwrap();
+    session.push("p1", "of sunlight").unwrap();
+    session.finish("p1").unwrap();
+    let last = session.next_step().unwrap().expect("final step");
+    assert!(last.is_final);
+    assert!(
+        last.messages[1]
+            .content
+            .starts_with(&first.messages[1].content)
+    );
+    assert_eq!(session.next_step().unwrap(), None);
+}
+
+#[test]
+fn the_javascript_example_answers_through_the_same_host_code() {
+    let dir = Scratch::new("js");
+    let wasm = build_example(
+        "js",
+        &["role.js", "build.mjs", "package.json"],
+        "js-reviewer",
+        &dir.0,
+        |out| {
+            let mut command = std::process::Command::new("node");
+            command
+                .arg(repo().join("examples/plugins/js/build.mjs"))
+                .arg(out);
+            command
+        },
+    );
+    let registry = registry_with(config());
+    registry.load_file(&wasm).unwrap();
+    let mut role = registry.role("js-reviewer").unwrap();
+    assert!(role.system_prompt().unwrap().contains("careful reviewer"));
+    let messages = role
+        .build_messages(&RoleInput {
+            conversation: user("2 + 2?"),
+            upstream: vec![UpstreamOutput {
+                source: Source {
+                    id: "a".into(),
+                    label: "solver".into(),
+                },
+                text: "5".into(),
+            }],
+        })
+        .unwrap();
+    assert_eq!(messages.len(), 3);
+    assert_eq!(messages[0].role, Role::System);
+    assert_eq!(messages[1], ChatMessage::new(Role::User, "2 + 2?"));
+    assert!(messages[2].content.contains("### solver\n5"));
+    let params = role.params().unwrap();
+    assert_eq!(params.max_tokens, 256);
+    assert!((params.temperature - 0.2).abs() < 1e-6);
+}
+
+#[test]
+fn sleeping_in_a_host_call_times_out_at_the_plugin_deadline() {
+    // Epoch interruption only stops wasm code; a guest blocked on a pollable is bounded by
+    // the host's I/O, which waits no longer than the call's deadline.
+    let registry = hostile_registry();
+    match attack(&registry, "sleep") {
+        PluginError::Timeout { deadline, .. } => assert_eq!(deadline, Duration::from_millis(100)),
+        other => panic!("expected a timeout, got {other}"),
+    }
+    still_serving(&registry);
+}
+
+#[test]
+fn hostile_guests_fail_the_same_way_inside_an_async_task() {
+    // Pipelines call policies from tokio tasks, where blocking WASI I/O (a Rust panic
+    // message written to the discarded stderr, a sleep) must neither panic the host nor
+    // escape the deadline.
+    let registry = hostile_registry();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (panic, sleep) = runtime.block_on(async move {
+        tokio::spawn(async move {
+            let panic = attack(&registry, "panic");
+            let sleep = attack(&registry, "sleep");
+            still_serving(&registry);
+            (panic, sleep)
+        })
+        .await
+        .expect("the task completes")
+    });
+    match panic {
+        PluginError::Trap { kind, .. } => assert!(kind.contains("unreachable"), "{kind}"),
+        other => panic!("expected a trap, got {other}"),
+    }
+    assert!(matches!(sleep, PluginError::Timeout { .. }), "{sleep}");
 }

@@ -63,9 +63,9 @@ fn builtin_bytes(name: &str) -> Result<(&'static [u8], Manifest), PluginError> {
 fn scratch_dir(what: &str) -> Result<PathBuf, PluginError> {
     let dir = std::env::temp_dir().join(format!("staircase-bench-{what}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).map_err(|source| PluginError::Io {
+    std::fs::create_dir_all(&dir).map_err(|error| PluginError::Io {
         path: dir.clone(),
-        source,
+        error,
     })?;
     Ok(dir)
 }
@@ -219,9 +219,9 @@ fn replace(path: &Path, bytes: &[u8]) -> Result<(), PluginError> {
     let tmp = path.with_extension("partial");
     std::fs::write(&tmp, bytes)
         .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|source| PluginError::Io {
+        .map_err(|error| PluginError::Io {
             path: path.to_path_buf(),
-            source,
+            error,
         })
 }
 
@@ -247,15 +247,15 @@ fn swap_latency(cache_dir: &Path) -> Result<(f64, f64, f64), PluginError> {
     use sha2::{Digest, Sha256};
     let read = |crate_name: &str| {
         let path = builtin::guest_artifact(crate_name);
-        std::fs::read(&path).map_err(|source| PluginError::Io { path, source })
+        std::fs::read(&path).map_err(|error| PluginError::Io { path, error })
     };
     let v1 = read("reload-v1")?;
     let v2 = read("reload-v2")?;
     let manifest =
-        std::fs::read(builtin::guest_manifest("fixtures/reload-v1")).map_err(|source| {
+        std::fs::read(builtin::guest_manifest("fixtures/reload-v1")).map_err(|error| {
             PluginError::Io {
                 path: builtin::guest_manifest("fixtures/reload-v1"),
-                source,
+                error,
             }
         })?;
     let dir = scratch_dir("reload")?;

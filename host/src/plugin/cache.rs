@@ -37,9 +37,9 @@ pub(crate) struct CodeCache {
 
 impl CodeCache {
     pub(crate) fn new(dir: PathBuf, engine: &Engine) -> Result<Self, PluginError> {
-        std::fs::create_dir_all(&dir).map_err(|source| PluginError::Io {
+        std::fs::create_dir_all(&dir).map_err(|error| PluginError::Io {
             path: dir.clone(),
-            source,
+            error,
         })?;
         let mut hasher = Sha256Hasher(Sha256::new());
         std::hash::Hash::hash(&engine.precompile_compatibility_hash(), &mut hasher);

@@ -94,10 +94,12 @@ pub enum PluginError {
     SelfTest { plugin: PluginRef, reason: String },
     #[error("manifest {path}: {reason}")]
     Manifest { path: PathBuf, reason: String },
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        /// Not a `#[source]`: the message already carries it, and a source would make
+        /// error chains print it twice.
+        error: std::io::Error,
     },
     #[error("no plugin named `{name}` is loaded")]
     NotFound { name: String },

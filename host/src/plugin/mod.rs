@@ -20,6 +20,7 @@ mod policies;
 pub use policies::{AggregatorInstance, CompressorInstance, RoleInstance, RouterInstance};
 mod registry;
 mod runtime;
+mod wasi_io;
 
 pub use error::{PluginError, PluginRef};
 pub use manifest::{Capability, Limits, Manifest};

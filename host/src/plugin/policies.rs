@@ -2,6 +2,7 @@
 //! instance, converting between the WIT types and the engine's, checking answers (size,
 //! router choice) and the canary every new version must pass before it serves.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use wasmtime::component::ResourceAny;
@@ -36,10 +37,20 @@ pub struct RoleInstance {
 
 impl RoleInstance {
     pub fn new(runtime: &PluginRuntime, plugin: &Arc<LoadedPlugin>) -> Result<Self, PluginError> {
+        Self::with_config(runtime, plugin, &BTreeMap::new())
+    }
+
+    /// A role instance whose `config` import also sees `config` (a pipeline node's
+    /// settings, which win over the operator's).
+    pub fn with_config(
+        runtime: &PluginRuntime,
+        plugin: &Arc<LoadedPlugin>,
+        config: &BTreeMap<String, String>,
+    ) -> Result<Self, PluginError> {
         if !matches!(plugin.pre, KindPre::Role(_)) {
             return Err(wrong_kind(plugin, PluginKind::Role));
         }
-        let mut instance = PluginInstance::store(runtime, plugin);
+        let mut instance = PluginInstance::store_with(runtime, plugin, Some(config));
         let bindings = instance.instantiate(|store, pre| match pre {
             KindPre::Role(pre) => pre.instantiate(store),
             _ => Err(wasmtime::format_err!("not a role")),

@@ -23,8 +23,8 @@ use super::policies::{AggregatorInstance, CompressorInstance, RoleInstance, Rout
 use super::runtime::{LoadedPlugin, PluginRuntime};
 use crate::engine::ChatMessage;
 use crate::pipeline::policy::{
-    AggregatorSession, CompressorPolicy, PluginKind, PolicyError, PolicyProvider, RolePolicy,
-    RouterPolicy, Source, StreamMode,
+    AggregatorSession, CompressorPolicy, PluginConfig, PluginKind, PolicyError, PolicyProvider,
+    RolePolicy, RouterPolicy, Source, StreamMode,
 };
 
 /// Quiet time after the last file event before reloading: editors and `cp` write a file in
@@ -156,9 +156,9 @@ impl Registry {
     /// Loads every `*.wasm` in a folder; failures are reported per file and do not stop
     /// the others.
     pub fn load_dir(&self, dir: &Path) -> Result<Vec<FileLoad>, PluginError> {
-        let entries = std::fs::read_dir(dir).map_err(|source| PluginError::Io {
+        let entries = std::fs::read_dir(dir).map_err(|error| PluginError::Io {
             path: dir.to_path_buf(),
-            source,
+            error,
         })?;
         let mut paths: Vec<PathBuf> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -264,6 +264,16 @@ impl Registry {
     /// A fresh role instance on the newest version of `name` (typed errors).
     pub fn open_role(&self, name: &str) -> Result<RoleInstance, PluginError> {
         RoleInstance::new(&self.runtime, &self.get_or_err(name)?)
+    }
+
+    /// A fresh role instance on the newest version of `name` with a pipeline node's
+    /// settings (typed errors).
+    pub fn open_role_with_config(
+        &self,
+        name: &str,
+        config: &PluginConfig,
+    ) -> Result<RoleInstance, PluginError> {
+        RoleInstance::with_config(&self.runtime, &self.get_or_err(name)?, config)
     }
 
     /// A fresh aggregator session on the newest version of `name` (typed errors).
@@ -394,9 +404,15 @@ pub fn manifest_path(wasm_path: &Path) -> PathBuf {
 
 /// Reads and parses a manifest file.
 pub fn read_manifest(path: &Path) -> Result<Manifest, PluginError> {
-    let text = std::fs::read_to_string(path).map_err(|source| PluginError::Io {
-        path: path.to_path_buf(),
-        source,
+    let text = std::fs::read_to_string(path).map_err(|error| match error.kind() {
+        std::io::ErrorKind::NotFound => PluginError::Manifest {
+            path: path.to_path_buf(),
+            reason: "not found (a plugin's manifest sits beside its component: NAME.toml next to NAME.wasm)".into(),
+        },
+        _ => PluginError::Io {
+            path: path.to_path_buf(),
+            error,
+        },
     })?;
     Manifest::parse(&text).map_err(|e| PluginError::Manifest {
         path: path.to_path_buf(),
@@ -419,9 +435,9 @@ pub fn load_files(
     manifest_path: &Path,
 ) -> Result<Arc<LoadedPlugin>, PluginError> {
     let manifest = read_manifest(manifest_path)?;
-    let wasm = std::fs::read(wasm_path).map_err(|source| PluginError::Io {
+    let wasm = std::fs::read(wasm_path).map_err(|error| PluginError::Io {
         path: wasm_path.to_path_buf(),
-        source,
+        error,
     })?;
     runtime.load(&wasm, manifest)
 }
@@ -437,6 +453,14 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl PolicyProvider for Registry {
     fn role(&self, plugin: &str) -> Result<Box<dyn RolePolicy>, PolicyError> {
         Ok(Box::new(self.open_role(plugin)?))
+    }
+
+    fn role_with_config(
+        &self,
+        plugin: &str,
+        config: &PluginConfig,
+    ) -> Result<Box<dyn RolePolicy>, PolicyError> {
+        Ok(Box::new(self.open_role_with_config(plugin, config)?))
     }
 
     fn aggregator(

@@ -48,8 +48,8 @@ const MAX_TABLE_ELEMENTS: usize = 1 << 20;
 const POOL_COMPONENT_INSTANCES: u32 = 256;
 /// Core instances at once: a Python component holds about a dozen.
 const POOL_CORE_INSTANCES: u32 = 2048;
-const POOL_MEMORIES: u32 = 512;
-const POOL_TABLES: u32 = 512;
+const POOL_MEMORIES: u32 = 256;
+const POOL_TABLES: u32 = 256;
 const POOL_CORE_INSTANCES_PER_COMPONENT: u32 = 64;
 const POOL_MEMORIES_PER_COMPONENT: u32 = 16;
 const POOL_TABLES_PER_COMPONENT: u32 = 16;
@@ -208,6 +208,7 @@ impl PluginRuntime {
         };
         let mut linker: Linker<StoreState> = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+            .and_then(|()| super::wasi_io::add_to_linker(&mut linker))
             .map_err(|e| PluginError::Runtime(format!("WASI linker: {e}")))?;
         compressor::Compressor::add_to_linker::<StoreState, wasmtime::component::HasSelf<StoreState>>(
             &mut linker,
@@ -451,6 +452,12 @@ pub(crate) struct StoreState {
     pub(crate) deadline: Instant,
 }
 
+impl StoreState {
+    pub(crate) fn table_mut(&mut self) -> &mut ResourceTable {
+        &mut self.table
+    }
+}
+
 impl WasiView for StoreState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView {
@@ -473,7 +480,25 @@ pub(crate) struct PluginInstance {
 impl PluginInstance {
     /// A fresh store for `plugin`, with nothing inherited from the host.
     pub(crate) fn store(runtime: &PluginRuntime, plugin: &Arc<LoadedPlugin>) -> Self {
+        Self::store_with(runtime, plugin, None)
+    }
+
+    /// A fresh store whose `config` import also sees `overrides` (a pipeline node's
+    /// settings), which win over the operator's values for this plugin.
+    pub(crate) fn store_with(
+        runtime: &PluginRuntime,
+        plugin: &Arc<LoadedPlugin>,
+        overrides: Option<&BTreeMap<String, String>>,
+    ) -> Self {
         let inner = &runtime.inner;
+        let config = match overrides {
+            Some(overrides) if !overrides.is_empty() => {
+                let mut merged = BTreeMap::clone(&plugin.config);
+                merged.extend(overrides.iter().map(|(k, v)| (k.clone(), v.clone())));
+                Arc::new(merged)
+            }
+            _ => plugin.config.clone(),
+        };
         // No env, args, preopened folders or stdio (the builder inherits nothing unless
         // asked); network off explicitly.
         let wasi = wasmtime_wasi::WasiCtxBuilder::new()
@@ -489,7 +514,7 @@ impl PluginInstance {
                 memory_refused: false,
             },
             plugin: plugin.plugin.clone(),
-            config: plugin.config.clone(),
+            config,
             model_granted: plugin.model_granted,
             engine: inner.config.engine.clone(),
             origin: inner.origin,
@@ -529,16 +554,30 @@ impl PluginInstance {
         };
         store.set_epoch_deadline(self.deadline_ticks);
         store.data_mut().deadline = Instant::now() + self.deadline;
-        match f(store) {
-            Ok(value) => Ok(value),
-            Err(error) => {
+        // A host function may panic on the guest's behalf: wasmtime-wasi's blocking I/O
+        // (a guest writing to its discarded stdio, e.g. a Rust panic message) runs a tokio
+        // `block_on`, which panics on an async runtime's worker thread. The panic unwinds
+        // out of wasm to here; it fails this call and the instance, never the host.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(store)));
+        let error = match outcome {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(error)) => {
                 let refused = store.data().limiter.memory_refused;
-                let error = self.classify(call, refused, error);
-                tracing::warn!(%error, "plugin call failed; dropping its instance");
-                self.store = None;
-                Err(error)
+                self.classify(call, refused, error)
             }
-        }
+            Err(panic) => PluginError::Trap {
+                plugin: self.plugin.plugin.clone(),
+                call,
+                kind: format!(
+                    "a host call made by the plugin failed: {} (WASI I/O such as printing is \
+                     unavailable when the plugin is called from an async task; use the `log` import)",
+                    panic_message(&panic)
+                ),
+            },
+        };
+        tracing::warn!(%error, "plugin call failed; dropping its instance");
+        self.store = None;
+        Err(error)
     }
 
     fn classify(
@@ -606,4 +645,12 @@ impl PluginInstance {
         let plugin = self.plugin.clone();
         self.call("instantiate", |store| f(store, &plugin.pre))
     }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".into())
 }
