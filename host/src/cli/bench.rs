@@ -21,6 +21,30 @@ pub enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Decode speed with and without speculative decoding, and the k-token forward cost curve.
+    Speculation(SpeculationArgs),
+}
+
+/// Arguments of `staircase bench speculation`.
+#[derive(Debug, clap::Args)]
+pub struct SpeculationArgs {
+    /// A GGUF file instead of the default model.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Tokens generated per workload run.
+    #[arg(long, default_value_t = 160)]
+    max_tokens: u32,
+    /// Runs per workload and engine; the fastest counts.
+    #[arg(long, default_value_t = 2)]
+    repeats: usize,
+    /// Flash attention in both engines (batch-invariant kernels: outputs must be identical).
+    #[arg(long)]
+    flash_attention: bool,
+    /// Write the report as JSON to this file too.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 /// Arguments of `staircase bench engine`.
@@ -48,6 +72,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Engine(args) => engine(args),
         Command::Staircase(args) => staircase::run(args),
         Command::Plugins { json } => plugins(json),
+        Command::Speculation(args) => speculation(args),
     }
 }
 
@@ -62,6 +87,68 @@ fn plugins(json: Option<PathBuf>) -> anyhow::Result<()> {
     }
     if let Some(path) = json {
         std::fs::write(&path, serde_json::to_string_pretty(&rows)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn speculation(args: SpeculationArgs) -> anyhow::Result<()> {
+    use crate::speculate::bench;
+    let model = match args.model {
+        Some(path) => path,
+        None => crate::model::default_model_path()?,
+    };
+    let mut config = bench::BenchConfig::new(model);
+    config.threads = args.threads;
+    config.max_tokens = args.max_tokens;
+    config.repeats = args.repeats;
+    config.flash_attention = args.flash_attention;
+    let report = bench::run(&config).context("speculation benchmark")?;
+    println!(
+        "speculation benchmark: {} on {} threads, flash attention {}",
+        report.model,
+        report.threads,
+        if report.flash_attention { "on" } else { "off" }
+    );
+    println!(
+        "forward cost with logits at every position ({}-token context):",
+        config.cost_context
+    );
+    println!("{:>8} {:>10} {:>10}", "tokens", "ms", "x step");
+    for p in &report.cost_curve {
+        println!("{:>8} {:>10.2} {:>10.2}", p.tokens, p.ms, p.relative);
+    }
+    println!(
+        "ceiling with every draft accepted: {:.2}x (draft of {})",
+        report.ceiling_speedup, report.ceiling_draft_len
+    );
+    println!(
+        "{:<12} {:>7} {:>10} {:>10} {:>7} {:>9} {:>9} {:>9}",
+        "workload", "tokens", "plain t/s", "spec t/s", "ratio", "identical", "accepted", "tok/fwd"
+    );
+    for w in &report.workloads {
+        println!(
+            "{:<12} {:>7} {:>10.1} {:>10.1} {:>7.2} {:>9} {:>9} {:>9.2}",
+            w.name,
+            w.completion_tokens,
+            w.plain_tok_s,
+            w.speculative_tok_s,
+            w.ratio,
+            if w.identical { "yes" } else { "NO" },
+            format!(
+                "{}/{}",
+                w.speculation.accepted_tokens, w.speculation.drafted_tokens
+            ),
+            w.speculation.tokens_per_forward()
+        );
+    }
+    let a = &report.automaton;
+    println!(
+        "automaton over {} tokens: {:.0} ns per token added, {:.1} us per match and 16-token draft",
+        a.tokens, a.extend_ns_per_token, a.draft_us
+    );
+    if let Some(path) = args.json {
+        std::fs::write(&path, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())

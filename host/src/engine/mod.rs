@@ -95,6 +95,10 @@ pub struct GenerationRequest {
     pub prompt: Prompt,
     pub sampling: SamplingParams,
     pub priority: Priority,
+    /// Other agents' output streamed to this request while it runs (an aggregator's
+    /// proposers), so the engine can draft speculative tokens from it. `None` for most
+    /// requests.
+    pub draft_feed: Option<crate::speculate::DraftFeed>,
 }
 
 impl GenerationRequest {
@@ -107,6 +111,7 @@ impl GenerationRequest {
             },
             sampling: SamplingParams::default(),
             priority: Priority::default(),
+            draft_feed: None,
         }
     }
 }
@@ -128,6 +133,9 @@ pub struct Usage {
     /// Prompt tokens served from the prefix cache instead of being prefilled.
     pub cached_prompt_tokens: u32,
     pub completion_tokens: u32,
+    /// What speculative decoding did for this request; `None` when it was off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub speculation: Option<crate::speculate::SpeculationStats>,
 }
 
 /// When things happened, measured from submission.

@@ -34,6 +34,7 @@ use crate::engine::{
     ChatMessage, Engine, EngineError, FinishReason, GenerationEvent, GenerationRequest, Priority,
     Prompt, Role, SamplingParams,
 };
+use crate::speculate::{DraftFeed, SpeculationStats};
 use crate::trace::chrome::ChromeTrace;
 use crate::trace::{EventKind, Timeline};
 
@@ -169,6 +170,9 @@ pub struct NodeReport {
     pub steps: u32,
     /// Stopped early because nobody read it any more.
     pub cancelled: bool,
+    /// Speculative decoding over all of the node's requests, when the engine reports it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub speculation: Option<SpeculationStats>,
     pub text: String,
 }
 
@@ -719,6 +723,8 @@ impl<'r> RunCtx<'r> {
         };
         let sources = self.sources(ix);
         let mut open: Vec<bool> = vec![true; sources.len()];
+        // The inputs' text, for the engine to draft from: an aggregator copies its proposers.
+        let feed = (!sources.is_empty()).then(DraftFeed::new);
         let budget = sampling.max_tokens;
         let mut report = NodeReport {
             id: node.id.clone(),
@@ -737,6 +743,9 @@ impl<'r> RunCtx<'r> {
                 // Every producer has ended: whatever is still open is finished.
                 for (slot, is_open) in open.iter_mut().enumerate() {
                     if std::mem::replace(is_open, false) {
+                        if let Some(feed) = &feed {
+                            feed.finish(&sources[slot].id);
+                        }
                         session.finish(&sources[slot].id).map_err(&policy_error)?;
                     }
                 }
@@ -746,20 +755,30 @@ impl<'r> RunCtx<'r> {
             if !open[slot] {
                 return Ok(());
             }
+            let id = &sources[slot].id;
             match event {
                 EdgeEvent::Chunk(chunk) => {
+                    if let Some(feed) = &feed {
+                        feed.push_text(id, &chunk.text);
+                    }
                     let demand = session
                         .push(&sources[slot].id, &chunk.text)
                         .map_err(&policy_error)?;
                     if demand == Demand::Enough {
                         open[slot] = false;
                         inputs.release(slot);
-                        session.finish(&sources[slot].id).map_err(&policy_error)?;
+                        if let Some(feed) = &feed {
+                            feed.finish(id);
+                        }
+                        session.finish(id).map_err(&policy_error)?;
                     }
                 }
                 EdgeEvent::Finished => {
                     open[slot] = false;
-                    session.finish(&sources[slot].id).map_err(&policy_error)?;
+                    if let Some(feed) = &feed {
+                        feed.finish(id);
+                    }
+                    session.finish(id).map_err(&policy_error)?;
                 }
             }
             Ok(())
@@ -821,6 +840,7 @@ impl<'r> RunCtx<'r> {
                 ..sampling.clone()
             };
             request.priority = self.priorities[ix.0];
+            request.draft_feed = feed.clone();
             let engine_error = |source| RunError::Engine {
                 node: node.id.clone(),
                 source,
@@ -867,6 +887,12 @@ impl<'r> RunCtx<'r> {
             report.steps += 1;
             report.prompt_tokens += usage.prompt_tokens;
             report.cached_prompt_tokens += usage.cached_prompt_tokens;
+            if let Some(stats) = &usage.speculation {
+                report
+                    .speculation
+                    .get_or_insert_with(SpeculationStats::default)
+                    .merge(stats);
+            }
             self.timeline.record(
                 ix.0,
                 EventKind::Step {

@@ -87,6 +87,7 @@ impl model::Host for StoreState {
             },
             sampling: sampling_from_wit(params),
             priority: Default::default(),
+            draft_feed: None,
         };
         complete_before(engine, request, self.deadline)
     }

@@ -201,6 +201,8 @@ pub fn run(config: &BenchConfig) -> Result<EngineBenchReport, EngineError> {
     engine_config.threads = config.threads;
     // Without the prefix cache, repeated prompts cost the same as the bare loop's.
     engine_config.prefix_cache = false;
+    // The bare loop decodes one token per call; speculation is measured by `bench speculation`.
+    engine_config.speculation.enabled = false;
     let engine = LocalEngine::load(engine_config.clone())?;
     let threads = engine.threads();
     let n_ctx = engine.model_info().context_tokens as u32;

@@ -30,6 +30,7 @@ pub use template::ChatTemplate;
 
 use self::runner::{Command, Pending, Runner, Shared};
 use super::{Engine, EngineError, GenerationRequest, GenerationStream, ModelInfo, Prompt, TokenId};
+use crate::speculate::{SpeculationConfig, SpeculationStats};
 
 /// Context size when the model's training context is larger: a 135M model rarely needs more,
 /// and every cell in use widens attention for all sequences in llama.cpp's unified cache.
@@ -51,6 +52,10 @@ pub const DEFAULT_CACHE_BUDGET_CELLS: usize = 3072;
 /// llama.cpp's flash-attention setting "disabled" (`LLAMA_FLASH_ATTN_TYPE_DISABLED`): on this
 /// CPU it is faster off.
 const FLASH_ATTENTION_DISABLED: i32 = 0;
+/// `LLAMA_FLASH_ATTN_TYPE_ENABLED`: slower at long contexts here, but batch-invariant (each
+/// query row is computed alone), so a token's KV and logits do not depend on how many tokens
+/// share its batch. Speculative greedy output is then bit-identical to plain greedy output.
+const FLASH_ATTENTION_ENABLED: i32 = 1;
 
 /// Threads llama.cpp uses when the user does not say. llama.cpp's threads spin at barriers,
 /// so when another process holds a core a thread per core collapses (measured: 2 threads on 2
@@ -81,6 +86,13 @@ pub struct LocalEngineConfig {
     pub cache_budget_cells: usize,
     /// Replaces the GGUF's chat template.
     pub chat_template: Option<String>,
+    /// Speculative decoding (`crate::speculate`): on by default; it switches itself off per
+    /// sequence where it would not pay.
+    pub speculation: SpeculationConfig,
+    /// Flash attention. Off by default (faster on this CPU); on makes results independent of
+    /// batch shape, so speculation and batching never change a greedy token (with it off they
+    /// can, at near-ties of the top two logits).
+    pub flash_attention: bool,
 }
 
 impl LocalEngineConfig {
@@ -95,6 +107,8 @@ impl LocalEngineConfig {
             prefix_cache: true,
             cache_budget_cells: DEFAULT_CACHE_BUDGET_CELLS,
             chat_template: None,
+            speculation: SpeculationConfig::default(),
+            flash_attention: false,
         }
     }
 }
@@ -116,6 +130,8 @@ pub struct EngineStats {
     pub locked_prefixes: usize,
     pub steps: u64,
     pub finished_requests: u64,
+    /// Speculative decoding over all finished requests.
+    pub speculation: SpeculationStats,
 }
 
 /// Settings the engine thread needs.
@@ -127,6 +143,7 @@ struct RunnerSettings {
     sequence_slots: usize,
     prefix_cache: bool,
     cache_budget_cells: usize,
+    speculation: SpeculationConfig,
 }
 
 /// The embedded engine. Cheap to share behind an `Arc`; dropping the last handle stops the
@@ -203,6 +220,7 @@ impl LocalEngine {
             sequence_slots: max_running + if config.prefix_cache { CACHE_SLOTS } else { 0 },
             prefix_cache: config.prefix_cache,
             cache_budget_cells: config.cache_budget_cells,
+            speculation: config.speculation.clone(),
         };
         let vocab = model.vocab();
         let bos = vocab.bos();
@@ -237,12 +255,15 @@ impl LocalEngine {
         let (ready_tx, ready_rx) = mpsc::channel();
         let thread_model = Arc::clone(&model);
         let thread_shared = Arc::clone(&shared);
-        let params = context_params(
+        let mut params = context_params(
             n_ctx,
             settings.batch_tokens,
             settings.sequence_slots,
             threads,
         );
+        if config.flash_attention {
+            params = params.with_flash_attention_policy(FLASH_ATTENTION_ENABLED);
+        }
         let thread = std::thread::Builder::new()
             .name("staircase-engine".into())
             .spawn(move || {
@@ -402,6 +423,7 @@ impl LocalEngine {
             events,
             submitted: Instant::now(),
             probe: Some(probe),
+            draft_feed: None,
         })?;
         let mut top = answer.recv().map_err(|_| EngineError::Stopped)?;
         top.truncate(k);
@@ -441,6 +463,7 @@ impl Engine for LocalEngine {
             events,
             submitted,
             probe: None,
+            draft_feed: request.draft_feed,
         })?;
         Ok(stream)
     }

@@ -29,6 +29,7 @@ use crate::cache::{NodeRef, PrefixCache, SeqSlot};
 use crate::engine::{
     EngineError, FinishReason, GenerationEvent, Priority, SamplingParams, Timings, TokenId, Usage,
 };
+use crate::speculate::{Draft, DraftFeed, SessionStore, SpeculationStats, Speculator};
 
 pub(super) type EventSender = UnboundedSender<Result<GenerationEvent, EngineError>>;
 
@@ -41,6 +42,8 @@ pub(super) struct Pending {
     pub submitted: Instant,
     /// Reports the top logits after the prompt instead of generating (diagnostics).
     pub probe: Option<std::sync::mpsc::Sender<Vec<(TokenId, f32)>>>,
+    /// Pipeline streams to draft from (an aggregator's proposers).
+    pub draft_feed: Option<DraftFeed>,
 }
 
 pub(super) enum Command {
@@ -75,6 +78,11 @@ struct Sequence {
     cache_lock: Option<NodeRef>,
     /// Draft tokens to verify at the next step (filled by a speculation proposer).
     drafts: Vec<TokenId>,
+    /// Drafts this sequence from its own text, its pipeline feed and past sessions;
+    /// `None` when speculation is off.
+    speculator: Option<Speculator>,
+    /// The draft behind `drafts`, for recording its outcome.
+    draft: Option<Draft>,
     output: OutputText,
     /// Text after a stop string is never sent.
     stop_string_seen: bool,
@@ -131,6 +139,9 @@ pub(super) struct Runner<'m> {
     next_order: u64,
     steps: u64,
     finished: u64,
+    /// Past requests' text, a draft source shared by all sequences of this engine.
+    sessions: SessionStore,
+    speculation: SpeculationStats,
 }
 
 impl<'m> Runner<'m> {
@@ -147,10 +158,13 @@ impl<'m> Runner<'m> {
         let cache = settings
             .prefix_cache
             .then(|| PrefixCache::new(settings.cache_budget_cells));
+        let sessions = SessionStore::new(settings.speculation.session_budget);
         Self {
             model,
             ctx,
             batch,
+            sessions,
+            speculation: SpeculationStats::default(),
             settings,
             n_ctx,
             queue: Vec::new(),
@@ -309,6 +323,12 @@ impl<'m> Runner<'m> {
             }
             let sampler =
                 (pending.sampling.temperature > 0.0).then(|| build_sampler(&pending.sampling));
+            let speculator = self.settings.speculation.enabled.then(|| {
+                let mut speculator =
+                    Speculator::new(&self.settings.speculation, pending.draft_feed.clone());
+                speculator.observe(&pending.tokens);
+                speculator
+            });
             let now = Instant::now();
             self.running.push(Sequence {
                 slot,
@@ -326,6 +346,8 @@ impl<'m> Runner<'m> {
                 reserved_cells: need,
                 cache_lock: hit.map(|h| h.node),
                 drafts: Vec::new(),
+                speculator,
+                draft: None,
                 stop_string_seen: false,
                 generated: 0,
                 submitted: pending.submitted,
@@ -347,9 +369,56 @@ impl<'m> Runner<'m> {
         inputs
     }
 
+    /// Asks each decoding sequence's speculator for draft tokens, telling it how wide the
+    /// step already is (decode tokens, drafts granted so far, prefill) so a busy step drafts
+    /// less. Drafts never run past the sequence's reserved cells or the batch.
+    fn propose_drafts(&mut self) {
+        let decoding = self.running.iter().filter(|s| !s.prefilling()).count();
+        let prefill: usize = self
+            .running
+            .iter()
+            .filter(|s| s.prefilling())
+            .map(|s| s.prompt_len - s.n_past)
+            .sum::<usize>()
+            .min(self.settings.prefill_chunk);
+        let mut width = decoding + prefill;
+        let vocab = self.model.vocab();
+        let mut tokenize = |text: &str| -> Vec<TokenId> {
+            vocab
+                .tokenize(text.as_bytes(), false, false)
+                .into_iter()
+                .map(|t| TokenId(t.0))
+                .collect()
+        };
+        for seq in &mut self.running {
+            seq.drafts.clear();
+            seq.draft = None;
+            if seq.prefilling() {
+                continue;
+            }
+            let Some(speculator) = seq.speculator.as_mut() else {
+                continue;
+            };
+            speculator.sync_pipeline(&mut tokenize);
+            // The last generated token is the step's own input; drafts follow it and must
+            // stay inside the output budget (the cells reserved at admission) and the batch.
+            let left =
+                (seq.sampling.max_tokens.saturating_sub(seq.generated) as usize).saturating_sub(1);
+            let room = self.n_ctx.saturating_sub(seq.n_past + 2);
+            let batch_room = self.settings.batch_tokens.saturating_sub(width + 1);
+            let max_len = left.min(room).min(batch_room);
+            if let Some(draft) = speculator.draft(Some(&mut self.sessions), width, max_len) {
+                width += draft.tokens.len();
+                seq.drafts.clone_from(&draft.tokens);
+                seq.draft = Some(draft);
+            }
+        }
+    }
+
     fn step(&mut self) {
-        // Speculation plugs in here: fill `drafts` of decoding sequences before the batch is
-        // built; `decode_inputs` feeds them and `verify` accepts or rolls them back.
+        // Fill `drafts` of decoding sequences before the batch is built; `decode_inputs`
+        // feeds them and `verify` accepts or rolls them back.
+        self.propose_drafts();
         self.batch.clear();
         let mut order: Vec<usize> = (0..self.running.len()).collect();
         order.sort_by_key(|&i| {
@@ -492,7 +561,9 @@ impl<'m> Runner<'m> {
         let index = item.index;
         let start = self.running[index].n_past;
         let drafts = std::mem::take(&mut self.running[index].drafts);
+        let emitted_from = self.running[index].tokens.len();
         let mut kept_inputs = 0;
+        let mut accepted = 0;
         let mut exit = None;
         for offset in 0..item.inputs {
             let token = self.sample(index, item.first + offset as i32);
@@ -500,9 +571,17 @@ impl<'m> Runner<'m> {
             self.running[index].n_past = start + kept_inputs;
             exit = self.accept_token(index, token, now);
             let matches_draft = drafts.get(offset) == Some(&token);
+            accepted += usize::from(matches_draft);
             if exit.is_some() || !matches_draft {
                 break;
             }
+        }
+        let seq = &mut self.running[index];
+        if let Some(speculator) = seq.speculator.as_mut() {
+            // An end-of-generation token is not pushed; the speculator sees what the sequence
+            // holds.
+            let emitted = &seq.tokens[emitted_from.min(seq.tokens.len())..];
+            speculator.record(seq.draft.take().as_ref(), accepted, emitted);
         }
         if kept_inputs < item.inputs {
             let slot = self.running[index].slot;
@@ -606,10 +685,18 @@ impl<'m> Runner<'m> {
                         }));
                     }
                 }
+                let speculation = seq
+                    .speculator
+                    .take()
+                    .map(|s| s.finish(Some(&mut self.sessions)));
+                if let Some(stats) = &speculation {
+                    self.speculation.merge(stats);
+                }
                 let usage = Usage {
                     prompt_tokens: seq.prompt_len as u32,
                     cached_prompt_tokens: seq.cached_prompt as u32,
                     completion_tokens: seq.generated,
+                    speculation,
                 };
                 let _ = seq.events.send(Ok(GenerationEvent::Finished {
                     reason,
@@ -675,6 +762,7 @@ impl<'m> Runner<'m> {
             locked_prefixes: cache.locked_nodes,
             steps: self.steps,
             finished_requests: self.finished,
+            speculation: self.speculation.clone(),
         };
         if let Ok(mut shared) = self.shared.stats.lock() {
             *shared = stats;

@@ -1,0 +1,252 @@
+//! How many tokens to draft, if any: speculation pays only when the tokens it is expected to
+//! win are worth more than the extra width of the forward pass.
+//!
+//! On this CPU a forward over k tokens costs far more than one step (Q4_1, 200-token context,
+//! 2 threads: k = 4/8/16 cost 3.0/5.3/9.5 steps), so a draft is a bet. With a per-token
+//! acceptance probability `a`, a draft of k tokens yields `(1 - a^(k+1)) / (1 - a)` tokens
+//! (accepted prefix plus the model's own token). In a step that already holds `b` tokens the
+//! draft turns `b` tokens per `cost(b)` into `b - 1 + yield` per `cost(b + k)`; we draft the k
+//! that maximises that ratio, and nothing unless it beats plain decoding by a margin. `a` is
+//! estimated per match-length bucket from recent outcomes, starting from a cautious prior, and
+//! the estimates drift back to that prior while speculation is off, so a request that stopped
+//! drafting on novel text probes again later. This file only decides; it does no I/O.
+
+use serde::{Deserialize, Serialize};
+
+/// Cost of a forward pass over n tokens (logits at every position), in single-step units.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CostModel {
+    /// `(tokens, cost)` points, increasing in tokens, starting at `(1, 1.0)`; linear in
+    /// between and extrapolated with the last slope.
+    pub points: Vec<(u32, f64)>,
+}
+
+impl Default for CostModel {
+    /// Measured for the default model (SmolLM2-135M Q4_1) on 2 Zen3 cores, 200-token context.
+    fn default() -> Self {
+        Self {
+            points: vec![(1, 1.0), (4, 3.0), (8, 5.3), (16, 9.5)],
+        }
+    }
+}
+
+impl CostModel {
+    /// A model from measured forward times in seconds (`(tokens, seconds)`, including n = 1).
+    /// `None` without a positive single-token time.
+    pub fn from_measurements(measured: &[(u32, f64)]) -> Option<Self> {
+        let one = measured.iter().find(|(n, _)| *n == 1)?.1;
+        if !(one.is_finite() && one > 0.0) {
+            return None;
+        }
+        let mut points: Vec<(u32, f64)> = measured.iter().map(|&(n, s)| (n, s / one)).collect();
+        points.sort_by_key(|p| p.0);
+        points.dedup_by_key(|p| p.0);
+        Some(Self { points })
+    }
+
+    /// Cost of a forward over `tokens` tokens relative to one single-token step.
+    pub fn cost(&self, tokens: usize) -> f64 {
+        let n = tokens as f64;
+        let points = &self.points;
+        match points.len() {
+            0 => n,
+            1 => points[0].1 * n / f64::from(points[0].0.max(1)),
+            _ => {
+                let i = points
+                    .windows(2)
+                    .position(|w| n <= f64::from(w[1].0))
+                    .unwrap_or(points.len() - 2);
+                let (x0, y0) = (f64::from(points[i].0), points[i].1);
+                let (x1, y1) = (f64::from(points[i + 1].0), points[i + 1].1);
+                let slope = (y1 - y0) / (x1 - x0).max(1.0);
+                (y0 + slope * (n - x0)).max(0.0)
+            }
+        }
+    }
+
+    /// Expected tokens per unit cost with every draft token accepted, at the best k up to
+    /// `max_k`: the ceiling speculation can reach on this hardware.
+    pub fn ceiling(&self, max_k: usize) -> (usize, f64) {
+        (1..=max_k)
+            .map(|k| (k, (k + 1) as f64 / self.cost(k + 1)))
+            .fold((0, 1.0), |best, c| if c.1 > best.1 { c } else { best })
+    }
+}
+
+/// Knobs of the draft-length controller.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ControllerConfig {
+    /// Longest draft ever proposed. 16 is where the measured cost curve ends; past it each
+    /// token costs about half a step, so only near-certain drafts would pay.
+    pub max_draft: usize,
+    /// Shortest match worth drafting from: one shared token predicts little.
+    pub min_match: u32,
+    /// Required gain over plain decoding (tokens per unit cost) before drafting, so noise in
+    /// the estimates does not make speculation slightly slower than no speculation.
+    pub min_gain: f64,
+    /// Weight (in observed tokens) of the prior acceptance, so a couple of outcomes do not
+    /// swing the estimate to 0 or 1.
+    pub prior_weight: f64,
+    /// Per-decision decay of the evidence towards the prior (half-life ~14 decisions):
+    /// agent text alternates between copying and writing, and the estimate must follow.
+    pub decay: f64,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        Self {
+            max_draft: 16,
+            min_match: 2,
+            min_gain: 1.05,
+            prior_weight: 2.0,
+            decay: 0.95,
+        }
+    }
+}
+
+/// Match-length buckets: a long match predicts its continuation far better than a short one.
+const BUCKET_EDGES: [u32; 3] = [4, 8, 16];
+
+/// Prior per-token acceptance for each bucket: low for short matches so novel text does not
+/// draft on chance n-gram repeats; high for long ones (copied phrases, re-emitted code).
+const PRIOR_ACCEPTANCE: [f64; 4] = [0.5, 0.65, 0.8, 0.9];
+
+fn bucket(match_len: u32) -> usize {
+    BUCKET_EDGES.iter().take_while(|&&e| match_len >= e).count()
+}
+
+/// Decayed evidence of per-token acceptance in one bucket.
+#[derive(Clone, Copy, Debug, Default)]
+struct Evidence {
+    accepted: f64,
+    /// Drafts that ended in a rejection (each is one failed Bernoulli trial).
+    rejected: f64,
+}
+
+/// Chooses draft lengths for one sequence from match length, recent acceptance and load.
+#[derive(Clone, Debug)]
+pub struct DraftController {
+    config: ControllerConfig,
+    cost: CostModel,
+    evidence: [Evidence; 4],
+}
+
+impl DraftController {
+    pub fn new(config: ControllerConfig, cost: CostModel) -> Self {
+        Self {
+            config,
+            cost,
+            evidence: [Evidence::default(); 4],
+        }
+    }
+
+    pub fn config(&self) -> &ControllerConfig {
+        &self.config
+    }
+
+    /// Estimated probability that the next draft token of a match this long is accepted.
+    pub fn acceptance(&self, match_len: u32) -> f64 {
+        let b = bucket(match_len);
+        let e = self.evidence[b];
+        let w = self.config.prior_weight;
+        (e.accepted + w * PRIOR_ACCEPTANCE[b]) / (e.accepted + e.rejected + w)
+    }
+
+    /// The draft length to use for a match of `match_len` with `available` tokens on offer,
+    /// in a step that already holds `batch_tokens` tokens (this sequence's own included).
+    /// 0 means decode plainly.
+    pub fn choose(&mut self, match_len: u32, available: usize, batch_tokens: usize) -> usize {
+        for e in &mut self.evidence {
+            e.accepted *= self.config.decay;
+            e.rejected *= self.config.decay;
+        }
+        if match_len < self.config.min_match {
+            return 0;
+        }
+        let a = self.acceptance(match_len).clamp(0.0, 0.999);
+        let b = batch_tokens.max(1);
+        let plain = b as f64 / self.cost.cost(b);
+        let mut best = (0, plain * self.config.min_gain);
+        for k in 1..=available.min(self.config.max_draft) {
+            let expected = (1.0 - a.powi(k as i32 + 1)) / (1.0 - a);
+            let rate = (b as f64 - 1.0 + expected) / self.cost.cost(b + k);
+            if rate > best.1 {
+                best = (k, rate);
+            }
+        }
+        best.0
+    }
+
+    /// Records the outcome of verifying a draft of `drafted` tokens from a match of
+    /// `match_len`, of which the first `accepted` were accepted.
+    pub fn record(&mut self, match_len: u32, drafted: usize, accepted: usize) {
+        let e = &mut self.evidence[bucket(match_len)];
+        e.accepted += accepted as f64;
+        if accepted < drafted {
+            e.rejected += 1.0;
+        }
+    }
+
+    /// Records, for a step decoded without a draft, whether the draft's first token would
+    /// have been accepted. Free evidence: it lets a sequence that entered a copying stretch
+    /// start drafting without paying for a probe, and keeps a sequence on novel text off.
+    pub fn record_shadow(&mut self, match_len: u32, hit: bool) {
+        self.record(match_len, 1, usize::from(hit));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cost_interpolates_measured_points() {
+        let c = CostModel::default();
+        assert_eq!(c.cost(1), 1.0);
+        assert!((c.cost(6) - 4.15).abs() < 1e-9);
+        assert!((c.cost(24) - 13.7).abs() < 1e-9);
+        let (k, ceiling) = c.ceiling(16);
+        assert!(
+            ceiling < 2.0,
+            "Q4_1 cannot reach 2x: best k={k} gives {ceiling}"
+        );
+    }
+
+    #[test]
+    fn drafts_on_reliable_matches_and_stops_on_unreliable_ones() {
+        let mut c = DraftController::new(ControllerConfig::default(), CostModel::default());
+        assert!(c.choose(32, 16, 1) > 0, "a long match starts out drafting");
+        assert_eq!(c.choose(1, 16, 1), 0, "a one-token match never drafts");
+        for _ in 0..20 {
+            c.record(32, 8, 0);
+        }
+        assert_eq!(
+            c.choose(32, 16, 1),
+            0,
+            "repeated rejections switch drafting off"
+        );
+        for _ in 0..200 {
+            c.choose(0, 0, 1);
+        }
+        assert!(
+            c.choose(32, 16, 1) > 0,
+            "evidence decays, so drafting is probed again"
+        );
+    }
+
+    #[test]
+    fn busy_engine_drafts_less() {
+        let mut c = DraftController::new(ControllerConfig::default(), CostModel::default());
+        for _ in 0..20 {
+            c.record(32, 4, 3);
+            c.record(32, 4, 4);
+        }
+        let alone = c.choose(32, 16, 1);
+        // A step already holding a 64-token prefill chunk: extra width is no longer cheap
+        // relative to what the step produces.
+        let busy = c.choose(32, 16, 64);
+        assert!(alone > 0);
+        assert!(busy < alone, "alone {alone}, busy {busy}");
+    }
+}
