@@ -209,6 +209,14 @@ impl Live {
     }
 
     fn on_event(&mut self, pipeline: &Pipeline, event: &RunEvent) -> anyhow::Result<()> {
+        self.update(pipeline, event);
+        if self.last_draw.is_none_or(|t| t.elapsed() >= REDRAW_EVERY) {
+            self.draw(pipeline, false)?;
+        }
+        Ok(())
+    }
+
+    fn update(&mut self, pipeline: &Pipeline, event: &RunEvent) {
         match event {
             RunEvent::NodeStarted { node } => self.agents[node.0].started = Some(Instant::now()),
             RunEvent::NodeDelta { node, text, tokens } => {
@@ -223,10 +231,6 @@ impl Live {
                 line.cancelled = *cancelled;
             }
         }
-        if self.last_draw.is_none_or(|t| t.elapsed() >= REDRAW_EVERY) {
-            self.draw(pipeline, false)?;
-        }
-        Ok(())
     }
 
     fn agent_line(&self, pipeline: &Pipeline, node: NodeIndex) -> String {
@@ -321,5 +325,56 @@ impl Live {
             ms(report.critical_path_measured.length_ms),
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn live(width: usize) -> (Pipeline, Live) {
+        let pipeline = pipeline::load("moa").unwrap();
+        let mut live = Live::new(&pipeline);
+        live.width = width;
+        (pipeline, live)
+    }
+
+    #[test]
+    fn the_answer_wraps_to_the_terminal_width() {
+        let (_, mut live) = live(11);
+        live.answer = "abcdefghijklmnopqrstuvwxyz\n\nend".into();
+        assert_eq!(
+            live.wrapped_answer(),
+            vec!["abcdefghij", "klmnopqrst", "uvwxyz", "", "end"]
+        );
+    }
+
+    #[test]
+    fn agent_lines_show_progress_and_fit_the_width() {
+        let (pipeline, mut live) = live(40);
+        let analyst = pipeline.find("analyst").unwrap();
+        assert!(live.agent_line(&pipeline, analyst).contains("waiting"));
+        live.update(&pipeline, &RunEvent::NodeStarted { node: analyst });
+        live.update(
+            &pipeline,
+            &RunEvent::NodeDelta {
+                node: analyst,
+                text: "Hello".into(),
+                tokens: 3,
+            },
+        );
+        let line = live.agent_line(&pipeline, analyst);
+        assert!(line.contains("3 tok"), "{line}");
+        assert!(line.chars().count() < 40, "{line}");
+        live.update(
+            &pipeline,
+            &RunEvent::NodeFinished {
+                node: analyst,
+                cancelled: true,
+            },
+        );
+        assert!(live.agent_line(&pipeline, analyst).contains("cancelled"));
+        // Only the output node's text is the answer.
+        assert!(live.answer.is_empty());
     }
 }

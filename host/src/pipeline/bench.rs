@@ -378,7 +378,7 @@ impl BenchReport {
             })
             .collect();
         let max = rows.iter().map(|r| r.2.max(r.1)).fold(1.0f64, f64::max);
-        let (width, left, bar_w) = (900.0, 140.0, 700.0);
+        let (width, left, bar_w) = (900.0, 140.0, 600.0);
         let height = 70.0 + 60.0 * rows.len() as f64;
         let mut svg = String::new();
         let _ = writeln!(
@@ -387,7 +387,7 @@ impl BenchReport {
         );
         let _ = writeln!(
             svg,
-            r##"<text x="10" y="22" font-size="14" font-weight="bold">{} on {}: mean time to first token (dark) and total time (light), ms</text>"##,
+            r##"<text x="10" y="22" font-size="14" font-weight="bold">{} on {}: mean time to first token (dark) / total time (light), ms</text>"##,
             self.pipeline, self.model
         );
         for (i, (name, ttft, total)) in rows.iter().enumerate() {
