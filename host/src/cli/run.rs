@@ -314,7 +314,7 @@ impl Live {
         self.draw(pipeline, true)?;
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         eprintln!(
-            "\n{} ({:?}): first token {} ms, total {:.0} ms, critical path {} ({:.0} ms measured)",
+            "\n{} ({:?}): first token {} ms, total {:.0} ms, critical path {} ({:.0} ms of node time)",
             report.pipeline,
             report.mode,
             report
