@@ -838,7 +838,7 @@ async fn a_run_trace_is_chrome_json_and_renders_as_a_staircase() {
 /// Every example pipeline, in both modes, on the embedded model with the built-in plugins:
 /// each run ends with a non-empty answer from its output node, nothing left streaming.
 #[test]
-fn every_example_pipeline_answers_in_both_modes_on_the_real_model() {
+fn every_example_pipeline_answers_in_both_modes_and_a_cancelled_run_frees_the_engine() {
     use staircase::pipeline::examples::BUILTIN;
     use staircase::pipeline::setup;
 

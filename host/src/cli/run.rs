@@ -251,18 +251,34 @@ impl Live {
         text
     }
 
-    /// Answer lines wrapped to the width, by characters.
+    /// Answer lines wrapped to the width: at spaces where possible, inside a word only when
+    /// it is longer than a line.
     fn wrapped_answer(&self) -> Vec<String> {
         let width = self.width.saturating_sub(1).max(1);
         let mut lines = Vec::new();
         for paragraph in self.answer.split('\n') {
-            let chars: Vec<char> = paragraph.chars().collect();
-            if chars.is_empty() {
-                lines.push(String::new());
+            let mut line = String::new();
+            let mut len = 0;
+            for word in paragraph.split(' ') {
+                let word_len = word.chars().count();
+                if len > 0 && len + 1 + word_len > width {
+                    lines.push(std::mem::take(&mut line));
+                    len = 0;
+                }
+                if len > 0 {
+                    line.push(' ');
+                    len += 1;
+                }
+                for c in word.chars() {
+                    if len == width {
+                        lines.push(std::mem::take(&mut line));
+                        len = 0;
+                    }
+                    line.push(c);
+                    len += 1;
+                }
             }
-            for piece in chars.chunks(width) {
-                lines.push(piece.iter().collect());
-            }
+            lines.push(line);
         }
         lines
     }
@@ -342,10 +358,17 @@ mod tests {
     #[test]
     fn the_answer_wraps_to_the_terminal_width() {
         let (_, mut live) = live(11);
-        live.answer = "abcdefghijklmnopqrstuvwxyz\n\nend".into();
+        live.answer = "abcdefghijklmnopqrstuvwxyz\n\nthe end of it all".into();
         assert_eq!(
             live.wrapped_answer(),
-            vec!["abcdefghij", "klmnopqrst", "uvwxyz", "", "end"]
+            vec![
+                "abcdefghij",
+                "klmnopqrst",
+                "uvwxyz",
+                "",
+                "the end of",
+                "it all"
+            ]
         );
     }
 

@@ -26,13 +26,16 @@ pub enum SetupError {
 pub struct DefaultRunner {
     pub runner: Runner,
     pub engine: Arc<dyn Engine>,
+    /// The same engine, for what only the local engine tells (live sequences, KV use).
+    pub local: Arc<LocalEngine>,
     pub registry: Arc<Registry>,
 }
 
 /// The engine with `config`, and a registry with the built-ins whose plugins count tokens
 /// (and, when granted, call the model) through that engine.
 pub fn open_with(config: LocalEngineConfig) -> Result<DefaultRunner, SetupError> {
-    let engine: Arc<dyn Engine> = Arc::new(LocalEngine::load(config)?);
+    let local = Arc::new(LocalEngine::load(config)?);
+    let engine: Arc<dyn Engine> = local.clone();
     let registry = Registry::new(PluginRuntime::new(HostConfig {
         engine: Some(engine.clone()),
         ..HostConfig::default()
@@ -42,6 +45,7 @@ pub fn open_with(config: LocalEngineConfig) -> Result<DefaultRunner, SetupError>
     Ok(DefaultRunner {
         runner,
         engine,
+        local,
         registry,
     })
 }
