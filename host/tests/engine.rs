@@ -406,3 +406,36 @@ fn the_engine_can_be_shared_across_threads() {
     shareable::<LocalEngine>();
     shareable::<std::sync::Arc<dyn Engine>>();
 }
+
+#[test]
+fn a_tiny_cache_budget_under_load_keeps_serving_and_leaves_nothing_behind() {
+    let _guard = serial();
+    let mut config = config();
+    config.max_running = 2;
+    config.cache_budget_cells = 16;
+    let engine = LocalEngine::load(config).unwrap();
+    let system = "You answer with a single word.";
+    let questions = [
+        "Sky colour?",
+        "Grass colour?",
+        "Snow colour?",
+        "Sun colour?",
+        "Sea colour?",
+    ];
+    let mut streams: Vec<GenerationStream> = questions
+        .iter()
+        .map(|q| engine.submit(ask(Some(system), q, 6)).unwrap())
+        .collect();
+    // Cancel one while it waits or runs; the rest must finish.
+    drop(streams.remove(2));
+    for stream in streams {
+        let answer = collect(stream);
+        assert!(answer.usage.completion_tokens >= 1);
+    }
+    let stats = engine
+        .wait_for_stats(WAIT, |s| s.live_sequences == 0 && s.queued == 0)
+        .expect("engine idle");
+    assert_eq!(stats.locked_prefixes, 0, "no prefix stays locked");
+    assert!(stats.cache_cells <= 16, "the budget holds: {stats:?}");
+    assert_eq!(stats.kv_cells_used, stats.cache_cells);
+}

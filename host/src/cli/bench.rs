@@ -6,7 +6,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
-use crate::engine::local::bench::{BenchConfig, compare_quantizations, run as run_engine_bench};
+use crate::engine::local::bench::{
+    BenchConfig, compare_quantizations, kv_width_costs, run as run_engine_bench,
+};
 
 /// Subcommands of `staircase bench`.
 #[derive(Debug, clap::Subcommand)]
@@ -55,13 +57,17 @@ pub struct EngineArgs {
     model: Option<PathBuf>,
     #[arg(long)]
     threads: Option<usize>,
-    /// Runs per comparison; the best counts.
-    #[arg(long, default_value_t = 3)]
+    /// Runs per comparison (rates: the best run; ratios: the median pair).
+    #[arg(long, default_value_t = 5)]
     repeats: usize,
     /// Instead: compare these GGUF files of one model (the first is the reference) for speed
     /// and greedy agreement, e.g. the default model and its `model quantize` variants.
     #[arg(long, num_args = 1..)]
     compare: Vec<PathBuf>,
+    /// Instead: decode-step time while other sequences hold these many KV cells (the cost of
+    /// keeping prefixes cached in llama.cpp's unified cache), e.g. `--kv-widths 0 1024 4096`.
+    #[arg(long, num_args = 1..)]
+    kv_widths: Vec<usize>,
     /// Write the report as JSON to this file too.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -158,6 +164,20 @@ fn engine(args: EngineArgs) -> anyhow::Result<()> {
     if !args.compare.is_empty() {
         return compare(&args);
     }
+    if !args.kv_widths.is_empty() {
+        let model = match &args.model {
+            Some(path) => path.clone(),
+            None => crate::model::default_model_path()?,
+        };
+        println!("{:>12} {:>10} {:>10}", "other cells", "step ms", "relative");
+        for p in kv_width_costs(&model, args.threads, &args.kv_widths)? {
+            println!(
+                "{:>12} {:>10.2} {:>10.2}",
+                p.other_cells, p.step_ms, p.relative
+            );
+        }
+        return Ok(());
+    }
     let model = match args.model {
         Some(path) => path,
         None => crate::model::default_model_path()?,
@@ -197,6 +217,11 @@ fn engine(args: EngineArgs) -> anyhow::Result<()> {
     println!(
         "TTFT, {}-token prompt, {} cached: cold {:.1} ms, warm {:.1} ms, {:.1}x faster",
         t.prompt_tokens, t.cached_prompt_tokens, t.cold_ms, t.warm_ms, t.speedup
+    );
+    let c = &report.decode_with_cache;
+    println!(
+        "decode with {} cached cells: {:.1} tok/s, {:.3}x the cache-off rate",
+        c.cached_cells, c.decode_tok_s, c.ratio
     );
     if let Some(path) = args.json {
         std::fs::write(&path, serde_json::to_string_pretty(&report)?)

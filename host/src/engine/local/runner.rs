@@ -427,7 +427,6 @@ impl<'m> Runner<'m> {
         });
         let mut budget = self.settings.batch_tokens;
         let mut plan = Vec::with_capacity(order.len());
-        let mut any_decoding = false;
         for &index in &order {
             let seq = &self.running[index];
             if seq.prefilling() {
@@ -446,7 +445,6 @@ impl<'m> Runner<'m> {
                     .add(LlamaToken(token.0), pos, &[seq.slot.0], true);
             }
             budget -= inputs.len();
-            any_decoding = true;
             plan.push(Planned {
                 index,
                 first,
@@ -455,17 +453,25 @@ impl<'m> Runner<'m> {
             });
         }
         // Chunked prefill: while others decode, a bounded slice keeps their token rate steady.
-        let mut prefill_budget = if any_decoding {
-            self.settings.prefill_chunk.min(budget)
-        } else {
-            budget
-        };
+        // A prompt that outranks every decoding sequence (the critical path) takes the whole
+        // remaining batch instead: the others still get their token this step.
+        let top_decoding = plan.iter().map(|p| self.running[p.index].priority).max();
+        let mut chunk_left = self.settings.prefill_chunk;
         for &index in &order {
             let seq = &self.running[index];
-            if !seq.prefilling() || prefill_budget == 0 {
+            if !seq.prefilling() {
                 continue;
             }
-            let take = (seq.prompt_len - seq.n_past).min(prefill_budget);
+            let outranks = top_decoding.is_none_or(|top| seq.priority > top);
+            let allowance = if outranks {
+                budget
+            } else {
+                budget.min(chunk_left)
+            };
+            let take = (seq.prompt_len - seq.n_past).min(allowance);
+            if take == 0 {
+                continue;
+            }
             let first = self.batch.n_tokens();
             let completes = seq.n_past + take == seq.prompt_len;
             for offset in 0..take {
@@ -478,7 +484,10 @@ impl<'m> Runner<'m> {
                     logits,
                 );
             }
-            prefill_budget -= take;
+            budget -= take;
+            if !outranks {
+                chunk_left -= take;
+            }
             plan.push(Planned {
                 index,
                 first,
