@@ -7,7 +7,7 @@
 //! version replaces the old one only after it compiled, type-checked and passed its canary;
 //! otherwise it is rejected with a logged reason and the old one keeps serving.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, Weak};
@@ -374,11 +374,7 @@ fn reload_loop(registry: Weak<Registry>, rx: Receiver<(PathBuf, Instant)>) {
         let Some(registry) = registry.upgrade() else {
             return;
         };
-        let mut seen = HashSet::new();
         for (wasm, since) in touched {
-            if !seen.insert(wasm.clone()) {
-                continue;
-            }
             if wasm.exists() {
                 let _ = registry.reload(&wasm, since);
             } else {

@@ -27,8 +27,9 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(2);
 /// The operator's default cap on a plugin's memory: a Python or JavaScript component runs
 /// in well under this, a Rust policy in a few MiB.
 pub const DEFAULT_MAX_MEMORY_MIB: u32 = 256;
-/// The operator's default cap on one call's wall time.
-pub const DEFAULT_MAX_CALL_MS: u32 = 10_000;
+/// The operator's default cap on one call's wall time: a compressor granted the `model`
+/// capability waits for a whole generation inside its call.
+pub const DEFAULT_MAX_CALL_MS: u32 = 60_000;
 /// Largest answer accepted from one call (a step prompt, a history): 1 MiB of text is far
 /// beyond any model context, so more is a runaway plugin.
 pub const DEFAULT_MAX_OUTPUT_BYTES: usize = 1 << 20;
