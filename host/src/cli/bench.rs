@@ -9,6 +9,10 @@ use anyhow::Context;
 pub enum Command {
     /// What the plugin host costs: per-chunk calls, instantiation, cached loading, hot reload.
     Plugins {
+        /// Also measure compile vs cached load of these components (`NAME.wasm` with its
+        /// manifest `NAME.toml` beside it), e.g. the Python and JavaScript examples.
+        #[arg(long = "component", value_name = "FILE.wasm")]
+        components: Vec<PathBuf>,
         /// Also save the figures as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -17,8 +21,8 @@ pub enum Command {
 
 pub fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Plugins { json } => {
-            let rows = crate::plugin::bench::run().context("plugin benchmark")?;
+        Command::Plugins { components, json } => {
+            let rows = crate::plugin::bench::run(&components).context("plugin benchmark")?;
             println!("{:<48} {:>12}  note", "measure", "value");
             for row in &rows {
                 println!(
