@@ -398,44 +398,60 @@ impl std::fmt::Debug for LoadedPlugin {
     }
 }
 
-/// Memory and table limits that remember whether they refused a growth, so a trap after a
-/// refusal is reported as out-of-memory rather than as the guest's abort.
+/// wasmtime's `StoreLimits` (memory, table elements, instances, tables, memories), plus a
+/// record of whether a memory growth was refused, so a trap after a refusal is reported as
+/// out-of-memory rather than as the guest's abort.
 pub(crate) struct Limiter {
-    memory_bytes: usize,
+    limits: wasmtime::StoreLimits,
     pub(crate) memory_refused: bool,
+}
+
+impl Limiter {
+    fn new(memory_bytes: usize) -> Self {
+        Self {
+            limits: wasmtime::StoreLimitsBuilder::new()
+                .memory_size(memory_bytes)
+                .table_elements(MAX_TABLE_ELEMENTS)
+                .instances(MAX_INSTANCES)
+                .tables(MAX_TABLES)
+                .memories(POOL_MEMORIES_PER_COMPONENT as usize)
+                .build(),
+            memory_refused: false,
+        }
+    }
 }
 
 impl wasmtime::ResourceLimiter for Limiter {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
-        _maximum: Option<usize>,
+        maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        let ok = desired <= self.memory_bytes;
+        let ok = self.limits.memory_growing(current, desired, maximum)?;
         self.memory_refused |= !ok;
         Ok(ok)
     }
 
     fn table_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
-        _maximum: Option<usize>,
+        maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        Ok(desired <= MAX_TABLE_ELEMENTS)
+        self.limits.table_growing(current, desired, maximum)
     }
 
     fn instances(&self) -> usize {
-        MAX_INSTANCES
+        self.limits.instances()
     }
 
     fn tables(&self) -> usize {
-        MAX_TABLES
+        self.limits.tables()
     }
 
     fn memories(&self) -> usize {
-        POOL_MEMORIES_PER_COMPONENT as usize
+        self.limits.memories()
     }
 }
 
@@ -510,10 +526,7 @@ impl PluginInstance {
         let state = StoreState {
             wasi,
             table: ResourceTable::new(),
-            limiter: Limiter {
-                memory_bytes: plugin.manifest.limits.memory_bytes(),
-                memory_refused: false,
-            },
+            limiter: Limiter::new(plugin.manifest.limits.memory_bytes()),
             plugin: plugin.plugin.clone(),
             config,
             model_granted: plugin.model_granted,
