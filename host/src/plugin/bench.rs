@@ -78,9 +78,14 @@ fn runtime(cache_dir: Option<PathBuf>, pooling: bool) -> Result<PluginRuntime, P
     })
 }
 
-/// Runs every plugin benchmark; `components` (each `NAME.wasm` with `NAME.toml` beside it,
-/// e.g. the Python and JavaScript examples) are also measured for compile vs cached load.
-pub fn run(components: &[PathBuf]) -> Result<Vec<BenchRow>, PluginError> {
+/// Runs every plugin benchmark.
+pub fn run() -> Result<Vec<BenchRow>, PluginError> {
+    run_with(&[])
+}
+
+/// [`run`], and `components` (each `NAME.wasm` with `NAME.toml` beside it, e.g. the Python
+/// and JavaScript examples) measured for compile vs cached load.
+pub fn run_with(components: &[PathBuf]) -> Result<Vec<BenchRow>, PluginError> {
     let mut rows = Vec::new();
     for path in components {
         rows.extend(compile_vs_cache(path)?);
