@@ -621,12 +621,22 @@ fn hot_reload_swaps_versions_under_load_without_a_failed_call() {
         "{seen:?}"
     );
 
+    // A plain in-place write (as `cp` does) is picked up once the file is complete.
+    std::fs::write(&toml_path, &v2.1).unwrap();
+    std::fs::write(&wasm_path, &v2.0).unwrap();
+    let expected = sha256(&v2.0);
+    wait_for(
+        &events,
+        |e| matches!(e, RegistryEvent::Loaded { sha256, .. } if *sha256 == expected),
+    );
+    assert_eq!(system_prompt(&registry), "reloadable v2");
+
     // Removing the file unloads the plugin; a run holding it finishes on it.
     let mut holder = registry.open_role("reloadable").unwrap();
     std::fs::remove_file(&wasm_path).unwrap();
     wait_for(&events, |e| matches!(e, RegistryEvent::Unloaded { .. }));
     assert_eq!(registry.kind_of("reloadable"), None);
-    assert_eq!(holder.try_system_prompt().unwrap(), "reloadable v1");
+    assert_eq!(holder.try_system_prompt().unwrap(), "reloadable v2");
 }
 
 /// The repository's root folder.

@@ -328,7 +328,10 @@ impl Registry {
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
                 if let Ok(event) = event {
-                    if matches!(event.kind, notify::EventKind::Access(_)) {
+                    use notify::event::{AccessKind, AccessMode, EventKind};
+                    // Reads are not changes; a close after writing is (it ends a `cp`).
+                    if matches!(event.kind, EventKind::Access(kind) if kind != AccessKind::Close(AccessMode::Write))
+                    {
                         return;
                     }
                     let now = Instant::now();
