@@ -169,14 +169,16 @@ pub struct PluginRuntime {
     pub(crate) inner: Arc<RuntimeInner>,
 }
 
-fn engine_config(pooling: bool) -> Config {
+/// The engine configuration; `pooling` gives the largest memory a pool slot must hold
+/// (the operator's cap, in MiB), `None` allocates on demand.
+fn engine_config(pooling: Option<u32>) -> Config {
     let mut config = Config::new();
     config.wasm_component_model(true);
     config.epoch_interruption(true);
     // Plugins are synchronous; without the concurrency machinery a call costs half.
     config.concurrency_support(false);
     config.parallel_compilation(true);
-    if pooling {
+    if let Some(max_memory_mib) = pooling {
         let mut pool = PoolingAllocationConfig::new();
         pool.total_component_instances(POOL_COMPONENT_INSTANCES)
             .total_core_instances(POOL_CORE_INSTANCES)
@@ -188,7 +190,7 @@ fn engine_config(pooling: bool) -> Config {
             .table_elements(POOL_TABLE_ELEMENTS)
             .max_component_instance_size(POOL_INSTANCE_SIZE)
             .max_core_instance_size(POOL_INSTANCE_SIZE)
-            .max_memory_size((DEFAULT_MAX_MEMORY_MIB as usize) << 20);
+            .max_memory_size((max_memory_mib as usize) << 20);
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     }
     config
@@ -198,7 +200,7 @@ impl PluginRuntime {
     /// Builds the engine (pooling when possible), the linker and the epoch ticker.
     pub fn new(config: HostConfig) -> Result<Self, PluginError> {
         let (engine, pooling) = match config.pooling {
-            true => match Engine::new(&engine_config(true)) {
+            true => match Engine::new(&engine_config(Some(config.max_memory_mib))) {
                 Ok(engine) => (engine, true),
                 Err(error) => {
                     tracing::warn!(%error, "pooling allocator unavailable; allocating on demand");
@@ -321,7 +323,7 @@ impl PluginRuntime {
 }
 
 fn on_demand_engine() -> Result<Engine, PluginError> {
-    Engine::new(&engine_config(false)).map_err(|e| PluginError::Runtime(format!("engine: {e}")))
+    Engine::new(&engine_config(None)).map_err(|e| PluginError::Runtime(format!("engine: {e}")))
 }
 
 /// The pre-instantiated component of one kind (the type check happened when building it).
