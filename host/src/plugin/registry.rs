@@ -489,3 +489,18 @@ impl PolicyProvider for Registry {
         self.get(plugin).map(|p| p.kind())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_manifest_change_reloads_its_component() {
+        let dir = Path::new("/plugins");
+        assert_eq!(plugin_file(&dir.join("a.wasm")), Some(dir.join("a.wasm")));
+        assert_eq!(plugin_file(&dir.join("a.toml")), Some(dir.join("a.wasm")));
+        assert_eq!(plugin_file(&dir.join("a.partial")), None);
+        assert_eq!(plugin_file(&dir.join("README")), None);
+        assert_eq!(manifest_path(&dir.join("a.wasm")), dir.join("a.toml"));
+    }
+}
