@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use super::bindings::{host, model, types};
-use super::runtime::StoreState;
+use super::instance::StoreState;
 use crate::engine::{
     ChatMessage, Engine, GenerationEvent, GenerationRequest, Prompt, Role, SamplingParams,
 };
