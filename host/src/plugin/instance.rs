@@ -15,6 +15,9 @@ use super::error::{PluginError, PluginRef};
 use super::limits::Limiter;
 use super::runtime::{EPOCH_TICK, HOSTCALL_FUEL_BYTES, KindPre, LoadedPlugin, PluginRuntime};
 
+/// The call name of instantiation in errors.
+const INSTANTIATE: &str = "instantiate";
+
 /// What a plugin instance's store holds.
 pub(crate) struct StoreState {
     wasi: WasiCtx,
@@ -177,6 +180,11 @@ impl PluginInstance {
                 call,
                 kind: trap.to_string(),
             },
+            // Not a trap: e.g. the instance pool is exhausted, or a link error.
+            None if call == INSTANTIATE => PluginError::Instantiate {
+                plugin,
+                reason: format!("{error:#}"),
+            },
             None => PluginError::Trap {
                 plugin,
                 call,
@@ -217,7 +225,7 @@ impl PluginInstance {
         f: impl FnOnce(&mut Store<StoreState>, &KindPre) -> wasmtime::Result<B>,
     ) -> Result<B, PluginError> {
         let plugin = self.plugin.clone();
-        self.call("instantiate", |store| f(store, &plugin.pre))
+        self.call(INSTANTIATE, |store| f(store, &plugin.pre))
     }
 }
 
