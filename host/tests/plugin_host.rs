@@ -621,12 +621,22 @@ fn hot_reload_swaps_versions_under_load_without_a_failed_call() {
         "{seen:?}"
     );
 
+    // A plain in-place write (as `cp` does) is picked up once the file is complete.
+    std::fs::write(&toml_path, &v2.1).unwrap();
+    std::fs::write(&wasm_path, &v2.0).unwrap();
+    let expected = sha256(&v2.0);
+    wait_for(
+        &events,
+        |e| matches!(e, RegistryEvent::Loaded { sha256, .. } if *sha256 == expected),
+    );
+    assert_eq!(system_prompt(&registry), "reloadable v2");
+
     // Removing the file unloads the plugin; a run holding it finishes on it.
     let mut holder = registry.open_role("reloadable").unwrap();
     std::fs::remove_file(&wasm_path).unwrap();
     wait_for(&events, |e| matches!(e, RegistryEvent::Unloaded { .. }));
     assert_eq!(registry.kind_of("reloadable"), None);
-    assert_eq!(holder.try_system_prompt().unwrap(), "reloadable v1");
+    assert_eq!(holder.try_system_prompt().unwrap(), "reloadable v2");
 }
 
 /// The repository's root folder.
@@ -825,4 +835,66 @@ fn hostile_guests_fail_the_same_way_inside_an_async_task() {
         other => panic!("expected a trap, got {other}"),
     }
     assert!(matches!(sleep, PluginError::Timeout { .. }), "{sleep}");
+}
+
+/// `staircase plugin check` as a user runs it.
+fn plugin_check(args: &[&std::ffi::OsStr]) -> (bool, String, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_staircase"))
+        .args(["plugin", "check"])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn plugin_check_describes_a_component_and_fails_clearly_on_a_bad_one() {
+    let dir = Scratch::new("check");
+    let wasm = dir.0.join("model-compressor.wasm");
+    let bytes = std::fs::read(guest_artifact("model-compressor")).unwrap();
+    std::fs::write(&wasm, &bytes).unwrap();
+    let manifest = guest_manifest("fixtures/model-compressor");
+    std::fs::copy(&manifest, dir.0.join("model-compressor.toml")).unwrap();
+    let (ok, stdout, stderr) = plugin_check(&[wasm.as_os_str()]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("model-compressor 0.1.0"), "{stdout}");
+    assert!(stdout.contains("kind          compressor"), "{stdout}");
+    assert!(
+        stdout.contains("staircase:agent/compressor-policy@0.1.0"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("capabilities  model"), "{stdout}");
+
+    // Without the capability it asks for, it is refused, naming both.
+    let (ok, _, stderr) = plugin_check(&[wasm.as_os_str(), "--no-grant".as_ref()]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("model-compressor@0.1.0") && stderr.contains("`model`"),
+        "{stderr}"
+    );
+
+    // A truncated component.
+    let truncated = dir.0.join("truncated.wasm");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    std::fs::copy(&manifest, dir.0.join("truncated.toml")).unwrap();
+    let (ok, _, stderr) = plugin_check(&[truncated.as_os_str()]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("invalid component") && stderr.contains("model-compressor@0.1.0"),
+        "{stderr}"
+    );
+
+    // A missing manifest.
+    let missing = dir.0.join("missing.toml");
+    let (ok, _, stderr) =
+        plugin_check(&[wasm.as_os_str(), "--manifest".as_ref(), missing.as_os_str()]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("missing.toml") && stderr.contains("not found"),
+        "{stderr}"
+    );
 }

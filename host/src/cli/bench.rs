@@ -22,6 +22,10 @@ pub enum Command {
         /// Also save the figures as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Also measure compile vs cached load of these components (`NAME.wasm` with its
+        /// manifest `NAME.toml` beside it), e.g. the Python and JavaScript examples.
+        #[arg(long = "component", value_name = "FILE.wasm")]
+        components: Vec<PathBuf>,
     },
     /// Decode speed with and without speculative decoding, and the k-token forward cost curve.
     Speculation(SpeculationArgs),
@@ -77,13 +81,13 @@ pub fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Engine(args) => engine(args),
         Command::Staircase(args) => staircase::run(args),
-        Command::Plugins { json } => plugins(json),
+        Command::Plugins { json, components } => plugins(json, components),
         Command::Speculation(args) => speculation(args),
     }
 }
 
-fn plugins(json: Option<PathBuf>) -> anyhow::Result<()> {
-    let rows = crate::plugin::bench::run().context("plugin benchmark")?;
+fn plugins(json: Option<PathBuf>, components: Vec<PathBuf>) -> anyhow::Result<()> {
+    let rows = crate::plugin::bench::run_with(&components).context("plugin benchmark")?;
     println!("{:<48} {:>12}  note", "measure", "value");
     for row in &rows {
         println!(

@@ -20,6 +20,9 @@ pub enum Command {
         /// Grant only these capabilities (default: grant what the manifest asks for).
         #[arg(long = "grant", value_name = "CAPABILITY")]
         grants: Option<Vec<Capability>>,
+        /// Grant no capability (checks the plugin as a host that grants none would load it).
+        #[arg(long, conflicts_with = "grants")]
+        no_grant: bool,
     },
     /// List the built-in plugins and those in plugin folders.
     List {
@@ -36,7 +39,12 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             file,
             manifest,
             grants,
-        } => check(file, manifest, grants),
+            no_grant,
+        } => check(
+            file,
+            manifest,
+            if no_grant { Some(Vec::new()) } else { grants },
+        ),
         Command::List { dirs } => list(dirs),
     }
 }

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use super::bindings::{host, model, types};
-use super::runtime::StoreState;
+use super::instance::StoreState;
 use crate::engine::{
     ChatMessage, Engine, GenerationEvent, GenerationRequest, Prompt, Role, SamplingParams,
 };
@@ -162,5 +162,35 @@ pub(crate) fn sampling_from_wit(params: types::GenerationParams) -> SamplingPara
         max_tokens: params.max_tokens,
         stop: params.stop,
         ..SamplingParams::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_estimate_rounds_up_to_whole_tokens() {
+        assert_eq!(approximate_tokens(""), 0);
+        assert_eq!(approximate_tokens("abc"), 1);
+        assert_eq!(approximate_tokens("abcd"), 1);
+        assert_eq!(approximate_tokens("abcde"), 2);
+    }
+
+    #[test]
+    fn wit_and_engine_messages_convert_both_ways() {
+        let message = ChatMessage::new(Role::Assistant, "hi");
+        assert_eq!(chat_from_wit(chat_to_wit(&message)), message);
+        let params = sampling_from_wit(types::GenerationParams {
+            max_tokens: 7,
+            temperature: 0.5,
+            top_p: 0.9,
+            top_k: 40,
+            stop: vec!["\n".into()],
+        });
+        assert_eq!(params.max_tokens, 7);
+        assert_eq!(params.top_k, 40);
+        assert_eq!(params.stop, vec!["\n".to_string()]);
+        assert_eq!(params.seed, SamplingParams::default().seed);
     }
 }

@@ -15,15 +15,17 @@ pub mod builtin;
 mod cache;
 mod error;
 mod host_imports;
+mod instance;
+mod limits;
 pub mod manifest;
 mod policies;
-pub use policies::{AggregatorInstance, CompressorInstance, RoleInstance, RouterInstance};
 mod registry;
 mod runtime;
 mod wasi_io;
 
 pub use error::{PluginError, PluginRef};
 pub use manifest::{Capability, Limits, Manifest};
+pub use policies::{AggregatorInstance, CompressorInstance, RoleInstance, RouterInstance};
 pub use registry::{
     PluginSummary, Registry, RegistryEvent, load_files, manifest_path, read_manifest,
 };

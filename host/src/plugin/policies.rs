@@ -10,7 +10,8 @@ use wasmtime::component::ResourceAny;
 use super::bindings::{aggregator, compressor, role, router};
 use super::error::PluginError;
 use super::host_imports::{chat_from_wit, chat_to_wit, sampling_from_wit};
-use super::runtime::{KindPre, LoadedPlugin, PluginInstance, PluginRuntime};
+use super::instance::PluginInstance;
+use super::runtime::{KindPre, LoadedPlugin, PluginRuntime};
 use crate::engine::{ChatMessage, Role, SamplingParams};
 use crate::pipeline::policy::{
     AggregatorSession, CompressorPolicy, Demand, PluginKind, PolicyError, RoleInput, RolePolicy,

@@ -7,7 +7,7 @@
 //! version replaces the old one only after it compiled, type-checked and passed its canary;
 //! otherwise it is rejected with a logged reason and the old one keeps serving.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, Weak};
@@ -328,7 +328,10 @@ impl Registry {
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
                 if let Ok(event) = event {
-                    if matches!(event.kind, notify::EventKind::Access(_)) {
+                    use notify::event::{AccessKind, AccessMode, EventKind};
+                    // Reads are not changes; a close after writing is (it ends a `cp`).
+                    if matches!(event.kind, EventKind::Access(kind) if kind != AccessKind::Close(AccessMode::Write))
+                    {
                         return;
                     }
                     let now = Instant::now();
@@ -374,11 +377,7 @@ fn reload_loop(registry: Weak<Registry>, rx: Receiver<(PathBuf, Instant)>) {
         let Some(registry) = registry.upgrade() else {
             return;
         };
-        let mut seen = HashSet::new();
         for (wasm, since) in touched {
-            if !seen.insert(wasm.clone()) {
-                continue;
-            }
             if wasm.exists() {
                 let _ = registry.reload(&wasm, since);
             } else {
@@ -488,5 +487,20 @@ impl PolicyProvider for Registry {
 
     fn kind_of(&self, plugin: &str) -> Option<PluginKind> {
         self.get(plugin).map(|p| p.kind())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_manifest_change_reloads_its_component() {
+        let dir = Path::new("/plugins");
+        assert_eq!(plugin_file(&dir.join("a.wasm")), Some(dir.join("a.wasm")));
+        assert_eq!(plugin_file(&dir.join("a.toml")), Some(dir.join("a.wasm")));
+        assert_eq!(plugin_file(&dir.join("a.partial")), None);
+        assert_eq!(plugin_file(&dir.join("README")), None);
+        assert_eq!(manifest_path(&dir.join("a.wasm")), dir.join("a.toml"));
     }
 }

@@ -1,7 +1,8 @@
-//! The sandbox: one wasmtime engine, the linker with the host imports, the epoch ticker,
-//! per-instance stores with limits, and the call wrapper that turns every failure into a
-//! typed [`PluginError`]. Loading a component (compile or cache, type-check, canary) ends in
-//! a [`LoadedPlugin`]; the registry decides which loaded plugin serves a name.
+//! The sandbox: one wasmtime engine (pooling allocator when available), the linker with the
+//! host imports, the epoch ticker, and loading: a component is checked against the
+//! operator's grants and maxima, compiled or taken from the cache, type-checked against its
+//! kind's world and canaried, and becomes a [`LoadedPlugin`]. Instances live in
+//! `instance.rs`; which loaded plugin serves a name is the registry's business.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -11,13 +12,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use wasmtime::component::{Component, Linker, ResourceTable};
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
-use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use super::bindings::{aggregator, compressor, role, router};
 use super::cache::CodeCache;
 use super::error::{PluginError, PluginRef};
+use super::instance::StoreState;
 use super::manifest::{Capability, Manifest};
 use crate::pipeline::policy::PluginKind;
 
@@ -27,8 +28,9 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(2);
 /// The operator's default cap on a plugin's memory: a Python or JavaScript component runs
 /// in well under this, a Rust policy in a few MiB.
 pub const DEFAULT_MAX_MEMORY_MIB: u32 = 256;
-/// The operator's default cap on one call's wall time.
-pub const DEFAULT_MAX_CALL_MS: u32 = 10_000;
+/// The operator's default cap on one call's wall time: a compressor granted the `model`
+/// capability waits for a whole generation inside its call.
+pub const DEFAULT_MAX_CALL_MS: u32 = 60_000;
 /// Largest answer accepted from one call (a step prompt, a history): 1 MiB of text is far
 /// beyond any model context, so more is a runaway plugin.
 pub const DEFAULT_MAX_OUTPUT_BYTES: usize = 1 << 20;
@@ -36,11 +38,6 @@ pub const DEFAULT_MAX_OUTPUT_BYTES: usize = 1 << 20;
 /// results): bounds what the host allocates on a guest's behalf. Above the output limit,
 /// so an oversized answer gets the precise [`PluginError::OutputTooLarge`] instead.
 pub const HOSTCALL_FUEL_BYTES: usize = 16 << 20;
-/// Tables and instances one plugin instance may create: generous for componentize-py and
-/// StarlingMonkey output, small enough to stop a guest that creates them in a loop.
-const MAX_TABLES: usize = 64;
-const MAX_INSTANCES: usize = 256;
-const MAX_TABLE_ELEMENTS: usize = 1 << 20;
 
 // Pooling allocator sizing. Slots are virtual address space reserved up front; memory is
 // committed only when touched, so these bound concurrency, not resident memory.
@@ -51,7 +48,7 @@ const POOL_CORE_INSTANCES: u32 = 2048;
 const POOL_MEMORIES: u32 = 256;
 const POOL_TABLES: u32 = 256;
 const POOL_CORE_INSTANCES_PER_COMPONENT: u32 = 64;
-const POOL_MEMORIES_PER_COMPONENT: u32 = 16;
+pub(crate) const POOL_MEMORIES_PER_COMPONENT: u32 = 16;
 const POOL_TABLES_PER_COMPONENT: u32 = 16;
 /// Python's indirect-call table has tens of thousands of entries.
 const POOL_TABLE_ELEMENTS: usize = 100_000;
@@ -168,14 +165,16 @@ pub struct PluginRuntime {
     pub(crate) inner: Arc<RuntimeInner>,
 }
 
-fn engine_config(pooling: bool) -> Config {
+/// The engine configuration; `pooling` gives the largest memory a pool slot must hold
+/// (the operator's cap, in MiB), `None` allocates on demand.
+fn engine_config(pooling: Option<u32>) -> Config {
     let mut config = Config::new();
     config.wasm_component_model(true);
     config.epoch_interruption(true);
     // Plugins are synchronous; without the concurrency machinery a call costs half.
     config.concurrency_support(false);
     config.parallel_compilation(true);
-    if pooling {
+    if let Some(max_memory_mib) = pooling {
         let mut pool = PoolingAllocationConfig::new();
         pool.total_component_instances(POOL_COMPONENT_INSTANCES)
             .total_core_instances(POOL_CORE_INSTANCES)
@@ -187,7 +186,7 @@ fn engine_config(pooling: bool) -> Config {
             .table_elements(POOL_TABLE_ELEMENTS)
             .max_component_instance_size(POOL_INSTANCE_SIZE)
             .max_core_instance_size(POOL_INSTANCE_SIZE)
-            .max_memory_size((DEFAULT_MAX_MEMORY_MIB as usize) << 20);
+            .max_memory_size((max_memory_mib as usize) << 20);
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     }
     config
@@ -197,7 +196,7 @@ impl PluginRuntime {
     /// Builds the engine (pooling when possible), the linker and the epoch ticker.
     pub fn new(config: HostConfig) -> Result<Self, PluginError> {
         let (engine, pooling) = match config.pooling {
-            true => match Engine::new(&engine_config(true)) {
+            true => match Engine::new(&engine_config(Some(config.max_memory_mib))) {
                 Ok(engine) => (engine, true),
                 Err(error) => {
                     tracing::warn!(%error, "pooling allocator unavailable; allocating on demand");
@@ -320,7 +319,7 @@ impl PluginRuntime {
 }
 
 fn on_demand_engine() -> Result<Engine, PluginError> {
-    Engine::new(&engine_config(false)).map_err(|e| PluginError::Runtime(format!("engine: {e}")))
+    Engine::new(&engine_config(None)).map_err(|e| PluginError::Runtime(format!("engine: {e}")))
 }
 
 /// The pre-instantiated component of one kind (the type check happened when building it).
@@ -395,262 +394,4 @@ impl std::fmt::Debug for LoadedPlugin {
             .field("sha256", &self.sha256)
             .finish()
     }
-}
-
-/// Memory and table limits that remember whether they refused a growth, so a trap after a
-/// refusal is reported as out-of-memory rather than as the guest's abort.
-pub(crate) struct Limiter {
-    memory_bytes: usize,
-    pub(crate) memory_refused: bool,
-}
-
-impl wasmtime::ResourceLimiter for Limiter {
-    fn memory_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        let ok = desired <= self.memory_bytes;
-        self.memory_refused |= !ok;
-        Ok(ok)
-    }
-
-    fn table_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        Ok(desired <= MAX_TABLE_ELEMENTS)
-    }
-
-    fn instances(&self) -> usize {
-        MAX_INSTANCES
-    }
-
-    fn tables(&self) -> usize {
-        MAX_TABLES
-    }
-
-    fn memories(&self) -> usize {
-        POOL_MEMORIES_PER_COMPONENT as usize
-    }
-}
-
-/// What a plugin instance's store holds.
-pub(crate) struct StoreState {
-    wasi: WasiCtx,
-    table: ResourceTable,
-    pub(crate) limiter: Limiter,
-    pub(crate) plugin: PluginRef,
-    pub(crate) config: Arc<BTreeMap<String, String>>,
-    pub(crate) model_granted: bool,
-    pub(crate) engine: Option<Arc<dyn crate::engine::Engine>>,
-    pub(crate) origin: Instant,
-    /// When the current call must end (the `model` import waits at most until then).
-    pub(crate) deadline: Instant,
-}
-
-impl StoreState {
-    pub(crate) fn table_mut(&mut self) -> &mut ResourceTable {
-        &mut self.table
-    }
-}
-
-impl WasiView for StoreState {
-    fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView {
-            ctx: &mut self.wasi,
-            table: &mut self.table,
-        }
-    }
-}
-
-/// One instance of a plugin in its own store. A call that traps, times out or runs out of
-/// memory drops the store; later calls fail with [`PluginError::Poisoned`].
-pub(crate) struct PluginInstance {
-    store: Option<Store<StoreState>>,
-    pub(crate) plugin: Arc<LoadedPlugin>,
-    deadline: Duration,
-    deadline_ticks: u64,
-    max_output: usize,
-}
-
-impl PluginInstance {
-    /// A fresh store for `plugin`, with nothing inherited from the host.
-    pub(crate) fn store(runtime: &PluginRuntime, plugin: &Arc<LoadedPlugin>) -> Self {
-        Self::store_with(runtime, plugin, None)
-    }
-
-    /// A fresh store whose `config` import also sees `overrides` (a pipeline node's
-    /// settings), which win over the operator's values for this plugin.
-    pub(crate) fn store_with(
-        runtime: &PluginRuntime,
-        plugin: &Arc<LoadedPlugin>,
-        overrides: Option<&BTreeMap<String, String>>,
-    ) -> Self {
-        let inner = &runtime.inner;
-        let config = match overrides {
-            Some(overrides) if !overrides.is_empty() => {
-                let mut merged = BTreeMap::clone(&plugin.config);
-                merged.extend(overrides.iter().map(|(k, v)| (k.clone(), v.clone())));
-                Arc::new(merged)
-            }
-            _ => plugin.config.clone(),
-        };
-        // No env, args, preopened folders or stdio (the builder inherits nothing unless
-        // asked); network off explicitly.
-        let wasi = wasmtime_wasi::WasiCtxBuilder::new()
-            .allow_tcp(false)
-            .allow_udp(false)
-            .allow_ip_name_lookup(false)
-            .build();
-        let state = StoreState {
-            wasi,
-            table: ResourceTable::new(),
-            limiter: Limiter {
-                memory_bytes: plugin.manifest.limits.memory_bytes(),
-                memory_refused: false,
-            },
-            plugin: plugin.plugin.clone(),
-            config,
-            model_granted: plugin.model_granted,
-            engine: inner.config.engine.clone(),
-            origin: inner.origin,
-            deadline: Instant::now(),
-        };
-        let mut store = Store::new(&inner.engine, state);
-        store.limiter(|state| &mut state.limiter);
-        store.epoch_deadline_trap();
-        store.set_hostcall_fuel(HOSTCALL_FUEL_BYTES);
-        let deadline = plugin.manifest.limits.call_deadline();
-        // Round up, plus one tick: the current tick may be about to end.
-        let deadline_ticks = deadline.as_nanos().div_ceil(EPOCH_TICK.as_nanos()) as u64 + 1;
-        Self {
-            store: Some(store),
-            plugin: plugin.clone(),
-            deadline,
-            deadline_ticks,
-            max_output: inner.config.max_output_bytes,
-        }
-    }
-
-    pub(crate) fn plugin_ref(&self) -> &PluginRef {
-        &self.plugin.plugin
-    }
-
-    /// Runs one guest call under the deadline, mapping any failure to a typed error and
-    /// dropping the store if it may be corrupt.
-    pub(crate) fn call<R>(
-        &mut self,
-        call: &'static str,
-        f: impl FnOnce(&mut Store<StoreState>) -> wasmtime::Result<R>,
-    ) -> Result<R, PluginError> {
-        let Some(store) = self.store.as_mut() else {
-            return Err(PluginError::Poisoned {
-                plugin: self.plugin.plugin.clone(),
-            });
-        };
-        store.set_epoch_deadline(self.deadline_ticks);
-        store.data_mut().deadline = Instant::now() + self.deadline;
-        // A host function may panic on the guest's behalf: wasmtime-wasi's blocking I/O
-        // (a guest writing to its discarded stdio, e.g. a Rust panic message) runs a tokio
-        // `block_on`, which panics on an async runtime's worker thread. The panic unwinds
-        // out of wasm to here; it fails this call and the instance, never the host.
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(store)));
-        let error = match outcome {
-            Ok(Ok(value)) => return Ok(value),
-            Ok(Err(error)) => {
-                let refused = store.data().limiter.memory_refused;
-                self.classify(call, refused, error)
-            }
-            Err(panic) => PluginError::Trap {
-                plugin: self.plugin.plugin.clone(),
-                call,
-                kind: format!(
-                    "a host call made by the plugin failed: {} (WASI I/O such as printing is \
-                     unavailable when the plugin is called from an async task; use the `log` import)",
-                    panic_message(&panic)
-                ),
-            },
-        };
-        tracing::warn!(%error, "plugin call failed; dropping its instance");
-        self.store = None;
-        Err(error)
-    }
-
-    fn classify(
-        &self,
-        call: &'static str,
-        memory_refused: bool,
-        error: wasmtime::Error,
-    ) -> PluginError {
-        let plugin = self.plugin.plugin.clone();
-        match error.downcast_ref::<wasmtime::Trap>() {
-            Some(wasmtime::Trap::Interrupt) => PluginError::Timeout {
-                plugin,
-                call,
-                deadline: self.deadline,
-            },
-            _ if memory_refused => PluginError::OutOfMemory {
-                plugin,
-                call,
-                limit_mib: self.plugin.manifest.limits.memory_mib,
-            },
-            Some(trap) => PluginError::Trap {
-                plugin,
-                call,
-                kind: trap.to_string(),
-            },
-            None => PluginError::Trap {
-                plugin,
-                call,
-                kind: format!("{error:#}"),
-            },
-        }
-    }
-
-    /// Fails when an answer is larger than the host accepts, dropping the instance.
-    pub(crate) fn check_output(
-        &mut self,
-        call: &'static str,
-        bytes: usize,
-    ) -> Result<(), PluginError> {
-        if bytes > self.max_output {
-            return Err(self.reject(PluginError::OutputTooLarge {
-                plugin: self.plugin.plugin.clone(),
-                call,
-                bytes,
-                limit: self.max_output,
-            }));
-        }
-        Ok(())
-    }
-
-    /// Drops the instance after an answer the host cannot accept: a plugin that produced
-    /// one is in a state nobody should build on.
-    pub(crate) fn reject(&mut self, error: PluginError) -> PluginError {
-        tracing::warn!(%error, "plugin answer rejected; dropping its instance");
-        self.store = None;
-        error
-    }
-
-    /// Instantiation, under the same deadline and error mapping as a call (a component's
-    /// start code runs here).
-    pub(crate) fn instantiate<B>(
-        &mut self,
-        f: impl FnOnce(&mut Store<StoreState>, &KindPre) -> wasmtime::Result<B>,
-    ) -> Result<B, PluginError> {
-        let plugin = self.plugin.clone();
-        self.call("instantiate", |store| f(store, &plugin.pre))
-    }
-}
-
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic".into())
 }

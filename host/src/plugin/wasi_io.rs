@@ -19,7 +19,7 @@ use wasmtime_wasi_io::bindings::wasi::io::streams::{
     Host as AsyncHost, HostInputStream as AsyncInput, HostOutputStream as AsyncOutput,
 };
 
-use super::runtime::StoreState;
+use super::instance::StoreState;
 
 /// How often a pending operation is polled again while it waits: short against call
 /// deadlines (tens of ms), long enough not to spin a core.
