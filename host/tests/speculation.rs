@@ -16,8 +16,8 @@ use staircase::engine::{
     TokenId, Usage,
 };
 use staircase::speculate::{
-    ControllerConfig, CostModel, Distribution, DraftFeed, SpeculationConfig, SplitMix64,
-    SuffixAutomaton, verify, verify_sampled,
+    ControllerConfig, CostModel, Distribution, DraftFeed, DraftSource, SpeculationConfig,
+    SplitMix64, SuffixAutomaton, verify, verify_sampled,
 };
 
 fn random_tokens(rng: &mut SplitMix64, len: usize, alphabet: u64) -> Vec<TokenId> {
@@ -416,7 +416,16 @@ fn corpus(max_tokens: u32) -> Vec<(&'static str, GenerationRequest)> {
         )],
         None,
     );
-    aggregator.draft_feed = Some(feed);
+    aggregator.draft_feed = Some(feed.clone());
+    // Staircase: the proposers' text reaches the aggregator only through the feed.
+    let mut staircase = chat(
+        vec![ChatMessage::new(
+            Role::User,
+            "In two sentences, why do cities build bicycle lanes?",
+        )],
+        None,
+    );
+    staircase.draft_feed = Some(feed);
     vec![
         (
             "list",
@@ -443,6 +452,7 @@ fn corpus(max_tokens: u32) -> Vec<(&'static str, GenerationRequest)> {
             ),
         ),
         ("aggregator", aggregator),
+        ("staircase", staircase),
         (
             "novel",
             chat(
@@ -504,7 +514,16 @@ fn greedy_with_speculation_is_token_identical_for_a_sequence_alone() {
     let spec_kv = speculative
         .wait_for_stats(WAIT, |s| s.live_sequences == 0)
         .expect("speculative engine idle");
+    eprintln!("engine totals: {:?}", spec_kv.speculation);
     assert!(spec_kv.speculation.accepted_tokens > 0);
+    assert!(
+        spec_kv
+            .speculation
+            .by_source
+            .get(&DraftSource::Pipeline)
+            .is_some_and(|s| s.drafted_tokens > 0),
+        "the pipeline feed was drafted from"
+    );
     assert!(
         spec_kv.speculation.accepted_tokens < spec_kv.speculation.drafted_tokens,
         "some drafts were rejected, so rollback was exercised"
@@ -679,4 +698,20 @@ fn kv_rollback_leaves_the_cache_as_if_rejected_tokens_were_never_decoded() {
     let stale_diff = max_diff(&expected, &stale);
     eprintln!("draft left in the cache: max logit difference {stale_diff:e}");
     assert!(stale_diff > 1e-2, "the control should see the stale draft");
+}
+
+/// Sampled requests go through the same verification (a draft token is kept when the
+/// sampled token equals it) and finish normally with speculation counted.
+#[test]
+fn sampled_requests_speculate_and_finish() {
+    let _guard = serial();
+    let speculative = engine(eager_speculation(), false);
+    let (_, mut request) = corpus(48).into_iter().next().expect("corpus");
+    request.sampling.temperature = 0.7;
+    request.sampling.seed = 7;
+    let answer = collect(speculative.submit(request).unwrap());
+    assert!(!answer.tokens.is_empty());
+    let stats = answer.usage.speculation.expect("speculation stats");
+    assert!(stats.drafted_tokens > 0);
+    assert!(stats.tokens_per_forward() >= 1.0);
 }

@@ -40,10 +40,10 @@ pub struct SpeculationArgs {
     #[arg(long)]
     threads: Option<usize>,
     /// Tokens generated per workload run.
-    #[arg(long, default_value_t = 160)]
+    #[arg(long, default_value_t = 200)]
     max_tokens: u32,
-    /// Runs per workload and engine; the fastest counts.
-    #[arg(long, default_value_t = 2)]
+    /// Runs per workload and engine (speed: the fastest run; ratio: the median of pairs).
+    #[arg(long, default_value_t = 3)]
     repeats: usize,
     /// Flash attention in both engines (batch-invariant kernels: outputs must be identical).
     #[arg(long)]

@@ -77,8 +77,9 @@ impl CostModel {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ControllerConfig {
-    /// Longest draft ever proposed. 16 is where the measured cost curve ends; past it each
-    /// token costs about half a step, so only near-certain drafts would pay.
+    /// Longest draft ever proposed. On Q4_1 each token past ~8 costs about half a step, so
+    /// the controller rarely goes this far; on Q8_0 a 32-token forward costs ~9 steps and a
+    /// re-emitted block of code pays for it.
     pub max_draft: usize,
     /// Shortest match worth drafting from: one shared token predicts little.
     pub min_match: u32,
@@ -96,7 +97,7 @@ pub struct ControllerConfig {
 impl Default for ControllerConfig {
     fn default() -> Self {
         Self {
-            max_draft: 16,
+            max_draft: 32,
             min_match: 2,
             min_gain: 1.05,
             prior_weight: 2.0,
@@ -108,15 +109,22 @@ impl Default for ControllerConfig {
 /// Match-length buckets: a long match predicts its continuation far better than a short one.
 const BUCKET_EDGES: [u32; 3] = [4, 8, 16];
 
-/// Prior per-token acceptance for each bucket: low for short matches so novel text does not
-/// draft on chance n-gram repeats; high for long ones (copied phrases, re-emitted code).
-const PRIOR_ACCEPTANCE: [f64; 4] = [0.5, 0.65, 0.8, 0.9];
+/// Prior per-token acceptance for each bucket: for short matches below what pays on the
+/// measured cost curve, so novel text does not draft on chance n-gram repeats (the free
+/// shadow evidence of plain steps lifts the estimate once the text is being copied); for
+/// long matches (copied phrases, re-emitted code, loops) high, as measured on agent text.
+const PRIOR_ACCEPTANCE: [f64; 4] = [0.4, 0.6, 0.85, 0.95];
+
+/// How much more the prior weighs in each bucket than `prior_weight`: a long match is
+/// strong evidence of its own (novel text almost never repeats 8 tokens), so misses of short
+/// matches elsewhere in the sequence must not talk it down quickly.
+const PRIOR_STRENGTH: [f64; 4] = [1.0, 1.0, 2.0, 4.0];
 
 fn bucket(match_len: u32) -> usize {
     BUCKET_EDGES.iter().take_while(|&&e| match_len >= e).count()
 }
 
-/// Decayed evidence of per-token acceptance in one bucket.
+/// Decayed evidence of per-token acceptance for matches of one length bucket.
 #[derive(Clone, Copy, Debug, Default)]
 struct Evidence {
     accepted: f64,
@@ -129,6 +137,7 @@ struct Evidence {
 pub struct DraftController {
     config: ControllerConfig,
     cost: CostModel,
+    /// Per match-length bucket: short matches fail often even while long ones copy well.
     evidence: [Evidence; 4],
 }
 
@@ -149,7 +158,7 @@ impl DraftController {
     pub fn acceptance(&self, match_len: u32) -> f64 {
         let b = bucket(match_len);
         let e = self.evidence[b];
-        let w = self.config.prior_weight;
+        let w = self.config.prior_weight * PRIOR_STRENGTH[b];
         (e.accepted + w * PRIOR_ACCEPTANCE[b]) / (e.accepted + e.rejected + w)
     }
 
@@ -188,9 +197,11 @@ impl DraftController {
         }
     }
 
-    /// Records, for a step decoded without a draft, whether the draft's first token would
-    /// have been accepted. Free evidence: it lets a sequence that entered a copying stretch
-    /// start drafting without paying for a probe, and keeps a sequence on novel text off.
+    /// Records, for a step decoded without a draft, whether the next token of a declined
+    /// draft would have been accepted (one shadow draft is followed token by token until it
+    /// misses, so hits and misses count as a real draft's would). Free evidence: a sequence
+    /// that entered a copying stretch starts drafting without paying for a probe, and one on
+    /// novel text stays off.
     pub fn record_shadow(&mut self, match_len: u32, hit: bool) {
         self.record(match_len, 1, usize::from(hit));
     }

@@ -44,8 +44,8 @@ impl BenchConfig {
         Self {
             model_path: model_path.into(),
             threads: None,
-            max_tokens: 160,
-            repeats: 2,
+            max_tokens: 200,
+            repeats: 3,
             cost_points: vec![1, 2, 3, 4, 6, 8, 12, 16, 24, 32],
             cost_context: 200,
             flash_attention: false,
@@ -130,12 +130,12 @@ pub fn run(config: &BenchConfig) -> Result<SpeculationReport, EngineError> {
 const FLASH_ATTENTION_ENABLED: i32 = 1;
 
 /// Times forwards of k tokens (logits at every position, as verification needs) on top of
-/// `cost_context` cached tokens, removing them from the KV cache after each, best of 8.
+/// `cost_context` cached tokens, removing them from the KV cache after each, best of 12.
 pub fn measure_cost_curve(
     config: &BenchConfig,
     threads: usize,
 ) -> Result<Vec<CostPoint>, EngineError> {
-    const TRIES: usize = 8;
+    const TRIES: usize = 12;
     let model = load_model(&config.model_path)?;
     let max_k = config.cost_points.iter().copied().max().unwrap_or(1) as usize;
     let batch_tokens = config.cost_context.max(max_k);
@@ -211,6 +211,13 @@ pub struct Workload {
     pub feed: Vec<(&'static str, &'static str)>,
 }
 
+/// The aggregator instruction of the built-in `moa` plugin (the Mixture-of-Agents paper's).
+const MOA_INSTRUCTION: &str = "You have been provided with a set of responses from various \
+open-source models to the latest user query. Your task is to synthesize these responses into a \
+single, high-quality response. Critically evaluate the information, recognizing that some of \
+it may be biased or incorrect. Do not simply replicate the given answers; offer a refined, \
+accurate and comprehensive reply.";
+
 const QUESTION: &str = "Why do cities build bicycle lanes?";
 
 const PROPOSER_ANSWERS: [&str; 3] = [
@@ -231,26 +238,21 @@ def primes_below(limit):\n    return [n for n in range(limit) if is_prime(n)]\n`
 
 /// The three workloads of the benchmark.
 pub fn workloads() -> Vec<Workload> {
-    let answers = PROPOSER_ANSWERS
+    let responses = PROPOSER_ANSWERS
         .iter()
         .enumerate()
-        .map(|(i, a)| format!("Answer {}: {a}", i + 1))
+        .map(|(i, a)| format!("{}. {a}", i + 1))
         .collect::<Vec<_>>()
-        .join("\n\n");
+        .join("\n");
     vec![
         Workload {
             name: "aggregator",
-            description: "aggregator synthesising three given proposer answers",
+            description: "MoA aggregator (the built-in moa plugin's prompt) over three given answers",
             messages: vec![
-                ChatMessage::new(
-                    Role::System,
-                    "You combine several answers into one. Keep their sentences where they are good.",
-                ),
+                ChatMessage::new(Role::System, MOA_INSTRUCTION),
                 ChatMessage::new(
                     Role::User,
-                    format!(
-                        "Question: {QUESTION}\n\n{answers}\n\nWrite one combined answer that uses the sentences above."
-                    ),
+                    format!("{QUESTION}\n\nResponses from models:\n{responses}"),
                 ),
             ],
             assistant_prefix: None,
@@ -361,7 +363,8 @@ pub struct WorkloadReport {
     pub completion_tokens: u32,
     pub plain_tok_s: f64,
     pub speculative_tok_s: f64,
-    /// speculative / plain.
+    /// Median over repeats of speculative / plain, each pair run back to back so a change
+    /// of machine load hits both (more robust than the ratio of the best rates).
     pub ratio: f64,
     /// Greedy outputs token for token equal.
     pub identical: bool,
@@ -383,15 +386,19 @@ pub fn compare(
     for workload in workloads() {
         let mut best_plain: Option<RunOutcome> = None;
         let mut best_spec: Option<RunOutcome> = None;
+        let mut paired = Vec::new();
         for _ in 0..repeats.max(1) {
             let p = run_once(plain, &workload, max_tokens)?;
+            let s = run_once(speculative, &workload, max_tokens)?;
+            if p.decode_tok_s > 0.0 {
+                paired.push(s.decode_tok_s / p.decode_tok_s);
+            }
             if best_plain
                 .as_ref()
                 .is_none_or(|b| p.decode_tok_s > b.decode_tok_s)
             {
                 best_plain = Some(p);
             }
-            let s = run_once(speculative, &workload, max_tokens)?;
             if best_spec
                 .as_ref()
                 .is_none_or(|b| s.decode_tok_s > b.decode_tok_s)
@@ -416,11 +423,7 @@ pub fn compare(
             completion_tokens: s.usage.completion_tokens,
             plain_tok_s: p.decode_tok_s,
             speculative_tok_s: s.decode_tok_s,
-            ratio: if p.decode_tok_s > 0.0 {
-                s.decode_tok_s / p.decode_tok_s
-            } else {
-                0.0
-            },
+            ratio: median(&mut paired),
             identical: first_difference.is_none(),
             first_difference,
             speculation: s.usage.speculation.clone().unwrap_or_default(),
@@ -428,6 +431,19 @@ pub fn compare(
         });
     }
     Ok(reports)
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    }
 }
 
 /// What the automaton itself costs (so its share of a ~30 ms step is visible).

@@ -78,9 +78,12 @@ pub struct Speculator {
     pipeline: Option<PipelineSource>,
     controller: DraftController,
     stats: SpeculationStats,
-    /// The draft that was on offer when the controller chose not to draft, checked against
-    /// the token the step produced (see `DraftController::record_shadow`).
-    shadow: Option<(u32, TokenId)>,
+    /// The draft that was on offer when the controller chose not to draft, checked token by
+    /// token against what the following plain steps produce, as a real draft would have been
+    /// (see `DraftController::record_shadow`). Emptied at its first miss.
+    shadow: Vec<TokenId>,
+    /// Match length behind the shadow's next token.
+    shadow_match: u32,
 }
 
 impl Speculator {
@@ -93,7 +96,8 @@ impl Speculator {
             pipeline: feed.map(PipelineSource::new),
             controller: DraftController::new(config.controller.clone(), config.cost.clone()),
             stats: SpeculationStats::default(),
-            shadow: None,
+            shadow: Vec::new(),
+            shadow_match: 0,
         }
     }
 
@@ -162,10 +166,23 @@ impl Speculator {
             .as_ref()
             .map_or((0, 0), |(m, tokens, _)| (m.len, tokens.len()));
         let k = self.controller.choose(m, available, batch_tokens);
-        self.shadow = best
-            .as_ref()
-            .filter(|_| k == 0)
-            .and_then(|(m, tokens, _)| tokens.first().map(|&t| (m.len, t)));
+        tracing::trace!(
+            match_len = m,
+            available,
+            batch_tokens,
+            acceptance = self.controller.acceptance(m),
+            k,
+            "draft decision"
+        );
+        if k > 0 {
+            self.shadow.clear();
+        } else if self.shadow.is_empty()
+            && let Some((_, tokens, _)) = &best
+        {
+            // Reversed, so the next token to check is at the end.
+            self.shadow = tokens.iter().rev().copied().collect();
+            self.shadow_match = m;
+        }
         let (m, mut tokens, source) = best.filter(|_| k > 0)?;
         tokens.truncate(k);
         Some(Draft {
@@ -181,10 +198,16 @@ impl Speculator {
         if let Some(d) = draft {
             self.controller
                 .record(d.match_len, d.tokens.len(), accepted);
-        } else if let (Some((match_len, token)), Some(&first)) = (self.shadow, emitted.first()) {
-            self.controller.record_shadow(match_len, token == first);
+        } else if let (Some(&expected), Some(&first)) = (self.shadow.last(), emitted.first()) {
+            let hit = expected == first;
+            self.controller.record_shadow(self.shadow_match, hit);
+            if hit {
+                self.shadow.pop();
+                self.shadow_match += 1;
+            } else {
+                self.shadow.clear();
+            }
         }
-        self.shadow = None;
         let drafted = draft.map_or(0, |d| d.tokens.len());
         self.stats
             .record_step(draft.map(|d| d.source), drafted, accepted, emitted.len());
@@ -236,6 +259,29 @@ mod tests {
             spec.stats().by_source[&DraftSource::Pipeline].accepted_tokens,
             2
         );
+    }
+
+    #[test]
+    fn shadow_hits_switch_drafting_on_while_copying() {
+        let mut spec = Speculator::new(&SpeculationConfig::default(), None);
+        let phrase = toks(" the quick brown fox jumps over the lazy dog");
+        spec.observe(&toks("intro:"));
+        spec.observe(&phrase);
+        spec.observe(&toks(" and then"));
+        // Plain steps copy the phrase; each offers a draft the controller declines at first.
+        let mut drafted_at = None;
+        for (i, &token) in phrase.iter().enumerate() {
+            if let Some(d) = spec.draft(None, 1, 16) {
+                assert_eq!(d.source, DraftSource::Request);
+                assert!(phrase[i..].starts_with(&d.tokens));
+                drafted_at = Some(i);
+                break;
+            }
+            spec.record(None, 0, &[token]);
+        }
+        let at = drafted_at.expect("copying switched drafting on");
+        assert!(at >= 2, "the prior alone never drafts (drafted at {at})");
+        assert!(at < 12, "a few free hits suffice (drafted at {at})");
     }
 
     #[test]

@@ -83,24 +83,35 @@ impl SessionStore {
         min_len: u32,
         max_len: usize,
     ) -> Option<(Match, Vec<TokenId>)> {
-        let mut best: Option<(Match, Vec<TokenId>)> = None;
         // Newest first, so equal matches prefer recent sessions.
-        for automaton in self.segments.iter_mut().rev() {
-            let m = automaton.with_continuation(automaton.match_suffix(window));
-            if best.as_ref().is_some_and(|(b, _)| b.len >= m.len) || m.len < min_len.max(1) {
-                continue;
-            }
-            let draft = automaton.draft(m, max_len, is_separator);
-            if !draft.is_empty() {
-                best = Some((m, draft));
-            }
-        }
-        best
+        best_draft_of(self.segments.iter_mut().rev(), window, min_len, max_len)
     }
 }
 
 pub(super) fn is_separator(token: TokenId) -> bool {
     token.0 < 0
+}
+
+/// The longest match (at least `min_len`, earlier automata winning ties) of a suffix of
+/// `window` in any of `automata` that has a non-empty draft, with that draft.
+fn best_draft_of<'a>(
+    automata: impl Iterator<Item = &'a mut SuffixAutomaton>,
+    window: &[TokenId],
+    min_len: u32,
+    max_len: usize,
+) -> Option<(Match, Vec<TokenId>)> {
+    let mut best: Option<(Match, Vec<TokenId>)> = None;
+    for automaton in automata {
+        let m = automaton.with_continuation(automaton.match_suffix(window));
+        if best.as_ref().is_some_and(|(b, _)| b.len >= m.len) || m.len < min_len.max(1) {
+            continue;
+        }
+        let draft = automaton.draft(m, max_len, is_separator);
+        if !draft.is_empty() {
+            best = Some((m, draft));
+        }
+    }
+    best
 }
 
 /// One piece a pipeline pushed into a stream.
@@ -234,19 +245,8 @@ impl PipelineSource {
         min_len: u32,
         max_len: usize,
     ) -> Option<(Match, Vec<TokenId>)> {
-        let mut best: Option<(Match, Vec<TokenId>)> = None;
-        for state in self.streams.values_mut() {
-            let automaton = &mut state.automaton;
-            let m = automaton.with_continuation(automaton.match_suffix(window));
-            if best.as_ref().is_some_and(|(b, _)| b.len >= m.len) || m.len < min_len.max(1) {
-                continue;
-            }
-            let draft = automaton.draft(m, max_len, is_separator);
-            if !draft.is_empty() {
-                best = Some((m, draft));
-            }
-        }
-        best
+        let automata = self.streams.values_mut().map(|s| &mut s.automaton);
+        best_draft_of(automata, window, min_len, max_len)
     }
 }
 
