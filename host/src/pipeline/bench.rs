@@ -21,6 +21,7 @@ use super::runtime::{RunError, RunReport, RunRequest, Runner};
 use super::spec::Pipeline;
 use crate::engine::{ChatMessage, Engine, GenerationEvent, GenerationRequest, Role};
 use crate::trace::EventKind;
+use crate::trace::chrome::ChromeTrace;
 
 /// Prompts of the benchmark: short questions whose answers need a few paragraphs.
 pub const PROMPTS: &[&str] = &[
@@ -130,6 +131,9 @@ pub struct BenchReport {
     pub answer_tokens: u32,
     pub results: Vec<PromptResult>,
     pub summary: Summary,
+    /// The first prompt's staircase run, for its timeline chart.
+    #[serde(skip)]
+    pub staircase_trace: Option<ChromeTrace>,
 }
 
 /// Time to first token and total time of `engine` answering `prompt` alone.
@@ -205,6 +209,7 @@ pub async fn run(
     }
 
     let mut results = Vec::new();
+    let mut staircase_trace = None;
     for prompt in &options.prompts {
         tracing::info!(prompt, "bench: single model");
         let single = single(engine, prompt, options.answer_tokens).await?;
@@ -224,6 +229,9 @@ pub async fn run(
                 None,
             )
             .await?;
+        if staircase_trace.is_none() {
+            staircase_trace = Some(staircase.trace());
+        }
         results.push(PromptResult {
             prompt: prompt.clone(),
             single,
@@ -275,6 +283,7 @@ pub async fn run(
         answer_tokens: options.answer_tokens,
         results,
         summary,
+        staircase_trace,
     })
 }
 

@@ -53,5 +53,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     std::fs::write(&svg, report.svg())
         .with_context(|| format!("cannot write {}", svg.display()))?;
     println!("wrote {} and {}", json.display(), svg.display());
+    if let Some(trace) = &report.staircase_trace {
+        let trace_json = args.out.join("bench-staircase-timeline.json");
+        let trace_svg = args.out.join("bench-staircase-timeline.svg");
+        std::fs::write(&trace_json, trace.to_json())
+            .with_context(|| format!("cannot write {}", trace_json.display()))?;
+        std::fs::write(&trace_svg, crate::trace::svg::render(trace)?)
+            .with_context(|| format!("cannot write {}", trace_svg.display()))?;
+        println!(
+            "wrote the first staircase run's timeline: {} and {}",
+            trace_json.display(),
+            trace_svg.display()
+        );
+    }
     Ok(())
 }
