@@ -842,7 +842,7 @@ fn every_example_pipeline_answers_in_both_modes_and_a_cancelled_run_frees_the_en
     use staircase::pipeline::examples::BUILTIN;
     use staircase::pipeline::setup;
 
-    let setup = setup::open(None).expect("the default model and built-in plugins load");
+    let setup = setup::open(None, &[]).expect("the default model and built-in plugins load");
     let tokio = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -42,12 +42,19 @@ pub struct Args {
     /// A GGUF model file to run instead of the default model.
     #[arg(long, value_name = "PATH.gguf")]
     model: Option<PathBuf>,
+    /// Also load the plugins (`NAME.wasm` + `NAME.toml`) in this folder; repeatable. The
+    /// user's plugin folder is always loaded when it exists.
+    #[arg(long = "plugins", value_name = "DIR")]
+    plugin_dirs: Vec<PathBuf>,
 }
 
 /// The runner every pipeline command uses: the local engine on `model` (the default model,
 /// fetched on first use, when `None`) and the plugin registry with the built-in plugins.
-pub(crate) fn open_runner(model: Option<&Path>) -> anyhow::Result<(Runner, Arc<dyn Engine>)> {
-    let setup = crate::pipeline::setup::open(model)?;
+pub(crate) fn open_runner(
+    model: Option<&Path>,
+    plugin_dirs: &[PathBuf],
+) -> anyhow::Result<(Runner, Arc<dyn Engine>)> {
+    let setup = crate::pipeline::setup::open(model, plugin_dirs)?;
     Ok((setup.runner, setup.engine))
 }
 
@@ -65,7 +72,7 @@ pub(crate) fn load_pipeline(
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let pipeline = load_pipeline(&args.pipeline, args.max_tokens)?;
-    let (runner, _engine) = open_runner(args.model.as_deref())?;
+    let (runner, _engine) = open_runner(args.model.as_deref(), &args.plugin_dirs)?;
     runner.check(&pipeline)?;
     let view = if args.json {
         View::Quiet

@@ -27,11 +27,15 @@ pub struct Args {
     /// A GGUF model file to run instead of the default model.
     #[arg(long, value_name = "PATH.gguf")]
     model: Option<PathBuf>,
+    /// Also load the plugins in this folder; repeatable.
+    #[arg(long = "plugins", value_name = "DIR")]
+    plugin_dirs: Vec<PathBuf>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let pipeline = super::super::run::load_pipeline(&args.pipeline, None)?;
-    let (runner, engine) = super::super::run::open_runner(args.model.as_deref())?;
+    let (runner, engine) =
+        super::super::run::open_runner(args.model.as_deref(), &args.plugin_dirs)?;
     let options = BenchOptions {
         pipeline,
         prompts: bench::PROMPTS
