@@ -137,6 +137,7 @@ impl PrefixCache {
     }
 
     fn node_mut(&mut self, index: usize) -> &mut Node {
+        // Same invariant as `node`.
         self.nodes[index].as_mut().expect("live node index")
     }
 
@@ -349,6 +350,7 @@ impl PrefixCache {
             };
             self.entries.remove(&slot);
             for &index in &path {
+                // `exclusive_path` walked these nodes just now, so they are live.
                 let node = self.nodes[index].take().expect("live node index");
                 self.cells -= node.edge.len();
                 if let Some(parent) = node.parent

@@ -289,10 +289,19 @@ impl<'m> Runner<'m> {
                 .cache
                 .as_mut()
                 .and_then(|c| c.lookup(&pending.tokens, prompt_len - 1));
+            let mut cached = 0;
             if let (Some(hit), Some(cache)) = (hit, self.cache.as_mut()) {
                 cache.lock(hit.node);
+                // Copy now, before any eviction below can free `hit.slot`. Inside the unified
+                // KV cache this shares the prefix cells; no data is copied.
+                let copied =
+                    self.ctx
+                        .copy_kv_cache_seq(hit.slot.0, slot.0, Some(0), Some(hit.len as u32));
+                match copied {
+                    Ok(()) => cached = hit.len,
+                    Err(error) => tracing::warn!(%error, "prefix copy failed; prefilling in full"),
+                }
             }
-            let cached = hit.map_or(0, |h| h.len);
             let total = (prompt_len + pending.sampling.max_tokens as usize).min(self.n_ctx);
             let need = total - cached;
             let used = self.reserved_cells() + self.cache_cells();
@@ -308,18 +317,9 @@ impl<'m> Runner<'m> {
                 if let (Some(hit), Some(cache)) = (hit, self.cache.as_mut()) {
                     cache.unlock(hit.node);
                 }
-                self.free_slots.push(slot);
+                self.free_slot(slot);
                 self.queue.insert(0, (order, pending));
                 return;
-            }
-            if let Some(hit) = hit {
-                // Shares the prefix cells inside the unified KV cache; no data is copied.
-                let copied =
-                    self.ctx
-                        .copy_kv_cache_seq(hit.slot.0, slot.0, Some(0), Some(hit.len as u32));
-                if let Err(error) = copied {
-                    tracing::warn!(%error, "prefix copy failed; prefilling in full");
-                }
             }
             let sampler =
                 (pending.sampling.temperature > 0.0).then(|| build_sampler(&pending.sampling));
