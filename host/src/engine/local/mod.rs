@@ -30,7 +30,7 @@ pub use template::ChatTemplate;
 
 use self::runner::{Command, Pending, Runner, Shared};
 use super::{Engine, EngineError, GenerationRequest, GenerationStream, ModelInfo, Prompt, TokenId};
-use crate::speculate::{SpeculationConfig, SpeculationStats};
+use crate::speculate::{CostModel, SpeculationConfig, SpeculationStats};
 
 /// Context size when the model's training context is larger: a 135M model rarely needs more,
 /// and every cell in use widens attention for all sequences in llama.cpp's unified cache.
@@ -205,6 +205,23 @@ pub fn context_params(
         .with_n_threads_batch(threads as i32)
 }
 
+/// The speculation settings for `model`: unless the caller set a cost curve, the one measured
+/// for the model's quantization (drafting pays much sooner where verifying is cheap).
+fn speculation_for(model: &LlamaModel, config: &SpeculationConfig) -> SpeculationConfig {
+    let mut config = config.clone();
+    if config.cost == CostModel::default()
+        && let Some(cost) = model
+            .meta_val_str("general.file_type")
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .and_then(CostModel::for_file_type)
+    {
+        tracing::debug!(?cost, "speculation cost curve for the model's quantization");
+        config.cost = cost;
+    }
+    config
+}
+
 impl LocalEngine {
     /// Loads the model, creates the context and starts the engine thread.
     pub fn load(config: LocalEngineConfig) -> Result<Self, EngineError> {
@@ -222,7 +239,7 @@ impl LocalEngine {
             sequence_slots: max_running + if config.prefix_cache { CACHE_SLOTS } else { 0 },
             prefix_cache: config.prefix_cache,
             cache_budget_cells: config.cache_budget_cells,
-            speculation: config.speculation.clone(),
+            speculation: speculation_for(&model, &config.speculation),
         };
         let vocab = model.vocab();
         let bos = vocab.bos();
