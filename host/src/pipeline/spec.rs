@@ -1111,6 +1111,21 @@ inputs = ["a"]
     }
 
     #[test]
+    fn token_limits_cap_nodes_and_proposer_lengths_apply_to_sources_only() {
+        let mut p = Pipeline::parse(GOOD, "good.toml").unwrap();
+        p.limit_tokens(16);
+        assert!(p.nodes.iter().all(|n| n.params.max_tokens == Some(16)));
+        p.set_proposer_tokens(512);
+        let final_node = p.node(p.output);
+        assert_eq!(final_node.params.max_tokens, Some(16));
+        let a = p.node(p.find("a").unwrap());
+        assert_eq!(
+            (a.params.max_tokens, a.expected_tokens),
+            (Some(512), Some(512))
+        );
+    }
+
+    #[test]
     fn routed_nodes_check_the_router_and_every_model() {
         let routed = GOOD.replacen(
             "model = \"default\"\nmax_tokens",
