@@ -1,5 +1,7 @@
 //! `staircase bench`.
 
+mod staircase;
+
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -13,6 +15,18 @@ use crate::engine::local::bench::{
 pub enum Command {
     /// The local engine against a bare llama.cpp loop, batching, and warm-prefix TTFT.
     Engine(EngineArgs),
+    /// Single model vs layered vs staircase Mixture-of-Agents: TTFT, total time, cache use.
+    Staircase(staircase::Args),
+    /// What the plugin host costs: per-chunk calls, instantiation, cached loading, hot reload.
+    Plugins {
+        /// Also save the figures as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Also measure compile vs cached load of these components (`NAME.wasm` with its
+        /// manifest `NAME.toml` beside it), e.g. the Python and JavaScript examples.
+        #[arg(long = "component", value_name = "FILE.wasm")]
+        components: Vec<PathBuf>,
+    },
     /// Decode speed with and without speculative decoding, and the k-token forward cost curve.
     Speculation(SpeculationArgs),
 }
@@ -66,8 +80,26 @@ pub struct EngineArgs {
 pub fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Engine(args) => engine(args),
+        Command::Staircase(args) => staircase::run(args),
+        Command::Plugins { json, components } => plugins(json, components),
         Command::Speculation(args) => speculation(args),
     }
+}
+
+fn plugins(json: Option<PathBuf>, components: Vec<PathBuf>) -> anyhow::Result<()> {
+    let rows = crate::plugin::bench::run_with(&components).context("plugin benchmark")?;
+    println!("{:<48} {:>12}  note", "measure", "value");
+    for row in &rows {
+        println!(
+            "{:<48} {:>9.2} {:<2}  {}",
+            row.name, row.value, row.unit, row.note
+        );
+    }
+    if let Some(path) = json {
+        std::fs::write(&path, serde_json::to_string_pretty(&rows)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }
 
 fn speculation(args: SpeculationArgs) -> anyhow::Result<()> {

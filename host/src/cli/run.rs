@@ -1,9 +1,410 @@
-//! `staircase run`.
+//! `staircase run`: runs a pipeline on a prompt and streams its answer.
+//!
+//! On a terminal it shows one live line per agent (tokens so far, tokens/s) above the
+//! answer as it grows; otherwise it prints the answer as plain text; `--json` prints the
+//! whole report instead. Ctrl-C drops the run, which cancels every node.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::sync::mpsc;
+
+use crate::engine::Engine;
+use crate::pipeline::policy::StreamMode;
+use crate::pipeline::{self, NodeIndex, Pipeline, RunEvent, RunReport, RunRequest, Runner};
 
 /// Arguments of `staircase run`.
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// The question or task.
+    prompt: String,
+    /// A pipeline file, or a built-in pipeline: moa, moa-2layer, debate, plan-and-write.
+    #[arg(long, default_value = pipeline::DEFAULT_PIPELINE)]
+    pipeline: String,
+    /// `staircase`: aggregators start on their inputs' first chunks; `layered`: they wait
+    /// for complete inputs (the classic Mixture-of-Agents).
+    #[arg(long, value_enum, default_value_t = StreamMode::Staircase)]
+    mode: StreamMode,
+    /// Write the run's timeline as Chrome trace JSON (open in Perfetto, or draw it with
+    /// `staircase trace render`).
+    #[arg(long, value_name = "FILE.json")]
+    trace: Option<PathBuf>,
+    /// Print a JSON report (answer, per-node timings, TTFT, critical paths, cache stats)
+    /// instead of streaming the answer.
+    #[arg(long)]
+    json: bool,
+    /// Cap every node's output at this many tokens.
+    #[arg(long)]
+    max_tokens: Option<u32>,
+    /// A GGUF model file to run instead of the default model.
+    #[arg(long, value_name = "PATH.gguf")]
+    model: Option<PathBuf>,
+    /// Also load the plugins (`NAME.wasm` + `NAME.toml`) in this folder; repeatable. The
+    /// user's plugin folder is always loaded when it exists.
+    #[arg(long = "plugins", value_name = "DIR")]
+    plugin_dirs: Vec<PathBuf>,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`staircase run` is not available in this build yet")
+/// The runner every pipeline command uses: the local engine on `model` (the default model,
+/// fetched on first use, when `None`) and the plugin registry with the built-in plugins.
+pub(crate) fn open_runner(
+    model: Option<&Path>,
+    plugin_dirs: &[PathBuf],
+) -> anyhow::Result<(Runner, Arc<dyn Engine>)> {
+    let setup = crate::pipeline::setup::open(model, plugin_dirs)?;
+    Ok((setup.runner, setup.engine))
+}
+
+/// Loads a pipeline by file or name, with an optional token cap.
+pub(crate) fn load_pipeline(
+    file_or_name: &str,
+    max_tokens: Option<u32>,
+) -> anyhow::Result<Pipeline> {
+    let mut pipeline = pipeline::load(file_or_name)?;
+    if let Some(max) = max_tokens {
+        pipeline.limit_tokens(max);
+    }
+    Ok(pipeline)
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let pipeline = load_pipeline(&args.pipeline, args.max_tokens)?;
+    let (runner, _engine) = open_runner(args.model.as_deref(), &args.plugin_dirs)?;
+    runner.check(&pipeline)?;
+    let view = if args.json {
+        View::Quiet
+    } else if std::io::stdout().is_terminal() {
+        View::Live(Live::new(&pipeline))
+    } else {
+        View::Plain
+    };
+    let report = super::runtime()?.block_on(drive(&runner, &pipeline, &args, view))?;
+    if let Some(path) = &args.trace {
+        std::fs::write(path, report.trace().to_json())
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!("trace written to {}", path.display());
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    Ok(())
+}
+
+async fn drive(
+    runner: &Runner,
+    pipeline: &Pipeline,
+    args: &Args,
+    mut view: View,
+) -> anyhow::Result<RunReport> {
+    let (tx, mut events) = mpsc::unbounded_channel();
+    let request = RunRequest::prompt(args.prompt.clone(), args.mode);
+    let run = runner.run(pipeline, request, Some(tx));
+    tokio::pin!(run);
+    let result = loop {
+        tokio::select! {
+            result = &mut run => break result,
+            Some(event) = events.recv() => view.on_event(pipeline, &event)?,
+            _ = tokio::signal::ctrl_c() => {
+                view.abandon();
+                anyhow::bail!("interrupted; every node was cancelled");
+            }
+        }
+    };
+    // Events sent just before the run returned.
+    while let Ok(event) = events.try_recv() {
+        view.on_event(pipeline, &event)?;
+    }
+    match result {
+        Ok(report) => {
+            view.done(pipeline, &report)?;
+            Ok(report)
+        }
+        Err(error) => {
+            view.abandon();
+            Err(error.into())
+        }
+    }
+}
+
+enum View {
+    /// `--json`: nothing until the report.
+    Quiet,
+    /// Not a terminal: the answer as it streams, nothing else.
+    Plain,
+    Live(Live),
+}
+
+impl View {
+    fn on_event(&mut self, pipeline: &Pipeline, event: &RunEvent) -> anyhow::Result<()> {
+        match self {
+            View::Quiet => {}
+            View::Plain => {
+                if let RunEvent::NodeDelta { node, text, .. } = event
+                    && *node == pipeline.output
+                {
+                    let mut out = std::io::stdout().lock();
+                    out.write_all(text.as_bytes())?;
+                    out.flush()?;
+                }
+            }
+            View::Live(live) => live.on_event(pipeline, event)?,
+        }
+        Ok(())
+    }
+
+    fn done(&mut self, pipeline: &Pipeline, report: &RunReport) -> anyhow::Result<()> {
+        match self {
+            View::Quiet => {}
+            View::Plain => println!(),
+            View::Live(live) => live.done(pipeline, report)?,
+        }
+        Ok(())
+    }
+
+    fn abandon(&mut self) {
+        if let View::Live(live) = self {
+            live.clear();
+        }
+    }
+}
+
+/// How often the live view redraws at most: smooth to the eye, cheap for the terminal.
+const REDRAW_EVERY: Duration = Duration::from_millis(50);
+/// Answer lines kept on screen while the run goes on (the full answer prints at the end).
+const LIVE_ANSWER_LINES: usize = 12;
+/// Terminal width assumed when `COLUMNS` does not say.
+const DEFAULT_COLUMNS: usize = 80;
+
+#[derive(Default)]
+struct AgentLine {
+    tokens: u32,
+    started: Option<Instant>,
+    finished: Option<Instant>,
+    cancelled: bool,
+}
+
+/// One line per node above the answer, redrawn in place.
+struct Live {
+    agents: Vec<AgentLine>,
+    answer: String,
+    drawn_lines: usize,
+    last_draw: Option<Instant>,
+    width: usize,
+}
+
+impl Live {
+    fn new(pipeline: &Pipeline) -> Self {
+        let width = std::env::var("COLUMNS")
+            .ok()
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(DEFAULT_COLUMNS)
+            .max(20);
+        Self {
+            agents: pipeline
+                .nodes
+                .iter()
+                .map(|_| AgentLine::default())
+                .collect(),
+            answer: String::new(),
+            drawn_lines: 0,
+            last_draw: None,
+            width,
+        }
+    }
+
+    fn on_event(&mut self, pipeline: &Pipeline, event: &RunEvent) -> anyhow::Result<()> {
+        self.update(pipeline, event);
+        if self.last_draw.is_none_or(|t| t.elapsed() >= REDRAW_EVERY) {
+            self.draw(pipeline, false)?;
+        }
+        Ok(())
+    }
+
+    fn update(&mut self, pipeline: &Pipeline, event: &RunEvent) {
+        match event {
+            RunEvent::NodeStarted { node } => self.agents[node.0].started = Some(Instant::now()),
+            RunEvent::NodeDelta { node, text, tokens } => {
+                self.agents[node.0].tokens += tokens;
+                if *node == pipeline.output {
+                    self.answer.push_str(text);
+                }
+            }
+            RunEvent::NodeFinished { node, cancelled } => {
+                let line = &mut self.agents[node.0];
+                line.finished = Some(Instant::now());
+                line.cancelled = *cancelled;
+            }
+        }
+    }
+
+    fn agent_line(&self, pipeline: &Pipeline, node: NodeIndex) -> String {
+        let spec = pipeline.node(node);
+        let line = &self.agents[node.0];
+        let state = match (line.started, line.finished) {
+            (None, _) => "waiting".to_string(),
+            (Some(_), Some(_)) if line.cancelled => "cancelled (not needed)".to_string(),
+            (Some(start), end) => {
+                let elapsed = end.unwrap_or_else(Instant::now).duration_since(start);
+                let rate = f64::from(line.tokens) / elapsed.as_secs_f64().max(1e-3);
+                let done = if end.is_some() { "  done" } else { "" };
+                format!("{:>4} tok  {:>6.1} tok/s{done}", line.tokens, rate)
+            }
+        };
+        let mut text = format!("{:<16} {:<10} {}", spec.id, spec.kind.name(), state);
+        text.truncate(self.width.saturating_sub(1));
+        text
+    }
+
+    /// Answer lines wrapped to the width: at spaces where possible, inside a word only when
+    /// it is longer than a line.
+    fn wrapped_answer(&self) -> Vec<String> {
+        let width = self.width.saturating_sub(1).max(1);
+        let mut lines = Vec::new();
+        for paragraph in self.answer.split('\n') {
+            let mut line = String::new();
+            let mut len = 0;
+            for word in paragraph.split(' ') {
+                let word_len = word.chars().count();
+                if len > 0 && len + 1 + word_len > width {
+                    lines.push(std::mem::take(&mut line));
+                    len = 0;
+                }
+                if len > 0 {
+                    line.push(' ');
+                    len += 1;
+                }
+                for c in word.chars() {
+                    if len == width {
+                        lines.push(std::mem::take(&mut line));
+                        len = 0;
+                    }
+                    line.push(c);
+                    len += 1;
+                }
+            }
+            lines.push(line);
+        }
+        lines
+    }
+
+    fn draw(&mut self, pipeline: &Pipeline, final_frame: bool) -> anyhow::Result<()> {
+        let mut out = std::io::stdout().lock();
+        self.clear_in(&mut out)?;
+        let mut lines: Vec<String> = (0..pipeline.nodes.len())
+            .map(|i| self.agent_line(pipeline, NodeIndex(i)))
+            .collect();
+        lines.push("-".repeat(self.width.saturating_sub(1).min(60)));
+        let answer = self.wrapped_answer();
+        if final_frame {
+            // The last frame stays on screen: the whole answer, not just its tail.
+            for line in &lines {
+                writeln!(out, "{line}")?;
+            }
+            writeln!(out, "{}", self.answer.trim_end())?;
+            self.drawn_lines = 0;
+        } else {
+            let tail = answer.len().saturating_sub(LIVE_ANSWER_LINES);
+            lines.extend(answer[tail..].iter().cloned());
+            for line in &lines {
+                writeln!(out, "{line}")?;
+            }
+            self.drawn_lines = lines.len();
+        }
+        out.flush()?;
+        self.last_draw = Some(Instant::now());
+        Ok(())
+    }
+
+    fn clear_in(&mut self, out: &mut impl Write) -> std::io::Result<()> {
+        if self.drawn_lines > 0 {
+            // Cursor up over the previous frame, then clear to the end of the screen.
+            write!(out, "\x1b[{}A\r\x1b[J", self.drawn_lines)?;
+            self.drawn_lines = 0;
+        }
+        Ok(())
+    }
+
+    fn clear(&mut self) {
+        let mut out = std::io::stdout().lock();
+        let _ = self.clear_in(&mut out);
+        let _ = out.flush();
+    }
+
+    fn done(&mut self, pipeline: &Pipeline, report: &RunReport) -> anyhow::Result<()> {
+        self.draw(pipeline, true)?;
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        eprintln!(
+            "\n{} ({:?}): first token {} ms, total {:.0} ms, critical path {} ({:.0} ms of node time)",
+            report.pipeline,
+            report.mode,
+            report
+                .ttft_ms
+                .map_or("-".into(), |t| format!("{:.0}", ms(t))),
+            ms(report.total_ms),
+            report.critical_path_measured.nodes.join(" -> "),
+            ms(report.critical_path_measured.length_ms),
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn live(width: usize) -> (Pipeline, Live) {
+        let pipeline = pipeline::load("moa").unwrap();
+        let mut live = Live::new(&pipeline);
+        live.width = width;
+        (pipeline, live)
+    }
+
+    #[test]
+    fn the_answer_wraps_to_the_terminal_width() {
+        let (_, mut live) = live(11);
+        live.answer = "abcdefghijklmnopqrstuvwxyz\n\nthe end of it all".into();
+        assert_eq!(
+            live.wrapped_answer(),
+            vec![
+                "abcdefghij",
+                "klmnopqrst",
+                "uvwxyz",
+                "",
+                "the end of",
+                "it all"
+            ]
+        );
+    }
+
+    #[test]
+    fn agent_lines_show_progress_and_fit_the_width() {
+        let (pipeline, mut live) = live(40);
+        let analyst = pipeline.find("analyst").unwrap();
+        assert!(live.agent_line(&pipeline, analyst).contains("waiting"));
+        live.update(&pipeline, &RunEvent::NodeStarted { node: analyst });
+        live.update(
+            &pipeline,
+            &RunEvent::NodeDelta {
+                node: analyst,
+                text: "Hello".into(),
+                tokens: 3,
+            },
+        );
+        let line = live.agent_line(&pipeline, analyst);
+        assert!(line.contains("3 tok"), "{line}");
+        assert!(line.chars().count() < 40, "{line}");
+        live.update(
+            &pipeline,
+            &RunEvent::NodeFinished {
+                node: analyst,
+                cancelled: true,
+            },
+        );
+        assert!(live.agent_line(&pipeline, analyst).contains("cancelled"));
+        // Only the output node's text is the answer.
+        assert!(live.answer.is_empty());
+    }
 }

@@ -2,6 +2,8 @@
 //! `wit/v0.1.0/agent.wit`. The plugin host implements these traits for WebAssembly
 //! components; the pipeline runtime only sees the traits, so it never touches wasmtime.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{ChatMessage, SamplingParams};
@@ -109,10 +111,23 @@ pub trait RouterPolicy: Send {
     fn route(&mut self, request: &RouteRequest) -> Result<String, PolicyError>;
 }
 
+/// Per-node plugin settings from a pipeline file (`[nodes.config]`), key to value.
+pub type PluginConfig = BTreeMap<String, String>;
+
 /// Where a pipeline gets its policies by name. The plugin registry implements it; each call
 /// returns a fresh instance on the newest version, so a run keeps the version it started with.
 pub trait PolicyProvider: Send + Sync {
     fn role(&self, plugin: &str) -> Result<Box<dyn RolePolicy>, PolicyError>;
+    /// A role instance with per-node settings from the pipeline file (a plugin reads them
+    /// through `host.config`). Providers that cannot pass settings ignore them.
+    fn role_with_config(
+        &self,
+        plugin: &str,
+        config: &PluginConfig,
+    ) -> Result<Box<dyn RolePolicy>, PolicyError> {
+        let _ = config;
+        self.role(plugin)
+    }
     fn aggregator(
         &self,
         plugin: &str,

@@ -1,1 +1,106 @@
 //! Run timelines: recording, Chrome/Perfetto export and the staircase SVG chart.
+//!
+//! A [`Timeline`] collects what happened to each lane (one lane per pipeline node) while a
+//! run goes on: start, first token, each chunk handed downstream, each aggregator step, end,
+//! cancellation. [`chrome`] turns it into Chrome trace JSON (opens in Perfetto and
+//! `chrome://tracing`) and reads such files back; [`svg`] draws one as a staircase chart.
+//! This module records and draws; it must not know about engines, plugins or pipelines.
+
+pub mod chrome;
+pub mod svg;
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+/// What happened on a lane.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "event")]
+pub enum EventKind {
+    /// The node began work (its first model request or plugin call).
+    Start,
+    FirstToken,
+    /// A chunk went to `to`; `total_tokens` counts the node's output so far.
+    Chunk {
+        to: String,
+        tokens: u32,
+        total_tokens: u32,
+    },
+    /// An aggregator step ran from `started` until this event.
+    Step {
+        index: u32,
+        #[serde(skip)]
+        started: Duration,
+        tokens: u32,
+        prompt_tokens: u32,
+        cached_prompt_tokens: u32,
+        is_final: bool,
+    },
+    End {
+        tokens: u32,
+    },
+    Cancelled {
+        reason: String,
+    },
+}
+
+/// One recorded event.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Event {
+    /// Since the timeline began.
+    pub at: Duration,
+    pub lane: usize,
+    pub kind: EventKind,
+}
+
+/// The events of one run, recorded from any task.
+#[derive(Debug)]
+pub struct Timeline {
+    start: Instant,
+    lanes: Vec<String>,
+    events: Mutex<Vec<Event>>,
+}
+
+impl Timeline {
+    /// A timeline starting now with the named lanes.
+    pub fn new(lanes: Vec<String>) -> Self {
+        Self {
+            start: Instant::now(),
+            lanes,
+            events: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Time since the timeline began.
+    pub fn now(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    pub fn record(&self, lane: usize, kind: EventKind) {
+        self.record_at(self.now(), lane, kind);
+    }
+
+    pub fn record_at(&self, at: Duration, lane: usize, kind: EventKind) {
+        // A poisoned lock only means another recorder panicked; the events are still valid.
+        self.events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Event { at, lane, kind });
+    }
+
+    pub fn lanes(&self) -> &[String] {
+        &self.lanes
+    }
+
+    /// The events so far, in time order.
+    pub fn events(&self) -> Vec<Event> {
+        let mut events = self
+            .events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        events.sort_by_key(|e| e.at);
+        events
+    }
+}

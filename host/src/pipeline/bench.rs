@@ -1,0 +1,418 @@
+//! `staircase bench staircase`: a single model alone vs the layered pipeline vs the
+//! staircase pipeline, on the same engine, in one process, over a fixed set of prompts.
+//!
+//! Per prompt it measures time to first answer token and total time of each variant, the
+//! share of aggregator prompt tokens the prefix cache served, and each run's wall time
+//! against its measured critical path; it reports ratios (which compare within one run on
+//! one machine) rather than absolute times. An untimed warm-up run of each variant puts the
+//! static prompt prefixes in the prefix cache first (a server's steady state); then per prompt
+//! the variants run in the order single, staircase, layered, so the prompt-specific prefixes
+//! the staircase run leaves behind favour the layered baseline, never the staircase. This
+//! module measures; printing and files are the CLI's.
+
+use std::fmt::Write;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::policy::StreamMode;
+use super::runtime::{RunError, RunReport, RunRequest, Runner};
+use super::spec::Pipeline;
+use crate::engine::{ChatMessage, Engine, GenerationEvent, GenerationRequest, Role};
+use crate::trace::EventKind;
+use crate::trace::chrome::ChromeTrace;
+
+/// Prompts of the benchmark: short questions whose answers need a few paragraphs.
+pub const PROMPTS: &[&str] = &[
+    "Why is the sky blue?",
+    "How do vaccines train the immune system?",
+    "What are the trade-offs between trains and planes for a 600 km trip?",
+];
+
+/// The untimed warm-up run: a prompt of its own, a few tokens per node.
+const WARM_UP_PROMPT: &str = "Say hello.";
+const WARM_UP_TOKENS: u32 = 4;
+
+/// Proposer length of the TTFT target (staircase at most 0.07x layered at 512 tokens).
+pub const DEFAULT_PROPOSER_TOKENS: u32 = 512;
+/// Answer length of the aggregator and the single model: long enough to measure a total
+/// time, short enough that the proposers dominate the layered run as in real use.
+pub const DEFAULT_ANSWER_TOKENS: u32 = 128;
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub pipeline: Pipeline,
+    pub prompts: Vec<String>,
+    pub proposer_tokens: u32,
+    pub answer_tokens: u32,
+}
+
+/// One variant on one prompt.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Measurement {
+    pub ttft_ms: Option<f64>,
+    pub total_ms: f64,
+    /// Measured critical path of a pipeline run.
+    pub critical_path_ms: Option<f64>,
+    pub aggregator_prompt_tokens: u32,
+    pub aggregator_cached_prompt_tokens: u32,
+    /// Prompt tokens of the answer's first step, and how many the cache served: what
+    /// stands between the first proposer chunk and the first answer token.
+    pub first_step_prompt_tokens: u32,
+    pub first_step_cached_tokens: u32,
+    pub answer_chars: usize,
+}
+
+fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+impl Measurement {
+    fn of_run(report: &RunReport, output: usize) -> Self {
+        let first_step = report
+            .timeline
+            .events()
+            .into_iter()
+            .find_map(|e| match e.kind {
+                EventKind::Step {
+                    index: 0,
+                    prompt_tokens,
+                    cached_prompt_tokens,
+                    ..
+                } if e.lane == output => Some((prompt_tokens, cached_prompt_tokens)),
+                _ => None,
+            });
+        Self {
+            first_step_prompt_tokens: first_step.map_or(0, |s| s.0),
+            first_step_cached_tokens: first_step.map_or(0, |s| s.1),
+            ttft_ms: report.ttft_ms.map(millis),
+            total_ms: millis(report.total_ms),
+            critical_path_ms: Some(millis(report.critical_path_measured.length_ms)),
+            aggregator_prompt_tokens: report.cache.aggregator_prompt_tokens,
+            aggregator_cached_prompt_tokens: report.cache.aggregator_cached_prompt_tokens,
+            answer_chars: report.answer.len(),
+        }
+    }
+}
+
+/// The three variants on one prompt.
+#[derive(Clone, Debug, Serialize)]
+pub struct PromptResult {
+    pub prompt: String,
+    pub single: Measurement,
+    pub layered: Measurement,
+    pub staircase: Measurement,
+}
+
+/// Ratios over all prompts (means of per-prompt ratios), with their targets.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Summary {
+    /// Target: at most 0.07 (93% lower).
+    pub ttft_staircase_over_layered: f64,
+    /// Target: at most 1.5.
+    pub ttft_staircase_over_single: f64,
+    /// Target: at most 1.05.
+    pub wall_over_critical_path_layered: f64,
+    pub wall_over_critical_path_staircase: f64,
+    pub total_staircase_over_layered: f64,
+    /// Share of the staircase aggregator's prompt tokens served by the prefix cache.
+    pub aggregator_cache_hit_staircase: f64,
+    pub aggregator_cache_hit_layered: f64,
+}
+
+/// Everything the benchmark measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub pipeline: String,
+    pub model: String,
+    pub proposer_tokens: u32,
+    pub answer_tokens: u32,
+    pub results: Vec<PromptResult>,
+    pub summary: Summary,
+    /// The first prompt's staircase run, for its timeline chart.
+    #[serde(skip)]
+    pub staircase_trace: Option<ChromeTrace>,
+}
+
+/// Time to first token and total time of `engine` answering `prompt` alone.
+async fn single(
+    engine: &Arc<dyn Engine>,
+    prompt: &str,
+    max_tokens: u32,
+) -> Result<Measurement, RunError> {
+    let mut request = GenerationRequest::chat(vec![ChatMessage::new(Role::User, prompt)]);
+    request.sampling.max_tokens = max_tokens;
+    let error = |source| RunError::Engine {
+        node: "single".into(),
+        source,
+    };
+    let start = Instant::now();
+    let mut stream = engine.submit(request).map_err(error)?;
+    let mut ttft = None;
+    let mut chars = 0;
+    while let Some(event) = stream.next().await {
+        match event.map_err(error)? {
+            GenerationEvent::Delta { text, .. } => {
+                if ttft.is_none() && !text.is_empty() {
+                    ttft = Some(start.elapsed());
+                }
+                chars += text.len();
+            }
+            GenerationEvent::Finished { .. } => break,
+        }
+    }
+    Ok(Measurement {
+        ttft_ms: ttft.map(millis),
+        total_ms: millis(start.elapsed()),
+        answer_chars: chars,
+        ..Measurement::default()
+    })
+}
+
+fn mean(values: impl Iterator<Item = f64>) -> f64 {
+    let (sum, n) = values.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+    if n == 0 { 0.0 } else { sum / n as f64 }
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    }
+}
+
+/// Runs the benchmark. `engine` is the model the single-model variant uses (the one the
+/// pipeline's nodes run on).
+pub async fn run(
+    runner: &Runner,
+    engine: &Arc<dyn Engine>,
+    options: &BenchOptions,
+) -> Result<BenchReport, RunError> {
+    let mut pipeline = options.pipeline.clone();
+    pipeline.set_proposer_tokens(options.proposer_tokens);
+    let output = pipeline.output;
+    pipeline.nodes[output.0].params.max_tokens = Some(options.answer_tokens);
+    runner.check(&pipeline)?;
+
+    // Steady state, as on a server: one short untimed run of each variant first, so static
+    // prefixes (system prompts, the aggregator's instruction) are in the prefix cache and
+    // plugin instances are warm for every measured run alike.
+    let mut warm = pipeline.clone();
+    warm.limit_tokens(WARM_UP_TOKENS);
+    single(engine, WARM_UP_PROMPT, WARM_UP_TOKENS).await?;
+    for mode in [StreamMode::Staircase, StreamMode::Layered] {
+        runner
+            .run(&warm, RunRequest::prompt(WARM_UP_PROMPT, mode), None)
+            .await?;
+    }
+
+    let mut results = Vec::new();
+    let mut staircase_trace = None;
+    for prompt in &options.prompts {
+        tracing::info!(prompt, "bench: single model");
+        let single = single(engine, prompt, options.answer_tokens).await?;
+        tracing::info!(prompt, "bench: staircase");
+        let staircase = runner
+            .run(
+                &pipeline,
+                RunRequest::prompt(prompt.clone(), StreamMode::Staircase),
+                None,
+            )
+            .await?;
+        tracing::info!(prompt, "bench: layered");
+        let layered = runner
+            .run(
+                &pipeline,
+                RunRequest::prompt(prompt.clone(), StreamMode::Layered),
+                None,
+            )
+            .await?;
+        if staircase_trace.is_none() {
+            staircase_trace = Some(staircase.trace());
+        }
+        results.push(PromptResult {
+            prompt: prompt.clone(),
+            single,
+            layered: Measurement::of_run(&layered, output.0),
+            staircase: Measurement::of_run(&staircase, output.0),
+        });
+    }
+
+    let hit = |m: &Measurement| {
+        if m.aggregator_prompt_tokens == 0 {
+            0.0
+        } else {
+            f64::from(m.aggregator_cached_prompt_tokens) / f64::from(m.aggregator_prompt_tokens)
+        }
+    };
+    let summary = Summary {
+        ttft_staircase_over_layered: mean(
+            results
+                .iter()
+                .filter_map(|r| ratio(r.staircase.ttft_ms, r.layered.ttft_ms)),
+        ),
+        ttft_staircase_over_single: mean(
+            results
+                .iter()
+                .filter_map(|r| ratio(r.staircase.ttft_ms, r.single.ttft_ms)),
+        ),
+        wall_over_critical_path_layered: mean(
+            results
+                .iter()
+                .filter_map(|r| ratio(Some(r.layered.total_ms), r.layered.critical_path_ms)),
+        ),
+        wall_over_critical_path_staircase: mean(
+            results
+                .iter()
+                .filter_map(|r| ratio(Some(r.staircase.total_ms), r.staircase.critical_path_ms)),
+        ),
+        total_staircase_over_layered: mean(
+            results
+                .iter()
+                .filter_map(|r| ratio(Some(r.staircase.total_ms), Some(r.layered.total_ms))),
+        ),
+        aggregator_cache_hit_staircase: mean(results.iter().map(|r| hit(&r.staircase))),
+        aggregator_cache_hit_layered: mean(results.iter().map(|r| hit(&r.layered))),
+    };
+    Ok(BenchReport {
+        pipeline: pipeline.name.clone(),
+        model: engine.model_info().name.clone(),
+        proposer_tokens: options.proposer_tokens,
+        answer_tokens: options.answer_tokens,
+        results,
+        summary,
+        staircase_trace,
+    })
+}
+
+/// Picks one variant's measurement out of a prompt's results.
+type Pick = fn(&PromptResult) -> &Measurement;
+
+fn cell(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".to_string(), |v| format!("{v:.0}"))
+}
+
+impl BenchReport {
+    /// The table printed by the CLI.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "pipeline {} on {} (proposers {} tokens, answers {} tokens)",
+            self.pipeline, self.model, self.proposer_tokens, self.answer_tokens
+        );
+        let _ = writeln!(
+            out,
+            "{:<44} {:>10} {:>10} {:>10} {:>12} {:>9}",
+            "prompt / variant", "TTFT ms", "total ms", "crit. ms", "agg. cached", "agg. hit"
+        );
+        for r in &self.results {
+            let _ = writeln!(out, "{}", r.prompt);
+            for (name, m) in [
+                ("  single model", &r.single),
+                ("  layered MoA", &r.layered),
+                ("  staircase MoA", &r.staircase),
+            ] {
+                let hit = if m.aggregator_prompt_tokens == 0 {
+                    "-".to_string()
+                } else {
+                    format!(
+                        "{:.0}%",
+                        100.0 * f64::from(m.aggregator_cached_prompt_tokens)
+                            / f64::from(m.aggregator_prompt_tokens)
+                    )
+                };
+                let _ = writeln!(
+                    out,
+                    "{:<44} {:>10} {:>10.0} {:>10} {:>12} {:>9}",
+                    name,
+                    cell(m.ttft_ms),
+                    m.total_ms,
+                    cell(m.critical_path_ms),
+                    format!(
+                        "{}/{}",
+                        m.aggregator_cached_prompt_tokens, m.aggregator_prompt_tokens
+                    ),
+                    hit
+                );
+            }
+        }
+        let s = &self.summary;
+        let _ = writeln!(
+            out,
+            "\nTTFT staircase / layered   {:.3}  (target <= 0.07)",
+            s.ttft_staircase_over_layered
+        );
+        let _ = writeln!(
+            out,
+            "TTFT staircase / single    {:.2}   (target <= 1.5)",
+            s.ttft_staircase_over_single
+        );
+        let _ = writeln!(
+            out,
+            "wall / critical path       layered {:.3}, staircase {:.3}  (target <= 1.05)",
+            s.wall_over_critical_path_layered, s.wall_over_critical_path_staircase
+        );
+        let _ = writeln!(
+            out,
+            "total staircase / layered  {:.2}",
+            s.total_staircase_over_layered
+        );
+        let _ = writeln!(
+            out,
+            "aggregator prompt tokens from the prefix cache: staircase {:.0}%, layered {:.0}%",
+            100.0 * s.aggregator_cache_hit_staircase,
+            100.0 * s.aggregator_cache_hit_layered
+        );
+        out
+    }
+
+    /// Mean TTFT and total time of each variant as a bar chart.
+    pub fn svg(&self) -> String {
+        let variants: [(&str, Pick); 3] = [
+            ("single model", |r| &r.single),
+            ("layered MoA", |r| &r.layered),
+            ("staircase MoA", |r| &r.staircase),
+        ];
+        let rows: Vec<(&str, f64, f64)> = variants
+            .iter()
+            .map(|(name, get)| {
+                (
+                    *name,
+                    mean(self.results.iter().filter_map(|r| get(r).ttft_ms)),
+                    mean(self.results.iter().map(|r| get(r).total_ms)),
+                )
+            })
+            .collect();
+        let max = rows.iter().map(|r| r.2.max(r.1)).fold(1.0f64, f64::max);
+        let (width, left, bar_w) = (900.0, 140.0, 600.0);
+        let height = 70.0 + 60.0 * rows.len() as f64;
+        let mut svg = String::new();
+        let _ = writeln!(
+            svg,
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/>"#
+        );
+        let _ = writeln!(
+            svg,
+            r##"<text x="10" y="22" font-size="14" font-weight="bold">{} on {}: mean time to first token (dark) / total time (light), ms</text>"##,
+            self.pipeline, self.model
+        );
+        for (i, (name, ttft, total)) in rows.iter().enumerate() {
+            let y = 45.0 + 60.0 * i as f64;
+            let _ = writeln!(
+                svg,
+                r##"<text x="10" y="{:.0}">{name}</text><rect x="{left}" y="{y:.0}" width="{:.1}" height="22" fill="#9ecae1"/><rect x="{left}" y="{:.0}" width="{:.1}" height="22" fill="#08519c"/><text x="{:.1}" y="{:.0}">{ttft:.0} / {total:.0}</text>"##,
+                y + 26.0,
+                bar_w * total / max,
+                y + 22.0,
+                (bar_w * ttft / max).max(1.0),
+                left + bar_w * total / max + 6.0,
+                y + 26.0
+            );
+        }
+        let _ = writeln!(svg, "</svg>");
+        svg
+    }
+}

@@ -1,0 +1,243 @@
+//! Critical path: which chain of nodes bounds a run's wall time.
+//!
+//! Each node costs its expected output tokens times the measured per-token decode latency,
+//! plus its prompt times the per-token prefill latency (LAMaS-style); a pipeline's critical
+//! path is its longest path by cost. The runtime computes it before a run, from estimates,
+//! to give critical-path nodes the engine first, and after it, from the real node durations.
+//! Latencies are refreshed from every finished request. This module only computes; it must
+//! not run nodes.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::spec::{NodeIndex, NodeKind, Pipeline};
+use crate::engine::{Timings, Usage};
+
+/// Decode latency assumed before anything was measured: the default model decodes about
+/// 100 tokens/s on this class of CPU (2 cores, llama.cpp kernels).
+pub const DEFAULT_DECODE_PER_TOKEN: Duration = Duration::from_millis(10);
+/// Prefill latency assumed before anything was measured: about 200 tokens/s, as above.
+pub const DEFAULT_PREFILL_PER_TOKEN: Duration = Duration::from_millis(5);
+/// Weight of a new measurement in the running average: recent runs dominate after about
+/// five requests, yet one odd request cannot swing the estimate.
+const SMOOTHING: f64 = 0.3;
+/// Prompt tokens a role or aggregator adds around its inputs (system prompt, instructions),
+/// for estimates made before any prompt is built.
+pub const PROMPT_OVERHEAD_TOKENS: u32 = 64;
+/// Output tokens assumed for a node that sets no limit (the engine's default `max_tokens`).
+pub const DEFAULT_EXPECTED_TOKENS: u32 = 256;
+
+/// Per-token costs of one model.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Latencies {
+    #[serde(serialize_with = "as_millis")]
+    pub decode_per_token: Duration,
+    #[serde(serialize_with = "as_millis")]
+    pub prefill_per_token: Duration,
+}
+
+impl Default for Latencies {
+    fn default() -> Self {
+        Self {
+            decode_per_token: DEFAULT_DECODE_PER_TOKEN,
+            prefill_per_token: DEFAULT_PREFILL_PER_TOKEN,
+        }
+    }
+}
+
+/// Latencies refreshed from live measurements, shared by every run of a host.
+#[derive(Debug, Default)]
+pub struct LatencyModel {
+    current: Mutex<Latencies>,
+}
+
+impl LatencyModel {
+    pub fn get(&self) -> Latencies {
+        *self.current.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Folds in what one finished request measured.
+    pub fn observe(&self, usage: &Usage, timings: &Timings) {
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        let prefilled = usage
+            .prompt_tokens
+            .saturating_sub(usage.cached_prompt_tokens);
+        if prefilled > 0 && timings.prefill_done > timings.queued {
+            let per = (timings.prefill_done - timings.queued) / prefilled;
+            current.prefill_per_token = blend(current.prefill_per_token, per);
+        }
+        if let Some(first) = timings.first_token
+            && usage.completion_tokens > 1
+            && timings.finished > first
+        {
+            let per = (timings.finished - first) / (usage.completion_tokens - 1);
+            current.decode_per_token = blend(current.decode_per_token, per);
+        }
+    }
+}
+
+fn blend(old: Duration, new: Duration) -> Duration {
+    old.mul_f64(1.0 - SMOOTHING) + new.mul_f64(SMOOTHING)
+}
+
+fn as_millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64() * 1e3)
+}
+
+/// The longest path of a DAG by node cost.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct CriticalPath {
+    /// From a source to the end.
+    pub nodes: Vec<NodeIndex>,
+    #[serde(serialize_with = "as_millis")]
+    pub length: Duration,
+}
+
+impl CriticalPath {
+    pub fn contains(&self, node: NodeIndex) -> bool {
+        self.nodes.contains(&node)
+    }
+}
+
+/// The longest path through nodes given in topological order: `inputs[i]` lists the nodes
+/// feeding node `i` (all before `i`), `costs[i]` is its cost.
+pub fn longest_path(costs: &[Duration], inputs: &[Vec<NodeIndex>]) -> CriticalPath {
+    let n = costs.len();
+    let mut finish = vec![Duration::ZERO; n];
+    let mut via: Vec<Option<NodeIndex>> = vec![None; n];
+    for i in 0..n {
+        // Ties go to the earlier node, so the answer does not depend on input order.
+        let latest = inputs[i]
+            .iter()
+            .copied()
+            .max_by_key(|input| (finish[input.0], std::cmp::Reverse(input.0)));
+        via[i] = latest;
+        finish[i] = latest.map_or(Duration::ZERO, |input| finish[input.0]) + costs[i];
+    }
+    let Some(end) = (0..n).max_by_key(|&i| (finish[i], std::cmp::Reverse(i))) else {
+        return CriticalPath::default();
+    };
+    let mut nodes = vec![NodeIndex(end)];
+    let mut at = end;
+    while let Some(previous) = via[at] {
+        nodes.push(previous);
+        at = previous.0;
+    }
+    nodes.reverse();
+    CriticalPath {
+        nodes,
+        length: finish[end],
+    }
+}
+
+/// Estimated cost of every node of `pipeline` for a prompt of `prompt_tokens`.
+pub fn estimate_costs(
+    pipeline: &Pipeline,
+    prompt_tokens: u32,
+    latencies: Latencies,
+) -> Vec<Duration> {
+    let expected: Vec<u32> = pipeline
+        .nodes
+        .iter()
+        .map(|node| {
+            node.expected_tokens
+                .or(node.params.max_tokens)
+                .unwrap_or(DEFAULT_EXPECTED_TOKENS)
+        })
+        .collect();
+    pipeline
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, node)| {
+            let input_tokens: u32 = node.inputs.iter().map(|e| expected[e.from.0]).sum();
+            let prefill = prompt_tokens + PROMPT_OVERHEAD_TOKENS + input_tokens;
+            match node.kind {
+                // A compressor's cost is its plugin call: negligible next to generation.
+                NodeKind::Compressor { .. } => Duration::ZERO,
+                NodeKind::Agent | NodeKind::Aggregator => {
+                    latencies.prefill_per_token * prefill + latencies.decode_per_token * expected[i]
+                }
+            }
+        })
+        .collect()
+}
+
+/// The inputs of every node, in the shape [`longest_path`] takes.
+pub fn inputs_of(pipeline: &Pipeline) -> Vec<Vec<NodeIndex>> {
+    pipeline
+        .nodes
+        .iter()
+        .map(|n| n.inputs.iter().map(|e| e.from).collect())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(v: u64) -> Duration {
+        Duration::from_millis(v)
+    }
+
+    #[test]
+    fn longest_path_of_a_known_dag_is_exact() {
+        // 0 -> 1 -> 3 -> 5, 0 -> 2 -> 3, 4 -> 5: 0-2-3-5 (48 ms) beats 0-1-3-5 (47) and 4-5 (47).
+        let costs = [ms(10), ms(30), ms(31), ms(5), ms(45), ms(2)];
+        let n = NodeIndex;
+        let inputs = vec![
+            vec![],
+            vec![n(0)],
+            vec![n(0)],
+            vec![n(1), n(2)],
+            vec![],
+            vec![n(3), n(4)],
+        ];
+        let path = longest_path(&costs, &inputs);
+        assert_eq!(path.nodes, vec![n(0), n(2), n(3), n(5)]);
+        assert_eq!(path.length, ms(10 + 31 + 5 + 2));
+    }
+
+    #[test]
+    fn a_single_heavy_source_is_the_path() {
+        let costs = [ms(1), ms(100), ms(3)];
+        let inputs = vec![vec![], vec![], vec![NodeIndex(0), NodeIndex(1)]];
+        let path = longest_path(&costs, &inputs);
+        assert_eq!(path.nodes, vec![NodeIndex(1), NodeIndex(2)]);
+        assert_eq!(path.length, ms(103));
+    }
+
+    #[test]
+    fn latencies_follow_measurements() {
+        let model = LatencyModel::default();
+        // `..default()` keeps this compiling when other branches add usage fields.
+        #[allow(clippy::needless_update)]
+        let usage = Usage {
+            prompt_tokens: 110,
+            cached_prompt_tokens: 10,
+            completion_tokens: 11,
+            ..Usage::default()
+        };
+        let timings = Timings {
+            prefill_done: ms(100),
+            first_token: Some(ms(100)),
+            finished: ms(300),
+            ..Timings::default()
+        };
+        for _ in 0..50 {
+            model.observe(&usage, &timings);
+        }
+        let l = model.get();
+        // 100 ms / 100 prefilled tokens, 200 ms / 10 decode intervals.
+        assert!(
+            (l.prefill_per_token.as_secs_f64() - 0.001).abs() < 1e-5,
+            "{l:?}"
+        );
+        assert!(
+            (l.decode_per_token.as_secs_f64() - 0.020).abs() < 1e-5,
+            "{l:?}"
+        );
+    }
+}

@@ -1,0 +1,1023 @@
+//! The pipeline runtime: runs a validated [`Pipeline`] on engines and policies.
+//!
+//! Every node is a future of one run, and the run joins them all, so they progress
+//! concurrently and dropping the run drops every node and with it every engine stream
+//! (cancelling its sequence). Output flows along edges as chunks cut by each edge's
+//! streaming policy. Agents and aggregators share one step loop: the session (an aggregator
+//! plugin, or [`RoleSession`] for an agent) gets every chunk in order and every finish, is
+//! asked for its next step whenever the node is idle, and each step continues the node's own
+//! partial answer on the engine (so the prefix cache serves the stable part of the prompt).
+//! A consumer that has enough of a source releases it; a node nobody reads any more stops.
+//! Critical-path nodes get a higher engine priority. Everything that happens is recorded on
+//! a [`Timeline`]. This module must not touch wasmtime or llama.cpp: it sees only the
+//! `Engine` and policy traits.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures_util::future::try_join_all;
+use serde::Serialize;
+use tokio::sync::{Notify, mpsc};
+use tracing::Instrument;
+
+use super::critical::{self, CriticalPath, LatencyModel};
+use super::policy::{
+    AggregatorSession, CompressorPolicy, Demand, PolicyError, PolicyProvider, RouteRequest,
+    RouterPolicy, Source, StreamMode,
+};
+use super::role_session::RoleSession;
+use super::spec::{DEFAULT_MODEL, ModelBinding, NodeIndex, NodeKind, Pipeline, SpecError};
+use super::stream::{Chunk, Chunker};
+use crate::engine::{
+    ChatMessage, Engine, EngineError, FinishReason, GenerationEvent, GenerationRequest, Priority,
+    Prompt, Role, SamplingParams,
+};
+use crate::speculate::{DraftFeed, SpeculationStats};
+use crate::trace::chrome::ChromeTrace;
+use crate::trace::{EventKind, Timeline};
+
+/// Engine priority of nodes on the estimated critical path; others keep the default (0), so
+/// when the engine has more sequences than room, the chain that bounds the run goes first.
+pub const CRITICAL_PRIORITY: Priority = Priority(10);
+
+/// Models a pipeline may name, by name.
+#[derive(Clone, Default)]
+pub struct Models {
+    engines: BTreeMap<String, Arc<dyn Engine>>,
+}
+
+impl Models {
+    /// `engine` under [`DEFAULT_MODEL`] and under its own model name.
+    pub fn with_default(engine: Arc<dyn Engine>) -> Self {
+        let mut models = Self::default();
+        models.insert(engine.model_info().name.clone(), engine.clone());
+        models.insert(DEFAULT_MODEL.to_string(), engine);
+        models
+    }
+
+    pub fn insert(&mut self, name: String, engine: Arc<dyn Engine>) {
+        self.engines.insert(name, engine);
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn Engine>> {
+        self.engines.get(name)
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.engines.keys().cloned().collect()
+    }
+
+    /// The engine used for token counts that belong to no particular model.
+    fn counter(&self) -> Option<&Arc<dyn Engine>> {
+        self.engines
+            .get(DEFAULT_MODEL)
+            .or_else(|| self.engines.values().next())
+    }
+
+    fn count_tokens(&self, text: &str) -> u32 {
+        self.counter()
+            .and_then(|e| e.count_tokens(text).ok())
+            .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX))
+    }
+}
+
+/// Why a run failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error("node `{node}`: {source}")]
+    Policy { node: String, source: PolicyError },
+    #[error("node `{node}`: {source}")]
+    Engine { node: String, source: EngineError },
+    #[error("node `{node}`: model `{model}` is not available")]
+    NoModel { node: String, model: String },
+    #[error(
+        "node `{node}`: plugin `{plugin}` gave no final step although every input has finished"
+    )]
+    NoFinalStep { node: String, plugin: String },
+    #[error("node `{node}`: router chose `{model}`, which is not one of {models:?}")]
+    BadRoute {
+        node: String,
+        model: String,
+        models: Vec<String>,
+    },
+}
+
+/// What to run the pipeline on.
+#[derive(Clone, Debug)]
+pub struct RunRequest {
+    pub conversation: Vec<ChatMessage>,
+    pub mode: StreamMode,
+}
+
+impl RunRequest {
+    /// One user message.
+    pub fn prompt(text: impl Into<String>, mode: StreamMode) -> Self {
+        Self {
+            conversation: vec![ChatMessage::new(Role::User, text)],
+            mode,
+        }
+    }
+}
+
+/// Live progress, for views and servers.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RunEvent {
+    NodeStarted {
+        node: NodeIndex,
+    },
+    /// Text a node generated. Deltas of [`Pipeline::output`] are the answer.
+    NodeDelta {
+        node: NodeIndex,
+        text: String,
+        tokens: u32,
+    },
+    NodeFinished {
+        node: NodeIndex,
+        cancelled: bool,
+    },
+}
+
+fn ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64() * 1e3)
+}
+
+fn ms_opt<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_some(&(d.as_secs_f64() * 1e3)),
+        None => s.serialize_none(),
+    }
+}
+
+/// What one node did; times are since the run began, in milliseconds when serialized.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct NodeReport {
+    pub id: String,
+    pub kind: &'static str,
+    #[serde(serialize_with = "ms_opt")]
+    pub started_ms: Option<Duration>,
+    #[serde(serialize_with = "ms_opt")]
+    pub first_token_ms: Option<Duration>,
+    #[serde(serialize_with = "ms_opt")]
+    pub finished_ms: Option<Duration>,
+    pub output_tokens: u32,
+    pub prompt_tokens: u32,
+    pub cached_prompt_tokens: u32,
+    /// Engine requests (aggregator steps).
+    pub steps: u32,
+    /// Stopped early because nobody read it any more.
+    pub cancelled: bool,
+    /// Speculative decoding over all of the node's requests, when the engine reports it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub speculation: Option<SpeculationStats>,
+    pub text: String,
+}
+
+impl NodeReport {
+    /// Time the node worked, for the measured critical path.
+    pub fn busy(&self) -> Duration {
+        match (self.started_ms, self.finished_ms) {
+            (Some(start), Some(end)) => end.saturating_sub(start),
+            _ => Duration::ZERO,
+        }
+    }
+}
+
+/// A critical path by node id.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PathReport {
+    pub nodes: Vec<String>,
+    #[serde(serialize_with = "ms")]
+    pub length_ms: Duration,
+}
+
+/// Prompt tokens, and how many the prefix cache served.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CacheStats {
+    pub prompt_tokens: u32,
+    pub cached_prompt_tokens: u32,
+    pub aggregator_prompt_tokens: u32,
+    pub aggregator_cached_prompt_tokens: u32,
+}
+
+impl CacheStats {
+    /// Share of aggregator prompt tokens served from the prefix cache.
+    pub fn aggregator_hit_rate(&self) -> f64 {
+        if self.aggregator_prompt_tokens == 0 {
+            0.0
+        } else {
+            f64::from(self.aggregator_cached_prompt_tokens)
+                / f64::from(self.aggregator_prompt_tokens)
+        }
+    }
+}
+
+/// Everything a finished run measured.
+#[derive(Debug, Serialize)]
+pub struct RunReport {
+    pub pipeline: String,
+    pub mode: StreamMode,
+    pub answer: String,
+    /// From the start of the run to the first answer token.
+    #[serde(serialize_with = "ms_opt")]
+    pub ttft_ms: Option<Duration>,
+    #[serde(serialize_with = "ms")]
+    pub total_ms: Duration,
+    pub nodes: Vec<NodeReport>,
+    /// Before the run, from estimated costs.
+    pub critical_path_estimated: PathReport,
+    /// After the run, from the nodes' measured busy times.
+    pub critical_path_measured: PathReport,
+    pub cache: CacheStats,
+    #[serde(skip)]
+    pub timeline: Timeline,
+    #[serde(skip)]
+    measured_lanes: Vec<usize>,
+}
+
+impl RunReport {
+    /// The run as a Chrome trace, the measured critical path marked.
+    pub fn trace(&self) -> ChromeTrace {
+        ChromeTrace::from_timeline(&self.timeline, &self.measured_lanes)
+    }
+}
+
+/// Runs pipelines on a set of models and a policy provider.
+pub struct Runner {
+    models: Models,
+    policies: Arc<dyn PolicyProvider>,
+    latencies: Arc<LatencyModel>,
+}
+
+impl Runner {
+    pub fn new(models: Models, policies: Arc<dyn PolicyProvider>) -> Self {
+        Self {
+            models,
+            policies,
+            latencies: Arc::new(LatencyModel::default()),
+        }
+    }
+
+    pub fn models(&self) -> &Models {
+        &self.models
+    }
+
+    /// The per-token latencies learned so far.
+    pub fn latencies(&self) -> &LatencyModel {
+        &self.latencies
+    }
+
+    /// Checks the pipeline's plugins and models against this runner's.
+    pub fn check(&self, pipeline: &Pipeline) -> Result<(), SpecError> {
+        let policies = self.policies.clone();
+        pipeline.check_bindings(&move |name| policies.kind_of(name), &self.models.names())
+    }
+
+    /// The critical path estimated for `request`, before running.
+    pub fn estimate(&self, pipeline: &Pipeline, request: &RunRequest) -> CriticalPath {
+        let prompt: String = request
+            .conversation
+            .iter()
+            .map(|m| m.content.as_str())
+            .collect::<Vec<_>>()
+            .join("\n");
+        let costs = critical::estimate_costs(
+            pipeline,
+            self.models.count_tokens(&prompt),
+            self.latencies.get(),
+        );
+        critical::longest_path(&costs, &critical::inputs_of(pipeline))
+    }
+
+    /// Runs `pipeline` on `request`. Progress goes to `events` if given; the answer is also
+    /// in the report. Dropping the returned future cancels every node.
+    pub async fn run(
+        &self,
+        pipeline: &Pipeline,
+        request: RunRequest,
+        events: Option<mpsc::UnboundedSender<RunEvent>>,
+    ) -> Result<RunReport, RunError> {
+        self.check(pipeline)?;
+        let estimated = self.estimate(pipeline, &request);
+        let timeline = Timeline::new(pipeline.nodes.iter().map(|n| n.id.clone()).collect());
+        let n = pipeline.nodes.len();
+        let priorities: Vec<Priority> = (0..n)
+            .map(|i| {
+                if estimated.contains(NodeIndex(i)) {
+                    CRITICAL_PRIORITY
+                } else {
+                    Priority::default()
+                }
+            })
+            .collect();
+        let ctx = RunCtx {
+            runner: self,
+            pipeline,
+            request: &request,
+            timeline: &timeline,
+            events: events.as_ref(),
+            priorities,
+        };
+
+        // Wiring: one inbox per node with inputs, a wake-up per producer, a flag per edge.
+        let wakers: Vec<Arc<Notify>> = (0..n).map(|_| Arc::new(Notify::new())).collect();
+        let mut inboxes: Vec<Option<mpsc::UnboundedReceiver<Inbound>>> = Vec::with_capacity(n);
+        let mut senders: Vec<Option<mpsc::UnboundedSender<Inbound>>> = Vec::with_capacity(n);
+        let mut wanted: Vec<Vec<Arc<AtomicBool>>> = Vec::with_capacity(n);
+        for node in &pipeline.nodes {
+            if node.inputs.is_empty() {
+                inboxes.push(None);
+                senders.push(None);
+            } else {
+                let (tx, rx) = mpsc::unbounded_channel();
+                inboxes.push(Some(rx));
+                senders.push(Some(tx));
+            }
+            wanted.push(
+                node.inputs
+                    .iter()
+                    .map(|_| Arc::new(AtomicBool::new(true)))
+                    .collect(),
+            );
+        }
+        let mut nodes = Vec::with_capacity(n);
+        for (i, inbox) in inboxes.into_iter().enumerate() {
+            let ix = NodeIndex(i);
+            let edges = pipeline
+                .consumers(ix)
+                .into_iter()
+                .filter_map(|(consumer, slot)| {
+                    let tx = senders[consumer.0].clone()?;
+                    Some(OutEdge {
+                        to: pipeline.node(consumer).id.clone(),
+                        slot,
+                        tx,
+                        chunker: Chunker::new(
+                            pipeline.node(consumer).inputs[slot]
+                                .stream
+                                .in_mode(request.mode),
+                        ),
+                        wanted: wanted[consumer.0][slot].clone(),
+                    })
+                })
+                .collect();
+            let inputs = InputSide {
+                rx: inbox,
+                wanted: wanted[i].clone(),
+                producers: pipeline.nodes[i]
+                    .inputs
+                    .iter()
+                    .map(|e| wakers[e.from.0].clone())
+                    .collect(),
+            };
+            let emitter = Emitter {
+                ctx: &ctx,
+                node: ix,
+                edges,
+                is_output: ix == pipeline.output,
+                text: String::new(),
+                tokens: 0,
+                first_token: None,
+            };
+            let span = tracing::debug_span!("node", id = %pipeline.nodes[i].id);
+            nodes.push(
+                ctx.run_node(ix, inputs, emitter, wakers[i].clone())
+                    .instrument(span),
+            );
+        }
+        // Only producers hold inbox senders now, so an inbox closes when its producers end.
+        drop(senders);
+
+        let reports = try_join_all(nodes).await?;
+        let total = timeline.now();
+
+        let measured = critical::longest_path(
+            &reports.iter().map(NodeReport::busy).collect::<Vec<_>>(),
+            &critical::inputs_of(pipeline),
+        );
+        let path_report = |path: &CriticalPath| PathReport {
+            nodes: path
+                .nodes
+                .iter()
+                .map(|&i| pipeline.node(i).id.clone())
+                .collect(),
+            length_ms: path.length,
+        };
+        let mut cache = CacheStats::default();
+        for (node, report) in pipeline.nodes.iter().zip(&reports) {
+            cache.prompt_tokens += report.prompt_tokens;
+            cache.cached_prompt_tokens += report.cached_prompt_tokens;
+            if node.kind == NodeKind::Aggregator {
+                cache.aggregator_prompt_tokens += report.prompt_tokens;
+                cache.aggregator_cached_prompt_tokens += report.cached_prompt_tokens;
+            }
+        }
+        let output = &reports[pipeline.output.0];
+        Ok(RunReport {
+            pipeline: pipeline.name.clone(),
+            mode: request.mode,
+            answer: output.text.clone(),
+            ttft_ms: output.first_token_ms,
+            total_ms: total,
+            critical_path_estimated: path_report(&estimated),
+            critical_path_measured: path_report(&measured),
+            measured_lanes: measured.nodes.iter().map(|i| i.0).collect(),
+            cache,
+            nodes: reports,
+            timeline,
+        })
+    }
+}
+
+/// What arrives in a node's inbox: an event of its input number `slot`.
+struct Inbound {
+    slot: usize,
+    event: EdgeEvent,
+}
+
+enum EdgeEvent {
+    Chunk(Chunk),
+    Finished,
+}
+
+/// A node's side of its incoming edges.
+struct InputSide {
+    rx: Option<mpsc::UnboundedReceiver<Inbound>>,
+    wanted: Vec<Arc<AtomicBool>>,
+    producers: Vec<Arc<Notify>>,
+}
+
+impl InputSide {
+    /// Tells input `slot` this node reads no more of it.
+    fn release(&self, slot: usize) {
+        self.wanted[slot].store(false, Ordering::Release);
+        // `notify_one` keeps a permit if the producer is not waiting right now.
+        self.producers[slot].notify_one();
+    }
+
+    fn release_all(&mut self) {
+        for slot in 0..self.wanted.len() {
+            self.release(slot);
+        }
+        self.rx = None;
+    }
+
+    async fn recv(&mut self) -> Option<Inbound> {
+        match &mut self.rx {
+            Some(rx) => rx.recv().await,
+            None => None,
+        }
+    }
+}
+
+/// One outgoing edge.
+struct OutEdge {
+    to: String,
+    slot: usize,
+    tx: mpsc::UnboundedSender<Inbound>,
+    chunker: Chunker,
+    wanted: Arc<AtomicBool>,
+}
+
+impl OutEdge {
+    fn open(&self) -> bool {
+        self.wanted.load(Ordering::Acquire) && !self.tx.is_closed()
+    }
+}
+
+/// Hands a node's output to the caller and downstream, and records it.
+struct Emitter<'r> {
+    ctx: &'r RunCtx<'r>,
+    node: NodeIndex,
+    edges: Vec<OutEdge>,
+    is_output: bool,
+    text: String,
+    tokens: u32,
+    first_token: Option<Duration>,
+}
+
+impl Emitter<'_> {
+    /// Whether anyone still reads this node.
+    fn wanted(&self) -> bool {
+        self.is_output || self.edges.iter().any(OutEdge::open)
+    }
+
+    fn delta(&mut self, text: &str, tokens: u32) {
+        if text.is_empty() && tokens == 0 {
+            return;
+        }
+        if self.first_token.is_none() {
+            let now = self.ctx.timeline.now();
+            self.first_token = Some(now);
+            self.ctx
+                .timeline
+                .record_at(now, self.node.0, EventKind::FirstToken);
+        }
+        self.text.push_str(text);
+        self.tokens += tokens;
+        self.ctx.send(RunEvent::NodeDelta {
+            node: self.node,
+            text: text.to_string(),
+            tokens,
+        });
+        for edge in &mut self.edges {
+            if !edge.open() {
+                continue;
+            }
+            if let Some(chunk) = edge.chunker.push(text, tokens) {
+                Self::send_chunk(self.ctx, self.node, self.tokens, edge, chunk);
+            }
+        }
+    }
+
+    fn send_chunk(ctx: &RunCtx, node: NodeIndex, total: u32, edge: &OutEdge, chunk: Chunk) {
+        ctx.timeline.record(
+            node.0,
+            EventKind::Chunk {
+                to: edge.to.clone(),
+                tokens: chunk.tokens,
+                total_tokens: total,
+            },
+        );
+        // A closed inbox means the consumer is done; nothing to deliver then.
+        let _ = edge.tx.send(Inbound {
+            slot: edge.slot,
+            event: EdgeEvent::Chunk(chunk),
+        });
+    }
+
+    /// The output is over: the rest of every chunker, then the end of every edge.
+    fn finish(&mut self) {
+        for edge in &mut self.edges {
+            if edge.open()
+                && let Some(chunk) = edge.chunker.finish()
+            {
+                Self::send_chunk(self.ctx, self.node, self.tokens, edge, chunk);
+            }
+            let _ = edge.tx.send(Inbound {
+                slot: edge.slot,
+                event: EdgeEvent::Finished,
+            });
+        }
+    }
+}
+
+/// What woke a node up.
+enum Wake {
+    Engine(Option<Result<GenerationEvent, EngineError>>),
+    Input(Option<Inbound>),
+    Released,
+}
+
+/// Shared state of one run.
+struct RunCtx<'r> {
+    runner: &'r Runner,
+    pipeline: &'r Pipeline,
+    request: &'r RunRequest,
+    timeline: &'r Timeline,
+    events: Option<&'r mpsc::UnboundedSender<RunEvent>>,
+    priorities: Vec<Priority>,
+}
+
+impl<'r> RunCtx<'r> {
+    fn send(&self, event: RunEvent) {
+        if let Some(events) = self.events {
+            // A caller that stopped listening still gets the report.
+            let _ = events.send(event);
+        }
+    }
+
+    fn policy_error(&self, node: NodeIndex) -> impl Fn(PolicyError) -> RunError + '_ {
+        move |source| RunError::Policy {
+            node: self.pipeline.node(node).id.clone(),
+            source,
+        }
+    }
+
+    fn sources(&self, node: NodeIndex) -> Vec<Source> {
+        self.pipeline
+            .node(node)
+            .inputs
+            .iter()
+            .map(|e| {
+                let input = self.pipeline.node(e.from);
+                Source {
+                    id: input.id.clone(),
+                    label: input.label.clone(),
+                }
+            })
+            .collect()
+    }
+
+    async fn run_node(
+        &'r self,
+        ix: NodeIndex,
+        inputs: InputSide,
+        emitter: Emitter<'r>,
+        waker: Arc<Notify>,
+    ) -> Result<NodeReport, RunError> {
+        let node = self.pipeline.node(ix);
+        let policy_error = self.policy_error(ix);
+        let conversation = self.request.conversation.clone();
+        let mode = self.request.mode;
+        match node.kind {
+            NodeKind::Compressor { budget_tokens } => {
+                let compressor = self
+                    .runner
+                    .policies
+                    .compressor(&node.plugin)
+                    .map_err(&policy_error)?;
+                self.run_compressor(ix, compressor, budget_tokens, inputs, emitter)
+                    .await
+            }
+            NodeKind::Agent => {
+                let mut role = self
+                    .runner
+                    .policies
+                    .role_with_config(&node.plugin, &node.config)
+                    .map_err(&policy_error)?;
+                let sampling = node.params.apply(role.params().map_err(&policy_error)?);
+                let session = RoleSession::new(role, conversation, self.sources(ix), mode);
+                self.run_stepped(ix, Box::new(session), sampling, inputs, emitter, waker)
+                    .await
+            }
+            NodeKind::Aggregator => {
+                let session = self
+                    .runner
+                    .policies
+                    .aggregator(&node.plugin, &conversation, &self.sources(ix), mode)
+                    .map_err(&policy_error)?;
+                let sampling = node.params.apply(SamplingParams::default());
+                self.run_stepped(ix, session, sampling, inputs, emitter, waker)
+                    .await
+            }
+        }
+    }
+
+    /// The engine for a step of `node`, asking its router when it has one.
+    fn engine_for(
+        &self,
+        ix: NodeIndex,
+        router: &mut Option<Box<dyn RouterPolicy>>,
+        messages: &[ChatMessage],
+    ) -> Result<&'r Arc<dyn Engine>, RunError> {
+        let node = self.pipeline.node(ix);
+        let name = match (&node.model, router.as_mut()) {
+            (ModelBinding::Routed { models, .. }, Some(router)) => {
+                let text: String = messages.iter().map(|m| m.content.as_str()).collect();
+                let query = messages
+                    .iter()
+                    .rev()
+                    .find(|m| m.role == Role::User)
+                    .map(|m| m.content.clone())
+                    .unwrap_or_default();
+                let chosen = router
+                    .route(&RouteRequest {
+                        node_id: node.id.clone(),
+                        prompt_tokens: self.runner.models.count_tokens(&text),
+                        query,
+                        models: models.clone(),
+                    })
+                    .map_err(self.policy_error(ix))?;
+                if !models.contains(&chosen) {
+                    return Err(RunError::BadRoute {
+                        node: node.id.clone(),
+                        model: chosen,
+                        models: models.clone(),
+                    });
+                }
+                chosen
+            }
+            (ModelBinding::Fixed(name), _) => name.clone(),
+            _ => DEFAULT_MODEL.to_string(),
+        };
+        self.runner
+            .models
+            .get(&name)
+            .ok_or_else(|| RunError::NoModel {
+                node: node.id.clone(),
+                model: name,
+            })
+    }
+
+    /// The step loop of agents and aggregators.
+    async fn run_stepped(
+        &'r self,
+        ix: NodeIndex,
+        mut session: Box<dyn AggregatorSession>,
+        sampling: SamplingParams,
+        mut inputs: InputSide,
+        mut emitter: Emitter<'r>,
+        waker: Arc<Notify>,
+    ) -> Result<NodeReport, RunError> {
+        let node = self.pipeline.node(ix);
+        let policy_error = self.policy_error(ix);
+        let mut router = match &node.model {
+            ModelBinding::Routed { router, .. } => {
+                Some(self.runner.policies.router(router).map_err(&policy_error)?)
+            }
+            _ => None,
+        };
+        let sources = self.sources(ix);
+        let mut open: Vec<bool> = vec![true; sources.len()];
+        // The inputs' text, for the engine to draft from: an aggregator copies its proposers.
+        let feed = (!sources.is_empty()).then(DraftFeed::new);
+        let budget = sampling.max_tokens;
+        let mut report = NodeReport {
+            id: node.id.clone(),
+            kind: node.kind.name(),
+            ..NodeReport::default()
+        };
+        let mut answer = String::new();
+        let mut answer_tokens = 0u32;
+
+        // Applies one inbox event to the session (chunks in order, finishes, releases).
+        let mut on_input = |session: &mut Box<dyn AggregatorSession>,
+                            inputs: &mut InputSide,
+                            input: Option<Inbound>|
+         -> Result<(), RunError> {
+            let Some(Inbound { slot, event }) = input else {
+                // Every producer has ended: whatever is still open is finished.
+                for (slot, is_open) in open.iter_mut().enumerate() {
+                    if std::mem::replace(is_open, false) {
+                        if let Some(feed) = &feed {
+                            feed.finish(&sources[slot].id);
+                        }
+                        session.finish(&sources[slot].id).map_err(&policy_error)?;
+                    }
+                }
+                inputs.rx = None;
+                return Ok(());
+            };
+            if !open[slot] {
+                return Ok(());
+            }
+            let id = &sources[slot].id;
+            match event {
+                EdgeEvent::Chunk(chunk) => {
+                    if let Some(feed) = &feed {
+                        feed.push_text(id, &chunk.text);
+                    }
+                    let demand = session
+                        .push(&sources[slot].id, &chunk.text)
+                        .map_err(&policy_error)?;
+                    if demand == Demand::Enough {
+                        open[slot] = false;
+                        inputs.release(slot);
+                        if let Some(feed) = &feed {
+                            feed.finish(id);
+                        }
+                        session.finish(id).map_err(&policy_error)?;
+                    }
+                }
+                EdgeEvent::Finished => {
+                    open[slot] = false;
+                    if let Some(feed) = &feed {
+                        feed.finish(id);
+                    }
+                    session.finish(id).map_err(&policy_error)?;
+                }
+            }
+            Ok(())
+        };
+
+        let mut cancelled = false;
+        'run: loop {
+            if !emitter.wanted() {
+                cancelled = true;
+                break;
+            }
+            // A non-final step of zero tokens asks for nothing now: treat it as no step.
+            let step = session
+                .next_step()
+                .map_err(&policy_error)?
+                .filter(|step| step.is_final || step.max_tokens > 0);
+            let Some(step) = step else {
+                if inputs.rx.is_none() {
+                    return Err(RunError::NoFinalStep {
+                        node: node.id.clone(),
+                        plugin: node.plugin.clone(),
+                    });
+                }
+                let wake = tokio::select! {
+                    input = inputs.recv() => Wake::Input(input),
+                    _ = waker.notified() => Wake::Released,
+                };
+                if let Wake::Input(input) = wake {
+                    on_input(&mut session, &mut inputs, input)?;
+                }
+                continue;
+            };
+
+            if report.started_ms.is_none() {
+                let now = self.timeline.now();
+                report.started_ms = Some(now);
+                self.timeline.record_at(now, ix.0, EventKind::Start);
+                self.send(RunEvent::NodeStarted { node: ix });
+            }
+            let remaining = budget.saturating_sub(answer_tokens);
+            let max_tokens = if step.is_final {
+                remaining
+            } else {
+                step.max_tokens.min(remaining)
+            };
+            // Only a spent budget gives zero here (zero-token non-final steps were skipped).
+            if max_tokens == 0 {
+                break;
+            }
+            let engine = self.engine_for(ix, &mut router, &step.messages)?;
+            // Built from `chat` and then filled, so fields other engines add keep defaults.
+            let mut request = GenerationRequest::chat(Vec::new());
+            request.prompt = Prompt::Chat {
+                messages: step.messages,
+                assistant_prefix: (!answer.is_empty()).then(|| answer.clone()),
+            };
+            request.sampling = SamplingParams {
+                max_tokens,
+                ..sampling.clone()
+            };
+            request.priority = self.priorities[ix.0];
+            request.draft_feed = feed.clone();
+            let engine_error = |source| RunError::Engine {
+                node: node.id.clone(),
+                source,
+            };
+            let step_started = self.timeline.now();
+            let mut stream = engine.submit(request).map_err(engine_error)?;
+            let mut step_text = String::new();
+            let mut step_tokens = 0u32;
+            let (reason, usage) = loop {
+                let wake = tokio::select! {
+                    event = stream.next() => Wake::Engine(event),
+                    input = inputs.recv(), if inputs.rx.is_some() => Wake::Input(input),
+                    _ = waker.notified() => Wake::Released,
+                };
+                match wake {
+                    Wake::Engine(Some(Ok(GenerationEvent::Delta { text, tokens }))) => {
+                        let count = u32::try_from(tokens.len()).unwrap_or(u32::MAX);
+                        step_text.push_str(&text);
+                        step_tokens += count;
+                        emitter.delta(&text, count);
+                    }
+                    Wake::Engine(Some(Ok(GenerationEvent::Finished {
+                        reason,
+                        usage,
+                        timings,
+                    }))) => {
+                        self.runner.latencies.observe(&usage, &timings);
+                        break (reason, usage);
+                    }
+                    Wake::Engine(Some(Err(error))) => return Err(engine_error(error)),
+                    Wake::Engine(None) => return Err(engine_error(EngineError::Stopped)),
+                    Wake::Input(input) => on_input(&mut session, &mut inputs, input)?,
+                    Wake::Released => {
+                        if !emitter.wanted() {
+                            // Dropping the stream cancels the engine sequence.
+                            drop(stream);
+                            cancelled = true;
+                            answer_tokens += step_tokens;
+                            break 'run;
+                        }
+                    }
+                }
+            };
+            report.steps += 1;
+            report.prompt_tokens += usage.prompt_tokens;
+            report.cached_prompt_tokens += usage.cached_prompt_tokens;
+            if let Some(stats) = &usage.speculation {
+                report
+                    .speculation
+                    .get_or_insert_with(SpeculationStats::default)
+                    .merge(stats);
+            }
+            self.timeline.record(
+                ix.0,
+                EventKind::Step {
+                    index: report.steps - 1,
+                    started: step_started,
+                    tokens: step_tokens,
+                    prompt_tokens: usage.prompt_tokens,
+                    cached_prompt_tokens: usage.cached_prompt_tokens,
+                    is_final: step.is_final,
+                },
+            );
+            answer.push_str(&step_text);
+            answer_tokens += step_tokens;
+            session.answered(&step_text).map_err(&policy_error)?;
+            // The model may end a non-final step early (end of sequence): it said all it
+            // could from what it had seen. The next step, with more input, continues the
+            // answer; only the final step or the budget ends the node.
+            if step.is_final || answer_tokens >= budget {
+                break;
+            }
+            if reason == FinishReason::Stop {
+                tracing::debug!(node = %node.id, "model ended a non-final step early");
+            }
+        }
+
+        inputs.release_all();
+        let end = self.timeline.now();
+        if cancelled {
+            self.timeline.record_at(
+                end,
+                ix.0,
+                EventKind::Cancelled {
+                    reason: "no consumer reads it any more".into(),
+                },
+            );
+        } else {
+            self.timeline.record_at(
+                end,
+                ix.0,
+                EventKind::End {
+                    tokens: answer_tokens,
+                },
+            );
+        }
+        emitter.finish();
+        self.send(RunEvent::NodeFinished {
+            node: ix,
+            cancelled,
+        });
+        report.first_token_ms = emitter.first_token;
+        report.finished_ms = report.started_ms.map(|_| end);
+        report.output_tokens = emitter.tokens;
+        report.cancelled = cancelled;
+        report.text = std::mem::take(&mut emitter.text);
+        Ok(report)
+    }
+
+    /// A compressor: waits for its inputs in full, shortens them in one plugin call.
+    async fn run_compressor(
+        &'r self,
+        ix: NodeIndex,
+        mut compressor: Box<dyn CompressorPolicy>,
+        budget_tokens: u32,
+        mut inputs: InputSide,
+        mut emitter: Emitter<'r>,
+    ) -> Result<NodeReport, RunError> {
+        let node = self.pipeline.node(ix);
+        let sources = self.sources(ix);
+        let mut texts = vec![String::new(); sources.len()];
+        let mut pending = sources.len();
+        while pending > 0 {
+            let Some(Inbound { slot, event }) = inputs.recv().await else {
+                break;
+            };
+            match event {
+                EdgeEvent::Chunk(chunk) => texts[slot].push_str(&chunk.text),
+                EdgeEvent::Finished => pending -= 1,
+            }
+        }
+        inputs.release_all();
+        let started = self.timeline.now();
+        self.timeline.record_at(started, ix.0, EventKind::Start);
+        self.send(RunEvent::NodeStarted { node: ix });
+        let history: Vec<ChatMessage> = sources
+            .iter()
+            .zip(&texts)
+            .map(|(source, text)| {
+                ChatMessage::new(Role::Assistant, format!("{}: {}", source.label, text))
+            })
+            .collect();
+        // A compressor may call a model through its plugin import, which blocks; on a
+        // multi-threaded runtime let the other nodes keep this worker's tasks moving.
+        let compressed = if tokio::runtime::Handle::current().runtime_flavor()
+            == tokio::runtime::RuntimeFlavor::MultiThread
+        {
+            tokio::task::block_in_place(|| compressor.compress(&history, budget_tokens))
+        } else {
+            compressor.compress(&history, budget_tokens)
+        }
+        .map_err(self.policy_error(ix))?;
+        let text = compressed
+            .iter()
+            .map(|m| m.content.as_str())
+            .collect::<Vec<_>>()
+            .join("\n\n");
+        let tokens = self.runner.models.count_tokens(&text);
+        emitter.delta(&text, tokens);
+        emitter.finish();
+        let end = self.timeline.now();
+        self.timeline
+            .record_at(end, ix.0, EventKind::End { tokens });
+        self.send(RunEvent::NodeFinished {
+            node: ix,
+            cancelled: false,
+        });
+        Ok(NodeReport {
+            id: node.id.clone(),
+            kind: node.kind.name(),
+            started_ms: Some(started),
+            first_token_ms: emitter.first_token,
+            finished_ms: Some(end),
+            output_tokens: tokens,
+            steps: 1,
+            text,
+            ..NodeReport::default()
+        })
+    }
+}

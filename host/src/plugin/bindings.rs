@@ -1,0 +1,44 @@
+//! Host bindings of the four worlds of `staircase:agent@0.1.0`. The compressor world is the
+//! only one importing everything (`types`, `host`, `model`), so it generates those
+//! interfaces and the other worlds reuse them: one `Host` implementation serves all kinds.
+
+pub(crate) mod compressor {
+    wasmtime::component::bindgen!({
+        path: "../wit/v0.1.0",
+        world: "compressor",
+    });
+}
+
+pub(crate) mod role {
+    wasmtime::component::bindgen!({
+        path: "../wit/v0.1.0",
+        world: "role",
+        with: {
+            "staircase:agent/types": crate::plugin::bindings::compressor::staircase::agent::types,
+            "staircase:agent/host": crate::plugin::bindings::compressor::staircase::agent::host,
+        },
+    });
+}
+
+pub(crate) mod aggregator {
+    wasmtime::component::bindgen!({
+        path: "../wit/v0.1.0",
+        world: "aggregator",
+        with: {
+            "staircase:agent/types": crate::plugin::bindings::compressor::staircase::agent::types,
+            "staircase:agent/host": crate::plugin::bindings::compressor::staircase::agent::host,
+        },
+    });
+}
+
+pub(crate) mod router {
+    wasmtime::component::bindgen!({
+        path: "../wit/v0.1.0",
+        world: "router",
+        with: {
+            "staircase:agent/host": crate::plugin::bindings::compressor::staircase::agent::host,
+        },
+    });
+}
+
+pub(crate) use compressor::staircase::agent::{host, model, types};

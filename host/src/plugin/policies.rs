@@ -1,0 +1,394 @@
+//! The per-kind wrappers that implement the pipeline's policy traits over a plugin
+//! instance, converting between the WIT types and the engine's, checking answers (size,
+//! router choice) and the canary every new version must pass before it serves.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use wasmtime::component::ResourceAny;
+
+use super::bindings::{aggregator, compressor, role, router};
+use super::error::PluginError;
+use super::host_imports::{chat_from_wit, chat_to_wit, sampling_from_wit};
+use super::instance::PluginInstance;
+use super::runtime::{KindPre, LoadedPlugin, PluginRuntime};
+use crate::engine::{ChatMessage, Role, SamplingParams};
+use crate::pipeline::policy::{
+    AggregatorSession, CompressorPolicy, Demand, PluginKind, PolicyError, RoleInput, RolePolicy,
+    RouteRequest, RouterPolicy, Source, Step, StreamMode,
+};
+
+fn wrong_kind(plugin: &LoadedPlugin, expected: PluginKind) -> PluginError {
+    PluginError::WrongKind {
+        plugin: plugin.plugin.clone(),
+        expected,
+        actual: plugin.kind(),
+    }
+}
+
+fn text_bytes(messages: &[ChatMessage]) -> usize {
+    messages.iter().map(|m| m.content.len()).sum()
+}
+
+/// A role plugin instance.
+pub struct RoleInstance {
+    instance: PluginInstance,
+    bindings: role::Role,
+}
+
+impl RoleInstance {
+    pub fn new(runtime: &PluginRuntime, plugin: &Arc<LoadedPlugin>) -> Result<Self, PluginError> {
+        Self::with_config(runtime, plugin, &BTreeMap::new())
+    }
+
+    /// A role instance whose `config` import also sees `config` (a pipeline node's
+    /// settings, which win over the operator's).
+    pub fn with_config(
+        runtime: &PluginRuntime,
+        plugin: &Arc<LoadedPlugin>,
+        config: &BTreeMap<String, String>,
+    ) -> Result<Self, PluginError> {
+        if !matches!(plugin.pre, KindPre::Role(_)) {
+            return Err(wrong_kind(plugin, PluginKind::Role));
+        }
+        let mut instance = PluginInstance::store_with(runtime, plugin, Some(config));
+        let bindings = instance.instantiate(|store, pre| match pre {
+            KindPre::Role(pre) => pre.instantiate(store),
+            _ => Err(wasmtime::format_err!("not a role")),
+        })?;
+        Ok(Self { instance, bindings })
+    }
+
+    pub fn try_system_prompt(&mut self) -> Result<String, PluginError> {
+        let api = self.bindings.staircase_agent_role_policy();
+        let prompt = self
+            .instance
+            .call("system-prompt", |s| api.call_system_prompt(s))?;
+        self.instance.check_output("system-prompt", prompt.len())?;
+        Ok(prompt)
+    }
+
+    pub fn try_build_messages(
+        &mut self,
+        input: &RoleInput,
+    ) -> Result<Vec<ChatMessage>, PluginError> {
+        let api = self.bindings.staircase_agent_role_policy();
+        let wit_input = role::exports::staircase::agent::role_policy::RoleInput {
+            conversation: input.conversation.iter().map(chat_to_wit).collect(),
+            upstream: input
+                .upstream
+                .iter()
+                .map(|u| super::bindings::types::UpstreamOutput {
+                    source: source_to_wit(&u.source),
+                    text: u.text.clone(),
+                })
+                .collect(),
+        };
+        let messages = self
+            .instance
+            .call("build-messages", |s| api.call_build_messages(s, &wit_input))?;
+        let messages: Vec<ChatMessage> = messages.into_iter().map(chat_from_wit).collect();
+        self.instance
+            .check_output("build-messages", text_bytes(&messages))?;
+        Ok(messages)
+    }
+
+    pub fn try_params(&mut self) -> Result<SamplingParams, PluginError> {
+        let api = self.bindings.staircase_agent_role_policy();
+        let params = self.instance.call("params", |s| api.call_params(s))?;
+        Ok(sampling_from_wit(params))
+    }
+}
+
+impl RolePolicy for RoleInstance {
+    fn system_prompt(&mut self) -> Result<String, PolicyError> {
+        Ok(self.try_system_prompt()?)
+    }
+
+    fn build_messages(&mut self, input: &RoleInput) -> Result<Vec<ChatMessage>, PolicyError> {
+        Ok(self.try_build_messages(input)?)
+    }
+
+    fn params(&mut self) -> Result<SamplingParams, PolicyError> {
+        Ok(self.try_params()?)
+    }
+}
+
+fn source_to_wit(source: &Source) -> super::bindings::types::Source {
+    super::bindings::types::Source {
+        id: source.id.clone(),
+        label: source.label.clone(),
+    }
+}
+
+/// One aggregator session (a resource in its own instance).
+pub struct AggregatorInstance {
+    instance: PluginInstance,
+    bindings: aggregator::Aggregator,
+    session: ResourceAny,
+}
+
+impl AggregatorInstance {
+    pub fn new(
+        runtime: &PluginRuntime,
+        plugin: &Arc<LoadedPlugin>,
+        conversation: &[ChatMessage],
+        sources: &[Source],
+        mode: StreamMode,
+    ) -> Result<Self, PluginError> {
+        if !matches!(plugin.pre, KindPre::Aggregator(_)) {
+            return Err(wrong_kind(plugin, PluginKind::Aggregator));
+        }
+        let mut instance = PluginInstance::store(runtime, plugin);
+        let bindings = instance.instantiate(|store, pre| match pre {
+            KindPre::Aggregator(pre) => pre.instantiate(store),
+            _ => Err(wasmtime::format_err!("not an aggregator")),
+        })?;
+        let conversation: Vec<_> = conversation.iter().map(chat_to_wit).collect();
+        let sources: Vec<_> = sources.iter().map(source_to_wit).collect();
+        let mode = match mode {
+            StreamMode::Staircase => {
+                aggregator::exports::staircase::agent::aggregator_policy::StreamMode::Staircase
+            }
+            StreamMode::Layered => {
+                aggregator::exports::staircase::agent::aggregator_policy::StreamMode::Layered
+            }
+        };
+        let api = bindings.staircase_agent_aggregator_policy().session();
+        let session = instance.call("session.constructor", |s| {
+            api.call_constructor(s, &conversation, &sources, mode)
+        })?;
+        Ok(Self {
+            instance,
+            bindings,
+            session,
+        })
+    }
+
+    pub fn try_push(&mut self, source_id: &str, text: &str) -> Result<Demand, PluginError> {
+        let api = self.bindings.staircase_agent_aggregator_policy().session();
+        let session = self.session;
+        let demand = self.instance.call("session.push", |s| {
+            api.call_push(s, session, source_id, text)
+        })?;
+        Ok(match demand {
+            aggregator::exports::staircase::agent::aggregator_policy::Demand::More => Demand::More,
+            aggregator::exports::staircase::agent::aggregator_policy::Demand::Enough => {
+                Demand::Enough
+            }
+        })
+    }
+
+    pub fn try_finish(&mut self, source_id: &str) -> Result<(), PluginError> {
+        let api = self.bindings.staircase_agent_aggregator_policy().session();
+        let session = self.session;
+        self.instance
+            .call("session.finish", |s| api.call_finish(s, session, source_id))
+    }
+
+    pub fn try_answered(&mut self, text: &str) -> Result<(), PluginError> {
+        let api = self.bindings.staircase_agent_aggregator_policy().session();
+        let session = self.session;
+        self.instance
+            .call("session.answered", |s| api.call_answered(s, session, text))
+    }
+
+    pub fn try_next_step(&mut self) -> Result<Option<Step>, PluginError> {
+        let api = self.bindings.staircase_agent_aggregator_policy().session();
+        let session = self.session;
+        let step = self
+            .instance
+            .call("session.next-step", |s| api.call_next_step(s, session))?;
+        let Some(step) = step else { return Ok(None) };
+        let messages: Vec<ChatMessage> = step.messages.into_iter().map(chat_from_wit).collect();
+        self.instance
+            .check_output("session.next-step", text_bytes(&messages))?;
+        Ok(Some(Step {
+            messages,
+            max_tokens: step.max_tokens,
+            is_final: step.final_,
+        }))
+    }
+}
+
+impl AggregatorSession for AggregatorInstance {
+    fn push(&mut self, source_id: &str, text: &str) -> Result<Demand, PolicyError> {
+        Ok(self.try_push(source_id, text)?)
+    }
+
+    fn finish(&mut self, source_id: &str) -> Result<(), PolicyError> {
+        Ok(self.try_finish(source_id)?)
+    }
+
+    fn answered(&mut self, text: &str) -> Result<(), PolicyError> {
+        Ok(self.try_answered(text)?)
+    }
+
+    fn next_step(&mut self) -> Result<Option<Step>, PolicyError> {
+        Ok(self.try_next_step()?)
+    }
+}
+
+/// A compressor plugin instance.
+pub struct CompressorInstance {
+    instance: PluginInstance,
+    bindings: compressor::Compressor,
+}
+
+impl CompressorInstance {
+    pub fn new(runtime: &PluginRuntime, plugin: &Arc<LoadedPlugin>) -> Result<Self, PluginError> {
+        if !matches!(plugin.pre, KindPre::Compressor(_)) {
+            return Err(wrong_kind(plugin, PluginKind::Compressor));
+        }
+        let mut instance = PluginInstance::store(runtime, plugin);
+        let bindings = instance.instantiate(|store, pre| match pre {
+            KindPre::Compressor(pre) => pre.instantiate(store),
+            _ => Err(wasmtime::format_err!("not a compressor")),
+        })?;
+        Ok(Self { instance, bindings })
+    }
+
+    pub fn try_compress(
+        &mut self,
+        history: &[ChatMessage],
+        budget: u32,
+    ) -> Result<Vec<ChatMessage>, PluginError> {
+        let api = self.bindings.staircase_agent_compressor_policy();
+        let history: Vec<_> = history.iter().map(chat_to_wit).collect();
+        let answer = self
+            .instance
+            .call("compress", |s| api.call_compress(s, &history, budget))?;
+        match answer {
+            Ok(messages) => {
+                let messages: Vec<ChatMessage> = messages.into_iter().map(chat_from_wit).collect();
+                self.instance
+                    .check_output("compress", text_bytes(&messages))?;
+                Ok(messages)
+            }
+            Err(message) => Err(PluginError::Refused {
+                plugin: self.instance.plugin_ref().clone(),
+                call: "compress",
+                message,
+            }),
+        }
+    }
+}
+
+impl CompressorPolicy for CompressorInstance {
+    fn compress(
+        &mut self,
+        history: &[ChatMessage],
+        budget_tokens: u32,
+    ) -> Result<Vec<ChatMessage>, PolicyError> {
+        Ok(self.try_compress(history, budget_tokens)?)
+    }
+}
+
+/// A router plugin instance.
+pub struct RouterInstance {
+    instance: PluginInstance,
+    bindings: router::Router,
+}
+
+impl RouterInstance {
+    pub fn new(runtime: &PluginRuntime, plugin: &Arc<LoadedPlugin>) -> Result<Self, PluginError> {
+        if !matches!(plugin.pre, KindPre::Router(_)) {
+            return Err(wrong_kind(plugin, PluginKind::Router));
+        }
+        let mut instance = PluginInstance::store(runtime, plugin);
+        let bindings = instance.instantiate(|store, pre| match pre {
+            KindPre::Router(pre) => pre.instantiate(store),
+            _ => Err(wasmtime::format_err!("not a router")),
+        })?;
+        Ok(Self { instance, bindings })
+    }
+
+    pub fn try_route(&mut self, request: &RouteRequest) -> Result<String, PluginError> {
+        let api = self.bindings.staircase_agent_router_policy();
+        let wit = router::exports::staircase::agent::router_policy::RouteRequest {
+            node_id: request.node_id.clone(),
+            prompt_tokens: request.prompt_tokens,
+            query: request.query.clone(),
+            models: request.models.clone(),
+        };
+        let model = self.instance.call("route", |s| api.call_route(s, &wit))?;
+        if !request.models.contains(&model) {
+            let error = PluginError::InvalidOutput {
+                plugin: self.instance.plugin_ref().clone(),
+                call: "route",
+                reason: format!("model {model:?} is not one of {:?}", request.models),
+            };
+            return Err(self.instance.reject(error));
+        }
+        Ok(model)
+    }
+}
+
+impl RouterPolicy for RouterInstance {
+    fn route(&mut self, request: &RouteRequest) -> Result<String, PolicyError> {
+        Ok(self.try_route(request)?)
+    }
+}
+
+/// The canary: a fresh instance of a new version must answer a typical call of its kind
+/// before the version may serve.
+pub(crate) fn self_test(
+    runtime: &PluginRuntime,
+    plugin: &Arc<LoadedPlugin>,
+) -> Result<(), PluginError> {
+    let fail = |error: PluginError| PluginError::SelfTest {
+        plugin: plugin.plugin.clone(),
+        reason: error.to_string(),
+    };
+    let conversation = [ChatMessage::new(Role::User, "What is 2 + 2?")];
+    match plugin.kind() {
+        PluginKind::Role => {
+            let mut role = RoleInstance::new(runtime, plugin).map_err(fail)?;
+            role.try_system_prompt().map_err(fail)?;
+            role.try_params().map_err(fail)?;
+            role.try_build_messages(&RoleInput {
+                conversation: conversation.to_vec(),
+                upstream: Vec::new(),
+            })
+            .map_err(fail)?;
+        }
+        PluginKind::Aggregator => {
+            let sources = [Source {
+                id: "canary".into(),
+                label: "canary".into(),
+            }];
+            let mut session = AggregatorInstance::new(
+                runtime,
+                plugin,
+                &conversation,
+                &sources,
+                StreamMode::Staircase,
+            )
+            .map_err(fail)?;
+            session.try_push("canary", "4").map_err(fail)?;
+            session.try_next_step().map_err(fail)?;
+            session.try_finish("canary").map_err(fail)?;
+            session.try_next_step().map_err(fail)?;
+        }
+        PluginKind::Compressor => {
+            let mut compressor = CompressorInstance::new(runtime, plugin).map_err(fail)?;
+            // A compressor may refuse (e.g. its model is absent); only traps fail the canary.
+            match compressor.try_compress(&conversation, 1024) {
+                Ok(_) | Err(PluginError::Refused { .. }) => {}
+                Err(error) => return Err(fail(error)),
+            }
+        }
+        PluginKind::Router => {
+            let mut router = RouterInstance::new(runtime, plugin).map_err(fail)?;
+            router
+                .try_route(&RouteRequest {
+                    node_id: "canary".into(),
+                    prompt_tokens: 16,
+                    query: "What is 2 + 2?".into(),
+                    models: vec!["small".into(), "large".into()],
+                })
+                .map_err(fail)?;
+        }
+    }
+    Ok(())
+}

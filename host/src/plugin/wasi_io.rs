@@ -1,0 +1,245 @@
+//! WASI I/O (`wasi:io/streams`, `wasi:io/poll`) for plugins, replacing wasmtime-wasi's
+//! synchronous versions. Those run each blocking operation in a tokio `block_on`, which
+//! panics when a plugin is called from an async task (where pipelines call it), and they
+//! wait without bound, so a guest sleeping on a pollable would outlive its deadline (epoch
+//! interruption only stops wasm code). Here a blocking operation completes at once when it
+//! can (the plugins' stdio are sinks, always ready), and otherwise waits no later than the
+//! current call's deadline, then fails the call as a timeout.
+
+use std::future::Future;
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use wasmtime::component::{HasData, Resource, ResourceTable};
+use wasmtime_wasi::p2::bindings::sync::io::{poll, streams};
+use wasmtime_wasi::p2::{DynInputStream, DynOutputStream, DynPollable, StreamResult};
+use wasmtime_wasi_io::bindings::wasi::io::poll as async_poll;
+use wasmtime_wasi_io::bindings::wasi::io::streams::{
+    Host as AsyncHost, HostInputStream as AsyncInput, HostOutputStream as AsyncOutput,
+};
+
+use super::instance::StoreState;
+
+/// How often a pending operation is polled again while it waits: short against call
+/// deadlines (tens of ms), long enough not to spin a core.
+const REPOLL: Duration = Duration::from_millis(1);
+
+/// The I/O view of a store: its resource table and the current call's deadline.
+pub(crate) struct SyncIo<'a> {
+    table: &'a mut ResourceTable,
+    deadline: Instant,
+}
+
+pub(crate) struct SyncIoData;
+
+impl HasData for SyncIoData {
+    type Data<'a> = SyncIo<'a>;
+}
+
+pub(crate) fn view(state: &mut StoreState) -> SyncIo<'_> {
+    let deadline = state.deadline;
+    SyncIo {
+        table: state.table_mut(),
+        deadline,
+    }
+}
+
+/// Shadows wasmtime-wasi's synchronous `wasi:io/streams` and `wasi:io/poll`.
+pub(crate) fn add_to_linker(
+    linker: &mut wasmtime::component::Linker<StoreState>,
+) -> wasmtime::Result<()> {
+    linker.allow_shadowing(true);
+    poll::add_to_linker::<StoreState, SyncIoData>(linker, view)?;
+    streams::add_to_linker::<StoreState, SyncIoData>(linker, view)?;
+    linker.allow_shadowing(false);
+    Ok(())
+}
+
+/// Runs `future` on this thread until it completes or `deadline` passes. It is polled
+/// without a waker of its own: ready futures (stdio sinks) finish on the first poll, and
+/// others are polled again every [`REPOLL`]. Timers and I/O drivers come from the caller's
+/// tokio runtime when there is one, otherwise from wasmtime-wasi's own.
+fn before_deadline<F: Future>(deadline: Instant, future: F) -> wasmtime::Result<F::Output> {
+    wasmtime_wasi::runtime::with_ambient_tokio_runtime(|| {
+        let mut future = pin!(future);
+        let mut cx = Context::from_waker(Waker::noop());
+        loop {
+            if let Poll::Ready(value) = future.as_mut().poll(&mut cx) {
+                return Ok(value);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                // Reported like an epoch interruption: the call ran out of time.
+                return Err(wasmtime::Trap::Interrupt.into());
+            }
+            std::thread::sleep(left.min(REPOLL));
+        }
+    })
+}
+
+/// `before_deadline` for stream operations, whose result carries the trap in its error.
+fn stream_before<T>(
+    deadline: Instant,
+    future: impl Future<Output = StreamResult<T>>,
+) -> StreamResult<T> {
+    match before_deadline(deadline, future) {
+        Ok(result) => result,
+        Err(trap) => Err(wasmtime_wasi::p2::StreamError::Trap(trap)),
+    }
+}
+
+impl poll::Host for SyncIo<'_> {
+    fn poll(&mut self, pollables: Vec<Resource<DynPollable>>) -> wasmtime::Result<Vec<u32>> {
+        let deadline = self.deadline;
+        before_deadline(deadline, async_poll::Host::poll(self.table, pollables))?
+    }
+}
+
+impl poll::HostPollable for SyncIo<'_> {
+    fn ready(&mut self, pollable: Resource<DynPollable>) -> wasmtime::Result<bool> {
+        let deadline = self.deadline;
+        before_deadline(
+            deadline,
+            async_poll::HostPollable::ready(self.table, pollable),
+        )?
+    }
+
+    fn block(&mut self, pollable: Resource<DynPollable>) -> wasmtime::Result<()> {
+        let deadline = self.deadline;
+        before_deadline(
+            deadline,
+            async_poll::HostPollable::block(self.table, pollable),
+        )?
+    }
+
+    fn drop(&mut self, pollable: Resource<DynPollable>) -> wasmtime::Result<()> {
+        async_poll::HostPollable::drop(self.table, pollable)
+    }
+}
+
+impl streams::Host for SyncIo<'_> {
+    fn convert_stream_error(
+        &mut self,
+        err: wasmtime_wasi::p2::StreamError,
+    ) -> wasmtime::Result<streams::StreamError> {
+        Ok(AsyncHost::convert_stream_error(self.table, err)?.into())
+    }
+}
+
+impl streams::HostOutputStream for SyncIo<'_> {
+    fn drop(&mut self, stream: Resource<DynOutputStream>) -> wasmtime::Result<()> {
+        let deadline = self.deadline;
+        before_deadline(deadline, AsyncOutput::drop(self.table, stream))?
+    }
+
+    fn check_write(&mut self, stream: Resource<DynOutputStream>) -> StreamResult<u64> {
+        AsyncOutput::check_write(self.table, stream)
+    }
+
+    fn write(&mut self, stream: Resource<DynOutputStream>, bytes: Vec<u8>) -> StreamResult<()> {
+        AsyncOutput::write(self.table, stream, bytes)
+    }
+
+    fn blocking_write_and_flush(
+        &mut self,
+        stream: Resource<DynOutputStream>,
+        bytes: Vec<u8>,
+    ) -> StreamResult<()> {
+        let deadline = self.deadline;
+        stream_before(
+            deadline,
+            AsyncOutput::blocking_write_and_flush(self.table, stream, bytes),
+        )
+    }
+
+    fn blocking_write_zeroes_and_flush(
+        &mut self,
+        stream: Resource<DynOutputStream>,
+        len: u64,
+    ) -> StreamResult<()> {
+        let deadline = self.deadline;
+        stream_before(
+            deadline,
+            AsyncOutput::blocking_write_zeroes_and_flush(self.table, stream, len),
+        )
+    }
+
+    fn subscribe(
+        &mut self,
+        stream: Resource<DynOutputStream>,
+    ) -> wasmtime::Result<Resource<DynPollable>> {
+        AsyncOutput::subscribe(self.table, stream)
+    }
+
+    fn write_zeroes(&mut self, stream: Resource<DynOutputStream>, len: u64) -> StreamResult<()> {
+        AsyncOutput::write_zeroes(self.table, stream, len)
+    }
+
+    fn flush(&mut self, stream: Resource<DynOutputStream>) -> StreamResult<()> {
+        AsyncOutput::flush(self.table, stream)
+    }
+
+    fn blocking_flush(&mut self, stream: Resource<DynOutputStream>) -> StreamResult<()> {
+        let deadline = self.deadline;
+        stream_before(deadline, AsyncOutput::blocking_flush(self.table, stream))
+    }
+
+    fn splice(
+        &mut self,
+        dst: Resource<DynOutputStream>,
+        src: Resource<DynInputStream>,
+        len: u64,
+    ) -> StreamResult<u64> {
+        AsyncOutput::splice(self.table, dst, src, len)
+    }
+
+    fn blocking_splice(
+        &mut self,
+        dst: Resource<DynOutputStream>,
+        src: Resource<DynInputStream>,
+        len: u64,
+    ) -> StreamResult<u64> {
+        let deadline = self.deadline;
+        stream_before(
+            deadline,
+            AsyncOutput::blocking_splice(self.table, dst, src, len),
+        )
+    }
+}
+
+impl streams::HostInputStream for SyncIo<'_> {
+    fn drop(&mut self, stream: Resource<DynInputStream>) -> wasmtime::Result<()> {
+        let deadline = self.deadline;
+        before_deadline(deadline, AsyncInput::drop(self.table, stream))?
+    }
+
+    fn read(&mut self, stream: Resource<DynInputStream>, len: u64) -> StreamResult<Vec<u8>> {
+        AsyncInput::read(self.table, stream, len)
+    }
+
+    fn blocking_read(
+        &mut self,
+        stream: Resource<DynInputStream>,
+        len: u64,
+    ) -> StreamResult<Vec<u8>> {
+        let deadline = self.deadline;
+        stream_before(deadline, AsyncInput::blocking_read(self.table, stream, len))
+    }
+
+    fn skip(&mut self, stream: Resource<DynInputStream>, len: u64) -> StreamResult<u64> {
+        AsyncInput::skip(self.table, stream, len)
+    }
+
+    fn blocking_skip(&mut self, stream: Resource<DynInputStream>, len: u64) -> StreamResult<u64> {
+        let deadline = self.deadline;
+        stream_before(deadline, AsyncInput::blocking_skip(self.table, stream, len))
+    }
+
+    fn subscribe(
+        &mut self,
+        stream: Resource<DynInputStream>,
+    ) -> wasmtime::Result<Resource<DynPollable>> {
+        AsyncInput::subscribe(self.table, stream)
+    }
+}

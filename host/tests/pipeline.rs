@@ -1,0 +1,879 @@
+//! The pipeline runtime on a scripted test-double engine and native test-double policies:
+//! chunk order and finishes as the aggregator sees them, staircase vs layered, release of a
+//! sufficient source, cancellation of a whole run, priorities, routing, compressors, traces.
+//! (The real model and real plugins are exercised by the end-to-end tests in `tests/`.)
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use staircase::engine::{
+    ChatMessage, Engine, EngineError, FinishReason, GenerationEvent, GenerationRequest,
+    GenerationStream, ModelInfo, Priority, Prompt, Role, SamplingParams, Timings, TokenId, Usage,
+};
+use staircase::pipeline::policy::{
+    AggregatorSession, CompressorPolicy, Demand, PluginConfig, PluginKind, PolicyError,
+    PolicyProvider, RoleInput, RolePolicy, RouteRequest, RouterPolicy, Source, Step, StreamMode,
+};
+use staircase::pipeline::runtime::CRITICAL_PRIORITY;
+use staircase::pipeline::{Models, Pipeline, RunError, RunEvent, RunRequest, Runner};
+use staircase::trace::{chrome::ChromeTrace, svg};
+use tokio::sync::mpsc;
+
+// ---- a scripted engine ---------------------------------------------------------------
+
+type Sender = mpsc::UnboundedSender<Result<GenerationEvent, EngineError>>;
+
+/// What the engine does for a request whose system prompt starts with a given word.
+#[derive(Clone, Copy)]
+struct Script {
+    /// Tokens to emit (capped by `max_tokens`).
+    tokens: u32,
+    /// Emit the tokens, then keep the request open without finishing.
+    hold: bool,
+}
+
+struct ScriptedEngine {
+    info: ModelInfo,
+    scripts: BTreeMap<String, Script>,
+    requests: Mutex<Vec<GenerationRequest>>,
+    senders: Mutex<Vec<(String, Sender)>>,
+}
+
+impl ScriptedEngine {
+    fn new(scripts: &[(&str, Script)]) -> Arc<Self> {
+        Arc::new(Self {
+            info: ModelInfo {
+                name: "scripted".into(),
+                context_tokens: 4096,
+            },
+            scripts: scripts.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            requests: Mutex::new(Vec::new()),
+            senders: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Requests whose caller still holds the stream.
+    fn live(&self) -> Vec<String> {
+        self.senders
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, s)| !s.is_closed())
+            .map(|(tag, _)| tag.clone())
+            .collect()
+    }
+
+    fn requests_of(&self, tag: &str) -> Vec<GenerationRequest> {
+        self.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| tag_of(r) == tag)
+            .cloned()
+            .collect()
+    }
+}
+
+fn tag_of(request: &GenerationRequest) -> String {
+    match &request.prompt {
+        Prompt::Chat { messages, .. } => messages
+            .first()
+            .map(|m| {
+                m.content
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("")
+                    .to_string()
+            })
+            .unwrap_or_default(),
+        Prompt::Tokens(_) => String::new(),
+    }
+}
+
+impl Engine for ScriptedEngine {
+    fn submit(&self, request: GenerationRequest) -> Result<GenerationStream, EngineError> {
+        let tag = tag_of(&request);
+        let script = self.scripts.get(&tag).copied().unwrap_or(Script {
+            tokens: 6,
+            hold: false,
+        });
+        let already = match &request.prompt {
+            Prompt::Chat {
+                assistant_prefix: Some(prefix),
+                ..
+            } => prefix.split_whitespace().count() as u32,
+            _ => 0,
+        };
+        let n = script.tokens.min(request.sampling.max_tokens);
+        let (tx, stream) = GenerationStream::channel();
+        for i in 0..n {
+            let index = already + i;
+            let _ = tx.send(Ok(GenerationEvent::Delta {
+                text: format!("{tag}{index} "),
+                tokens: vec![TokenId(index as i32)],
+            }));
+        }
+        if !script.hold {
+            let reason = if n == request.sampling.max_tokens {
+                FinishReason::Length
+            } else {
+                FinishReason::Stop
+            };
+            // `..default()` keeps this compiling when other branches add usage fields.
+            #[allow(clippy::needless_update)]
+            let usage = Usage {
+                prompt_tokens: 10,
+                cached_prompt_tokens: 4,
+                completion_tokens: n,
+                ..Usage::default()
+            };
+            let _ = tx.send(Ok(GenerationEvent::Finished {
+                reason,
+                usage,
+                timings: Timings::default(),
+            }));
+        }
+        self.senders.lock().unwrap().push((tag, tx));
+        self.requests.lock().unwrap().push(request);
+        Ok(stream)
+    }
+
+    fn model_info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn count_tokens(&self, text: &str) -> Result<usize, EngineError> {
+        Ok(text.split_whitespace().count())
+    }
+}
+
+// ---- native test-double policies ------------------------------------------------------
+
+/// A role whose system prompt starts with its persona (the scripted engine's tag).
+struct TestRole {
+    persona: String,
+}
+
+impl RolePolicy for TestRole {
+    fn system_prompt(&mut self) -> Result<String, PolicyError> {
+        Ok(format!("{} agent", self.persona))
+    }
+
+    fn build_messages(&mut self, input: &RoleInput) -> Result<Vec<ChatMessage>, PolicyError> {
+        let mut user = input
+            .conversation
+            .last()
+            .map(|m| m.content.clone())
+            .unwrap_or_default();
+        for upstream in &input.upstream {
+            user.push_str(&format!("\n[{}] {}", upstream.source.id, upstream.text));
+        }
+        Ok(vec![
+            ChatMessage::new(Role::System, self.system_prompt()?),
+            ChatMessage::new(Role::User, user),
+        ])
+    }
+
+    fn params(&mut self) -> Result<SamplingParams, PolicyError> {
+        Ok(SamplingParams::default())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Seen {
+    Push(String, String),
+    Finish(String),
+}
+
+/// An aggregator that logs what it sees; steps once every source has shown a chunk
+/// (staircase) and finally once all have finished.
+struct RecordingSession {
+    log: Arc<Mutex<Vec<Seen>>>,
+    sources: Vec<String>,
+    seen: Vec<bool>,
+    finished: Vec<bool>,
+    mode: StreamMode,
+    enough_after_first: Option<String>,
+    stepped: bool,
+    final_given: bool,
+    never_final: bool,
+}
+
+impl AggregatorSession for RecordingSession {
+    fn push(&mut self, source_id: &str, text: &str) -> Result<Demand, PolicyError> {
+        self.log
+            .lock()
+            .unwrap()
+            .push(Seen::Push(source_id.into(), text.into()));
+        let i = self.sources.iter().position(|s| s == source_id).unwrap();
+        self.seen[i] = true;
+        if self.enough_after_first.as_deref() == Some(source_id) {
+            return Ok(Demand::Enough);
+        }
+        Ok(Demand::More)
+    }
+
+    fn finish(&mut self, source_id: &str) -> Result<(), PolicyError> {
+        self.log
+            .lock()
+            .unwrap()
+            .push(Seen::Finish(source_id.into()));
+        let i = self.sources.iter().position(|s| s == source_id).unwrap();
+        self.finished[i] = true;
+        Ok(())
+    }
+
+    fn answered(&mut self, _text: &str) -> Result<(), PolicyError> {
+        Ok(())
+    }
+
+    fn next_step(&mut self) -> Result<Option<Step>, PolicyError> {
+        let messages = vec![
+            ChatMessage::new(Role::System, "agg instruction"),
+            ChatMessage::new(Role::User, "question"),
+        ];
+        if self.final_given || self.never_final && self.finished.iter().all(|f| *f) {
+            return Ok(None);
+        }
+        if self.finished.iter().all(|f| *f) {
+            self.final_given = true;
+            return Ok(Some(Step {
+                messages,
+                max_tokens: 1000,
+                is_final: true,
+            }));
+        }
+        if self.mode == StreamMode::Staircase && !self.stepped && self.seen.iter().all(|s| *s) {
+            self.stepped = true;
+            return Ok(Some(Step {
+                messages,
+                max_tokens: 3,
+                is_final: false,
+            }));
+        }
+        Ok(None)
+    }
+}
+
+struct Truncate;
+
+impl CompressorPolicy for Truncate {
+    fn compress(
+        &mut self,
+        history: &[ChatMessage],
+        budget_tokens: u32,
+    ) -> Result<Vec<ChatMessage>, PolicyError> {
+        let words: Vec<&str> = history
+            .iter()
+            .flat_map(|m| m.content.split_whitespace())
+            .take(budget_tokens as usize)
+            .collect();
+        Ok(vec![ChatMessage::new(Role::Assistant, words.join(" "))])
+    }
+}
+
+struct LastModel;
+
+impl RouterPolicy for LastModel {
+    fn route(&mut self, request: &RouteRequest) -> Result<String, PolicyError> {
+        Ok(request.models.last().cloned().unwrap_or_default())
+    }
+}
+
+#[derive(Default)]
+struct TestPolicies {
+    log: Arc<Mutex<Vec<Seen>>>,
+    enough_after_first: Option<String>,
+    never_final: bool,
+}
+
+impl PolicyProvider for TestPolicies {
+    fn role(&self, plugin: &str) -> Result<Box<dyn RolePolicy>, PolicyError> {
+        self.role_with_config(plugin, &PluginConfig::new())
+    }
+
+    fn role_with_config(
+        &self,
+        plugin: &str,
+        config: &PluginConfig,
+    ) -> Result<Box<dyn RolePolicy>, PolicyError> {
+        if plugin == "broken" {
+            return Err(PolicyError("plugin `broken` trapped: unreachable".into()));
+        }
+        Ok(Box::new(TestRole {
+            persona: config.get("role").cloned().unwrap_or_else(|| plugin.into()),
+        }))
+    }
+
+    fn aggregator(
+        &self,
+        _plugin: &str,
+        _conversation: &[ChatMessage],
+        sources: &[Source],
+        mode: StreamMode,
+    ) -> Result<Box<dyn AggregatorSession>, PolicyError> {
+        Ok(Box::new(RecordingSession {
+            log: self.log.clone(),
+            sources: sources.iter().map(|s| s.id.clone()).collect(),
+            seen: vec![false; sources.len()],
+            finished: vec![false; sources.len()],
+            mode,
+            enough_after_first: self.enough_after_first.clone(),
+            stepped: false,
+            final_given: false,
+            never_final: self.never_final,
+        }))
+    }
+
+    fn compressor(&self, _plugin: &str) -> Result<Box<dyn CompressorPolicy>, PolicyError> {
+        Ok(Box::new(Truncate))
+    }
+
+    fn router(&self, _plugin: &str) -> Result<Box<dyn RouterPolicy>, PolicyError> {
+        Ok(Box::new(LastModel))
+    }
+
+    fn kind_of(&self, plugin: &str) -> Option<PluginKind> {
+        match plugin {
+            "proposer" | "broken" => Some(PluginKind::Role),
+            "moa" => Some(PluginKind::Aggregator),
+            "truncate" => Some(PluginKind::Compressor),
+            "router" => Some(PluginKind::Router),
+            _ => None,
+        }
+    }
+}
+
+// ---- helpers --------------------------------------------------------------------------
+
+const MOA: &str = r#"
+name = "test-moa"
+[stream]
+policy = "staircase"
+chunk_tokens = [2, 3]
+
+[[nodes]]
+id = "a"
+kind = "agent"
+plugin = "proposer"
+model = "default"
+max_tokens = 12
+config = { role = "a" }
+
+[[nodes]]
+id = "b"
+kind = "agent"
+plugin = "proposer"
+model = "default"
+max_tokens = 7
+config = { role = "b" }
+
+[[nodes]]
+id = "c"
+kind = "agent"
+plugin = "proposer"
+model = "default"
+max_tokens = 9
+config = { role = "c" }
+
+[[nodes]]
+id = "final"
+kind = "aggregator"
+plugin = "moa"
+model = "default"
+max_tokens = 20
+inputs = ["a", "b", "c"]
+"#;
+
+fn runner(engine: &Arc<ScriptedEngine>, policies: TestPolicies) -> Runner {
+    Runner::new(
+        Models::with_default(engine.clone() as Arc<dyn Engine>),
+        Arc::new(policies),
+    )
+}
+
+fn plain(tokens: u32) -> Script {
+    Script {
+        tokens,
+        hold: false,
+    }
+}
+
+fn held(tokens: u32) -> Script {
+    Script { tokens, hold: true }
+}
+
+/// The text each source's chunks add up to, and where its finish came, per source.
+fn per_source(log: &[Seen]) -> BTreeMap<String, (Vec<String>, Option<usize>)> {
+    let mut out: BTreeMap<String, (Vec<String>, Option<usize>)> = BTreeMap::new();
+    for (i, seen) in log.iter().enumerate() {
+        match seen {
+            Seen::Push(source, text) => {
+                let entry = out.entry(source.clone()).or_default();
+                assert!(entry.1.is_none(), "{source} pushed after its finish");
+                entry.0.push(text.clone());
+            }
+            Seen::Finish(source) => {
+                let entry = out.entry(source.clone()).or_default();
+                assert!(entry.1.is_none(), "{source} finished twice");
+                entry.1 = Some(i);
+            }
+        }
+    }
+    out
+}
+
+fn expected_output(tag: &str, n: u32) -> String {
+    (0..n).map(|i| format!("{tag}{i} ")).collect()
+}
+
+// ---- tests ----------------------------------------------------------------------------
+
+#[tokio::test]
+async fn aggregator_sees_every_chunk_in_order_and_every_finish() {
+    let engine = ScriptedEngine::new(&[("a", plain(100)), ("b", plain(100)), ("c", plain(100))]);
+    let policies = TestPolicies::default();
+    let log = policies.log.clone();
+    let runner = runner(&engine, policies);
+    let pipeline = Pipeline::parse(MOA, "moa.toml").unwrap();
+    let report = runner
+        .run(
+            &pipeline,
+            RunRequest::prompt("q", StreamMode::Staircase),
+            None,
+        )
+        .await
+        .unwrap();
+
+    let seen = per_source(&log.lock().unwrap());
+    for (source, tokens) in [("a", 12), ("b", 7), ("c", 9)] {
+        let (chunks, finish) = &seen[source];
+        assert_eq!(chunks.concat(), expected_output(source, tokens), "{source}");
+        assert!(finish.is_some(), "{source} never finished");
+        let sizes: Vec<usize> = chunks
+            .iter()
+            .map(|c| c.split_whitespace().count())
+            .collect();
+        // Schedule [2, 3]: 2, then 3s, then the rest.
+        assert_eq!(sizes[0], 2, "{source}: {sizes:?}");
+        assert!(
+            sizes[1..sizes.len() - 1].iter().all(|&s| s == 3),
+            "{source}: {sizes:?}"
+        );
+    }
+    assert!(!report.answer.is_empty());
+    assert!(report.ttft_ms.is_some());
+    assert!(report.nodes.iter().all(|n| !n.cancelled));
+    // The final step continued the first step's partial answer.
+    let steps = engine.requests_of("agg");
+    assert_eq!(steps.len(), 2);
+    match &steps[1].prompt {
+        Prompt::Chat {
+            assistant_prefix, ..
+        } => assert_eq!(assistant_prefix.as_deref(), Some("agg0 agg1 agg2 ")),
+        other => panic!("{other:?}"),
+    }
+    // Step 1 wrote 3 tokens; the final step (6 tokens scripted) continued from there.
+    assert_eq!(report.answer, expected_output("agg", 9));
+    assert!(engine.live().is_empty(), "a finished run holds no stream");
+}
+
+#[tokio::test]
+async fn layered_mode_pushes_each_source_whole_and_steps_once() {
+    let engine = ScriptedEngine::new(&[]);
+    let policies = TestPolicies::default();
+    let log = policies.log.clone();
+    let runner = runner(&engine, policies);
+    let pipeline = Pipeline::parse(MOA, "moa.toml").unwrap();
+    let report = runner
+        .run(
+            &pipeline,
+            RunRequest::prompt("q", StreamMode::Layered),
+            None,
+        )
+        .await
+        .unwrap();
+    let log = log.lock().unwrap();
+    let seen = per_source(&log);
+    for source in ["a", "b", "c"] {
+        assert_eq!(seen[source].0.len(), 1, "{source}: one complete chunk");
+    }
+    assert_eq!(engine.requests_of("agg").len(), 1);
+    assert!(matches!(log.last(), Some(Seen::Finish(_))));
+    assert!(!report.answer.is_empty());
+    assert_eq!(report.mode, StreamMode::Layered);
+}
+
+#[tokio::test]
+async fn staircase_answers_while_sources_still_run_and_cancelling_frees_every_stream() {
+    // Every proposer emits 5 tokens and then stays open; only staircase can answer.
+    let engine = ScriptedEngine::new(&[("a", held(5)), ("b", held(5)), ("c", held(5))]);
+    let runner = runner(&engine, TestPolicies::default());
+    let pipeline = Pipeline::parse(MOA, "moa.toml").unwrap();
+    let output = pipeline.output;
+    let (tx, mut events) = mpsc::unbounded_channel();
+    let mut run = Box::pin(runner.run(
+        &pipeline,
+        RunRequest::prompt("q", StreamMode::Staircase),
+        Some(tx),
+    ));
+    let first_answer = loop {
+        tokio::select! {
+            result = &mut run => panic!("the run ended before answering: {:?}", result.map(|r| r.answer)),
+            event = events.recv() => match event {
+                Some(RunEvent::NodeDelta { node, text, .. }) if node == output => break text,
+                Some(_) => {}
+                None => panic!("events ended"),
+            },
+        }
+    };
+    assert_eq!(first_answer, "agg0 ");
+    let live = engine.live();
+    for proposer in ["a", "b", "c"] {
+        assert!(
+            live.iter().any(|t| t == proposer),
+            "{proposer} still streaming: {live:?}"
+        );
+    }
+
+    // The caller goes away: dropping the run must drop every engine stream.
+    drop(run);
+    assert_eq!(engine.live(), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn a_source_the_aggregator_has_enough_of_is_cancelled() {
+    let engine = ScriptedEngine::new(&[("b", held(30))]);
+    let policies = TestPolicies {
+        enough_after_first: Some("b".into()),
+        ..TestPolicies::default()
+    };
+    let log = policies.log.clone();
+    let runner = runner(&engine, policies);
+    let pipeline = Pipeline::parse(MOA, "moa.toml").unwrap();
+    let report = runner
+        .run(
+            &pipeline,
+            RunRequest::prompt("q", StreamMode::Staircase),
+            None,
+        )
+        .await
+        .unwrap();
+    let b = report.nodes.iter().find(|n| n.id == "b").unwrap();
+    assert!(b.cancelled, "{b:?}");
+    assert!(!engine.live().contains(&"b".to_string()));
+    let seen = per_source(&log.lock().unwrap());
+    assert_eq!(seen["b"].0.len(), 1, "no chunk after `enough`");
+    assert!(
+        seen["b"].1.is_some(),
+        "a released source is reported finished"
+    );
+    let trace = report.trace();
+    assert!(
+        trace.trace_events.iter().any(|e| e.cat == "cancel"),
+        "the trace shows the cancellation"
+    );
+}
+
+#[tokio::test]
+async fn critical_path_nodes_get_the_engine_first() {
+    let engine = ScriptedEngine::new(&[]);
+    let runner = runner(&engine, TestPolicies::default());
+    let pipeline = Pipeline::parse(MOA, "moa.toml").unwrap();
+    let request = RunRequest::prompt("q", StreamMode::Staircase);
+    let estimate = runner.estimate(&pipeline, &request);
+    let path: Vec<&str> = estimate
+        .nodes
+        .iter()
+        .map(|&i| pipeline.node(i).id.as_str())
+        .collect();
+    // `a` expects the most tokens (12), so the path is a -> final.
+    assert_eq!(path, vec!["a", "final"]);
+    let report = runner.run(&pipeline, request, None).await.unwrap();
+    assert_eq!(report.critical_path_estimated.nodes, vec!["a", "final"]);
+    assert_eq!(engine.requests_of("a")[0].priority, CRITICAL_PRIORITY);
+    assert_eq!(engine.requests_of("b")[0].priority, Priority::default());
+    assert!(
+        engine
+            .requests_of("agg")
+            .iter()
+            .all(|r| r.priority == CRITICAL_PRIORITY)
+    );
+}
+
+#[tokio::test]
+async fn agents_with_inputs_step_on_streaming_inputs_and_continue_their_answer() {
+    let debate = r#"
+[stream]
+policy = "staircase"
+chunk_tokens = [2]
+[[nodes]]
+id = "pro"
+kind = "agent"
+plugin = "proposer"
+model = "default"
+config = { role = "pro" }
+[[nodes]]
+id = "con"
+kind = "agent"
+plugin = "proposer"
+model = "default"
+config = { role = "con" }
+[[nodes]]
+id = "pro2"
+kind = "agent"
+plugin = "proposer"
+model = "default"
+max_tokens = 100
+inputs = ["pro", "con"]
+config = { role = "pro2" }
+[[nodes]]
+id = "judge"
+kind = "aggregator"
+plugin = "moa"
+model = "default"
+inputs = ["pro2"]
+"#;
+    let engine =
+        ScriptedEngine::new(&[("pro", plain(8)), ("con", plain(8)), ("pro2", plain(1000))]);
+    let runner = runner(&engine, TestPolicies::default());
+    let pipeline = Pipeline::parse(debate, "debate.toml").unwrap();
+    for mode in [StreamMode::Staircase, StreamMode::Layered] {
+        let before = engine.requests_of("pro2").len();
+        let report = runner
+            .run(&pipeline, RunRequest::prompt("q", mode), None)
+            .await
+            .unwrap();
+        assert!(!report.answer.is_empty());
+        let requests = engine.requests_of("pro2")[before..].to_vec();
+        let last = requests.last().unwrap();
+        match &last.prompt {
+            Prompt::Chat { messages, .. } => {
+                let user = &messages[1].content;
+                assert!(
+                    user.contains(&format!("[pro] {}", expected_output("pro", 8))),
+                    "{user}"
+                );
+                assert!(
+                    user.contains(&format!("[con] {}", expected_output("con", 8))),
+                    "{user}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let pro2 = report.nodes.iter().find(|n| n.id == "pro2").unwrap();
+        assert_eq!(pro2.output_tokens, 100);
+        if mode == StreamMode::Layered {
+            assert_eq!(requests.len(), 1);
+        } else {
+            // Each later step continues exactly the text written so far.
+            let mut written = String::new();
+            for r in &requests {
+                let Prompt::Chat {
+                    assistant_prefix, ..
+                } = &r.prompt
+                else {
+                    panic!()
+                };
+                assert_eq!(assistant_prefix.clone().unwrap_or_default(), written);
+                written = expected_output(
+                    "pro2",
+                    written.split_whitespace().count() as u32 + r.sampling.max_tokens.min(1000),
+                );
+            }
+            assert!(requests.len() > 1);
+        }
+    }
+}
+
+#[tokio::test]
+async fn compressors_and_routers_take_part() {
+    let text = r#"
+[[nodes]]
+id = "a"
+kind = "agent"
+plugin = "proposer"
+model = "default"
+config = { role = "a" }
+[[nodes]]
+id = "short"
+kind = "compressor"
+plugin = "truncate"
+budget_tokens = 3
+inputs = ["a"]
+[[nodes]]
+id = "final"
+kind = "aggregator"
+plugin = "moa"
+router = "router"
+models = ["default", "scripted"]
+inputs = ["short"]
+"#;
+    let engine = ScriptedEngine::new(&[("a", plain(10))]);
+    let policies = TestPolicies::default();
+    let log = policies.log.clone();
+    let runner = runner(&engine, policies);
+    let pipeline = Pipeline::parse(text, "c.toml").unwrap();
+    let report = runner
+        .run(
+            &pipeline,
+            RunRequest::prompt("q", StreamMode::Staircase),
+            None,
+        )
+        .await
+        .unwrap();
+    let seen = per_source(&log.lock().unwrap());
+    // The label and two words fit the budget of three.
+    assert_eq!(seen["short"].0.concat(), "a: a0 a1");
+    assert!(!report.answer.is_empty());
+}
+
+#[tokio::test]
+async fn policy_failures_name_the_node_and_a_policy_that_never_ends_is_an_error() {
+    let engine = ScriptedEngine::new(&[]);
+    let runner_broken = runner(&engine, TestPolicies::default());
+    let broken = Pipeline::parse(
+        &MOA.replacen("plugin = \"proposer\"", "plugin = \"broken\"", 1),
+        "m.toml",
+    )
+    .unwrap();
+    let error = runner_broken
+        .run(
+            &broken,
+            RunRequest::prompt("q", StreamMode::Staircase),
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, RunError::Policy { ref node, .. } if node == "a"),
+        "{error}"
+    );
+    assert!(error.to_string().contains("trapped"), "{error}");
+
+    let never = runner(
+        &engine,
+        TestPolicies {
+            never_final: true,
+            ..TestPolicies::default()
+        },
+    );
+    let pipeline = Pipeline::parse(MOA, "moa.toml").unwrap();
+    let error = never
+        .run(
+            &pipeline,
+            RunRequest::prompt("q", StreamMode::Layered),
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, RunError::NoFinalStep { ref node, .. } if node == "final"),
+        "{error}"
+    );
+    assert!(
+        engine.live().is_empty(),
+        "a failed run leaves no stream behind"
+    );
+
+    let unknown = Pipeline::parse(
+        &MOA.replace("plugin = \"moa\"", "plugin = \"nope\""),
+        "m.toml",
+    )
+    .unwrap();
+    let error = never
+        .run(&unknown, RunRequest::prompt("q", StreamMode::Layered), None)
+        .await
+        .unwrap_err();
+    assert!(error.to_string().starts_with("m.toml:"), "{error}");
+}
+
+#[tokio::test]
+async fn a_run_trace_is_chrome_json_and_renders_as_a_staircase() {
+    let engine = ScriptedEngine::new(&[("a", plain(12))]);
+    let runner = runner(&engine, TestPolicies::default());
+    let pipeline = Pipeline::parse(MOA, "moa.toml").unwrap();
+    let report = runner
+        .run(
+            &pipeline,
+            RunRequest::prompt("q", StreamMode::Staircase),
+            None,
+        )
+        .await
+        .unwrap();
+    let json = report.trace().to_json();
+    let value: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let events = value["traceEvents"].as_array().unwrap();
+    let lanes: Vec<&str> = events
+        .iter()
+        .filter(|e| e["name"] == "thread_name")
+        .map(|e| e["args"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(lanes.len(), 4);
+    for lane in ["a", "b", "c", "final"] {
+        assert!(lanes.contains(&lane));
+    }
+    assert!(events.iter().any(|e| e["cat"] == "step" && e["ph"] == "X"));
+    assert!(events.iter().any(|e| e["cat"] == "chunk" && e["ph"] == "i"));
+    assert!(
+        events
+            .iter()
+            .any(|e| e["cat"] == "node" && e["args"]["critical"] == true)
+    );
+    let chart = svg::render(&ChromeTrace::from_json(&json).unwrap()).unwrap();
+    assert!(chart.contains("<polyline"));
+    assert_eq!(
+        chart.matches("<polyline").count(),
+        4,
+        "one staircase per proposer, and the answer's own (two steps)"
+    );
+    // The report serializes for `--json`.
+    let report_json = serde_json::to_value(&report).unwrap();
+    assert!(report_json["ttft_ms"].is_number());
+    assert_eq!(report_json["nodes"].as_array().unwrap().len(), 4);
+}
+
+// ---- the real model and the built-in plugins -----------------------------------------
+
+/// Every example pipeline, in both modes, on the embedded model with the built-in plugins:
+/// each run ends with a non-empty answer from its output node, nothing left streaming.
+#[test]
+fn every_example_pipeline_answers_in_both_modes_and_a_cancelled_run_frees_the_engine() {
+    use staircase::pipeline::examples::BUILTIN;
+    use staircase::pipeline::setup;
+
+    let setup = setup::open(None, &[]).expect("the default model and built-in plugins load");
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for (name, _) in BUILTIN {
+        let mut pipeline = staircase::pipeline::load(name).unwrap();
+        // Short outputs keep CI quick on two cores.
+        pipeline.limit_tokens(12);
+        for mode in [StreamMode::Staircase, StreamMode::Layered] {
+            let request = RunRequest::prompt("Name one planet of the solar system.", mode);
+            let report = tokio
+                .block_on(setup.runner.run(&pipeline, request, None))
+                .unwrap_or_else(|e| panic!("{name} {mode:?}: {e}"));
+            assert!(
+                !report.answer.trim().is_empty(),
+                "{name} {mode:?}: empty answer"
+            );
+            assert!(report.ttft_ms.is_some(), "{name} {mode:?}");
+            let output = &report.nodes[pipeline.output.0];
+            assert!(
+                !output.cancelled && output.finished_ms.is_some(),
+                "{name} {mode:?}"
+            );
+            assert!(output.steps >= 1, "{name} {mode:?}");
+            if mode == StreamMode::Layered {
+                assert_eq!(output.steps, 1, "{name}: layered aggregators step once");
+                assert!(
+                    report.nodes.iter().all(|n| !n.cancelled),
+                    "{name}: layered reads all"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,900 @@
+//! The plugin host end to end: built-in plugins through the pipeline's traits, hostile
+//! guests, hot reload, capabilities, the compiled-code cache, and the Python and JavaScript
+//! examples. Every component here was compiled from source by the build (fixtures live in
+//! `plugins/fixtures/`) or by the example's own toolchain.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::Receiver;
+use std::time::Duration;
+
+use staircase::engine::{ChatMessage, Role};
+use staircase::pipeline::policy::{
+    Demand, PluginKind, PolicyProvider, RoleInput, RouteRequest, Source, StreamMode, UpstreamOutput,
+};
+use staircase::plugin::builtin::{guest_artifact, guest_manifest};
+use staircase::plugin::{
+    Capability, HostConfig, Manifest, PluginError, PluginRuntime, Registry, RegistryEvent,
+};
+
+/// Waiting for a file event longer than this means the watcher is broken (a bound on a
+/// wait so a broken build fails instead of hanging, not a timing assertion).
+const EVENT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A fresh folder under the system temp dir, removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("staircase-test-{name}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The compiled-code cache shared by the tests of this binary (the Python example takes
+/// many seconds to compile; its cached copy loads in milliseconds).
+fn shared_cache() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("plugin-cache")
+}
+
+fn config() -> HostConfig {
+    HostConfig {
+        cache_dir: Some(shared_cache()),
+        ..HostConfig::default()
+    }
+}
+
+fn registry_with(config: HostConfig) -> Arc<Registry> {
+    let registry = Registry::new(PluginRuntime::new(config).unwrap());
+    registry.load_builtins().unwrap();
+    registry
+}
+
+fn user(text: &str) -> Vec<ChatMessage> {
+    vec![ChatMessage::new(Role::User, text)]
+}
+
+fn sources(n: usize) -> Vec<Source> {
+    (0..n)
+        .map(|i| Source {
+            id: format!("p{i}"),
+            label: format!("proposer {i}"),
+        })
+        .collect()
+}
+
+fn fixture(crate_name: &str, dir: &str) -> (Vec<u8>, Manifest) {
+    let wasm = std::fs::read(guest_artifact(crate_name)).unwrap();
+    let manifest = Manifest::parse(&std::fs::read_to_string(guest_manifest(dir)).unwrap()).unwrap();
+    (wasm, manifest)
+}
+
+#[test]
+fn builtin_plugins_answer_through_the_policy_traits() {
+    let registry = registry_with(config());
+    let provider: &dyn PolicyProvider = registry.as_ref();
+    assert_eq!(provider.kind_of("proposer"), Some(PluginKind::Role));
+    assert_eq!(
+        provider.kind_of("moa-aggregator"),
+        Some(PluginKind::Aggregator)
+    );
+    assert_eq!(
+        provider.kind_of("truncate-compressor"),
+        Some(PluginKind::Compressor)
+    );
+    assert_eq!(provider.kind_of("rule-router"), Some(PluginKind::Router));
+    assert_eq!(provider.kind_of("nonexistent"), None);
+
+    let mut role = provider.role("proposer").unwrap();
+    let prompt = role.system_prompt().unwrap();
+    assert!(prompt.contains("helpful assistant"), "{prompt}");
+    let messages = role
+        .build_messages(&RoleInput {
+            conversation: user("Why is the sky blue?"),
+            upstream: vec![UpstreamOutput {
+                source: Source {
+                    id: "a".into(),
+                    label: "expert".into(),
+                },
+                text: "Rayleigh scattering.".into(),
+            }],
+        })
+        .unwrap();
+    assert_eq!(messages[0].role, Role::System);
+    assert_eq!(
+        messages[1],
+        ChatMessage::new(Role::User, "Why is the sky blue?")
+    );
+    assert!(messages[2].content.contains("Rayleigh scattering."));
+    assert!(role.params().unwrap().max_tokens > 0);
+
+    // A pipeline node's settings reach the plugin's `config` import.
+    let node = [("role".to_string(), "a physicist".to_string())].into();
+    let mut physicist = provider.role_with_config("proposer", &node).unwrap();
+    assert!(
+        physicist
+            .system_prompt()
+            .unwrap()
+            .starts_with("You are a physicist.")
+    );
+
+    let mut router = provider.router("rule-router").unwrap();
+    let mut request = RouteRequest {
+        node_id: "n".into(),
+        prompt_tokens: 20,
+        query: "What is the capital of France?".into(),
+        models: vec!["small".into(), "large".into()],
+    };
+    assert_eq!(router.route(&request).unwrap(), "small");
+    request.query = "Prove that there are infinitely many primes.".into();
+    assert_eq!(router.route(&request).unwrap(), "large");
+
+    let mut compressor = provider.compressor("truncate-compressor").unwrap();
+    let history = vec![
+        ChatMessage::new(Role::System, "Be brief."),
+        ChatMessage::new(Role::User, "a".repeat(4000)),
+        ChatMessage::new(Role::Assistant, "b".repeat(40)),
+        ChatMessage::new(Role::User, "the latest question"),
+    ];
+    let short = compressor.compress(&history, 64).unwrap();
+    assert_eq!(short[0], history[0], "system messages stay");
+    assert_eq!(
+        short.last(),
+        history.last(),
+        "the newest message stays whole"
+    );
+    let bytes: usize = short.iter().map(|m| m.content.len()).sum();
+    assert!(bytes < 64 * 4 + 8, "within the budget: {bytes} bytes");
+    assert!(
+        compressor.compress(&history, 1).is_err(),
+        "system alone is over budget"
+    );
+}
+
+#[test]
+fn moa_aggregator_steps_early_in_staircase_mode_and_once_in_layered_mode() {
+    let registry = registry_with(config());
+    let conversation = user("Why is the sky blue?");
+    let srcs = sources(2);
+
+    let mut stair = registry
+        .aggregator(
+            "moa-aggregator",
+            &conversation,
+            &srcs,
+            StreamMode::Staircase,
+        )
+        .unwrap();
+    assert_eq!(
+        stair.next_step().unwrap(),
+        None,
+        "nothing to say before any text"
+    );
+    assert_eq!(
+        stair.push("p0", "Because of Rayleigh").unwrap(),
+        Demand::More
+    );
+    let first = stair
+        .next_step()
+        .unwrap()
+        .expect("staircase steps on the first chunk");
+    assert!(!first.is_final);
+    assert_eq!(first.messages[0].role, Role::System);
+    assert!(
+        first.messages[1]
+            .content
+            .starts_with("Why is the sky blue?")
+    );
+    assert!(first.messages[1].content.ends_with("Because of Rayleigh"));
+    stair.push("p1", &"Light scatters. ".repeat(20)).unwrap();
+    let second = stair
+        .next_step()
+        .unwrap()
+        .expect("enough new text for a step");
+    assert!(
+        second.messages[1]
+            .content
+            .starts_with(&first.messages[1].content),
+        "each step extends the previous prompt, so the cached prefix is reused"
+    );
+    stair.answered("The sky is blue").unwrap();
+    stair.finish("p0").unwrap();
+    assert_eq!(stair.next_step().unwrap(), None);
+    stair.finish("p1").unwrap();
+    let last = stair
+        .next_step()
+        .unwrap()
+        .expect("a final step once all finished");
+    assert!(last.is_final);
+    assert_eq!(
+        stair.next_step().unwrap(),
+        None,
+        "nothing after the final step"
+    );
+
+    let mut layered = registry
+        .aggregator("moa-aggregator", &conversation, &srcs, StreamMode::Layered)
+        .unwrap();
+    layered.push("p0", &"text ".repeat(100)).unwrap();
+    layered.finish("p0").unwrap();
+    layered.push("p1", "more").unwrap();
+    assert_eq!(
+        layered.next_step().unwrap(),
+        None,
+        "layered waits for every source"
+    );
+    layered.finish("p1").unwrap();
+    let only = layered.next_step().unwrap().expect("one step");
+    assert!(only.is_final);
+    assert!(only.messages[1].content.contains("### proposer 0"));
+    assert!(only.messages[1].content.contains("### proposer 1"));
+}
+
+/// The hostile fixture as its own registry entry, next to the built-ins.
+fn hostile_registry() -> Arc<Registry> {
+    let registry = registry_with(config());
+    let dir = Scratch::new("hostile");
+    for (from, to) in [
+        (guest_artifact("hostile"), dir.0.join("hostile.wasm")),
+        (
+            guest_manifest("fixtures/hostile"),
+            dir.0.join("hostile.toml"),
+        ),
+    ] {
+        std::fs::copy(from, to).unwrap();
+    }
+    registry.load_file(&dir.0.join("hostile.wasm")).unwrap();
+    registry
+}
+
+fn attack(registry: &Registry, chunk: &str) -> PluginError {
+    let mut session = registry
+        .open_aggregator("hostile", &user("hi"), &sources(1), StreamMode::Staircase)
+        .unwrap();
+    session.try_push("p0", "a harmless first chunk").unwrap();
+    let error = match session.try_push("p0", chunk) {
+        Err(error) => error,
+        Ok(_) => session
+            .try_next_step()
+            .expect_err("the attack must fail by the next call"),
+    };
+    // The session's store was dropped: it is never entered again.
+    assert!(
+        matches!(
+            session.try_push("p0", "again"),
+            Err(PluginError::Poisoned { .. })
+        ),
+        "a failed instance stays failed"
+    );
+    error
+}
+
+/// After an attack, other plugins and a fresh run of the same plugin still work.
+fn still_serving(registry: &Registry) {
+    let mut moa = registry
+        .open_aggregator(
+            "moa-aggregator",
+            &user("q"),
+            &sources(1),
+            StreamMode::Staircase,
+        )
+        .unwrap();
+    moa.try_push("p0", "fine").unwrap();
+    assert!(moa.try_next_step().unwrap().is_some());
+    let mut fresh = registry
+        .open_aggregator("hostile", &user("q"), &sources(1), StreamMode::Staircase)
+        .unwrap();
+    fresh.try_push("p0", "hello").unwrap();
+    let step = fresh.try_next_step().unwrap().unwrap();
+    assert_eq!(
+        step.messages[0].content, "hello",
+        "a fresh instance, no state of the old one"
+    );
+}
+
+#[test]
+fn an_infinite_loop_times_out_at_the_plugin_deadline() {
+    let registry = hostile_registry();
+    match attack(&registry, "loop") {
+        PluginError::Timeout {
+            plugin,
+            deadline,
+            call,
+        } => {
+            assert_eq!(plugin.to_string(), "hostile@1.0.0");
+            assert_eq!(
+                deadline,
+                Duration::from_millis(100),
+                "the manifest's call-ms"
+            );
+            assert_eq!(call, "session.push");
+        }
+        other => panic!("expected a timeout, got {other}"),
+    }
+    still_serving(&registry);
+}
+
+#[test]
+fn unbounded_allocation_is_out_of_memory() {
+    let registry = hostile_registry();
+    match attack(&registry, "alloc") {
+        PluginError::OutOfMemory {
+            plugin, limit_mib, ..
+        } => {
+            assert_eq!(plugin.name, "hostile");
+            assert_eq!(limit_mib, 16);
+        }
+        other => panic!("expected out of memory, got {other}"),
+    }
+    still_serving(&registry);
+}
+
+#[test]
+fn infinite_recursion_is_a_stack_overflow_trap() {
+    let registry = hostile_registry();
+    match attack(&registry, "recurse") {
+        PluginError::Trap { kind, plugin, .. } => {
+            assert_eq!(plugin.version, "1.0.0");
+            assert!(kind.contains("call stack exhausted"), "{kind}");
+        }
+        other => panic!("expected a stack overflow, got {other}"),
+    }
+    still_serving(&registry);
+}
+
+#[test]
+fn a_host_file_is_out_of_reach() {
+    let registry = hostile_registry();
+    let dir = Scratch::new("secret");
+    let secret = dir.0.join("secret.txt");
+    std::fs::write(&secret, "the host's secret").unwrap();
+    // The guest panics when the read fails (it has no preopened folder), so a refusal is a
+    // trap; a successful read would have put the content in its next step.
+    let error = attack(&registry, &format!("read:{}", secret.display()));
+    assert!(matches!(error, PluginError::Trap { .. }), "{error}");
+    assert!(!error.to_string().contains("the host's secret"));
+    still_serving(&registry);
+}
+
+#[test]
+fn a_huge_answer_is_refused() {
+    let registry = hostile_registry();
+    match attack(&registry, "huge") {
+        PluginError::OutputTooLarge { bytes, limit, .. } => assert!(bytes > limit),
+        other => panic!("expected output too large, got {other}"),
+    }
+    still_serving(&registry);
+}
+
+#[test]
+fn a_panic_mid_session_is_a_trap_and_the_next_run_is_fresh() {
+    let registry = hostile_registry();
+    match attack(&registry, "panic") {
+        PluginError::Trap { kind, call, .. } => {
+            assert!(kind.contains("unreachable"), "a Rust panic aborts: {kind}");
+            assert_eq!(call, "session.push");
+        }
+        other => panic!("expected a trap, got {other}"),
+    }
+    still_serving(&registry);
+}
+
+#[test]
+fn an_ungranted_capability_is_refused_at_load() {
+    let (wasm, manifest) = fixture("model-compressor", "fixtures/model-compressor");
+    let runtime = PluginRuntime::new(config()).unwrap();
+    match runtime.load(&wasm, manifest.clone()) {
+        Err(PluginError::CapabilityNotGranted { plugin, capability }) => {
+            assert_eq!(plugin.name, "model-compressor");
+            assert_eq!(capability, Capability::Model);
+            let message = PluginError::CapabilityNotGranted { plugin, capability }.to_string();
+            assert!(message.contains("model-compressor") && message.contains("`model`"));
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+
+    // Granted, it loads; without an engine its model calls fail cleanly.
+    let mut granted = config();
+    granted
+        .grants
+        .insert("model-compressor".into(), [Capability::Model].into());
+    let registry = Registry::new(PluginRuntime::new(granted).unwrap());
+    let dir = Scratch::new("granted");
+    std::fs::write(dir.0.join("model-compressor.wasm"), &wasm).unwrap();
+    std::fs::copy(
+        guest_manifest("fixtures/model-compressor"),
+        dir.0.join("model-compressor.toml"),
+    )
+    .unwrap();
+    registry
+        .load_file(&dir.0.join("model-compressor.wasm"))
+        .unwrap();
+    let mut compressor = registry.open_compressor("model-compressor").unwrap();
+    match compressor.try_compress(&user("long history"), 16) {
+        Err(PluginError::Refused { message, .. }) => assert!(message.contains("no model engine")),
+        other => panic!("expected the plugin's own error, got {other:?}"),
+    }
+}
+
+#[test]
+fn compiled_code_is_cached_by_content_and_engine() {
+    let cache = Scratch::new("cache");
+    let (wasm, manifest) = fixture("reload-v1", "fixtures/reload-v1");
+    let runtime = PluginRuntime::new(HostConfig {
+        cache_dir: Some(cache.0.clone()),
+        ..HostConfig::default()
+    })
+    .unwrap();
+    let first = runtime.load(&wasm, manifest.clone()).unwrap();
+    assert!(!first.from_cache);
+    let second = runtime.load(&wasm, manifest.clone()).unwrap();
+    assert!(second.from_cache);
+    let files: Vec<PathBuf> = std::fs::read_dir(&cache.0)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1);
+    let name = files[0].file_name().unwrap().to_string_lossy().into_owned();
+    assert!(
+        name.starts_with(&first.sha256) && name.ends_with(".cwasm"),
+        "{name}"
+    );
+
+    // A corrupt entry is discarded and recompiled, never trusted. (A new file: the old one
+    // is memory-mapped by `second`.)
+    std::fs::remove_file(&files[0]).unwrap();
+    std::fs::write(&files[0], b"not machine code").unwrap();
+    let third = runtime.load(&wasm, manifest).unwrap();
+    assert!(!third.from_cache);
+    assert_eq!(third.sha256, first.sha256);
+}
+
+#[test]
+fn invalid_and_wrong_interface_components_are_typed_errors() {
+    let runtime = PluginRuntime::new(config()).unwrap();
+    let (wasm, manifest) = fixture("reload-v1", "fixtures/reload-v1");
+    match runtime.load(&wasm[..wasm.len() / 2], manifest.clone()) {
+        Err(PluginError::InvalidComponent { plugin, .. }) => {
+            assert_eq!(plugin.to_string(), "reloadable@1.0.0")
+        }
+        other => panic!("expected an invalid component, got {other:?}"),
+    }
+    let (aggregator, _) = fixture("hostile", "fixtures/hostile");
+    match runtime.load(&aggregator, manifest) {
+        Err(PluginError::IncompatibleInterface { expected, .. }) => {
+            assert_eq!(expected, PluginKind::Role)
+        }
+        other => panic!("expected an incompatible interface, got {other:?}"),
+    }
+}
+
+/// Replaces a file atomically: written under a name the watcher ignores, then renamed.
+fn replace(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("partial");
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// The next event matching `want`, skipping others.
+fn wait_for(
+    events: &Receiver<RegistryEvent>,
+    want: impl Fn(&RegistryEvent) -> bool,
+) -> RegistryEvent {
+    loop {
+        let event = events
+            .recv_timeout(EVENT_TIMEOUT)
+            .expect("the registry reports every file change");
+        if want(&event) {
+            return event;
+        }
+    }
+}
+
+fn system_prompt(registry: &Registry) -> String {
+    registry
+        .open_role("reloadable")
+        .unwrap()
+        .try_system_prompt()
+        .unwrap()
+}
+
+#[test]
+fn hot_reload_swaps_versions_under_load_without_a_failed_call() {
+    let registry = registry_with(config());
+    let dir = Scratch::new("reload");
+    let wasm_path = dir.0.join("reloadable.wasm");
+    let toml_path = dir.0.join("reloadable.toml");
+    let read = |p: PathBuf| std::fs::read(p).unwrap();
+    let v1 = (
+        read(guest_artifact("reload-v1")),
+        read(guest_manifest("fixtures/reload-v1")),
+    );
+    let v2 = (
+        read(guest_artifact("reload-v2")),
+        read(guest_manifest("fixtures/reload-v2")),
+    );
+    replace(&toml_path, &v1.1);
+    replace(&wasm_path, &v1.0);
+    registry
+        .load_dir(&dir.0)
+        .unwrap()
+        .into_iter()
+        .for_each(|(_, r)| {
+            r.unwrap();
+        });
+    let events = registry.subscribe();
+    registry.watch(std::slice::from_ref(&dir.0)).unwrap();
+
+    // A caller that never stops asking, as a server would.
+    let stop = Arc::new(AtomicBool::new(false));
+    let caller = {
+        let (registry, stop) = (registry.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let (mut calls, mut failures, mut seen) =
+                (0usize, Vec::new(), std::collections::BTreeSet::new());
+            while !stop.load(Ordering::Relaxed) {
+                match registry
+                    .role("reloadable")
+                    .and_then(|mut r| r.system_prompt())
+                {
+                    Ok(prompt) => {
+                        seen.insert(prompt);
+                    }
+                    Err(error) => failures.push(error.to_string()),
+                }
+                calls += 1;
+            }
+            (calls, failures, seen)
+        })
+    };
+
+    for round in 0..3 {
+        for (version, (wasm, toml)) in [("v2", &v2), ("v1", &v1)] {
+            // A run that started before the swap keeps its version to the end.
+            let mut in_flight = registry.open_role("reloadable").unwrap();
+            let before = in_flight.try_system_prompt().unwrap();
+            replace(&toml_path, toml);
+            replace(&wasm_path, wasm);
+            let expected = sha256(wasm);
+            wait_for(
+                &events,
+                |e| matches!(e, RegistryEvent::Loaded { sha256, .. } if *sha256 == expected),
+            );
+            assert_eq!(
+                system_prompt(&registry),
+                format!("reloadable {version}"),
+                "round {round}"
+            );
+            assert_eq!(
+                in_flight.try_system_prompt().unwrap(),
+                before,
+                "in-flight run kept its version"
+            );
+        }
+    }
+
+    // A truncated file and a component of the wrong kind are rejected; v1 keeps serving.
+    replace(&wasm_path, &v1.0[..v1.0.len() / 3]);
+    match wait_for(&events, |e| matches!(e, RegistryEvent::Rejected { .. })) {
+        RegistryEvent::Rejected { error, .. } => {
+            assert!(error.contains("invalid component"), "{error}")
+        }
+        _ => unreachable!(),
+    }
+    assert_eq!(system_prompt(&registry), "reloadable v1");
+    replace(&wasm_path, &read(guest_artifact("hostile")));
+    match wait_for(&events, |e| matches!(e, RegistryEvent::Rejected { .. })) {
+        RegistryEvent::Rejected { error, .. } => {
+            assert!(error.contains("incompatible interface"), "{error}")
+        }
+        _ => unreachable!(),
+    }
+    assert_eq!(system_prompt(&registry), "reloadable v1");
+
+    stop.store(true, Ordering::Relaxed);
+    let (calls, failures, seen) = caller.join().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} failed calls of {calls}: {:?}",
+        failures.len(),
+        failures.first()
+    );
+    assert!(
+        seen.contains("reloadable v1") && seen.contains("reloadable v2"),
+        "{seen:?}"
+    );
+
+    // A plain in-place write (as `cp` does) is picked up once the file is complete.
+    std::fs::write(&toml_path, &v2.1).unwrap();
+    std::fs::write(&wasm_path, &v2.0).unwrap();
+    let expected = sha256(&v2.0);
+    wait_for(
+        &events,
+        |e| matches!(e, RegistryEvent::Loaded { sha256, .. } if *sha256 == expected),
+    );
+    assert_eq!(system_prompt(&registry), "reloadable v2");
+
+    // Removing the file unloads the plugin; a run holding it finishes on it.
+    let mut holder = registry.open_role("reloadable").unwrap();
+    std::fs::remove_file(&wasm_path).unwrap();
+    wait_for(&events, |e| matches!(e, RegistryEvent::Unloaded { .. }));
+    assert_eq!(registry.kind_of("reloadable"), None);
+    assert_eq!(holder.try_system_prompt().unwrap(), "reloadable v2");
+}
+
+/// The repository's root folder.
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Builds an example with its language's toolchain, once per content of its sources (the
+/// build output is kept in the test scratch folder), and installs it with its manifest in
+/// `dir`. Fails, never skips, when the toolchain is missing: `.ci/run` installs it.
+fn build_example(
+    lang: &str,
+    sources: &[&str],
+    name: &str,
+    dir: &Path,
+    build: impl Fn(&Path) -> std::process::Command,
+) -> PathBuf {
+    use sha2::Digest;
+    let example = repo().join("examples/plugins").join(lang);
+    let mut hasher = sha2::Sha256::new();
+    for file in sources
+        .iter()
+        .copied()
+        .chain(["../../../wit/v0.1.0/agent.wit"])
+    {
+        hasher.update(std::fs::read(example.join(file)).unwrap());
+    }
+    let built = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("examples")
+        .join(format!(
+            "{name}-{}.wasm",
+            hex::encode(&hasher.finalize()[..8])
+        ));
+    if !built.exists() {
+        std::fs::create_dir_all(built.parent().unwrap()).unwrap();
+        let partial = built.with_extension("partial.wasm");
+        let mut command = build(&partial);
+        let output = command.output().unwrap_or_else(|e| {
+            panic!("cannot run the {lang} example's build ({command:?}): {e}; `.ci/run` installs the toolchain")
+        });
+        assert!(
+            output.status.success(),
+            "building the {lang} example failed ({command:?}):\n{}\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        std::fs::rename(&partial, &built).unwrap();
+    }
+    let wasm = dir.join(format!("{name}.wasm"));
+    std::fs::copy(&built, &wasm).unwrap();
+    std::fs::copy(
+        example.join(format!("{name}.toml")),
+        dir.join(format!("{name}.toml")),
+    )
+    .unwrap();
+    wasm
+}
+
+#[test]
+fn the_python_example_aggregates_through_the_same_host_code() {
+    let dir = Scratch::new("python");
+    let wasm = build_example(
+        "python",
+        &["app.py", "aggregator_policy.py"],
+        "py-relay",
+        &dir.0,
+        |out| {
+            let mut command = std::process::Command::new("componentize-py");
+            command
+                .arg("-d")
+                .arg(repo().join("wit/v0.1.0"))
+                .args(["-w", "aggregator", "componentize", "-p"])
+                .arg(repo().join("examples/plugins/python"))
+                .arg("app")
+                .arg("-o")
+                .arg(out);
+            command
+        },
+    );
+    let registry = registry_with(config());
+    registry.load_file(&wasm).unwrap();
+    let provider: &dyn PolicyProvider = registry.as_ref();
+    assert_eq!(provider.kind_of("py-relay"), Some(PluginKind::Aggregator));
+    let mut session = provider
+        .aggregator(
+            "py-relay",
+            &user("Why is the sky blue?"),
+            &sources(2),
+            StreamMode::Staircase,
+        )
+        .unwrap();
+    assert_eq!(
+        session.push("p0", "Rayleigh scattering").unwrap(),
+        Demand::More
+    );
+    let first = session
+        .next_step()
+        .unwrap()
+        .expect("steps on the first text");
+    assert!(!first.is_final);
+    assert!(
+        first.messages[1]
+            .content
+            .starts_with("Why is the sky blue?")
+    );
+    assert!(first.messages[1].content.ends_with("Rayleigh scattering"));
+    session.finish("p0").unwrap();
+    session.push("p1", "of sunlight").unwrap();
+    session.finish("p1").unwrap();
+    let last = session.next_step().unwrap().expect("final step");
+    assert!(last.is_final);
+    assert!(
+        last.messages[1]
+            .content
+            .starts_with(&first.messages[1].content)
+    );
+    assert_eq!(session.next_step().unwrap(), None);
+}
+
+#[test]
+fn the_javascript_example_answers_through_the_same_host_code() {
+    let dir = Scratch::new("js");
+    let wasm = build_example(
+        "js",
+        &["role.js", "build.mjs", "package.json"],
+        "js-reviewer",
+        &dir.0,
+        |out| {
+            let mut command = std::process::Command::new("node");
+            command
+                .arg(repo().join("examples/plugins/js/build.mjs"))
+                .arg(out);
+            command
+        },
+    );
+    let registry = registry_with(config());
+    registry.load_file(&wasm).unwrap();
+    let mut role = registry.role("js-reviewer").unwrap();
+    assert!(role.system_prompt().unwrap().contains("careful reviewer"));
+    let messages = role
+        .build_messages(&RoleInput {
+            conversation: user("2 + 2?"),
+            upstream: vec![UpstreamOutput {
+                source: Source {
+                    id: "a".into(),
+                    label: "solver".into(),
+                },
+                text: "5".into(),
+            }],
+        })
+        .unwrap();
+    assert_eq!(messages.len(), 3);
+    assert_eq!(messages[0].role, Role::System);
+    assert_eq!(messages[1], ChatMessage::new(Role::User, "2 + 2?"));
+    assert!(messages[2].content.contains("### solver\n5"));
+    let params = role.params().unwrap();
+    assert_eq!(params.max_tokens, 256);
+    assert!((params.temperature - 0.2).abs() < 1e-6);
+}
+
+#[test]
+fn sleeping_in_a_host_call_times_out_at_the_plugin_deadline() {
+    // Epoch interruption only stops wasm code; a guest blocked on a pollable is bounded by
+    // the host's I/O, which waits no longer than the call's deadline.
+    let registry = hostile_registry();
+    match attack(&registry, "sleep") {
+        PluginError::Timeout { deadline, .. } => assert_eq!(deadline, Duration::from_millis(100)),
+        other => panic!("expected a timeout, got {other}"),
+    }
+    still_serving(&registry);
+}
+
+#[test]
+fn hostile_guests_fail_the_same_way_inside_an_async_task() {
+    // Pipelines call policies from tokio tasks, where blocking WASI I/O (a Rust panic
+    // message written to the discarded stderr, a sleep) must neither panic the host nor
+    // escape the deadline.
+    let registry = hostile_registry();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (panic, sleep) = runtime.block_on(async move {
+        tokio::spawn(async move {
+            let panic = attack(&registry, "panic");
+            let sleep = attack(&registry, "sleep");
+            still_serving(&registry);
+            (panic, sleep)
+        })
+        .await
+        .expect("the task completes")
+    });
+    match panic {
+        PluginError::Trap { kind, .. } => assert!(kind.contains("unreachable"), "{kind}"),
+        other => panic!("expected a trap, got {other}"),
+    }
+    assert!(matches!(sleep, PluginError::Timeout { .. }), "{sleep}");
+}
+
+/// `staircase plugin check` as a user runs it.
+fn plugin_check(args: &[&std::ffi::OsStr]) -> (bool, String, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_staircase"))
+        .args(["plugin", "check"])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn plugin_check_describes_a_component_and_fails_clearly_on_a_bad_one() {
+    let dir = Scratch::new("check");
+    let wasm = dir.0.join("model-compressor.wasm");
+    let bytes = std::fs::read(guest_artifact("model-compressor")).unwrap();
+    std::fs::write(&wasm, &bytes).unwrap();
+    let manifest = guest_manifest("fixtures/model-compressor");
+    std::fs::copy(&manifest, dir.0.join("model-compressor.toml")).unwrap();
+    let (ok, stdout, stderr) = plugin_check(&[wasm.as_os_str()]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("model-compressor 0.1.0"), "{stdout}");
+    assert!(stdout.contains("kind          compressor"), "{stdout}");
+    assert!(
+        stdout.contains("staircase:agent/compressor-policy@0.1.0"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("capabilities  model"), "{stdout}");
+
+    // Without the capability it asks for, it is refused, naming both.
+    let (ok, _, stderr) = plugin_check(&[wasm.as_os_str(), "--no-grant".as_ref()]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("model-compressor@0.1.0") && stderr.contains("`model`"),
+        "{stderr}"
+    );
+
+    // A truncated component.
+    let truncated = dir.0.join("truncated.wasm");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    std::fs::copy(&manifest, dir.0.join("truncated.toml")).unwrap();
+    let (ok, _, stderr) = plugin_check(&[truncated.as_os_str()]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("invalid component") && stderr.contains("model-compressor@0.1.0"),
+        "{stderr}"
+    );
+
+    // A missing manifest.
+    let missing = dir.0.join("missing.toml");
+    let (ok, _, stderr) =
+        plugin_check(&[wasm.as_os_str(), "--manifest".as_ref(), missing.as_os_str()]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("missing.toml") && stderr.contains("not found"),
+        "{stderr}"
+    );
+}

@@ -1,0 +1,161 @@
+//! The built-in Mixture-of-Agents aggregator, written for staircase use.
+//!
+//! The prompt is a stable instruction and the user's query first, then the proposers' text in
+//! the order it arrived: text already shown to the model in an earlier step never moves, so
+//! every step re-uses the cached prefix of the previous one. In staircase mode it steps as
+//! soon as proposer text arrives and again each time enough new text has accumulated; in
+//! layered mode it steps once, when every source is complete. The final step comes when all
+//! sources have finished. The per-chunk path does no host calls (the token budget is
+//! estimated from bytes), since it runs once per proposer chunk.
+
+use staircase_sdk::{Aggregator, ChatMessage, Demand, Source, Speaker, Step, StreamMode, host};
+
+const INSTRUCTION: &str = "You have been provided with a set of responses from various \
+open-source models to the latest user query. Your task is to synthesize these responses into a \
+single, high-quality response. Critically evaluate the information, recognizing that some of \
+it may be biased or incorrect. Do not simply replicate the given answers; offer a refined, \
+accurate and comprehensive reply. Responses may still be arriving: answer with what is there \
+and continue as more arrives.";
+
+/// New proposer text (bytes, ~4 per token) that earns an intermediate step: small enough that
+/// the aggregator starts early, large enough that each step has something new to read.
+const DEFAULT_STEP_CHARS: usize = 160;
+/// Tokens generated per intermediate step: the answer advances while proposers still talk.
+const DEFAULT_STEP_TOKENS: u32 = 16;
+/// The final step generates until the model stops, bounded by this.
+const DEFAULT_FINAL_TOKENS: u32 = 512;
+
+struct SourceState {
+    source: Source,
+    bytes: usize,
+    finished: bool,
+}
+
+struct Moa {
+    mode: StreamMode,
+    /// System instruction and user query: never changes during the run.
+    head: Vec<ChatMessage>,
+    /// Proposer text as shown to the model, in arrival order; only ever appended to, so
+    /// each step's prompt starts with the previous one's.
+    body: String,
+    /// The source whose text `body` ends with, so consecutive chunks join one section.
+    last_source: Option<usize>,
+    sources: Vec<SourceState>,
+    new_bytes: usize,
+    steps: u32,
+    done: bool,
+    step_chars: usize,
+    step_tokens: u32,
+    final_tokens: u32,
+    source_chars: Option<usize>,
+}
+
+impl Moa {
+    fn step(&mut self, is_final: bool) -> Step {
+        self.new_bytes = 0;
+        self.steps += 1;
+        let mut messages = self.head.clone();
+        let last = messages.len() - 1;
+        messages[last].content.push_str(&self.body);
+        Step {
+            messages,
+            max_tokens: if is_final {
+                self.final_tokens
+            } else {
+                self.step_tokens
+            },
+            final_: is_final,
+        }
+    }
+}
+
+impl Aggregator for Moa {
+    fn new(conversation: Vec<ChatMessage>, sources: Vec<Source>, mode: StreamMode) -> Self {
+        let query = conversation
+            .iter()
+            .rev()
+            .find(|m| matches!(m.role, Speaker::User))
+            .map(|m| m.content.clone())
+            .unwrap_or_default();
+        let head = vec![
+            ChatMessage::new(Speaker::System, INSTRUCTION),
+            ChatMessage::new(Speaker::User, format!("{query}\n\nResponses from models:")),
+        ];
+        Moa {
+            mode,
+            head,
+            body: String::new(),
+            last_source: None,
+            sources: sources
+                .into_iter()
+                .map(|source| SourceState {
+                    source,
+                    bytes: 0,
+                    finished: false,
+                })
+                .collect(),
+            new_bytes: 0,
+            steps: 0,
+            done: false,
+            step_chars: config_or("step-chars", DEFAULT_STEP_CHARS),
+            step_tokens: config_or("step-tokens", DEFAULT_STEP_TOKENS),
+            final_tokens: config_or("final-tokens", DEFAULT_FINAL_TOKENS),
+            source_chars: host::config("source-chars").and_then(|v| v.parse().ok()),
+        }
+    }
+
+    fn push(&mut self, source_id: &str, text: &str) -> Demand {
+        let Some(index) = self.sources.iter().position(|s| s.source.id == source_id) else {
+            host::log(
+                host::LogLevel::Warn,
+                &format!("chunk from unknown source {source_id}"),
+            );
+            return Demand::Enough;
+        };
+        if self.last_source != Some(index) {
+            self.body.push_str("\n\n### ");
+            self.body.push_str(&self.sources[index].source.label);
+            self.body.push('\n');
+            self.last_source = Some(index);
+        }
+        self.body.push_str(text);
+        self.new_bytes += text.len();
+        let state = &mut self.sources[index];
+        state.bytes += text.len();
+        match self.source_chars {
+            Some(limit) if state.bytes >= limit => Demand::Enough,
+            _ => Demand::More,
+        }
+    }
+
+    fn finish(&mut self, source_id: &str) {
+        if let Some(state) = self.sources.iter_mut().find(|s| s.source.id == source_id) {
+            state.finished = true;
+        }
+    }
+
+    fn next_step(&mut self) -> Option<Step> {
+        if self.done {
+            return None;
+        }
+        if self.sources.iter().all(|s| s.finished) {
+            self.done = true;
+            return Some(self.step(true));
+        }
+        let due = match self.mode {
+            StreamMode::Layered => false,
+            // The first step comes with the first text; later ones once enough is new.
+            StreamMode::Staircase if self.steps == 0 => self.new_bytes > 0,
+            StreamMode::Staircase => self.new_bytes >= self.step_chars,
+        };
+        due.then(|| self.step(false))
+    }
+}
+
+fn config_or<T: std::str::FromStr>(key: &str, default: T) -> T {
+    host::config(key)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+staircase_sdk::export_aggregator!(Moa);

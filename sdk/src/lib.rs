@@ -1,0 +1,327 @@
+//! `staircase-sdk`: write a Staircase agent plugin in plain Rust.
+//!
+//! Enable exactly one of the features `role`, `aggregator`, `compressor` or `router`, implement
+//! the matching trait ([`Role`], [`Aggregator`], [`Compressor`], [`Router`]) and export it with
+//! the matching macro. The generated WIT bindings stay behind these traits; the host imports
+//! (logging, clock, configuration, token counting, and the `model` import for compressors)
+//! are plain functions in [`host`] and [`model`].
+//!
+//! ```ignore
+//! use staircase_sdk::{ChatMessage, Role};
+//! struct Pirate;
+//! impl Role for Pirate {
+//!     fn system_prompt() -> String {
+//!         "You are a pirate. Answer like one.".into()
+//!     }
+//! }
+//! staircase_sdk::export_role!(Pirate);
+//! ```
+
+#[cfg(any(
+    all(
+        feature = "role",
+        any(feature = "aggregator", feature = "compressor", feature = "router")
+    ),
+    all(
+        feature = "aggregator",
+        any(feature = "compressor", feature = "router")
+    ),
+    all(feature = "compressor", feature = "router"),
+))]
+compile_error!(
+    "staircase-sdk: enable exactly one of the features role, aggregator, compressor, router"
+);
+
+#[cfg(not(any(
+    feature = "role",
+    feature = "aggregator",
+    feature = "compressor",
+    feature = "router"
+)))]
+compile_error!("staircase-sdk: enable one of the features role, aggregator, compressor, router");
+
+/// The generated bindings of the world this plugin exports. Not part of the stable API: the
+/// export macros use it.
+#[doc(hidden)]
+pub mod bindings {
+    #[cfg(feature = "role")]
+    wit_bindgen::generate!({
+        path: "../wit/v0.1.0",
+        world: "role",
+        pub_export_macro: true,
+        export_macro_name: "__export_world",
+        default_bindings_module: "staircase_sdk::bindings",
+    });
+    #[cfg(feature = "aggregator")]
+    wit_bindgen::generate!({
+        path: "../wit/v0.1.0",
+        world: "aggregator",
+        pub_export_macro: true,
+        export_macro_name: "__export_world",
+        default_bindings_module: "staircase_sdk::bindings",
+    });
+    #[cfg(feature = "compressor")]
+    wit_bindgen::generate!({
+        path: "../wit/v0.1.0",
+        world: "compressor",
+        pub_export_macro: true,
+        export_macro_name: "__export_world",
+        default_bindings_module: "staircase_sdk::bindings",
+    });
+    #[cfg(feature = "router")]
+    wit_bindgen::generate!({
+        path: "../wit/v0.1.0",
+        world: "router",
+        pub_export_macro: true,
+        export_macro_name: "__export_world",
+        default_bindings_module: "staircase_sdk::bindings",
+    });
+}
+
+#[cfg(not(feature = "router"))]
+pub use bindings::staircase::agent::types::{
+    ChatMessage, GenerationParams, Role as Speaker, Source, UpstreamOutput,
+};
+
+#[cfg(not(feature = "router"))]
+impl ChatMessage {
+    /// A message from `role` with this content.
+    pub fn new(role: Speaker, content: impl Into<String>) -> Self {
+        Self {
+            role,
+            content: content.into(),
+        }
+    }
+}
+
+#[cfg(not(feature = "router"))]
+impl Default for GenerationParams {
+    /// Greedy decoding of up to 256 tokens: the host's own default.
+    fn default() -> Self {
+        Self {
+            max_tokens: 256,
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            stop: Vec::new(),
+        }
+    }
+}
+
+/// The host imports every plugin may use.
+pub mod host {
+    use crate::bindings::staircase::agent::host as raw;
+    pub use crate::bindings::staircase::agent::host::LogLevel;
+
+    /// Writes to the host's log, tagged with this plugin's name and version.
+    pub fn log(level: LogLevel, message: &str) {
+        raw::log(level, message);
+    }
+
+    /// Monotonic clock in nanoseconds.
+    pub fn now_ns() -> u64 {
+        raw::now_ns()
+    }
+
+    /// A configuration value the operator set for this plugin.
+    pub fn config(key: &str) -> Option<String> {
+        raw::config(key)
+    }
+
+    /// Tokens the text takes in the served model (approximate without a tokenizer).
+    pub fn count_tokens(text: &str) -> u32 {
+        raw::count_tokens(text)
+    }
+}
+
+/// Model access, for compressors granted the `model` capability.
+#[cfg(feature = "compressor")]
+pub mod model {
+    use crate::{ChatMessage, GenerationParams};
+
+    /// Runs the plugin's model to completion; fails unless the capability was granted.
+    pub fn complete(messages: &[ChatMessage], params: &GenerationParams) -> Result<String, String> {
+        crate::bindings::staircase::agent::model::complete(messages, params)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// role
+
+#[cfg(feature = "role")]
+pub use bindings::exports::staircase::agent::role_policy::RoleInput;
+
+/// An agent's role. Only the system prompt is required; the defaults build
+/// `[system, conversation..., upstream outputs as one user message]` and greedy parameters.
+#[cfg(feature = "role")]
+pub trait Role {
+    fn system_prompt() -> String;
+
+    fn build_messages(input: RoleInput) -> Vec<ChatMessage> {
+        default_role_messages(Self::system_prompt(), input)
+    }
+
+    fn params() -> GenerationParams {
+        GenerationParams::default()
+    }
+}
+
+/// The default message building of [`Role::build_messages`], for roles that only add to it.
+#[cfg(feature = "role")]
+pub fn default_role_messages(system_prompt: String, input: RoleInput) -> Vec<ChatMessage> {
+    let mut messages = Vec::with_capacity(input.conversation.len() + 2);
+    messages.push(ChatMessage::new(Speaker::System, system_prompt));
+    messages.extend(input.conversation);
+    if !input.upstream.is_empty() {
+        let mut context = String::from("Responses from other agents:\n");
+        for output in &input.upstream {
+            context.push_str("\n### ");
+            context.push_str(&output.source.label);
+            context.push('\n');
+            context.push_str(&output.text);
+            context.push('\n');
+        }
+        messages.push(ChatMessage::new(Speaker::User, context));
+    }
+    messages
+}
+
+/// Exports a type implementing [`Role`] as this component's `role-policy`.
+#[cfg(feature = "role")]
+#[macro_export]
+macro_rules! export_role {
+    ($t:ty) => {
+        #[doc(hidden)]
+        pub struct __StaircaseRole;
+        impl $crate::bindings::exports::staircase::agent::role_policy::Guest for __StaircaseRole {
+            fn system_prompt() -> String {
+                <$t as $crate::Role>::system_prompt()
+            }
+            fn build_messages(input: $crate::RoleInput) -> Vec<$crate::ChatMessage> {
+                <$t as $crate::Role>::build_messages(input)
+            }
+            fn params() -> $crate::GenerationParams {
+                <$t as $crate::Role>::params()
+            }
+        }
+        $crate::bindings::__export_world!(__StaircaseRole with_types_in $crate::bindings);
+    };
+}
+
+// ---------------------------------------------------------------------------------------
+// aggregator
+
+#[cfg(feature = "aggregator")]
+pub use bindings::exports::staircase::agent::aggregator_policy::{Demand, Step, StreamMode};
+
+/// A staircase policy: one value per pipeline run.
+#[cfg(feature = "aggregator")]
+pub trait Aggregator: 'static {
+    fn new(conversation: Vec<ChatMessage>, sources: Vec<Source>, mode: StreamMode) -> Self;
+    fn push(&mut self, source_id: &str, text: &str) -> Demand;
+    fn finish(&mut self, source_id: &str);
+    fn answered(&mut self, _text: &str) {}
+    fn next_step(&mut self) -> Option<Step>;
+}
+
+/// Exports a type implementing [`Aggregator`] as this component's `aggregator-policy`.
+#[cfg(feature = "aggregator")]
+#[macro_export]
+macro_rules! export_aggregator {
+    ($t:ty) => {
+        #[doc(hidden)]
+        pub struct __StaircaseAggregator;
+        /// Adapts the aggregator to the generated resource, whose methods take `&self`.
+        #[doc(hidden)]
+        pub struct __StaircaseSession(core::cell::RefCell<$t>);
+        impl $crate::bindings::exports::staircase::agent::aggregator_policy::Guest
+            for __StaircaseAggregator
+        {
+            type Session = __StaircaseSession;
+        }
+        impl $crate::bindings::exports::staircase::agent::aggregator_policy::GuestSession
+            for __StaircaseSession
+        {
+            fn new(
+                conversation: Vec<$crate::ChatMessage>,
+                sources: Vec<$crate::Source>,
+                mode: $crate::StreamMode,
+            ) -> Self {
+                __StaircaseSession(core::cell::RefCell::new(
+                    <$t as $crate::Aggregator>::new(conversation, sources, mode),
+                ))
+            }
+            fn push(&self, source_id: String, text: String) -> $crate::Demand {
+                <$t as $crate::Aggregator>::push(&mut self.0.borrow_mut(), &source_id, &text)
+            }
+            fn finish(&self, source_id: String) {
+                <$t as $crate::Aggregator>::finish(&mut self.0.borrow_mut(), &source_id)
+            }
+            fn answered(&self, text: String) {
+                <$t as $crate::Aggregator>::answered(&mut self.0.borrow_mut(), &text)
+            }
+            fn next_step(&self) -> Option<$crate::Step> {
+                <$t as $crate::Aggregator>::next_step(&mut self.0.borrow_mut())
+            }
+        }
+        $crate::bindings::__export_world!(__StaircaseAggregator with_types_in $crate::bindings);
+    };
+}
+
+// ---------------------------------------------------------------------------------------
+// compressor
+
+/// Shortens a history to a token budget (count with [`host::count_tokens`]).
+#[cfg(feature = "compressor")]
+pub trait Compressor {
+    fn compress(history: Vec<ChatMessage>, budget_tokens: u32) -> Result<Vec<ChatMessage>, String>;
+}
+
+/// Exports a type implementing [`Compressor`] as this component's `compressor-policy`.
+#[cfg(feature = "compressor")]
+#[macro_export]
+macro_rules! export_compressor {
+    ($t:ty) => {
+        #[doc(hidden)]
+        pub struct __StaircaseCompressor;
+        impl $crate::bindings::exports::staircase::agent::compressor_policy::Guest
+            for __StaircaseCompressor
+        {
+            fn compress(
+                history: Vec<$crate::ChatMessage>,
+                budget_tokens: u32,
+            ) -> Result<Vec<$crate::ChatMessage>, String> {
+                <$t as $crate::Compressor>::compress(history, budget_tokens)
+            }
+        }
+        $crate::bindings::__export_world!(__StaircaseCompressor with_types_in $crate::bindings);
+    };
+}
+
+// ---------------------------------------------------------------------------------------
+// router
+
+#[cfg(feature = "router")]
+pub use bindings::exports::staircase::agent::router_policy::RouteRequest;
+
+/// Chooses a model per step; the answer must be one of `request.models`.
+#[cfg(feature = "router")]
+pub trait Router {
+    fn route(request: RouteRequest) -> String;
+}
+
+/// Exports a type implementing [`Router`] as this component's `router-policy`.
+#[cfg(feature = "router")]
+#[macro_export]
+macro_rules! export_router {
+    ($t:ty) => {
+        #[doc(hidden)]
+        pub struct __StaircaseRouter;
+        impl $crate::bindings::exports::staircase::agent::router_policy::Guest for __StaircaseRouter {
+            fn route(request: $crate::RouteRequest) -> String {
+                <$t as $crate::Router>::route(request)
+            }
+        }
+        $crate::bindings::__export_world!(__StaircaseRouter with_types_in $crate::bindings);
+    };
+}

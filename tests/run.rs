@@ -1,0 +1,122 @@
+//! End-to-end tests of `staircase run` and `staircase trace render`: the real binary, the
+//! real default model and the built-in plugins, with short outputs to keep CI quick.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn staircase(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_staircase"))
+        .args(args)
+        .output()
+        .expect("the staircase binary runs")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("staircase-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+#[test]
+fn run_reports_json_and_its_trace_renders() {
+    let trace = scratch("moa.json");
+    let out = staircase(&[
+        "run",
+        "--json",
+        "--max-tokens",
+        "12",
+        "--trace",
+        trace.to_str().unwrap(),
+        "Why is the sky blue?",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["pipeline"], "moa");
+    assert_eq!(report["mode"], "staircase");
+    assert!(!report["answer"].as_str().unwrap().trim().is_empty());
+    assert!(report["ttft_ms"].as_f64().unwrap() > 0.0);
+    assert_eq!(report["nodes"].as_array().unwrap().len(), 4);
+    assert!(
+        !report["critical_path_measured"]["nodes"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        report["cache"]["aggregator_prompt_tokens"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+
+    let svg = scratch("moa.svg");
+    let out = staircase(&[
+        "trace",
+        "render",
+        trace.to_str().unwrap(),
+        "-o",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let chart = std::fs::read_to_string(&svg).unwrap();
+    assert!(chart.starts_with("<svg") && chart.contains("aggregator"));
+}
+
+#[test]
+fn run_prints_plain_text_when_not_a_terminal() {
+    let out = staircase(&[
+        "run",
+        "--pipeline",
+        "debate",
+        "--mode",
+        "layered",
+        "--max-tokens",
+        "8",
+        "Is a tomato a fruit?",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(!text.trim().is_empty());
+    assert!(
+        !text.contains('\x1b'),
+        "no terminal control codes in plain output"
+    );
+}
+
+#[test]
+fn bad_pipeline_files_are_refused_with_file_and_line() {
+    let file = scratch("cycle.toml");
+    std::fs::write(
+        &file,
+        "[[nodes]]\nid = \"a\"\nkind = \"agent\"\nplugin = \"proposer\"\nmodel = \"default\"\ninputs = [\"b\"]\n\n[[nodes]]\nid = \"b\"\nkind = \"aggregator\"\nplugin = \"moa-aggregator\"\nmodel = \"default\"\ninputs = [\"a\"]\n",
+    )
+    .unwrap();
+    let out = staircase(&["run", "--pipeline", file.to_str().unwrap(), "hi"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cycle.toml:2: the pipeline has a cycle"),
+        "{stderr}"
+    );
+
+    let file = scratch("plugin.toml");
+    std::fs::write(
+        &file,
+        "[[nodes]]\nid = \"a\"\nkind = \"agent\"\nplugin = \"moa-aggregator\"\nmodel = \"default\"\n",
+    )
+    .unwrap();
+    let out = staircase(&["run", "--pipeline", file.to_str().unwrap(), "hi"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("plugin.toml:4:"), "{stderr}");
+    assert!(stderr.contains("is an aggregator plugin"), "{stderr}");
+}
