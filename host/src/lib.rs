@@ -1,7 +1,7 @@
 //! Staircase: a host that runs multi-agent LLM pipelines with staircase streaming,
 //! while every agent-specific policy runs as a sandboxed WebAssembly component.
 //!
-//! One folder per concept: `engine/` generates tokens (local GGUF or remote servers),
+//! One folder per concept: `engine/` generates tokens (the local GGUF engine; remote servers are planned),
 //! `cache/` holds the prefix KV cache, `speculate/` drafts tokens, `pipeline/` runs DAGs of
 //! agents, `plugin/` hosts the WebAssembly policies, `trace/` records timelines, `model/`
 //! fetches and lists models, and `cli/` is the command line over all of them.

@@ -876,4 +876,33 @@ fn every_example_pipeline_answers_in_both_modes_and_a_cancelled_run_frees_the_en
             }
         }
     }
+
+    // Cancelling a run mid-answer (dropping its future) frees every engine sequence.
+    let pipeline = staircase::pipeline::load("moa").unwrap();
+    let request = RunRequest::prompt("Describe the sea in detail.", StreamMode::Staircase);
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    tokio.block_on(async {
+        let run = setup.runner.run(&pipeline, request, Some(events_tx));
+        tokio::pin!(run);
+        loop {
+            tokio::select! {
+                result = &mut run => panic!("the run ended before it was cancelled: {:?}", result.map(|r| r.answer)),
+                Some(event) = events.recv() => {
+                    if matches!(event, RunEvent::NodeDelta { .. }) {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    let freed = setup
+        .local
+        .wait_for_stats(std::time::Duration::from_secs(120), |s| {
+            s.live_sequences == 0 && s.queued == 0 && s.locked_prefixes == 0
+        });
+    assert!(
+        freed.is_some(),
+        "engine sequences outlived the cancelled run: {:?}",
+        setup.local.stats()
+    );
 }

@@ -713,5 +713,4 @@ fn sampled_requests_speculate_and_finish() {
     assert!(!answer.tokens.is_empty());
     let stats = answer.usage.speculation.expect("speculation stats");
     assert!(stats.drafted_tokens > 0);
-    assert!(stats.tokens_per_forward() >= 1.0);
 }

@@ -103,11 +103,14 @@ async fn drive(
     let request = RunRequest::prompt(args.prompt.clone(), args.mode);
     let run = runner.run(pipeline, request, Some(tx));
     tokio::pin!(run);
+    // One listener for the whole run, so a Ctrl-C during a redraw is not missed.
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
     let result = loop {
         tokio::select! {
             result = &mut run => break result,
             Some(event) = events.recv() => view.on_event(pipeline, &event)?,
-            _ = tokio::signal::ctrl_c() => {
+            _ = &mut ctrl_c => {
                 view.abandon();
                 anyhow::bail!("interrupted; every node was cancelled");
             }

@@ -69,9 +69,10 @@ pub enum Demand {
 pub struct Step {
     /// The full prompt of this step; its beginning stays stable across steps.
     pub messages: Vec<ChatMessage>,
-    /// Tokens to generate now, continuing the answer so far.
+    /// Tokens to generate now, continuing the answer so far. On a final step, 0 means
+    /// "until the model stops or the node's budget is spent".
     pub max_tokens: u32,
-    /// Generate until the model stops; no step follows.
+    /// Generate until the model stops (or `max_tokens`, when not 0); no step follows.
     pub is_final: bool,
 }
 

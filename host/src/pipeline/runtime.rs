@@ -819,7 +819,9 @@ impl<'r> RunCtx<'r> {
                 self.send(RunEvent::NodeStarted { node: ix });
             }
             let remaining = budget.saturating_sub(answer_tokens);
-            let max_tokens = if step.is_final {
+            // A final step with `max_tokens` 0 runs to the node's budget; otherwise the policy
+            // caps it like any step.
+            let max_tokens = if step.is_final && step.max_tokens == 0 {
                 remaining
             } else {
                 step.max_tokens.min(remaining)

@@ -115,7 +115,8 @@ fn complete_before(
                 }
                 match stream.blocking_next() {
                     Some(Ok(GenerationEvent::Delta { text: delta, .. })) => text.push_str(&delta),
-                    Some(Ok(GenerationEvent::Finished { .. })) | None => break Ok(text),
+                    Some(Ok(GenerationEvent::Finished { .. })) => break Ok(text),
+                    None => break Err("the engine stopped before the answer finished".to_string()),
                     Some(Err(error)) => break Err(error.to_string()),
                 }
             };

@@ -125,6 +125,14 @@ struct Outcome {
     timings: Timings,
 }
 
+/// When the first token came; a benchmark request without one cannot be timed.
+fn first_token(outcome: &Outcome) -> Result<Duration, EngineError> {
+    outcome
+        .timings
+        .first_token
+        .ok_or_else(|| EngineError::Backend("a benchmark request finished without a token".into()))
+}
+
 fn drain(mut stream: crate::engine::GenerationStream) -> Result<Outcome, EngineError> {
     while let Some(event) = stream.blocking_next() {
         if let GenerationEvent::Finished { usage, timings, .. } = event? {
@@ -305,8 +313,8 @@ pub fn run(config: &BenchConfig) -> Result<EngineBenchReport, EngineError> {
         let prefix = filler_text(&engine, config.prefix_tokens, variant + 1);
         let cold = drain(engine.submit(chat(Some(&prefix), "What is kept in the hall?", 1))?)?;
         let warm = drain(engine.submit(chat(Some(&prefix), "Who rang the bells?", 1))?)?;
-        best_cold = best_cold.min(cold.timings.first_token.unwrap_or_default());
-        best_warm = best_warm.min(warm.timings.first_token.unwrap_or_default());
+        best_cold = best_cold.min(first_token(&cold)?);
+        best_warm = best_warm.min(first_token(&warm)?);
         ttft_usage = warm.usage;
     }
     let mut best_cached = Duration::MAX;
@@ -314,7 +322,7 @@ pub fn run(config: &BenchConfig) -> Result<EngineBenchReport, EngineError> {
     for _ in 0..config.repeats.max(1) {
         let outcome = drain(engine.submit(request.clone())?)?;
         cached_steps = outcome.usage.completion_tokens.saturating_sub(1) as usize;
-        let first = outcome.timings.first_token.unwrap_or_default();
+        let first = first_token(&outcome)?;
         best_cached = best_cached.min(outcome.timings.finished - first);
     }
     let cached_rate = cached_steps as f64 / secs(best_cached);

@@ -563,28 +563,30 @@ impl<'m> Runner<'m> {
             .map(|exit| (index, exit))
     }
 
-    /// Samples at each fed position; keeps drafts while the sampled token equals them (for a
-    /// point-mass draft this is exactly the speculative acceptance rule), and removes the KV
-    /// of rejected drafts.
+    /// Verifies the fed drafts with `speculate::verify` (the model's own choice at each fed
+    /// position; for a point-mass draft this is exactly the speculative acceptance rule),
+    /// emits the verdict's tokens until the sequence ends, and removes the KV of the rest.
     fn verify(&mut self, item: Planned, now: Instant) -> Option<(usize, Exit)> {
         let index = item.index;
         let start = self.running[index].n_past;
-        let drafts = std::mem::take(&mut self.running[index].drafts);
+        let mut drafts = std::mem::take(&mut self.running[index].drafts);
+        // Only drafts that were fed have a row of logits to be checked against.
+        drafts.truncate(item.inputs.saturating_sub(1));
         let emitted_from = self.running[index].tokens.len();
+        let verdict = crate::speculate::verify(&drafts, |offset| {
+            self.sample(index, item.first + offset as i32)
+        });
         let mut kept_inputs = 0;
-        let mut accepted = 0;
         let mut exit = None;
-        for offset in 0..item.inputs {
-            let token = self.sample(index, item.first + offset as i32);
+        for &token in &verdict.emitted {
             kept_inputs += 1;
             self.running[index].n_past = start + kept_inputs;
             exit = self.accept_token(index, token, now);
-            let matches_draft = drafts.get(offset) == Some(&token);
-            accepted += usize::from(matches_draft);
-            if exit.is_some() || !matches_draft {
+            if exit.is_some() {
                 break;
             }
         }
+        let accepted = verdict.accepted.min(kept_inputs);
         let seq = &mut self.running[index];
         if let Some(speculator) = seq.speculator.as_mut() {
             // An end-of-generation token is not pushed; the speculator sees what the sequence
