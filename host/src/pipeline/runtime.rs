@@ -985,16 +985,15 @@ impl<'r> RunCtx<'r> {
                 ChatMessage::new(Role::Assistant, format!("{}: {}", source.label, text))
             })
             .collect();
-        // A compressor may call a model through its plugin import, which blocks; on a
-        // multi-threaded runtime let the other nodes keep this worker's tasks moving.
-        let compressed = if tokio::runtime::Handle::current().runtime_flavor()
-            == tokio::runtime::RuntimeFlavor::MultiThread
-        {
-            tokio::task::block_in_place(|| compressor.compress(&history, budget_tokens))
-        } else {
-            compressor.compress(&history, budget_tokens)
-        }
-        .map_err(self.policy_error(ix))?;
+        // A compressor may call a model through its plugin import, which blocks until the
+        // engine answers; on a blocking thread the other nodes of this run keep moving.
+        let compressed =
+            tokio::task::spawn_blocking(move || compressor.compress(&history, budget_tokens))
+                .await
+                .unwrap_or_else(|join| {
+                    Err(PolicyError(format!("the compressor call failed: {join}")))
+                })
+                .map_err(self.policy_error(ix))?;
         let text = compressed
             .iter()
             .map(|m| m.content.as_str())
