@@ -212,6 +212,47 @@ impl GenerationStream {
     pub fn blocking_next(&mut self) -> Option<Result<GenerationEvent, EngineError>> {
         self.events.blocking_recv()
     }
+
+    /// Reads the stream to its end, for callers outside an async runtime that want the
+    /// whole answer rather than its deltas.
+    pub fn blocking_collect(mut self) -> Result<Completion, EngineError> {
+        let (mut text, mut tokens) = (String::new(), Vec::new());
+        while let Some(event) = self.blocking_next() {
+            match event? {
+                GenerationEvent::Delta {
+                    text: delta,
+                    tokens: ids,
+                } => {
+                    text.push_str(&delta);
+                    tokens.extend(ids);
+                }
+                GenerationEvent::Finished {
+                    reason,
+                    usage,
+                    timings,
+                } => {
+                    return Ok(Completion {
+                        text,
+                        tokens,
+                        reason,
+                        usage,
+                        timings,
+                    });
+                }
+            }
+        }
+        Err(EngineError::Stopped)
+    }
+}
+
+/// A whole answer, from [`GenerationStream::blocking_collect`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Completion {
+    pub text: String,
+    pub tokens: Vec<TokenId>,
+    pub reason: FinishReason,
+    pub usage: Usage,
+    pub timings: Timings,
 }
 
 /// What the model is.

@@ -16,8 +16,7 @@ use serde::Serialize;
 use super::{CostModel, DraftFeed, SpeculationConfig, SpeculationStats, SuffixAutomaton};
 use crate::engine::local::{LocalEngine, LocalEngineConfig, backend, context_params, load_model};
 use crate::engine::{
-    ChatMessage, Engine, EngineError, GenerationEvent, GenerationRequest, Prompt, Role, TokenId,
-    Usage,
+    ChatMessage, Completion, Engine, EngineError, GenerationRequest, Prompt, Role, TokenId, Usage,
 };
 
 /// What to measure.
@@ -322,37 +321,28 @@ pub fn run_once(
         }
         request.draft_feed = Some(feed);
     }
-    let mut stream = engine.submit(request)?;
-    let (mut tokens, mut text) = (Vec::new(), String::new());
-    while let Some(event) = stream.blocking_next() {
-        match event? {
-            GenerationEvent::Delta {
-                text: t,
-                tokens: ts,
-            } => {
-                text.push_str(&t);
-                tokens.extend(ts);
-            }
-            GenerationEvent::Finished { usage, timings, .. } => {
-                let decode = timings.first_token.map_or(Duration::ZERO, |first| {
-                    timings.finished.saturating_sub(first)
-                });
-                let after_first = usage.completion_tokens.saturating_sub(1);
-                let decode_tok_s = if decode.is_zero() {
-                    0.0
-                } else {
-                    f64::from(after_first) / decode.as_secs_f64()
-                };
-                return Ok(RunOutcome {
-                    tokens,
-                    text,
-                    usage,
-                    decode_tok_s,
-                });
-            }
-        }
-    }
-    Err(EngineError::Stopped)
+    let Completion {
+        text,
+        tokens,
+        usage,
+        timings,
+        ..
+    } = engine.submit(request)?.blocking_collect()?;
+    let decode = timings.first_token.map_or(Duration::ZERO, |first| {
+        timings.finished.saturating_sub(first)
+    });
+    let after_first = usage.completion_tokens.saturating_sub(1);
+    let decode_tok_s = if decode.is_zero() {
+        0.0
+    } else {
+        f64::from(after_first) / decode.as_secs_f64()
+    };
+    Ok(RunOutcome {
+        tokens,
+        text,
+        usage,
+        decode_tok_s,
+    })
 }
 
 /// One workload, plain against speculative.

@@ -9,10 +9,11 @@ use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::token::LlamaToken;
 use serde::Serialize;
 
+use super::runner::argmax;
 use super::{LocalEngine, LocalEngineConfig, backend, context_params, load_model};
 use crate::engine::{
-    ChatMessage, Engine, EngineError, GenerationEvent, GenerationRequest, Prompt, Role,
-    SamplingParams, Timings, TokenId, Usage,
+    ChatMessage, Completion, Engine, EngineError, GenerationRequest, Prompt, Role, SamplingParams,
+    TokenId, Usage,
 };
 
 /// What to measure.
@@ -120,40 +121,16 @@ pub fn filler_text(engine: &LocalEngine, tokens: usize, variant: usize) -> Strin
     text
 }
 
-struct Outcome {
-    usage: Usage,
-    timings: Timings,
-}
-
 /// When the first token came; a benchmark request without one cannot be timed.
-fn first_token(outcome: &Outcome) -> Result<Duration, EngineError> {
+fn first_token(outcome: &Completion) -> Result<Duration, EngineError> {
     outcome
         .timings
         .first_token
         .ok_or_else(|| EngineError::Backend("a benchmark request finished without a token".into()))
 }
 
-fn drain(mut stream: crate::engine::GenerationStream) -> Result<Outcome, EngineError> {
-    while let Some(event) = stream.blocking_next() {
-        if let GenerationEvent::Finished { usage, timings, .. } = event? {
-            return Ok(Outcome { usage, timings });
-        }
-    }
-    Err(EngineError::Stopped)
-}
-
 fn secs(d: Duration) -> f64 {
     d.as_secs_f64().max(1e-9)
-}
-
-fn argmax(logits: &[f32]) -> LlamaToken {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
-        }
-    }
-    LlamaToken(best as i32)
 }
 
 /// The bare loop: one context, prefill in `batch_tokens` chunks with logits at the end, then
@@ -184,7 +161,7 @@ fn bare_loop(
         }
         ctx.decode(&mut batch).map_err(decode_error)?;
     }
-    let mut token = argmax(ctx.get_logits_ith(batch.n_tokens() - 1));
+    let mut token = LlamaToken(argmax(ctx.get_logits_ith(batch.n_tokens() - 1)).0);
     let prefill = start.elapsed();
     let vocab = model.vocab();
     let start = Instant::now();
@@ -195,7 +172,7 @@ fn bare_loop(
             .add(token, (prompt.len() + step) as i32, &[0], true)
             .map_err(|e| EngineError::Backend(e.to_string()))?;
         ctx.decode(&mut batch).map_err(decode_error)?;
-        token = argmax(ctx.get_logits_ith(0));
+        token = LlamaToken(argmax(ctx.get_logits_ith(0)).0);
     }
     Ok((prefill, start.elapsed()))
 }
@@ -236,7 +213,7 @@ pub fn run(config: &BenchConfig) -> Result<EngineBenchReport, EngineError> {
         let mut request = GenerationRequest::chat(Vec::new());
         request.prompt = Prompt::Tokens(prompt.clone());
         request.sampling.max_tokens = 1;
-        let outcome = drain(engine.submit(request)?)?;
+        let outcome = engine.submit(request)?.blocking_collect()?;
         pairs.push((bare, outcome.timings.prefill_done - outcome.timings.queued));
     }
     let prefill = comparison(prompt.len(), &pairs);
@@ -252,7 +229,7 @@ pub fn run(config: &BenchConfig) -> Result<EngineBenchReport, EngineError> {
     let mut pairs = Vec::new();
     let mut steps = 0;
     for _ in 0..config.repeats.max(1) {
-        let outcome = drain(engine.submit(request.clone())?)?;
+        let outcome = engine.submit(request.clone())?.blocking_collect()?;
         // Decode steps after the first token (which prefill produced).
         steps = outcome.usage.completion_tokens.saturating_sub(1) as usize;
         let first = outcome.timings.first_token.unwrap_or_default();
@@ -277,7 +254,7 @@ pub fn run(config: &BenchConfig) -> Result<EngineBenchReport, EngineError> {
         "Explain why the sky looks blue.",
         "Write a letter to a distant friend.",
     ];
-    drain(engine.submit(chat(None, "Hello", 1))?)?;
+    engine.submit(chat(None, "Hello", 1))?.blocking_collect()?;
     let mut batches = Vec::new();
     let mut base_rate = None;
     for &size in &config.batch_sizes {
@@ -290,7 +267,7 @@ pub fn run(config: &BenchConfig) -> Result<EngineBenchReport, EngineError> {
             .collect::<Result<Vec<_>, _>>()?;
         let mut generated = 0;
         for stream in streams {
-            generated += drain(stream)?.usage.completion_tokens;
+            generated += stream.blocking_collect()?.usage.completion_tokens;
         }
         let wall = start.elapsed();
         let rate = f64::from(generated) / secs(wall);
@@ -311,8 +288,12 @@ pub fn run(config: &BenchConfig) -> Result<EngineBenchReport, EngineError> {
     let mut ttft_usage = Usage::default();
     for variant in 0..config.repeats.max(1) {
         let prefix = filler_text(&engine, config.prefix_tokens, variant + 1);
-        let cold = drain(engine.submit(chat(Some(&prefix), "What is kept in the hall?", 1))?)?;
-        let warm = drain(engine.submit(chat(Some(&prefix), "Who rang the bells?", 1))?)?;
+        let cold = engine
+            .submit(chat(Some(&prefix), "What is kept in the hall?", 1))?
+            .blocking_collect()?;
+        let warm = engine
+            .submit(chat(Some(&prefix), "Who rang the bells?", 1))?
+            .blocking_collect()?;
         best_cold = best_cold.min(first_token(&cold)?);
         best_warm = best_warm.min(first_token(&warm)?);
         ttft_usage = warm.usage;
@@ -320,7 +301,7 @@ pub fn run(config: &BenchConfig) -> Result<EngineBenchReport, EngineError> {
     let mut best_cached = Duration::MAX;
     let mut cached_steps = 0;
     for _ in 0..config.repeats.max(1) {
-        let outcome = drain(engine.submit(request.clone())?)?;
+        let outcome = engine.submit(request.clone())?.blocking_collect()?;
         cached_steps = outcome.usage.completion_tokens.saturating_sub(1) as usize;
         let first = first_token(&outcome)?;
         best_cached = best_cached.min(outcome.timings.finished - first);
@@ -409,17 +390,7 @@ pub fn compare_quantizations(
         let n_ctx = engine.model_info().context_tokens as u32;
         let answers = CORPUS
             .iter()
-            .map(|q| {
-                let mut stream = engine.submit(chat(None, q, 32))?;
-                let mut tokens = Vec::new();
-                while let Some(event) = stream.blocking_next() {
-                    match event? {
-                        GenerationEvent::Delta { tokens: t, .. } => tokens.extend(t),
-                        GenerationEvent::Finished { .. } => break,
-                    }
-                }
-                Ok(tokens)
-            })
+            .map(|q| Ok(engine.submit(chat(None, q, 32))?.blocking_collect()?.tokens))
             .collect::<Result<Vec<_>, EngineError>>()?;
         let prompt = engine.tokenize(&filler_text(&engine, 256, 0));
         drop(engine);

@@ -798,7 +798,7 @@ fn build_sampler(sampling: &SamplingParams) -> LlamaSampler {
 }
 
 /// Greedy choice; the lowest id wins a tie, as in llama.cpp's greedy sampler.
-fn argmax(logits: &[f32]) -> TokenId {
+pub(super) fn argmax(logits: &[f32]) -> TokenId {
     let mut best = 0;
     for (index, &value) in logits.iter().enumerate() {
         if value > logits[best] {
