@@ -837,6 +837,51 @@ async fn a_run_trace_is_chrome_json_and_renders_as_a_staircase() {
 
 /// Every example pipeline, in both modes, on the embedded model with the built-in plugins:
 /// each run ends with a non-empty answer from its output node, nothing left streaming.
+/// Every `moa-aggregator` node warmed its prompt head up before its first step, and that
+/// step found the head in the prefix cache: all of it but the few template tokens that close
+/// the warm-up's user message.
+fn assert_warm_up_served_the_first_step(
+    pipeline: &Pipeline,
+    report: &staircase::pipeline::RunReport,
+    name: &str,
+) {
+    use staircase::trace::EventKind;
+    const CLOSING_TOKENS: u32 = 8;
+    let events = report.timeline.events();
+    for (lane, node) in pipeline.nodes.iter().enumerate() {
+        if node.plugin != "moa-aggregator" {
+            continue;
+        }
+        let on_lane = || events.iter().filter(|e| e.lane == lane);
+        let warm = on_lane()
+            .find_map(|e| match e.kind {
+                EventKind::WarmUp { prompt_tokens, .. } => Some((e.at, prompt_tokens)),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("{name}: `{}` did not warm up", node.id));
+        let (started, cached) = on_lane()
+            .find_map(|e| match e.kind {
+                EventKind::Step {
+                    started,
+                    cached_prompt_tokens,
+                    ..
+                } => Some((started, cached_prompt_tokens)),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("{name}: `{}` never stepped", node.id));
+        assert!(
+            warm.0 <= started,
+            "{name}: the warm-up ended after the first step began"
+        );
+        assert!(
+            cached + CLOSING_TOKENS >= warm.1,
+            "{name}: `{}`'s first step had {cached} cached prompt tokens, its warm-up {} tokens",
+            node.id,
+            warm.1
+        );
+    }
+}
+
 #[test]
 fn every_example_pipeline_answers_in_both_modes_and_a_cancelled_run_frees_the_engine() {
     use staircase::pipeline::examples::BUILTIN;
@@ -867,6 +912,7 @@ fn every_example_pipeline_answers_in_both_modes_and_a_cancelled_run_frees_the_en
                 "{name} {mode:?}"
             );
             assert!(output.steps >= 1, "{name} {mode:?}");
+            assert_warm_up_served_the_first_step(&pipeline, &report, name);
             if mode == StreamMode::Layered {
                 assert_eq!(output.steps, 1, "{name}: layered aggregators step once");
                 assert!(

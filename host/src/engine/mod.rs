@@ -64,6 +64,8 @@ pub struct SamplingParams {
     /// Keep only the k most likely tokens; 0 disables it.
     pub top_k: u32,
     pub seed: u64,
+    /// 0 asks for a warm-up: the prompt is prefilled into the prefix cache and nothing is
+    /// generated, so a later request that extends it prefills only what it adds.
     pub max_tokens: u32,
     /// Generation stops before any of these strings; they are not part of the output.
     pub stop: Vec<String>,

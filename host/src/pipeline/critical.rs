@@ -3,7 +3,8 @@
 //! Each node costs its expected output tokens times the measured per-token decode latency,
 //! plus its prompt times the per-token prefill latency (LAMaS-style); a pipeline's critical
 //! path is its longest path by cost. The runtime computes it before a run, from estimates,
-//! to give critical-path nodes the engine first, and after it, from the real node durations.
+//! to give critical-path nodes the engine first, and after it, from when each node really
+//! started and ended.
 //! Latencies are refreshed from every finished request. This module only computes; it must
 //! not run nodes.
 
@@ -132,6 +133,57 @@ pub fn longest_path(costs: &[Duration], inputs: &[Vec<NodeIndex>]) -> CriticalPa
     }
 }
 
+/// The measured critical path of a finished run: walked back from the node that ended last,
+/// through the input that ended last, the one that held each node up longest. `spans[i]` is
+/// when node `i` started and ended (`None` if it never ran). A node counts the part of its work
+/// that could not overlap that input: from when the input ended or the node started, whichever
+/// came later. With complete edges that is the node's whole span; with staircase edges, what
+/// it did after its producer finished. So the length is the wall time the chain explains,
+/// never more: a run's wall time over it shows how long nodes sat idle with their inputs
+/// ready (scheduling and runtime overhead).
+pub fn measured_path(
+    spans: &[Option<(Duration, Duration)>],
+    inputs: &[Vec<NodeIndex>],
+) -> CriticalPath {
+    let n = spans.len();
+    let mut length = vec![Duration::ZERO; n];
+    let mut via: Vec<Option<NodeIndex>> = vec![None; n];
+    for i in 0..n {
+        let Some((start, end)) = spans[i] else {
+            continue;
+        };
+        let gate = inputs[i]
+            .iter()
+            .filter_map(|&input| spans[input.0].map(|(_, input_end)| (input, input_end)))
+            .max_by_key(|&(input, input_end)| (input_end, length[input.0]));
+        length[i] = match gate {
+            Some((input, input_end)) => {
+                via[i] = Some(input);
+                length[input.0] + end.saturating_sub(start.max(input_end))
+            }
+            None => end.saturating_sub(start),
+        };
+    }
+    let Some(last) = (0..n)
+        .filter_map(|i| spans[i].map(|(_, end)| (i, end)))
+        .max_by_key(|&(i, end)| (end, length[i]))
+        .map(|(i, _)| i)
+    else {
+        return CriticalPath::default();
+    };
+    let mut nodes = vec![NodeIndex(last)];
+    let mut at = last;
+    while let Some(previous) = via[at] {
+        nodes.push(previous);
+        at = previous.0;
+    }
+    nodes.reverse();
+    CriticalPath {
+        nodes,
+        length: length[last],
+    }
+}
+
 /// Estimated cost of every node of `pipeline` for a prompt of `prompt_tokens`.
 pub fn estimate_costs(
     pipeline: &Pipeline,
@@ -207,6 +259,35 @@ mod tests {
         let path = longest_path(&costs, &inputs);
         assert_eq!(path.nodes, vec![NodeIndex(1), NodeIndex(2)]);
         assert_eq!(path.length, ms(103));
+    }
+
+    #[test]
+    fn measured_path_counts_overlapping_work_once() {
+        // Two proposers stream into an aggregator that runs alongside them and ends 50 ms
+        // after the later one: the chain is that proposer plus the aggregator's last 50 ms.
+        let spans = [
+            Some((ms(0), ms(900))),
+            Some((ms(5), ms(1000))),
+            Some((ms(100), ms(1050))),
+        ];
+        let inputs = vec![vec![], vec![], vec![NodeIndex(0), NodeIndex(1)]];
+        let path = measured_path(&spans, &inputs);
+        assert_eq!(path.nodes, vec![NodeIndex(1), NodeIndex(2)]);
+        assert_eq!(path.length, ms(995 + 50));
+        // The same nodes run one after another (complete edges): whole spans add up, and the
+        // 10 ms the aggregator waited after its inputs ended is not on the path.
+        let spans = [
+            Some((ms(0), ms(900))),
+            Some((ms(5), ms(1000))),
+            Some((ms(1010), ms(1500))),
+        ];
+        let path = measured_path(&spans, &inputs);
+        assert_eq!(path.nodes, vec![NodeIndex(1), NodeIndex(2)]);
+        assert_eq!(path.length, ms(995 + 490));
+        // A node that never ran is not on any path.
+        let spans = [None, Some((ms(0), ms(10))), Some((ms(10), ms(30)))];
+        let path = measured_path(&spans, &inputs);
+        assert_eq!(path.nodes, vec![NodeIndex(1), NodeIndex(2)]);
     }
 
     #[test]

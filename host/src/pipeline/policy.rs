@@ -70,7 +70,8 @@ pub struct Step {
     /// The full prompt of this step; its beginning stays stable across steps.
     pub messages: Vec<ChatMessage>,
     /// Tokens to generate now, continuing the answer so far. On a final step, 0 means
-    /// "until the model stops or the node's budget is spent".
+    /// "until the model stops or the node's budget is spent"; on any other step it is a
+    /// warm-up: the prompt goes into the prefix cache and nothing is generated.
     pub max_tokens: u32,
     /// Generate until the model stops (or `max_tokens`, when not 0); no step follows.
     pub is_final: bool,

@@ -31,8 +31,8 @@ use super::role_session::RoleSession;
 use super::spec::{DEFAULT_MODEL, ModelBinding, NodeIndex, NodeKind, Pipeline, SpecError};
 use super::stream::{Chunk, Chunker};
 use crate::engine::{
-    ChatMessage, Engine, EngineError, FinishReason, GenerationEvent, GenerationRequest, Priority,
-    Prompt, Role, SamplingParams,
+    ChatMessage, Engine, EngineError, FinishReason, GenerationEvent, GenerationRequest,
+    GenerationStream, Priority, Prompt, Role, SamplingParams,
 };
 use crate::speculate::{DraftFeed, SpeculationStats};
 use crate::trace::chrome::ChromeTrace;
@@ -176,16 +176,6 @@ pub struct NodeReport {
     pub text: String,
 }
 
-impl NodeReport {
-    /// Time the node worked, for the measured critical path.
-    pub fn busy(&self) -> Duration {
-        match (self.started_ms, self.finished_ms) {
-            (Some(start), Some(end)) => end.saturating_sub(start),
-            _ => Duration::ZERO,
-        }
-    }
-}
-
 /// A critical path by node id.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct PathReport {
@@ -229,7 +219,7 @@ pub struct RunReport {
     pub nodes: Vec<NodeReport>,
     /// Before the run, from estimated costs.
     pub critical_path_estimated: PathReport,
-    /// After the run, from the nodes' measured busy times.
+    /// After the run: the chain of dependencies that ended last ([`critical::measured_path`]).
     pub critical_path_measured: PathReport,
     pub cache: CacheStats,
     #[serde(skip)]
@@ -394,10 +384,11 @@ impl Runner {
         let reports = try_join_all(nodes).await?;
         let total = timeline.now();
 
-        let measured = critical::longest_path(
-            &reports.iter().map(NodeReport::busy).collect::<Vec<_>>(),
-            &critical::inputs_of(pipeline),
-        );
+        let spans: Vec<_> = reports
+            .iter()
+            .map(|r| r.started_ms.zip(r.finished_ms))
+            .collect();
+        let measured = critical::measured_path(&spans, &critical::inputs_of(pipeline));
         let path_report = |path: &CriticalPath| PathReport {
             nodes: path
                 .nodes
@@ -784,17 +775,32 @@ impl<'r> RunCtx<'r> {
             Ok(())
         };
 
+        let engine_error = |source| RunError::Engine {
+            node: node.id.clone(),
+            source,
+        };
+        // A warm-up step running on the engine, and when it was submitted.
+        let mut warming: Option<(GenerationStream, Duration)> = None;
         let mut cancelled = false;
         'run: loop {
             if !emitter.wanted() {
                 cancelled = true;
                 break;
             }
-            // A non-final step of zero tokens asks for nothing now: treat it as no step.
-            let step = session
-                .next_step()
-                .map_err(&policy_error)?
-                .filter(|step| step.is_final || step.max_tokens > 0);
+            let step = match session.next_step().map_err(&policy_error)? {
+                // A non-final step of zero tokens is a warm-up: its prompt goes into the
+                // prefix cache while the node waits for input. One at a time is enough.
+                Some(step) if !step.is_final && step.max_tokens == 0 => {
+                    if warming.is_none() {
+                        let engine = self.engine_for(ix, &mut router, &step.messages)?;
+                        let request = self.step_request(ix, step.messages, &answer, 0, &sampling);
+                        let started = self.timeline.now();
+                        warming = Some((engine.submit(request).map_err(engine_error)?, started));
+                    }
+                    None
+                }
+                step => step,
+            };
             let Some(step) = step else {
                 if inputs.rx.is_none() {
                     return Err(RunError::NoFinalStep {
@@ -830,23 +836,13 @@ impl<'r> RunCtx<'r> {
             if max_tokens == 0 {
                 break;
             }
+            // The step extends the warm-up's prompt: let that land in the cache first.
+            if let Some((stream, started)) = warming.take() {
+                self.finish_warm_up(ix, stream, started, &mut report).await;
+            }
             let engine = self.engine_for(ix, &mut router, &step.messages)?;
-            // Built from `chat` and then filled, so fields other engines add keep defaults.
-            let mut request = GenerationRequest::chat(Vec::new());
-            request.prompt = Prompt::Chat {
-                messages: step.messages,
-                assistant_prefix: (!answer.is_empty()).then(|| answer.clone()),
-            };
-            request.sampling = SamplingParams {
-                max_tokens,
-                ..sampling.clone()
-            };
-            request.priority = self.priorities[ix.0];
+            let mut request = self.step_request(ix, step.messages, &answer, max_tokens, &sampling);
             request.draft_feed = feed.clone();
-            let engine_error = |source| RunError::Engine {
-                node: node.id.clone(),
-                source,
-            };
             let step_started = self.timeline.now();
             let mut stream = engine.submit(request).map_err(engine_error)?;
             let mut step_text = String::new();
@@ -950,6 +946,62 @@ impl<'r> RunCtx<'r> {
         report.cancelled = cancelled;
         report.text = std::mem::take(&mut emitter.text);
         Ok(report)
+    }
+
+    /// The engine request of one step of node `ix`, continuing `answer`.
+    fn step_request(
+        &self,
+        ix: NodeIndex,
+        messages: Vec<ChatMessage>,
+        answer: &str,
+        max_tokens: u32,
+        sampling: &SamplingParams,
+    ) -> GenerationRequest {
+        // Built from `chat` and then filled, so fields other engines add keep defaults.
+        let mut request = GenerationRequest::chat(Vec::new());
+        request.prompt = Prompt::Chat {
+            messages,
+            assistant_prefix: (!answer.is_empty()).then(|| answer.to_string()),
+        };
+        request.sampling = SamplingParams {
+            max_tokens,
+            ..sampling.clone()
+        };
+        request.priority = self.priorities[ix.0];
+        request
+    }
+
+    /// Waits for a warm-up to finish and records it. A failed warm-up costs only its cache
+    /// benefit, so it is logged, not raised: the step that follows reports real trouble.
+    async fn finish_warm_up(
+        &self,
+        ix: NodeIndex,
+        mut stream: GenerationStream,
+        started: Duration,
+        report: &mut NodeReport,
+    ) {
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(GenerationEvent::Delta { .. }) => {}
+                Ok(GenerationEvent::Finished { usage, .. }) => {
+                    report.prompt_tokens += usage.prompt_tokens;
+                    report.cached_prompt_tokens += usage.cached_prompt_tokens;
+                    self.timeline.record(
+                        ix.0,
+                        EventKind::WarmUp {
+                            started,
+                            prompt_tokens: usage.prompt_tokens,
+                            cached_prompt_tokens: usage.cached_prompt_tokens,
+                        },
+                    );
+                    return;
+                }
+                Err(error) => {
+                    tracing::warn!(node = %self.pipeline.node(ix).id, %error, "warm-up failed");
+                    return;
+                }
+            }
+        }
     }
 
     /// A compressor: waits for its inputs in full, shortens them in one plugin call.

@@ -188,6 +188,24 @@ impl ChromeTrace {
                         "final": is_final,
                     }),
                 }),
+                EventKind::WarmUp {
+                    started,
+                    prompt_tokens,
+                    cached_prompt_tokens,
+                } => out.push(TraceEvent {
+                    name: "warm-up".into(),
+                    cat: "warm-up".into(),
+                    ph: "X".into(),
+                    ts: micros(*started),
+                    dur: Some(micros(event.at.saturating_sub(*started))),
+                    pid: PID,
+                    tid: tid(event.lane),
+                    s: None,
+                    args: json!({
+                        "prompt_tokens": prompt_tokens,
+                        "cached_prompt_tokens": cached_prompt_tokens,
+                    }),
+                }),
             }
         }
         Self {

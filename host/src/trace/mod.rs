@@ -37,6 +37,14 @@ pub enum EventKind {
         cached_prompt_tokens: u32,
         is_final: bool,
     },
+    /// A warm-up (a prompt prefilled into the prefix cache, nothing generated) ran from
+    /// `started` until this event.
+    WarmUp {
+        #[serde(skip)]
+        started: Duration,
+        prompt_tokens: u32,
+        cached_prompt_tokens: u32,
+    },
     End {
         tokens: u32,
     },

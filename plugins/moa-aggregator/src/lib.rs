@@ -2,7 +2,8 @@
 //!
 //! The prompt is a stable instruction and the user's query first, then the proposers' text in
 //! the order it arrived: text already shown to the model in an earlier step never moves, so
-//! every step re-uses the cached prefix of the previous one. In staircase mode it steps as
+//! every step re-uses the cached prefix of the previous one. Before any text arrives it asks
+//! for a warm-up of that head, so the first step prefills only the first chunk. In staircase mode it steps as
 //! soon as proposer text arrives and again each time enough new text has accumulated; in
 //! layered mode it steps once, when every source is complete. The final step comes when all
 //! sources have finished. The per-chunk path does no host calls (the token budget is
@@ -43,6 +44,7 @@ struct Moa {
     sources: Vec<SourceState>,
     new_bytes: usize,
     steps: u32,
+    warmed: bool,
     done: bool,
     step_chars: usize,
     step_tokens: u32,
@@ -96,6 +98,7 @@ impl Aggregator for Moa {
                 .collect(),
             new_bytes: 0,
             steps: 0,
+            warmed: !config_or("warm-up", true),
             done: false,
             step_chars: config_or("step-chars", DEFAULT_STEP_CHARS),
             step_tokens: config_or("step-tokens", DEFAULT_STEP_TOKENS),
@@ -137,6 +140,16 @@ impl Aggregator for Moa {
     fn next_step(&mut self) -> Option<Step> {
         if self.done {
             return None;
+        }
+        if !self.warmed {
+            // The head is known before any proposer speaks: have the host prefill it while
+            // they do (a non-final step of 0 tokens is a warm-up).
+            self.warmed = true;
+            return Some(Step {
+                messages: self.head.clone(),
+                max_tokens: 0,
+                final_: false,
+            });
         }
         if self.sources.iter().all(|s| s.finished) {
             self.done = true;

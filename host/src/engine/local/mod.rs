@@ -454,11 +454,6 @@ impl Engine for LocalEngine {
     fn submit(&self, request: GenerationRequest) -> Result<GenerationStream, EngineError> {
         let submitted = Instant::now();
         let sampling = request.sampling;
-        if sampling.max_tokens == 0 {
-            return Err(EngineError::InvalidRequest(
-                "max_tokens must be at least 1".into(),
-            ));
-        }
         if !(sampling.temperature >= 0.0 && sampling.temperature.is_finite()) {
             return Err(EngineError::InvalidRequest(format!(
                 "temperature must be a finite number >= 0, got {}",

@@ -558,6 +558,10 @@ impl<'m> Runner<'m> {
             let _ = probe.send(top_logits(self.ctx.get_logits_ith(row), 2));
             return Some((index, Exit::Cancelled));
         }
+        // A warm-up (`max_tokens` 0) ends here: its prompt is cached, nothing is sampled.
+        if self.running[index].sampling.max_tokens == 0 {
+            return Some((index, Exit::Finished(FinishReason::Length)));
+        }
         let token = self.sample(index, row);
         self.accept_token(index, token, now)
             .map(|exit| (index, exit))
