@@ -2,9 +2,15 @@
 
 use std::path::PathBuf;
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use anyhow::Context;
 
+use crate::engine::Engine;
+use crate::engine::simulated::{SimulatedEngine, SimulatedLatencies};
 use crate::pipeline::bench::{self, BenchOptions};
+use crate::pipeline::{Models, Runner};
 
 /// Arguments of `staircase bench staircase`.
 #[derive(Debug, clap::Args)]
@@ -30,12 +36,33 @@ pub struct Args {
     /// Also load the plugins in this folder; repeatable.
     #[arg(long = "plugins", value_name = "DIR")]
     plugin_dirs: Vec<PathBuf>,
+    /// Run every node on a simulated backend that serves requests in parallel (a latency
+    /// model of a GPU server, filler text) instead of the local engine: the runtime measured
+    /// apart from the one CPU all local nodes share.
+    #[arg(long)]
+    simulated: bool,
+    /// Simulated time of one forward pass (each generated token), in ms.
+    #[arg(long, default_value_t = 20.0)]
+    simulated_decode_ms: f64,
+    /// Simulated prefill time per uncached prompt token, on top of the first pass, in ms.
+    #[arg(long, default_value_t = 0.2)]
+    simulated_prefill_ms: f64,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let pipeline = super::super::run::load_pipeline(&args.pipeline, None)?;
-    let (runner, engine) =
-        super::super::run::open_runner(args.model.as_deref(), &args.plugin_dirs)?;
+    let setup = crate::pipeline::setup::open(args.model.as_deref(), &args.plugin_dirs)?;
+    let (runner, engine) = if args.simulated {
+        let latencies = SimulatedLatencies {
+            decode_per_token: Duration::from_secs_f64(args.simulated_decode_ms.max(0.0) / 1e3),
+            prefill_per_token: Duration::from_secs_f64(args.simulated_prefill_ms.max(0.0) / 1e3),
+        };
+        let engine: Arc<dyn Engine> = Arc::new(SimulatedEngine::new(latencies));
+        let models = Models::with_default(engine.clone());
+        (Runner::new(models, setup.registry.clone()), engine)
+    } else {
+        (setup.runner, setup.engine)
+    };
     let options = BenchOptions {
         pipeline,
         prompts: bench::PROMPTS
