@@ -445,3 +445,51 @@ fn a_tiny_cache_budget_under_load_keeps_serving_and_leaves_nothing_behind() {
     assert!(stats.cache_cells <= 16, "the budget holds: {stats:?}");
     assert_eq!(stats.kv_cells_used, stats.cache_cells);
 }
+
+#[test]
+fn requests_that_begin_alike_prefill_their_common_prefix_once() {
+    let _guard = serial();
+    let mut config = config();
+    // Small enough that the blocker below keeps both requests queued until it is cancelled,
+    // so they are admitted in the same step.
+    config.context_tokens = Some(512);
+    let engine = LocalEngine::load(config).unwrap();
+    let mut blocker = engine
+        .submit(ask(None, "Count to a thousand.", 400))
+        .unwrap();
+    assert!(matches!(
+        blocker.blocking_next(),
+        Some(Ok(GenerationEvent::Delta { .. }))
+    ));
+    let document = "The lighthouse keeper climbed the stairs every evening at dusk. ".repeat(10);
+    let shared = engine.count_tokens(&document).unwrap();
+    let first = engine
+        .submit(ask(
+            None,
+            &format!("{document}What did the keeper climb?"),
+            4,
+        ))
+        .unwrap();
+    let second = engine
+        .submit(ask(
+            None,
+            &format!("{document}When did the keeper climb?"),
+            4,
+        ))
+        .unwrap();
+    engine
+        .wait_for_stats(WAIT, |s| s.queued == 2)
+        .expect("both requests queue behind the blocker");
+    drop(blocker);
+    let (first, second) = (collect(first), collect(second));
+    assert!(
+        (first.usage.cached_prompt_tokens as usize) < shared,
+        "the first request prefills the document: {:?}",
+        first.usage
+    );
+    assert!(
+        second.usage.cached_prompt_tokens as usize >= shared,
+        "the second request waits for the first's prefill and copies it: {:?} (document {shared} tokens)",
+        second.usage
+    );
+}

@@ -1,7 +1,8 @@
 //! The engine thread: owns the llama.cpp context and runs the step loop.
 //!
 //! Each step: take new requests and drop cancelled ones, admit queued requests by priority
-//! (taking their longest cached prefix), build one batch with the decode input of every running
+//! (taking their longest cached prefix; one whose new prefix a running prompt is still
+//! prefilling waits for it), build one batch with the decode input of every running
 //! sequence plus a bounded slice of pending prefill, decode it, then sample, emit and retire.
 //! Logits are requested only where a token is sampled. Finished sequences hand their KV to the
 //! prefix cache; cancelled ones free it at once (except a prompt cancelled mid-prefill, whose
@@ -32,6 +33,10 @@ use crate::engine::{
 use crate::speculate::{Draft, DraftFeed, SessionStore, SpeculationStats, Speculator};
 
 pub(super) type EventSender = UnboundedSender<Result<GenerationEvent, EngineError>>;
+
+/// New prefix tokens a queued request must share with a prompt still prefilling before it
+/// waits for that prefill instead of repeating it: below this, waiting costs more than it saves.
+const MIN_SHARED_PREFILL: usize = 16;
 
 /// A request waiting for a sequence slot.
 pub(super) struct Pending {
@@ -277,12 +282,43 @@ impl<'m> Runner<'m> {
         self.free_slots.pop()
     }
 
+    /// Whether a prompt still prefilling will cache a longer prefix of `tokens` than the cache
+    /// holds now. Requests that begin alike (samples of one prompt, agents given one long
+    /// document) would otherwise prefill the same prefix side by side; the later one waits
+    /// instead, and the prefix is cached the step that prefill completes.
+    fn waits_for_shared_prefill(
+        cache: Option<&mut PrefixCache>,
+        running: &[Sequence],
+        tokens: &[TokenId],
+    ) -> bool {
+        let Some(cache) = cache else {
+            return false;
+        };
+        let usable = tokens.len().saturating_sub(1);
+        let cached = cache.lookup(tokens, usable).map_or(0, |hit| hit.len);
+        running.iter().filter(|s| s.prefilling()).any(|s| {
+            let shared = s.tokens[..s.prompt_len]
+                .iter()
+                .zip(&tokens[..usable])
+                .take_while(|(a, b)| a == b)
+                .count();
+            shared >= cached + MIN_SHARED_PREFILL
+        })
+    }
+
     fn admit(&mut self) {
-        while !self.queue.is_empty() && self.running.len() < self.settings.max_running {
+        // Queue position: requests waiting for a shared prefill are skipped, not blocking.
+        let mut at = 0;
+        while at < self.queue.len() && self.running.len() < self.settings.max_running {
+            let tokens = &self.queue[at].1.tokens;
+            if Self::waits_for_shared_prefill(self.cache.as_mut(), &self.running, tokens) {
+                at += 1;
+                continue;
+            }
             let Some(slot) = self.take_slot() else {
                 return;
             };
-            let (order, pending) = self.queue.remove(0);
+            let (order, pending) = self.queue.remove(at);
             let prompt_len = pending.tokens.len();
             // At least the last prompt token is decoded: its logits give the first token.
             let hit = self
@@ -318,7 +354,7 @@ impl<'m> Runner<'m> {
                     cache.unlock(hit.node);
                 }
                 self.free_slot(slot);
-                self.queue.insert(0, (order, pending));
+                self.queue.insert(at, (order, pending));
                 return;
             }
             let sampler =
