@@ -177,6 +177,11 @@ fn moa_aggregator_steps_early_in_staircase_mode_and_once_in_layered_mode() {
             StreamMode::Staircase,
         )
         .unwrap();
+    let warm_up = stair
+        .next_step()
+        .unwrap()
+        .expect("a warm-up of the prompt head before any text");
+    assert!(!warm_up.is_final && warm_up.max_tokens == 0);
     assert_eq!(
         stair.next_step().unwrap(),
         None,
@@ -198,6 +203,13 @@ fn moa_aggregator_steps_early_in_staircase_mode_and_once_in_layered_mode() {
             .starts_with("Why is the sky blue?")
     );
     assert!(first.messages[1].content.ends_with("Because of Rayleigh"));
+    assert_eq!(first.messages[0], warm_up.messages[0]);
+    assert!(
+        first.messages[1]
+            .content
+            .starts_with(&warm_up.messages[1].content),
+        "the first step extends the warmed-up head"
+    );
     stair.push("p1", &"Light scatters. ".repeat(20)).unwrap();
     let second = stair
         .next_step()
@@ -227,6 +239,8 @@ fn moa_aggregator_steps_early_in_staircase_mode_and_once_in_layered_mode() {
     let mut layered = registry
         .aggregator("moa-aggregator", &conversation, &srcs, StreamMode::Layered)
         .unwrap();
+    let warm_up = layered.next_step().unwrap().expect("layered warms up too");
+    assert_eq!(warm_up.max_tokens, 0);
     layered.push("p0", &"text ".repeat(100)).unwrap();
     layered.finish("p0").unwrap();
     layered.push("p1", "more").unwrap();
