@@ -913,6 +913,18 @@ fn every_example_pipeline_answers_in_both_modes_and_a_cancelled_run_frees_the_en
             );
             assert!(output.steps >= 1, "{name} {mode:?}");
             assert_warm_up_served_the_first_step(&pipeline, &report, name);
+            let measured = &report.critical_path_measured;
+            assert_eq!(
+                measured.nodes.last(),
+                Some(&output.id),
+                "{name} {mode:?}: the measured critical path ends at the answer"
+            );
+            assert!(
+                measured.length_ms <= report.total_ms,
+                "{name} {mode:?}: a critical path of {:?} in a run of {:?}",
+                measured.length_ms,
+                report.total_ms
+            );
             if mode == StreamMode::Layered {
                 assert_eq!(output.steps, 1, "{name}: layered aggregators step once");
                 assert!(

@@ -133,17 +133,18 @@ pub fn longest_path(costs: &[Duration], inputs: &[Vec<NodeIndex>]) -> CriticalPa
     }
 }
 
-/// The measured critical path of a finished run: walked back from the node that ended last,
-/// through the input that ended last, the one that held each node up longest. `spans[i]` is
+/// The measured critical path of a finished run: walked back from the run's `output` node,
+/// through the input that ended last before it (the one that held it up longest). `spans[i]` is
 /// when node `i` started and ended (`None` if it never ran). A node counts the part of its work
 /// that could not overlap that input: from when the input ended or the node started, whichever
 /// came later. With complete edges that is the node's whole span; with staircase edges, what
-/// it did after its producer finished. So the length is the wall time the chain explains,
-/// never more: a run's wall time over it shows how long nodes sat idle with their inputs
-/// ready (scheduling and runtime overhead).
+/// it did after its producer finished. An input cancelled after the node ended did not hold it
+/// up. So the length is the wall time the chain explains, never more: a run's wall time over
+/// it shows how long nodes sat idle with their inputs ready (scheduling and runtime overhead).
 pub fn measured_path(
     spans: &[Option<(Duration, Duration)>],
     inputs: &[Vec<NodeIndex>],
+    output: NodeIndex,
 ) -> CriticalPath {
     let n = spans.len();
     let mut length = vec![Duration::ZERO; n];
@@ -155,6 +156,7 @@ pub fn measured_path(
         let gate = inputs[i]
             .iter()
             .filter_map(|&input| spans[input.0].map(|(_, input_end)| (input, input_end)))
+            .filter(|&(_, input_end)| input_end <= end)
             .max_by_key(|&(input, input_end)| (input_end, length[input.0]));
         length[i] = match gate {
             Some((input, input_end)) => {
@@ -164,15 +166,11 @@ pub fn measured_path(
             None => end.saturating_sub(start),
         };
     }
-    let Some(last) = (0..n)
-        .filter_map(|i| spans[i].map(|(_, end)| (i, end)))
-        .max_by_key(|&(i, end)| (end, length[i]))
-        .map(|(i, _)| i)
-    else {
+    if spans.get(output.0).is_none_or(Option::is_none) {
         return CriticalPath::default();
-    };
-    let mut nodes = vec![NodeIndex(last)];
-    let mut at = last;
+    }
+    let mut nodes = vec![output];
+    let mut at = output.0;
     while let Some(previous) = via[at] {
         nodes.push(previous);
         at = previous.0;
@@ -180,7 +178,7 @@ pub fn measured_path(
     nodes.reverse();
     CriticalPath {
         nodes,
-        length: length[last],
+        length: length[output.0],
     }
 }
 
@@ -271,7 +269,8 @@ mod tests {
             Some((ms(100), ms(1050))),
         ];
         let inputs = vec![vec![], vec![], vec![NodeIndex(0), NodeIndex(1)]];
-        let path = measured_path(&spans, &inputs);
+        let out = NodeIndex(2);
+        let path = measured_path(&spans, &inputs, out);
         assert_eq!(path.nodes, vec![NodeIndex(1), NodeIndex(2)]);
         assert_eq!(path.length, ms(995 + 50));
         // The same nodes run one after another (complete edges): whole spans add up, and the
@@ -281,13 +280,23 @@ mod tests {
             Some((ms(5), ms(1000))),
             Some((ms(1010), ms(1500))),
         ];
-        let path = measured_path(&spans, &inputs);
+        let path = measured_path(&spans, &inputs, out);
         assert_eq!(path.nodes, vec![NodeIndex(1), NodeIndex(2)]);
         assert_eq!(path.length, ms(995 + 490));
         // A node that never ran is not on any path.
         let spans = [None, Some((ms(0), ms(10))), Some((ms(10), ms(30)))];
-        let path = measured_path(&spans, &inputs);
+        let path = measured_path(&spans, &inputs, out);
         assert_eq!(path.nodes, vec![NodeIndex(1), NodeIndex(2)]);
+        // A source cancelled once the output was done (nobody read it any more) ends after
+        // it, but did not hold it up: the chain runs through the other source.
+        let spans = [
+            Some((ms(0), ms(900))),
+            Some((ms(5), ms(1051))),
+            Some((ms(100), ms(1050))),
+        ];
+        let path = measured_path(&spans, &inputs, out);
+        assert_eq!(path.nodes, vec![NodeIndex(0), NodeIndex(2)]);
+        assert_eq!(path.length, ms(900 + 150));
     }
 
     #[test]

@@ -219,7 +219,8 @@ pub struct RunReport {
     pub nodes: Vec<NodeReport>,
     /// Before the run, from estimated costs.
     pub critical_path_estimated: PathReport,
-    /// After the run: the chain of dependencies that ended last ([`critical::measured_path`]).
+    /// After the run: the chain of dependencies that held the answer up
+    /// ([`critical::measured_path`]).
     pub critical_path_measured: PathReport,
     pub cache: CacheStats,
     #[serde(skip)]
@@ -388,7 +389,8 @@ impl Runner {
             .iter()
             .map(|r| r.started_ms.zip(r.finished_ms))
             .collect();
-        let measured = critical::measured_path(&spans, &critical::inputs_of(pipeline));
+        let measured =
+            critical::measured_path(&spans, &critical::inputs_of(pipeline), pipeline.output);
         let path_report = |path: &CriticalPath| PathReport {
             nodes: path
                 .nodes
@@ -924,6 +926,7 @@ impl<'r> RunCtx<'r> {
                 ix.0,
                 EventKind::Cancelled {
                     reason: "no consumer reads it any more".into(),
+                    tokens: answer_tokens,
                 },
             );
         } else {

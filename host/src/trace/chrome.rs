@@ -111,7 +111,8 @@ impl ChromeTrace {
                         tokens = *t;
                         Some(e.at)
                     }
-                    EventKind::Cancelled { .. } => {
+                    EventKind::Cancelled { tokens: t, .. } => {
+                        tokens = *t;
                         cancelled = true;
                         Some(e.at)
                     }
@@ -160,7 +161,7 @@ impl ChromeTrace {
                     "chunk",
                     json!({ "to": to, "tokens": tokens, "total_tokens": total_tokens }),
                 )),
-                EventKind::Cancelled { reason } => out.push(instant(
+                EventKind::Cancelled { reason, .. } => out.push(instant(
                     "cancelled".into(),
                     "cancel",
                     json!({ "reason": reason }),

@@ -48,8 +48,10 @@ pub enum EventKind {
     End {
         tokens: u32,
     },
+    /// The node stopped early, after `tokens` of output.
     Cancelled {
         reason: String,
+        tokens: u32,
     },
 }
 
