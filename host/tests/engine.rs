@@ -75,6 +75,16 @@ fn collect(mut stream: GenerationStream) -> Answer {
     panic!("stream ended without Finished");
 }
 
+/// A submitted request once it has streamed its first text: it is running, not queued.
+fn streaming(engine: &LocalEngine, request: GenerationRequest) -> GenerationStream {
+    let mut stream = engine.submit(request).expect("submit");
+    assert!(matches!(
+        stream.blocking_next(),
+        Some(Ok(GenerationEvent::Delta { .. }))
+    ));
+    stream
+}
+
 fn run(engine: &LocalEngine, request: GenerationRequest) -> Answer {
     collect(engine.submit(request).expect("submit"))
 }
@@ -237,14 +247,8 @@ fn higher_priority_runs_first_when_slots_are_short() {
     let mut config = config();
     config.max_running = 1;
     let engine = LocalEngine::load(config).unwrap();
-    let mut running = engine
-        .submit(ask(None, "Count from one to ten.", 16))
-        .unwrap();
     // Once it streams, it holds the only slot.
-    assert!(matches!(
-        running.blocking_next(),
-        Some(Ok(GenerationEvent::Delta { .. }))
-    ));
+    let running = streaming(&engine, ask(None, "Count from one to ten.", 16));
     let mut low = ask(None, "Say yes.", 4);
     low.priority = Priority(0);
     let mut high = ask(None, "Say no.", 4);
@@ -454,13 +458,7 @@ fn requests_that_begin_alike_prefill_their_common_prefix_once() {
     // so they are admitted in the same step.
     config.context_tokens = Some(512);
     let engine = LocalEngine::load(config).unwrap();
-    let mut blocker = engine
-        .submit(ask(None, "Count to a thousand.", 400))
-        .unwrap();
-    assert!(matches!(
-        blocker.blocking_next(),
-        Some(Ok(GenerationEvent::Delta { .. }))
-    ));
+    let blocker = streaming(&engine, ask(None, "Count to a thousand.", 400));
     let document = "The lighthouse keeper climbed the stairs every evening at dusk. ".repeat(10);
     let shared = engine.count_tokens(&document).unwrap();
     let first = engine

@@ -120,17 +120,19 @@ pub fn longest_path(costs: &[Duration], inputs: &[Vec<NodeIndex>]) -> CriticalPa
     let Some(end) = (0..n).max_by_key(|&i| (finish[i], std::cmp::Reverse(i))) else {
         return CriticalPath::default();
     };
-    let mut nodes = vec![NodeIndex(end)];
-    let mut at = end;
+    walk_back(&via, NodeIndex(end), finish[end])
+}
+
+/// The path ending at `end`, following `via` (each node's predecessor) back to its source.
+fn walk_back(via: &[Option<NodeIndex>], end: NodeIndex, length: Duration) -> CriticalPath {
+    let mut nodes = vec![end];
+    let mut at = end.0;
     while let Some(previous) = via[at] {
         nodes.push(previous);
         at = previous.0;
     }
     nodes.reverse();
-    CriticalPath {
-        nodes,
-        length: finish[end],
-    }
+    CriticalPath { nodes, length }
 }
 
 /// The measured critical path of a finished run: walked back from the run's `output` node,
@@ -169,17 +171,7 @@ pub fn measured_path(
     if spans.get(output.0).is_none_or(Option::is_none) {
         return CriticalPath::default();
     }
-    let mut nodes = vec![output];
-    let mut at = output.0;
-    while let Some(previous) = via[at] {
-        nodes.push(previous);
-        at = previous.0;
-    }
-    nodes.reverse();
-    CriticalPath {
-        nodes,
-        length: length[output.0],
-    }
+    walk_back(&via, output, length[output.0])
 }
 
 /// Estimated cost of every node of `pipeline` for a prompt of `prompt_tokens`.
@@ -263,40 +255,34 @@ mod tests {
     fn measured_path_counts_overlapping_work_once() {
         // Two proposers stream into an aggregator that runs alongside them and ends 50 ms
         // after the later one: the chain is that proposer plus the aggregator's last 50 ms.
-        let spans = [
-            Some((ms(0), ms(900))),
-            Some((ms(5), ms(1000))),
-            Some((ms(100), ms(1050))),
-        ];
         let inputs = vec![vec![], vec![], vec![NodeIndex(0), NodeIndex(1)]];
-        let out = NodeIndex(2);
-        let path = measured_path(&spans, &inputs, out);
-        assert_eq!(path.nodes, vec![NodeIndex(1), NodeIndex(2)]);
-        assert_eq!(path.length, ms(995 + 50));
-        // The same nodes run one after another (complete edges): whole spans add up, and the
+        let check = |spans: [Option<(u64, u64)>; 3], nodes: [usize; 2], length: u64| {
+            let spans = spans.map(|span| span.map(|(start, end)| (ms(start), ms(end))));
+            let path = measured_path(&spans, &inputs, NodeIndex(2));
+            assert_eq!(path.nodes, nodes.map(NodeIndex).to_vec(), "{spans:?}");
+            assert_eq!(path.length, ms(length), "{spans:?}");
+        };
+        check(
+            [Some((0, 900)), Some((5, 1000)), Some((100, 1050))],
+            [1, 2],
+            995 + 50,
+        );
+        // The same nodes one after another (complete edges): whole spans add up, and the
         // 10 ms the aggregator waited after its inputs ended is not on the path.
-        let spans = [
-            Some((ms(0), ms(900))),
-            Some((ms(5), ms(1000))),
-            Some((ms(1010), ms(1500))),
-        ];
-        let path = measured_path(&spans, &inputs, out);
-        assert_eq!(path.nodes, vec![NodeIndex(1), NodeIndex(2)]);
-        assert_eq!(path.length, ms(995 + 490));
+        check(
+            [Some((0, 900)), Some((5, 1000)), Some((1010, 1500))],
+            [1, 2],
+            995 + 490,
+        );
         // A node that never ran is not on any path.
-        let spans = [None, Some((ms(0), ms(10))), Some((ms(10), ms(30)))];
-        let path = measured_path(&spans, &inputs, out);
-        assert_eq!(path.nodes, vec![NodeIndex(1), NodeIndex(2)]);
+        check([None, Some((0, 10)), Some((10, 30))], [1, 2], 10 + 20);
         // A source cancelled once the output was done (nobody read it any more) ends after
         // it, but did not hold it up: the chain runs through the other source.
-        let spans = [
-            Some((ms(0), ms(900))),
-            Some((ms(5), ms(1051))),
-            Some((ms(100), ms(1050))),
-        ];
-        let path = measured_path(&spans, &inputs, out);
-        assert_eq!(path.nodes, vec![NodeIndex(0), NodeIndex(2)]);
-        assert_eq!(path.length, ms(900 + 150));
+        check(
+            [Some((0, 900)), Some((5, 1051)), Some((100, 1050))],
+            [0, 2],
+            900 + 150,
+        );
     }
 
     #[test]

@@ -147,6 +147,18 @@ impl ChromeTrace {
                 s: Some("t".into()),
                 args,
             };
+            // Something that ran from `started` until this event.
+            let span = |name: String, cat: &str, started: Duration, args: Value| TraceEvent {
+                name,
+                cat: cat.into(),
+                ph: "X".into(),
+                ts: micros(started),
+                dur: Some(micros(event.at.saturating_sub(started))),
+                pid: PID,
+                tid: tid(event.lane),
+                s: None,
+                args,
+            };
             match &event.kind {
                 EventKind::Start | EventKind::End { .. } => {}
                 EventKind::FirstToken => {
@@ -173,40 +185,30 @@ impl ChromeTrace {
                     prompt_tokens,
                     cached_prompt_tokens,
                     is_final,
-                } => out.push(TraceEvent {
-                    name: format!("step {index}"),
-                    cat: "step".into(),
-                    ph: "X".into(),
-                    ts: micros(*started),
-                    dur: Some(micros(event.at.saturating_sub(*started))),
-                    pid: PID,
-                    tid: tid(event.lane),
-                    s: None,
-                    args: json!({
+                } => out.push(span(
+                    format!("step {index}"),
+                    "step",
+                    *started,
+                    json!({
                         "tokens": tokens,
                         "prompt_tokens": prompt_tokens,
                         "cached_prompt_tokens": cached_prompt_tokens,
                         "final": is_final,
                     }),
-                }),
+                )),
                 EventKind::WarmUp {
                     started,
                     prompt_tokens,
                     cached_prompt_tokens,
-                } => out.push(TraceEvent {
-                    name: "warm-up".into(),
-                    cat: "warm-up".into(),
-                    ph: "X".into(),
-                    ts: micros(*started),
-                    dur: Some(micros(event.at.saturating_sub(*started))),
-                    pid: PID,
-                    tid: tid(event.lane),
-                    s: None,
-                    args: json!({
+                } => out.push(span(
+                    "warm-up".into(),
+                    "warm-up",
+                    *started,
+                    json!({
                         "prompt_tokens": prompt_tokens,
                         "cached_prompt_tokens": cached_prompt_tokens,
                     }),
-                }),
+                )),
             }
         }
         Self {
