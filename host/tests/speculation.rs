@@ -9,7 +9,7 @@ use std::time::Duration;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::token::LlamaToken;
 use staircase::engine::local::{
-    LocalEngine, LocalEngineConfig, backend, context_params, load_model,
+    DEFAULT_FLASH_ATTENTION, LocalEngine, LocalEngineConfig, backend, context_params, load_model,
 };
 use staircase::engine::{
     ChatMessage, Engine, GenerationEvent, GenerationRequest, GenerationStream, Prompt, Role,
@@ -647,7 +647,10 @@ fn kv_rollback_leaves_the_cache_as_if_rejected_tokens_were_never_decoded() {
 
     let new_context = || {
         model
-            .new_context(backend().unwrap(), context_params(512, 64, 1, 1))
+            .new_context(
+                backend().unwrap(),
+                context_params(512, 64, 1, 1, DEFAULT_FLASH_ATTENTION),
+            )
             .unwrap()
     };
     let decode =

@@ -45,9 +45,10 @@ pub struct SpeculationArgs {
     /// Runs per workload and engine (speed: the fastest run; ratio: the median of pairs).
     #[arg(long, default_value_t = 3)]
     repeats: usize,
-    /// Flash attention in both engines (batch-invariant kernels: outputs must be identical).
+    /// Flash attention off in both engines (llama.cpp's other CPU kernels: outputs may then
+    /// differ at near-ties).
     #[arg(long)]
-    flash_attention: bool,
+    no_flash_attention: bool,
     /// Write the report as JSON to this file too.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -72,6 +73,9 @@ pub struct EngineArgs {
     /// keeping prefixes cached in llama.cpp's unified cache), e.g. `--kv-widths 0 1024 4096`.
     #[arg(long, num_args = 1..)]
     kv_widths: Vec<usize>,
+    /// Flash attention off, in our engine and the bare loop alike.
+    #[arg(long)]
+    no_flash_attention: bool,
     /// Write the report as JSON to this file too.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -112,7 +116,7 @@ fn speculation(args: SpeculationArgs) -> anyhow::Result<()> {
     config.threads = args.threads;
     config.max_tokens = args.max_tokens;
     config.repeats = args.repeats;
-    config.flash_attention = args.flash_attention;
+    config.flash_attention = !args.no_flash_attention;
     let report = bench::run(&config).context("speculation benchmark")?;
     println!(
         "speculation benchmark: {} on {} threads, flash attention {}",
@@ -174,7 +178,8 @@ fn engine(args: EngineArgs) -> anyhow::Result<()> {
             None => crate::model::default_model_path()?,
         };
         println!("{:>12} {:>10} {:>10}", "other cells", "step ms", "relative");
-        for p in kv_width_costs(&model, args.threads, &args.kv_widths)? {
+        let flash_attention = !args.no_flash_attention;
+        for p in kv_width_costs(&model, args.threads, &args.kv_widths, flash_attention)? {
             println!(
                 "{:>12} {:>10.2} {:>10.2}",
                 p.other_cells, p.step_ms, p.relative
@@ -189,6 +194,7 @@ fn engine(args: EngineArgs) -> anyhow::Result<()> {
     let mut config = BenchConfig::new(model);
     config.threads = args.threads;
     config.repeats = args.repeats;
+    config.flash_attention = !args.no_flash_attention;
     let report = run_engine_bench(&config).context("engine benchmark")?;
     println!(
         "engine benchmark: {} on {} threads",

@@ -33,8 +33,8 @@ pub struct BenchConfig {
     /// Context already in the KV cache when the forward costs are measured (the issue's
     /// figures used 200).
     pub cost_context: usize,
-    /// Flash attention in both engines: batch-invariant kernels, so greedy outputs must be
-    /// identical; off (the engine default) they may differ at near-ties.
+    /// Flash attention in both engines (the engine default): batch-invariant kernels, so
+    /// greedy outputs must be identical; off, they may differ at near-ties.
     pub flash_attention: bool,
 }
 
@@ -47,7 +47,7 @@ impl BenchConfig {
             repeats: 3,
             cost_points: vec![1, 2, 3, 4, 6, 8, 12, 16, 24, 32],
             cost_context: 200,
-            flash_attention: false,
+            flash_attention: crate::engine::local::DEFAULT_FLASH_ATTENTION,
         }
     }
 }
@@ -125,9 +125,6 @@ pub fn run(config: &BenchConfig) -> Result<SpeculationReport, EngineError> {
     })
 }
 
-/// llama.cpp's `LLAMA_FLASH_ATTN_TYPE_ENABLED`.
-const FLASH_ATTENTION_ENABLED: i32 = 1;
-
 /// Times forwards of k tokens (logits at every position, as verification needs) on top of
 /// `cost_context` cached tokens, removing them from the KV cache after each, best of 12.
 pub fn measure_cost_curve(
@@ -140,10 +137,7 @@ pub fn measure_cost_curve(
     let batch_tokens = config.cost_context.max(max_k);
     let n_ctx = (config.cost_context + max_k + 16) as u32;
     let backend_error = |e: String| EngineError::Backend(format!("cost curve: {e}"));
-    let mut params = context_params(n_ctx, batch_tokens, 1, threads);
-    if config.flash_attention {
-        params = params.with_flash_attention_policy(FLASH_ATTENTION_ENABLED);
-    }
+    let params = context_params(n_ctx, batch_tokens, 1, threads, config.flash_attention);
     let mut ctx = model
         .new_context(backend()?, params)
         .map_err(|e| backend_error(e.to_string()))?;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::engine::Engine;
+use crate::engine::local::LocalEngineConfig;
 use crate::engine::simulated::{SimulatedEngine, SimulatedLatencies};
 use crate::pipeline::bench::{self, BenchOptions};
 use crate::pipeline::{Models, Runner};
@@ -36,6 +37,9 @@ pub struct Args {
     /// Also load the plugins in this folder; repeatable.
     #[arg(long = "plugins", value_name = "DIR")]
     plugin_dirs: Vec<PathBuf>,
+    /// Flash attention off in the local engine (the A/B behind its default).
+    #[arg(long)]
+    no_flash_attention: bool,
     /// Run every node on a simulated backend that serves requests in parallel (a latency
     /// model of a GPU server, filler text) instead of the local engine: the runtime measured
     /// apart from the one CPU all local nodes share.
@@ -51,7 +55,13 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let pipeline = super::super::run::load_pipeline(&args.pipeline, None)?;
-    let setup = crate::pipeline::setup::open(args.model.as_deref(), &args.plugin_dirs)?;
+    let model = match &args.model {
+        Some(path) => path.clone(),
+        None => crate::model::default_model_path()?,
+    };
+    let mut config = LocalEngineConfig::new(model);
+    config.flash_attention = !args.no_flash_attention;
+    let setup = crate::pipeline::setup::open_with(config, &args.plugin_dirs)?;
     let (runner, engine) = if args.simulated {
         let latencies = SimulatedLatencies {
             decode_per_token: Duration::from_secs_f64(args.simulated_decode_ms.max(0.0) / 1e3),

@@ -32,6 +32,8 @@ pub struct BenchConfig {
     pub prefix_tokens: usize,
     /// Each comparison runs this many times; the best run counts (least disturbed by load).
     pub repeats: usize,
+    /// Flash attention in the engine and in the bare loop alike.
+    pub flash_attention: bool,
 }
 
 impl BenchConfig {
@@ -45,6 +47,7 @@ impl BenchConfig {
             batch_decode_tokens: 48,
             prefix_tokens: 1000,
             repeats: 3,
+            flash_attention: crate::engine::local::DEFAULT_FLASH_ATTENTION,
         }
     }
 }
@@ -141,9 +144,10 @@ fn bare_loop(
     decode: usize,
     n_ctx: u32,
     threads: usize,
+    flash_attention: bool,
 ) -> Result<(Duration, Duration), EngineError> {
     let batch_tokens = super::DEFAULT_BATCH_TOKENS;
-    let params = context_params(n_ctx, batch_tokens, 1, threads);
+    let params = context_params(n_ctx, batch_tokens, 1, threads, flash_attention);
     let mut ctx = model
         .new_context(backend()?, params)
         .map_err(|e| EngineError::Backend(e.to_string()))?;
@@ -195,6 +199,7 @@ fn chat(system: Option<&str>, user: &str, max_tokens: u32) -> GenerationRequest 
 pub fn run(config: &BenchConfig) -> Result<EngineBenchReport, EngineError> {
     let mut engine_config = LocalEngineConfig::new(&config.model_path);
     engine_config.threads = config.threads;
+    engine_config.flash_attention = config.flash_attention;
     // Without the prefix cache, repeated prompts cost the same as the bare loop's.
     engine_config.prefix_cache = false;
     // The bare loop decodes one token per call; speculation is measured by `bench speculation`.
@@ -209,7 +214,14 @@ pub fn run(config: &BenchConfig) -> Result<EngineBenchReport, EngineError> {
     let prompt = prompt[..config.prefill_tokens.min(prompt.len())].to_vec();
     let mut pairs = Vec::new();
     for _ in 0..config.repeats.max(1) {
-        let (bare, _) = bare_loop(&bare_model, &prompt, 0, n_ctx, threads)?;
+        let (bare, _) = bare_loop(
+            &bare_model,
+            &prompt,
+            0,
+            n_ctx,
+            threads,
+            config.flash_attention,
+        )?;
         let mut request = GenerationRequest::chat(Vec::new());
         request.prompt = Prompt::Tokens(prompt.clone());
         request.sampling.max_tokens = 1;
@@ -233,7 +245,14 @@ pub fn run(config: &BenchConfig) -> Result<EngineBenchReport, EngineError> {
         // Decode steps after the first token (which prefill produced).
         steps = outcome.usage.completion_tokens.saturating_sub(1) as usize;
         let first = outcome.timings.first_token.unwrap_or_default();
-        let (_, bare) = bare_loop(&bare_model, &decode_prompt, steps, n_ctx, threads)?;
+        let (_, bare) = bare_loop(
+            &bare_model,
+            &decode_prompt,
+            steps,
+            n_ctx,
+            threads,
+            config.flash_attention,
+        )?;
         pairs.push((bare, outcome.timings.finished - first));
     }
     let decode = comparison(steps, &pairs);
@@ -385,6 +404,7 @@ pub fn compare_quantizations(
         let mut config = LocalEngineConfig::new(path);
         config.threads = threads;
         config.prefix_cache = false;
+        let flash_attention = config.flash_attention;
         let engine = LocalEngine::load(config)?;
         let threads = engine.threads();
         let n_ctx = engine.model_info().context_tokens as u32;
@@ -398,10 +418,10 @@ pub fn compare_quantizations(
         let (mut prefill, mut decode, mut verify, mut step) =
             (Duration::MAX, Duration::MAX, Duration::MAX, Duration::MAX);
         for _ in 0..repeats.max(1) {
-            let (p, d) = bare_loop(&model, &prompt, 32, n_ctx, threads)?;
+            let (p, d) = bare_loop(&model, &prompt, 32, n_ctx, threads, flash_attention)?;
             prefill = prefill.min(p);
             decode = decode.min(d);
-            let (one, eight) = forward_costs(&model, &prompt, n_ctx, threads)?;
+            let (one, eight) = forward_costs(&model, &prompt, n_ctx, threads, flash_attention)?;
             step = step.min(one);
             verify = verify.min(eight);
         }
@@ -441,9 +461,16 @@ fn forward_costs(
     prompt: &[TokenId],
     n_ctx: u32,
     threads: usize,
+    flash_attention: bool,
 ) -> Result<(Duration, Duration), EngineError> {
     const ROUNDS: usize = 5;
-    let params = context_params(n_ctx, super::DEFAULT_BATCH_TOKENS, 1, threads);
+    let params = context_params(
+        n_ctx,
+        super::DEFAULT_BATCH_TOKENS,
+        1,
+        threads,
+        flash_attention,
+    );
     let mut ctx = model
         .new_context(backend()?, params)
         .map_err(|e| EngineError::Backend(e.to_string()))?;
@@ -500,6 +527,7 @@ pub fn kv_width_costs(
     model_path: &std::path::Path,
     threads: Option<usize>,
     widths: &[usize],
+    flash_attention: bool,
 ) -> Result<Vec<WidthPoint>, EngineError> {
     const ROUNDS: usize = 8;
     let threads = threads.unwrap_or_else(super::default_threads);
@@ -509,7 +537,7 @@ pub fn kv_width_costs(
     let batch_tokens = super::DEFAULT_BATCH_TOKENS;
     let mut points: Vec<WidthPoint> = Vec::new();
     for &width in widths {
-        let params = context_params(n_ctx, batch_tokens, 2, threads);
+        let params = context_params(n_ctx, batch_tokens, 2, threads, flash_attention);
         let mut ctx = model
             .new_context(backend()?, params)
             .map_err(|e| backend_error(&e))?;
