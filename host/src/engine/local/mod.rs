@@ -54,9 +54,10 @@ pub const DEFAULT_CACHE_BUDGET_CELLS: usize = 2048;
 /// Flash attention by default. Its kernels are batch-invariant (each query row is computed
 /// alone), so a token's KV and logits do not depend on what shares its batch: batching and
 /// speculation never change a greedy token. Masked cells (other sequences' and cached
-/// prefixes') also cost little, so a full prefix cache slows requests less. Measured with
-/// `bench staircase` on 2 cores, on versus off: totals 0.67-0.88x, TTFTs lower. A lone sequence
-/// at 1k context decodes about 1.4x slower with it (`bench engine --no-flash-attention`).
+/// prefixes') also cost little, so a full prefix cache slows requests less. Measured on 2
+/// cores, on versus off (`bench engine`, `bench staircase`, each with `--no-flash-attention`):
+/// prefill 1.08x and decode 1.13x the speed, decode beside 1.2k cached cells 1.44x, pipeline
+/// totals 0.67-0.88x the time; only a short prompt over a long cached prefix is slower (1.24x).
 pub const DEFAULT_FLASH_ATTENTION: bool = true;
 /// llama.cpp's flash-attention setting "disabled" (`LLAMA_FLASH_ATTN_TYPE_DISABLED`).
 const FLASH_ATTENTION_DISABLED: i32 = 0;
