@@ -797,7 +797,13 @@ impl<'r> RunCtx<'r> {
                         let engine = self.engine_for(ix, &mut router, &step.messages)?;
                         let request = self.step_request(ix, step.messages, &answer, 0, &sampling);
                         let started = self.timeline.now();
-                        warming = Some((engine.submit(request).map_err(engine_error)?, started));
+                        // A warm-up only saves work; the step after it reports real trouble.
+                        match engine.submit(request) {
+                            Ok(stream) => warming = Some((stream, started)),
+                            Err(error) => {
+                                tracing::warn!(node = %node.id, %error, "warm-up refused")
+                            }
+                        }
                     }
                     None
                 }
@@ -975,7 +981,7 @@ impl<'r> RunCtx<'r> {
     }
 
     /// Waits for a warm-up to finish and records it. A failed warm-up costs only its cache
-    /// benefit, so it is logged, not raised: the step that follows reports real trouble.
+    /// benefit, so it is logged, not raised.
     async fn finish_warm_up(
         &self,
         ix: NodeIndex,
