@@ -295,15 +295,22 @@ impl<'m> Runner<'m> {
             return false;
         };
         let usable = tokens.len().saturating_sub(1);
-        let cached = cache.lookup(tokens, usable).map_or(0, |hit| hit.len);
-        running.iter().filter(|s| s.prefilling()).any(|s| {
-            let shared = s.tokens[..s.prompt_len]
-                .iter()
-                .zip(&tokens[..usable])
-                .take_while(|(a, b)| a == b)
-                .count();
-            shared >= cached + MIN_SHARED_PREFILL
-        })
+        let shared = running
+            .iter()
+            .filter(|s| s.prefilling())
+            .map(|s| {
+                s.tokens[..s.prompt_len]
+                    .iter()
+                    .zip(&tokens[..usable])
+                    .take_while(|(a, b)| a == b)
+                    .count()
+            })
+            .max()
+            .unwrap_or(0);
+        // The cache is only asked when a prefill could matter: the usual request costs no
+        // second lookup per step (and no LRU refresh).
+        shared >= MIN_SHARED_PREFILL
+            && shared >= cache.lookup(tokens, usable).map_or(0, |hit| hit.len) + MIN_SHARED_PREFILL
     }
 
     fn admit(&mut self) {
