@@ -12,5 +12,6 @@ pub mod engine;
 pub mod model;
 pub mod pipeline;
 pub mod plugin;
+pub mod routing;
 pub mod speculate;
 pub mod trace;

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Builds llama.cpp's `llama-server` (CPU only) for the remote-backend tests, from the llama.cpp
+# vendored in the llama-cpp-python sdist, into a cache outside any clone keyed by version.
+# Prints the binary's path. Does nothing when the cached binary exists.
+set -euo pipefail
+
+VERSION=0.3.36
+CACHE="${STAIRCASE_CACHE:-$HOME/.cache/staircase}/llama-server/$VERSION"
+BIN="$CACHE/bin/llama-server"
+if [ -x "$BIN" ]; then
+  echo "$BIN"
+  exit 0
+fi
+
+SDIST="llama_cpp_python-$VERSION.tar.gz"
+WORK="$CACHE/work"
+mkdir -p "$WORK"
+if [ ! -f "$WORK/$SDIST" ]; then
+  if [ -f "/tmp/lcp/$SDIST" ]; then
+    cp "/tmp/lcp/$SDIST" "$WORK/"
+  else
+    python3 -m pip download --quiet --disable-pip-version-check --no-deps --no-binary :all: \
+      "llama-cpp-python==$VERSION" -d "$WORK" >&2
+  fi
+fi
+SRC="$WORK/llama_cpp_python-$VERSION/vendor/llama.cpp"
+[ -d "$SRC" ] || tar -xzf "$WORK/$SDIST" -C "$WORK"
+
+JOBS="${LLAMA_SERVER_JOBS:-2}"
+# Minimal: no curl (models are local files), no tests/examples, native CPU kernels.
+nice -n 15 cmake -S "$SRC" -B "$WORK/build" -DCMAKE_BUILD_TYPE=Release \
+  -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF \
+  -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_CURL=OFF -DGGML_NATIVE=ON >&2
+nice -n 15 cmake --build "$WORK/build" --target llama-server -j "$JOBS" >&2
+
+mkdir -p "$CACHE/bin"
+cp "$WORK/build/bin/llama-server" "$BIN.tmp"
+mv "$BIN.tmp" "$BIN"
+rm -rf "$WORK"
+echo "$BIN"
