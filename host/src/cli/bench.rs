@@ -1,5 +1,6 @@
 //! `staircase bench`.
 
+mod routing;
 mod staircase;
 
 use std::path::PathBuf;
@@ -29,6 +30,8 @@ pub enum Command {
     },
     /// Decode speed with and without speculative decoding, and the k-token forward cost curve.
     Speculation(SpeculationArgs),
+    /// Routing policies on a multi-agent trace over `llama-server` replicas: cache hits, TTFT.
+    Routing(routing::Args),
 }
 
 /// Arguments of `staircase bench speculation`.
@@ -87,6 +90,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Staircase(args) => staircase::run(args),
         Command::Plugins { json, components } => plugins(json, components),
         Command::Speculation(args) => speculation(args),
+        Command::Routing(args) => routing::run(args),
     }
 }
 

@@ -6,6 +6,7 @@
 //! This module holds only the contract; it must not know about pipelines or plugins.
 
 pub mod local;
+pub mod remote;
 pub mod simulated;
 
 use std::time::Duration;

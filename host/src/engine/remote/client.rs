@@ -1,0 +1,217 @@
+//! One try of one request on one replica: the HTTP request, the SSE stream parsed by
+//! `eventsource-stream`, the first-byte and idle timeouts, and every failure as a typed
+//! [`EngineError`]. Whether to try again is the caller's decision ([`Failure::delivered`]
+//! says whether any text already reached the caller, after which it never may).
+
+use std::time::{Duration, Instant};
+
+use eventsource_stream::{EventStreamError, Eventsource};
+use futures_util::StreamExt;
+use reqwest::StatusCode;
+
+use super::config::Timeouts;
+use super::wire::{self, Chunk, WireRequest};
+use crate::engine::{EngineError, EventSender, FinishReason, GenerationEvent, Usage};
+
+/// How a try ended well.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The answer finished; the caller still needs its `Finished` event.
+    Finished {
+        reason: FinishReason,
+        usage: Usage,
+        first_token: Option<Duration>,
+    },
+    /// The caller is gone; nothing more to do.
+    Cancelled,
+}
+
+/// How a try failed.
+#[derive(Debug)]
+pub struct Failure {
+    pub error: EngineError,
+    /// Text of this try already reached the caller.
+    pub delivered: bool,
+}
+
+impl Failure {
+    fn before(error: EngineError) -> Self {
+        Self {
+            error,
+            delivered: false,
+        }
+    }
+}
+
+/// What one try needs.
+pub struct Attempt<'a> {
+    pub client: &'a reqwest::Client,
+    pub base_url: &'a str,
+    pub api_key: Option<&'a str>,
+    pub request: &'a WireRequest,
+    pub timeouts: &'a Timeouts,
+    /// A warm-up: the caller wants the prompt cached, not the token the server generates.
+    pub warm_up: bool,
+    /// When the caller submitted the request (timings count from there).
+    pub submitted: Instant,
+}
+
+/// A transport error as ours: timeouts, refused or reset connections.
+pub fn transport_error(url: &str, error: &reqwest::Error, timeout: Duration) -> EngineError {
+    if error.is_timeout() {
+        return EngineError::Timeout { after: timeout };
+    }
+    // The source chain names the cause ("connection refused"); the top level only the URL.
+    let mut message = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        message = format!("{message}: {cause}");
+        source = cause.source();
+    }
+    EngineError::Unreachable(format!("{url}: {message}"))
+}
+
+/// An error status as ours: 429 and 503 mean "busy", other 5xx may pass on another try, 4xx
+/// are the request's fault.
+pub fn status_error(status: StatusCode, retry_after: Option<Duration>, body: &str) -> EngineError {
+    let message = body.chars().take(500).collect::<String>();
+    match status.as_u16() {
+        429 | 503 => EngineError::Overloaded { retry_after },
+        code => EngineError::Http {
+            status: code,
+            message,
+            retryable: status.is_server_error(),
+        },
+    }
+}
+
+impl Attempt<'_> {
+    pub async fn run(&self, events: &EventSender) -> Result<Outcome, Failure> {
+        let url = format!("{}{}", self.base_url, self.request.path);
+        let mut http = self.client.post(&url).json(&self.request.body);
+        if let Some(key) = self.api_key {
+            http = http.bearer_auth(key);
+        }
+        let first_byte = self.timeouts.first_byte;
+        let response = match tokio::time::timeout(first_byte, http.send()).await {
+            Err(_) => return Err(Failure::before(EngineError::Timeout { after: first_byte })),
+            Ok(Err(error)) => {
+                let limit = if error.is_connect() {
+                    self.timeouts.connect
+                } else {
+                    first_byte
+                };
+                return Err(Failure::before(transport_error(&url, &error, limit)));
+            }
+            Ok(Ok(response)) => response,
+        };
+        let status = response.status();
+        if !status.is_success() {
+            let retry_after = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            let body = tokio::time::timeout(self.timeouts.idle, response.text())
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default();
+            return Err(Failure::before(status_error(status, retry_after, &body)));
+        }
+
+        let mut stream = response.bytes_stream().eventsource();
+        let mut delivered = false;
+        let mut first_token = None;
+        let mut reason = None;
+        let mut usage = Usage::default();
+        let fail = |error, delivered| Failure { error, delivered };
+        loop {
+            // Until the first event the server may still be prefilling; after it, silence
+            // means a stuck or lost replica.
+            let wait = if delivered || reason.is_some() {
+                self.timeouts.idle
+            } else {
+                first_byte
+            };
+            let event = match tokio::time::timeout(wait, stream.next()).await {
+                Err(_) => return Err(fail(EngineError::Timeout { after: wait }, delivered)),
+                Ok(None) => break,
+                Ok(Some(Err(EventStreamError::Transport(error)))) => {
+                    return Err(fail(transport_error(&url, &error, wait), delivered));
+                }
+                Ok(Some(Err(error))) => {
+                    return Err(fail(
+                        EngineError::Internal(format!("{url}: malformed event stream: {error}")),
+                        delivered,
+                    ));
+                }
+                Ok(Some(Ok(event))) => event,
+            };
+            let data = event.data.trim();
+            if data == "[DONE]" {
+                break;
+            }
+            if data.is_empty() {
+                continue;
+            }
+            let chunk: Chunk = serde_json::from_str(data).map_err(|error| {
+                fail(
+                    EngineError::Internal(format!("{url}: malformed chunk ({error}): {data:.200}")),
+                    delivered,
+                )
+            })?;
+            if let Some(error) = chunk.error {
+                return Err(fail(
+                    EngineError::Internal(format!("{url}: the server reported: {error}")),
+                    delivered,
+                ));
+            }
+            if let Some(wire_usage) = chunk.usage {
+                usage = Usage {
+                    prompt_tokens: wire_usage.prompt_tokens,
+                    cached_prompt_tokens: wire_usage
+                        .prompt_tokens_details
+                        .map_or(0, |d| d.cached_tokens),
+                    completion_tokens: wire_usage.completion_tokens,
+                };
+            }
+            for choice in &chunk.choices {
+                if let Some(text) = choice.text()
+                    && !self.warm_up
+                {
+                    first_token.get_or_insert_with(|| self.submitted.elapsed());
+                    let delta = GenerationEvent::Delta {
+                        text: text.to_string(),
+                        // A streamed chunk carries one token on llama.cpp and vLLM; the
+                        // usage at the end has the exact total.
+                        token_count: 1,
+                        token_ids: None,
+                    };
+                    if events.send(Ok(delta)).is_err() {
+                        return Ok(Outcome::Cancelled);
+                    }
+                    delivered = true;
+                }
+                if let Some(finish) = &choice.finish_reason {
+                    reason = Some(wire::finish_reason(finish));
+                }
+            }
+        }
+        match reason {
+            Some(reason) => Ok(Outcome::Finished {
+                reason,
+                usage,
+                first_token,
+            }),
+            // The connection closed before the answer ended: the replica went away.
+            None => Err(fail(
+                EngineError::Unreachable(format!(
+                    "{url}: the stream ended before the answer finished"
+                )),
+                delivered,
+            )),
+        }
+    }
+}

@@ -1,0 +1,494 @@
+//! An engine over OpenAI-compatible servers (llama.cpp's `llama-server`, vLLM, SGLang, or
+//! another Staircase): one or more replicas of one model, a routing policy choosing the
+//! replica of each request, retries with backoff before the first token reaches the caller,
+//! a circuit breaker per replica and background health checks.
+//!
+//! A request is streamed (`stream_options.include_usage`, so the server's prompt, completion
+//! and cached-prompt counts come back). A partial assistant answer is continued the way the
+//! server supports ([`Continuation`], detected at connect), declared as
+//! `Capabilities::assistant_prefix`. Dropping the stream aborts its task, which drops the HTTP
+//! response and so closes the connection: llama.cpp and vLLM abort the sequence. Once text has
+//! reached the caller a failure is never retried (the caller would see text twice); it ends
+//! the stream with a typed error, within the idle timeout at most.
+
+pub mod bench;
+mod client;
+pub mod launch;
+pub mod config;
+mod replicas;
+mod tokens;
+mod wire;
+
+use std::sync::{Arc, Weak};
+use std::time::Instant;
+
+use serde_json::Value;
+
+pub use self::config::{Continuation, HealthConfig, RemoteConfig, RetryConfig, Timeouts};
+pub use self::replicas::ReplicaStats;
+use self::client::{Attempt, Outcome};
+use self::replicas::Replicas;
+use self::tokens::{LocalTokenizer, RemoteTokens};
+use self::wire::{WirePrompt, WireRequest};
+use super::local::ChatTemplate;
+use super::{
+    Capabilities, Engine, EngineError, EventSender, GenerationEvent, GenerationRequest,
+    GenerationStream, ModelInfo, Prompt, Timings, TokenCounter,
+};
+use crate::routing::RouteHint;
+
+/// Context size assumed when neither the configuration nor the server says: the smallest
+/// that current chat models offer.
+const FALLBACK_CONTEXT_TOKENS: usize = 4096;
+
+/// See the module documentation.
+pub struct RemoteEngine {
+    shared: Arc<Shared>,
+    info: ModelInfo,
+    runtime: tokio::runtime::Handle,
+    tokens: RemoteTokens,
+    health: Option<tokio::task::JoinHandle<()>>,
+    /// The runtime [`RemoteEngine::open`] made for it, when it was not built inside one.
+    own_runtime: Option<tokio::runtime::Runtime>,
+}
+
+struct Shared {
+    config: RemoteConfig,
+    client: reqwest::Client,
+    api_key: Option<String>,
+    replicas: Arc<Replicas>,
+    continuation: Continuation,
+    /// The chat template, for the `completions` continuation.
+    template: Option<ChatTemplate>,
+}
+
+/// What the servers told us at connect.
+#[derive(Default)]
+struct Probe {
+    continuation: Option<Continuation>,
+    context_tokens: Option<usize>,
+    template: Option<(String, String, String)>,
+}
+
+impl RemoteEngine {
+    /// Connects to the replicas of `config` under the model name `name` (what pipelines call
+    /// it), asking them what they are unless the configuration says. Runs its tasks on the
+    /// current tokio runtime.
+    pub async fn connect(name: &str, config: RemoteConfig) -> Result<Self, EngineError> {
+        let urls = config.urls();
+        if urls.is_empty() {
+            return Err(EngineError::InvalidRequest(format!(
+                "remote model `{name}` names no server: set `base_url` or `replicas`"
+            )));
+        }
+        let api_key = match &config.api_key_env {
+            Some(var) => Some(std::env::var(var).map_err(|_| {
+                EngineError::InvalidRequest(format!(
+                    "remote model `{name}`: the environment variable {var} (api_key_env) is not set"
+                ))
+            })?),
+            None => None,
+        };
+        let client = reqwest::Client::builder()
+            .connect_timeout(config.timeouts.connect)
+            // Pipelines reuse the connection across steps; idle ones close in time.
+            .pool_idle_timeout(std::time::Duration::from_secs(30))
+            .build()
+            .map_err(|e| EngineError::Internal(format!("HTTP client: {e}")))?;
+
+        let needs_probe = config.continuation == Continuation::Auto
+            || config.continuation == Continuation::Completions
+            || config.context_tokens.is_none();
+        let probe = if needs_probe {
+            probe(&client, api_key.as_deref(), &urls, &config).await?
+        } else {
+            Probe::default()
+        };
+        let continuation = match config.continuation {
+            Continuation::Auto => probe.continuation.unwrap_or(Continuation::None),
+            explicit => explicit,
+        };
+        let template = match continuation {
+            Continuation::Completions => {
+                let (source, bos, eos) = probe.template.ok_or_else(|| {
+                    EngineError::Template(format!(
+                        "remote model `{name}`: the `completions` continuation needs the chat \
+                         template, and no replica reports one at /props"
+                    ))
+                })?;
+                Some(ChatTemplate::new(&source, &bos, &eos)?)
+            }
+            _ => None,
+        };
+        let context_tokens = config
+            .context_tokens
+            .or(probe.context_tokens)
+            .unwrap_or(FALLBACK_CONTEXT_TOKENS);
+        let known_server = continuation != Continuation::None;
+        let info = ModelInfo {
+            name: name.to_string(),
+            context_tokens,
+            capabilities: Capabilities {
+                assistant_prefix: known_server,
+                // llama.cpp and vLLM take token ids as a completions prompt.
+                token_prompts: known_server,
+            },
+        };
+        let replicas = Arc::new(Replicas::new(
+            urls,
+            config.routing.build(),
+            &config.breaker,
+        ));
+        let local_tokenizer = match &config.tokenizer {
+            Some(path) => Some(LocalTokenizer::load(path)?),
+            None => None,
+        };
+        let tokens = RemoteTokens::new(
+            client.clone(),
+            replicas.clone(),
+            config.model.clone(),
+            config.timeouts.first_byte,
+            local_tokenizer,
+        );
+        let shared = Arc::new(Shared {
+            config,
+            client,
+            api_key,
+            replicas,
+            continuation,
+            template,
+        });
+        tracing::info!(
+            model = name,
+            replicas = shared.replicas.count(),
+            policy = shared.replicas.policy_name(),
+            ?continuation,
+            "remote model connected"
+        );
+        let health = (!shared.config.health.interval.is_zero())
+            .then(|| tokio::spawn(health_loop(Arc::downgrade(&shared))));
+        Ok(Self {
+            shared,
+            info,
+            runtime: tokio::runtime::Handle::current(),
+            tokens,
+            health,
+            own_runtime: None,
+        })
+    }
+
+    /// [`Self::connect`] from synchronous code (the composition root): the engine gets a
+    /// runtime of its own, one worker thread, since its work is waiting on sockets.
+    pub fn open(name: &str, config: RemoteConfig) -> Result<Self, EngineError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name(format!("remote-{name}"))
+            .enable_all()
+            .build()
+            .map_err(|e| EngineError::Internal(format!("runtime for remote model `{name}`: {e}")))?;
+        let handle = runtime.handle().clone();
+        // On a thread of its own, so this works from inside another runtime too.
+        let connected = std::thread::scope(|scope| {
+            scope
+                .spawn(|| handle.block_on(Self::connect(name, config)))
+                .join()
+        })
+        .map_err(|_| EngineError::Internal(format!("connecting remote model `{name}` panicked")))?;
+        let mut engine = connected?;
+        engine.own_runtime = Some(runtime);
+        Ok(engine)
+    }
+
+    /// How continuations are sent to these servers.
+    pub fn continuation(&self) -> Continuation {
+        self.shared.continuation
+    }
+
+    /// Per-replica figures: requests, errors, in flight, breaker, cache hits.
+    pub fn replica_stats(&self) -> Vec<ReplicaStats> {
+        self.shared.replicas.stats()
+    }
+
+    /// Checks every replica's health now (the background checks do this every
+    /// `health.interval`).
+    pub async fn check_health(&self) {
+        self.shared.check_health().await;
+    }
+}
+
+impl Drop for RemoteEngine {
+    fn drop(&mut self) {
+        if let Some(task) = self.health.take() {
+            task.abort();
+        }
+        // Not a blocking shutdown: the engine may be dropped inside another runtime.
+        if let Some(runtime) = self.own_runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl Shared {
+    async fn check_health(&self) {
+        replicas::check_health(
+            &self.replicas,
+            &self.client,
+            &self.config.health.path,
+            self.config.timeouts.connect,
+        )
+        .await;
+    }
+
+    /// The request as the servers take it.
+    fn wire(&self, request: &GenerationRequest) -> Result<WireRequest, EngineError> {
+        let prompt = match &request.prompt {
+            Prompt::Chat {
+                messages,
+                assistant_prefix,
+            } => match (&self.template, assistant_prefix) {
+                (Some(template), Some(prefix)) => {
+                    WirePrompt::Text(template.render(messages, Some(prefix))?)
+                }
+                _ => WirePrompt::Chat {
+                    messages,
+                    assistant_prefix: assistant_prefix.as_deref(),
+                    continuation: self.continuation,
+                },
+            },
+            Prompt::Tokens(tokens) => WirePrompt::Tokens(tokens),
+        };
+        Ok(wire::request(&self.config.model, prompt, &request.sampling))
+    }
+}
+
+/// The prompt as routing text: what a replica's prefix cache would hold, in order.
+fn routing_text(prompt: &Prompt) -> String {
+    match prompt {
+        Prompt::Chat {
+            messages,
+            assistant_prefix,
+        } => {
+            let mut text = String::new();
+            for message in messages {
+                text.push_str(match message.role {
+                    super::Role::System => "\u{1}s",
+                    super::Role::User => "\u{1}u",
+                    super::Role::Assistant => "\u{1}a",
+                });
+                text.push_str(&message.content);
+            }
+            if let Some(prefix) = assistant_prefix {
+                text.push_str("\u{1}a");
+                text.push_str(prefix);
+            }
+            text
+        }
+        Prompt::Tokens(tokens) => tokens.iter().map(|t| format!("{} ", t.0)).collect(),
+    }
+}
+
+impl Engine for RemoteEngine {
+    fn submit(&self, request: GenerationRequest) -> Result<GenerationStream, EngineError> {
+        self.info.check_prompt(&request.prompt)?;
+        let wire = self.shared.wire(&request)?;
+        let text = routing_text(&request.prompt);
+        let hint = request.extensions.get::<RouteHint>().cloned();
+        let warm_up = request.sampling.max_tokens == 0;
+        let (events, stream) = GenerationStream::channel();
+        let task = self.runtime.spawn(serve(
+            self.shared.clone(),
+            wire,
+            text,
+            hint,
+            warm_up,
+            events,
+        ));
+        Ok(stream.on_cancel(move || task.abort()))
+    }
+
+    fn model_info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn token_counter(&self) -> &dyn TokenCounter {
+        &self.tokens
+    }
+}
+
+/// One request: tries replicas until one answers or the retries run out.
+async fn serve(
+    shared: Arc<Shared>,
+    wire: WireRequest,
+    text: String,
+    hint: Option<RouteHint>,
+    warm_up: bool,
+    events: EventSender,
+) {
+    let submitted = Instant::now();
+    let retry = &shared.config.retry;
+    let mut tried = vec![false; shared.replicas.count()];
+    let mut attempt = 0;
+    let mut last_error = None;
+    loop {
+        attempt += 1;
+        if tried.iter().all(|&t| t) {
+            // Every replica failed once: the next round may find one back.
+            tried.iter_mut().for_each(|t| *t = false);
+        }
+        let Some(lease) = shared.replicas.choose(&text, hint.as_ref(), &tried) else {
+            let error = last_error.unwrap_or_else(|| {
+                EngineError::Unreachable(format!(
+                    "no replica of `{}` is available (all unhealthy or open)",
+                    shared.config.model
+                ))
+            });
+            let _ = events.send(Err(error));
+            return;
+        };
+        let index = lease.index;
+        let try_once = Attempt {
+            client: &shared.client,
+            base_url: shared.replicas.url(index),
+            api_key: shared.api_key.as_deref(),
+            request: &wire,
+            timeouts: &shared.config.timeouts,
+            warm_up,
+            submitted,
+        };
+        let failure = match try_once.run(&events).await {
+            Ok(Outcome::Cancelled) => return,
+            Ok(Outcome::Finished {
+                reason,
+                usage,
+                first_token,
+            }) => {
+                shared
+                    .replicas
+                    .succeeded(index, usage.prompt_tokens, usage.cached_prompt_tokens);
+                let finished = submitted.elapsed();
+                let timings = Timings {
+                    queued: std::time::Duration::ZERO,
+                    prefill_done: first_token.unwrap_or(finished),
+                    first_token,
+                    finished,
+                };
+                let _ = events.send(Ok(GenerationEvent::Finished {
+                    reason,
+                    usage,
+                    timings,
+                    extensions: http::Extensions::new(),
+                }));
+                return;
+            }
+            Err(failure) => failure,
+        };
+        drop(lease);
+        let replica_fault = match &failure.error {
+            EngineError::Http { status, .. } => *status >= 500,
+            EngineError::Overloaded { .. } => false,
+            _ => true,
+        };
+        shared.replicas.failed(index, replica_fault);
+        tracing::warn!(
+            replica = shared.replicas.url(index),
+            attempt,
+            delivered = failure.delivered,
+            error = %failure.error,
+            "remote try failed"
+        );
+        if failure.delivered || !failure.error.is_retryable() || attempt >= retry.attempts {
+            let _ = events.send(Err(failure.error));
+            return;
+        }
+        tried[index] = true;
+        let wait = match &failure.error {
+            EngineError::Overloaded {
+                retry_after: Some(after),
+            } => (*after).min(std::time::Duration::from_millis(retry.max_backoff_ms)),
+            _ => retry.backoff(attempt),
+        };
+        last_error = Some(failure.error);
+        tokio::time::sleep(wait).await;
+    }
+}
+
+async fn health_loop(shared: Weak<Shared>) {
+    loop {
+        let Some(strong) = shared.upgrade() else {
+            return;
+        };
+        let interval = strong.config.health.interval;
+        strong.check_health().await;
+        drop(strong);
+        tokio::time::sleep(interval).await;
+    }
+}
+
+/// Asks the replicas what server they are: llama.cpp's `/props` (context, chat template),
+/// else vLLM's `/version` and `/v1/models`. The first replica that answers decides.
+async fn probe(
+    client: &reqwest::Client,
+    api_key: Option<&str>,
+    urls: &[String],
+    config: &RemoteConfig,
+) -> Result<Probe, EngineError> {
+    let timeout = config.timeouts.connect;
+    let get = |url: String| {
+        let mut request = client.get(url);
+        if let Some(key) = api_key {
+            request = request.bearer_auth(key);
+        }
+        async move {
+            match tokio::time::timeout(timeout, request.send()).await {
+                Ok(Ok(response)) if response.status().is_success() => {
+                    response.json::<Value>().await.ok().map(Ok)
+                }
+                Ok(Ok(_)) => None,
+                Ok(Err(error)) => Some(Err(client::transport_error("", &error, timeout))),
+                Err(_) => Some(Err(EngineError::Timeout { after: timeout })),
+            }
+        }
+    };
+    let mut errors = Vec::new();
+    for url in urls {
+        match get(format!("{url}/props")).await {
+            Some(Ok(props)) => {
+                let str_of = |key: &str| props[key].as_str().unwrap_or_default().to_string();
+                let template = str_of("chat_template");
+                return Ok(Probe {
+                    continuation: Some(Continuation::TrailingAssistant),
+                    context_tokens: props["default_generation_settings"]["n_ctx"]
+                        .as_u64()
+                        .map(|n| n as usize),
+                    template: (!template.is_empty()).then(|| {
+                        (template, str_of("bos_token"), str_of("eos_token"))
+                    }),
+                });
+            }
+            Some(Err(error)) => {
+                errors.push(format!("{url}: {error}"));
+                continue;
+            }
+            None => {}
+        }
+        let version = get(format!("{url}/version")).await;
+        let models = get(format!("{url}/v1/models")).await;
+        let context_tokens = match &models {
+            Some(Ok(models)) => models["data"][0]["max_model_len"].as_u64().map(|n| n as usize),
+            _ => None,
+        };
+        return Ok(Probe {
+            continuation: match version {
+                Some(Ok(_)) => Some(Continuation::ContinueFinalMessage),
+                _ => None,
+            },
+            context_tokens,
+            template: None,
+        });
+    }
+    Err(EngineError::Unreachable(format!(
+        "no replica answered at connect, so the server kind is unknown (set `continuation` \
+         and `context_tokens` to connect without asking): {}",
+        errors.join("; ")
+    )))
+}
