@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::future::try_join_all;
@@ -311,6 +311,7 @@ impl Runner {
             timeline: &timeline,
             events: events.as_ref(),
             priorities,
+            run_id: NEXT_RUN_ID.fetch_add(1, Ordering::Relaxed),
         };
 
         // Wiring: one inbox per node with inputs, a wake-up per producer, a flag per edge.
@@ -573,7 +574,12 @@ struct RunCtx<'r> {
     timeline: &'r Timeline,
     events: Option<&'r mpsc::UnboundedSender<RunEvent>>,
     priorities: Vec<Priority>,
+    /// Tells a replicated remote model which requests are one run's (see `routing`).
+    run_id: u64,
 }
+
+/// Run ids for routing hints: unique within the process.
+static NEXT_RUN_ID: AtomicU64 = AtomicU64::new(0);
 
 impl<'r> RunCtx<'r> {
     fn send(&self, event: RunEvent) {
@@ -977,6 +983,10 @@ impl<'r> RunCtx<'r> {
             ..sampling.clone()
         };
         request.priority = self.priorities[ix.0];
+        request.extensions.insert(crate::routing::RouteHint {
+            run: self.run_id,
+            node: self.pipeline.node(ix).id.clone(),
+        });
         request
     }
 
