@@ -27,7 +27,9 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     // A failed test poisons the lock; the next still runs alone.
-    SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A replica on the default model; panics, naming the build script, without the binary.
@@ -89,7 +91,10 @@ fn every_example_pipeline_runs_both_modes_on_two_replicas() {
                 );
                 assert!(report.ttft_ms.is_some());
                 let hit = report.cache.aggregator_hit_rate();
-                eprintln!("{name} {mode:?}: aggregator prompt cached {:.0}%", hit * 100.0);
+                eprintln!(
+                    "{name} {mode:?}: aggregator prompt cached {:.0}%",
+                    hit * 100.0
+                );
                 if mode == StreamMode::Staircase && name.starts_with("moa") {
                     // The aggregator's steps continue one prompt on one replica, which the
                     // server reports as cached.
@@ -167,12 +172,19 @@ fn staircase_steps_continue_the_assistant_prefix_and_the_server_caches_it() {
             // finds more of it cached each time: the prefix was continued, not restarted.
             let context = format!("{continuation:?}: cached {cached:?} prompts {prompts:?}");
             assert!(cached[1] > cached[0] && cached[2] > cached[1], "{context}");
-            assert!(prompts[1] > prompts[0] && prompts[2] > prompts[1], "{context}");
+            assert!(
+                prompts[1] > prompts[0] && prompts[2] > prompts[1],
+                "{context}"
+            );
             // Almost all of a step's prompt was the previous step's prompt and output.
             assert!(cached[2] + 4 >= prompts[1], "{context}");
             if continuation == Continuation::Auto {
                 // The server's /tokenize counts exactly.
-                let count = engine.token_counter().count_exact("Hello world").await.unwrap();
+                let count = engine
+                    .token_counter()
+                    .count_exact("Hello world")
+                    .await
+                    .unwrap();
                 assert!(!count.is_estimate());
             }
         }

@@ -149,7 +149,10 @@ async fn moa(e: &RemoteEngine, r: &Recorder, run: u64, q: &str, n: u32) -> Resul
         node: node.into(),
     };
     let proposals = join_all(ROLES.iter().enumerate().map(|(i, role)| {
-        let messages = vec![ChatMessage::new(Role::System, *role), ChatMessage::new(Role::User, q)];
+        let messages = vec![
+            ChatMessage::new(Role::System, *role),
+            ChatMessage::new(Role::User, q),
+        ];
         r.send(e, chat(messages, None, n), hint(&format!("proposer{i}")))
     }))
     .await
@@ -163,19 +166,34 @@ async fn moa(e: &RemoteEngine, r: &Recorder, run: u64, q: &str, n: u32) -> Resul
         for (i, p) in proposals[..seen].iter().enumerate() {
             user.push_str(&format!("Answer {}: {p}\n", i + 1));
         }
-        let messages = vec![ChatMessage::new(Role::System, AGGREGATOR), ChatMessage::new(Role::User, user)];
+        let messages = vec![
+            ChatMessage::new(Role::System, AGGREGATOR),
+            ChatMessage::new(Role::User, user),
+        ];
         let prefix = (!answer.is_empty()).then(|| answer.clone());
-        answer.push_str(&r.send(e, chat(messages, prefix, n), hint("aggregator")).await?);
+        answer.push_str(
+            &r.send(e, chat(messages, prefix, n), hint("aggregator"))
+                .await?,
+        );
     }
     Ok(())
 }
 
-async fn debate(e: &RemoteEngine, r: &Recorder, run: u64, q: &str, n: u32) -> Result<(), EngineError> {
+async fn debate(
+    e: &RemoteEngine,
+    r: &Recorder,
+    run: u64,
+    q: &str,
+    n: u32,
+) -> Result<(), EngineError> {
     let mut conversations: Vec<Vec<ChatMessage>> = (0..2)
         .map(|side| {
             vec![
                 ChatMessage::new(Role::System, DEBATER),
-                ChatMessage::new(Role::User, format!("Argue {} on: {q}", ["for", "against"][side])),
+                ChatMessage::new(
+                    Role::User,
+                    format!("Argue {} on: {q}", ["for", "against"][side]),
+                ),
             ]
         })
         .collect();
@@ -201,7 +219,13 @@ async fn debate(e: &RemoteEngine, r: &Recorder, run: u64, q: &str, n: u32) -> Re
     Ok(())
 }
 
-async fn session(e: &RemoteEngine, r: &Recorder, run: u64, q: &str, n: u32) -> Result<(), EngineError> {
+async fn session(
+    e: &RemoteEngine,
+    r: &Recorder,
+    run: u64,
+    q: &str,
+    n: u32,
+) -> Result<(), EngineError> {
     let mut messages = vec![ChatMessage::new(Role::System, ASSISTANT)];
     for turn in [q, "Can you say that more simply?", "Give one example."] {
         messages.push(ChatMessage::new(Role::User, turn));
@@ -273,7 +297,11 @@ pub async fn run(config: &RoutingBenchConfig) -> Result<Vec<PolicyFigures>, Rout
             requests: ttft.len(),
             prompt_tokens: prompt,
             cached_prompt_tokens: cached,
-            hit_rate: if prompt == 0 { 0.0 } else { cached as f64 / prompt as f64 },
+            hit_rate: if prompt == 0 {
+                0.0
+            } else {
+                cached as f64 / prompt as f64
+            },
             ttft_p50_ms: percentile(&ttft, 0.5),
             ttft_p99_ms: percentile(&ttft, 0.99),
             total_ms: total.as_secs_f64() * 1e3,

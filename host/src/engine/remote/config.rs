@@ -163,7 +163,11 @@ impl RetryConfig {
     /// The wait before try `attempt + 1` (`attempt` counts from 1).
     pub fn backoff(&self, attempt: u32) -> Duration {
         let factor = 1u64 << attempt.saturating_sub(1).min(20);
-        Duration::from_millis(self.backoff_ms.saturating_mul(factor).min(self.max_backoff_ms))
+        Duration::from_millis(
+            self.backoff_ms
+                .saturating_mul(factor)
+                .min(self.max_backoff_ms),
+        )
     }
 }
 
@@ -200,12 +204,47 @@ mod tests {
             timeouts = { idle_secs = 0.5 }"#,
         )
         .unwrap();
-        assert_eq!(config.urls(), vec!["http://127.0.0.1:1", "http://127.0.0.1:2"]);
+        assert_eq!(
+            config.urls(),
+            vec!["http://127.0.0.1:1", "http://127.0.0.1:2"]
+        );
         assert_eq!(config.timeouts.idle, Duration::from_millis(500));
         assert_eq!(config.timeouts.connect, DEFAULT_CONNECT);
         assert!(matches!(config.routing, PolicyConfig::CacheAware(c) if c.cache_threshold == 0.5));
         let error = toml::from_str::<RemoteConfig>("model = \"m\"\nreplica = []").unwrap_err();
         assert!(error.to_string().contains("replica"), "{error}");
+    }
+
+    /// The shape `staircase.toml`'s models table embeds it in (`app::config::ModelConfig`):
+    /// an internally tagged enum, one variant per kind.
+    #[test]
+    fn it_embeds_as_the_remote_kind_of_a_tagged_models_table() {
+        #[derive(Debug, Deserialize)]
+        #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+        enum Kind {
+            Local { path: Option<String> },
+            Remote(Box<RemoteConfig>),
+        }
+        let table: std::collections::BTreeMap<String, Kind> = toml::from_str(
+            r#"[small]
+            kind = "local"
+            [large]
+            kind = "remote"
+            model = "smollm2"
+            replicas = ["http://127.0.0.1:8081", "http://127.0.0.1:8082"]
+            api_key_env = "KEY""#,
+        )
+        .unwrap();
+        assert!(matches!(&table["small"], Kind::Local { path: None }));
+        let Kind::Remote(large) = &table["large"] else {
+            panic!("not remote: {:?}", table["large"]);
+        };
+        assert_eq!(large.urls().len(), 2);
+        assert_eq!(large.api_key_env.as_deref(), Some("KEY"));
+        let typo = toml::from_str::<std::collections::BTreeMap<String, Kind>>(
+            "[large]\nkind = \"remote\"\nmodel = \"m\"\nreplica = []",
+        );
+        assert!(typo.is_err());
     }
 
     #[test]

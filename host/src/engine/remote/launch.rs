@@ -79,7 +79,17 @@ impl LlamaServer {
             .arg(model)
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             // One thread (the machine is shared), two slots of 2048 tokens, no web page.
-            .args(["-t", "1", "-tb", "1", "-c", "4096", "-np", "2", "--no-webui"])
+            .args([
+                "-t",
+                "1",
+                "-tb",
+                "1",
+                "-c",
+                "4096",
+                "-np",
+                "2",
+                "--no-webui",
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

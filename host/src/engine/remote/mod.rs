@@ -13,8 +13,8 @@
 
 pub mod bench;
 mod client;
-pub mod launch;
 pub mod config;
+pub mod launch;
 mod replicas;
 mod tokens;
 mod wire;
@@ -24,9 +24,9 @@ use std::time::Instant;
 
 use serde_json::Value;
 
+use self::client::{Attempt, Outcome};
 pub use self::config::{Continuation, HealthConfig, RemoteConfig, RetryConfig, Timeouts};
 pub use self::replicas::ReplicaStats;
-use self::client::{Attempt, Outcome};
 use self::replicas::Replicas;
 use self::tokens::{LocalTokenizer, RemoteTokens};
 use self::wire::{WirePrompt, WireRequest};
@@ -91,8 +91,9 @@ impl RemoteEngine {
         };
         let client = reqwest::Client::builder()
             .connect_timeout(config.timeouts.connect)
-            // Pipelines reuse the connection across steps; idle ones close in time.
-            .pool_idle_timeout(std::time::Duration::from_secs(30))
+            // Steps reuse connections; an idle one is dropped before the server's keep-alive
+            // (5 s in llama.cpp's HTTP library) closes it under a request being sent.
+            .pool_idle_timeout(std::time::Duration::from_secs(3))
             .build()
             .map_err(|e| EngineError::Internal(format!("HTTP client: {e}")))?;
 
@@ -134,11 +135,7 @@ impl RemoteEngine {
                 token_prompts: known_server,
             },
         };
-        let replicas = Arc::new(Replicas::new(
-            urls,
-            config.routing.build(),
-            &config.breaker,
-        ));
+        let replicas = Arc::new(Replicas::new(urls, config.routing.build(), &config.breaker));
         let local_tokenizer = match &config.tokenizer {
             Some(path) => Some(LocalTokenizer::load(path)?),
             None => None,
@@ -185,7 +182,9 @@ impl RemoteEngine {
             .thread_name(format!("remote-{name}"))
             .enable_all()
             .build()
-            .map_err(|e| EngineError::Internal(format!("runtime for remote model `{name}`: {e}")))?;
+            .map_err(|e| {
+                EngineError::Internal(format!("runtime for remote model `{name}`: {e}"))
+            })?;
         let handle = runtime.handle().clone();
         // On a thread of its own, so this works from inside another runtime too.
         let connected = std::thread::scope(|scope| {
@@ -460,9 +459,8 @@ async fn probe(
                     context_tokens: props["default_generation_settings"]["n_ctx"]
                         .as_u64()
                         .map(|n| n as usize),
-                    template: (!template.is_empty()).then(|| {
-                        (template, str_of("bos_token"), str_of("eos_token"))
-                    }),
+                    template: (!template.is_empty())
+                        .then(|| (template, str_of("bos_token"), str_of("eos_token"))),
                 });
             }
             Some(Err(error)) => {
@@ -474,7 +472,9 @@ async fn probe(
         let version = get(format!("{url}/version")).await;
         let models = get(format!("{url}/v1/models")).await;
         let context_tokens = match &models {
-            Some(Ok(models)) => models["data"][0]["max_model_len"].as_u64().map(|n| n as usize),
+            Some(Ok(models)) => models["data"][0]["max_model_len"]
+                .as_u64()
+                .map(|n| n as usize),
             _ => None,
         };
         return Ok(Probe {

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::routing::{Breaker, BreakerConfig, BreakerState, Policy, ReplicaView, RouteHint, RouteRequest};
+use crate::routing::{
+    Breaker, BreakerConfig, BreakerState, Policy, ReplicaView, RouteHint, RouteRequest,
+};
 
 struct State {
     healthy: bool,
@@ -108,7 +110,9 @@ impl Replicas {
 
     fn lock(&self) -> MutexGuard<'_, Vec<State>> {
         // Counters and flags only: still right after a panic elsewhere.
-        self.states.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.states
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// How many replicas there are.
@@ -171,7 +175,9 @@ impl Replicas {
         let counters = &self.counters[index];
         counters.requests.fetch_add(1, Ordering::Relaxed);
         let hit = self.policy.predicted_hit(text, index) as u64;
-        counters.predicted_hit_chars.fetch_add(hit, Ordering::Relaxed);
+        counters
+            .predicted_hit_chars
+            .fetch_add(hit, Ordering::Relaxed);
         Some(Lease {
             replicas: self.clone(),
             index,
@@ -186,7 +192,9 @@ impl Replicas {
         states[index].healthy = true;
         drop(states);
         let counters = &self.counters[index];
-        counters.prompt_tokens.fetch_add(prompt_tokens.into(), Ordering::Relaxed);
+        counters
+            .prompt_tokens
+            .fetch_add(prompt_tokens.into(), Ordering::Relaxed);
         counters
             .cached_prompt_tokens
             .fetch_add(cached_prompt_tokens.into(), Ordering::Relaxed);
@@ -210,9 +218,7 @@ impl Replicas {
         state.healthy = healthy;
         if !healthy {
             state.seen_down = true;
-        } else if state.seen_down
-            || state.breaker.state(Instant::now()) == BreakerState::HalfOpen
-        {
+        } else if state.seen_down || state.breaker.state(Instant::now()) == BreakerState::HalfOpen {
             state.breaker.record_success();
             state.seen_down = false;
         }

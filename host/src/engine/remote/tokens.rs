@@ -87,24 +87,22 @@ impl RemoteTokens {
             // llama.cpp reads `content`, vLLM `prompt`; each ignores the other's field.
             let body = json!({ "model": self.model, "content": text, "prompt": text,
                                "add_special": false, "add_special_tokens": false });
-            let response = match tokio::time::timeout(
-                self.timeout,
-                self.client.post(&url).json(&body).send(),
-            )
-            .await
-            {
-                Ok(Ok(response)) => response,
-                Ok(Err(error)) => {
-                    last = Some(super::client::transport_error(&url, &error, self.timeout));
-                    continue;
-                }
-                Err(_) => {
-                    last = Some(EngineError::Timeout {
-                        after: self.timeout,
-                    });
-                    continue;
-                }
-            };
+            let response =
+                match tokio::time::timeout(self.timeout, self.client.post(&url).json(&body).send())
+                    .await
+                {
+                    Ok(Ok(response)) => response,
+                    Ok(Err(error)) => {
+                        last = Some(super::client::transport_error(&url, &error, self.timeout));
+                        continue;
+                    }
+                    Err(_) => {
+                        last = Some(EngineError::Timeout {
+                            after: self.timeout,
+                        });
+                        continue;
+                    }
+                };
             if matches!(response.status().as_u16(), 404 | 405 | 501) {
                 return Ok(None);
             }

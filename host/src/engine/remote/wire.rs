@@ -171,13 +171,20 @@ mod tests {
         };
         let llama = chat(Continuation::TrailingAssistant);
         assert_eq!(llama.path, "/v1/chat/completions");
-        assert_eq!(llama.body["messages"][1], json!({"role": "assistant", "content": "Hel"}));
+        assert_eq!(
+            llama.body["messages"][1],
+            json!({"role": "assistant", "content": "Hel"})
+        );
         assert!(llama.body.get("continue_final_message").is_none());
         assert_eq!(llama.body["stream_options"]["include_usage"], json!(true));
         let vllm = chat(Continuation::ContinueFinalMessage);
         assert_eq!(vllm.body["continue_final_message"], json!(true));
         assert_eq!(vllm.body["add_generation_prompt"], json!(false));
-        let tokens = request("m", WirePrompt::Tokens(&[TokenId(5), TokenId(7)]), &sampling);
+        let tokens = request(
+            "m",
+            WirePrompt::Tokens(&[TokenId(5), TokenId(7)]),
+            &sampling,
+        );
         assert_eq!(tokens.path, "/v1/completions");
         assert_eq!(tokens.body["prompt"], json!([5, 7]));
     }
