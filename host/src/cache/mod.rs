@@ -18,7 +18,7 @@
 
 use std::collections::HashMap;
 
-use crate::engine::TokenId;
+use crate::token::TokenId;
 
 /// A llama.cpp sequence id, used as a slot that holds KV for one token path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

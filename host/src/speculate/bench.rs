@@ -136,7 +136,7 @@ pub fn measure_cost_curve(
     let max_k = config.cost_points.iter().copied().max().unwrap_or(1) as usize;
     let batch_tokens = config.cost_context.max(max_k);
     let n_ctx = (config.cost_context + max_k + 16) as u32;
-    let backend_error = |e: String| EngineError::Backend(format!("cost curve: {e}"));
+    let backend_error = |e: String| EngineError::Internal(format!("cost curve: {e}"));
     let params = context_params(n_ctx, batch_tokens, 1, threads, config.flash_attention);
     let mut ctx = model
         .new_context(backend()?, params)
@@ -291,6 +291,8 @@ pub struct RunOutcome {
     pub tokens: Vec<TokenId>,
     pub text: String,
     pub usage: Usage,
+    /// What speculation did, when it was on.
+    pub speculation: Option<SpeculationStats>,
     /// Generated tokens after the first, per second after the first (prefill excluded).
     pub decode_tok_s: f64,
 }
@@ -313,13 +315,14 @@ pub fn run_once(
             feed.push_text(stream, text);
             feed.finish(stream);
         }
-        request.draft_feed = Some(feed);
+        request.extensions.insert(feed);
     }
     let Completion {
         text,
-        tokens,
+        token_ids,
         usage,
         timings,
+        extensions,
         ..
     } = engine.submit(request)?.blocking_collect()?;
     let decode = timings.first_token.map_or(Duration::ZERO, |first| {
@@ -332,9 +335,10 @@ pub fn run_once(
         f64::from(after_first) / decode.as_secs_f64()
     };
     Ok(RunOutcome {
-        tokens,
+        tokens: token_ids.unwrap_or_default(),
         text,
         usage,
+        speculation: extensions.get::<SpeculationStats>().cloned(),
         decode_tok_s,
     })
 }
@@ -410,7 +414,7 @@ pub fn compare(
             ratio: median(&mut paired),
             identical: first_difference.is_none(),
             first_difference,
-            speculation: s.usage.speculation.clone().unwrap_or_default(),
+            speculation: s.speculation.clone().unwrap_or_default(),
             sample: s.text.chars().take(160).collect(),
         });
     }

@@ -30,7 +30,7 @@ pub use stats::{DraftSource, SourceStats, SpeculationStats};
 use serde::{Deserialize, Serialize};
 use sources::PipelineSource;
 
-use crate::engine::TokenId;
+use crate::token::TokenId;
 
 /// Context tokens matched against the pipeline and session automata at each draft. Matches
 /// longer than this are all equally "long" for choosing a continuation; 64 keeps a match

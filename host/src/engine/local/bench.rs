@@ -129,7 +129,7 @@ fn first_token(outcome: &Completion) -> Result<Duration, EngineError> {
     outcome
         .timings
         .first_token
-        .ok_or_else(|| EngineError::Backend("a benchmark request finished without a token".into()))
+        .ok_or_else(|| EngineError::Internal("a benchmark request finished without a token".into()))
 }
 
 fn secs(d: Duration) -> f64 {
@@ -150,9 +150,9 @@ fn bare_loop(
     let params = context_params(n_ctx, batch_tokens, 1, threads, flash_attention);
     let mut ctx = model
         .new_context(backend()?, params)
-        .map_err(|e| EngineError::Backend(e.to_string()))?;
+        .map_err(|e| EngineError::Internal(e.to_string()))?;
     let mut batch = LlamaBatch::new(batch_tokens, 1);
-    let decode_error = |e: llama_cpp_2::DecodeError| EngineError::Backend(e.to_string());
+    let decode_error = |e: llama_cpp_2::DecodeError| EngineError::Internal(e.to_string());
     let start = Instant::now();
     for (chunk_index, chunk) in prompt.chunks(batch_tokens).enumerate() {
         batch.clear();
@@ -161,7 +161,7 @@ fn bare_loop(
             let last = pos + 1 == prompt.len();
             batch
                 .add(LlamaToken(token.0), pos as i32, &[0], last)
-                .map_err(|e| EngineError::Backend(e.to_string()))?;
+                .map_err(|e| EngineError::Internal(e.to_string()))?;
         }
         ctx.decode(&mut batch).map_err(decode_error)?;
     }
@@ -174,7 +174,7 @@ fn bare_loop(
         batch.clear();
         batch
             .add(token, (prompt.len() + step) as i32, &[0], true)
-            .map_err(|e| EngineError::Backend(e.to_string()))?;
+            .map_err(|e| EngineError::Internal(e.to_string()))?;
         ctx.decode(&mut batch).map_err(decode_error)?;
         token = LlamaToken(argmax(ctx.get_logits_ith(0)).0);
     }
@@ -410,7 +410,10 @@ pub fn compare_quantizations(
         let n_ctx = engine.model_info().context_tokens as u32;
         let answers = CORPUS
             .iter()
-            .map(|q| Ok(engine.submit(chat(None, q, 32))?.blocking_collect()?.tokens))
+            .map(|q| {
+                let answer = engine.submit(chat(None, q, 32))?.blocking_collect()?;
+                Ok(answer.token_ids.unwrap_or_default())
+            })
             .collect::<Result<Vec<_>, EngineError>>()?;
         let prompt = engine.tokenize(&filler_text(&engine, 256, 0));
         drop(engine);
@@ -473,8 +476,8 @@ fn forward_costs(
     );
     let mut ctx = model
         .new_context(backend()?, params)
-        .map_err(|e| EngineError::Backend(e.to_string()))?;
-    let backend_error = |e: &dyn std::fmt::Display| EngineError::Backend(e.to_string());
+        .map_err(|e| EngineError::Internal(e.to_string()))?;
+    let backend_error = |e: &dyn std::fmt::Display| EngineError::Internal(e.to_string());
     let mut batch = LlamaBatch::new(super::DEFAULT_BATCH_TOKENS, 1);
     for (i, token) in prompt.iter().enumerate() {
         batch
@@ -533,7 +536,7 @@ pub fn kv_width_costs(
     let threads = threads.unwrap_or_else(super::default_threads);
     let model = load_model(model_path)?;
     let n_ctx = model.n_ctx_train().min(super::DEFAULT_CONTEXT_TOKENS);
-    let backend_error = |e: &dyn std::fmt::Display| EngineError::Backend(e.to_string());
+    let backend_error = |e: &dyn std::fmt::Display| EngineError::Internal(e.to_string());
     let batch_tokens = super::DEFAULT_BATCH_TOKENS;
     let mut points: Vec<WidthPoint> = Vec::new();
     for &width in widths {

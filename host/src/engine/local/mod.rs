@@ -16,7 +16,8 @@ mod template;
 
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, mpsc};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -29,8 +30,11 @@ pub use backend::backend;
 pub use template::ChatTemplate;
 
 use self::runner::{Command, Pending, Runner, Shared};
-use super::{Engine, EngineError, GenerationRequest, GenerationStream, ModelInfo, Prompt, TokenId};
-use crate::speculate::{CostModel, SpeculationConfig, SpeculationStats};
+use super::{
+    Capabilities, Engine, EngineError, GenerationRequest, GenerationStream, ModelInfo, Prompt,
+    TokenCount, TokenCounter, TokenId,
+};
+use crate::speculate::{CostModel, DraftFeed, SpeculationConfig, SpeculationStats};
 
 /// Context size when the model's training context is larger: a 135M model rarely needs more,
 /// and every cell in use widens attention for all sequences in llama.cpp's unified cache.
@@ -161,7 +165,10 @@ pub struct LocalEngine {
     template: Result<ChatTemplate, String>,
     add_bos: bool,
     threads: usize,
-    commands: Option<mpsc::Sender<Command>>,
+    /// The engine thread's inbox. Streams hold it weakly (to send their cancellation), so
+    /// dropping the engine still closes it and lets the thread exit.
+    commands: Option<Arc<mpsc::Sender<Command>>>,
+    next_request: AtomicU64,
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
 }
@@ -277,6 +284,7 @@ impl LocalEngine {
         let info = ModelInfo {
             name,
             context_tokens: n_ctx as usize,
+            capabilities: Capabilities::ALL,
         };
 
         let shared = Arc::new(Shared::default());
@@ -304,7 +312,7 @@ impl LocalEngine {
                 let ctx = match thread_model.new_context(backend, params) {
                     Ok(ctx) => ctx,
                     Err(error) => {
-                        let _ = ready_tx.send(Err(EngineError::Backend(format!(
+                        let _ = ready_tx.send(Err(EngineError::Internal(format!(
                             "cannot create a llama.cpp context of {n_ctx} tokens: {error}"
                         ))));
                         return;
@@ -314,7 +322,7 @@ impl LocalEngine {
                 Runner::new(&thread_model, ctx, settings, thread_shared).run(receiver);
             })
             .map_err(|error| {
-                EngineError::Backend(format!("cannot start the engine thread: {error}"))
+                EngineError::Internal(format!("cannot start the engine thread: {error}"))
             })?;
         match ready_rx.recv() {
             Ok(Ok(())) => {}
@@ -328,7 +336,8 @@ impl LocalEngine {
             template,
             add_bos,
             threads,
-            commands: Some(commands),
+            commands: Some(Arc::new(commands)),
+            next_request: AtomicU64::new(0),
             shared,
             thread: Some(thread),
         })
@@ -425,12 +434,28 @@ impl LocalEngine {
         Ok(tokens)
     }
 
-    fn send(&self, pending: Pending) -> Result<(), EngineError> {
-        self.commands
-            .as_ref()
-            .ok_or(EngineError::Stopped)?
+    /// Hands a request to the engine thread; the stream it feeds sends `Cancel` when dropped
+    /// early.
+    fn send(
+        &self,
+        pending: Pending,
+        stream: GenerationStream,
+    ) -> Result<GenerationStream, EngineError> {
+        let commands = self.commands.as_ref().ok_or(EngineError::Stopped)?;
+        let id = pending.id;
+        commands
             .send(Command::Submit(pending))
-            .map_err(|_| EngineError::Stopped)
+            .map_err(|_| EngineError::Stopped)?;
+        let commands: Weak<mpsc::Sender<Command>> = Arc::downgrade(commands);
+        Ok(stream.on_cancel(move || {
+            if let Some(commands) = commands.upgrade() {
+                let _ = commands.send(Command::Cancel(id));
+            }
+        }))
+    }
+
+    fn request_id(&self) -> u64 {
+        self.next_request.fetch_add(1, Ordering::Relaxed)
     }
 
     /// The `k` highest next-token logits after `tokens`, decoded alone (diagnostics: how
@@ -441,17 +466,21 @@ impl LocalEngine {
         k: usize,
     ) -> Result<Vec<(TokenId, f32)>, EngineError> {
         let tokens = self.prompt_tokens(&Prompt::Tokens(tokens.to_vec()))?;
-        let (events, _stream) = GenerationStream::channel();
+        let (events, stream) = GenerationStream::channel();
         let (probe, answer) = mpsc::channel();
-        self.send(Pending {
-            tokens,
-            sampling: Default::default(),
-            priority: Default::default(),
-            events,
-            submitted: Instant::now(),
-            probe: Some(probe),
-            draft_feed: None,
-        })?;
+        let _stream = self.send(
+            Pending {
+                id: self.request_id(),
+                tokens,
+                sampling: Default::default(),
+                priority: Default::default(),
+                events,
+                submitted: Instant::now(),
+                probe: Some(probe),
+                draft_feed: None,
+            },
+            stream,
+        )?;
         let mut top = answer.recv().map_err(|_| EngineError::Stopped)?;
         top.truncate(k);
         Ok(top)
@@ -478,24 +507,34 @@ impl Engine for LocalEngine {
         let (events, stream) = GenerationStream::channel();
         let span = tracing::debug_span!("submit", prompt_tokens = tokens.len());
         let _entered = span.enter();
-        self.send(Pending {
-            tokens,
-            sampling,
-            priority: request.priority,
-            events,
-            submitted,
-            probe: None,
-            draft_feed: request.draft_feed,
-        })?;
-        Ok(stream)
+        self.send(
+            Pending {
+                id: self.request_id(),
+                tokens,
+                sampling,
+                priority: request.priority,
+                events,
+                submitted,
+                probe: None,
+                draft_feed: request.extensions.get::<DraftFeed>().cloned(),
+            },
+            stream,
+        )
     }
 
     fn model_info(&self) -> &ModelInfo {
         &self.info
     }
 
-    fn count_tokens(&self, text: &str) -> Result<usize, EngineError> {
-        Ok(self.tokenize(text).len())
+    fn token_counter(&self) -> &dyn TokenCounter {
+        self
+    }
+}
+
+/// Counts with the tokenizer stored in the GGUF.
+impl TokenCounter for LocalEngine {
+    fn count(&self, text: &str) -> TokenCount {
+        TokenCount::Exact(u32::try_from(self.tokenize(text).len()).unwrap_or(u32::MAX))
     }
 }
 

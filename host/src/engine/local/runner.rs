@@ -22,17 +22,15 @@ use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
-use tokio::sync::mpsc::UnboundedSender;
 
 use super::output::OutputText;
 use super::{EngineStats, RunnerSettings};
 use crate::cache::{NodeRef, PrefixCache, SeqSlot};
 use crate::engine::{
-    EngineError, FinishReason, GenerationEvent, Priority, SamplingParams, Timings, TokenId, Usage,
+    EngineError, EventSender, FinishReason, GenerationEvent, Priority, SamplingParams, Timings,
+    TokenId, Usage,
 };
 use crate::speculate::{Draft, DraftFeed, SessionStore, SpeculationStats, Speculator};
-
-pub(super) type EventSender = UnboundedSender<Result<GenerationEvent, EngineError>>;
 
 /// New prefix tokens a queued request must share with a prompt still prefilling before it
 /// waits for that prefill instead of repeating it: below this, waiting costs more than it saves.
@@ -40,6 +38,8 @@ const MIN_SHARED_PREFILL: usize = 16;
 
 /// A request waiting for a sequence slot.
 pub(super) struct Pending {
+    /// Names the request in a later `Command::Cancel`.
+    pub id: u64,
     pub tokens: Vec<TokenId>,
     pub sampling: SamplingParams,
     pub priority: Priority,
@@ -53,6 +53,8 @@ pub(super) struct Pending {
 
 pub(super) enum Command {
     Submit(Pending),
+    /// The caller dropped the request's stream before its end.
+    Cancel(u64),
 }
 
 /// Stats shared with the engine handle; `changed` wakes waiters after every step.
@@ -63,6 +65,7 @@ pub(super) struct Shared {
 }
 
 struct Sequence {
+    id: u64,
     slot: SeqSlot,
     order: u64,
     priority: Priority,
@@ -204,14 +207,13 @@ impl<'m> Runner<'m> {
                     Err(TryRecvError::Disconnected) => open = false,
                 }
             }
-            self.drop_cancelled();
             self.admit();
             if self.running.is_empty() {
                 // Nothing could be admitted with the whole KV cache free: the head request
                 // cannot run at all (validated at submit, so this is a bug guard).
                 if !self.queue.is_empty() {
                     let (_, pending) = self.queue.remove(0);
-                    let _ = pending.events.send(Err(EngineError::Backend(
+                    let _ = pending.events.send(Err(EngineError::Internal(
                         "request does not fit the KV cache".into(),
                     )));
                 }
@@ -233,18 +235,12 @@ impl<'m> Runner<'m> {
                     .partition_point(|(_, p)| p.priority >= pending.priority);
                 self.queue.insert(at, (order, pending));
             }
-        }
-    }
-
-    fn drop_cancelled(&mut self) {
-        self.queue.retain(|(_, p)| !p.events.is_closed());
-        let mut index = 0;
-        while index < self.running.len() {
-            if self.running[index].events.is_closed() {
-                let seq = self.running.swap_remove(index);
-                self.retire(seq, Exit::Cancelled);
-            } else {
-                index += 1;
+            Command::Cancel(id) => {
+                self.queue.retain(|(_, p)| p.id != id);
+                if let Some(index) = self.running.iter().position(|s| s.id == id) {
+                    let seq = self.running.swap_remove(index);
+                    self.retire(seq, Exit::Cancelled);
+                }
             }
         }
     }
@@ -374,6 +370,7 @@ impl<'m> Runner<'m> {
             });
             let now = Instant::now();
             self.running.push(Sequence {
+                id: pending.id,
                 slot,
                 order,
                 priority: pending.priority,
@@ -583,7 +580,7 @@ impl<'m> Runner<'m> {
             let seq = self.running.swap_remove(index);
             self.retire(
                 seq,
-                Exit::Failed(EngineError::Backend(format!("llama.cpp decode: {error}"))),
+                Exit::Failed(EngineError::Internal(format!("llama.cpp decode: {error}"))),
             );
         }
     }
@@ -675,7 +672,8 @@ impl<'m> Runner<'m> {
         if !emitted.text.is_empty() || emitted.stopped {
             let delta = GenerationEvent::Delta {
                 text: emitted.text,
-                tokens: emitted.tokens,
+                token_count: u32::try_from(emitted.tokens.len()).unwrap_or(u32::MAX),
+                token_ids: Some(emitted.tokens),
             };
             if seq.events.send(Ok(delta)).is_err() {
                 return Some(Exit::Cancelled);
@@ -739,7 +737,8 @@ impl<'m> Runner<'m> {
                     if !rest.text.is_empty() {
                         let _ = seq.events.send(Ok(GenerationEvent::Delta {
                             text: rest.text,
-                            tokens: rest.tokens,
+                            token_count: u32::try_from(rest.tokens.len()).unwrap_or(u32::MAX),
+                            token_ids: Some(rest.tokens),
                         }));
                     }
                 }
@@ -747,19 +746,21 @@ impl<'m> Runner<'m> {
                     .speculator
                     .take()
                     .map(|s| s.finish(Some(&mut self.sessions)));
-                if let Some(stats) = &speculation {
-                    self.speculation.merge(stats);
+                let mut extensions = http::Extensions::new();
+                if let Some(stats) = speculation {
+                    self.speculation.merge(&stats);
+                    extensions.insert(stats);
                 }
                 let usage = Usage {
                     prompt_tokens: seq.prompt_len as u32,
                     cached_prompt_tokens: seq.cached_prompt as u32,
                     completion_tokens: seq.generated,
-                    speculation,
                 };
                 let _ = seq.events.send(Ok(GenerationEvent::Finished {
                     reason,
                     usage,
                     timings: seq.timings(now),
+                    extensions,
                 }));
                 self.finished += 1;
                 // The KV (prompt and output) becomes a cached prefix for later requests.
