@@ -9,7 +9,7 @@ use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::token::LlamaToken;
 use serde::Serialize;
 
-use super::runner::argmax;
+use super::sampling::argmax;
 use super::{LocalEngine, LocalEngineConfig, backend, context_params, load_model};
 use crate::engine::{
     ChatMessage, Completion, Engine, EngineError, GenerationRequest, Prompt, Role, SamplingParams,

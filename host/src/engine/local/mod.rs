@@ -1,17 +1,26 @@
 //! The embedded engine: GGUF models on llama.cpp kernels under our own scheduler.
 //!
 //! [`LocalEngine`] is the handle callers hold: it renders chat templates, tokenizes and
-//! validates requests on the caller's thread, then hands them to one engine thread
-//! (`runner.rs`) that owns the llama.cpp context and runs continuous batching with chunked
-//! prefill and the radix prefix cache (`crate::cache`). Only llama.cpp's kernels, tokenizer and
-//! sampler chain come from the `llama-cpp-2` crate; scheduling, batching and caching are ours.
-//! This room must not know about pipelines or plugins.
+//! validates requests on the caller's thread, then hands them to one engine thread that owns
+//! the llama.cpp context and runs continuous batching with chunked prefill and the radix
+//! prefix cache (`crate::cache`). The thread's work is split as in vLLM's v1 engine, data
+//! moving one way: `scheduler` (admission order, the step's batch plan) → `kv` (slots, cell
+//! accounting, the prefix cache over them) → `executor` (the llama.cpp context: decode,
+//! logits, KV operations) → `sequence` (sampling results become stream events), tied
+//! together by `engine_loop`. `scheduler` and `kv` decide without a model and are unit-tested
+//! that way. Only llama.cpp's kernels, tokenizer and sampler chain come from the `llama-cpp-2`
+//! crate; scheduling, batching and caching are ours. This room must not know about pipelines or plugins.
 
 mod backend;
 pub mod bench;
+mod engine_loop;
+mod executor;
+mod kv;
 mod output;
 pub mod quantize;
-mod runner;
+mod sampling;
+mod scheduler;
+mod sequence;
 mod template;
 
 use std::num::NonZeroU32;
@@ -29,7 +38,8 @@ use llama_cpp_2::token::LlamaToken;
 pub use backend::backend;
 pub use template::ChatTemplate;
 
-use self::runner::{Command, Pending, Runner, Shared};
+use self::engine_loop::{Command, EngineLoop, Pending, Shared};
+use self::executor::Executor;
 use super::{
     Capabilities, Engine, EngineError, GenerationRequest, GenerationStream, ModelInfo, Prompt,
     TokenCount, TokenCounter, TokenId,
@@ -147,7 +157,7 @@ pub struct EngineStats {
 
 /// Settings the engine thread needs.
 #[derive(Clone, Debug)]
-struct RunnerSettings {
+struct EngineSettings {
     batch_tokens: usize,
     prefill_chunk: usize,
     max_running: usize,
@@ -249,7 +259,7 @@ impl LocalEngine {
             .unwrap_or(train.min(DEFAULT_CONTEXT_TOKENS));
         let threads = config.threads.unwrap_or_else(default_threads).max(1);
         let max_running = config.max_running.max(1);
-        let settings = RunnerSettings {
+        let settings = EngineSettings {
             batch_tokens: config.batch_tokens.max(1),
             prefill_chunk: config.prefill_chunk.max(1),
             max_running,
@@ -319,7 +329,8 @@ impl LocalEngine {
                     }
                 };
                 let _ = ready_tx.send(Ok(()));
-                Runner::new(&thread_model, ctx, settings, thread_shared).run(receiver);
+                let executor = Executor::new(ctx, settings.batch_tokens);
+                EngineLoop::new(&thread_model, executor, settings, thread_shared).run(receiver);
             })
             .map_err(|error| {
                 EngineError::Internal(format!("cannot start the engine thread: {error}"))
