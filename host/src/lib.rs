@@ -6,6 +6,7 @@
 //! agents, `plugin/` hosts the WebAssembly policies, `trace/` records timelines, `model/`
 //! fetches and lists models, and `cli/` is the command line over all of them.
 
+pub mod bench;
 pub mod cache;
 pub mod cli;
 pub mod engine;

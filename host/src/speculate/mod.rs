@@ -10,12 +10,11 @@
 //! (sampling). The draft length adapts to match length, recent acceptance and the width of
 //! the step ([`DraftController`]), and drops to zero where drafting would cost more than it
 //! wins. This module proposes and decides; it must not touch the model or its KV cache
-//! (`bench` drives whole engines through the `Engine` trait, like any caller).
+//! (`crate::bench` measures it through whole engines, like any caller).
 
 mod accept;
 mod adaptive;
 mod automaton;
-pub mod bench;
 mod linkcut;
 mod sources;
 mod stats;

@@ -10,7 +10,7 @@
 
 use std::collections::HashSet;
 
-use crate::cache::{CacheStats, NodeRef, PrefixCache, Released, SeqSlot};
+use crate::cache::{NodeRef, PrefixCache, PrefixCacheStats, Released, SeqSlot};
 use crate::token::TokenId;
 
 /// A KV operation llama.cpp refused.
@@ -61,7 +61,7 @@ impl KvManager {
     }
 
     /// The prefix cache's counters (zero without a cache).
-    pub fn stats(&self) -> CacheStats {
+    pub fn stats(&self) -> PrefixCacheStats {
         self.cache.as_ref().map(|c| c.stats()).unwrap_or_default()
     }
 

@@ -9,14 +9,15 @@
 //! logits, KV operations) → `sequence` (sampling results become stream events), tied
 //! together by `engine_loop`. `scheduler` and `kv` decide without a model and are unit-tested
 //! that way. Only llama.cpp's kernels, tokenizer and sampler chain come from the `llama-cpp-2`
-//! crate; scheduling, batching and caching are ours. This room must not know about pipelines or plugins.
+//! crate; scheduling, batching and caching are ours. [`probe`] times bare kernels for the
+//! benchmarks. This room must not know about pipelines or plugins.
 
 mod backend;
-pub mod bench;
 mod engine_loop;
 mod executor;
 mod kv;
 mod output;
+pub mod probe;
 pub mod quantize;
 mod sampling;
 mod scheduler;
@@ -209,7 +210,7 @@ pub fn load_model(path: &Path) -> Result<LlamaModel, EngineError> {
     })
 }
 
-/// Context parameters shared by the engine and the benchmark's bare loop.
+/// Context parameters shared by the engine and the kernel probe.
 pub fn context_params(
     n_ctx: u32,
     batch_tokens: usize,

@@ -104,10 +104,10 @@ impl Sequence {
         self.tokens.push(token);
         let bytes = vocab.token_to_piece(LlamaToken(token.0), false, None);
         let emitted = self.output.push(token, &bytes);
-        if !emitted.text.is_empty() || emitted.stopped {
-            if !self.send_delta(emitted.text, emitted.tokens) {
-                return Some(Exit::Cancelled);
-            }
+        if (!emitted.text.is_empty() || emitted.stopped)
+            && !self.send_delta(emitted.text, emitted.tokens)
+        {
+            return Some(Exit::Cancelled);
         }
         if emitted.stopped {
             self.stop_string_seen = true;
