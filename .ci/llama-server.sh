@@ -12,6 +12,17 @@ if [ -x "$BIN" ]; then
   exit 0
 fi
 
+# The build needs cmake and a C++ compiler; CI runs this before `cargo xtask test` installs them.
+if ! command -v cmake >/dev/null || ! command -v c++ >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake g++ make >&2
+  else
+    echo "llama-server.sh: needs cmake and a C++ compiler (apt-get install cmake g++ make)" >&2
+    exit 1
+  fi
+fi
+
 SDIST="llama_cpp_python-$VERSION.tar.gz"
 WORK="$CACHE/work"
 mkdir -p "$WORK"
