@@ -199,18 +199,7 @@ mod tests {
             let text = format!("{}{}", heads[i % 7 % 3], "xy".repeat(i % 5));
             let loads = [i % 3, (i / 3) % 4, (i / 2) % 2];
             let replicas = views(&loads);
-            let lcp = |r: usize| {
-                sent.iter()
-                    .filter(|(_, t)| *t == r)
-                    .map(|(s, _)| {
-                        s.chars()
-                            .zip(text.chars())
-                            .take_while(|(a, b)| a == b)
-                            .count()
-                    })
-                    .max()
-                    .unwrap_or(0)
-            };
+            let lcp = |r: usize| super::super::tree::tests::brute(&sent, &text, r);
             let held = |r: usize| {
                 // Characters of the tree a replica holds: the distinct prefixes' union.
                 let mut prefixes = std::collections::HashSet::new();

@@ -237,17 +237,7 @@ mod tests {
             let loads = [i % 2, (i / 5) % 3];
             let replicas = views(&loads);
             let cost = |r: usize| {
-                let seen = sent
-                    .iter()
-                    .filter(|(_, t)| *t == r)
-                    .map(|(s, _)| {
-                        s.chars()
-                            .zip(text.chars())
-                            .take_while(|(a, b)| a == b)
-                            .count()
-                    })
-                    .max()
-                    .unwrap_or(0);
+                let seen = super::super::tree::tests::brute(&sent, &text, r);
                 (text.chars().count() - seen).div_ceil(CHARS_PER_TOKEN)
                     + loads[r] * config.in_flight_tokens
             };

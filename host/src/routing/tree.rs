@@ -264,11 +264,11 @@ fn common_prefix(a: &[char], b: &[char]) -> usize {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Brute force: the longest common prefix with any text sent to the tenant.
-    fn brute(sent: &[(String, Tenant)], text: &str, tenant: Tenant) -> usize {
+    pub(crate) fn brute(sent: &[(String, Tenant)], text: &str, tenant: Tenant) -> usize {
         sent.iter()
             .filter(|(_, t)| *t == tenant)
             .map(|(s, _)| {
