@@ -22,6 +22,7 @@ use serde::Serialize;
 use tokio::sync::{Notify, mpsc};
 use tracing::Instrument;
 
+use super::budget::{MeteredProvider, RunBound, RunBudget, RunLimits};
 use super::critical::{self, CriticalPath, LatencyModel};
 use super::policy::{
     AggregatorSession, CompressorPolicy, Demand, PolicyError, PolicyProvider, RouteRequest,
@@ -98,6 +99,12 @@ pub enum RunError {
         "node `{node}`: plugin `{plugin}` gave no final step although every input has finished"
     )]
     NoFinalStep { node: String, plugin: String },
+    #[error("node `{node}`: plugin `{plugin}` ended the run: {bound}")]
+    Bound {
+        node: String,
+        plugin: String,
+        bound: RunBound,
+    },
     #[error("node `{node}`: router chose `{model}`, which is not one of {models:?}")]
     BadRoute {
         node: String,
@@ -241,6 +248,7 @@ pub struct Runner {
     models: Models,
     policies: Arc<dyn PolicyProvider>,
     latencies: Arc<LatencyModel>,
+    limits: RunLimits,
 }
 
 impl Runner {
@@ -249,7 +257,19 @@ impl Runner {
             models,
             policies,
             latencies: Arc::new(LatencyModel::default()),
+            limits: RunLimits::default(),
         }
+    }
+
+    /// The same runner with other bounds per run.
+    pub fn with_limits(mut self, limits: RunLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// The bounds every run gets.
+    pub fn limits(&self) -> RunLimits {
+        self.limits
     }
 
     pub fn models(&self) -> &Models {
@@ -311,6 +331,7 @@ impl Runner {
             timeline: &timeline,
             events: events.as_ref(),
             priorities,
+            policies: MeteredProvider::new(self.policies.clone(), RunBudget::new(self.limits)),
         };
 
         // Wiring: one inbox per node with inputs, a wake-up per producer, a flag per edge.
@@ -573,6 +594,8 @@ struct RunCtx<'r> {
     timeline: &'r Timeline,
     events: Option<&'r mpsc::UnboundedSender<RunEvent>>,
     priorities: Vec<Priority>,
+    /// The runner's policies, metered against this run's bounds.
+    policies: MeteredProvider,
 }
 
 impl<'r> RunCtx<'r> {
@@ -583,10 +606,18 @@ impl<'r> RunCtx<'r> {
         }
     }
 
+    /// A policy's failure as the run's error: the bound it went over, when it did.
     fn policy_error(&self, node: NodeIndex) -> impl Fn(PolicyError) -> RunError + '_ {
-        move |source| RunError::Policy {
-            node: self.pipeline.node(node).id.clone(),
-            source,
+        move |source| {
+            let node = self.pipeline.node(node).id.clone();
+            match self.policies.budget().exceeded() {
+                Some((plugin, bound)) => RunError::Bound {
+                    node,
+                    plugin,
+                    bound,
+                },
+                None => RunError::Policy { node, source },
+            }
         }
     }
 
@@ -619,7 +650,6 @@ impl<'r> RunCtx<'r> {
         match node.kind {
             NodeKind::Compressor { budget_tokens } => {
                 let compressor = self
-                    .runner
                     .policies
                     .compressor(&node.plugin)
                     .map_err(&policy_error)?;
@@ -628,7 +658,6 @@ impl<'r> RunCtx<'r> {
             }
             NodeKind::Agent => {
                 let mut role = self
-                    .runner
                     .policies
                     .role_with_config(&node.plugin, &node.config)
                     .map_err(&policy_error)?;
@@ -639,7 +668,6 @@ impl<'r> RunCtx<'r> {
             }
             NodeKind::Aggregator => {
                 let session = self
-                    .runner
                     .policies
                     .aggregator(&node.plugin, &conversation, &self.sources(ix), mode)
                     .map_err(&policy_error)?;
@@ -710,7 +738,7 @@ impl<'r> RunCtx<'r> {
         let policy_error = self.policy_error(ix);
         let mut router = match &node.model {
             ModelBinding::Routed { router, .. } => {
-                Some(self.runner.policies.router(router).map_err(&policy_error)?)
+                Some(self.policies.router(router).map_err(&policy_error)?)
             }
             _ => None,
         };
