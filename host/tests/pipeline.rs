@@ -1028,7 +1028,8 @@ fn hostile_plugins() -> Arc<staircase::plugin::Registry> {
         .unwrap(),
     );
     registry.load_builtins().unwrap();
-    let dir = std::env::temp_dir().join(format!("staircase-pipeline-hostile-{}", std::process::id()));
+    let dir =
+        std::env::temp_dir().join(format!("staircase-pipeline-hostile-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::copy(guest_artifact("hostile"), dir.join("hostile.wasm")).unwrap();
     std::fs::copy(guest_manifest("fixtures/hostile"), dir.join("hostile.toml")).unwrap();
@@ -1060,7 +1061,11 @@ fn hostile_steps(engine: &ScriptedEngine) -> usize {
 async fn a_normal_run_follows(runner: &Runner) {
     let pipeline = Pipeline::parse(BUILTIN_MOA, "moa.toml").unwrap();
     let report = runner
-        .run(&pipeline, RunRequest::prompt("q", StreamMode::Staircase), None)
+        .run(
+            &pipeline,
+            RunRequest::prompt("q", StreamMode::Staircase),
+            None,
+        )
         .await
         .unwrap();
     assert!(!report.answer.is_empty());
@@ -1092,11 +1097,21 @@ async fn an_aggregator_that_never_finishes_ends_at_the_step_bound() {
     );
     let pipeline = Pipeline::parse(HOSTILE, "hostile.toml").unwrap();
     let error = runner
-        .run(&pipeline, RunRequest::prompt("q", StreamMode::Staircase), None)
+        .run(
+            &pipeline,
+            RunRequest::prompt("q", StreamMode::Staircase),
+            None,
+        )
         .await
         .unwrap_err();
     assert!(error.to_string().contains("steps_per_node"), "{error}");
-    assert_eq!(bound_of(error), RunBound::Steps { steps: 17, limit: 16 });
+    assert_eq!(
+        bound_of(error),
+        RunBound::Steps {
+            steps: 17,
+            limit: 16
+        }
+    );
     assert_eq!(hostile_steps(&engine), 16, "no step beyond the bound ran");
     assert!(engine.live().is_empty(), "the ended run left no stream");
     a_normal_run_follows(&runner).await;
@@ -1115,7 +1130,11 @@ async fn steps_that_generate_nothing_end_the_run_at_the_idle_bound() {
     );
     let pipeline = Pipeline::parse(HOSTILE, "hostile.toml").unwrap();
     let error = runner
-        .run(&pipeline, RunRequest::prompt("q", StreamMode::Staircase), None)
+        .run(
+            &pipeline,
+            RunRequest::prompt("q", StreamMode::Staircase),
+            None,
+        )
         .await
         .unwrap_err();
     assert_eq!(bound_of(error), RunBound::IdleSteps { steps: 4, limit: 3 });
@@ -1144,7 +1163,10 @@ async fn many_calls_each_under_the_deadline_end_at_the_runs_plugin_time() {
         .await
         .unwrap_err();
     match bound_of(error) {
-        RunBound::PluginTime { spent, limit: bound } => {
+        RunBound::PluginTime {
+            spent,
+            limit: bound,
+        } => {
             assert_eq!(bound, limit);
             assert!(spent > limit, "{spent:?}");
         }

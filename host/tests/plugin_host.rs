@@ -1131,9 +1131,8 @@ fn a_user_plugin_may_not_take_a_builtins_name_unless_the_host_allows_it() {
     let registry = registry_with(config());
     let (dir, wasm) = renamed_hostile("moa-aggregator");
     match registry.load_file(&wasm) {
-        Err(PluginError::ReservedName { plugin, name, path }) => {
+        Err(PluginError::ReservedName { plugin, path }) => {
             assert_eq!(plugin.to_string(), "moa-aggregator@1.0.0");
-            assert_eq!(name, "moa-aggregator");
             assert_eq!(path, wasm);
         }
         other => panic!("expected a refusal, got {other:?}"),
@@ -1172,7 +1171,10 @@ fn compiling_is_bounded_and_a_folder_plugin_compiles_only_when_used() {
     let loads = registry.load_dir_lazy(&dir.0).unwrap();
     assert!(loads.iter().all(|(_, r)| r.is_ok()));
     assert_eq!(registry.pending(), vec!["lazy-hostile".to_string()]);
-    assert_eq!(registry.kind_of("lazy-hostile"), Some(PluginKind::Aggregator));
+    assert_eq!(
+        registry.kind_of("lazy-hostile"),
+        Some(PluginKind::Aggregator)
+    );
     still_serving_builtin(&registry);
     assert_eq!(
         registry.pending(),
@@ -1194,8 +1196,17 @@ fn compiling_is_bounded_and_a_folder_plugin_compiles_only_when_used() {
         .unwrap(),
     );
     strict.load_dir_lazy(&dir.0).unwrap();
-    match strict.open_aggregator("lazy-hostile", &user("q"), &sources(1), StreamMode::Staircase) {
-        Err(PluginError::CompileTimeout { plugin, budget, bytes }) => {
+    match strict.open_aggregator(
+        "lazy-hostile",
+        &user("q"),
+        &sources(1),
+        StreamMode::Staircase,
+    ) {
+        Err(PluginError::CompileTimeout {
+            plugin,
+            budget,
+            bytes,
+        }) => {
             assert_eq!(plugin.to_string(), "lazy-hostile@1.0.0");
             assert_eq!(budget, Duration::from_millis(1));
             assert!(bytes > 0);
@@ -1297,7 +1308,11 @@ fn every_wasi_import_with_hostile_arguments_fails_typed_inside_an_async_task() {
     let outcomes = runtime.block_on(async move {
         tokio::spawn(async move {
             let mut outcomes = Vec::new();
-            for probe in PROBES.iter().map(|p| format!("probe:{p}")).chain(["udp".into()]) {
+            for probe in PROBES
+                .iter()
+                .map(|p| format!("probe:{p}"))
+                .chain(["udp".into()])
+            {
                 let mut session = registry
                     .open_aggregator("hostile", &user("hi"), &sources(1), StreamMode::Staircase)
                     .unwrap();
@@ -1325,7 +1340,10 @@ fn every_wasi_import_with_hostile_arguments_fails_typed_inside_an_async_task() {
     }
     let by_name = |name: &str| &outcomes.iter().find(|(p, _)| p == name).unwrap().1;
     assert!(
-        matches!(by_name("probe:sleep-forever"), Err(PluginError::Timeout { .. })),
+        matches!(
+            by_name("probe:sleep-forever"),
+            Err(PluginError::Timeout { .. })
+        ),
         "{:?}",
         by_name("probe:sleep-forever")
     );
@@ -1334,7 +1352,7 @@ fn every_wasi_import_with_hostile_arguments_fails_typed_inside_an_async_task() {
         Err(PluginError::LimitExceeded { .. })
     ));
     match by_name("probe:udp-v4") {
-        Ok(answer) => assert!(answer.contains("AccessDenied"), "{answer}"),
+        Ok(answer) => assert!(answer.contains("access-denied"), "{answer}"),
         Err(error) => panic!("creating a UDP socket is refused, not failed: {error}"),
     }
     match by_name("udp") {
@@ -1345,47 +1363,50 @@ fn every_wasi_import_with_hostile_arguments_fails_typed_inside_an_async_task() {
 
 #[test]
 fn count_tokens_is_bounded_in_size_and_by_the_call_deadline() {
-    isolated("count_tokens_is_bounded_in_size_and_by_the_call_deadline", || {
-        // The real tokenizer: without a model `count-tokens` only estimates.
-        let model = staircase::model::default_model_path().unwrap();
-        let engine = staircase::engine::local::LocalEngine::load(
-            staircase::engine::local::LocalEngineConfig::new(model),
-        )
-        .unwrap();
-        let registry = registry_with(HostConfig {
-            engine: Some(Arc::new(engine)),
-            ..config()
-        });
-        let dir = Scratch::new("hostile-counting");
-        std::fs::copy(guest_artifact("hostile"), dir.0.join("hostile.wasm")).unwrap();
-        std::fs::copy(
-            guest_manifest("fixtures/hostile"),
-            dir.0.join("hostile.toml"),
-        )
-        .unwrap();
-        registry.load_file(&dir.0.join("hostile.wasm")).unwrap();
+    isolated(
+        "count_tokens_is_bounded_in_size_and_by_the_call_deadline",
+        || {
+            // The real tokenizer: without a model `count-tokens` only estimates.
+            let model = staircase::model::default_model_path().unwrap();
+            let engine = staircase::engine::local::LocalEngine::load(
+                staircase::engine::local::LocalEngineConfig::new(model),
+            )
+            .unwrap();
+            let registry = registry_with(HostConfig {
+                engine: Some(Arc::new(engine)),
+                ..config()
+            });
+            let dir = Scratch::new("hostile-counting");
+            std::fs::copy(guest_artifact("hostile"), dir.0.join("hostile.wasm")).unwrap();
+            std::fs::copy(
+                guest_manifest("fixtures/hostile"),
+                dir.0.join("hostile.toml"),
+            )
+            .unwrap();
+            registry.load_file(&dir.0.join("hostile.wasm")).unwrap();
 
-        // 15 MiB: refused before any tokenizing.
-        let mut error = None;
-        let growth = peak_growth_mib(|| error = Some(attack(&registry, "count-huge")));
-        let error = error.unwrap();
-        let limit = limit_of(&error);
-        assert_eq!(limit.what, "count-tokens text bytes");
-        assert_eq!((limit.limit, limit.asked), (1 << 20, 15 << 20));
-        assert!(
-            growth < hostile_cap_mib() + MEMORY_MARGIN_MIB,
-            "host memory grew {growth} MiB"
-        );
+            // 15 MiB: refused before any tokenizing.
+            let mut error = None;
+            let growth = peak_growth_mib(|| error = Some(attack(&registry, "count-huge")));
+            let error = error.unwrap();
+            let limit = limit_of(&error);
+            assert_eq!(limit.what, "count-tokens text bytes");
+            assert_eq!((limit.limit, limit.asked), (1 << 20, 15 << 20));
+            assert!(
+                growth < hostile_cap_mib() + MEMORY_MARGIN_MIB,
+                "host memory grew {growth} MiB"
+            );
 
-        // 1 MiB, within the size limit, takes the tokenizer about a second: the call ends at
-        // its deadline instead.
-        match attack(&registry, "count-big") {
-            PluginError::Timeout { deadline, call, .. } => {
-                assert_eq!(deadline, Duration::from_millis(100));
-                assert_eq!(call, "session.push");
+            // 1 MiB, within the size limit, takes the tokenizer about a second: the call ends at
+            // its deadline instead.
+            match attack(&registry, "count-big") {
+                PluginError::Timeout { deadline, call, .. } => {
+                    assert_eq!(deadline, Duration::from_millis(100));
+                    assert_eq!(call, "session.push");
+                }
+                other => panic!("expected a timeout, got {other}"),
             }
-            other => panic!("expected a timeout, got {other}"),
-        }
-        still_serving(&registry);
-    });
+            still_serving(&registry);
+        },
+    );
 }

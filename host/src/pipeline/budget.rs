@@ -318,7 +318,9 @@ impl AggregatorSession for MeteredSession {
     fn next_step(&mut self) -> Result<Option<Step>, PolicyError> {
         let inner = &mut self.inner;
         let step = self.meter.call(|| inner.next_step())?;
-        let warm_up = step.as_ref().is_some_and(|s| !s.is_final && s.max_tokens == 0);
+        let warm_up = step
+            .as_ref()
+            .is_some_and(|s| !s.is_final && s.max_tokens == 0);
         if step.is_some() && !warm_up {
             let limit = self.meter.budget.limits.steps_per_node;
             if self.steps >= limit {
@@ -392,7 +394,10 @@ mod tests {
             session.answered("").unwrap();
         }
         let error = session.answered("").unwrap_err();
-        assert!(error.0.contains("`endless`") && error.0.contains("idle_steps"), "{error}");
+        assert!(
+            error.0.contains("`endless`") && error.0.contains("idle_steps"),
+            "{error}"
+        );
         assert_eq!(
             budget.exceeded(),
             Some((

@@ -87,7 +87,8 @@ pub enum PluginError {
     LimitExceeded {
         plugin: PluginRef,
         call: &'static str,
-        limit: LimitExceeded,
+        /// Boxed: errors travel in `Result`s on every call path.
+        limit: Box<LimitExceeded>,
     },
     #[error("plugin {plugin}: `{call}` returned an invalid answer: {reason}")]
     InvalidOutput {
@@ -128,14 +129,10 @@ pub enum PluginError {
         max: u32,
     },
     #[error(
-        "plugin {plugin} from {path}: the name `{name}` belongs to a built-in plugin; \
-         list it in the host's `overrides` to replace the built-in"
+        "plugin {plugin} from {path}: its name belongs to a built-in plugin; \
+         list the name in the host's `overrides` to replace the built-in"
     )]
-    ReservedName {
-        plugin: PluginRef,
-        name: String,
-        path: PathBuf,
-    },
+    ReservedName { plugin: PluginRef, path: PathBuf },
     #[error("plugin {plugin}: the component is {bytes} bytes, over the maximum of {limit} bytes")]
     ComponentTooLarge {
         plugin: PluginRef,

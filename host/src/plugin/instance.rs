@@ -12,7 +12,7 @@ use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::error::{LimitExceeded, MAX_ERROR_DETAIL_BYTES, PluginError, PluginRef, clip};
-use super::limits::{LogBudget, Limiter};
+use super::limits::{Limiter, LogBudget};
 use super::runtime::{
     EPOCH_TICK, HOSTCALL_FUEL_BYTES, KindPre, LoadedPlugin, MESSAGE_OVERHEAD_BYTES, PluginRuntime,
 };
@@ -191,7 +191,7 @@ impl PluginInstance {
             return PluginError::LimitExceeded {
                 plugin,
                 call,
-                limit: limit.clone(),
+                limit: Box::new(limit.clone()),
             };
         }
         // wasmtime's descriptions may quote the guest (its function names in a backtrace).
@@ -255,11 +255,11 @@ impl PluginInstance {
             return Err(self.reject(PluginError::LimitExceeded {
                 plugin: self.plugin.plugin.clone(),
                 call,
-                limit: LimitExceeded {
+                limit: Box::new(LimitExceeded {
                     what: "messages in an answer",
                     limit: self.max_messages as u64,
                     asked: messages.len() as u64,
-                },
+                }),
             }));
         }
         let bytes = messages

@@ -161,6 +161,7 @@ impl LogBudget {
         self.limits.line_bytes
     }
 
+    #[cfg(test)]
     pub(crate) fn dropped_lines(&self) -> u64 {
         self.dropped_lines
     }

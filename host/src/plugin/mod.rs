@@ -28,7 +28,8 @@ pub use limits::{CompileBudget, LogLimits};
 pub use manifest::{Capability, Limits, Manifest};
 pub use policies::{AggregatorInstance, CompressorInstance, RoleInstance, RouterInstance};
 pub use registry::{
-    PluginSummary, Registry, RegistryEvent, load_files, manifest_path, read_manifest,
+    FileLoad, FileRegistration, PluginSummary, Registry, RegistryEvent, load_files, manifest_path,
+    read_manifest,
 };
 pub use runtime::{HostConfig, LoadedPlugin, PluginRuntime};
 

@@ -59,6 +59,8 @@ pub enum RegistryEvent {
 
 /// A file of a plugin folder and what loading it gave.
 pub type FileLoad = (PathBuf, Result<Arc<LoadedPlugin>, PluginError>);
+/// A file of a plugin folder and whether it was registered to load on first use.
+pub type FileRegistration = (PathBuf, Result<(), PluginError>);
 
 /// One line of `staircase plugin list`.
 #[derive(Clone, Debug)]
@@ -185,7 +187,7 @@ impl Registry {
     /// Registers every `*.wasm` of a folder by its manifest, to be compiled when a run first
     /// asks for it. Returns the files registered and the ones refused (a bad manifest, a
     /// built-in's name).
-    pub fn load_dir_lazy(&self, dir: &Path) -> Result<Vec<(PathBuf, Result<(), PluginError>)>, PluginError> {
+    pub fn load_dir_lazy(&self, dir: &Path) -> Result<Vec<FileRegistration>, PluginError> {
         Ok(wasm_files(dir)?
             .into_iter()
             .map(|path| {
@@ -240,7 +242,6 @@ impl Registry {
         tracing::warn!(%plugin, builtin = "built-in", user = %path.display(), "refused: a user plugin may not take a built-in's name");
         Err(PluginError::ReservedName {
             plugin,
-            name: name.clone(),
             path: path.to_path_buf(),
         })
     }

@@ -413,10 +413,12 @@ impl PluginRuntime {
                 bytes: wasm.len(),
                 budget,
             }),
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(PluginError::InvalidComponent {
-                plugin: plugin.clone(),
-                reason: "the compiler stopped without an answer".into(),
-            }),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                Err(PluginError::InvalidComponent {
+                    plugin: plugin.clone(),
+                    reason: "the compiler stopped without an answer".into(),
+                })
+            }
         }
     }
 }
@@ -449,8 +451,7 @@ impl KindPre {
     ) -> Result<Self, String> {
         // Type errors quote the component's import names, which the component chose.
         let reason = |e: wasmtime::Error| {
-            super::error::clip(&format!("{e:#}"), super::error::MAX_ERROR_DETAIL_BYTES)
-                .into_owned()
+            super::error::clip(&format!("{e:#}"), super::error::MAX_ERROR_DETAIL_BYTES).into_owned()
         };
         let pre = linker.instantiate_pre(component).map_err(reason)?;
         let typed = match kind {

@@ -87,6 +87,34 @@ impl HasData for NoNetwork {
     type Data<'a> = NoNetwork;
 }
 
+/// Required by the bindings for error conversion; only `create-udp-socket` is linked from
+/// here (the rest of `wasi:sockets/network` stays wasmtime-wasi's).
+impl wasmtime_wasi::p2::bindings::sockets::network::Host for NoNetwork {
+    fn convert_error_code(
+        &mut self,
+        error: wasmtime_wasi::p2::SocketError,
+    ) -> wasmtime::Result<wasmtime_wasi::p2::bindings::sockets::network::ErrorCode> {
+        error.downcast()
+    }
+
+    fn network_error_code(
+        &mut self,
+        _error: Resource<wasmtime::Error>,
+    ) -> wasmtime::Result<Option<wasmtime_wasi::p2::bindings::sockets::network::ErrorCode>> {
+        Ok(None)
+    }
+}
+
+impl wasmtime_wasi::p2::bindings::sockets::network::HostNetwork for NoNetwork {
+    fn drop(
+        &mut self,
+        _network: Resource<wasmtime_wasi::p2::bindings::sockets::network::Network>,
+    ) -> wasmtime::Result<()> {
+        // Never linked from here: wasmtime-wasi's `wasi:sockets/network` owns networks.
+        Ok(())
+    }
+}
+
 impl udp_create_socket::Host for NoNetwork {
     fn create_udp_socket(
         &mut self,
@@ -329,7 +357,10 @@ impl streams::HostInputStream for SyncIo<'_> {
         len: u64,
     ) -> StreamResult<Vec<u8>> {
         let deadline = self.deadline;
-        stream_before(deadline, AsyncInput::blocking_read(self.table, stream, len.min(MAX_STREAM_OP_BYTES)))
+        stream_before(
+            deadline,
+            AsyncInput::blocking_read(self.table, stream, len.min(MAX_STREAM_OP_BYTES)),
+        )
     }
 
     fn skip(&mut self, stream: Resource<DynInputStream>, len: u64) -> StreamResult<u64> {
@@ -338,7 +369,10 @@ impl streams::HostInputStream for SyncIo<'_> {
 
     fn blocking_skip(&mut self, stream: Resource<DynInputStream>, len: u64) -> StreamResult<u64> {
         let deadline = self.deadline;
-        stream_before(deadline, AsyncInput::blocking_skip(self.table, stream, len.min(MAX_STREAM_OP_BYTES)))
+        stream_before(
+            deadline,
+            AsyncInput::blocking_skip(self.table, stream, len.min(MAX_STREAM_OP_BYTES)),
+        )
     }
 
     fn subscribe(
