@@ -993,29 +993,6 @@ max_tokens = 100000
 inputs = ["a"]
 "#;
 
-/// The built-in proposers and aggregator, as a normal run uses them.
-const BUILTIN_MOA: &str = r#"
-name = "builtin-moa"
-[stream]
-policy = "staircase"
-chunk_tokens = [2, 3]
-
-[[nodes]]
-id = "a"
-kind = "agent"
-plugin = "proposer"
-model = "default"
-max_tokens = 6
-
-[[nodes]]
-id = "final"
-kind = "aggregator"
-plugin = "moa-aggregator"
-model = "default"
-max_tokens = 6
-inputs = ["a"]
-"#;
-
 /// The plugin registry with the built-ins and the hostile fixture (real components).
 fn hostile_plugins() -> Arc<staircase::plugin::Registry> {
     use staircase::plugin::builtin::{guest_artifact, guest_manifest};
@@ -1037,12 +1014,28 @@ fn hostile_plugins() -> Arc<staircase::plugin::Registry> {
     registry
 }
 
-fn bounded_runner(engine: &Arc<ScriptedEngine>, limits: RunLimits) -> Runner {
-    Runner::new(
+/// Runs the hostile pipeline on `prompt` under `limits`; it must fail. The runner is
+/// returned for a run after it.
+async fn run_hostile(
+    engine: &Arc<ScriptedEngine>,
+    limits: RunLimits,
+    prompt: &str,
+) -> (Runner, RunError) {
+    let runner = Runner::new(
         Models::with_default(engine.clone() as Arc<dyn Engine>),
         hostile_plugins(),
     )
-    .with_limits(limits)
+    .with_limits(limits);
+    let pipeline = Pipeline::parse(HOSTILE, "hostile.toml").unwrap();
+    let error = runner
+        .run(
+            &pipeline,
+            RunRequest::prompt(prompt, StreamMode::Staircase),
+            None,
+        )
+        .await
+        .unwrap_err();
+    (runner, error)
 }
 
 /// The engine requests of the hostile aggregator's steps (one message each; an agent's
@@ -1059,7 +1052,11 @@ fn hostile_steps(engine: &ScriptedEngine) -> usize {
 
 /// After a bounded run, the same runner serves a normal one.
 async fn a_normal_run_follows(runner: &Runner) {
-    let pipeline = Pipeline::parse(BUILTIN_MOA, "moa.toml").unwrap();
+    // The hostile pipeline with the built-in aggregator.
+    let builtin = HOSTILE
+        .replace("plugin = \"hostile\"", "plugin = \"moa-aggregator\"")
+        .replace("max_tokens = 100000", "max_tokens = 6");
+    let pipeline = Pipeline::parse(&builtin, "moa.toml").unwrap();
     let report = runner
         .run(
             &pipeline,
@@ -1088,22 +1085,11 @@ fn bound_of(error: RunError) -> RunBound {
 #[tokio::test]
 async fn an_aggregator_that_never_finishes_ends_at_the_step_bound() {
     let engine = ScriptedEngine::new(&[]);
-    let runner = bounded_runner(
-        &engine,
-        RunLimits {
-            steps_per_node: 16,
-            ..RunLimits::default()
-        },
-    );
-    let pipeline = Pipeline::parse(HOSTILE, "hostile.toml").unwrap();
-    let error = runner
-        .run(
-            &pipeline,
-            RunRequest::prompt("q", StreamMode::Staircase),
-            None,
-        )
-        .await
-        .unwrap_err();
+    let limits = RunLimits {
+        steps_per_node: 16,
+        ..RunLimits::default()
+    };
+    let (runner, error) = run_hostile(&engine, limits, "q").await;
     assert!(error.to_string().contains("steps_per_node"), "{error}");
     assert_eq!(
         bound_of(error),
@@ -1121,22 +1107,11 @@ async fn an_aggregator_that_never_finishes_ends_at_the_step_bound() {
 async fn steps_that_generate_nothing_end_the_run_at_the_idle_bound() {
     // The hostile steps' prompts start with nothing or with the proposer's first word.
     let engine = ScriptedEngine::new(&[("", plain(0)), ("You0", plain(0))]);
-    let runner = bounded_runner(
-        &engine,
-        RunLimits {
-            idle_steps: 3,
-            ..RunLimits::default()
-        },
-    );
-    let pipeline = Pipeline::parse(HOSTILE, "hostile.toml").unwrap();
-    let error = runner
-        .run(
-            &pipeline,
-            RunRequest::prompt("q", StreamMode::Staircase),
-            None,
-        )
-        .await
-        .unwrap_err();
+    let limits = RunLimits {
+        idle_steps: 3,
+        ..RunLimits::default()
+    };
+    let (runner, error) = run_hostile(&engine, limits, "q").await;
     assert_eq!(bound_of(error), RunBound::IdleSteps { steps: 4, limit: 3 });
     a_normal_run_follows(&runner).await;
 }
@@ -1145,23 +1120,12 @@ async fn steps_that_generate_nothing_end_the_run_at_the_idle_bound() {
 async fn many_calls_each_under_the_deadline_end_at_the_runs_plugin_time() {
     let engine = ScriptedEngine::new(&[]);
     let limit = Duration::from_millis(300);
-    let runner = bounded_runner(
-        &engine,
-        RunLimits {
-            plugin_time: limit,
-            ..RunLimits::default()
-        },
-    );
-    let pipeline = Pipeline::parse(HOSTILE, "hostile.toml").unwrap();
     // Every call of the hostile session spins 20 ms, a fifth of its deadline.
-    let error = runner
-        .run(
-            &pipeline,
-            RunRequest::prompt("hostile:spin:20", StreamMode::Staircase),
-            None,
-        )
-        .await
-        .unwrap_err();
+    let limits = RunLimits {
+        plugin_time: limit,
+        ..RunLimits::default()
+    };
+    let (runner, error) = run_hostile(&engine, limits, "hostile:spin:20").await;
     match bound_of(error) {
         RunBound::PluginTime {
             spent,

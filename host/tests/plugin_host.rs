@@ -297,16 +297,7 @@ fn attack(registry: &Registry, chunk: &str) -> PluginError {
 
 /// After an attack, other plugins and a fresh run of the same plugin still work.
 fn still_serving(registry: &Registry) {
-    let mut moa = registry
-        .open_aggregator(
-            "moa-aggregator",
-            &user("q"),
-            &sources(1),
-            StreamMode::Staircase,
-        )
-        .unwrap();
-    moa.try_push("p0", "fine").unwrap();
-    assert!(moa.try_next_step().unwrap().is_some());
+    still_serving_builtin(registry);
     let mut fresh = registry
         .open_aggregator("hostile", &user("q"), &sources(1), StreamMode::Staircase)
         .unwrap();
@@ -829,11 +820,7 @@ fn hostile_guests_fail_the_same_way_inside_an_async_task() {
     // message written to the discarded stderr, a sleep) must neither panic the host nor
     // escape the deadline.
     let registry = hostile_registry();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = worker_runtime();
     let (panic, sleep) = runtime.block_on(async move {
         tokio::spawn(async move {
             let panic = attack(&registry, "panic");
@@ -849,6 +836,15 @@ fn hostile_guests_fail_the_same_way_inside_an_async_task() {
         other => panic!("expected a trap, got {other}"),
     }
     assert!(matches!(sleep, PluginError::Timeout { .. }), "{sleep}");
+}
+
+/// A runtime whose tasks run on a worker thread, as a server's do.
+fn worker_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 /// `staircase plugin check` as a user runs it.
@@ -1300,11 +1296,7 @@ fn every_wasi_import_with_hostile_arguments_fails_typed_inside_an_async_task() {
     // Pipelines call plugins on tokio worker threads, where wasmtime-wasi's calls that nest
     // a runtime would panic; no call may panic the host, whatever its arguments.
     let registry = hostile_registry();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = worker_runtime();
     let outcomes = runtime.block_on(async move {
         tokio::spawn(async move {
             let mut outcomes = Vec::new();
