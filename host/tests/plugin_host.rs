@@ -949,6 +949,8 @@ fn isolated(test: &str, body: impl FnOnce()) {
         String::from_utf8_lossy(&output.stdout).contains("1 passed"),
         "the filter ran the test"
     );
+    // What the child measured, for `--nocapture`.
+    eprint!("{}", String::from_utf8_lossy(&output.stderr));
 }
 
 /// Peak resident memory while `f` runs, above what was resident before, in MiB.
@@ -957,7 +959,9 @@ fn peak_growth_mib(f: impl FnOnce()) -> u64 {
     std::fs::write("/proc/self/clear_refs", "5").unwrap();
     let before = status_kib("VmRSS:");
     f();
-    (status_kib("VmHWM:").saturating_sub(before)) >> 10
+    let growth = (status_kib("VmHWM:").saturating_sub(before)) >> 10;
+    eprintln!("peak host memory growth: {growth} MiB");
+    growth
 }
 
 fn hostile_cap_mib() -> u64 {
