@@ -19,14 +19,11 @@ use crate::engine::{
 /// Text `count-tokens` tokenizes between two looks at the deadline: about 5 ms of
 /// tokenizing on the default model, small against a 100 ms call deadline.
 const COUNT_PIECE_BYTES: usize = 4 << 10;
-/// Bytes per token when no tokenizer is available: typical of English text in BPE
-/// vocabularies, and an over-estimate for most code, which keeps budgets safe.
-pub const APPROX_BYTES_PER_TOKEN: usize = 4;
 
-/// The token estimate used without an engine: one token per [`APPROX_BYTES_PER_TOKEN`]
-/// bytes, rounded up.
+/// The token estimate used without an engine: one token per
+/// [`crate::engine::APPROX_BYTES_PER_TOKEN`] bytes, rounded up.
 pub fn approximate_tokens(text: &str) -> u32 {
-    u32::try_from(text.len().div_ceil(APPROX_BYTES_PER_TOKEN)).unwrap_or(u32::MAX)
+    crate::engine::estimate_tokens(text).get()
 }
 
 impl types::Host for StoreState {}
@@ -68,21 +65,16 @@ impl host::Host for StoreState {
         let Some(engine) = &self.engine else {
             return Ok(approximate_tokens(&text));
         };
-        let mut total = 0usize;
+        let counter = engine.token_counter();
+        let mut total = 0u32;
         for piece in pieces(&text, COUNT_PIECE_BYTES) {
             if Instant::now() >= self.deadline {
                 // Reported like an epoch interruption: the call ran out of time.
                 return Err(wasmtime::Trap::Interrupt.into());
             }
-            match engine.count_tokens(piece) {
-                Ok(n) => total += n,
-                Err(error) => {
-                    tracing::debug!(%error, "count-tokens falls back to the estimate");
-                    return Ok(approximate_tokens(&text));
-                }
-            }
+            total = total.saturating_add(counter.count(piece).get());
         }
-        Ok(u32::try_from(total).unwrap_or(u32::MAX))
+        Ok(total)
     }
 }
 
@@ -158,7 +150,7 @@ impl model::Host for StoreState {
             },
             sampling: sampling_from_wit(params),
             priority: Default::default(),
-            draft_feed: None,
+            extensions: Default::default(),
         };
         Ok(complete_before(engine, request, self.deadline))
     }
