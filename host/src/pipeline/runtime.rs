@@ -22,6 +22,7 @@ use serde::Serialize;
 use tokio::sync::{Notify, mpsc};
 use tracing::Instrument;
 
+use super::budget::{MeteredProvider, RunBound, RunBudget, RunLimits};
 use super::critical::{self, CriticalPath, LatencyModel};
 use super::policy::{
     AggregatorSession, CompressorPolicy, Demand, PolicyError, PolicyProvider, RouteRequest,
@@ -97,6 +98,12 @@ pub enum RunError {
         "node `{node}`: plugin `{plugin}` gave no final step although every input has finished"
     )]
     NoFinalStep { node: String, plugin: String },
+    #[error("node `{node}`: plugin `{plugin}` ended the run: {bound}")]
+    Bound {
+        node: String,
+        plugin: String,
+        bound: RunBound,
+    },
     #[error("node `{node}`: router chose `{model}`, which is not one of {models:?}")]
     BadRoute {
         node: String,
@@ -240,6 +247,7 @@ pub struct Runner {
     models: Models,
     policies: Arc<dyn PolicyProvider>,
     latencies: Arc<LatencyModel>,
+    limits: RunLimits,
 }
 
 impl Runner {
@@ -248,7 +256,19 @@ impl Runner {
             models,
             policies,
             latencies: Arc::new(LatencyModel::default()),
+            limits: RunLimits::default(),
         }
+    }
+
+    /// The same runner with other bounds per run.
+    pub fn with_limits(mut self, limits: RunLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// The bounds every run gets.
+    pub fn limits(&self) -> RunLimits {
+        self.limits
     }
 
     pub fn models(&self) -> &Models {
@@ -341,6 +361,7 @@ impl Runner {
             events: events.as_ref(),
             priorities,
             run_id: NEXT_RUN_ID.fetch_add(1, Ordering::Relaxed),
+            policies: MeteredProvider::new(self.policies.clone(), RunBudget::new(self.limits)),
         };
 
         // Wiring: one inbox per node with inputs, a wake-up per producer, a flag per edge.
@@ -605,6 +626,8 @@ struct RunCtx<'r> {
     priorities: Vec<Priority>,
     /// Tells a replicated remote model which requests are one run's (see `routing`).
     run_id: u64,
+    /// The runner's policies, metered against this run's bounds.
+    policies: MeteredProvider,
 }
 
 /// Run ids for routing hints: unique within the process.
@@ -618,10 +641,18 @@ impl<'r> RunCtx<'r> {
         }
     }
 
+    /// A policy's failure as the run's error: the bound it went over, when it did.
     fn policy_error(&self, node: NodeIndex) -> impl Fn(PolicyError) -> RunError + '_ {
-        move |source| RunError::Policy {
-            node: self.pipeline.node(node).id.clone(),
-            source,
+        move |source| {
+            let node = self.pipeline.node(node).id.clone();
+            match self.policies.budget().exceeded() {
+                Some((plugin, bound)) => RunError::Bound {
+                    node,
+                    plugin,
+                    bound,
+                },
+                None => RunError::Policy { node, source },
+            }
         }
     }
 
@@ -654,7 +685,6 @@ impl<'r> RunCtx<'r> {
         match node.kind {
             NodeKind::Compressor { budget_tokens } => {
                 let compressor = self
-                    .runner
                     .policies
                     .compressor(&node.plugin)
                     .map_err(&policy_error)?;
@@ -663,7 +693,6 @@ impl<'r> RunCtx<'r> {
             }
             NodeKind::Agent => {
                 let mut role = self
-                    .runner
                     .policies
                     .role_with_config(&node.plugin, &node.config)
                     .map_err(&policy_error)?;
@@ -674,7 +703,6 @@ impl<'r> RunCtx<'r> {
             }
             NodeKind::Aggregator => {
                 let session = self
-                    .runner
                     .policies
                     .aggregator(&node.plugin, &conversation, &self.sources(ix), mode)
                     .map_err(&policy_error)?;
@@ -745,7 +773,7 @@ impl<'r> RunCtx<'r> {
         let policy_error = self.policy_error(ix);
         let mut router = match &node.model {
             ModelBinding::Routed { router, .. } => {
-                Some(self.runner.policies.router(router).map_err(&policy_error)?)
+                Some(self.policies.router(router).map_err(&policy_error)?)
             }
             _ => None,
         };
