@@ -191,10 +191,16 @@ fn moa_aggregator_steps_early_in_staircase_mode_and_once_in_layered_mode() {
         stair.push("p0", "Because of Rayleigh").unwrap(),
         Demand::More
     );
+    assert_eq!(
+        stair.next_step().unwrap(),
+        None,
+        "the first step waits until every source has spoken"
+    );
+    stair.push("p1", "Light").unwrap();
     let first = stair
         .next_step()
         .unwrap()
-        .expect("staircase steps on the first chunk");
+        .expect("staircase steps once every source has a first chunk");
     assert!(!first.is_final);
     assert_eq!(first.messages[0].role, Role::System);
     assert!(
@@ -202,7 +208,12 @@ fn moa_aggregator_steps_early_in_staircase_mode_and_once_in_layered_mode() {
             .content
             .starts_with("Why is the sky blue?")
     );
-    assert!(first.messages[1].content.ends_with("Because of Rayleigh"));
+    // Laid out by source: each source's text under its heading, in source order.
+    assert!(
+        first.messages[1]
+            .content
+            .ends_with("### proposer 0\nBecause of Rayleigh\n\n### proposer 1\nLight")
+    );
     assert_eq!(first.messages[0], warm_up.messages[0]);
     assert!(
         first.messages[1]

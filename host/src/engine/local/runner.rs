@@ -364,8 +364,7 @@ impl<'m> Runner<'m> {
                 self.queue.insert(at, (order, pending));
                 return;
             }
-            let sampler =
-                (pending.sampling.temperature > 0.0).then(|| build_sampler(&pending.sampling));
+            let sampler = build_sampler(&pending.sampling, self.model.n_vocab(), &pending.tokens);
             let speculator = self.settings.speculation.enabled.then(|| {
                 let mut speculator =
                     Speculator::new(&self.settings.speculation, pending.draft_feed.clone());
@@ -829,19 +828,51 @@ impl<'m> Runner<'m> {
     }
 }
 
-fn build_sampler(sampling: &SamplingParams) -> LlamaSampler {
+/// The sampler chain of a request; `None` for plain greedy decoding (argmax, no state).
+/// A repetition penalty sees the prompt's last tokens first, so a continued answer (an
+/// assistant prefix) counts against repeats too.
+fn build_sampler(
+    sampling: &SamplingParams,
+    n_vocab: i32,
+    prompt: &[TokenId],
+) -> Option<LlamaSampler> {
+    let last_n = sampling.repeat_last_n as usize;
+    let penalised = sampling.repeat_penalty != 1.0 && last_n > 0;
+    let greedy = sampling.temperature <= 0.0;
+    if greedy && !penalised {
+        return None;
+    }
     let mut chain = Vec::new();
-    if sampling.top_k > 0 {
-        chain.push(LlamaSampler::top_k(sampling.top_k as i32));
+    if penalised {
+        let window = i32::try_from(last_n).unwrap_or(i32::MAX);
+        chain.push(LlamaSampler::penalties(
+            n_vocab,
+            window,
+            sampling.repeat_penalty,
+            0.0,
+            0.0,
+        ));
     }
-    if sampling.top_p < 1.0 {
-        chain.push(LlamaSampler::top_p(sampling.top_p, 1));
+    if greedy {
+        chain.push(LlamaSampler::greedy());
+    } else {
+        if sampling.top_k > 0 {
+            chain.push(LlamaSampler::top_k(sampling.top_k as i32));
+        }
+        if sampling.top_p < 1.0 {
+            chain.push(LlamaSampler::top_p(sampling.top_p, 1));
+        }
+        chain.push(LlamaSampler::temp(sampling.temperature));
+        // llama.cpp seeds are 32-bit; fold the high half in so every bit of ours matters.
+        let seed = (sampling.seed ^ (sampling.seed >> 32)) as u32;
+        chain.push(LlamaSampler::dist(seed));
     }
-    chain.push(LlamaSampler::temp(sampling.temperature));
-    // llama.cpp seeds are 32-bit; fold the high half in so every bit of ours matters.
-    let seed = (sampling.seed ^ (sampling.seed >> 32)) as u32;
-    chain.push(LlamaSampler::dist(seed));
-    LlamaSampler::chain_simple(chain)
+    let mut sampler = LlamaSampler::chain_simple(chain);
+    if penalised {
+        let tail = &prompt[prompt.len().saturating_sub(last_n)..];
+        sampler.accept_many(tail.iter().map(|t| LlamaToken(t.0)));
+    }
+    Some(sampler)
 }
 
 /// Greedy choice; the lowest id wins a tie, as in llama.cpp's greedy sampler.
