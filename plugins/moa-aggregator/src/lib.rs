@@ -2,19 +2,20 @@
 //!
 //! The prompt is a stable instruction and the user's query first, then the proposers' text.
 //! Text already shown to the model in an earlier step never moves, so every step re-uses the
-//! cached prefix of the previous one. What a step adds is laid out by source (`layout =
-//! "step"`, the default): each source's new text since the last step under its own heading,
-//! in source order, so a small model reads a few coherent passages instead of the chunk-by-
-//! chunk interleaving of `layout = "arrival"`. Before any text arrives it asks for a warm-up
-//! of the head, so the first step prefills only the first text.
+//! cached prefix of the previous one. By default (`layout = "arrival"`) chunks are appended
+//! as they arrive, with a heading whenever the source changes; `layout = "step"` holds text
+//! until the next step and appends it grouped by source (fewer, longer passages). Before any
+//! text arrives it asks for a warm-up of the head, so the first step prefills only the first
+//! text.
 //!
-//! In staircase mode the first step waits until every source has said something (or
-//! finished) and at least `first-step-chars` bytes have arrived, and generates
+//! In staircase mode the first step comes once `first-step-chars` bytes have arrived (and,
+//! with `first-step-sources = "all"`, every source has spoken or finished) and generates
 //! `first-step-tokens`; later steps come each time `step-chars` new bytes have accumulated
 //! and generate `step-tokens`. In layered mode it steps once, when every source is
 //! complete. The final step comes when all sources have finished. The per-chunk path does
 //! no host calls (sizes are estimated from bytes), since it runs once per proposer chunk.
-//! Every number is a `config` key of the pipeline node, so the policy is the user's to tune.
+//! Every number is a `config` key of the pipeline node, so the policy is the user's to tune;
+//! the chunk schedule (the pipeline's `chunk_tokens`) decides how much a first chunk holds.
 
 use staircase_sdk::{Aggregator, ChatMessage, Demand, Source, Speaker, Step, StreamMode, host};
 
@@ -73,6 +74,9 @@ struct Moa {
     warmed: bool,
     done: bool,
     first_step_chars: usize,
+    /// The first step also waits until every source has spoken (`first-step-sources =
+    /// "all"`; default `"any"`).
+    wait_for_all: bool,
     first_step_tokens: u32,
     step_chars: usize,
     step_tokens: u32,
@@ -124,7 +128,7 @@ impl Moa {
     fn first_step_due(&self) -> bool {
         self.new_bytes > 0
             && self.new_bytes >= self.first_step_chars
-            && self.sources.iter().all(|s| s.finished || s.bytes > 0)
+            && (!self.wait_for_all || self.sources.iter().all(|s| s.finished || s.bytes > 0))
     }
 }
 
@@ -141,8 +145,8 @@ impl Aggregator for Moa {
             ChatMessage::new(Speaker::User, format!("{query}\n\nResponses from models:")),
         ];
         let layout = match host::config("layout").as_deref() {
-            Some("arrival") => Layout::Arrival,
-            _ => Layout::Step,
+            Some("step") => Layout::Step,
+            _ => Layout::Arrival,
         };
         Moa {
             mode,
@@ -165,6 +169,7 @@ impl Aggregator for Moa {
             warmed: !config_or("warm-up", true),
             done: false,
             first_step_chars: config_or("first-step-chars", DEFAULT_FIRST_STEP_CHARS),
+            wait_for_all: host::config("first-step-sources").as_deref() == Some("all"),
             first_step_tokens: config_or("first-step-tokens", DEFAULT_FIRST_STEP_TOKENS),
             step_chars: config_or("step-chars", DEFAULT_STEP_CHARS),
             step_tokens: config_or("step-tokens", DEFAULT_STEP_TOKENS),
