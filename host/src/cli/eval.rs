@@ -127,14 +127,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let report = super::runtime()?.block_on(eval::runner::run(&runner, &engine, &options))?;
     print!("{}", report.table());
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("cannot create {}", args.out.display()))?;
-    let json = args.out.join("eval.json");
-    let svg = args.out.join("eval.svg");
-    std::fs::write(&json, serde_json::to_string_pretty(&report)?)
-        .with_context(|| format!("cannot write {}", json.display()))?;
-    std::fs::write(&svg, report.svg())
-        .with_context(|| format!("cannot write {}", svg.display()))?;
-    println!("wrote {} and {}", json.display(), svg.display());
+    write_json_and_svg(&args.out, "eval", &report, &report.svg())
+}
+
+/// Writes `STEM.json` and `STEM.svg` into `out` (created if missing) and says so.
+pub(crate) fn write_json_and_svg(
+    out: &std::path::Path,
+    stem: &str,
+    report: &impl serde::Serialize,
+    svg: &str,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let json_path = out.join(format!("{stem}.json"));
+    let svg_path = out.join(format!("{stem}.svg"));
+    std::fs::write(&json_path, serde_json::to_string_pretty(report)?)
+        .with_context(|| format!("cannot write {}", json_path.display()))?;
+    std::fs::write(&svg_path, svg)
+        .with_context(|| format!("cannot write {}", svg_path.display()))?;
+    println!("wrote {} and {}", json_path.display(), svg_path.display());
     Ok(())
 }
