@@ -120,3 +120,49 @@ fn bad_pipeline_files_are_refused_with_file_and_line() {
     assert!(stderr.contains("plugin.toml:4:"), "{stderr}");
     assert!(stderr.contains("is an aggregator plugin"), "{stderr}");
 }
+
+/// The hostile test fixture installed in `dir` under another name.
+fn install_hostile(dir: &std::path::Path, name: &str) {
+    use staircase::plugin::builtin::{guest_artifact, guest_manifest};
+    std::fs::copy(guest_artifact("hostile"), dir.join(format!("{name}.wasm"))).unwrap();
+    let manifest = std::fs::read_to_string(guest_manifest("fixtures/hostile"))
+        .unwrap()
+        .replace("name = \"hostile\"", &format!("name = \"{name}\""));
+    std::fs::write(dir.join(format!("{name}.toml")), manifest).unwrap();
+}
+
+#[test]
+fn a_plugin_folder_cannot_take_a_builtins_name_and_its_unused_plugins_never_compile() {
+    let dir = scratch("squatting-plugins");
+    std::fs::create_dir_all(&dir).unwrap();
+    // A plugin claiming the built-in aggregator's name (the `moa` pipeline's), and one the
+    // pipeline does not use.
+    install_hostile(&dir, "moa-aggregator");
+    install_hostile(&dir, "unused-hostile");
+    let out = Command::new(env!("CARGO_BIN_EXE_staircase"))
+        .args(["run", "--max-tokens", "6", "--plugins"])
+        .arg(&dir)
+        .arg("Why is the sky blue?")
+        .env("RUST_LOG", "staircase=info")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!String::from_utf8_lossy(&out.stdout).trim().is_empty());
+    let refusal = stderr
+        .lines()
+        .find(|l| l.contains("may not take a built-in's name"))
+        .unwrap_or_else(|| panic!("a refusal is logged: {stderr}"));
+    assert!(
+        refusal.contains("WARN")
+            && refusal.contains("moa-aggregator@1.0.0")
+            && refusal.contains("squatting-plugins"),
+        "{refusal}"
+    );
+    assert!(
+        !stderr
+            .lines()
+            .any(|l| l.contains("plugin loaded") && l.contains("hostile")),
+        "no folder plugin was compiled: {stderr}"
+    );
+}

@@ -5,17 +5,21 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use staircase::engine::{
-    ChatMessage, Engine, EngineError, FinishReason, GenerationEvent, GenerationRequest,
-    GenerationStream, ModelInfo, Priority, Prompt, Role, SamplingParams, Timings, TokenId, Usage,
+    Capabilities, ChatMessage, Engine, EngineError, FinishReason, GenerationEvent,
+    GenerationRequest, GenerationStream, ModelInfo, Priority, Prompt, Role, SamplingParams,
+    Timings, TokenCount, TokenCounter, TokenId, Usage,
 };
 use staircase::pipeline::policy::{
     AggregatorSession, CompressorPolicy, Demand, PluginConfig, PluginKind, PolicyError,
     PolicyProvider, RoleInput, RolePolicy, RouteRequest, RouterPolicy, Source, Step, StreamMode,
 };
 use staircase::pipeline::runtime::CRITICAL_PRIORITY;
-use staircase::pipeline::{Models, Pipeline, RunError, RunEvent, RunRequest, Runner};
+use staircase::pipeline::{
+    Models, Pipeline, RunBound, RunError, RunEvent, RunLimits, RunRequest, Runner,
+};
 use staircase::trace::{chrome::ChromeTrace, svg};
 use tokio::sync::mpsc;
 
@@ -41,10 +45,15 @@ struct ScriptedEngine {
 
 impl ScriptedEngine {
     fn new(scripts: &[(&str, Script)]) -> Arc<Self> {
+        Self::with_capabilities(scripts, Capabilities::ALL)
+    }
+
+    fn with_capabilities(scripts: &[(&str, Script)], capabilities: Capabilities) -> Arc<Self> {
         Arc::new(Self {
             info: ModelInfo {
                 name: "scripted".into(),
                 context_tokens: 4096,
+                capabilities,
             },
             scripts: scripts.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
             requests: Mutex::new(Vec::new()),
@@ -110,7 +119,8 @@ impl Engine for ScriptedEngine {
             let index = already + i;
             let _ = tx.send(Ok(GenerationEvent::Delta {
                 text: format!("{tag}{index} "),
-                tokens: vec![TokenId(index as i32)],
+                token_count: 1,
+                token_ids: Some(vec![TokenId(index as i32)]),
             }));
         }
         if !script.hold {
@@ -131,6 +141,7 @@ impl Engine for ScriptedEngine {
                 reason,
                 usage,
                 timings: Timings::default(),
+                extensions: Default::default(),
             }));
         }
         self.senders.lock().unwrap().push((tag, tx));
@@ -142,8 +153,14 @@ impl Engine for ScriptedEngine {
         &self.info
     }
 
-    fn count_tokens(&self, text: &str) -> Result<usize, EngineError> {
-        Ok(text.split_whitespace().count())
+    fn token_counter(&self) -> &dyn TokenCounter {
+        self
+    }
+}
+
+impl TokenCounter for ScriptedEngine {
+    fn count(&self, text: &str) -> TokenCount {
+        TokenCount::Exact(text.split_whitespace().count() as u32)
     }
 }
 
@@ -502,6 +519,53 @@ async fn layered_mode_pushes_each_source_whole_and_steps_once() {
     assert!(matches!(log.last(), Some(Seen::Finish(_))));
     assert!(!report.answer.is_empty());
     assert_eq!(report.mode, StreamMode::Layered);
+}
+
+/// A model that cannot continue a partial answer is refused when a staircase run binds the
+/// pipeline to it, before any node starts; layered mode, which steps once, still runs.
+#[tokio::test]
+async fn a_staircase_run_needs_models_that_continue_an_answer() {
+    let engine = ScriptedEngine::with_capabilities(
+        &[],
+        Capabilities {
+            assistant_prefix: false,
+            token_prompts: false,
+        },
+    );
+    let runner = runner(&engine, TestPolicies::default());
+    let pipeline = Pipeline::parse(MOA, "moa.toml").unwrap();
+    let error = runner
+        .run(
+            &pipeline,
+            RunRequest::prompt("q", StreamMode::Staircase),
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            &error,
+            RunError::Engine {
+                node,
+                source: EngineError::Unsupported { .. },
+            } if node == "final"
+        ),
+        "{error}"
+    );
+    assert!(
+        error
+            .to_string()
+            .contains("cannot continue a partial assistant answer")
+    );
+    assert!(engine.requests_of("a").is_empty(), "no node started");
+    let layered = runner
+        .run(
+            &pipeline,
+            RunRequest::prompt("q", StreamMode::Layered),
+            None,
+        )
+        .await;
+    assert!(layered.is_ok(), "{layered:?}");
 }
 
 #[tokio::test]
@@ -963,4 +1027,175 @@ fn every_example_pipeline_answers_in_both_modes_and_a_cancelled_run_frees_the_en
         "engine sequences outlived the cancelled run: {:?}",
         setup.local.stats()
     );
+}
+
+// ---- run bounds, with the hostile plugin fixture ------------------------------------------
+
+/// A proposer feeding the hostile fixture, whose steps are never final.
+const HOSTILE: &str = r#"
+name = "test-hostile"
+[stream]
+policy = "staircase"
+chunk_tokens = [2, 3]
+
+[[nodes]]
+id = "a"
+kind = "agent"
+plugin = "proposer"
+model = "default"
+max_tokens = 6
+
+[[nodes]]
+id = "final"
+kind = "aggregator"
+plugin = "hostile"
+model = "default"
+max_tokens = 100000
+inputs = ["a"]
+"#;
+
+/// The plugin registry with the built-ins and the hostile fixture (real components).
+fn hostile_plugins() -> Arc<staircase::plugin::Registry> {
+    use staircase::plugin::builtin::{guest_artifact, guest_manifest};
+    use staircase::plugin::{HostConfig, PluginRuntime, Registry};
+    let registry = Registry::new(
+        PluginRuntime::new(HostConfig {
+            cache_dir: Some(std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("plugin-cache")),
+            ..HostConfig::default()
+        })
+        .unwrap(),
+    );
+    registry.load_builtins().unwrap();
+    let dir =
+        std::env::temp_dir().join(format!("staircase-pipeline-hostile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(guest_artifact("hostile"), dir.join("hostile.wasm")).unwrap();
+    std::fs::copy(guest_manifest("fixtures/hostile"), dir.join("hostile.toml")).unwrap();
+    registry.load_file(&dir.join("hostile.wasm")).unwrap();
+    registry
+}
+
+/// Runs the hostile pipeline on `prompt` under `limits`; it must fail. The runner is
+/// returned for a run after it.
+async fn run_hostile(
+    engine: &Arc<ScriptedEngine>,
+    limits: RunLimits,
+    prompt: &str,
+) -> (Runner, RunError) {
+    let runner = Runner::new(
+        Models::with_default(engine.clone() as Arc<dyn Engine>),
+        hostile_plugins(),
+    )
+    .with_limits(limits);
+    let pipeline = Pipeline::parse(HOSTILE, "hostile.toml").unwrap();
+    let error = runner
+        .run(
+            &pipeline,
+            RunRequest::prompt(prompt, StreamMode::Staircase),
+            None,
+        )
+        .await
+        .unwrap_err();
+    (runner, error)
+}
+
+/// The engine requests of the hostile aggregator's steps (one message each; an agent's
+/// have a system prompt and a user message).
+fn hostile_steps(engine: &ScriptedEngine) -> usize {
+    engine
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| matches!(&r.prompt, Prompt::Chat { messages, .. } if messages.len() == 1))
+        .count()
+}
+
+/// After a bounded run, the same runner serves a normal one.
+async fn a_normal_run_follows(runner: &Runner) {
+    // The hostile pipeline with the built-in aggregator.
+    let builtin = HOSTILE
+        .replace("plugin = \"hostile\"", "plugin = \"moa-aggregator\"")
+        .replace("max_tokens = 100000", "max_tokens = 6");
+    let pipeline = Pipeline::parse(&builtin, "moa.toml").unwrap();
+    let report = runner
+        .run(
+            &pipeline,
+            RunRequest::prompt("q", StreamMode::Staircase),
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(!report.answer.is_empty());
+}
+
+fn bound_of(error: RunError) -> RunBound {
+    match error {
+        RunError::Bound {
+            node,
+            plugin,
+            bound,
+        } => {
+            assert_eq!((node.as_str(), plugin.as_str()), ("final", "hostile"));
+            bound
+        }
+        other => panic!("expected a run bound, got {other}"),
+    }
+}
+
+#[tokio::test]
+async fn an_aggregator_that_never_finishes_ends_at_the_step_bound() {
+    let engine = ScriptedEngine::new(&[]);
+    let limits = RunLimits {
+        steps_per_node: 16,
+        ..RunLimits::default()
+    };
+    let (runner, error) = run_hostile(&engine, limits, "q").await;
+    assert!(error.to_string().contains("steps_per_node"), "{error}");
+    assert_eq!(
+        bound_of(error),
+        RunBound::Steps {
+            steps: 17,
+            limit: 16
+        }
+    );
+    assert_eq!(hostile_steps(&engine), 16, "no step beyond the bound ran");
+    assert!(engine.live().is_empty(), "the ended run left no stream");
+    a_normal_run_follows(&runner).await;
+}
+
+#[tokio::test]
+async fn steps_that_generate_nothing_end_the_run_at_the_idle_bound() {
+    // The hostile steps' prompts start with nothing or with the proposer's first word.
+    let engine = ScriptedEngine::new(&[("", plain(0)), ("You0", plain(0))]);
+    let limits = RunLimits {
+        idle_steps: 3,
+        ..RunLimits::default()
+    };
+    let (runner, error) = run_hostile(&engine, limits, "q").await;
+    assert_eq!(bound_of(error), RunBound::IdleSteps { steps: 4, limit: 3 });
+    a_normal_run_follows(&runner).await;
+}
+
+#[tokio::test]
+async fn many_calls_each_under_the_deadline_end_at_the_runs_plugin_time() {
+    let engine = ScriptedEngine::new(&[]);
+    let limit = Duration::from_millis(300);
+    // Every call of the hostile session spins 20 ms, a fifth of its deadline.
+    let limits = RunLimits {
+        plugin_time: limit,
+        ..RunLimits::default()
+    };
+    let (runner, error) = run_hostile(&engine, limits, "hostile:spin:20").await;
+    match bound_of(error) {
+        RunBound::PluginTime {
+            spent,
+            limit: bound,
+        } => {
+            assert_eq!(bound, limit);
+            assert!(spent > limit, "{spent:?}");
+        }
+        other => panic!("expected the plugin-time bound, got {other}"),
+    }
+    a_normal_run_follows(&runner).await;
 }

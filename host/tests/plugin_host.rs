@@ -297,16 +297,7 @@ fn attack(registry: &Registry, chunk: &str) -> PluginError {
 
 /// After an attack, other plugins and a fresh run of the same plugin still work.
 fn still_serving(registry: &Registry) {
-    let mut moa = registry
-        .open_aggregator(
-            "moa-aggregator",
-            &user("q"),
-            &sources(1),
-            StreamMode::Staircase,
-        )
-        .unwrap();
-    moa.try_push("p0", "fine").unwrap();
-    assert!(moa.try_next_step().unwrap().is_some());
+    still_serving_builtin(registry);
     let mut fresh = registry
         .open_aggregator("hostile", &user("q"), &sources(1), StreamMode::Staircase)
         .unwrap();
@@ -348,7 +339,7 @@ fn unbounded_allocation_is_out_of_memory() {
             plugin, limit_mib, ..
         } => {
             assert_eq!(plugin.name, "hostile");
-            assert_eq!(limit_mib, 16);
+            assert_eq!(limit_mib, 64);
         }
         other => panic!("expected out of memory, got {other}"),
     }
@@ -849,11 +840,7 @@ fn hostile_guests_fail_the_same_way_inside_an_async_task() {
     // message written to the discarded stderr, a sleep) must neither panic the host nor
     // escape the deadline.
     let registry = hostile_registry();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = worker_runtime();
     let (panic, sleep) = runtime.block_on(async move {
         tokio::spawn(async move {
             let panic = attack(&registry, "panic");
@@ -869,6 +856,15 @@ fn hostile_guests_fail_the_same_way_inside_an_async_task() {
         other => panic!("expected a trap, got {other}"),
     }
     assert!(matches!(sleep, PluginError::Timeout { .. }), "{sleep}");
+}
+
+/// A runtime whose tasks run on a worker thread, as a server's do.
+fn worker_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 /// `staircase plugin check` as a user runs it.
@@ -930,5 +926,503 @@ fn plugin_check_describes_a_component_and_fails_clearly_on_a_bad_one() {
     assert!(
         stderr.contains("missing.toml") && stderr.contains("not found"),
         "{stderr}"
+    );
+}
+
+// ---- bounds: every byte and second a plugin causes is accounted to it ----------------------
+
+/// Host memory a test allows above the plugin's own cap: the copy of what the plugin hands
+/// the host in one call (at most the 16 MiB hostcall limit) plus the allocator's slack.
+const MEMORY_MARGIN_MIB: u64 = 32;
+
+/// A field of `/proc/self/status`, in KiB.
+fn status_kib(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .unwrap_or_else(|| panic!("{field} in /proc/self/status"));
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Runs `body` in a process of its own (this test binary, filtered to `test`), so the peak
+/// resident memory it measures is its own and not that of tests running beside it.
+fn isolated(test: &str, body: impl FnOnce()) {
+    const MARK: &str = "STAIRCASE_ISOLATED_TEST";
+    if std::env::var(MARK).as_deref() == Ok(test) {
+        body();
+        return;
+    }
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([test, "--exact", "--test-threads=1", "--nocapture"])
+        .env(MARK, test)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{test} in its own process failed ({}):\n{}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("1 passed"),
+        "the filter ran the test"
+    );
+    // What the child measured, for `--nocapture`.
+    eprint!("{}", String::from_utf8_lossy(&output.stderr));
+}
+
+/// Peak resident memory while `f` runs, above what was resident before, in MiB.
+fn peak_growth_mib(f: impl FnOnce()) -> u64 {
+    // Writing 5 to clear_refs resets the peak (VmHWM) to the current RSS.
+    std::fs::write("/proc/self/clear_refs", "5").unwrap();
+    let before = status_kib("VmRSS:");
+    f();
+    let growth = (status_kib("VmHWM:").saturating_sub(before)) >> 10;
+    eprintln!("peak host memory growth: {growth} MiB");
+    growth
+}
+
+fn hostile_cap_mib() -> u64 {
+    let (_, manifest) = fixture("hostile", "fixtures/hostile");
+    u64::from(manifest.limits.memory_mib)
+}
+
+fn limit_of(error: &PluginError) -> &staircase::plugin::LimitExceeded {
+    match error {
+        PluginError::LimitExceeded { plugin, limit, .. } => {
+            assert_eq!(plugin.to_string(), "hostile@1.0.0");
+            limit
+        }
+        other => panic!("expected a host limit, got {other}"),
+    }
+}
+
+#[test]
+fn an_output_stream_bomb_is_refused_before_the_host_allocates() {
+    isolated(
+        "an_output_stream_bomb_is_refused_before_the_host_allocates",
+        || {
+            let registry = hostile_registry();
+            let mut error = None;
+            let growth = peak_growth_mib(|| error = Some(attack(&registry, "zeroes")));
+            let error = error.unwrap();
+            let limit = limit_of(&error);
+            assert_eq!(limit.what, "bytes in one stream write");
+            assert_eq!((limit.limit, limit.asked), (4096, 64 << 30));
+            assert!(
+                error.to_string().contains("hostile@1.0.0") && error.to_string().contains("4096"),
+                "{error}"
+            );
+            assert!(
+                growth < hostile_cap_mib() + MEMORY_MARGIN_MIB,
+                "host memory grew {growth} MiB"
+            );
+            // Writes within the per-operation limit stop at the per-call budget.
+            let flood = attack(&registry, "stdout-flood");
+            let limit = limit_of(&flood);
+            assert_eq!(limit.what, "stdout and stderr bytes in one call");
+            assert_eq!(limit.limit, 64 << 10);
+            still_serving(&registry);
+        },
+    );
+}
+
+#[test]
+fn an_answer_of_many_messages_is_refused_before_the_host_works_on_it() {
+    let registry = hostile_registry();
+    let error = attack(&registry, "many-messages");
+    let limit = limit_of(&error);
+    assert_eq!(limit.what, "messages in an answer");
+    assert_eq!((limit.limit, limit.asked), (1024, 50_000));
+    still_serving(&registry);
+}
+
+/// Counts what a test's log subscriber writes.
+#[derive(Clone, Default)]
+struct LogCapture(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogCapture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_log_flood_is_dropped_and_counted_in_one_summary_line() {
+    let registry = hostile_registry();
+    let capture = LogCapture::default();
+    let writer = capture.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    tracing::subscriber::with_default(subscriber, || {
+        let mut session = registry
+            .open_aggregator("hostile", &user("hi"), &sources(1), StreamMode::Staircase)
+            .unwrap();
+        // 10,000 lines of 4 KiB in one call; whether it ends in time does not matter.
+        let _ = session.try_push("p0", "log-flood");
+        drop(session);
+    });
+    let text = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    let plugin_lines = text.lines().filter(|l| l.contains("yyyy")).count();
+    let limits = staircase::plugin::LogLimits::default();
+    assert_eq!(
+        plugin_lines,
+        (limits.bytes_per_call / 4096).min(limits.lines_per_call as usize),
+        "lines within the per-call budget"
+    );
+    let summaries: Vec<&str> = text.lines().filter(|l| l.contains("dropped")).collect();
+    assert_eq!(summaries.len(), 1, "{summaries:?}");
+    assert!(
+        summaries[0].contains("hostile@1.0.0") && summaries[0].contains("per call"),
+        "{}",
+        summaries[0]
+    );
+    assert!(
+        text.len() < limits.bytes_per_call + (64 << 10),
+        "{} bytes of log",
+        text.len()
+    );
+    still_serving(&registry);
+}
+
+#[test]
+fn a_huge_router_answer_is_refused_with_a_short_error() {
+    let registry = registry_with(config());
+    let dir = Scratch::new("hostile-router");
+    std::fs::copy(
+        guest_artifact("hostile-router"),
+        dir.0.join("hostile-router.wasm"),
+    )
+    .unwrap();
+    std::fs::copy(
+        guest_manifest("fixtures/hostile-router"),
+        dir.0.join("hostile-router.toml"),
+    )
+    .unwrap();
+    registry
+        .load_file(&dir.0.join("hostile-router.wasm"))
+        .unwrap();
+    let mut request = RouteRequest {
+        node_id: "n".into(),
+        prompt_tokens: 1,
+        query: "huge-name".into(),
+        models: vec!["small".into(), "large".into()],
+    };
+    let mut router = registry.open_router("hostile-router").unwrap();
+    let error = router.try_route(&request).unwrap_err();
+    assert!(
+        matches!(error, PluginError::InvalidOutput { .. }),
+        "{error}"
+    );
+    let message = error.to_string();
+    assert!(message.len() < 1024, "{} bytes of error", message.len());
+    assert!(
+        message.contains("hostile-router@1.0.0") && message.contains("15728640 bytes in all"),
+        "{message}"
+    );
+    request.query = "fine".into();
+    let mut fresh = registry.open_router("hostile-router").unwrap();
+    assert_eq!(fresh.try_route(&request).unwrap(), "small");
+}
+
+/// The hostile fixture under another name, in a folder of its own.
+fn renamed_hostile(name: &str) -> (Scratch, PathBuf) {
+    let dir = Scratch::new(name);
+    let wasm = dir.0.join(format!("{name}.wasm"));
+    std::fs::copy(guest_artifact("hostile"), &wasm).unwrap();
+    let manifest = std::fs::read_to_string(guest_manifest("fixtures/hostile"))
+        .unwrap()
+        .replace("name = \"hostile\"", &format!("name = \"{name}\""));
+    std::fs::write(dir.0.join(format!("{name}.toml")), manifest).unwrap();
+    (dir, wasm)
+}
+
+#[test]
+fn a_user_plugin_may_not_take_a_builtins_name_unless_the_host_allows_it() {
+    let registry = registry_with(config());
+    let (dir, wasm) = renamed_hostile("moa-aggregator");
+    match registry.load_file(&wasm) {
+        Err(PluginError::ReservedName { plugin, path }) => {
+            assert_eq!(plugin.to_string(), "moa-aggregator@1.0.0");
+            assert_eq!(path, wasm);
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let lazy = registry.load_dir_lazy(&dir.0).unwrap();
+    assert!(
+        matches!(lazy[0].1, Err(PluginError::ReservedName { .. })),
+        "{:?}",
+        lazy[0].1
+    );
+    let serving = |registry: &Registry| {
+        registry
+            .list()
+            .into_iter()
+            .find(|p| p.name == "moa-aggregator")
+            .unwrap()
+            .path
+    };
+    assert_eq!(serving(&registry), None, "the built-in keeps its name");
+
+    let mut allowing = config();
+    allowing.overrides.insert("moa-aggregator".into());
+    let registry = registry_with(allowing);
+    registry.load_file(&wasm).unwrap();
+    assert_eq!(serving(&registry), Some(wasm), "an allowed override serves");
+}
+
+#[test]
+fn compiling_is_bounded_and_a_folder_plugin_compiles_only_when_used() {
+    let cache = Scratch::new("compile-cache");
+    let (dir, _) = renamed_hostile("lazy-hostile");
+
+    // A registry with the built-ins, and a folder registered lazily: nothing of the folder
+    // compiles until a run asks for it, so a run of a built-in never waits on it.
+    let registry = registry_with(config());
+    let loads = registry.load_dir_lazy(&dir.0).unwrap();
+    assert!(loads.iter().all(|(_, r)| r.is_ok()));
+    assert_eq!(registry.pending(), vec!["lazy-hostile".to_string()]);
+    assert_eq!(
+        registry.kind_of("lazy-hostile"),
+        Some(PluginKind::Aggregator)
+    );
+    still_serving_builtin(&registry);
+    assert_eq!(
+        registry.pending(),
+        vec!["lazy-hostile".to_string()],
+        "using a built-in compiled nothing of the folder"
+    );
+
+    // A compile over its budget is refused, naming the plugin and the budget.
+    let budget = staircase::plugin::CompileBudget {
+        base: Duration::from_millis(1),
+        per_mib: Duration::ZERO,
+    };
+    let strict = Registry::new(
+        PluginRuntime::new(HostConfig {
+            cache_dir: Some(cache.0.clone()),
+            compile_budget: budget,
+            ..HostConfig::default()
+        })
+        .unwrap(),
+    );
+    strict.load_dir_lazy(&dir.0).unwrap();
+    match strict.open_aggregator(
+        "lazy-hostile",
+        &user("q"),
+        &sources(1),
+        StreamMode::Staircase,
+    ) {
+        Err(PluginError::CompileTimeout {
+            plugin,
+            budget,
+            bytes,
+        }) => {
+            assert_eq!(plugin.to_string(), "lazy-hostile@1.0.0");
+            assert_eq!(budget, Duration::from_millis(1));
+            assert!(bytes > 0);
+        }
+        Err(other) => panic!("expected a compile timeout, got {other}"),
+        Ok(_) => panic!("expected a compile timeout"),
+    }
+    assert!(strict.pending().is_empty());
+    assert_eq!(
+        std::fs::read_dir(&cache.0).unwrap().count(),
+        0,
+        "an abandoned compile is never cached"
+    );
+
+    // Over the size budget.
+    let small = PluginRuntime::new(HostConfig {
+        cache_dir: None,
+        max_component_bytes: 1000,
+        ..HostConfig::default()
+    })
+    .unwrap();
+    let (wasm, manifest) = fixture("hostile", "fixtures/hostile");
+    match small.load(&wasm, manifest.clone()) {
+        Err(PluginError::ComponentTooLarge { limit, bytes, .. }) => {
+            assert_eq!(limit, 1000);
+            assert_eq!(bytes, wasm.len());
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+
+    // Within its budget it compiles, and the cache makes the next load skip compiling.
+    let normal = PluginRuntime::new(HostConfig {
+        cache_dir: Some(cache.0.clone()),
+        ..HostConfig::default()
+    })
+    .unwrap();
+    assert!(!normal.load(&wasm, manifest.clone()).unwrap().from_cache);
+    assert!(normal.load(&wasm, manifest).unwrap().from_cache);
+}
+
+/// The built-in aggregator answers.
+fn still_serving_builtin(registry: &Registry) {
+    let mut moa = registry
+        .open_aggregator(
+            "moa-aggregator",
+            &user("q"),
+            &sources(1),
+            StreamMode::Staircase,
+        )
+        .unwrap();
+    moa.try_push("p0", "fine").unwrap();
+    assert!(moa.try_next_step().unwrap().is_some());
+}
+
+/// Every probe of the hostile fixture: each calls one WASI import with hostile arguments.
+const PROBES: &[&str] = &[
+    "write-zeroes-64g",
+    "write-zeroes-max",
+    "blocking-write-zeroes-max",
+    "check-write",
+    "write-64k",
+    "blocking-write-64k",
+    "splice-max",
+    "blocking-splice-max",
+    "flush",
+    "stderr-zeroes-max",
+    "read-max",
+    "blocking-read-max",
+    "skip-max",
+    "poll-empty",
+    "poll-many",
+    "sleep-forever",
+    "sleep-until-max",
+    "clocks",
+    "random-max",
+    "random-u64",
+    "insecure-random-max",
+    "insecure-seed",
+    "environment",
+    "terminals",
+    "preopens",
+    "udp-v4",
+    "udp-v6",
+    "tcp-v4",
+    "tcp-v6",
+    "dns",
+];
+
+#[test]
+fn every_wasi_import_with_hostile_arguments_fails_typed_inside_an_async_task() {
+    // Pipelines call plugins on tokio worker threads, where wasmtime-wasi's calls that nest
+    // a runtime would panic; no call may panic the host, whatever its arguments.
+    let registry = hostile_registry();
+    let runtime = worker_runtime();
+    let outcomes = runtime.block_on(async move {
+        tokio::spawn(async move {
+            let mut outcomes = Vec::new();
+            for probe in PROBES
+                .iter()
+                .map(|p| format!("probe:{p}"))
+                .chain(["udp".into()])
+            {
+                let mut session = registry
+                    .open_aggregator("hostile", &user("hi"), &sources(1), StreamMode::Staircase)
+                    .unwrap();
+                let outcome = session
+                    .try_push("p0", &probe)
+                    .and_then(|_| session.try_next_step())
+                    .map(|step| step.unwrap().messages[0].content.clone());
+                outcomes.push((probe, outcome));
+            }
+            still_serving(&registry);
+            outcomes
+        })
+        .await
+        .expect("the task completes")
+    });
+    for (probe, outcome) in &outcomes {
+        match outcome {
+            Ok(answer) => assert!(!answer.starts_with("no probe"), "{probe}: {answer}"),
+            Err(error) => {
+                let message = error.to_string();
+                assert!(!message.contains("panicked"), "{probe}: {message}");
+                assert!(message.contains("hostile@1.0.0"), "{probe}: {message}");
+            }
+        }
+    }
+    let by_name = |name: &str| &outcomes.iter().find(|(p, _)| p == name).unwrap().1;
+    assert!(
+        matches!(
+            by_name("probe:sleep-forever"),
+            Err(PluginError::Timeout { .. })
+        ),
+        "{:?}",
+        by_name("probe:sleep-forever")
+    );
+    assert!(matches!(
+        by_name("probe:write-zeroes-max"),
+        Err(PluginError::LimitExceeded { .. })
+    ));
+    match by_name("probe:udp-v4") {
+        Ok(answer) => assert!(answer.contains("access-denied"), "{answer}"),
+        Err(error) => panic!("creating a UDP socket is refused, not failed: {error}"),
+    }
+    match by_name("udp") {
+        Ok(answer) => assert!(answer.starts_with("udp: Some("), "{answer}"),
+        Err(error) => panic!("a guest's UDP bind is refused, not failed: {error}"),
+    }
+}
+
+#[test]
+fn count_tokens_is_bounded_in_size_and_by_the_call_deadline() {
+    isolated(
+        "count_tokens_is_bounded_in_size_and_by_the_call_deadline",
+        || {
+            // The real tokenizer: without a model `count-tokens` only estimates.
+            let model = staircase::model::default_model_path().unwrap();
+            let engine = staircase::engine::local::LocalEngine::load(
+                staircase::engine::local::LocalEngineConfig::new(model),
+            )
+            .unwrap();
+            let registry = registry_with(HostConfig {
+                engine: Some(Arc::new(engine)),
+                ..config()
+            });
+            let dir = Scratch::new("hostile-counting");
+            std::fs::copy(guest_artifact("hostile"), dir.0.join("hostile.wasm")).unwrap();
+            std::fs::copy(
+                guest_manifest("fixtures/hostile"),
+                dir.0.join("hostile.toml"),
+            )
+            .unwrap();
+            registry.load_file(&dir.0.join("hostile.wasm")).unwrap();
+
+            // 15 MiB: refused before any tokenizing.
+            let mut error = None;
+            let growth = peak_growth_mib(|| error = Some(attack(&registry, "count-huge")));
+            let error = error.unwrap();
+            let limit = limit_of(&error);
+            assert_eq!(limit.what, "count-tokens text bytes");
+            assert_eq!((limit.limit, limit.asked), (1 << 20, 15 << 20));
+            assert!(
+                growth < hostile_cap_mib() + MEMORY_MARGIN_MIB,
+                "host memory grew {growth} MiB"
+            );
+
+            // 1 MiB, within the size limit, takes the tokenizer about a second: the call ends at
+            // its deadline instead.
+            match attack(&registry, "count-big") {
+                PluginError::Timeout { deadline, call, .. } => {
+                    assert_eq!(deadline, Duration::from_millis(100));
+                    assert_eq!(call, "session.push");
+                }
+                other => panic!("expected a timeout, got {other}"),
+            }
+            still_serving(&registry);
+        },
     );
 }

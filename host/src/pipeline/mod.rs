@@ -3,11 +3,12 @@
 //! `spec` reads and validates pipeline files, `examples` embeds the shipped ones, `stream`
 //! cuts outputs into chunks per edge, `critical` computes critical paths, `runtime` runs a
 //! pipeline on engines and policies, `role_session` drives agents that read other nodes,
-//! `bench` compares single-model, layered and staircase runs, `setup` assembles the default
+//! `budget` bounds a run whatever its plugins do, `bench` compares single-model, layered and staircase runs, `setup` assembles the default
 //! runner (local engine and built-in plugins). `policy` holds the traits the
 //! plugin host implements; nothing here touches wasmtime or llama.cpp directly.
 
 pub mod bench;
+pub mod budget;
 pub mod critical;
 pub mod examples;
 pub mod policy;
@@ -17,6 +18,7 @@ pub mod setup;
 pub mod spec;
 pub mod stream;
 
+pub use budget::{RunBound, RunLimits};
 pub use examples::{DEFAULT_PIPELINE, load};
 pub use runtime::{Models, RunError, RunEvent, RunReport, RunRequest, Runner};
 pub use spec::{NodeIndex, Pipeline, SpecError, SpecErrorKind};

@@ -22,6 +22,7 @@ use serde::Serialize;
 use tokio::sync::{Notify, mpsc};
 use tracing::Instrument;
 
+use super::budget::{MeteredProvider, RunBound, RunBudget, RunLimits};
 use super::critical::{self, CriticalPath, LatencyModel};
 use super::policy::{
     AggregatorSession, CompressorPolicy, Demand, PolicyError, PolicyProvider, RouteRequest,
@@ -31,7 +32,7 @@ use super::role_session::RoleSession;
 use super::spec::{DEFAULT_MODEL, ModelBinding, NodeIndex, NodeKind, Pipeline, SpecError};
 use super::stream::{Chunk, Chunker};
 use crate::engine::{
-    ChatMessage, Engine, EngineError, FinishReason, GenerationEvent, GenerationRequest,
+    Capability, ChatMessage, Engine, EngineError, FinishReason, GenerationEvent, GenerationRequest,
     GenerationStream, Priority, Prompt, Role, SamplingParams,
 };
 use crate::speculate::{DraftFeed, SpeculationStats};
@@ -78,8 +79,7 @@ impl Models {
 
     fn count_tokens(&self, text: &str) -> u32 {
         self.counter()
-            .and_then(|e| e.count_tokens(text).ok())
-            .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX))
+            .map_or(0, |e| e.token_counter().count(text).get())
     }
 }
 
@@ -98,6 +98,12 @@ pub enum RunError {
         "node `{node}`: plugin `{plugin}` gave no final step although every input has finished"
     )]
     NoFinalStep { node: String, plugin: String },
+    #[error("node `{node}`: plugin `{plugin}` ended the run: {bound}")]
+    Bound {
+        node: String,
+        plugin: String,
+        bound: RunBound,
+    },
     #[error("node `{node}`: router chose `{model}`, which is not one of {models:?}")]
     BadRoute {
         node: String,
@@ -241,6 +247,7 @@ pub struct Runner {
     models: Models,
     policies: Arc<dyn PolicyProvider>,
     latencies: Arc<LatencyModel>,
+    limits: RunLimits,
 }
 
 impl Runner {
@@ -249,7 +256,19 @@ impl Runner {
             models,
             policies,
             latencies: Arc::new(LatencyModel::default()),
+            limits: RunLimits::default(),
         }
+    }
+
+    /// The same runner with other bounds per run.
+    pub fn with_limits(mut self, limits: RunLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// The bounds every run gets.
+    pub fn limits(&self) -> RunLimits {
+        self.limits
     }
 
     pub fn models(&self) -> &Models {
@@ -265,6 +284,35 @@ impl Runner {
     pub fn check(&self, pipeline: &Pipeline) -> Result<(), SpecError> {
         let policies = self.policies.clone();
         pipeline.check_bindings(&move |name| policies.kind_of(name), &self.models.names())
+    }
+
+    /// Checks that the models of `pipeline` can do what its nodes ask in `mode`: a staircase
+    /// node with inputs continues its own partial answer at every step after the first.
+    pub fn check_capabilities(
+        &self,
+        pipeline: &Pipeline,
+        mode: StreamMode,
+    ) -> Result<(), RunError> {
+        if mode == StreamMode::Layered {
+            return Ok(());
+        }
+        for node in pipeline.nodes.iter().filter(|n| !n.inputs.is_empty()) {
+            let models = match &node.model {
+                ModelBinding::None => continue,
+                ModelBinding::Fixed(name) => std::slice::from_ref(name),
+                ModelBinding::Routed { models, .. } => models.as_slice(),
+            };
+            for engine in models.iter().filter_map(|m| self.models.get(m)) {
+                engine
+                    .model_info()
+                    .require(Capability::AssistantPrefix)
+                    .map_err(|source| RunError::Engine {
+                        node: node.id.clone(),
+                        source,
+                    })?;
+            }
+        }
+        Ok(())
     }
 
     /// The critical path estimated for `request`, before running.
@@ -292,6 +340,7 @@ impl Runner {
         events: Option<mpsc::UnboundedSender<RunEvent>>,
     ) -> Result<RunReport, RunError> {
         self.check(pipeline)?;
+        self.check_capabilities(pipeline, request.mode)?;
         let estimated = self.estimate(pipeline, &request);
         let timeline = Timeline::new(pipeline.nodes.iter().map(|n| n.id.clone()).collect());
         let n = pipeline.nodes.len();
@@ -311,6 +360,7 @@ impl Runner {
             timeline: &timeline,
             events: events.as_ref(),
             priorities,
+            policies: MeteredProvider::new(self.policies.clone(), RunBudget::new(self.limits)),
         };
 
         // Wiring: one inbox per node with inputs, a wake-up per producer, a flag per edge.
@@ -573,6 +623,8 @@ struct RunCtx<'r> {
     timeline: &'r Timeline,
     events: Option<&'r mpsc::UnboundedSender<RunEvent>>,
     priorities: Vec<Priority>,
+    /// The runner's policies, metered against this run's bounds.
+    policies: MeteredProvider,
 }
 
 impl<'r> RunCtx<'r> {
@@ -583,10 +635,18 @@ impl<'r> RunCtx<'r> {
         }
     }
 
+    /// A policy's failure as the run's error: the bound it went over, when it did.
     fn policy_error(&self, node: NodeIndex) -> impl Fn(PolicyError) -> RunError + '_ {
-        move |source| RunError::Policy {
-            node: self.pipeline.node(node).id.clone(),
-            source,
+        move |source| {
+            let node = self.pipeline.node(node).id.clone();
+            match self.policies.budget().exceeded() {
+                Some((plugin, bound)) => RunError::Bound {
+                    node,
+                    plugin,
+                    bound,
+                },
+                None => RunError::Policy { node, source },
+            }
         }
     }
 
@@ -619,7 +679,6 @@ impl<'r> RunCtx<'r> {
         match node.kind {
             NodeKind::Compressor { budget_tokens } => {
                 let compressor = self
-                    .runner
                     .policies
                     .compressor(&node.plugin)
                     .map_err(&policy_error)?;
@@ -628,7 +687,6 @@ impl<'r> RunCtx<'r> {
             }
             NodeKind::Agent => {
                 let mut role = self
-                    .runner
                     .policies
                     .role_with_config(&node.plugin, &node.config)
                     .map_err(&policy_error)?;
@@ -639,7 +697,6 @@ impl<'r> RunCtx<'r> {
             }
             NodeKind::Aggregator => {
                 let session = self
-                    .runner
                     .policies
                     .aggregator(&node.plugin, &conversation, &self.sources(ix), mode)
                     .map_err(&policy_error)?;
@@ -710,7 +767,7 @@ impl<'r> RunCtx<'r> {
         let policy_error = self.policy_error(ix);
         let mut router = match &node.model {
             ModelBinding::Routed { router, .. } => {
-                Some(self.runner.policies.router(router).map_err(&policy_error)?)
+                Some(self.policies.router(router).map_err(&policy_error)?)
             }
             _ => None,
         };
@@ -850,20 +907,25 @@ impl<'r> RunCtx<'r> {
             }
             let engine = self.engine_for(ix, &mut router, &step.messages)?;
             let mut request = self.step_request(ix, step.messages, &answer, max_tokens, &sampling);
-            request.draft_feed = feed.clone();
+            if let Some(feed) = &feed {
+                request.extensions.insert(feed.clone());
+            }
             let step_started = self.timeline.now();
             let mut stream = engine.submit(request).map_err(engine_error)?;
             let mut step_text = String::new();
             let mut step_tokens = 0u32;
-            let (reason, usage) = loop {
+            let (reason, usage, extensions) = loop {
                 let wake = tokio::select! {
                     event = stream.next() => Wake::Engine(event),
                     input = inputs.recv(), if inputs.rx.is_some() => Wake::Input(input),
                     _ = waker.notified() => Wake::Released,
                 };
                 match wake {
-                    Wake::Engine(Some(Ok(GenerationEvent::Delta { text, tokens }))) => {
-                        let count = u32::try_from(tokens.len()).unwrap_or(u32::MAX);
+                    Wake::Engine(Some(Ok(GenerationEvent::Delta {
+                        text,
+                        token_count: count,
+                        ..
+                    }))) => {
                         step_text.push_str(&text);
                         step_tokens += count;
                         emitter.delta(&text, count);
@@ -872,9 +934,10 @@ impl<'r> RunCtx<'r> {
                         reason,
                         usage,
                         timings,
+                        extensions,
                     }))) => {
                         self.runner.latencies.observe(&usage, &timings);
-                        break (reason, usage);
+                        break (reason, usage, extensions);
                     }
                     Wake::Engine(Some(Err(error))) => return Err(engine_error(error)),
                     Wake::Engine(None) => return Err(engine_error(EngineError::Stopped)),
@@ -893,7 +956,7 @@ impl<'r> RunCtx<'r> {
             report.steps += 1;
             report.prompt_tokens += usage.prompt_tokens;
             report.cached_prompt_tokens += usage.cached_prompt_tokens;
-            if let Some(stats) = &usage.speculation {
+            if let Some(stats) = extensions.get::<SpeculationStats>() {
                 report
                     .speculation
                     .get_or_insert_with(SpeculationStats::default)

@@ -40,8 +40,9 @@ pub struct DefaultRunner {
 
 /// The engine with `config`, and a registry with the built-ins (whose plugins count tokens
 /// and, when granted, call the model through that engine), then the user's plugin folder when
-/// it exists, then `plugin_dirs`. A plugin file that fails to load is logged and skipped, so
-/// one broken plugin does not stop pipelines that do not use it; a missing folder is an error.
+/// it exists, then `plugin_dirs`. Folder plugins are compiled on first use, so a run never
+/// waits on one it does not use; one that fails to load is logged and skipped, so one broken
+/// plugin does not stop pipelines that do not use it; a missing folder is an error.
 pub fn open_with(
     config: LocalEngineConfig,
     plugin_dirs: &[PathBuf],
@@ -55,8 +56,9 @@ pub fn open_with(
     registry.load_builtins()?;
     let user_dir = crate::plugin::default_plugin_dir().filter(|d| d.is_dir());
     for dir in user_dir.iter().chain(plugin_dirs) {
+        // Registered by manifest; compiled when a run first uses one.
         let loads = registry
-            .load_dir(dir)
+            .load_dir_lazy(dir)
             .map_err(|source| SetupError::PluginDir {
                 dir: dir.clone(),
                 source,

@@ -52,37 +52,30 @@ impl CodeCache {
             .join(format!("{sha256}-{}.cwasm", self.engine_hash))
     }
 
-    /// The compiled component and whether it came from the cache.
-    pub(crate) fn load_or_compile(
-        &self,
-        engine: &Engine,
-        wasm: &[u8],
-        sha256: &str,
-    ) -> wasmtime::Result<(Component, bool)> {
+    /// The cached compiled component of `sha256`, if there is a usable one.
+    pub(crate) fn lookup(&self, engine: &Engine, sha256: &str) -> Option<Component> {
         let path = self.path(sha256);
-        if path.exists() {
-            // SAFETY: the file is in our own cache folder, named by the sha256 of the
-            // component it was compiled from and by this engine's compatibility hash, and
-            // only `store` below writes there (via rename, so never half-written).
-            match unsafe { Component::deserialize_file(engine, &path) } {
-                Ok(component) => return Ok((component, true)),
-                Err(error) => {
-                    tracing::warn!(path = %path.display(), %error, "discarding unusable cached code");
-                    let _ = std::fs::remove_file(&path);
-                }
+        if !path.exists() {
+            return None;
+        }
+        // SAFETY: the file is in our own cache folder, named by the sha256 of the component
+        // it was compiled from and by this engine's compatibility hash, and only `store`
+        // below writes there (via rename, so never half-written).
+        match unsafe { Component::deserialize_file(engine, &path) } {
+            Ok(component) => Some(component),
+            Err(error) => {
+                tracing::warn!(path = %path.display(), %error, "discarding unusable cached code");
+                let _ = std::fs::remove_file(&path);
+                None
             }
         }
-        let compiled = engine.precompile_component(wasm)?;
-        self.store(&path, &compiled);
-        // SAFETY: these bytes were produced by `precompile_component` on this engine just now.
-        let component = unsafe { Component::deserialize(engine, &compiled)? };
-        Ok((component, false))
     }
 
     /// Writes atomically (a temporary file of its own, then rename): cached files are
     /// memory-mapped by running plugins, so an existing file is never written in place.
     /// A failure only costs a recompile later.
-    fn store(&self, path: &std::path::Path, compiled: &[u8]) {
+    pub(crate) fn store(&self, sha256: &str, compiled: &[u8]) {
+        let path = &self.path(sha256);
         static WRITES: AtomicU64 = AtomicU64::new(0);
         let n = WRITES.fetch_add(1, Ordering::Relaxed);
         let tmp = path.with_extension(format!("tmp-{}-{n}", std::process::id()));

@@ -1,6 +1,7 @@
 //! Typed plugin errors. Every variant names the plugin and version it concerns, so a log
 //! line or an HTTP error is enough to find the culprit.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -18,6 +19,38 @@ impl fmt::Display for PluginRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}@{}", self.name, self.version)
     }
+}
+
+/// Longest piece of a plugin-supplied string quoted in an error: enough to recognise it, and
+/// a 15 MiB model name costs the log 512 bytes, not 45 MiB.
+pub const MAX_QUOTED_BYTES: usize = 512;
+
+/// Longest error detail that may carry plugin-influenced text (a trap's backtrace names the
+/// guest's functions, a validation error quotes its bytes).
+pub const MAX_ERROR_DETAIL_BYTES: usize = 2048;
+
+/// A string a plugin supplied, as it may enter an error or a log line: at most `max` bytes
+/// (cut at a character boundary), with the full length noted when it was cut. Every place
+/// that quotes plugin text goes through here.
+pub fn clip(text: &str, max: usize) -> Cow<'_, str> {
+    if text.len() <= max {
+        return Cow::Borrowed(text);
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    Cow::Owned(format!("{}… ({} bytes in all)", &text[..end], text.len()))
+}
+
+/// A host limit a plugin's call ran into: what was bounded, the bound, and what the plugin
+/// asked for. Host functions fail with it (as a trap), and the call's error names it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{what}: {asked} is over the limit of {limit}")]
+pub struct LimitExceeded {
+    pub what: &'static str,
+    pub limit: u64,
+    pub asked: u64,
 }
 
 /// What went wrong with a plugin.
@@ -49,6 +82,13 @@ pub enum PluginError {
         call: &'static str,
         bytes: usize,
         limit: usize,
+    },
+    #[error("plugin {plugin}: `{call}` ran into a host limit: {limit}")]
+    LimitExceeded {
+        plugin: PluginRef,
+        call: &'static str,
+        /// Boxed: errors travel in `Result`s on every call path.
+        limit: Box<LimitExceeded>,
     },
     #[error("plugin {plugin}: `{call}` returned an invalid answer: {reason}")]
     InvalidOutput {
@@ -88,6 +128,26 @@ pub enum PluginError {
         asked: u32,
         max: u32,
     },
+    #[error(
+        "plugin {plugin} from {path}: its name belongs to a built-in plugin; \
+         list the name in the host's `overrides` to replace the built-in"
+    )]
+    ReservedName { plugin: PluginRef, path: PathBuf },
+    #[error("plugin {plugin}: the component is {bytes} bytes, over the maximum of {limit} bytes")]
+    ComponentTooLarge {
+        plugin: PluginRef,
+        bytes: usize,
+        limit: usize,
+    },
+    #[error(
+        "plugin {plugin}: compiling did not finish within its budget of {budget:?} \
+         (a component of {bytes} bytes)"
+    )]
+    CompileTimeout {
+        plugin: PluginRef,
+        bytes: usize,
+        budget: Duration,
+    },
     #[error("plugin {plugin}: instantiation failed: {reason}")]
     Instantiate { plugin: PluginRef, reason: String },
     #[error("plugin {plugin}: self-test failed: {reason}")]
@@ -116,5 +176,20 @@ pub enum PluginError {
 impl From<PluginError> for PolicyError {
     fn from(error: PluginError) -> Self {
         PolicyError(error.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clipping_keeps_short_text_and_cuts_long_text_at_a_char_boundary() {
+        assert_eq!(clip("short", 10), "short");
+        let long = "é".repeat(100);
+        let clipped = clip(&long, 5);
+        assert!(clipped.starts_with("éé…"), "{clipped}");
+        assert!(clipped.ends_with("(200 bytes in all)"), "{clipped}");
+        assert!(clip(&"x".repeat(15 << 20), MAX_QUOTED_BYTES).len() < MAX_QUOTED_BYTES + 64);
     }
 }

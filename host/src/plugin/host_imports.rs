@@ -1,38 +1,39 @@
 //! The host imports of `staircase:agent@0.1.0` (`host` and `model`), implemented on the
 //! store state. Nothing here reaches outside the sandbox except `model.complete`, which is
-//! refused unless the plugin was granted the `model` capability.
+//! refused unless the plugin was granted the `model` capability. Every import checks the
+//! size of its input before working on it, and work that can take long (tokenizing,
+//! generating) stops at the caller's deadline: host code is not interrupted by the epoch.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use super::bindings::{host, model, types};
+use super::error::{LimitExceeded, clip};
 use super::instance::StoreState;
+use super::runtime::MESSAGE_OVERHEAD_BYTES;
 use crate::engine::{
     ChatMessage, Engine, GenerationEvent, GenerationRequest, Prompt, Role, SamplingParams,
 };
 
-/// Log messages are cut to this length: a plugin must not flood the host's log.
-const MAX_LOG_BYTES: usize = 4096;
-/// Bytes per token when no tokenizer is available: typical of English text in BPE
-/// vocabularies, and an over-estimate for most code, which keeps budgets safe.
-pub const APPROX_BYTES_PER_TOKEN: usize = 4;
+/// Text `count-tokens` tokenizes between two looks at the deadline: about 5 ms of
+/// tokenizing on the default model, small against a 100 ms call deadline.
+const COUNT_PIECE_BYTES: usize = 4 << 10;
 
-/// The token estimate used without an engine: one token per [`APPROX_BYTES_PER_TOKEN`]
-/// bytes, rounded up.
+/// The token estimate used without an engine: one token per
+/// [`crate::engine::APPROX_BYTES_PER_TOKEN`] bytes, rounded up.
 pub fn approximate_tokens(text: &str) -> u32 {
-    u32::try_from(text.len().div_ceil(APPROX_BYTES_PER_TOKEN)).unwrap_or(u32::MAX)
+    crate::engine::estimate_tokens(text).get()
 }
 
 impl types::Host for StoreState {}
 
 impl host::Host for StoreState {
-    fn log(&mut self, level: host::LogLevel, message: String) {
-        let mut end = message.len().min(MAX_LOG_BYTES);
-        while !message.is_char_boundary(end) {
-            end -= 1;
+    fn log(&mut self, level: host::LogLevel, message: String) -> wasmtime::Result<()> {
+        let message = clip(&message, self.log.line_bytes());
+        if !self.log.admit(message.len()) {
+            return Ok(());
         }
-        let message = &message[..end];
         let plugin = &self.plugin;
         match level {
             host::LogLevel::Trace => tracing::trace!(%plugin, "{message}"),
@@ -41,28 +42,68 @@ impl host::Host for StoreState {
             host::LogLevel::Warn => tracing::warn!(%plugin, "{message}"),
             host::LogLevel::Error => tracing::error!(%plugin, "{message}"),
         }
+        Ok(())
     }
 
-    fn now_ns(&mut self) -> u64 {
-        u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    fn now_ns(&mut self) -> wasmtime::Result<u64> {
+        Ok(u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX))
     }
 
-    fn config(&mut self, key: String) -> Option<String> {
-        self.config.get(&key).cloned()
+    fn config(&mut self, key: String) -> wasmtime::Result<Option<String>> {
+        Ok(self.config.get(&key).cloned())
     }
 
-    fn count_tokens(&mut self, text: String) -> u32 {
-        match &self.engine {
-            Some(engine) => match engine.count_tokens(&text) {
-                Ok(n) => u32::try_from(n).unwrap_or(u32::MAX),
-                Err(error) => {
-                    tracing::debug!(%error, "count-tokens falls back to the estimate");
-                    approximate_tokens(&text)
-                }
-            },
-            None => approximate_tokens(&text),
+    fn count_tokens(&mut self, text: String) -> wasmtime::Result<u32> {
+        if text.len() > self.max_count_bytes {
+            return Err(LimitExceeded {
+                what: "count-tokens text bytes",
+                limit: self.max_count_bytes as u64,
+                asked: text.len() as u64,
+            }
+            .into());
         }
+        let Some(engine) = &self.engine else {
+            return Ok(approximate_tokens(&text));
+        };
+        let counter = engine.token_counter();
+        let mut total = 0u32;
+        for piece in pieces(&text, COUNT_PIECE_BYTES) {
+            if Instant::now() >= self.deadline {
+                // Reported like an epoch interruption: the call ran out of time.
+                return Err(wasmtime::Trap::Interrupt.into());
+            }
+            total = total.saturating_add(counter.count(piece).get());
+        }
+        Ok(total)
     }
+}
+
+/// `text` in pieces of at most about `size` bytes, each cut before a whitespace character
+/// where there is one: BPE vocabularies attach a space to the word after it, so the counts
+/// of the pieces add up to the count of the whole.
+fn pieces(text: &str, size: usize) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        if rest.len() <= size {
+            return Some(std::mem::take(&mut rest));
+        }
+        let mut end = size;
+        while !rest.is_char_boundary(end) {
+            end -= 1;
+        }
+        let cut = match rest[..end].rfind(char::is_whitespace) {
+            Some(at) if at > 0 => at,
+            _ if end > 0 => end,
+            // A first character longer than `size` (never, for sizes above 4).
+            _ => rest.char_indices().nth(1).map_or(rest.len(), |(i, _)| i),
+        };
+        let (piece, tail) = rest.split_at(cut);
+        rest = tail;
+        Some(piece)
+    })
 }
 
 impl model::Host for StoreState {
@@ -70,15 +111,37 @@ impl model::Host for StoreState {
         &mut self,
         messages: Vec<types::ChatMessage>,
         params: types::GenerationParams,
-    ) -> Result<String, String> {
+    ) -> wasmtime::Result<Result<String, String>> {
         if !self.model_granted {
-            return Err(format!(
+            return Ok(Err(format!(
                 "plugin {} was not granted the `model` capability",
                 self.plugin
-            ));
+            )));
+        }
+        // The prompt costs the host rendering and prefill: bounded like an answer.
+        if messages.len() > self.max_messages {
+            return Err(LimitExceeded {
+                what: "model.complete messages",
+                limit: self.max_messages as u64,
+                asked: messages.len() as u64,
+            }
+            .into());
+        }
+        let bytes: usize = messages
+            .iter()
+            .map(|m| m.content.len() + MESSAGE_OVERHEAD_BYTES)
+            .chain(params.stop.iter().map(|s| s.len() + MESSAGE_OVERHEAD_BYTES))
+            .sum();
+        if bytes > self.max_count_bytes {
+            return Err(LimitExceeded {
+                what: "model.complete prompt bytes",
+                limit: self.max_count_bytes as u64,
+                asked: bytes as u64,
+            }
+            .into());
         }
         let Some(engine) = self.engine.clone() else {
-            return Err("the host has no model engine".into());
+            return Ok(Err("the host has no model engine".into()));
         };
         let request = GenerationRequest {
             prompt: Prompt::Chat {
@@ -87,9 +150,9 @@ impl model::Host for StoreState {
             },
             sampling: sampling_from_wit(params),
             priority: Default::default(),
-            draft_feed: None,
+            extensions: Default::default(),
         };
-        complete_before(engine, request, self.deadline)
+        Ok(complete_before(engine, request, self.deadline))
     }
 }
 
@@ -176,6 +239,19 @@ mod tests {
         assert_eq!(approximate_tokens("abc"), 1);
         assert_eq!(approximate_tokens("abcd"), 1);
         assert_eq!(approximate_tokens("abcde"), 2);
+    }
+
+    #[test]
+    fn pieces_cut_before_whitespace_and_cover_the_text() {
+        let text = "one two three four five six";
+        let parts: Vec<&str> = pieces(text, 8).collect();
+        assert_eq!(parts.concat(), text);
+        assert!(parts.iter().all(|p| p.len() <= 8), "{parts:?}");
+        assert!(parts[1..].iter().all(|p| p.starts_with(' ')), "{parts:?}");
+        let unbroken = "é".repeat(10);
+        let parts: Vec<&str> = pieces(&unbroken, 5).collect();
+        assert_eq!(parts.concat(), unbroken);
+        assert_eq!(pieces("", 8).count(), 0);
     }
 
     #[test]

@@ -11,12 +11,17 @@ use wasmtime::Store;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::error::{PluginError, PluginRef};
-use super::limits::Limiter;
-use super::runtime::{EPOCH_TICK, HOSTCALL_FUEL_BYTES, KindPre, LoadedPlugin, PluginRuntime};
+use super::error::{LimitExceeded, MAX_ERROR_DETAIL_BYTES, PluginError, PluginRef, clip};
+use super::limits::{Limiter, LogBudget};
+use super::runtime::{
+    EPOCH_TICK, HOSTCALL_FUEL_BYTES, KindPre, LoadedPlugin, MESSAGE_OVERHEAD_BYTES, PluginRuntime,
+};
 
 /// The call name of instantiation in errors.
 const INSTANTIATE: &str = "instantiate";
+/// Largest `get-random-bytes` answer: the host allocates it, and a seed or a nonce is tens
+/// of bytes.
+const MAX_RANDOM_BYTES: u64 = 64 << 10;
 
 /// What a plugin instance's store holds.
 pub(crate) struct StoreState {
@@ -30,11 +35,19 @@ pub(crate) struct StoreState {
     pub(crate) origin: Instant,
     /// When the current call must end (the `model` import waits at most until then).
     pub(crate) deadline: Instant,
+    pub(crate) log: LogBudget,
+    /// Bytes the current call wrote to stdout and stderr, and how many it may.
+    pub(crate) stdio_written: u64,
+    pub(crate) max_stdio: u64,
+    /// Largest text `count-tokens` accepts, and largest prompt of `model.complete`.
+    pub(crate) max_count_bytes: usize,
+    pub(crate) max_messages: usize,
 }
 
 impl StoreState {
-    pub(crate) fn table_mut(&mut self) -> &mut ResourceTable {
-        &mut self.table
+    /// The resource table and the current call's count of written bytes.
+    pub(crate) fn io_parts(&mut self) -> (&mut ResourceTable, &mut u64) {
+        (&mut self.table, &mut self.stdio_written)
     }
 }
 
@@ -55,6 +68,7 @@ pub(crate) struct PluginInstance {
     deadline: Duration,
     deadline_ticks: u64,
     max_output: usize,
+    max_messages: usize,
 }
 
 impl PluginInstance {
@@ -85,6 +99,7 @@ impl PluginInstance {
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)
+            .max_random_size(MAX_RANDOM_BYTES)
             .build();
         let state = StoreState {
             wasi,
@@ -96,6 +111,11 @@ impl PluginInstance {
             engine: inner.config.engine.clone(),
             origin: inner.origin,
             deadline: Instant::now(),
+            log: LogBudget::new(inner.config.log, plugin.plugin.clone()),
+            stdio_written: 0,
+            max_stdio: inner.config.max_stdio_bytes_per_call,
+            max_count_bytes: inner.config.max_output_bytes,
+            max_messages: inner.config.max_messages,
         };
         let mut store = Store::new(&inner.engine, state);
         store.limiter(|state| &mut state.limiter);
@@ -110,6 +130,7 @@ impl PluginInstance {
             deadline,
             deadline_ticks,
             max_output: inner.config.max_output_bytes,
+            max_messages: inner.config.max_messages,
         }
     }
 
@@ -130,11 +151,14 @@ impl PluginInstance {
             });
         };
         store.set_epoch_deadline(self.deadline_ticks);
-        store.data_mut().deadline = Instant::now() + self.deadline;
-        // A host function may panic on the guest's behalf: wasmtime-wasi's blocking I/O
-        // (a guest writing to its discarded stdio, e.g. a Rust panic message) runs a tokio
-        // `block_on`, which panics on an async runtime's worker thread. The panic unwinds
-        // out of wasm to here; it fails this call and the instance, never the host.
+        let state = store.data_mut();
+        state.deadline = Instant::now() + self.deadline;
+        state.log.new_call();
+        state.stdio_written = 0;
+        // A last line of defence: the host functions are written not to panic on guest
+        // input (the ones of wasmtime-wasi that nest a tokio runtime are replaced), but if
+        // one did, the panic unwinds out of wasm to here and fails this call and the
+        // instance, never the host.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(store)));
         let error = match outcome {
             Ok(Ok(value)) => return Ok(value),
@@ -146,9 +170,8 @@ impl PluginInstance {
                 plugin: self.plugin.plugin.clone(),
                 call,
                 kind: format!(
-                    "a host call made by the plugin failed: {} (WASI I/O such as printing is \
-                     unavailable when the plugin is called from an async task; use the `log` import)",
-                    panic_message(&panic)
+                    "a host call made by the plugin panicked: {}",
+                    clip(&panic_message(&panic), MAX_ERROR_DETAIL_BYTES)
                 ),
             },
         };
@@ -164,6 +187,15 @@ impl PluginInstance {
         error: wasmtime::Error,
     ) -> PluginError {
         let plugin = self.plugin.plugin.clone();
+        if let Some(limit) = error.downcast_ref::<LimitExceeded>() {
+            return PluginError::LimitExceeded {
+                plugin,
+                call,
+                limit: Box::new(limit.clone()),
+            };
+        }
+        // wasmtime's descriptions may quote the guest (its function names in a backtrace).
+        let detail = |text: String| clip(&text, MAX_ERROR_DETAIL_BYTES).into_owned();
         match error.downcast_ref::<wasmtime::Trap>() {
             Some(wasmtime::Trap::Interrupt) => PluginError::Timeout {
                 plugin,
@@ -178,17 +210,17 @@ impl PluginInstance {
             Some(trap) => PluginError::Trap {
                 plugin,
                 call,
-                kind: trap.to_string(),
+                kind: detail(trap.to_string()),
             },
             // Not a trap: e.g. the instance pool is exhausted, or a link error.
             None if call == INSTANTIATE => PluginError::Instantiate {
                 plugin,
-                reason: format!("{error:#}"),
+                reason: detail(format!("{error:#}")),
             },
             None => PluginError::Trap {
                 plugin,
                 call,
-                kind: format!("{error:#}"),
+                kind: detail(format!("{error:#}")),
             },
         }
     }
@@ -208,6 +240,33 @@ impl PluginInstance {
             }));
         }
         Ok(())
+    }
+
+    /// Fails when an answer of messages costs the host more than it accepts: their text
+    /// (each message weighing [`MESSAGE_OVERHEAD_BYTES`] more) against the output limit, and
+    /// their number against the message limit. Checked when the call returns, before the
+    /// host renders or tokenizes any of it.
+    pub(crate) fn check_messages(
+        &mut self,
+        call: &'static str,
+        messages: &[crate::engine::ChatMessage],
+    ) -> Result<(), PluginError> {
+        if messages.len() > self.max_messages {
+            return Err(self.reject(PluginError::LimitExceeded {
+                plugin: self.plugin.plugin.clone(),
+                call,
+                limit: Box::new(LimitExceeded {
+                    what: "messages in an answer",
+                    limit: self.max_messages as u64,
+                    asked: messages.len() as u64,
+                }),
+            }));
+        }
+        let bytes = messages
+            .iter()
+            .map(|m| m.content.len() + MESSAGE_OVERHEAD_BYTES)
+            .sum();
+        self.check_output(call, bytes)
     }
 
     /// Drops the instance after an answer the host cannot accept: a plugin that produced

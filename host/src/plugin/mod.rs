@@ -9,7 +9,6 @@
 //! touches wasmtime. It must not know about pipelines beyond those traits, and never runs a
 //! guest call without a deadline.
 
-pub mod bench;
 mod bindings;
 pub mod builtin;
 mod cache;
@@ -23,11 +22,13 @@ mod registry;
 mod runtime;
 mod wasi_io;
 
-pub use error::{PluginError, PluginRef};
+pub use error::{LimitExceeded, MAX_QUOTED_BYTES, PluginError, PluginRef, clip};
+pub use limits::{CompileBudget, LogLimits};
 pub use manifest::{Capability, Limits, Manifest};
 pub use policies::{AggregatorInstance, CompressorInstance, RoleInstance, RouterInstance};
 pub use registry::{
-    PluginSummary, Registry, RegistryEvent, load_files, manifest_path, read_manifest,
+    FileLoad, FileRegistration, PluginSummary, Registry, RegistryEvent, load_files, manifest_path,
+    read_manifest,
 };
 pub use runtime::{HostConfig, LoadedPlugin, PluginRuntime};
 

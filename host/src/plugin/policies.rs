@@ -8,7 +8,7 @@ use std::sync::Arc;
 use wasmtime::component::ResourceAny;
 
 use super::bindings::{aggregator, compressor, role, router};
-use super::error::PluginError;
+use super::error::{MAX_QUOTED_BYTES, PluginError, clip};
 use super::host_imports::{chat_from_wit, chat_to_wit, sampling_from_wit};
 use super::instance::PluginInstance;
 use super::runtime::{KindPre, LoadedPlugin, PluginRuntime};
@@ -24,10 +24,6 @@ fn wrong_kind(plugin: &LoadedPlugin, expected: PluginKind) -> PluginError {
         expected,
         actual: plugin.kind(),
     }
-}
-
-fn text_bytes(messages: &[ChatMessage]) -> usize {
-    messages.iter().map(|m| m.content.len()).sum()
 }
 
 /// A role plugin instance.
@@ -88,8 +84,7 @@ impl RoleInstance {
             .instance
             .call("build-messages", |s| api.call_build_messages(s, &wit_input))?;
         let messages: Vec<ChatMessage> = messages.into_iter().map(chat_from_wit).collect();
-        self.instance
-            .check_output("build-messages", text_bytes(&messages))?;
+        self.instance.check_messages("build-messages", &messages)?;
         Ok(messages)
     }
 
@@ -202,7 +197,7 @@ impl AggregatorInstance {
         let Some(step) = step else { return Ok(None) };
         let messages: Vec<ChatMessage> = step.messages.into_iter().map(chat_from_wit).collect();
         self.instance
-            .check_output("session.next-step", text_bytes(&messages))?;
+            .check_messages("session.next-step", &messages)?;
         Ok(Some(Step {
             messages,
             max_tokens: step.max_tokens,
@@ -261,14 +256,13 @@ impl CompressorInstance {
         match answer {
             Ok(messages) => {
                 let messages: Vec<ChatMessage> = messages.into_iter().map(chat_from_wit).collect();
-                self.instance
-                    .check_output("compress", text_bytes(&messages))?;
+                self.instance.check_messages("compress", &messages)?;
                 Ok(messages)
             }
             Err(message) => Err(PluginError::Refused {
                 plugin: self.instance.plugin_ref().clone(),
                 call: "compress",
-                message,
+                message: clip(&message, MAX_QUOTED_BYTES).into_owned(),
             }),
         }
     }
@@ -316,7 +310,11 @@ impl RouterInstance {
             let error = PluginError::InvalidOutput {
                 plugin: self.instance.plugin_ref().clone(),
                 call: "route",
-                reason: format!("model {model:?} is not one of {:?}", request.models),
+                reason: format!(
+                    "model {:?} is not one of {:?}",
+                    clip(&model, MAX_QUOTED_BYTES),
+                    request.models
+                ),
             };
             return Err(self.instance.reject(error));
         }

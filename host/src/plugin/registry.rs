@@ -6,6 +6,12 @@
 //! disturbs a run in flight, and a removed version is freed when its last run ends. A new
 //! version replaces the old one only after it compiled, type-checked and passed its canary;
 //! otherwise it is rejected with a logged reason and the old one keeps serving.
+//!
+//! A folder can also be registered lazily ([`Registry::load_dir_lazy`], what `staircase run`
+//! does): only manifests are read, and a plugin is compiled when a run first asks for it, so
+//! a run never waits on compiling a plugin it does not use. A user plugin may not take a
+//! built-in's name unless the host configuration lists that name in `overrides`; either way
+//! the decision is logged at warn level with both sources.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -53,6 +59,8 @@ pub enum RegistryEvent {
 
 /// A file of a plugin folder and what loading it gave.
 pub type FileLoad = (PathBuf, Result<Arc<LoadedPlugin>, PluginError>);
+/// A file of a plugin folder and whether it was registered to load on first use.
+pub type FileRegistration = (PathBuf, Result<(), PluginError>);
 
 /// One line of `staircase plugin list`.
 #[derive(Clone, Debug)]
@@ -70,10 +78,20 @@ struct Entry {
     path: Option<PathBuf>,
 }
 
+/// A plugin registered by its manifest, compiled on first use.
+struct Lazy {
+    path: PathBuf,
+    kind: PluginKind,
+    /// Held while compiling, so concurrent first users compile once.
+    loading: Mutex<()>,
+}
+
 /// Loaded plugins by name, with hot reload. Implements [`PolicyProvider`].
 pub struct Registry {
     runtime: PluginRuntime,
     table: ArcSwap<HashMap<String, Arc<Entry>>>,
+    /// Plugins registered but not compiled yet; they win over `table` for their name.
+    lazy: Mutex<HashMap<String, Arc<Lazy>>>,
     builtins: Mutex<HashMap<String, Arc<LoadedPlugin>>>,
     /// Serialises table updates (readers never wait).
     update: Mutex<()>,
@@ -86,6 +104,7 @@ impl Registry {
         Arc::new(Self {
             runtime,
             table: ArcSwap::from_pointee(HashMap::new()),
+            lazy: Mutex::new(HashMap::new()),
             builtins: Mutex::new(HashMap::new()),
             update: Mutex::new(()),
             subscribers: Mutex::new(Vec::new()),
@@ -156,16 +175,7 @@ impl Registry {
     /// Loads every `*.wasm` in a folder; failures are reported per file and do not stop
     /// the others.
     pub fn load_dir(&self, dir: &Path) -> Result<Vec<FileLoad>, PluginError> {
-        let entries = std::fs::read_dir(dir).map_err(|error| PluginError::Io {
-            path: dir.to_path_buf(),
-            error,
-        })?;
-        let mut paths: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "wasm"))
-            .collect();
-        paths.sort();
-        Ok(paths
+        Ok(wasm_files(dir)?
             .into_iter()
             .map(|path| {
                 let result = self.load_file(&path);
@@ -174,10 +184,76 @@ impl Registry {
             .collect())
     }
 
+    /// Registers every `*.wasm` of a folder by its manifest, to be compiled when a run first
+    /// asks for it. Returns the files registered and the ones refused (a bad manifest, a
+    /// built-in's name).
+    pub fn load_dir_lazy(&self, dir: &Path) -> Result<Vec<FileRegistration>, PluginError> {
+        Ok(wasm_files(dir)?
+            .into_iter()
+            .map(|path| {
+                let result = read_manifest(&manifest_path(&path))
+                    .and_then(|manifest| {
+                        self.check_name(&manifest, &path)?;
+                        Ok(manifest)
+                    })
+                    .map(|manifest| {
+                        lock(&self.lazy).insert(
+                            manifest.name.clone(),
+                            Arc::new(Lazy {
+                                path: path.clone(),
+                                kind: manifest.kind,
+                                loading: Mutex::new(()),
+                            }),
+                        );
+                    });
+                if let Err(error) = &result {
+                    self.emit(RegistryEvent::Rejected {
+                        path: path.clone(),
+                        error: error.to_string(),
+                    });
+                }
+                (path, result)
+            })
+            .collect())
+    }
+
+    /// Names registered lazily and not compiled yet.
+    pub fn pending(&self) -> Vec<String> {
+        let mut names: Vec<String> = lock(&self.lazy).keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    /// Refuses a user plugin that would take a built-in's name, unless the host's
+    /// `overrides` list that name; logs the decision with both sources.
+    fn check_name(&self, manifest: &Manifest, path: &Path) -> Result<(), PluginError> {
+        let name = &manifest.name;
+        if !lock(&self.builtins).contains_key(name) {
+            return Ok(());
+        }
+        let plugin = super::PluginRef {
+            name: name.clone(),
+            version: manifest.version.clone(),
+        };
+        if self.runtime.config().overrides.contains(name) {
+            tracing::warn!(%plugin, builtin = "built-in", user = %path.display(), "a user plugin replaces the built-in of the same name (the host's overrides allow it)");
+            return Ok(());
+        }
+        tracing::warn!(%plugin, builtin = "built-in", user = %path.display(), "refused: a user plugin may not take a built-in's name");
+        Err(PluginError::ReservedName {
+            plugin,
+            path: path.to_path_buf(),
+        })
+    }
+
     /// Loads a file and swaps it in, or reports why not.
     fn reload(&self, wasm_path: &Path, since: Instant) -> Result<Arc<LoadedPlugin>, PluginError> {
-        match load_from_disk(&self.runtime, wasm_path) {
+        let loaded = read_manifest(&manifest_path(wasm_path))
+            .and_then(|manifest| self.check_name(&manifest, wasm_path))
+            .and_then(|()| load_from_disk(&self.runtime, wasm_path));
+        match loaded {
             Ok(loaded) => {
+                lock(&self.lazy).remove(&loaded.manifest.name);
                 self.install(loaded.clone(), Some(wasm_path.to_path_buf()));
                 self.emit(RegistryEvent::Loaded {
                     plugin: loaded.plugin.clone(),
@@ -208,7 +284,7 @@ impl Registry {
         if let Some(old) = table.get(&plugin.manifest.name)
             && old.path != path
         {
-            tracing::info!(name = %plugin.manifest.name, old = ?old.path, new = ?path, "plugin name now served from another source");
+            tracing::warn!(name = %plugin.manifest.name, old = ?old.path, new = ?path, "plugin name now served from another source (`None` is the built-in)");
         }
         table.insert(
             plugin.manifest.name.clone(),
@@ -250,15 +326,33 @@ impl Registry {
         }
     }
 
-    /// The version now serving `name`.
+    /// The version now serving `name` (compiling it first if it was registered lazily;
+    /// `None` also when that compile failed).
     pub fn get(&self, name: &str) -> Option<Arc<LoadedPlugin>> {
-        self.table.load().get(name).map(|e| e.plugin.clone())
+        self.get_or_err(name).ok()
     }
 
     fn get_or_err(&self, name: &str) -> Result<Arc<LoadedPlugin>, PluginError> {
-        self.get(name).ok_or_else(|| PluginError::NotFound {
-            name: name.to_string(),
-        })
+        let lazy = lock(&self.lazy).get(name).cloned();
+        if let Some(lazy) = lazy {
+            let _compiling = lock(&lazy.loading);
+            // Another caller may have compiled it while this one waited.
+            if lock(&self.lazy)
+                .get(name)
+                .is_some_and(|l| Arc::ptr_eq(l, &lazy))
+            {
+                let loaded = self.reload(&lazy.path, Instant::now());
+                lock(&self.lazy).remove(name);
+                loaded?;
+            }
+        }
+        self.table
+            .load()
+            .get(name)
+            .map(|e| e.plugin.clone())
+            .ok_or_else(|| PluginError::NotFound {
+                name: name.to_string(),
+            })
     }
 
     /// A fresh role instance on the newest version of `name` (typed errors).
@@ -387,6 +481,20 @@ fn reload_loop(registry: Weak<Registry>, rx: Receiver<(PathBuf, Instant)>) {
     }
 }
 
+/// The `*.wasm` files of a folder, sorted.
+fn wasm_files(dir: &Path) -> Result<Vec<PathBuf>, PluginError> {
+    let entries = std::fs::read_dir(dir).map_err(|error| PluginError::Io {
+        path: dir.to_path_buf(),
+        error,
+    })?;
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "wasm"))
+        .collect();
+    paths.sort();
+    Ok(paths)
+}
+
 /// The plugin file a changed path belongs to (`x.wasm` for `x.wasm` and `x.toml`).
 fn plugin_file(path: &Path) -> Option<PathBuf> {
     match path.extension()?.to_str()? {
@@ -486,7 +594,11 @@ impl PolicyProvider for Registry {
     }
 
     fn kind_of(&self, plugin: &str) -> Option<PluginKind> {
-        self.get(plugin).map(|p| p.kind())
+        // A lazily registered plugin answers from its manifest, without compiling.
+        if let Some(lazy) = lock(&self.lazy).get(plugin) {
+            return Some(lazy.kind);
+        }
+        self.table.load().get(plugin).map(|e| e.plugin.kind())
     }
 }
 

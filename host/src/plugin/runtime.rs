@@ -19,6 +19,7 @@ use super::bindings::{aggregator, compressor, role, router};
 use super::cache::CodeCache;
 use super::error::{PluginError, PluginRef};
 use super::instance::StoreState;
+use super::limits::{CompileBudget, LogLimits};
 use super::manifest::{Capability, Manifest};
 use crate::pipeline::policy::PluginKind;
 
@@ -38,6 +39,19 @@ pub const DEFAULT_MAX_OUTPUT_BYTES: usize = 1 << 20;
 /// results): bounds what the host allocates on a guest's behalf. Above the output limit,
 /// so an oversized answer gets the precise [`PluginError::OutputTooLarge`] instead.
 pub const HOSTCALL_FUEL_BYTES: usize = 16 << 20;
+/// Most messages accepted in one answer (a step prompt, a history): each one costs the
+/// host template rendering and tokenizing after the call returned, and 50,000 empty
+/// messages fit under any byte limit. A long chat is a few hundred.
+pub const DEFAULT_MAX_MESSAGES: usize = 1024;
+/// What an answer's message costs beyond its text (role markers of the chat template),
+/// counted against the output limit so that many tiny messages weigh what they cost.
+pub const MESSAGE_OVERHEAD_BYTES: usize = 16;
+/// Bytes one call may write to its (discarded) stdout and stderr: a panic message or a
+/// traceback is a few KiB; more is a plugin using the host's CPU and memory as a sink.
+pub const DEFAULT_MAX_STDIO_BYTES_PER_CALL: u64 = 64 << 10;
+/// Largest component accepted: a Python component (an interpreter and its standard library)
+/// is about 40 MiB.
+pub const DEFAULT_MAX_COMPONENT_BYTES: usize = 64 << 20;
 
 // Pooling allocator sizing. Slots are virtual address space reserved up front; memory is
 // committed only when touched, so these bound concurrency, not resident memory.
@@ -70,7 +84,22 @@ pub struct HostConfig {
     pub engine: Option<Arc<dyn crate::engine::Engine>>,
     pub max_memory_mib: u32,
     pub max_call_ms: u32,
+    /// Largest answer of one call, in bytes of text (messages also count
+    /// [`MESSAGE_OVERHEAD_BYTES`] each); also the largest text `count-tokens` accepts.
     pub max_output_bytes: usize,
+    /// Most messages in one answer.
+    pub max_messages: usize,
+    /// Bytes one call may write to stdout and stderr together (both are discarded).
+    pub max_stdio_bytes_per_call: u64,
+    /// What a plugin may write to the host's log.
+    pub log: LogLimits,
+    /// Largest component file accepted.
+    pub max_component_bytes: usize,
+    /// How long compiling one component may take.
+    pub compile_budget: CompileBudget,
+    /// Built-in plugins a user plugin of the same name may replace. A name not listed is
+    /// refused, so a plugin folder can never silently change what a built-in pipeline runs.
+    pub overrides: BTreeSet<String>,
     /// Use the pooling allocator when it can be created (falls back to on-demand).
     pub pooling: bool,
 }
@@ -85,6 +114,12 @@ impl Default for HostConfig {
             max_memory_mib: DEFAULT_MAX_MEMORY_MIB,
             max_call_ms: DEFAULT_MAX_CALL_MS,
             max_output_bytes: DEFAULT_MAX_OUTPUT_BYTES,
+            max_messages: DEFAULT_MAX_MESSAGES,
+            max_stdio_bytes_per_call: DEFAULT_MAX_STDIO_BYTES_PER_CALL,
+            log: LogLimits::default(),
+            max_component_bytes: DEFAULT_MAX_COMPONENT_BYTES,
+            compile_budget: CompileBudget::default(),
+            overrides: BTreeSet::new(),
             pooling: true,
         }
     }
@@ -103,6 +138,12 @@ impl std::fmt::Debug for HostConfig {
             .field("max_memory_mib", &self.max_memory_mib)
             .field("max_call_ms", &self.max_call_ms)
             .field("max_output_bytes", &self.max_output_bytes)
+            .field("max_messages", &self.max_messages)
+            .field("max_stdio_bytes_per_call", &self.max_stdio_bytes_per_call)
+            .field("log", &self.log)
+            .field("max_component_bytes", &self.max_component_bytes)
+            .field("compile_budget", &self.compile_budget)
+            .field("overrides", &self.overrides)
             .field("pooling", &self.pooling)
             .finish()
     }
@@ -278,15 +319,15 @@ impl PluginRuntime {
                 });
             }
         }
-        let sha256 = hex::encode(Sha256::digest(wasm));
-        let (component, from_cache) = match &self.inner.cache {
-            Some(cache) => cache.load_or_compile(&self.inner.engine, wasm, &sha256),
-            None => Component::new(&self.inner.engine, wasm).map(|c| (c, false)),
+        if wasm.len() > config.max_component_bytes {
+            return Err(PluginError::ComponentTooLarge {
+                plugin,
+                bytes: wasm.len(),
+                limit: config.max_component_bytes,
+            });
         }
-        .map_err(|e| PluginError::InvalidComponent {
-            plugin: plugin.clone(),
-            reason: format!("{e:#}"),
-        })?;
+        let sha256 = hex::encode(Sha256::digest(wasm));
+        let (component, from_cache) = self.compile(&plugin, wasm, &sha256)?;
         let compiled = started.elapsed();
         let pre =
             KindPre::new(&self.inner.linker, &component, manifest.kind).map_err(|reason| {
@@ -318,6 +359,78 @@ impl PluginRuntime {
     }
 }
 
+impl PluginRuntime {
+    /// The compiled component (from the cache when it holds it) and whether it came from
+    /// the cache. A compile runs under the component's [`CompileBudget`].
+    fn compile(
+        &self,
+        plugin: &PluginRef,
+        wasm: &[u8],
+        sha256: &str,
+    ) -> Result<(Component, bool), PluginError> {
+        let engine = &self.inner.engine;
+        if let Some(component) = self
+            .inner
+            .cache
+            .as_ref()
+            .and_then(|cache| cache.lookup(engine, sha256))
+        {
+            return Ok((component, true));
+        }
+        let compiled = self.precompile_within_budget(plugin, wasm)?;
+        if let Some(cache) = &self.inner.cache {
+            cache.store(sha256, &compiled);
+        }
+        // SAFETY: these bytes were produced by `precompile_component` on this engine just now.
+        let component = unsafe { Component::deserialize(engine, &compiled) }
+            .map_err(|e| invalid_component(plugin, &e))?;
+        Ok((component, false))
+    }
+
+    /// Compiles on a thread of its own and waits at most the budget. Cranelift cannot be
+    /// interrupted, so a compile over budget is abandoned: its thread finishes on its own
+    /// and its result is dropped (never cached, so the next load is refused the same way).
+    fn precompile_within_budget(
+        &self,
+        plugin: &PluginRef,
+        wasm: &[u8],
+    ) -> Result<Vec<u8>, PluginError> {
+        let budget = self.inner.config.compile_budget.for_size(wasm.len());
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let engine = self.inner.engine.clone();
+        let bytes = wasm.to_vec();
+        std::thread::Builder::new()
+            .name("plugin-compile".into())
+            .spawn(move || {
+                let _ = tx.send(engine.precompile_component(&bytes));
+            })
+            .map_err(|e| PluginError::Runtime(format!("cannot start a compile: {e}")))?;
+        match rx.recv_timeout(budget) {
+            Ok(Ok(compiled)) => Ok(compiled),
+            Ok(Err(error)) => Err(invalid_component(plugin, &error)),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(PluginError::CompileTimeout {
+                plugin: plugin.clone(),
+                bytes: wasm.len(),
+                budget,
+            }),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                Err(PluginError::InvalidComponent {
+                    plugin: plugin.clone(),
+                    reason: "the compiler stopped without an answer".into(),
+                })
+            }
+        }
+    }
+}
+
+fn invalid_component(plugin: &PluginRef, error: &wasmtime::Error) -> PluginError {
+    PluginError::InvalidComponent {
+        plugin: plugin.clone(),
+        reason: super::error::clip(&format!("{error:#}"), super::error::MAX_ERROR_DETAIL_BYTES)
+            .into_owned(),
+    }
+}
+
 fn on_demand_engine() -> Result<Engine, PluginError> {
     Engine::new(&engine_config(None)).map_err(|e| PluginError::Runtime(format!("engine: {e}")))
 }
@@ -336,16 +449,18 @@ impl KindPre {
         component: &Component,
         kind: PluginKind,
     ) -> Result<Self, String> {
-        let pre = linker
-            .instantiate_pre(component)
-            .map_err(|e| format!("{e:#}"))?;
+        // Type errors quote the component's import names, which the component chose.
+        let reason = |e: wasmtime::Error| {
+            super::error::clip(&format!("{e:#}"), super::error::MAX_ERROR_DETAIL_BYTES).into_owned()
+        };
+        let pre = linker.instantiate_pre(component).map_err(reason)?;
         let typed = match kind {
             PluginKind::Role => role::RolePre::new(pre).map(KindPre::Role),
             PluginKind::Aggregator => aggregator::AggregatorPre::new(pre).map(KindPre::Aggregator),
             PluginKind::Compressor => compressor::CompressorPre::new(pre).map(KindPre::Compressor),
             PluginKind::Router => router::RouterPre::new(pre).map(KindPre::Router),
         };
-        typed.map_err(|e| format!("{e:#}"))
+        typed.map_err(reason)
     }
 }
 

@@ -62,12 +62,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut config = LocalEngineConfig::new(model);
     config.flash_attention = !args.no_flash_attention;
     let setup = crate::pipeline::setup::open_with(config, &args.plugin_dirs)?;
+    let runtime = super::super::runtime()?;
     let (runner, engine) = if args.simulated {
         let latencies = SimulatedLatencies {
             decode_per_token: Duration::from_secs_f64(args.simulated_decode_ms.max(0.0) / 1e3),
             prefill_per_token: Duration::from_secs_f64(args.simulated_prefill_ms.max(0.0) / 1e3),
         };
-        let engine: Arc<dyn Engine> = Arc::new(SimulatedEngine::new(latencies));
+        let engine: Arc<dyn Engine> =
+            Arc::new(SimulatedEngine::new(latencies, runtime.handle().clone()));
         let models = Models::with_default(engine.clone());
         (Runner::new(models, setup.registry.clone()), engine)
     } else {
@@ -83,7 +85,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         proposer_tokens: args.proposer_tokens,
         answer_tokens: args.answer_tokens,
     };
-    let report = super::super::runtime()?.block_on(bench::run(&runner, &engine, &options))?;
+    let report = runtime.block_on(bench::run(&runner, &engine, &options))?;
     print!("{}", report.table());
     super::super::eval::write_json_and_svg(&args.out, "bench-staircase", &report, &report.svg())?;
     if let Some(trace) = &report.staircase_trace {

@@ -1,0 +1,93 @@
+//! Choosing tokens from logits: llama.cpp's sampler chain for temperature sampling and
+//! repetition penalties, our own argmax for plain greedy decoding (the lowest id wins a tie,
+//! as in llama.cpp's greedy sampler).
+
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
+
+use crate::engine::SamplingParams;
+use crate::token::TokenId;
+
+/// The sampler chain of a request; `None` for plain greedy decoding (argmax, no state).
+/// A repetition penalty sees the prompt's last tokens first, so a continued answer (an
+/// assistant prefix) counts against repeats too.
+pub(super) fn build_sampler(
+    sampling: &SamplingParams,
+    n_vocab: i32,
+    prompt: &[TokenId],
+) -> Option<LlamaSampler> {
+    let last_n = sampling.repeat_last_n as usize;
+    let penalised = sampling.repeat_penalty != 1.0 && last_n > 0;
+    let greedy = sampling.temperature <= 0.0;
+    if greedy && !penalised {
+        return None;
+    }
+    let mut chain = Vec::new();
+    if penalised {
+        let window = i32::try_from(last_n).unwrap_or(i32::MAX);
+        chain.push(LlamaSampler::penalties(
+            n_vocab,
+            window,
+            sampling.repeat_penalty,
+            0.0,
+            0.0,
+        ));
+    }
+    if greedy {
+        chain.push(LlamaSampler::greedy());
+    } else {
+        if sampling.top_k > 0 {
+            chain.push(LlamaSampler::top_k(sampling.top_k as i32));
+        }
+        if sampling.top_p < 1.0 {
+            chain.push(LlamaSampler::top_p(sampling.top_p, 1));
+        }
+        chain.push(LlamaSampler::temp(sampling.temperature));
+        // llama.cpp seeds are 32-bit; fold the high half in so every bit of ours matters.
+        let seed = (sampling.seed ^ (sampling.seed >> 32)) as u32;
+        chain.push(LlamaSampler::dist(seed));
+    }
+    let mut sampler = LlamaSampler::chain_simple(chain);
+    if penalised {
+        let tail = &prompt[prompt.len().saturating_sub(last_n)..];
+        sampler.accept_many(tail.iter().map(|t| LlamaToken(t.0)));
+    }
+    Some(sampler)
+}
+
+/// Greedy choice; the lowest id wins a tie, as in llama.cpp's greedy sampler.
+pub(super) fn argmax(logits: &[f32]) -> TokenId {
+    let mut best = 0;
+    for (index, &value) in logits.iter().enumerate() {
+        if value > logits[best] {
+            best = index;
+        }
+    }
+    TokenId(best as i32)
+}
+
+/// The `k` highest logits, highest first.
+pub(super) fn top_logits(logits: &[f32], k: usize) -> Vec<(TokenId, f32)> {
+    let mut pairs: Vec<(TokenId, f32)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| (TokenId(i as i32), v))
+        .collect();
+    pairs.sort_by(|a, b| b.1.total_cmp(&a.1));
+    pairs.truncate(k);
+    pairs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn argmax_takes_the_lowest_id_of_a_tie() {
+        assert_eq!(argmax(&[0.5, 2.0, 2.0, -1.0]), TokenId(1));
+        assert_eq!(
+            top_logits(&[0.5, 2.0, 1.0], 2),
+            vec![(TokenId(1), 2.0), (TokenId(2), 1.0)]
+        );
+    }
+}
