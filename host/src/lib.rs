@@ -3,13 +3,14 @@
 //!
 //! One folder per concept: `engine/` generates tokens (the local GGUF engine; remote servers are planned),
 //! `cache/` holds the prefix KV cache, `token` is the token id they share, `speculate/` drafts tokens, `pipeline/` runs DAGs of
-//! agents, `plugin/` hosts the WebAssembly policies, `trace/` records timelines, `model/`
+//! agents, `plugin/` hosts the WebAssembly policies, `trace/` records timelines, `eval/` scores answers, `model/`
 //! fetches and lists models, and `cli/` is the command line over all of them.
 
 pub mod bench;
 pub mod cache;
 pub mod cli;
 pub mod engine;
+pub mod eval;
 pub mod model;
 pub mod pipeline;
 pub mod plugin;

@@ -2,6 +2,7 @@
 //! functions the server and the tests use; nothing here does work of its own.
 
 mod bench;
+mod eval;
 mod generate;
 mod model;
 mod plugin;
@@ -32,6 +33,8 @@ enum Command {
     /// Fetch and list models.
     #[command(subcommand)]
     Model(model::Command),
+    /// Score variants (single model, pipelines by mode and chunk schedule) on a prompt set.
+    Eval(eval::Args),
     /// Run a benchmark and print its table.
     #[command(subcommand)]
     Bench(bench::Command),
@@ -49,6 +52,7 @@ pub fn main() -> ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Plugin(command) => plugin::run(command),
         Command::Model(command) => model::run(command),
+        Command::Eval(args) => eval::run(args),
         Command::Bench(command) => bench::run(command),
         Command::Trace(command) => trace::run(command),
     };

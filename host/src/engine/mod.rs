@@ -84,6 +84,12 @@ pub struct SamplingParams {
     pub max_tokens: u32,
     /// Generation stops before any of these strings; they are not part of the output.
     pub stop: Vec<String>,
+    /// Repetition penalty (llama.cpp's: logits of tokens among the last `repeat_last_n` of
+    /// prompt and output are divided by it when positive, multiplied when negative); 1.0
+    /// disables it. Keeps a small model's greedy continuation out of loops.
+    pub repeat_penalty: f32,
+    /// How many of the latest tokens the penalty looks at.
+    pub repeat_last_n: u32,
 }
 
 impl Default for SamplingParams {
@@ -95,6 +101,8 @@ impl Default for SamplingParams {
             seed: 0,
             max_tokens: 256,
             stop: Vec::new(),
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
         }
     }
 }

@@ -12,14 +12,16 @@
 
 use std::fmt::Write;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Serialize;
 
 use super::policy::StreamMode;
 use super::runtime::{RunError, RunReport, RunRequest, Runner};
 use super::spec::Pipeline;
-use crate::engine::{ChatMessage, Engine, GenerationEvent, GenerationRequest, Role};
+use crate::engine::{Engine, FinishReason};
+use crate::eval::metrics::{self, Quality};
+use crate::eval::runner::{pipeline_hit_limit, single_answer};
 use crate::trace::EventKind;
 use crate::trace::chrome::ChromeTrace;
 
@@ -63,6 +65,11 @@ pub struct Measurement {
     pub first_step_prompt_tokens: u32,
     pub first_step_cached_tokens: u32,
     pub answer_chars: usize,
+    /// The answer's reference-free checks (`staircase eval`'s): speed is never reported
+    /// without quality.
+    pub quality: Option<Quality>,
+    /// Token F1 with the layered answer to the same prompt.
+    pub f1_layered: Option<f64>,
 }
 
 fn millis(d: Duration) -> f64 {
@@ -70,7 +77,9 @@ fn millis(d: Duration) -> f64 {
 }
 
 impl Measurement {
-    fn of_run(report: &RunReport, output: usize) -> Self {
+    fn of_run(report: &RunReport, pipeline: &Pipeline) -> Self {
+        let output = pipeline.output.0;
+        let hit_limit = pipeline_hit_limit(pipeline, report.nodes[output].output_tokens);
         let first_step = report
             .timeline
             .events()
@@ -93,6 +102,8 @@ impl Measurement {
             aggregator_prompt_tokens: report.cache.aggregator_prompt_tokens,
             aggregator_cached_prompt_tokens: report.cache.aggregator_cached_prompt_tokens,
             answer_chars: report.answer.len(),
+            quality: Some(Quality::of(&report.answer, hit_limit)),
+            f1_layered: None,
         }
     }
 }
@@ -136,39 +147,30 @@ pub struct BenchReport {
     pub staircase_trace: Option<ChromeTrace>,
 }
 
-/// Time to first token and total time of `engine` answering `prompt` alone.
+/// Time to first token, total time and checks of `engine` answering `prompt` alone, and
+/// the answer.
 async fn single(
     engine: &Arc<dyn Engine>,
     prompt: &str,
     max_tokens: u32,
-) -> Result<Measurement, RunError> {
-    let mut request = GenerationRequest::chat(vec![ChatMessage::new(Role::User, prompt)]);
-    request.sampling.max_tokens = max_tokens;
-    let error = |source| RunError::Engine {
-        node: "single".into(),
-        source,
-    };
-    let start = Instant::now();
-    let mut stream = engine.submit(request).map_err(error)?;
-    let mut ttft = None;
-    let mut chars = 0;
-    while let Some(event) = stream.next().await {
-        match event.map_err(error)? {
-            GenerationEvent::Delta { text, .. } => {
-                if ttft.is_none() && !text.is_empty() {
-                    ttft = Some(start.elapsed());
-                }
-                chars += text.len();
-            }
-            GenerationEvent::Finished { .. } => break,
-        }
-    }
-    Ok(Measurement {
-        ttft_ms: ttft.map(millis),
-        total_ms: millis(start.elapsed()),
-        answer_chars: chars,
+) -> Result<(Measurement, String), RunError> {
+    let answer = single_answer(engine.as_ref(), prompt, max_tokens)
+        .await
+        .map_err(|source| RunError::Engine {
+            node: "single".into(),
+            source,
+        })?;
+    let measurement = Measurement {
+        ttft_ms: answer.ttft.map(millis),
+        total_ms: millis(answer.total),
+        answer_chars: answer.text.len(),
+        quality: Some(Quality::of(
+            &answer.text,
+            answer.reason == FinishReason::Length,
+        )),
         ..Measurement::default()
-    })
+    };
+    Ok((measurement, answer.text))
 }
 
 fn mean(values: impl Iterator<Item = f64>) -> f64 {
@@ -212,7 +214,7 @@ pub async fn run(
     let mut staircase_trace = None;
     for prompt in &options.prompts {
         tracing::info!(prompt, "bench: single model");
-        let single = single(engine, prompt, options.answer_tokens).await?;
+        let (mut single, single_text) = single(engine, prompt, options.answer_tokens).await?;
         tracing::info!(prompt, "bench: staircase");
         let staircase = runner
             .run(
@@ -232,11 +234,21 @@ pub async fn run(
         if staircase_trace.is_none() {
             staircase_trace = Some(staircase.trace());
         }
+        let layered_words = metrics::words(&layered.answer);
+        let mut staircase_m = Measurement::of_run(&staircase, &pipeline);
+        staircase_m.f1_layered = Some(metrics::token_f1(
+            &metrics::words(&staircase.answer),
+            &layered_words,
+        ));
+        single.f1_layered = Some(metrics::token_f1(
+            &metrics::words(&single_text),
+            &layered_words,
+        ));
         results.push(PromptResult {
             prompt: prompt.clone(),
             single,
-            layered: Measurement::of_run(&layered, output.0),
-            staircase: Measurement::of_run(&staircase, output.0),
+            layered: Measurement::of_run(&layered, &pipeline),
+            staircase: staircase_m,
         });
     }
 
@@ -305,8 +317,17 @@ impl BenchReport {
         );
         let _ = writeln!(
             out,
-            "{:<44} {:>10} {:>10} {:>10} {:>12} {:>9}",
-            "prompt / variant", "TTFT ms", "total ms", "crit. ms", "agg. cached", "agg. hit"
+            "{:<44} {:>10} {:>10} {:>10} {:>12} {:>9} {:>6} {:>6} {:>6} {:>6}",
+            "prompt / variant",
+            "TTFT ms",
+            "total ms",
+            "crit. ms",
+            "agg. cached",
+            "agg. hit",
+            "dist-2",
+            "run",
+            "degen.",
+            "F1 lay"
         );
         for r in &self.results {
             let _ = writeln!(out, "{}", r.prompt);
@@ -324,9 +345,19 @@ impl BenchReport {
                             / f64::from(m.aggregator_prompt_tokens)
                     )
                 };
+                let (distinct, run, degenerate) = m.quality.as_ref().map_or_else(
+                    || ("-".to_string(), "-".to_string(), "-"),
+                    |q| {
+                        (
+                            format!("{:.2}", q.distinct_2),
+                            q.repeat_run.to_string(),
+                            if q.degenerate { "yes" } else { "no" },
+                        )
+                    },
+                );
                 let _ = writeln!(
                     out,
-                    "{:<44} {:>10} {:>10.0} {:>10} {:>12} {:>9}",
+                    "{:<44} {:>10} {:>10.0} {:>10} {:>12} {:>9} {:>6} {:>6} {:>6} {:>6}",
                     name,
                     cell(m.ttft_ms),
                     m.total_ms,
@@ -335,7 +366,12 @@ impl BenchReport {
                         "{}/{}",
                         m.aggregator_cached_prompt_tokens, m.aggregator_prompt_tokens
                     ),
-                    hit
+                    hit,
+                    distinct,
+                    run,
+                    degenerate,
+                    m.f1_layered
+                        .map_or_else(|| "-".to_string(), |f| format!("{f:.2}"))
                 );
             }
         }
@@ -365,6 +401,20 @@ impl BenchReport {
             "aggregator prompt tokens from the prefix cache: staircase {:.0}%, layered {:.0}%",
             100.0 * s.aggregator_cache_hit_staircase,
             100.0 * s.aggregator_cache_hit_layered
+        );
+        let degenerate = |pick: Pick| {
+            self.results
+                .iter()
+                .filter(|r| pick(r).quality.as_ref().is_some_and(|q| q.degenerate))
+                .count()
+        };
+        let _ = writeln!(
+            out,
+            "degenerate answers: single {}, layered {}, staircase {} of {}  (target: staircase <= layered, <= 1 in 20; `staircase eval` judges them)",
+            degenerate(|r| &r.single),
+            degenerate(|r| &r.layered),
+            degenerate(|r| &r.staircase),
+            self.results.len()
         );
         out
     }

@@ -194,6 +194,8 @@ pub struct ParamOverrides {
     pub top_k: Option<u32>,
     pub seed: Option<u64>,
     pub stop: Option<Vec<String>>,
+    pub repeat_penalty: Option<f32>,
+    pub repeat_last_n: Option<u32>,
 }
 
 impl ParamOverrides {
@@ -216,6 +218,12 @@ impl ParamOverrides {
         }
         if let Some(v) = &self.stop {
             base.stop = v.clone();
+        }
+        if let Some(v) = self.repeat_penalty {
+            base.repeat_penalty = v;
+        }
+        if let Some(v) = self.repeat_last_n {
+            base.repeat_last_n = v;
         }
         base
     }
@@ -325,6 +333,8 @@ struct RawNode {
     top_k: Option<u32>,
     seed: Option<u64>,
     stop: Option<Vec<String>>,
+    repeat_penalty: Option<f32>,
+    repeat_last_n: Option<u32>,
     expected_tokens: Option<u32>,
     budget_tokens: Option<u32>,
     #[serde(default)]
@@ -617,6 +627,26 @@ impl Pipeline {
         }
     }
 
+    /// Gives every staircase edge `schedule` (complete edges stay complete), so one file
+    /// can be compared over chunk schedules.
+    pub fn set_chunk_schedule(&mut self, schedule: &ChunkSchedule) {
+        for node in &mut self.nodes {
+            for edge in &mut node.inputs {
+                if let StreamPolicy::Staircase(s) = &mut edge.stream {
+                    s.clone_from(schedule);
+                }
+            }
+        }
+    }
+
+    /// Shifts every node's sampling seed by `offset` (a node without one counts from 0):
+    /// the same pipeline with other random choices, for the noise floor of a comparison.
+    pub fn offset_seeds(&mut self, offset: u64) {
+        for node in &mut self.nodes {
+            node.params.seed = Some(node.params.seed.unwrap_or(0).wrapping_add(offset));
+        }
+    }
+
     /// Sets the output length of every agent without inputs (the proposers), as the
     /// benchmark does to compare pipelines at a fixed proposer length.
     pub fn set_proposer_tokens(&mut self, tokens: u32) {
@@ -776,6 +806,8 @@ fn build_node(
             top_k: raw.top_k,
             seed: raw.seed,
             stop: raw.stop.clone(),
+            repeat_penalty: raw.repeat_penalty,
+            repeat_last_n: raw.repeat_last_n,
         },
         expected_tokens: raw.expected_tokens,
         config: raw.config.clone(),

@@ -40,7 +40,7 @@ struct Lane {
     chunks: Vec<(f64, f64)>,
 }
 
-fn escape(text: &str) -> String {
+pub(crate) fn escape(text: &str) -> String {
     text.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
@@ -48,7 +48,7 @@ fn escape(text: &str) -> String {
 }
 
 /// A tick spacing of 1, 2 or 5 times a power of ten giving about six ticks.
-fn tick_step(total_us: f64) -> f64 {
+pub(crate) fn tick_step(total_us: f64) -> f64 {
     let raw = (total_us / 6.0).max(1.0);
     let magnitude = 10f64.powf(raw.log10().floor());
     [1.0, 2.0, 5.0, 10.0]

@@ -87,15 +87,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let report = runtime.block_on(bench::run(&runner, &engine, &options))?;
     print!("{}", report.table());
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("cannot create {}", args.out.display()))?;
-    let json = args.out.join("bench-staircase.json");
-    let svg = args.out.join("bench-staircase.svg");
-    std::fs::write(&json, serde_json::to_string_pretty(&report)?)
-        .with_context(|| format!("cannot write {}", json.display()))?;
-    std::fs::write(&svg, report.svg())
-        .with_context(|| format!("cannot write {}", svg.display()))?;
-    println!("wrote {} and {}", json.display(), svg.display());
+    super::super::eval::write_json_and_svg(&args.out, "bench-staircase", &report, &report.svg())?;
     if let Some(trace) = &report.staircase_trace {
         let trace_json = args.out.join("bench-staircase-timeline.json");
         let trace_svg = args.out.join("bench-staircase-timeline.svg");

@@ -188,8 +188,7 @@ impl<'m> EngineLoop<'m> {
                 return;
             };
             let (order, pending) = self.queue.remove(at);
-            let sampler =
-                (pending.sampling.temperature > 0.0).then(|| build_sampler(&pending.sampling));
+            let sampler = build_sampler(&pending.sampling, self.model.n_vocab(), &pending.tokens);
             let speculator = self.settings.speculation.enabled.then(|| {
                 let mut speculator =
                     Speculator::new(&self.settings.speculation, pending.draft_feed.clone());

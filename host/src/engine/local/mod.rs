@@ -515,6 +515,12 @@ impl Engine for LocalEngine {
                 sampling.top_p
             )));
         }
+        if !(sampling.repeat_penalty > 0.0 && sampling.repeat_penalty.is_finite()) {
+            return Err(EngineError::InvalidRequest(format!(
+                "repeat_penalty must be a finite number > 0 (1 disables it), got {}",
+                sampling.repeat_penalty
+            )));
+        }
         let tokens = self.prompt_tokens(&request.prompt)?;
         let (events, stream) = GenerationStream::channel();
         let span = tracing::debug_span!("submit", prompt_tokens = tokens.len());

@@ -1,25 +1,58 @@
-//! Choosing tokens from logits: llama.cpp's sampler chain for temperature sampling, our own
-//! argmax for greedy decoding (the lowest id wins a tie, as in llama.cpp's greedy sampler).
+//! Choosing tokens from logits: llama.cpp's sampler chain for temperature sampling and
+//! repetition penalties, our own argmax for plain greedy decoding (the lowest id wins a tie,
+//! as in llama.cpp's greedy sampler).
 
 use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
 
 use crate::engine::SamplingParams;
 use crate::token::TokenId;
 
-/// The sampler chain of a request with a temperature above 0.
-pub(super) fn build_sampler(sampling: &SamplingParams) -> LlamaSampler {
+/// The sampler chain of a request; `None` for plain greedy decoding (argmax, no state).
+/// A repetition penalty sees the prompt's last tokens first, so a continued answer (an
+/// assistant prefix) counts against repeats too.
+pub(super) fn build_sampler(
+    sampling: &SamplingParams,
+    n_vocab: i32,
+    prompt: &[TokenId],
+) -> Option<LlamaSampler> {
+    let last_n = sampling.repeat_last_n as usize;
+    let penalised = sampling.repeat_penalty != 1.0 && last_n > 0;
+    let greedy = sampling.temperature <= 0.0;
+    if greedy && !penalised {
+        return None;
+    }
     let mut chain = Vec::new();
-    if sampling.top_k > 0 {
-        chain.push(LlamaSampler::top_k(sampling.top_k as i32));
+    if penalised {
+        let window = i32::try_from(last_n).unwrap_or(i32::MAX);
+        chain.push(LlamaSampler::penalties(
+            n_vocab,
+            window,
+            sampling.repeat_penalty,
+            0.0,
+            0.0,
+        ));
     }
-    if sampling.top_p < 1.0 {
-        chain.push(LlamaSampler::top_p(sampling.top_p, 1));
+    if greedy {
+        chain.push(LlamaSampler::greedy());
+    } else {
+        if sampling.top_k > 0 {
+            chain.push(LlamaSampler::top_k(sampling.top_k as i32));
+        }
+        if sampling.top_p < 1.0 {
+            chain.push(LlamaSampler::top_p(sampling.top_p, 1));
+        }
+        chain.push(LlamaSampler::temp(sampling.temperature));
+        // llama.cpp seeds are 32-bit; fold the high half in so every bit of ours matters.
+        let seed = (sampling.seed ^ (sampling.seed >> 32)) as u32;
+        chain.push(LlamaSampler::dist(seed));
     }
-    chain.push(LlamaSampler::temp(sampling.temperature));
-    // llama.cpp seeds are 32-bit; fold the high half in so every bit of ours matters.
-    let seed = (sampling.seed ^ (sampling.seed >> 32)) as u32;
-    chain.push(LlamaSampler::dist(seed));
-    LlamaSampler::chain_simple(chain)
+    let mut sampler = LlamaSampler::chain_simple(chain);
+    if penalised {
+        let tail = &prompt[prompt.len().saturating_sub(last_n)..];
+        sampler.accept_many(tail.iter().map(|t| LlamaToken(t.0)));
+    }
+    Some(sampler)
 }
 
 /// Greedy choice; the lowest id wins a tie, as in llama.cpp's greedy sampler.

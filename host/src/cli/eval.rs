@@ -1,0 +1,149 @@
+//! `staircase eval`: scores variants (the single model, the layered baseline, staircase
+//! runs by chunk schedule, other pipelines) on a prompt set; prints a table and writes
+//! `eval.json` and `eval.svg` (quality vs time to first token).
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+use crate::eval::{self, EvalOptions, Variant};
+use crate::pipeline::policy::StreamMode;
+use crate::pipeline::stream::ChunkSchedule;
+
+/// Arguments of `staircase eval`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// A JSONL prompt set (`{"instruction": ...}` a line; AlpacaEval, MT-Bench and
+    /// Arena-Hard files work). Default: the shipped set, examples/eval/prompts.jsonl.
+    #[arg(long, value_name = "FILE.jsonl")]
+    prompts: Option<PathBuf>,
+    /// Only the first N prompts.
+    #[arg(long, value_name = "N")]
+    limit: Option<usize>,
+    /// The pipeline whose layered run is the baseline (file or built-in name).
+    #[arg(long, default_value = crate::pipeline::DEFAULT_PIPELINE)]
+    pipeline: String,
+    /// A variant to evaluate besides the baseline and the single model: `PIPELINE:MODE`
+    /// or `PIPELINE:staircase:SIZES` (e.g. `moa:staircase:16,32,64`); repeatable.
+    /// Default: the pipeline in staircase mode with its own chunk schedule.
+    #[arg(long = "variant", value_name = "SPEC")]
+    variants: Vec<String>,
+    /// Also evaluate the pipeline in staircase mode with these chunk sizes (comma
+    /// separated, the last repeats); repeatable, for the quality/TTFT trade-off curve.
+    #[arg(long = "schedule", value_name = "SIZES")]
+    schedules: Vec<String>,
+    /// Output tokens of every answer (the pipeline's output node and the single model).
+    #[arg(long, default_value_t = 256)]
+    answer_tokens: u32,
+    /// Output tokens of every proposer (default: each file's own).
+    #[arg(long)]
+    proposer_tokens: Option<u32>,
+    /// Skip the pairwise judge (reference-free checks and agreement only).
+    #[arg(long)]
+    no_judge: bool,
+    /// Skip the second layered run with other seeds (the noise floor).
+    #[arg(long)]
+    no_noise_floor: bool,
+    /// Where to write `eval.json` and `eval.svg`.
+    #[arg(long, default_value = ".")]
+    out: PathBuf,
+    /// A GGUF model file to run instead of the default model.
+    #[arg(long, value_name = "PATH.gguf")]
+    model: Option<PathBuf>,
+    /// Also load the plugins in this folder; repeatable.
+    #[arg(long = "plugins", value_name = "DIR")]
+    plugin_dirs: Vec<PathBuf>,
+}
+
+fn schedule(sizes: &str) -> anyhow::Result<ChunkSchedule> {
+    let sizes = sizes
+        .split(',')
+        .map(|s| s.trim().parse::<u32>())
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("chunk sizes `{sizes}`: expected numbers like 16,32,64"))?;
+    Ok(ChunkSchedule::new(sizes)?)
+}
+
+/// A variant from `PIPELINE:MODE[:SIZES]` or `single`.
+fn variant(spec: &str) -> anyhow::Result<Variant> {
+    if spec == "single" {
+        return Ok(Variant::single());
+    }
+    let mut parts = spec.splitn(3, ':');
+    let (Some(name), Some(mode)) = (parts.next(), parts.next()) else {
+        anyhow::bail!("variant `{spec}`: expected PIPELINE:MODE[:SIZES] or `single`");
+    };
+    let mode = <StreamMode as clap::ValueEnum>::from_str(mode, true)
+        .map_err(|_| anyhow::anyhow!("variant `{spec}`: mode must be staircase or layered"))?;
+    let pipeline = super::run::load_pipeline(name, None)?;
+    let sizes = parts.next().map(schedule).transpose()?;
+    Ok(Variant::pipeline(pipeline, mode, sizes.as_ref()))
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let mut prompts = match &args.prompts {
+        Some(path) => eval::prompts::load(path)?,
+        None => eval::prompts::shipped(),
+    };
+    if let Some(limit) = args.limit {
+        prompts.truncate(limit.max(1));
+    }
+    let baseline = super::run::load_pipeline(&args.pipeline, None)?;
+    let mut variants = args
+        .variants
+        .iter()
+        .map(|s| variant(s))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for sizes in &args.schedules {
+        variants.push(Variant::pipeline(
+            baseline.clone(),
+            StreamMode::Staircase,
+            Some(&schedule(sizes)?),
+        ));
+    }
+    if variants.is_empty() {
+        variants.push(Variant::pipeline(
+            baseline.clone(),
+            StreamMode::Staircase,
+            None,
+        ));
+    }
+    // The single model always runs; a `single` variant would only repeat it.
+    variants.retain(|v| !matches!(v.kind, eval::VariantKind::Single));
+    let (runner, engine) = super::run::open_runner(args.model.as_deref(), &args.plugin_dirs)?;
+    for v in &variants {
+        if let eval::VariantKind::Pipeline { pipeline, .. } = &v.kind {
+            runner.check(pipeline)?;
+        }
+    }
+    let options = EvalOptions {
+        baseline,
+        variants,
+        prompts,
+        proposer_tokens: args.proposer_tokens,
+        answer_tokens: args.answer_tokens,
+        judge: !args.no_judge,
+        noise_floor: !args.no_noise_floor,
+    };
+    let report = super::runtime()?.block_on(eval::runner::run(&runner, &engine, &options))?;
+    print!("{}", report.table());
+    write_json_and_svg(&args.out, "eval", &report, &report.svg())
+}
+
+/// Writes `STEM.json` and `STEM.svg` into `out` (created if missing) and says so.
+pub(crate) fn write_json_and_svg(
+    out: &std::path::Path,
+    stem: &str,
+    report: &impl serde::Serialize,
+    svg: &str,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let json_path = out.join(format!("{stem}.json"));
+    let svg_path = out.join(format!("{stem}.svg"));
+    std::fs::write(&json_path, serde_json::to_string_pretty(report)?)
+        .with_context(|| format!("cannot write {}", json_path.display()))?;
+    std::fs::write(&svg_path, svg)
+        .with_context(|| format!("cannot write {}", svg_path.display()))?;
+    println!("wrote {} and {}", json_path.display(), svg_path.display());
+    Ok(())
+}

@@ -1,0 +1,203 @@
+//! An evaluation as people read it: a table of every variant's figures, and an SVG of
+//! quality against time to first token, one point per variant. Quality on the chart is the
+//! judged score against the layered baseline (win + tie/2, with its 95% interval) when the
+//! run was judged, else the share of answers that are not degenerate.
+
+use std::fmt::Write;
+
+use super::runner::{EvalReport, VariantSummary};
+use crate::trace::svg::{escape, tick_step};
+
+const JUDGED_HEADER: &str = "judged vs baseline: W/T/L (unread), win+tie/2 [95% CI], consistent";
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    v.map_or_else(|| "-".to_string(), |v| format!("{v:.digits$}"))
+}
+
+/// The quality axis of a variant: (value, low, high).
+fn quality(s: &VariantSummary) -> (f64, f64, f64) {
+    match &s.judged {
+        Some(j) if j.judged > 0 => (j.score.value, j.score.low, j.score.high),
+        _ => {
+            let ok = if s.answers == 0 {
+                0.0
+            } else {
+                1.0 - s.degenerate as f64 / s.answers as f64
+            };
+            (ok, ok, ok)
+        }
+    }
+}
+
+impl EvalReport {
+    /// The table printed by the CLI.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "{} prompts on {}; baseline {}; answers up to {} tokens, proposers {}",
+            self.prompts.len(),
+            self.model,
+            self.baseline,
+            self.answer_tokens,
+            self.proposer_tokens
+                .map_or_else(|| "as in the file".to_string(), |t| format!("{t} tokens")),
+        );
+        let _ = writeln!(
+            out,
+            "{:<34} {:>8} {:>7} {:>6} {:>6} {:>6} {:>7} {:>6} {:>6}  {}",
+            "variant",
+            "TTFT ms",
+            "/layer.",
+            "degen.",
+            "dist-2",
+            "words",
+            "cut mid",
+            "F1 lay",
+            "F1 sgl",
+            JUDGED_HEADER,
+        );
+        for s in &self.summaries {
+            let judged = match &s.judged {
+                Some(j) => format!(
+                    "{}/{}/{} ({}), {:.0}% [{:.0}-{:.0}%], {}/{}",
+                    s.tally.wins,
+                    s.tally.ties,
+                    s.tally.losses,
+                    s.tally.unparseable,
+                    100.0 * j.score.value,
+                    100.0 * j.score.low,
+                    100.0 * j.score.high,
+                    s.tally.consistent,
+                    j.judged
+                ),
+                None => "-".to_string(),
+            };
+            let _ = writeln!(
+                out,
+                "{:<34} {:>8} {:>7} {:>6} {:>6.2} {:>6.0} {:>7} {:>6} {:>6}  {}",
+                s.variant,
+                opt(s.mean_ttft_ms, 0),
+                opt(s.ttft_over_layered, 3),
+                format!("{}/{}", s.degenerate, s.answers),
+                s.mean_distinct_2,
+                s.mean_words,
+                s.limit_mid_sentence,
+                opt(s.mean_f1_layered, 2),
+                opt(s.mean_f1_single, 2),
+                judged
+            );
+        }
+        out
+    }
+
+    /// Quality against TTFT (relative to the baseline), one point per variant.
+    pub fn svg(&self) -> String {
+        let (width, height) = (960.0, 480.0);
+        let (left, right, top, bottom) = (70.0, 400.0, 40.0, 60.0);
+        let (plot_w, plot_h) = (width - left - right, height - top - bottom);
+        let points: Vec<(&VariantSummary, f64)> = self
+            .summaries
+            .iter()
+            .filter_map(|s| s.mean_ttft_ms.map(|t| (s, t)))
+            .collect();
+        let max_ttft = points.iter().map(|p| p.1).fold(1.0f64, f64::max) * 1.05;
+        let x = |ttft: f64| left + plot_w * ttft / max_ttft;
+        let y = |q: f64| top + plot_h * (1.0 - q.clamp(0.0, 1.0));
+        let judged = self.summaries.iter().any(|s| s.judged.is_some());
+        let y_label = if judged {
+            "judged win + tie/2 vs the layered baseline (95% CI)"
+        } else {
+            "answers not degenerate"
+        };
+        let mut svg = String::new();
+        let _ = writeln!(
+            svg,
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/>"#
+        );
+        let _ = writeln!(
+            svg,
+            r#"<text x="10" y="22" font-size="14" font-weight="bold">Quality vs time to first token: {} prompts on {}</text>"#,
+            self.prompts.len(),
+            escape(&self.model)
+        );
+        // Axes, ticks and grid.
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{left}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="#333"/><line x1="{left}" y1="{top}" x2="{left}" y2="{:.1}" stroke="#333"/>"##,
+            top + plot_h,
+            left + plot_w,
+            top + plot_h,
+            top + plot_h
+        );
+        for i in 0..=4 {
+            let q = f64::from(i) / 4.0;
+            let _ = writeln!(
+                svg,
+                r##"<line x1="{left}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="#eee"/><text x="{:.1}" y="{:.1}" text-anchor="end">{:.0}%</text>"##,
+                y(q),
+                left + plot_w,
+                y(q),
+                left - 6.0,
+                y(q) + 4.0,
+                100.0 * q
+            );
+        }
+        let step = tick_step(max_ttft);
+        let mut tick = 0.0;
+        while tick <= max_ttft {
+            let _ = writeln!(
+                svg,
+                r##"<text x="{:.1}" y="{:.1}" text-anchor="middle">{tick:.0}</text>"##,
+                x(tick),
+                top + plot_h + 16.0
+            );
+            tick += step;
+        }
+        let _ = writeln!(
+            svg,
+            r##"<text x="{:.1}" y="{:.1}" text-anchor="middle">mean time to first answer token, ms</text><text x="16" y="{:.1}" transform="rotate(-90 16 {:.1})" text-anchor="middle">{y_label}</text>"##,
+            left + plot_w / 2.0,
+            height - 20.0,
+            top + plot_h / 2.0,
+            top + plot_h / 2.0
+        );
+        if judged {
+            let _ = writeln!(
+                svg,
+                r##"<line x1="{left}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="#d62728" stroke-dasharray="4 3"/><text x="{:.1}" y="{:.1}" fill="#d62728">45% target</text>"##,
+                y(0.45),
+                left + plot_w,
+                y(0.45),
+                left + plot_w + 4.0,
+                y(0.45) + 4.0
+            );
+        }
+        for (i, (s, ttft)) in points.iter().enumerate() {
+            let (q, low, high) = quality(s);
+            let (px, py) = (x(*ttft), y(q));
+            let colour = [
+                "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2",
+            ][i % 6];
+            let _ = writeln!(
+                svg,
+                r##"<line x1="{px:.1}" y1="{:.1}" x2="{px:.1}" y2="{:.1}" stroke="{colour}"/><circle cx="{px:.1}" cy="{py:.1}" r="5" fill="{colour}"/>"##,
+                y(high),
+                y(low)
+            );
+            let _ = writeln!(
+                svg,
+                r##"<circle cx="{:.1}" cy="{:.1}" r="5" fill="{colour}"/><text x="{:.1}" y="{:.1}">{} ({:.0} ms, {:.0}%)</text>"##,
+                left + plot_w + 20.0,
+                top + 20.0 + 18.0 * i as f64,
+                left + plot_w + 30.0,
+                top + 24.0 + 18.0 * i as f64,
+                escape(&s.variant),
+                ttft,
+                100.0 * q
+            );
+        }
+        let _ = writeln!(svg, "</svg>");
+        svg
+    }
+}

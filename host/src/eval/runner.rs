@@ -1,0 +1,441 @@
+//! Runs variants over a prompt set and scores them. A variant is a single model answering
+//! alone, or a pipeline in a mode (layered, or staircase with the file's chunk schedule or
+//! another). Per prompt every variant answers on the same engine, then each answer gets the
+//! reference-free checks, its token F1 against the layered baseline and the single model,
+//! and (when asked) the judge's verdict against the layered baseline in both orders. A
+//! second layered run with shifted seeds gives the noise floor: how much two answers of the
+//! same system agree, and how a judge rates two samples of one system.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::judge::{Judge, Outcome, PairJudgement};
+use super::metrics::{self, Quality};
+use super::stats::{Tally, TallySummary};
+use crate::engine::{
+    ChatMessage, Engine, EngineError, FinishReason, GenerationEvent, GenerationRequest, Role,
+};
+use crate::pipeline::policy::StreamMode;
+use crate::pipeline::stream::ChunkSchedule;
+use crate::pipeline::{Pipeline, RunError, RunRequest, Runner};
+
+/// Seed shift of the noise-floor run: any non-zero value gives other proposals.
+pub const NOISE_SEED_OFFSET: u64 = 1000;
+/// The untimed warm-up run before measuring, as in `bench staircase`.
+const WARM_UP_PROMPT: &str = "Say hello.";
+const WARM_UP_TOKENS: u32 = 4;
+
+/// What answers.
+#[derive(Clone, Debug)]
+pub enum VariantKind {
+    /// The pipeline's model alone, on the bare question.
+    Single,
+    Pipeline {
+        pipeline: Box<Pipeline>,
+        mode: StreamMode,
+    },
+}
+
+/// One thing to evaluate.
+#[derive(Clone, Debug)]
+pub struct Variant {
+    pub name: String,
+    pub kind: VariantKind,
+}
+
+fn mode_name(mode: StreamMode) -> &'static str {
+    match mode {
+        StreamMode::Staircase => "staircase",
+        StreamMode::Layered => "layered",
+    }
+}
+
+impl Variant {
+    pub fn single() -> Self {
+        Self {
+            name: "single".into(),
+            kind: VariantKind::Single,
+        }
+    }
+
+    /// `pipeline` in `mode`, with `schedule` on every staircase edge when given. Named
+    /// `PIPELINE/MODE` or `PIPELINE/staircase@SIZES`.
+    pub fn pipeline(
+        mut pipeline: Pipeline,
+        mode: StreamMode,
+        schedule: Option<&ChunkSchedule>,
+    ) -> Self {
+        let mut name = format!("{}/{}", pipeline.name, mode_name(mode));
+        if let (Some(schedule), StreamMode::Staircase) = (schedule, mode) {
+            pipeline.set_chunk_schedule(schedule);
+            let sizes: Vec<String> = schedule.sizes().iter().map(u32::to_string).collect();
+            name = format!("{name}@{}", sizes.join(","));
+        }
+        Self {
+            name,
+            kind: VariantKind::Pipeline {
+                pipeline: Box::new(pipeline),
+                mode,
+            },
+        }
+    }
+}
+
+/// Why an evaluation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error("variant `{variant}`: {source}")]
+    Run { variant: String, source: RunError },
+    #[error("variant `{variant}`: {source}")]
+    Engine {
+        variant: String,
+        source: EngineError,
+    },
+    #[error("judge: {0}")]
+    Judge(EngineError),
+}
+
+/// What to evaluate.
+#[derive(Clone, Debug)]
+pub struct EvalOptions {
+    /// The layered run of this pipeline is the baseline every variant is compared with.
+    pub baseline: Pipeline,
+    /// Evaluated besides the baseline and the single model, which always run.
+    pub variants: Vec<Variant>,
+    pub prompts: Vec<String>,
+    /// Output tokens of every proposer; `None` keeps each file's own.
+    pub proposer_tokens: Option<u32>,
+    /// Output tokens of every answer (pipeline output node and single model).
+    pub answer_tokens: u32,
+    /// Judge every variant against the baseline (two judge calls per variant and prompt).
+    pub judge: bool,
+    /// Also run the baseline with shifted seeds (the noise floor).
+    pub noise_floor: bool,
+}
+
+/// One answer with its checks.
+#[derive(Clone, Debug, Serialize)]
+pub struct Answer {
+    pub variant: String,
+    pub text: String,
+    pub ttft_ms: Option<f64>,
+    pub total_ms: f64,
+    pub quality: Quality,
+    /// Token F1 with the layered baseline's answer to the same prompt.
+    pub f1_layered: Option<f64>,
+    /// Token F1 with the single model's answer.
+    pub f1_single: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub judged: Option<PairJudgement>,
+}
+
+/// Every answer to one prompt.
+#[derive(Clone, Debug, Serialize)]
+pub struct PromptRecord {
+    pub prompt: String,
+    pub answers: Vec<Answer>,
+}
+
+/// One variant over all prompts.
+#[derive(Clone, Debug, Serialize)]
+pub struct VariantSummary {
+    pub variant: String,
+    pub answers: usize,
+    pub degenerate: usize,
+    pub mean_distinct_2: f64,
+    pub mean_words: f64,
+    /// Answers the token limit cut mid-sentence.
+    pub limit_mid_sentence: usize,
+    pub mean_ttft_ms: Option<f64>,
+    /// Mean over prompts of TTFT / the baseline's TTFT on the same prompt.
+    pub ttft_over_layered: Option<f64>,
+    pub mean_f1_layered: Option<f64>,
+    pub mean_f1_single: Option<f64>,
+    pub tally: Tally,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub judged: Option<TallySummary>,
+}
+
+/// Everything an evaluation measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct EvalReport {
+    pub model: String,
+    pub baseline: String,
+    pub proposer_tokens: Option<u32>,
+    pub answer_tokens: u32,
+    pub judge: Option<String>,
+    pub summaries: Vec<VariantSummary>,
+    pub prompts: Vec<PromptRecord>,
+}
+
+/// A single model's answer and how it went.
+#[derive(Clone, Debug)]
+pub struct SingleAnswer {
+    pub text: String,
+    pub ttft: Option<Duration>,
+    pub total: Duration,
+    pub reason: FinishReason,
+}
+
+/// `engine` answering `prompt` alone, greedy, with at most `max_tokens`.
+pub async fn single_answer(
+    engine: &dyn Engine,
+    prompt: &str,
+    max_tokens: u32,
+) -> Result<SingleAnswer, EngineError> {
+    let mut request = GenerationRequest::chat(vec![ChatMessage::new(Role::User, prompt)]);
+    request.sampling.max_tokens = max_tokens;
+    let start = Instant::now();
+    let mut stream = engine.submit(request)?;
+    let (mut text, mut ttft) = (String::new(), None);
+    while let Some(event) = stream.next().await {
+        match event? {
+            GenerationEvent::Delta { text: delta, .. } => {
+                if ttft.is_none() && !delta.is_empty() {
+                    ttft = Some(start.elapsed());
+                }
+                text.push_str(&delta);
+            }
+            GenerationEvent::Finished { reason, .. } => {
+                return Ok(SingleAnswer {
+                    text,
+                    ttft,
+                    total: start.elapsed(),
+                    reason,
+                });
+            }
+        }
+    }
+    Err(EngineError::Stopped)
+}
+
+/// Whether a pipeline run's answer ran out of tokens: the output node used its whole budget.
+pub fn pipeline_hit_limit(pipeline: &Pipeline, output_tokens: u32) -> bool {
+    let budget = pipeline.nodes[pipeline.output.0]
+        .params
+        .max_tokens
+        .unwrap_or(crate::engine::SamplingParams::default().max_tokens);
+    output_tokens >= budget
+}
+
+fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// The variant's pipeline with the evaluation's token limits.
+fn sized(pipeline: &Pipeline, options: &EvalOptions) -> Pipeline {
+    let mut pipeline = pipeline.clone();
+    if let Some(tokens) = options.proposer_tokens {
+        pipeline.set_proposer_tokens(tokens);
+    }
+    let output = pipeline.output.0;
+    pipeline.nodes[output].params.max_tokens = Some(options.answer_tokens);
+    pipeline
+}
+
+/// Runs one variant on one prompt: text, TTFT, total time, whether the limit cut it.
+async fn answer(
+    runner: &Runner,
+    engine: &dyn Engine,
+    variant: &Variant,
+    prompt: &str,
+    options: &EvalOptions,
+) -> Result<(String, Option<f64>, f64, bool), EvalError> {
+    match &variant.kind {
+        VariantKind::Single => {
+            let a = single_answer(engine, prompt, options.answer_tokens)
+                .await
+                .map_err(|source| EvalError::Engine {
+                    variant: variant.name.clone(),
+                    source,
+                })?;
+            Ok((
+                a.text,
+                a.ttft.map(millis),
+                millis(a.total),
+                a.reason == FinishReason::Length,
+            ))
+        }
+        VariantKind::Pipeline { pipeline, mode } => {
+            let pipeline = sized(pipeline, options);
+            let report = runner
+                .run(&pipeline, RunRequest::prompt(prompt, *mode), None)
+                .await
+                .map_err(|source| EvalError::Run {
+                    variant: variant.name.clone(),
+                    source,
+                })?;
+            let tokens = report.nodes[pipeline.output.0].output_tokens;
+            Ok((
+                report.answer,
+                report.ttft_ms.map(millis),
+                millis(report.total_ms),
+                pipeline_hit_limit(&pipeline, tokens),
+            ))
+        }
+    }
+}
+
+/// Runs the evaluation. `engine` answers as the single model and judges.
+pub async fn run(
+    runner: &Runner,
+    engine: &Arc<dyn Engine>,
+    options: &EvalOptions,
+) -> Result<EvalReport, EvalError> {
+    let baseline = Variant::pipeline(options.baseline.clone(), StreamMode::Layered, None);
+    let single = Variant::single();
+    let mut noise = None;
+    if options.noise_floor {
+        let mut pipeline = options.baseline.clone();
+        pipeline.offset_seeds(NOISE_SEED_OFFSET);
+        let mut variant = Variant::pipeline(pipeline, StreamMode::Layered, None);
+        variant.name = format!("{} (seeds +{NOISE_SEED_OFFSET})", baseline.name);
+        noise = Some(variant);
+    }
+    // Staircase variants run before the layered ones on each prompt, so the prefixes they
+    // leave in the cache favour the baseline, never the staircase (as in `bench staircase`).
+    let mut order: Vec<&Variant> = vec![&single];
+    order.extend(options.variants.iter().filter(|v| v.name != baseline.name));
+    order.push(&baseline);
+    order.extend(noise.as_ref());
+
+    // Untimed warm-up of each pipeline: static prefixes cached, plugin instances warm.
+    for variant in &order {
+        if let VariantKind::Pipeline { pipeline, mode } = &variant.kind {
+            let mut warm = pipeline.as_ref().clone();
+            warm.limit_tokens(WARM_UP_TOKENS);
+            runner
+                .run(&warm, RunRequest::prompt(WARM_UP_PROMPT, *mode), None)
+                .await
+                .map_err(|source| EvalError::Run {
+                    variant: variant.name.clone(),
+                    source,
+                })?;
+        }
+    }
+
+    let judge = options.judge.then(|| Judge::new(engine.as_ref()));
+    let mut records = Vec::new();
+    for (index, prompt) in options.prompts.iter().enumerate() {
+        tracing::info!(prompt, index, "eval");
+        let mut answers = Vec::new();
+        for variant in &order {
+            let (text, ttft_ms, total_ms, hit_limit) =
+                answer(runner, engine.as_ref(), variant, prompt, options).await?;
+            answers.push(Answer {
+                variant: variant.name.clone(),
+                quality: Quality::of(&text, hit_limit),
+                text,
+                ttft_ms,
+                total_ms,
+                f1_layered: None,
+                f1_single: None,
+                judged: None,
+            });
+        }
+        let words_of = |name: &str| {
+            answers
+                .iter()
+                .find(|a| a.variant == name)
+                .map(|a| metrics::words(&a.text))
+        };
+        let (layered_words, single_words) = (words_of(&baseline.name), words_of(&single.name));
+        let baseline_text = answers
+            .iter()
+            .find(|a| a.variant == baseline.name)
+            .map(|a| a.text.clone())
+            .unwrap_or_default();
+        for a in &mut answers {
+            let words = metrics::words(&a.text);
+            if a.variant != baseline.name {
+                a.f1_layered = layered_words.as_ref().map(|l| metrics::token_f1(&words, l));
+            }
+            if a.variant != single.name {
+                a.f1_single = single_words.as_ref().map(|s| metrics::token_f1(&words, s));
+            }
+            if let Some(judge) = &judge
+                && a.variant != baseline.name
+            {
+                let judged = judge
+                    .pair(prompt, &a.text, &baseline_text)
+                    .await
+                    .map_err(EvalError::Judge)?;
+                a.judged = Some(judged);
+            }
+        }
+        records.push(PromptRecord {
+            prompt: prompt.clone(),
+            answers,
+        });
+    }
+
+    let summaries = order
+        .iter()
+        .map(|v| summarize(&v.name, &baseline.name, &records, options.judge))
+        .collect();
+    Ok(EvalReport {
+        model: engine.model_info().name.clone(),
+        baseline: baseline.name,
+        proposer_tokens: options.proposer_tokens,
+        answer_tokens: options.answer_tokens,
+        judge: options.judge.then(|| engine.model_info().name.clone()),
+        summaries,
+        prompts: records,
+    })
+}
+
+fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
+    let (sum, n) = values.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+    (n > 0).then(|| sum / n as f64)
+}
+
+/// One variant's figures over every prompt.
+pub fn summarize(
+    name: &str,
+    baseline: &str,
+    records: &[PromptRecord],
+    judged: bool,
+) -> VariantSummary {
+    let pick = |r: &PromptRecord, v: &str| r.answers.iter().find(|a| a.variant == v).cloned();
+    let answers: Vec<Answer> = records.iter().filter_map(|r| pick(r, name)).collect();
+    let ttft_ratio = mean(records.iter().filter_map(|r| {
+        let mine = pick(r, name)?.ttft_ms?;
+        let base = pick(r, baseline)?.ttft_ms?;
+        (base > 0.0).then(|| mine / base)
+    }));
+    let mut tally = Tally::default();
+    for judgement in answers.iter().filter_map(|a| a.judged.as_ref()) {
+        match judgement.outcome {
+            Some(outcome) => {
+                match outcome {
+                    Outcome::Win => tally.wins += 1,
+                    Outcome::Tie => tally.ties += 1,
+                    Outcome::Loss => tally.losses += 1,
+                }
+                let same =
+                    super::judge::consistent(judgement.variant_first, judgement.variant_second);
+                tally.consistent += usize::from(same);
+            }
+            None => tally.unparseable += 1,
+        }
+    }
+    VariantSummary {
+        variant: name.to_string(),
+        answers: answers.len(),
+        degenerate: answers.iter().filter(|a| a.quality.degenerate).count(),
+        mean_distinct_2: mean(answers.iter().map(|a| a.quality.distinct_2)).unwrap_or(0.0),
+        mean_words: mean(answers.iter().map(|a| a.quality.words as f64)).unwrap_or(0.0),
+        limit_mid_sentence: answers
+            .iter()
+            .filter(|a| a.quality.ending == metrics::Ending::LimitMidSentence)
+            .count(),
+        mean_ttft_ms: mean(answers.iter().filter_map(|a| a.ttft_ms)),
+        ttft_over_layered: ttft_ratio,
+        mean_f1_layered: mean(answers.iter().filter_map(|a| a.f1_layered)),
+        mean_f1_single: mean(answers.iter().filter_map(|a| a.f1_single)),
+        judged: (judged && name != baseline).then(|| tally.summary()),
+        tally,
+    }
+}
