@@ -1,5 +1,6 @@
 //! `staircase bench`.
 
+mod serve;
 mod staircase;
 
 use std::path::PathBuf;
@@ -27,6 +28,8 @@ pub enum Command {
         #[arg(long = "component", value_name = "FILE.wasm")]
         components: Vec<PathBuf>,
     },
+    /// The server against in-process runs: 1, 4, 16 streaming clients, TTFT and req/s.
+    Serve(serve::Args),
     /// Decode speed with and without speculative decoding, and the k-token forward cost curve.
     Speculation(SpeculationArgs),
 }
@@ -85,6 +88,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Engine(args) => engine(args),
         Command::Staircase(args) => staircase::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Plugins { json, components } => plugins(json, components),
         Command::Speculation(args) => speculation(args),
     }
