@@ -21,6 +21,9 @@ const BUILTINS: &[&str] = &[
     "rule-router",
 ];
 
+/// The target the guest crates compile to.
+const WASM_TARGET: &str = "wasm32-wasip2";
+
 fn main() {
     let manifest_dir = PathBuf::from(env("CARGO_MANIFEST_DIR"));
     let root = manifest_dir
@@ -39,6 +42,7 @@ fn main() {
         .expect("OUT_DIR lies inside the target folder")
         .join("wasm-guests");
 
+    ensure_wasm_target();
     let crates = guest_crates(&guests);
     let mut by_kind: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (name, (_, kind)) in &crates {
@@ -52,7 +56,7 @@ fn main() {
                 "build",
                 "--release",
                 "--target",
-                "wasm32-wasip2",
+                WASM_TARGET,
                 "--target-dir",
             ])
             .arg(&target_dir);
@@ -95,14 +99,13 @@ fn main() {
             .unwrap_or_else(|e| panic!("cannot run cargo for the guest workspace: {e}"));
         if !status.success() {
             panic!(
-                "building the {kind} plugins ({}) for wasm32-wasip2 failed; see the output above \
-                 (the target comes from rust-toolchain.toml: `rustup target add wasm32-wasip2`)",
+                "building the {kind} plugins ({}) for {WASM_TARGET} failed; see the output above",
                 names.join(", ")
             );
         }
     }
 
-    let artifacts = target_dir.join("wasm32-wasip2").join("release");
+    let artifacts = target_dir.join(WASM_TARGET).join("release");
     let mut code =
         String::from("/// Plugins embedded in the binary.\npub static BUILTINS: &[Builtin] = &[\n");
     for name in BUILTINS {
@@ -122,6 +125,44 @@ fn main() {
         artifacts.display().to_string()
     ));
     std::fs::write(out_dir.join("builtin_plugins.rs"), code).expect("OUT_DIR is writable");
+}
+
+/// Adds the wasm target when this toolchain lacks it: `rust-toolchain.toml` lists it, but
+/// rustup adds a toolchain file's targets only when it installs the toolchain, not to one
+/// already installed. Cargo runs this script only after llama-cpp-sys-2's (a `links`
+/// dependency, whose cmake build takes minutes), so `cargo xtask` checks the target before
+/// any build; this covers plain `cargo build`.
+fn ensure_wasm_target() {
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let has_target = || {
+        let output = Command::new(&rustc)
+            .args(["--print", "sysroot"])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())?;
+        let sysroot = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+        Some(sysroot.join("lib/rustlib").join(WASM_TARGET).is_dir())
+    };
+    // An unknown answer leaves the error, if any, to the guest build.
+    if has_target() != Some(false) {
+        return;
+    }
+    let fix = format!("rustup target add {WASM_TARGET}");
+    println!("cargo:warning=the {WASM_TARGET} target is missing; running `{fix}`");
+    // rustup adds it to the toolchain building this (RUSTUP_TOOLCHAIN is inherited).
+    let added = Command::new("rustup")
+        .args(["target", "add", WASM_TARGET])
+        // A build script's stdout is for cargo's directives.
+        .stdout(std::io::stderr())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !added || has_target() != Some(true) {
+        panic!(
+            "the {WASM_TARGET} target (the built-in plugins compile to it) is missing and \
+             `{fix}` did not add it; run it yourself (without rustup: install the \
+             {WASM_TARGET} standard library for this toolchain)"
+        );
+    }
 }
 
 fn env(key: &str) -> String {

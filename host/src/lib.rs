@@ -2,13 +2,14 @@
 //! while every agent-specific policy runs as a sandboxed WebAssembly component.
 //!
 //! One folder per concept: `engine/` generates tokens (the local GGUF engine; remote servers are planned),
-//! `cache/` holds the prefix KV cache, `speculate/` drafts tokens, `pipeline/` runs DAGs of
+//! `cache/` holds the prefix KV cache, `token` is the token id they share, `speculate/` drafts tokens, `pipeline/` runs DAGs of
 //! agents, `plugin/` hosts the WebAssembly policies, `trace/` records timelines, `model/`
 //! fetches and lists models, `app/` assembles them from `staircase.toml` (the one composition
 //! root), `server/` serves them over an OpenAI-compatible API, and `cli/` is the command line
 //! over all of them.
 
 pub mod app;
+pub mod bench;
 pub mod cache;
 pub mod cli;
 pub mod engine;
@@ -17,4 +18,5 @@ pub mod pipeline;
 pub mod plugin;
 pub mod server;
 pub mod speculate;
+pub mod token;
 pub mod trace;

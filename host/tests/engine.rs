@@ -56,11 +56,10 @@ fn collect(mut stream: GenerationStream) -> Answer {
     while let Some(event) = stream.blocking_next() {
         match event.expect("no engine error") {
             GenerationEvent::Delta {
-                text: t,
-                tokens: ids,
+                text: t, token_ids, ..
             } => {
                 text.push_str(&t);
-                tokens.extend(ids);
+                tokens.extend(token_ids.expect("the local engine reports token ids"));
             }
             GenerationEvent::Finished { reason, usage, .. } => {
                 return Answer {
@@ -460,7 +459,7 @@ fn requests_that_begin_alike_prefill_their_common_prefix_once() {
     let engine = LocalEngine::load(config).unwrap();
     let blocker = streaming(&engine, ask(None, "Count to a thousand.", 400));
     let document = "The lighthouse keeper climbed the stairs every evening at dusk. ".repeat(10);
-    let shared = engine.count_tokens(&document).unwrap();
+    let shared = engine.token_counter().count(&document).get() as usize;
     let first = engine
         .submit(ask(
             None,

@@ -7,8 +7,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use staircase::engine::{
-    ChatMessage, Engine, EngineError, FinishReason, GenerationEvent, GenerationRequest,
-    GenerationStream, ModelInfo, Priority, Prompt, Role, SamplingParams, Timings, TokenId, Usage,
+    Capabilities, ChatMessage, Engine, EngineError, FinishReason, GenerationEvent,
+    GenerationRequest, GenerationStream, ModelInfo, Priority, Prompt, Role, SamplingParams,
+    Timings, TokenCount, TokenCounter, TokenId, Usage,
 };
 use staircase::pipeline::policy::{
     AggregatorSession, CompressorPolicy, Demand, PluginConfig, PluginKind, PolicyError,
@@ -41,10 +42,15 @@ struct ScriptedEngine {
 
 impl ScriptedEngine {
     fn new(scripts: &[(&str, Script)]) -> Arc<Self> {
+        Self::with_capabilities(scripts, Capabilities::ALL)
+    }
+
+    fn with_capabilities(scripts: &[(&str, Script)], capabilities: Capabilities) -> Arc<Self> {
         Arc::new(Self {
             info: ModelInfo {
                 name: "scripted".into(),
                 context_tokens: 4096,
+                capabilities,
             },
             scripts: scripts.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
             requests: Mutex::new(Vec::new()),
@@ -110,7 +116,8 @@ impl Engine for ScriptedEngine {
             let index = already + i;
             let _ = tx.send(Ok(GenerationEvent::Delta {
                 text: format!("{tag}{index} "),
-                tokens: vec![TokenId(index as i32)],
+                token_count: 1,
+                token_ids: Some(vec![TokenId(index as i32)]),
             }));
         }
         if !script.hold {
@@ -131,6 +138,7 @@ impl Engine for ScriptedEngine {
                 reason,
                 usage,
                 timings: Timings::default(),
+                extensions: Default::default(),
             }));
         }
         self.senders.lock().unwrap().push((tag, tx));
@@ -142,8 +150,14 @@ impl Engine for ScriptedEngine {
         &self.info
     }
 
-    fn count_tokens(&self, text: &str) -> Result<usize, EngineError> {
-        Ok(text.split_whitespace().count())
+    fn token_counter(&self) -> &dyn TokenCounter {
+        self
+    }
+}
+
+impl TokenCounter for ScriptedEngine {
+    fn count(&self, text: &str) -> TokenCount {
+        TokenCount::Exact(text.split_whitespace().count() as u32)
     }
 }
 
@@ -502,6 +516,53 @@ async fn layered_mode_pushes_each_source_whole_and_steps_once() {
     assert!(matches!(log.last(), Some(Seen::Finish(_))));
     assert!(!report.answer.is_empty());
     assert_eq!(report.mode, StreamMode::Layered);
+}
+
+/// A model that cannot continue a partial answer is refused when a staircase run binds the
+/// pipeline to it, before any node starts; layered mode, which steps once, still runs.
+#[tokio::test]
+async fn a_staircase_run_needs_models_that_continue_an_answer() {
+    let engine = ScriptedEngine::with_capabilities(
+        &[],
+        Capabilities {
+            assistant_prefix: false,
+            token_prompts: false,
+        },
+    );
+    let runner = runner(&engine, TestPolicies::default());
+    let pipeline = Pipeline::parse(MOA, "moa.toml").unwrap();
+    let error = runner
+        .run(
+            &pipeline,
+            RunRequest::prompt("q", StreamMode::Staircase),
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            &error,
+            RunError::Engine {
+                node,
+                source: EngineError::Unsupported { .. },
+            } if node == "final"
+        ),
+        "{error}"
+    );
+    assert!(
+        error
+            .to_string()
+            .contains("cannot continue a partial assistant answer")
+    );
+    assert!(engine.requests_of("a").is_empty(), "no node started");
+    let layered = runner
+        .run(
+            &pipeline,
+            RunRequest::prompt("q", StreamMode::Layered),
+            None,
+        )
+        .await;
+    assert!(layered.is_ok(), "{layered:?}");
 }
 
 #[tokio::test]

@@ -660,12 +660,15 @@ fn repo() -> PathBuf {
 
 /// Builds an example with its language's toolchain, once per content of its sources (the
 /// build output is kept in the test scratch folder), and installs it with its manifest in
-/// `dir`. Fails, never skips, when the toolchain is missing: `.ci/run` installs it.
+/// `dir`. Fails, never skips, when the toolchain (`tool`, with files it installs in the
+/// example's folder, `tool_files`) is missing, naming it and the command that installs it
+/// (which `cargo xtask test`, the README's test command, runs).
 fn build_example(
     lang: &str,
     sources: &[&str],
     name: &str,
     dir: &Path,
+    (tool, tool_files, install): (&str, &[&str], &str),
     build: impl Fn(&Path) -> std::process::Command,
 ) -> PathBuf {
     use sha2::Digest;
@@ -688,8 +691,15 @@ fn build_example(
         std::fs::create_dir_all(built.parent().unwrap()).unwrap();
         let partial = built.with_extension("partial.wasm");
         let mut command = build(&partial);
+        let missing = format!(
+            "{tool} is missing: `cargo xtask test` installs it before the tests, or run \
+             `{install}`"
+        );
+        for file in tool_files {
+            assert!(example.join(file).exists(), "{missing}");
+        }
         let output = command.output().unwrap_or_else(|e| {
-            panic!("cannot run the {lang} example's build ({command:?}): {e}; `.ci/run` installs the toolchain")
+            panic!("cannot run the {lang} example's build ({command:?}): {e}. {missing}")
         });
         assert!(
             output.status.success(),
@@ -717,6 +727,11 @@ fn the_python_example_aggregates_through_the_same_host_code() {
         &["app.py", "aggregator_policy.py"],
         "py-relay",
         &dir.0,
+        (
+            "componentize-py 0.25.1",
+            &[],
+            "python3 -m pip install componentize-py==0.25.1",
+        ),
         |out| {
             let mut command = std::process::Command::new("componentize-py");
             command
@@ -778,6 +793,11 @@ fn the_javascript_example_answers_through_the_same_host_code() {
         &["role.js", "build.mjs", "package.json"],
         "js-reviewer",
         &dir.0,
+        (
+            "componentize-js (examples/plugins/js/node_modules)",
+            &["node_modules/@bytecodealliance/componentize-js/package.json"],
+            "npm ci --prefix examples/plugins/js",
+        ),
         |out| {
             let mut command = std::process::Command::new("node");
             command

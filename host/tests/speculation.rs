@@ -17,7 +17,7 @@ use staircase::engine::{
 };
 use staircase::speculate::{
     ControllerConfig, CostModel, Distribution, DraftFeed, DraftSource, SpeculationConfig,
-    SplitMix64, SuffixAutomaton, verify, verify_sampled,
+    SpeculationStats, SplitMix64, SuffixAutomaton, verify, verify_sampled,
 };
 
 fn random_tokens(rng: &mut SplitMix64, len: usize, alphabet: u64) -> Vec<TokenId> {
@@ -363,14 +363,25 @@ fn plain_engine(flash_attention: bool) -> LocalEngine {
 struct Answer {
     tokens: Vec<TokenId>,
     usage: Usage,
+    speculation: Option<SpeculationStats>,
 }
 
 fn collect(mut stream: GenerationStream) -> Answer {
     let mut tokens = Vec::new();
     while let Some(event) = stream.blocking_next() {
         match event.expect("no engine error") {
-            GenerationEvent::Delta { tokens: ids, .. } => tokens.extend(ids),
-            GenerationEvent::Finished { usage, .. } => return Answer { tokens, usage },
+            GenerationEvent::Delta { token_ids, .. } => {
+                tokens.extend(token_ids.expect("the local engine reports token ids"))
+            }
+            GenerationEvent::Finished {
+                usage, extensions, ..
+            } => {
+                return Answer {
+                    tokens,
+                    usage,
+                    speculation: extensions.get::<SpeculationStats>().cloned(),
+                };
+            }
         }
     }
     panic!("stream ended without Finished");
@@ -416,7 +427,7 @@ fn corpus(max_tokens: u32) -> Vec<(&'static str, GenerationRequest)> {
         )],
         None,
     );
-    aggregator.draft_feed = Some(feed.clone());
+    aggregator.extensions.insert(feed.clone());
     // Staircase: the proposers' text reaches the aggregator only through the feed.
     let mut staircase = chat(
         vec![ChatMessage::new(
@@ -425,7 +436,7 @@ fn corpus(max_tokens: u32) -> Vec<(&'static str, GenerationRequest)> {
         )],
         None,
     );
-    staircase.draft_feed = Some(feed);
+    staircase.extensions.insert(feed);
     vec![
         (
             "list",
@@ -495,10 +506,7 @@ fn greedy_with_speculation_is_token_identical_for_a_sequence_alone() {
             answer.tokens, expected.tokens,
             "{name}: speculation changed the output"
         );
-        let stats = answer
-            .usage
-            .speculation
-            .expect("speculation stats in usage");
+        let stats = answer.speculation.expect("speculation stats in usage");
         eprintln!(
             "{name}: {} tokens, {}/{} draft tokens accepted, {:.2} tokens per forward",
             answer.usage.completion_tokens,
@@ -714,6 +722,6 @@ fn sampled_requests_speculate_and_finish() {
     request.sampling.seed = 7;
     let answer = collect(speculative.submit(request).unwrap());
     assert!(!answer.tokens.is_empty());
-    let stats = answer.usage.speculation.expect("speculation stats");
+    let stats = answer.speculation.expect("speculation stats");
     assert!(stats.drafted_tokens > 0);
 }

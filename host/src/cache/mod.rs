@@ -18,7 +18,7 @@
 
 use std::collections::HashMap;
 
-use crate::engine::TokenId;
+use crate::token::TokenId;
 
 /// A llama.cpp sequence id, used as a slot that holds KV for one token path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -48,7 +48,7 @@ pub struct Released {
 
 /// Counters for tests and stats.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CacheStats {
+pub struct PrefixCacheStats {
     pub entries: usize,
     /// KV cells held alive by cached paths.
     pub cells: usize,
@@ -113,8 +113,8 @@ impl PrefixCache {
         self.budget_cells
     }
 
-    pub fn stats(&self) -> CacheStats {
-        CacheStats {
+    pub fn stats(&self) -> PrefixCacheStats {
+        PrefixCacheStats {
             entries: self.entries.len(),
             cells: self.cells,
             locked_nodes: self
@@ -427,7 +427,7 @@ mod tests {
         assert_eq!(cache.stats().cells, 4);
         assert_eq!(cache.lookup(&t(&[1, 2, 5]), usize::MAX).unwrap().len, 2);
         cache.evict_to(0);
-        assert_eq!(cache.stats(), CacheStats::default());
+        assert_eq!(cache.stats(), PrefixCacheStats::default());
     }
 
     #[test]

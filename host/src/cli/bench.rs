@@ -7,8 +7,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
-use crate::engine::local::bench::{
-    BenchConfig, compare_quantizations, kv_width_costs, run as run_engine_bench,
+use crate::bench::engine::{
+    EngineBenchConfig, compare_quantizations, kv_width_costs, run as run_engine_bench,
 };
 
 /// Subcommands of `staircase bench`.
@@ -95,7 +95,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
 }
 
 fn plugins(json: Option<PathBuf>, components: Vec<PathBuf>) -> anyhow::Result<()> {
-    let rows = crate::plugin::bench::run_with(&components).context("plugin benchmark")?;
+    let rows = crate::bench::plugins::run_with(&components).context("plugin benchmark")?;
     println!("{:<48} {:>12}  note", "measure", "value");
     for row in &rows {
         println!(
@@ -111,12 +111,12 @@ fn plugins(json: Option<PathBuf>, components: Vec<PathBuf>) -> anyhow::Result<()
 }
 
 fn speculation(args: SpeculationArgs) -> anyhow::Result<()> {
-    use crate::speculate::bench;
+    use crate::bench::speculation as bench;
     let model = match args.model {
         Some(path) => path,
         None => crate::model::default_model_path()?,
     };
-    let mut config = bench::BenchConfig::new(model);
+    let mut config = bench::SpeculationBenchConfig::new(model);
     config.threads = args.threads;
     config.max_tokens = args.max_tokens;
     config.repeats = args.repeats;
@@ -195,7 +195,7 @@ fn engine(args: EngineArgs) -> anyhow::Result<()> {
         Some(path) => path,
         None => crate::model::default_model_path()?,
     };
-    let mut config = BenchConfig::new(model);
+    let mut config = EngineBenchConfig::new(model);
     config.threads = args.threads;
     config.repeats = args.repeats;
     config.flash_attention = !args.no_flash_attention;

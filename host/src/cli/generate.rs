@@ -11,6 +11,7 @@ use crate::engine::local::{LocalEngine, LocalEngineConfig};
 use crate::engine::{
     ChatMessage, Engine, GenerationEvent, GenerationRequest, Prompt, Role, SamplingParams,
 };
+use crate::speculate::SpeculationStats;
 
 /// Arguments of `staircase generate`.
 #[derive(Debug, clap::Args)]
@@ -97,13 +98,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 reason,
                 usage,
                 timings,
+                extensions,
             } => {
                 if args.json {
+                    let mut usage_json = serde_json::to_value(&usage)?;
+                    if let Some(stats) = extensions.get::<SpeculationStats>() {
+                        usage_json["speculation"] = serde_json::to_value(stats)?;
+                    }
                     let report = json!({
                         "model": engine.model_info().name,
                         "text": text,
                         "finish_reason": reason,
-                        "usage": usage,
+                        "usage": usage_json,
                         "timings_ms": {
                             "queued": timings.queued.as_secs_f64() * 1e3,
                             "prefill_done": timings.prefill_done.as_secs_f64() * 1e3,

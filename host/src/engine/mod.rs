@@ -1,21 +1,34 @@
 //! The engine interface: one way to ask a model for tokens, whether the model runs in this
 //! process (`local/`) or behind an OpenAI-compatible server (`remote/`, later).
 //!
-//! A caller submits a [`GenerationRequest`] and reads a [`GenerationStream`] of events.
-//! Dropping the stream cancels the request; the engine frees its sequence at its next step.
-//! This module holds only the contract; it must not know about pipelines or plugins.
+//! A caller submits a [`GenerationRequest`] and reads a [`GenerationStream`] of events;
+//! dropping the stream before its end cancels the request (the backend registered how, see
+//! [`GenerationStream::on_cancel`]). Submission is synchronous and works from any thread, in
+//! an async runtime or not: an engine that needs a runtime holds the handle it was built
+//! with. What a model can do beyond plain chat is declared in [`ModelInfo::capabilities`],
+//! token counts come from [`Engine::token_counter`], and what only one backend understands
+//! travels in `extensions` (the local engine's `speculate::DraftFeed` on a request, its
+//! `speculate::SpeculationStats` on `Finished`), so other backends carry none of it.
+//!
+//! This module holds only the contract; it must not know about pipelines, plugins or any
+//! one backend (it names no type of `local/` or `speculate/`).
 
+mod error;
 pub mod local;
 pub mod simulated;
+mod stream;
+mod tokens;
 
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
 
-/// A token id in a model's vocabulary.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct TokenId(pub i32);
+pub use self::error::EngineError;
+pub use self::stream::{Completion, EventSender, GenerationStream};
+pub use self::tokens::{
+    APPROX_BYTES_PER_TOKEN, CountFuture, EstimatedTokens, TokenCount, TokenCounter, estimate_tokens,
+};
+pub use crate::token::TokenId;
 
 /// Who wrote a chat message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -98,10 +111,10 @@ pub struct GenerationRequest {
     pub prompt: Prompt,
     pub sampling: SamplingParams,
     pub priority: Priority,
-    /// Other agents' output streamed to this request while it runs (an aggregator's
-    /// proposers), so the engine can draft speculative tokens from it. `None` for most
-    /// requests.
-    pub draft_feed: Option<crate::speculate::DraftFeed>,
+    /// Hints only some engines use, by type; an engine ignores the ones it does not know.
+    /// The local engine drafts speculative tokens from a `speculate::DraftFeed` here (an
+    /// aggregator's proposers, streamed to it while it runs).
+    pub extensions: http::Extensions,
 }
 
 impl GenerationRequest {
@@ -114,7 +127,7 @@ impl GenerationRequest {
             },
             sampling: SamplingParams::default(),
             priority: Priority::default(),
-            draft_feed: None,
+            extensions: http::Extensions::new(),
         }
     }
 }
@@ -136,9 +149,6 @@ pub struct Usage {
     /// Prompt tokens served from the prefix cache instead of being prefilled.
     pub cached_prompt_tokens: u32,
     pub completion_tokens: u32,
-    /// What speculative decoding did for this request; `None` when it was off.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub speculation: Option<crate::speculate::SpeculationStats>,
 }
 
 /// When things happened, measured from submission.
@@ -154,108 +164,68 @@ pub struct Timings {
 }
 
 /// What a [`GenerationStream`] yields.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub enum GenerationEvent {
-    /// Newly generated text and the tokens that produced it. Text is only sent once it is
-    /// valid UTF-8 and cannot be the start of a stop string.
-    Delta { text: String, tokens: Vec<TokenId> },
+    /// Newly generated text and how many tokens produced it. Text is only sent once it is
+    /// valid UTF-8 and cannot be the start of a stop string. Callers count tokens with
+    /// `token_count`: a backend that streams text (an OpenAI-compatible server) has no ids.
+    Delta {
+        text: String,
+        token_count: u32,
+        /// The ids of those tokens, where the backend reports them (the local engine does).
+        token_ids: Option<Vec<TokenId>>,
+    },
     /// The last event of a request.
     Finished {
         reason: FinishReason,
         usage: Usage,
         timings: Timings,
+        /// What only some engines report, by type (the local engine: the request's
+        /// `speculate::SpeculationStats` when speculation was on).
+        extensions: http::Extensions,
     },
 }
 
-/// Errors of any engine.
-#[derive(Debug, thiserror::Error)]
-pub enum EngineError {
-    #[error("model file {path} not found")]
-    ModelNotFound { path: std::path::PathBuf },
-    #[error("cannot load model {path}: {reason}")]
-    InvalidModel {
-        path: std::path::PathBuf,
-        reason: String,
-    },
-    #[error("chat template: {0}")]
-    Template(String),
-    #[error("prompt of {tokens} tokens does not fit the context of {context} tokens")]
-    PromptTooLong { tokens: usize, context: usize },
-    #[error("invalid request: {0}")]
-    InvalidRequest(String),
-    #[error("the engine has stopped")]
-    Stopped,
-    #[error("backend error: {0}")]
-    Backend(String),
+/// Something a request may need that not every backend offers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Capability {
+    /// Continue a partial assistant answer (`Prompt::Chat::assistant_prefix`): every step of
+    /// a staircase node after its first.
+    AssistantPrefix,
+    /// Take a prompt of raw token ids (`Prompt::Tokens`).
+    TokenPrompts,
 }
 
-/// The events of one request. Dropping it cancels the request.
-#[derive(Debug)]
-pub struct GenerationStream {
-    events: mpsc::UnboundedReceiver<Result<GenerationEvent, EngineError>>,
+impl std::fmt::Display for Capability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::AssistantPrefix => "continue a partial assistant answer",
+            Self::TokenPrompts => "take a prompt of token ids",
+        })
+    }
 }
 
-impl GenerationStream {
-    /// A stream and the sender an engine feeds it through. An engine sees the caller is gone
-    /// when `sender.is_closed()`.
-    pub fn channel() -> (
-        mpsc::UnboundedSender<Result<GenerationEvent, EngineError>>,
-        Self,
-    ) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        (tx, Self { events: rx })
-    }
+/// What a model offers beyond plain chat.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Capabilities {
+    pub assistant_prefix: bool,
+    pub token_prompts: bool,
+}
 
-    /// The next event; `None` after `Finished` or an error.
-    pub async fn next(&mut self) -> Option<Result<GenerationEvent, EngineError>> {
-        self.events.recv().await
-    }
+impl Capabilities {
+    /// Everything: the local engine.
+    pub const ALL: Self = Self {
+        assistant_prefix: true,
+        token_prompts: true,
+    };
 
-    /// The next event, for callers outside an async runtime.
-    pub fn blocking_next(&mut self) -> Option<Result<GenerationEvent, EngineError>> {
-        self.events.blocking_recv()
-    }
-
-    /// Reads the stream to its end, for callers outside an async runtime that want the
-    /// whole answer rather than its deltas.
-    pub fn blocking_collect(mut self) -> Result<Completion, EngineError> {
-        let (mut text, mut tokens) = (String::new(), Vec::new());
-        while let Some(event) = self.blocking_next() {
-            match event? {
-                GenerationEvent::Delta {
-                    text: delta,
-                    tokens: ids,
-                } => {
-                    text.push_str(&delta);
-                    tokens.extend(ids);
-                }
-                GenerationEvent::Finished {
-                    reason,
-                    usage,
-                    timings,
-                } => {
-                    return Ok(Completion {
-                        text,
-                        tokens,
-                        reason,
-                        usage,
-                        timings,
-                    });
-                }
-            }
+    pub fn has(self, capability: Capability) -> bool {
+        match capability {
+            Capability::AssistantPrefix => self.assistant_prefix,
+            Capability::TokenPrompts => self.token_prompts,
         }
-        Err(EngineError::Stopped)
     }
-}
-
-/// A whole answer, from [`GenerationStream::blocking_collect`].
-#[derive(Clone, Debug, PartialEq)]
-pub struct Completion {
-    pub text: String,
-    pub tokens: Vec<TokenId>,
-    pub reason: FinishReason,
-    pub usage: Usage,
-    pub timings: Timings,
 }
 
 /// What the model is.
@@ -265,17 +235,45 @@ pub struct ModelInfo {
     pub name: String,
     /// Maximum tokens of prompt plus output.
     pub context_tokens: usize,
+    pub capabilities: Capabilities,
+}
+
+impl ModelInfo {
+    /// An error naming the model unless it offers `capability`.
+    pub fn require(&self, capability: Capability) -> Result<(), EngineError> {
+        if self.capabilities.has(capability) {
+            Ok(())
+        } else {
+            Err(EngineError::Unsupported {
+                model: self.name.clone(),
+                capability,
+            })
+        }
+    }
+
+    /// Checks that the model can take `prompt` (engines call this at submission).
+    pub fn check_prompt(&self, prompt: &Prompt) -> Result<(), EngineError> {
+        match prompt {
+            Prompt::Chat {
+                assistant_prefix: Some(_),
+                ..
+            } => self.require(Capability::AssistantPrefix),
+            Prompt::Chat { .. } => Ok(()),
+            Prompt::Tokens(_) => self.require(Capability::TokenPrompts),
+        }
+    }
 }
 
 /// A model that generates tokens: the embedded engine or a remote server.
 pub trait Engine: Send + Sync {
-    /// Queues a request. Errors that are known before any work (a prompt too long for the
-    /// context, a bad template) are returned here; later ones arrive on the stream.
+    /// Queues a request; callable from any thread, inside an async runtime or not. Errors
+    /// known before any work (a prompt too long for the context, a bad template, a missing
+    /// capability) are returned here; later ones arrive on the stream.
     fn submit(&self, request: GenerationRequest) -> Result<GenerationStream, EngineError>;
 
     /// The model behind this engine.
     fn model_info(&self) -> &ModelInfo;
 
-    /// Token count of a text, for budgets and chunk sizes.
-    fn count_tokens(&self, text: &str) -> Result<usize, EngineError>;
+    /// Counts tokens as this model does, for budgets and chunk sizes.
+    fn token_counter(&self) -> &dyn TokenCounter;
 }

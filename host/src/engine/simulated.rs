@@ -12,9 +12,11 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use tokio::runtime::Handle;
+
 use super::{
-    Engine, EngineError, FinishReason, GenerationEvent, GenerationRequest, GenerationStream,
-    ModelInfo, Prompt, Timings, TokenId, Usage,
+    Capabilities, Engine, EngineError, FinishReason, GenerationEvent, GenerationRequest,
+    GenerationStream, ModelInfo, Prompt, Timings, TokenCount, TokenCounter, TokenId, Usage,
 };
 
 /// Words the simulated model says, in a loop.
@@ -55,18 +57,23 @@ pub struct SimulatedLatencies {
 pub struct SimulatedEngine {
     info: ModelInfo,
     latencies: SimulatedLatencies,
+    /// Where each request's timed answer runs, so submission works from any thread.
+    runtime: Handle,
     /// Earlier prompts, newest last: the longest common prefix with one of them is cached.
     seen: Mutex<Vec<Vec<String>>>,
 }
 
 impl SimulatedEngine {
-    pub fn new(latencies: SimulatedLatencies) -> Self {
+    /// A simulated backend whose answers run as tasks on `runtime`.
+    pub fn new(latencies: SimulatedLatencies, runtime: Handle) -> Self {
         Self {
             info: ModelInfo {
                 name: "simulated".into(),
                 context_tokens: 1 << 20,
+                capabilities: Capabilities::ALL,
             },
             latencies,
+            runtime,
             seen: Mutex::new(Vec::new()),
         }
     }
@@ -107,9 +114,7 @@ fn words(text: &str) -> impl Iterator<Item = String> + '_ {
 impl Engine for SimulatedEngine {
     fn submit(&self, request: GenerationRequest) -> Result<GenerationStream, EngineError> {
         let submitted = Instant::now();
-        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
-            EngineError::Backend("the simulated engine runs inside a tokio runtime".into())
-        })?;
+        self.info.check_prompt(&request.prompt)?;
         let (words, cached) = self.admit(&request.prompt);
         let prefilled = u32::try_from(words.len() - cached).unwrap_or(u32::MAX);
         let usage = Usage {
@@ -120,7 +125,7 @@ impl Engine for SimulatedEngine {
         let latencies = self.latencies;
         let max_tokens = request.sampling.max_tokens;
         let (events, stream) = GenerationStream::channel();
-        runtime.spawn(async move {
+        let task = self.runtime.spawn(async move {
             let first_pass = latencies.decode_per_token + latencies.prefill_per_token * prefilled;
             tokio::time::sleep(first_pass).await;
             let mut timings = Timings {
@@ -135,7 +140,8 @@ impl Engine for SimulatedEngine {
                 let word = WORDS[i as usize % WORDS.len()];
                 let delta = GenerationEvent::Delta {
                     text: format!(" {word}"),
-                    tokens: vec![TokenId(i as i32)],
+                    token_count: 1,
+                    token_ids: Some(vec![TokenId(i as i32)]),
                 };
                 timings
                     .first_token
@@ -150,17 +156,25 @@ impl Engine for SimulatedEngine {
                 reason: FinishReason::Length,
                 usage,
                 timings,
+                extensions: http::Extensions::new(),
             }));
         });
-        Ok(stream)
+        Ok(stream.on_cancel(move || task.abort()))
     }
 
     fn model_info(&self) -> &ModelInfo {
         &self.info
     }
 
-    fn count_tokens(&self, text: &str) -> Result<usize, EngineError> {
-        Ok(text.split_whitespace().count())
+    fn token_counter(&self) -> &dyn TokenCounter {
+        self
+    }
+}
+
+/// A token is a word.
+impl TokenCounter for SimulatedEngine {
+    fn count(&self, text: &str) -> TokenCount {
+        TokenCount::Exact(u32::try_from(text.split_whitespace().count()).unwrap_or(u32::MAX))
     }
 }
 
@@ -191,10 +205,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_warm_up_caches_the_head_and_a_step_generates_max_tokens() {
-        let engine = SimulatedEngine::new(SimulatedLatencies {
-            prefill_per_token: Duration::ZERO,
-            decode_per_token: Duration::ZERO,
-        });
+        let engine = SimulatedEngine::new(
+            SimulatedLatencies {
+                prefill_per_token: Duration::ZERO,
+                decode_per_token: Duration::ZERO,
+            },
+            Handle::current(),
+        );
         let (text, warm) = finish(engine.submit(request("why blue", 0)).unwrap()).await;
         assert_eq!(
             (text.as_str(), warm.prompt_tokens, warm.cached_prompt_tokens),
@@ -204,5 +221,26 @@ mod tests {
         assert_eq!(step.cached_prompt_tokens, 7);
         assert_eq!(step.completion_tokens, 5);
         assert_eq!(text.split_whitespace().count(), 5);
+    }
+
+    #[test]
+    fn submission_works_outside_the_runtime() {
+        // Its worker runs the tasks; this thread never enters the runtime.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_time()
+            .build()
+            .unwrap();
+        let handle = runtime.handle().clone();
+        assert!(Handle::try_current().is_err());
+        let engine = SimulatedEngine::new(
+            SimulatedLatencies {
+                prefill_per_token: Duration::ZERO,
+                decode_per_token: Duration::ZERO,
+            },
+            handle,
+        );
+        let answer = engine.submit(request("hi", 3)).unwrap().blocking_collect();
+        assert_eq!(answer.unwrap().token_count, 3);
     }
 }

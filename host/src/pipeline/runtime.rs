@@ -31,7 +31,7 @@ use super::role_session::RoleSession;
 use super::spec::{DEFAULT_MODEL, ModelBinding, NodeIndex, NodeKind, Pipeline, SpecError};
 use super::stream::{Chunk, Chunker};
 use crate::engine::{
-    ChatMessage, Engine, EngineError, FinishReason, GenerationEvent, GenerationRequest,
+    Capability, ChatMessage, Engine, EngineError, FinishReason, GenerationEvent, GenerationRequest,
     GenerationStream, Priority, Prompt, Role, SamplingParams,
 };
 use crate::speculate::{DraftFeed, SpeculationStats};
@@ -78,8 +78,7 @@ impl Models {
 
     fn count_tokens(&self, text: &str) -> u32 {
         self.counter()
-            .and_then(|e| e.count_tokens(text).ok())
-            .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX))
+            .map_or(0, |e| e.token_counter().count(text).get())
     }
 }
 
@@ -277,6 +276,35 @@ impl Runner {
         pipeline.check_bindings(&move |name| policies.kind_of(name), &self.models.names())
     }
 
+    /// Checks that the models of `pipeline` can do what its nodes ask in `mode`: a staircase
+    /// node with inputs continues its own partial answer at every step after the first.
+    pub fn check_capabilities(
+        &self,
+        pipeline: &Pipeline,
+        mode: StreamMode,
+    ) -> Result<(), RunError> {
+        if mode == StreamMode::Layered {
+            return Ok(());
+        }
+        for node in pipeline.nodes.iter().filter(|n| !n.inputs.is_empty()) {
+            let models = match &node.model {
+                ModelBinding::None => continue,
+                ModelBinding::Fixed(name) => std::slice::from_ref(name),
+                ModelBinding::Routed { models, .. } => models.as_slice(),
+            };
+            for engine in models.iter().filter_map(|m| self.models.get(m)) {
+                engine
+                    .model_info()
+                    .require(Capability::AssistantPrefix)
+                    .map_err(|source| RunError::Engine {
+                        node: node.id.clone(),
+                        source,
+                    })?;
+            }
+        }
+        Ok(())
+    }
+
     /// The critical path estimated for `request`, before running.
     pub fn estimate(&self, pipeline: &Pipeline, request: &RunRequest) -> CriticalPath {
         let prompt: String = request
@@ -302,6 +330,7 @@ impl Runner {
         events: Option<mpsc::UnboundedSender<RunEvent>>,
     ) -> Result<RunReport, RunError> {
         self.check(pipeline)?;
+        self.check_capabilities(pipeline, request.mode)?;
         let estimated = self.estimate(pipeline, &request);
         let timeline = Timeline::new(pipeline.nodes.iter().map(|n| n.id.clone()).collect());
         let n = pipeline.nodes.len();
@@ -860,20 +889,25 @@ impl<'r> RunCtx<'r> {
             }
             let engine = self.engine_for(ix, &mut router, &step.messages)?;
             let mut request = self.step_request(ix, step.messages, &answer, max_tokens, &sampling);
-            request.draft_feed = feed.clone();
+            if let Some(feed) = &feed {
+                request.extensions.insert(feed.clone());
+            }
             let step_started = self.timeline.now();
             let mut stream = engine.submit(request).map_err(engine_error)?;
             let mut step_text = String::new();
             let mut step_tokens = 0u32;
-            let (reason, usage) = loop {
+            let (reason, usage, extensions) = loop {
                 let wake = tokio::select! {
                     event = stream.next() => Wake::Engine(event),
                     input = inputs.recv(), if inputs.rx.is_some() => Wake::Input(input),
                     _ = waker.notified() => Wake::Released,
                 };
                 match wake {
-                    Wake::Engine(Some(Ok(GenerationEvent::Delta { text, tokens }))) => {
-                        let count = u32::try_from(tokens.len()).unwrap_or(u32::MAX);
+                    Wake::Engine(Some(Ok(GenerationEvent::Delta {
+                        text,
+                        token_count: count,
+                        ..
+                    }))) => {
                         step_text.push_str(&text);
                         step_tokens += count;
                         emitter.delta(&text, count);
@@ -882,9 +916,10 @@ impl<'r> RunCtx<'r> {
                         reason,
                         usage,
                         timings,
+                        extensions,
                     }))) => {
                         self.runner.latencies.observe(&usage, &timings);
-                        break (reason, usage);
+                        break (reason, usage, extensions);
                     }
                     Wake::Engine(Some(Err(error))) => return Err(engine_error(error)),
                     Wake::Engine(None) => return Err(engine_error(EngineError::Stopped)),
@@ -903,7 +938,7 @@ impl<'r> RunCtx<'r> {
             report.steps += 1;
             report.prompt_tokens += usage.prompt_tokens;
             report.cached_prompt_tokens += usage.cached_prompt_tokens;
-            if let Some(stats) = &usage.speculation {
+            if let Some(stats) = extensions.get::<SpeculationStats>() {
                 report
                     .speculation
                     .get_or_insert_with(SpeculationStats::default)

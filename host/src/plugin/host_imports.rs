@@ -14,14 +14,10 @@ use crate::engine::{
 
 /// Log messages are cut to this length: a plugin must not flood the host's log.
 const MAX_LOG_BYTES: usize = 4096;
-/// Bytes per token when no tokenizer is available: typical of English text in BPE
-/// vocabularies, and an over-estimate for most code, which keeps budgets safe.
-pub const APPROX_BYTES_PER_TOKEN: usize = 4;
-
-/// The token estimate used without an engine: one token per [`APPROX_BYTES_PER_TOKEN`]
-/// bytes, rounded up.
+/// The token estimate used without an engine: one token per
+/// [`crate::engine::APPROX_BYTES_PER_TOKEN`] bytes, rounded up.
 pub fn approximate_tokens(text: &str) -> u32 {
-    u32::try_from(text.len().div_ceil(APPROX_BYTES_PER_TOKEN)).unwrap_or(u32::MAX)
+    crate::engine::estimate_tokens(text).get()
 }
 
 impl types::Host for StoreState {}
@@ -53,13 +49,7 @@ impl host::Host for StoreState {
 
     fn count_tokens(&mut self, text: String) -> u32 {
         match &self.engine {
-            Some(engine) => match engine.count_tokens(&text) {
-                Ok(n) => u32::try_from(n).unwrap_or(u32::MAX),
-                Err(error) => {
-                    tracing::debug!(%error, "count-tokens falls back to the estimate");
-                    approximate_tokens(&text)
-                }
-            },
+            Some(engine) => engine.token_counter().count(&text).get(),
             None => approximate_tokens(&text),
         }
     }
@@ -87,7 +77,7 @@ impl model::Host for StoreState {
             },
             sampling: sampling_from_wit(params),
             priority: Default::default(),
-            draft_feed: None,
+            extensions: Default::default(),
         };
         complete_before(engine, request, self.deadline)
     }

@@ -9,7 +9,6 @@
 //! touches wasmtime. It must not know about pipelines beyond those traits, and never runs a
 //! guest call without a deadline.
 
-pub mod bench;
 mod bindings;
 pub mod builtin;
 mod cache;

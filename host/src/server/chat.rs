@@ -116,7 +116,7 @@ fn check_context(state: &ServerState, chat: &Chat, target: &Target) -> Result<()
         .map(|m| m.content.as_str())
         .collect::<Vec<_>>()
         .join("\n");
-    let tokens = engine.count_tokens(&text).unwrap_or(0);
+    let tokens = engine.token_counter().count(&text).get() as usize;
     let context = engine.model_info().context_tokens;
     if tokens >= context {
         return Err(ApiError::context_length(format!(
@@ -492,6 +492,7 @@ async fn generate(
                 reason,
                 usage,
                 timings,
+                ..
             } => {
                 return Ok(Finish {
                     reason: match reason {

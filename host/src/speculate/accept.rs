@@ -8,7 +8,8 @@
 //! from `p` with `x` removed and renormalised. Either way the emitted tokens have exactly the
 //! distribution of plain decoding. This file decides; it must not touch the model or KV cache.
 
-use crate::engine::{SamplingParams, TokenId};
+use crate::engine::SamplingParams;
+use crate::token::TokenId;
 
 /// The outcome of verifying one draft.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 
 use super::linkcut::{OccurrenceTree, Occurrences};
-use crate::engine::TokenId;
+use crate::token::TokenId;
 
 /// Index of a state; 0 is the root (the empty string).
 pub type StateId = u32;

@@ -10,12 +10,11 @@
 //! (sampling). The draft length adapts to match length, recent acceptance and the width of
 //! the step ([`DraftController`]), and drops to zero where drafting would cost more than it
 //! wins. This module proposes and decides; it must not touch the model or its KV cache
-//! (`bench` drives whole engines through the `Engine` trait, like any caller).
+//! (`crate::bench` measures it through whole engines, like any caller).
 
 mod accept;
 mod adaptive;
 mod automaton;
-pub mod bench;
 mod linkcut;
 mod sources;
 mod stats;
@@ -30,7 +29,7 @@ pub use stats::{DraftSource, SourceStats, SpeculationStats};
 use serde::{Deserialize, Serialize};
 use sources::PipelineSource;
 
-use crate::engine::TokenId;
+use crate::token::TokenId;
 
 /// Context tokens matched against the pipeline and session automata at each draft. Matches
 /// longer than this are all equally "long" for choosing a continuation; 64 keeps a match

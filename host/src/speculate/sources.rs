@@ -8,7 +8,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::automaton::{Match, SuffixAutomaton};
-use crate::engine::TokenId;
+use crate::token::TokenId;
 
 /// Separates sessions inside one automaton. Real token ids are never negative, so no context
 /// matches across it, and drafts stop at it.

@@ -58,13 +58,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .local_engine(move |config| config.flash_attention = flash_attention)
         .build()?;
     let pipeline = super::super::run::pipeline_of(&app, &args.pipeline, None)?;
+    let runtime = super::super::runtime()?;
     let simulated;
     let (runner, engine): (&Runner, Arc<dyn Engine>) = if args.simulated {
         let latencies = SimulatedLatencies {
             decode_per_token: Duration::from_secs_f64(args.simulated_decode_ms.max(0.0) / 1e3),
             prefill_per_token: Duration::from_secs_f64(args.simulated_prefill_ms.max(0.0) / 1e3),
         };
-        let engine: Arc<dyn Engine> = Arc::new(SimulatedEngine::new(latencies));
+        let engine: Arc<dyn Engine> =
+            Arc::new(SimulatedEngine::new(latencies, runtime.handle().clone()));
         let models = Models::with_default(engine.clone());
         simulated = Runner::new(models, app.registry().clone());
         (&simulated, engine)
@@ -81,7 +83,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         proposer_tokens: args.proposer_tokens,
         answer_tokens: args.answer_tokens,
     };
-    let report = super::super::runtime()?.block_on(bench::run(runner, &engine, &options))?;
+    let report = runtime.block_on(bench::run(runner, &engine, &options))?;
     print!("{}", report.table());
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;

@@ -18,5 +18,5 @@ pub fn backend() -> Result<&'static LlamaBackend, EngineError> {
             LlamaBackend::init().map_err(|error| error.to_string())
         })
         .as_ref()
-        .map_err(|reason| EngineError::Backend(format!("llama.cpp backend: {reason}")))
+        .map_err(|reason| EngineError::Internal(format!("llama.cpp backend: {reason}")))
 }

@@ -1,22 +1,33 @@
 //! The embedded engine: GGUF models on llama.cpp kernels under our own scheduler.
 //!
 //! [`LocalEngine`] is the handle callers hold: it renders chat templates, tokenizes and
-//! validates requests on the caller's thread, then hands them to one engine thread
-//! (`runner.rs`) that owns the llama.cpp context and runs continuous batching with chunked
-//! prefill and the radix prefix cache (`crate::cache`). Only llama.cpp's kernels, tokenizer and
-//! sampler chain come from the `llama-cpp-2` crate; scheduling, batching and caching are ours.
-//! This room must not know about pipelines or plugins.
+//! validates requests on the caller's thread, then hands them to one engine thread that owns
+//! the llama.cpp context and runs continuous batching with chunked prefill and the radix
+//! prefix cache (`crate::cache`). The thread's work is split as in vLLM's v1 engine, data
+//! moving one way: `scheduler` (admission order, the step's batch plan) → `kv` (slots, cell
+//! accounting, the prefix cache over them) → `executor` (the llama.cpp context: decode,
+//! logits, KV operations) → `sequence` (sampling results become stream events), tied
+//! together by `engine_loop`. `scheduler` and `kv` decide without a model and are unit-tested
+//! that way. Only llama.cpp's kernels, tokenizer and sampler chain come from the `llama-cpp-2`
+//! crate; scheduling, batching and caching are ours. [`probe`] times bare kernels for the
+//! benchmarks. This room must not know about pipelines or plugins.
 
 mod backend;
-pub mod bench;
+mod engine_loop;
+mod executor;
+mod kv;
 mod output;
+pub mod probe;
 pub mod quantize;
-mod runner;
+mod sampling;
+mod scheduler;
+mod sequence;
 mod template;
 
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, mpsc};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -28,9 +39,13 @@ use llama_cpp_2::token::LlamaToken;
 pub use backend::backend;
 pub use template::ChatTemplate;
 
-use self::runner::{Command, Pending, Runner, Shared};
-use super::{Engine, EngineError, GenerationRequest, GenerationStream, ModelInfo, Prompt, TokenId};
-use crate::speculate::{CostModel, SpeculationConfig, SpeculationStats};
+use self::engine_loop::{Command, EngineLoop, Pending, Shared};
+use self::executor::Executor;
+use super::{
+    Capabilities, Engine, EngineError, GenerationRequest, GenerationStream, ModelInfo, Prompt,
+    TokenCount, TokenCounter, TokenId,
+};
+use crate::speculate::{CostModel, DraftFeed, SpeculationConfig, SpeculationStats};
 
 /// Context size when the model's training context is larger: a 135M model rarely needs more,
 /// and every cell in use widens attention for all sequences in llama.cpp's unified cache.
@@ -143,7 +158,7 @@ pub struct EngineStats {
 
 /// Settings the engine thread needs.
 #[derive(Clone, Debug)]
-struct RunnerSettings {
+struct EngineSettings {
     batch_tokens: usize,
     prefill_chunk: usize,
     max_running: usize,
@@ -161,7 +176,10 @@ pub struct LocalEngine {
     template: Result<ChatTemplate, String>,
     add_bos: bool,
     threads: usize,
-    commands: Option<mpsc::Sender<Command>>,
+    /// The engine thread's inbox. Streams hold it weakly (to send their cancellation), so
+    /// dropping the engine still closes it and lets the thread exit.
+    commands: Option<Arc<mpsc::Sender<Command>>>,
+    next_request: AtomicU64,
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
 }
@@ -192,7 +210,7 @@ pub fn load_model(path: &Path) -> Result<LlamaModel, EngineError> {
     })
 }
 
-/// Context parameters shared by the engine and the benchmark's bare loop.
+/// Context parameters shared by the engine and the kernel probe.
 pub fn context_params(
     n_ctx: u32,
     batch_tokens: usize,
@@ -242,7 +260,7 @@ impl LocalEngine {
             .unwrap_or(train.min(DEFAULT_CONTEXT_TOKENS));
         let threads = config.threads.unwrap_or_else(default_threads).max(1);
         let max_running = config.max_running.max(1);
-        let settings = RunnerSettings {
+        let settings = EngineSettings {
             batch_tokens: config.batch_tokens.max(1),
             prefill_chunk: config.prefill_chunk.max(1),
             max_running,
@@ -277,6 +295,7 @@ impl LocalEngine {
         let info = ModelInfo {
             name,
             context_tokens: n_ctx as usize,
+            capabilities: Capabilities::ALL,
         };
 
         let shared = Arc::new(Shared::default());
@@ -304,17 +323,18 @@ impl LocalEngine {
                 let ctx = match thread_model.new_context(backend, params) {
                     Ok(ctx) => ctx,
                     Err(error) => {
-                        let _ = ready_tx.send(Err(EngineError::Backend(format!(
+                        let _ = ready_tx.send(Err(EngineError::Internal(format!(
                             "cannot create a llama.cpp context of {n_ctx} tokens: {error}"
                         ))));
                         return;
                     }
                 };
                 let _ = ready_tx.send(Ok(()));
-                Runner::new(&thread_model, ctx, settings, thread_shared).run(receiver);
+                let executor = Executor::new(ctx, settings.batch_tokens);
+                EngineLoop::new(&thread_model, executor, settings, thread_shared).run(receiver);
             })
             .map_err(|error| {
-                EngineError::Backend(format!("cannot start the engine thread: {error}"))
+                EngineError::Internal(format!("cannot start the engine thread: {error}"))
             })?;
         match ready_rx.recv() {
             Ok(Ok(())) => {}
@@ -328,7 +348,8 @@ impl LocalEngine {
             template,
             add_bos,
             threads,
-            commands: Some(commands),
+            commands: Some(Arc::new(commands)),
+            next_request: AtomicU64::new(0),
             shared,
             thread: Some(thread),
         })
@@ -425,12 +446,28 @@ impl LocalEngine {
         Ok(tokens)
     }
 
-    fn send(&self, pending: Pending) -> Result<(), EngineError> {
-        self.commands
-            .as_ref()
-            .ok_or(EngineError::Stopped)?
+    /// Hands a request to the engine thread; the stream it feeds sends `Cancel` when dropped
+    /// early.
+    fn send(
+        &self,
+        pending: Pending,
+        stream: GenerationStream,
+    ) -> Result<GenerationStream, EngineError> {
+        let commands = self.commands.as_ref().ok_or(EngineError::Stopped)?;
+        let id = pending.id;
+        commands
             .send(Command::Submit(pending))
-            .map_err(|_| EngineError::Stopped)
+            .map_err(|_| EngineError::Stopped)?;
+        let commands: Weak<mpsc::Sender<Command>> = Arc::downgrade(commands);
+        Ok(stream.on_cancel(move || {
+            if let Some(commands) = commands.upgrade() {
+                let _ = commands.send(Command::Cancel(id));
+            }
+        }))
+    }
+
+    fn request_id(&self) -> u64 {
+        self.next_request.fetch_add(1, Ordering::Relaxed)
     }
 
     /// The `k` highest next-token logits after `tokens`, decoded alone (diagnostics: how
@@ -441,17 +478,21 @@ impl LocalEngine {
         k: usize,
     ) -> Result<Vec<(TokenId, f32)>, EngineError> {
         let tokens = self.prompt_tokens(&Prompt::Tokens(tokens.to_vec()))?;
-        let (events, _stream) = GenerationStream::channel();
+        let (events, stream) = GenerationStream::channel();
         let (probe, answer) = mpsc::channel();
-        self.send(Pending {
-            tokens,
-            sampling: Default::default(),
-            priority: Default::default(),
-            events,
-            submitted: Instant::now(),
-            probe: Some(probe),
-            draft_feed: None,
-        })?;
+        let _stream = self.send(
+            Pending {
+                id: self.request_id(),
+                tokens,
+                sampling: Default::default(),
+                priority: Default::default(),
+                events,
+                submitted: Instant::now(),
+                probe: Some(probe),
+                draft_feed: None,
+            },
+            stream,
+        )?;
         let mut top = answer.recv().map_err(|_| EngineError::Stopped)?;
         top.truncate(k);
         Ok(top)
@@ -478,24 +519,34 @@ impl Engine for LocalEngine {
         let (events, stream) = GenerationStream::channel();
         let span = tracing::debug_span!("submit", prompt_tokens = tokens.len());
         let _entered = span.enter();
-        self.send(Pending {
-            tokens,
-            sampling,
-            priority: request.priority,
-            events,
-            submitted,
-            probe: None,
-            draft_feed: request.draft_feed,
-        })?;
-        Ok(stream)
+        self.send(
+            Pending {
+                id: self.request_id(),
+                tokens,
+                sampling,
+                priority: request.priority,
+                events,
+                submitted,
+                probe: None,
+                draft_feed: request.extensions.get::<DraftFeed>().cloned(),
+            },
+            stream,
+        )
     }
 
     fn model_info(&self) -> &ModelInfo {
         &self.info
     }
 
-    fn count_tokens(&self, text: &str) -> Result<usize, EngineError> {
-        Ok(self.tokenize(text).len())
+    fn token_counter(&self) -> &dyn TokenCounter {
+        self
+    }
+}
+
+/// Counts with the tokenizer stored in the GGUF.
+impl TokenCounter for LocalEngine {
+    fn count(&self, text: &str) -> TokenCount {
+        TokenCount::Exact(u32::try_from(self.tokenize(text).len()).unwrap_or(u32::MAX))
     }
 }
 

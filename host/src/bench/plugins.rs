@@ -9,13 +9,12 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::builtin;
-use super::error::PluginError;
-use super::manifest::Manifest;
-use super::registry::{Registry, RegistryEvent};
-use super::runtime::{HostConfig, LoadedPlugin, PluginRuntime};
 use crate::engine::{ChatMessage, Role};
 use crate::pipeline::policy::{Source, StreamMode};
+use crate::plugin::{
+    AggregatorInstance, HostConfig, LoadedPlugin, Manifest, PluginError, PluginRuntime, Registry,
+    RegistryEvent, builtin, manifest_path, read_manifest,
+};
 
 /// The aggregator measured: the built-in one pipelines use.
 const AGGREGATOR: &str = "moa-aggregator";
@@ -168,7 +167,7 @@ pub fn run_with(components: &[PathBuf]) -> Result<Vec<BenchRow>, PluginError> {
 
 /// Compile time and cached-load time of one component, with a cache of its own.
 fn compile_vs_cache(wasm_path: &Path) -> Result<Vec<BenchRow>, PluginError> {
-    let manifest = super::registry::read_manifest(&super::registry::manifest_path(wasm_path))?;
+    let manifest = read_manifest(&manifest_path(wasm_path))?;
     let wasm = std::fs::read(wasm_path).map_err(|error| PluginError::Io {
         path: wasm_path.to_path_buf(),
         error,
@@ -218,7 +217,7 @@ fn instantiate_cost(
     let (conversation, sources) = (conversation(), sources());
     let started = Instant::now();
     for _ in 0..INSTANTIATIONS {
-        let session = super::AggregatorInstance::new(
+        let session = AggregatorInstance::new(
             runtime,
             plugin,
             &conversation,
@@ -241,8 +240,7 @@ fn chunk_cost(
     let mut steps = 0usize;
     let mut busy = Duration::ZERO;
     while busy < CALL_BUDGET {
-        let mut session =
-            super::AggregatorInstance::new(runtime, plugin, &conversation, &sources, mode)?;
+        let mut session = AggregatorInstance::new(runtime, plugin, &conversation, &sources, mode)?;
         steps = 0;
         let started = Instant::now();
         for i in 0..CHUNKS_PER_SESSION {

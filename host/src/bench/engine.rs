@@ -1,24 +1,25 @@
-//! `staircase bench engine`: the local engine against a bare llama.cpp loop through the same
-//! crate (same model, threads and context settings), aggregate token rate by batch size, and
+//! `staircase bench engine`: the local engine against a bare llama.cpp loop (the kernel
+//! probe: same model, threads and context settings), aggregate token rate by batch size, and
 //! time to first token with a cached versus a cold 1k-token prefix. Every figure is a ratio
 //! measured within one run, so machine load affects both sides alike.
 
 use std::time::{Duration, Instant};
 
-use llama_cpp_2::llama_batch::LlamaBatch;
-use llama_cpp_2::token::LlamaToken;
 use serde::Serialize;
 
-use super::runner::argmax;
-use super::{LocalEngine, LocalEngineConfig, backend, context_params, load_model};
+use super::{BenchError, secs};
+use crate::engine::local::probe::{Logits, ProbeModel};
+use crate::engine::local::{
+    DEFAULT_BATCH_TOKENS, DEFAULT_CONTEXT_TOKENS, LocalEngine, LocalEngineConfig, default_threads,
+};
 use crate::engine::{
-    ChatMessage, Completion, Engine, EngineError, GenerationRequest, Prompt, Role, SamplingParams,
-    TokenId, Usage,
+    ChatMessage, Completion, Engine, GenerationRequest, Prompt, Role, SamplingParams, TokenId,
+    Usage,
 };
 
 /// What to measure.
 #[derive(Clone, Debug)]
-pub struct BenchConfig {
+pub struct EngineBenchConfig {
     pub model_path: std::path::PathBuf,
     pub threads: Option<usize>,
     /// Prompt length for the prefill comparison.
@@ -36,7 +37,7 @@ pub struct BenchConfig {
     pub flash_attention: bool,
 }
 
-impl BenchConfig {
+impl EngineBenchConfig {
     pub fn new(model_path: impl Into<std::path::PathBuf>) -> Self {
         Self {
             model_path: model_path.into(),
@@ -125,60 +126,28 @@ pub fn filler_text(engine: &LocalEngine, tokens: usize, variant: usize) -> Strin
 }
 
 /// When the first token came; a benchmark request without one cannot be timed.
-fn first_token(outcome: &Completion) -> Result<Duration, EngineError> {
-    outcome
-        .timings
-        .first_token
-        .ok_or_else(|| EngineError::Backend("a benchmark request finished without a token".into()))
+fn first_token(outcome: &Completion) -> Result<Duration, BenchError> {
+    outcome.timings.first_token.ok_or(BenchError::Untimed)
 }
 
-fn secs(d: Duration) -> f64 {
-    d.as_secs_f64().max(1e-9)
-}
-
-/// The bare loop: one context, prefill in `batch_tokens` chunks with logits at the end, then
-/// greedy decoding of `decode` tokens one call each. Returns (prefill time, decode time).
+/// The bare loop on the probe: one context, prefill in batch-size chunks with logits at
+/// the end, then greedy decoding of `decode` tokens one call each. Returns (prefill time,
+/// decode time).
 fn bare_loop(
-    model: &llama_cpp_2::model::LlamaModel,
+    model: &ProbeModel,
     prompt: &[TokenId],
     decode: usize,
     n_ctx: u32,
     threads: usize,
     flash_attention: bool,
-) -> Result<(Duration, Duration), EngineError> {
-    let batch_tokens = super::DEFAULT_BATCH_TOKENS;
-    let params = context_params(n_ctx, batch_tokens, 1, threads, flash_attention);
-    let mut ctx = model
-        .new_context(backend()?, params)
-        .map_err(|e| EngineError::Backend(e.to_string()))?;
-    let mut batch = LlamaBatch::new(batch_tokens, 1);
-    let decode_error = |e: llama_cpp_2::DecodeError| EngineError::Backend(e.to_string());
-    let start = Instant::now();
-    for (chunk_index, chunk) in prompt.chunks(batch_tokens).enumerate() {
-        batch.clear();
-        for (i, token) in chunk.iter().enumerate() {
-            let pos = chunk_index * batch_tokens + i;
-            let last = pos + 1 == prompt.len();
-            batch
-                .add(LlamaToken(token.0), pos as i32, &[0], last)
-                .map_err(|e| EngineError::Backend(e.to_string()))?;
-        }
-        ctx.decode(&mut batch).map_err(decode_error)?;
-    }
-    let mut token = LlamaToken(argmax(ctx.get_logits_ith(batch.n_tokens() - 1)).0);
-    let prefill = start.elapsed();
-    let vocab = model.vocab();
-    let start = Instant::now();
-    for step in 0..decode {
-        let _piece = vocab.token_to_piece(token, false, None);
-        batch.clear();
-        batch
-            .add(token, (prompt.len() + step) as i32, &[0], true)
-            .map_err(|e| EngineError::Backend(e.to_string()))?;
-        ctx.decode(&mut batch).map_err(decode_error)?;
-        token = LlamaToken(argmax(ctx.get_logits_ith(0)).0);
-    }
-    Ok((prefill, start.elapsed()))
+) -> Result<(Duration, Duration), BenchError> {
+    let mut probe = model.probe(n_ctx, DEFAULT_BATCH_TOKENS, 1, threads, flash_attention)?;
+    let started = Instant::now();
+    probe.feed(0, prompt, 0, Logits::Last)?;
+    let token = probe.greedy_next();
+    let prefill = started.elapsed();
+    let decode = probe.greedy_decode(token, prompt.len(), decode)?;
+    Ok((prefill, decode))
 }
 
 fn chat(system: Option<&str>, user: &str, max_tokens: u32) -> GenerationRequest {
@@ -196,7 +165,7 @@ fn chat(system: Option<&str>, user: &str, max_tokens: u32) -> GenerationRequest 
 }
 
 /// Runs the whole benchmark. Progress goes to `tracing`; the caller prints the report.
-pub fn run(config: &BenchConfig) -> Result<EngineBenchReport, EngineError> {
+pub fn run(config: &EngineBenchConfig) -> Result<EngineBenchReport, BenchError> {
     let mut engine_config = LocalEngineConfig::new(&config.model_path);
     engine_config.threads = config.threads;
     engine_config.flash_attention = config.flash_attention;
@@ -207,7 +176,7 @@ pub fn run(config: &BenchConfig) -> Result<EngineBenchReport, EngineError> {
     let engine = LocalEngine::load(engine_config.clone())?;
     let threads = engine.threads();
     let n_ctx = engine.model_info().context_tokens as u32;
-    let bare_model = load_model(&config.model_path)?;
+    let bare_model = ProbeModel::load(&config.model_path)?;
 
     // Prefill.
     let prompt = engine.tokenize(&filler_text(&engine, config.prefill_tokens, 0));
@@ -397,7 +366,7 @@ pub fn compare_quantizations(
     models: &[std::path::PathBuf],
     threads: Option<usize>,
     repeats: usize,
-) -> Result<Vec<QuantPoint>, EngineError> {
+) -> Result<Vec<QuantPoint>, BenchError> {
     let mut points = Vec::new();
     let mut reference: Option<Vec<Vec<TokenId>>> = None;
     for path in models {
@@ -410,11 +379,14 @@ pub fn compare_quantizations(
         let n_ctx = engine.model_info().context_tokens as u32;
         let answers = CORPUS
             .iter()
-            .map(|q| Ok(engine.submit(chat(None, q, 32))?.blocking_collect()?.tokens))
-            .collect::<Result<Vec<_>, EngineError>>()?;
+            .map(|q| {
+                let answer = engine.submit(chat(None, q, 32))?.blocking_collect()?;
+                Ok(answer.token_ids.unwrap_or_default())
+            })
+            .collect::<Result<Vec<_>, BenchError>>()?;
         let prompt = engine.tokenize(&filler_text(&engine, 256, 0));
         drop(engine);
-        let model = load_model(path)?;
+        let model = ProbeModel::load(path)?;
         let (mut prefill, mut decode, mut verify, mut step) =
             (Duration::MAX, Duration::MAX, Duration::MAX, Duration::MAX);
         for _ in 0..repeats.max(1) {
@@ -457,51 +429,20 @@ pub fn compare_quantizations(
 /// After prefilling `prompt`: the time of a 1-token forward and of an 8-token forward with
 /// logits at every position (speculative verification), each removed from KV again.
 fn forward_costs(
-    model: &llama_cpp_2::model::LlamaModel,
+    model: &ProbeModel,
     prompt: &[TokenId],
     n_ctx: u32,
     threads: usize,
     flash_attention: bool,
-) -> Result<(Duration, Duration), EngineError> {
+) -> Result<(Duration, Duration), BenchError> {
     const ROUNDS: usize = 5;
-    let params = context_params(
-        n_ctx,
-        super::DEFAULT_BATCH_TOKENS,
-        1,
-        threads,
-        flash_attention,
-    );
-    let mut ctx = model
-        .new_context(backend()?, params)
-        .map_err(|e| EngineError::Backend(e.to_string()))?;
-    let backend_error = |e: &dyn std::fmt::Display| EngineError::Backend(e.to_string());
-    let mut batch = LlamaBatch::new(super::DEFAULT_BATCH_TOKENS, 1);
-    for (i, token) in prompt.iter().enumerate() {
-        batch
-            .add(LlamaToken(token.0), i as i32, &[0], false)
-            .map_err(|e| backend_error(&e))?;
-    }
-    ctx.decode(&mut batch).map_err(|e| backend_error(&e))?;
-    let mut timed = |n: usize| -> Result<Duration, EngineError> {
+    let mut probe = model.probe(n_ctx, DEFAULT_BATCH_TOKENS, 1, threads, flash_attention)?;
+    probe.feed(0, prompt, 0, Logits::None)?;
+    let mut timed = |n: usize| -> Result<Duration, BenchError> {
         let mut best = Duration::MAX;
         for _ in 0..ROUNDS {
-            batch.clear();
-            for i in 0..n {
-                batch
-                    .add(
-                        LlamaToken(prompt[i].0),
-                        (prompt.len() + i) as i32,
-                        &[0],
-                        true,
-                    )
-                    .map_err(|e| backend_error(&e))?;
-            }
-            let start = Instant::now();
-            ctx.decode(&mut batch).map_err(|e| backend_error(&e))?;
-            let _ = ctx.get_logits_ith(n as i32 - 1);
-            best = best.min(start.elapsed());
-            ctx.clear_kv_cache_seq(Some(0), Some(prompt.len() as u32), None)
-                .map_err(|e| backend_error(&e))?;
+            best = best.min(probe.forward(0, &prompt[..n], prompt.len())?);
+            probe.remove(0, prompt.len())?;
         }
         Ok(best)
     };
@@ -528,56 +469,23 @@ pub fn kv_width_costs(
     threads: Option<usize>,
     widths: &[usize],
     flash_attention: bool,
-) -> Result<Vec<WidthPoint>, EngineError> {
+) -> Result<Vec<WidthPoint>, BenchError> {
     const ROUNDS: usize = 8;
-    let threads = threads.unwrap_or_else(super::default_threads);
-    let model = load_model(model_path)?;
-    let n_ctx = model.n_ctx_train().min(super::DEFAULT_CONTEXT_TOKENS);
-    let backend_error = |e: &dyn std::fmt::Display| EngineError::Backend(e.to_string());
-    let batch_tokens = super::DEFAULT_BATCH_TOKENS;
+    let threads = threads.unwrap_or_else(default_threads);
+    let model = ProbeModel::load(model_path)?;
+    let n_ctx = model.train_context().min(DEFAULT_CONTEXT_TOKENS);
     let mut points: Vec<WidthPoint> = Vec::new();
     for &width in widths {
-        let params = context_params(n_ctx, batch_tokens, 2, threads, flash_attention);
-        let mut ctx = model
-            .new_context(backend()?, params)
-            .map_err(|e| backend_error(&e))?;
-        let mut batch = LlamaBatch::new(batch_tokens, 1);
+        let mut probe = model.probe(n_ctx, DEFAULT_BATCH_TOKENS, 2, threads, flash_attention)?;
         // Sequence 1 fills `width` cells; its content does not matter.
-        let mut pos = 0;
-        while pos < width {
-            batch.clear();
-            let n = (width - pos).min(batch_tokens);
-            for i in 0..n {
-                batch
-                    .add(
-                        LlamaToken(1 + (i as i32 % 100)),
-                        (pos + i) as i32,
-                        &[1],
-                        false,
-                    )
-                    .map_err(|e| backend_error(&e))?;
-            }
-            ctx.decode(&mut batch).map_err(|e| backend_error(&e))?;
-            pos += n;
-        }
+        let filler: Vec<TokenId> = (0..width).map(|i| TokenId(1 + (i % 100) as i32)).collect();
+        probe.feed(1, &filler, 0, Logits::None)?;
         // Sequence 0: a short prompt, then timed single-token steps.
-        batch.clear();
-        for i in 0..16 {
-            batch
-                .add(LlamaToken(1 + i), i, &[0], i == 15)
-                .map_err(|e| backend_error(&e))?;
-        }
-        ctx.decode(&mut batch).map_err(|e| backend_error(&e))?;
+        let prompt: Vec<TokenId> = (1..=16).map(TokenId).collect();
+        probe.feed(0, &prompt, 0, Logits::Last)?;
         let mut best = Duration::MAX;
         for round in 0..ROUNDS {
-            batch.clear();
-            batch
-                .add(LlamaToken(42), 16 + round as i32, &[0], true)
-                .map_err(|e| backend_error(&e))?;
-            let start = Instant::now();
-            ctx.decode(&mut batch).map_err(|e| backend_error(&e))?;
-            let _ = ctx.get_logits_ith(0);
-            best = best.min(start.elapsed());
+            best = best.min(probe.forward(0, &[TokenId(42)], 16 + round)?);
         }
         let step_ms = best.as_secs_f64() * 1e3;
         let base = points.first().map_or(step_ms, |p| p.step_ms);

@@ -9,19 +9,21 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use llama_cpp_2::llama_batch::LlamaBatch;
-use llama_cpp_2::token::LlamaToken;
 use serde::Serialize;
 
-use super::{CostModel, DraftFeed, SpeculationConfig, SpeculationStats, SuffixAutomaton};
-use crate::engine::local::{LocalEngine, LocalEngineConfig, backend, context_params, load_model};
+use super::{BenchError, median};
+use crate::engine::local::probe::{Logits, ProbeModel};
+use crate::engine::local::{LocalEngine, LocalEngineConfig};
 use crate::engine::{
     ChatMessage, Completion, Engine, EngineError, GenerationRequest, Prompt, Role, TokenId, Usage,
+};
+use crate::speculate::{
+    CostModel, DraftFeed, SpeculationConfig, SpeculationStats, SplitMix64, SuffixAutomaton,
 };
 
 /// What to measure.
 #[derive(Clone, Debug)]
-pub struct BenchConfig {
+pub struct SpeculationBenchConfig {
     pub model_path: PathBuf,
     pub threads: Option<usize>,
     /// Tokens generated per workload run.
@@ -38,7 +40,7 @@ pub struct BenchConfig {
     pub flash_attention: bool,
 }
 
-impl BenchConfig {
+impl SpeculationBenchConfig {
     pub fn new(model_path: impl Into<PathBuf>) -> Self {
         Self {
             model_path: model_path.into(),
@@ -78,7 +80,7 @@ pub struct CostPoint {
 
 /// Runs the whole benchmark: the cost curve first (a bare context), then the workloads on
 /// two engines that differ only in speculation being on, using the measured curve.
-pub fn run(config: &BenchConfig) -> Result<SpeculationReport, EngineError> {
+pub fn run(config: &SpeculationBenchConfig) -> Result<SpeculationReport, BenchError> {
     let mut engine_config = LocalEngineConfig::new(&config.model_path);
     engine_config.threads = config.threads;
     // Workload prompts are short; a small context keeps two engines' KV small.
@@ -128,48 +130,30 @@ pub fn run(config: &BenchConfig) -> Result<SpeculationReport, EngineError> {
 /// Times forwards of k tokens (logits at every position, as verification needs) on top of
 /// `cost_context` cached tokens, removing them from the KV cache after each, best of 12.
 pub fn measure_cost_curve(
-    config: &BenchConfig,
+    config: &SpeculationBenchConfig,
     threads: usize,
-) -> Result<Vec<CostPoint>, EngineError> {
+) -> Result<Vec<CostPoint>, BenchError> {
     const TRIES: usize = 12;
-    let model = load_model(&config.model_path)?;
+    let model = ProbeModel::load(&config.model_path)?;
     let max_k = config.cost_points.iter().copied().max().unwrap_or(1) as usize;
     let batch_tokens = config.cost_context.max(max_k);
     let n_ctx = (config.cost_context + max_k + 16) as u32;
-    let backend_error = |e: String| EngineError::Backend(format!("cost curve: {e}"));
-    let params = context_params(n_ctx, batch_tokens, 1, threads, config.flash_attention);
-    let mut ctx = model
-        .new_context(backend()?, params)
-        .map_err(|e| backend_error(e.to_string()))?;
-    let mut batch = LlamaBatch::new(batch_tokens, 1);
+    let mut probe = model.probe(n_ctx, batch_tokens, 1, threads, config.flash_attention)?;
     // Any fixed token ids do: cost does not depend on which tokens are fed.
-    let vocab = model.n_vocab().max(2);
-    let token = |i: usize| LlamaToken(((i * 7919) % (vocab as usize - 1)) as i32 + 1);
-    for pos in 0..config.cost_context {
-        batch
-            .add(token(pos), pos as i32, &[0], pos + 1 == config.cost_context)
-            .map_err(|e| backend_error(e.to_string()))?;
-    }
-    ctx.decode(&mut batch)
-        .map_err(|e| backend_error(e.to_string()))?;
+    let vocab = model.vocab_size().max(2);
+    let token = |i: usize| TokenId(((i * 7919) % (vocab - 1)) as i32 + 1);
+    let context: Vec<TokenId> = (0..config.cost_context).map(token).collect();
+    probe.feed(0, &context, 0, Logits::Last)?;
     // Rounds interleave the sizes, so a burst of load elsewhere hits all of them; the best
     // of the rounds counts.
     let mut best = vec![Duration::MAX; config.cost_points.len()];
     for _ in 0..TRIES {
         for (slot, &k) in config.cost_points.iter().enumerate() {
-            batch.clear();
-            for i in 0..k as usize {
-                let pos = config.cost_context + i;
-                batch
-                    .add(token(pos), pos as i32, &[0], true)
-                    .map_err(|e| backend_error(e.to_string()))?;
-            }
-            let started = Instant::now();
-            ctx.decode(&mut batch)
-                .map_err(|e| backend_error(e.to_string()))?;
-            best[slot] = best[slot].min(started.elapsed());
-            ctx.clear_kv_cache_seq(Some(0), Some(config.cost_context as u32), None)
-                .map_err(|e| backend_error(e.to_string()))?;
+            let draft: Vec<TokenId> = (0..k as usize)
+                .map(|i| token(config.cost_context + i))
+                .collect();
+            best[slot] = best[slot].min(probe.forward(0, &draft, config.cost_context)?);
+            probe.remove(0, config.cost_context)?;
         }
     }
     // A wider forward never costs less; leftover noise must not say it does.
@@ -291,6 +275,8 @@ pub struct RunOutcome {
     pub tokens: Vec<TokenId>,
     pub text: String,
     pub usage: Usage,
+    /// What speculation did, when it was on.
+    pub speculation: Option<SpeculationStats>,
     /// Generated tokens after the first, per second after the first (prefill excluded).
     pub decode_tok_s: f64,
 }
@@ -313,13 +299,14 @@ pub fn run_once(
             feed.push_text(stream, text);
             feed.finish(stream);
         }
-        request.draft_feed = Some(feed);
+        request.extensions.insert(feed);
     }
     let Completion {
         text,
-        tokens,
+        token_ids,
         usage,
         timings,
+        extensions,
         ..
     } = engine.submit(request)?.blocking_collect()?;
     let decode = timings.first_token.map_or(Duration::ZERO, |first| {
@@ -332,9 +319,10 @@ pub fn run_once(
         f64::from(after_first) / decode.as_secs_f64()
     };
     Ok(RunOutcome {
-        tokens,
+        tokens: token_ids.unwrap_or_default(),
         text,
         usage,
+        speculation: extensions.get::<SpeculationStats>().cloned(),
         decode_tok_s,
     })
 }
@@ -410,24 +398,11 @@ pub fn compare(
             ratio: median(&mut paired),
             identical: first_difference.is_none(),
             first_difference,
-            speculation: s.usage.speculation.clone().unwrap_or_default(),
+            speculation: s.speculation.clone().unwrap_or_default(),
             sample: s.text.chars().take(160).collect(),
         });
     }
     Ok(reports)
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    if values.is_empty() {
-        return 0.0;
-    }
-    values.sort_by(f64::total_cmp);
-    let mid = values.len() / 2;
-    if values.len() % 2 == 1 {
-        values[mid]
-    } else {
-        (values[mid - 1] + values[mid]) / 2.0
-    }
 }
 
 /// What the automaton itself costs (so its share of a ~30 ms step is visible).
@@ -443,7 +418,7 @@ pub struct AutomatonCost {
 /// Measures the automaton on text shaped like agent output (phrases recurring with
 /// variation), generated from a fixed seed.
 pub fn automaton_cost(tokens: usize) -> AutomatonCost {
-    let mut rng = super::SplitMix64::new(0x00c0_ffee);
+    let mut rng = SplitMix64::new(0x00c0_ffee);
     let phrases: Vec<Vec<TokenId>> = (0..200)
         .map(|_| {
             (0..8 + rng.next_u64() % 24)

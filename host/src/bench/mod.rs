@@ -1,0 +1,47 @@
+//! Every benchmark of `staircase bench`, through the library's public APIs, as any caller
+//! would use them: `engine` (our engine against bare kernels, batching, warm-prefix TTFT),
+//! `speculation` (decode speed with and without speculative decoding) and `plugins` (what
+//! the plugin host costs). Bare-kernel timings come from the one local-engine probe
+//! (`engine::local::probe`). Figures are ratios measured within one run; nothing here
+//! asserts a speed. This room must not reach into another room's internals, and no room
+//! depends on it.
+
+pub mod engine;
+pub mod plugins;
+pub mod speculation;
+
+use std::time::Duration;
+
+use crate::engine::EngineError;
+use crate::plugin::PluginError;
+
+/// Why a benchmark could not finish.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+    /// A request that should have produced a token did not, so it cannot be timed.
+    #[error("a benchmark request finished without a token")]
+    Untimed,
+}
+
+/// Seconds, never zero (so rates stay finite).
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64().max(1e-9)
+}
+
+/// The median of `values` (0 for none); sorts them.
+fn median(values: &mut [f64]) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    }
+}

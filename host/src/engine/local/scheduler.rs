@@ -1,0 +1,310 @@
+//! What the local engine runs each step: the order queued requests are admitted in, when a
+//! request waits for another's prefill, and the shape of the step's batch (every decoding
+//! sequence's inputs first, then a bounded slice of prefill). Decisions over plain numbers,
+//! unit-tested without a model; the engine loop carries them out.
+//! This room must not touch llama.cpp, the KV cache or a request's stream.
+
+use crate::engine::Priority;
+use crate::token::TokenId;
+
+/// New prefix tokens a queued request must share with a prompt still prefilling before it
+/// waits for that prefill instead of repeating it: below this, waiting costs more than it saves.
+pub(super) const MIN_SHARED_PREFILL: usize = 16;
+
+/// Requests waiting for admission: higher priority first, then arrival order.
+pub(super) struct Queue<T> {
+    items: Vec<(u64, T)>,
+    next_order: u64,
+}
+
+impl<T> Default for Queue<T> {
+    fn default() -> Self {
+        Self {
+            items: Vec::new(),
+            next_order: 0,
+        }
+    }
+}
+
+impl<T> Queue<T> {
+    /// Queues `item` behind everything of its priority or higher; returns its arrival order.
+    pub fn push(
+        &mut self,
+        priority: Priority,
+        item: T,
+        priority_of: impl Fn(&T) -> Priority,
+    ) -> u64 {
+        let order = self.next_order;
+        self.next_order += 1;
+        let at = self
+            .items
+            .partition_point(|(_, p)| priority_of(p) >= priority);
+        self.items.insert(at, (order, item));
+        order
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    pub fn get(&self, at: usize) -> Option<&T> {
+        self.items.get(at).map(|(_, item)| item)
+    }
+
+    /// Takes the item at `at` with its arrival order.
+    pub fn remove(&mut self, at: usize) -> (u64, T) {
+        self.items.remove(at)
+    }
+
+    pub fn retain(&mut self, keep: impl Fn(&T) -> bool) {
+        self.items.retain(|(_, item)| keep(item));
+    }
+}
+
+/// Whether a queued prompt should wait for a running prefill instead of being admitted:
+/// the longest prefix it shares with a prompt still prefilling (`prefilling`) beats what the
+/// cache holds for it by [`MIN_SHARED_PREFILL`] tokens. Requests that begin alike (samples
+/// of one prompt, agents given one long document) would otherwise prefill the same prefix
+/// side by side; the later one waits, and copies the prefix once that prefill completes.
+/// `cached_len` is asked only when a prefill shares enough, so the usual request costs no
+/// cache lookup.
+pub(super) fn waits_for_shared_prefill<'a>(
+    prefilling: impl Iterator<Item = &'a [TokenId]>,
+    tokens: &[TokenId],
+    cached_len: impl FnOnce(usize) -> usize,
+) -> bool {
+    let usable = tokens.len().saturating_sub(1);
+    let shared = prefilling
+        .map(|prompt| {
+            prompt
+                .iter()
+                .zip(&tokens[..usable])
+                .take_while(|(a, b)| a == b)
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    shared >= MIN_SHARED_PREFILL && shared >= cached_len(usable) + MIN_SHARED_PREFILL
+}
+
+/// What one running sequence asks of a step.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Demand {
+    pub priority: Priority,
+    /// Admission order: ties of priority go to the earlier request.
+    pub order: u64,
+    /// Prompt tokens not yet prefilled; 0 once the sequence decodes.
+    pub prefill_left: usize,
+    /// Inputs of a decode step (its last token plus drafts); ignored while prefilling.
+    pub decode_inputs: usize,
+}
+
+/// One sequence's share of the batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Planned {
+    /// Index into the demands.
+    pub index: usize,
+    /// Batch index of its first input.
+    pub first: i32,
+    pub inputs: usize,
+    pub prefill: bool,
+}
+
+/// The step's batch, in priority order: the decode inputs of every decoding sequence that
+/// fits, then prefill. While others decode a prefill takes at most `prefill_chunk` tokens
+/// in all, so their token rate stays steady; a prompt that outranks every decoding sequence
+/// (the critical path) takes the whole rest of the batch instead.
+pub(super) fn plan_step(
+    demands: &[Demand],
+    batch_tokens: usize,
+    prefill_chunk: usize,
+) -> Vec<Planned> {
+    let mut order: Vec<usize> = (0..demands.len()).collect();
+    order.sort_by_key(|&i| (std::cmp::Reverse(demands[i].priority), demands[i].order));
+    let mut budget = batch_tokens;
+    let mut first = 0;
+    let mut plan = Vec::with_capacity(order.len());
+    for &index in &order {
+        let demand = &demands[index];
+        if demand.prefill_left > 0 || demand.decode_inputs > budget {
+            continue;
+        }
+        plan.push(Planned {
+            index,
+            first,
+            inputs: demand.decode_inputs,
+            prefill: false,
+        });
+        budget -= demand.decode_inputs;
+        first += demand.decode_inputs as i32;
+    }
+    let top_decoding = plan.iter().map(|p| demands[p.index].priority).max();
+    let mut chunk_left = prefill_chunk;
+    for &index in &order {
+        let demand = &demands[index];
+        if demand.prefill_left == 0 {
+            continue;
+        }
+        let outranks = top_decoding.is_none_or(|top| demand.priority > top);
+        let allowance = if outranks {
+            budget
+        } else {
+            budget.min(chunk_left)
+        };
+        let take = demand.prefill_left.min(allowance);
+        if take == 0 {
+            continue;
+        }
+        plan.push(Planned {
+            index,
+            first,
+            inputs: take,
+            prefill: true,
+        });
+        budget -= take;
+        first += take as i32;
+        if !outranks {
+            chunk_left -= take;
+        }
+    }
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decoding(priority: i32, order: u64, inputs: usize) -> Demand {
+        Demand {
+            priority: Priority(priority),
+            order,
+            prefill_left: 0,
+            decode_inputs: inputs,
+        }
+    }
+
+    fn prefilling(priority: i32, order: u64, left: usize) -> Demand {
+        Demand {
+            priority: Priority(priority),
+            order,
+            prefill_left: left,
+            decode_inputs: 1,
+        }
+    }
+
+    #[test]
+    fn the_queue_serves_priority_then_arrival() {
+        let mut queue = Queue::default();
+        for (name, priority) in [("a", 0), ("b", 5), ("c", 0), ("d", 5)] {
+            queue.push(Priority(priority), (name, Priority(priority)), |item| {
+                item.1
+            });
+        }
+        let names: Vec<&str> = (0..queue.len()).map(|i| queue.get(i).unwrap().0).collect();
+        assert_eq!(names, ["b", "d", "a", "c"]);
+        assert_eq!(queue.remove(0).0, 1, "arrival order is kept with the item");
+    }
+
+    #[test]
+    fn decodes_come_first_and_prefill_is_chunked_beside_them() {
+        let demands = [prefilling(0, 0, 500), decoding(0, 1, 3), decoding(0, 2, 1)];
+        let plan = plan_step(&demands, 512, 64);
+        assert_eq!(
+            plan,
+            [
+                Planned {
+                    index: 1,
+                    first: 0,
+                    inputs: 3,
+                    prefill: false
+                },
+                Planned {
+                    index: 2,
+                    first: 3,
+                    inputs: 1,
+                    prefill: false
+                },
+                Planned {
+                    index: 0,
+                    first: 4,
+                    inputs: 64,
+                    prefill: true
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_prompt_that_outranks_every_decode_takes_the_rest_of_the_batch() {
+        let demands = [
+            decoding(0, 0, 1),
+            prefilling(10, 1, 1000),
+            prefilling(0, 2, 100),
+        ];
+        let plan = plan_step(&demands, 512, 64);
+        assert_eq!(
+            plan[1],
+            Planned {
+                index: 1,
+                first: 1,
+                inputs: 511,
+                prefill: true
+            }
+        );
+        assert_eq!(plan.len(), 2, "nothing is left for the low-priority prompt");
+        // Alone, a prompt takes the whole batch.
+        let plan = plan_step(&[prefilling(0, 0, 1000)], 512, 64);
+        assert_eq!(plan[0].inputs, 512);
+    }
+
+    #[test]
+    fn a_decode_that_does_not_fit_waits_and_higher_priority_goes_first() {
+        let demands = [decoding(0, 0, 6), decoding(3, 1, 4)];
+        let plan = plan_step(&demands, 8, 64);
+        assert_eq!(
+            plan,
+            [Planned {
+                index: 1,
+                first: 0,
+                inputs: 4,
+                prefill: false
+            }]
+        );
+    }
+
+    #[test]
+    fn a_request_waits_only_for_a_prefill_that_shares_more_than_the_cache_holds() {
+        let document: Vec<TokenId> = (0..64).map(TokenId).collect();
+        let mut request = document.clone();
+        request.extend([TokenId(900), TokenId(901)]);
+        let running = [document.as_slice()];
+        assert!(waits_for_shared_prefill(
+            running.into_iter(),
+            &request,
+            |_| 0
+        ));
+        assert!(!waits_for_shared_prefill(
+            running.into_iter(),
+            &request,
+            |_| 60
+        ));
+        let short = [&document[..MIN_SHARED_PREFILL - 1]];
+        let mut asked = false;
+        assert!(!waits_for_shared_prefill(
+            short.into_iter(),
+            &request,
+            |_| {
+                asked = true;
+                0
+            }
+        ));
+        assert!(
+            !asked,
+            "the cache is not asked when no prefill shares enough"
+        );
+    }
+}
