@@ -294,7 +294,7 @@ mod tests {
         let error = Config::parse(text, Path::new("s.toml"))
             .unwrap_err()
             .to_string();
-        assert!(error.starts_with("s.toml:1"), "{error}");
+        assert!(error.starts_with("s.toml:2:"), "{error}");
         assert!(error.contains("remote"), "{error}");
         assert!(error.contains("local"), "{error}");
     }

@@ -342,7 +342,7 @@ mod tests {
         dir
     }
 
-    const ONE_NODE: &str = "name = \"solo\"\n[[nodes]]\nid = \"a\"\nkind = \"agent\"\nplugin = \"proposer\"\n[[nodes]]\nid = \"agg\"\nkind = \"aggregator\"\nplugin = \"moa-aggregator\"\ninputs = [\"a\"]\n";
+    const ONE_NODE: &str = "name = \"solo\"\n[[nodes]]\nid = \"a\"\nkind = \"agent\"\nplugin = \"proposer\"\nmodel = \"default\"\n[[nodes]]\nid = \"agg\"\nkind = \"aggregator\"\nplugin = \"moa-aggregator\"\nmodel = \"default\"\ninputs = [\"a\"]\n";
 
     #[test]
     fn a_broken_file_is_rejected_with_its_line_and_the_old_version_keeps_serving() {
