@@ -7,8 +7,8 @@ use std::process::Command;
 
 use staircase::eval::Quality;
 use staircase::eval::runner::pipeline_hit_limit;
+use staircase::pipeline::RunRequest;
 use staircase::pipeline::policy::StreamMode;
-use staircase::pipeline::{RunRequest, setup};
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("staircase-eval-{}", std::process::id()));
@@ -80,7 +80,9 @@ fn eval_on_three_prompts_writes_the_table_json_and_chart() {
 /// the default pipeline's staircase answer must not degenerate.
 #[test]
 fn the_staircase_answer_does_not_degenerate() {
-    let setup = setup::open(None, &[]).expect("the default runner");
+    let app = staircase::app::AppBuilder::new()
+        .build()
+        .expect("the default model and built-in plugins load");
     let mut pipeline = staircase::pipeline::load("moa").unwrap();
     // Short, as CI needs, but long enough for a loop to show (the old policy looped from
     // its first tokens).
@@ -96,7 +98,7 @@ fn the_staircase_answer_does_not_degenerate() {
         "Why is the sky blue?",
     ] {
         let report = runtime
-            .block_on(setup.runner.run(
+            .block_on(app.runner().run(
                 &pipeline,
                 RunRequest::prompt(prompt, StreamMode::Staircase),
                 None,
@@ -123,7 +125,9 @@ fn the_repetition_penalty_breaks_a_greedy_loop() {
     use staircase::engine::{ChatMessage, GenerationRequest, Prompt, Role};
     use staircase::eval::metrics::{longest_repeat_run, words};
 
-    let setup = setup::open(None, &[]).expect("the default runner");
+    let app = staircase::app::AppBuilder::new()
+        .build()
+        .expect("the default model and built-in plugins load");
     let looping = "1. 1. 1. 1. 1. 1. 1. 1. 1. 1.";
     let run = |penalty: f32| {
         let mut request = GenerationRequest::chat(Vec::new());
@@ -136,7 +140,9 @@ fn the_repetition_penalty_breaks_a_greedy_loop() {
         };
         request.sampling.max_tokens = 24;
         request.sampling.repeat_penalty = penalty;
-        setup.engine.submit(request).map(|s| s.blocking_collect())
+        app.default_engine()
+            .submit(request)
+            .map(|s| s.blocking_collect())
     };
     let plain = run(1.0).unwrap().unwrap().text;
     let penalised = run(1.5).unwrap().unwrap().text;

@@ -3,9 +3,12 @@
 //!
 //! One folder per concept: `engine/` generates tokens (the local GGUF engine; remote servers are planned),
 //! `cache/` holds the prefix KV cache, `token` is the token id they share, `speculate/` drafts tokens, `pipeline/` runs DAGs of
-//! agents, `plugin/` hosts the WebAssembly policies, `trace/` records timelines, `eval/` scores answers, `model/`
-//! fetches and lists models, and `cli/` is the command line over all of them.
+//! agents, `plugin/` hosts the WebAssembly policies, `trace/` records timelines, `eval/` scores answers, `routing/` chooses replicas, `model/`
+//! fetches and lists models, `app/` assembles them from `staircase.toml` (the one composition
+//! root), `server/` serves them over an OpenAI-compatible API, and `cli/` is the command line
+//! over all of them.
 
+pub mod app;
 pub mod bench;
 pub mod cache;
 pub mod cli;
@@ -15,6 +18,7 @@ pub mod model;
 pub mod pipeline;
 pub mod plugin;
 pub mod routing;
+pub mod server;
 pub mod speculate;
 pub mod token;
 pub mod trace;

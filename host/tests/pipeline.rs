@@ -949,21 +949,21 @@ fn assert_warm_up_served_the_first_step(
 #[test]
 fn every_example_pipeline_answers_in_both_modes_and_a_cancelled_run_frees_the_engine() {
     use staircase::pipeline::examples::BUILTIN;
-    use staircase::pipeline::setup;
-
-    let setup = setup::open(None, &[]).expect("the default model and built-in plugins load");
+    let app = staircase::app::AppBuilder::new()
+        .build()
+        .expect("the default model and built-in plugins load");
     let tokio = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
     for (name, _) in BUILTIN {
-        let mut pipeline = staircase::pipeline::load(name).unwrap();
+        let mut pipeline = (*app.pipeline(name).unwrap().pipeline).clone();
         // Short outputs keep CI quick on two cores.
         pipeline.limit_tokens(12);
         for mode in [StreamMode::Staircase, StreamMode::Layered] {
             let request = RunRequest::prompt("Name one planet of the solar system.", mode);
             let report = tokio
-                .block_on(setup.runner.run(&pipeline, request, None))
+                .block_on(app.runner().run(&pipeline, request, None))
                 .unwrap_or_else(|e| panic!("{name} {mode:?}: {e}"));
             assert!(
                 !report.answer.trim().is_empty(),
@@ -1000,11 +1000,11 @@ fn every_example_pipeline_answers_in_both_modes_and_a_cancelled_run_frees_the_en
     }
 
     // Cancelling a run mid-answer (dropping its future) frees every engine sequence.
-    let pipeline = staircase::pipeline::load("moa").unwrap();
+    let pipeline = app.pipeline("moa").unwrap().pipeline.clone();
     let request = RunRequest::prompt("Describe the sea in detail.", StreamMode::Staircase);
     let (events_tx, mut events) = mpsc::unbounded_channel();
     tokio.block_on(async {
-        let run = setup.runner.run(&pipeline, request, Some(events_tx));
+        let run = app.runner().run(&pipeline, request, Some(events_tx));
         tokio::pin!(run);
         loop {
             tokio::select! {
@@ -1017,16 +1017,9 @@ fn every_example_pipeline_answers_in_both_modes_and_a_cancelled_run_frees_the_en
             }
         }
     });
-    let freed = setup
-        .local
-        .wait_for_stats(std::time::Duration::from_secs(120), |s| {
-            s.live_sequences == 0 && s.queued == 0 && s.locked_prefixes == 0
-        });
-    assert!(
-        freed.is_some(),
-        "engine sequences outlived the cancelled run: {:?}",
-        setup.local.stats()
-    );
+    if let Err(busy) = app.wait_idle(std::time::Duration::from_secs(120)) {
+        panic!("engine sequences outlived the cancelled run: {busy:?}");
+    }
 }
 
 // ---- run bounds, with the hostile plugin fixture ------------------------------------------

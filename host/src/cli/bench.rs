@@ -1,6 +1,7 @@
 //! `staircase bench`.
 
 mod routing;
+mod serve;
 mod staircase;
 
 use std::path::PathBuf;
@@ -28,6 +29,8 @@ pub enum Command {
         #[arg(long = "component", value_name = "FILE.wasm")]
         components: Vec<PathBuf>,
     },
+    /// The server against in-process runs: 1, 4, 16 streaming clients, TTFT and req/s.
+    Serve(serve::Args),
     /// Decode speed with and without speculative decoding, and the k-token forward cost curve.
     Speculation(SpeculationArgs),
     /// Routing policies on a multi-agent trace over `llama-server` replicas: cache hits, TTFT.
@@ -88,6 +91,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Engine(args) => engine(args),
         Command::Staircase(args) => staircase::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Plugins { json, components } => plugins(json, components),
         Command::Speculation(args) => speculation(args),
         Command::Routing(args) => routing::run(args),

@@ -65,7 +65,7 @@ fn schedule(sizes: &str) -> anyhow::Result<ChunkSchedule> {
 }
 
 /// A variant from `PIPELINE:MODE[:SIZES]` or `single`.
-fn variant(spec: &str) -> anyhow::Result<Variant> {
+fn variant(app: &crate::app::App, spec: &str) -> anyhow::Result<Variant> {
     if spec == "single" {
         return Ok(Variant::single());
     }
@@ -75,7 +75,7 @@ fn variant(spec: &str) -> anyhow::Result<Variant> {
     };
     let mode = <StreamMode as clap::ValueEnum>::from_str(mode, true)
         .map_err(|_| anyhow::anyhow!("variant `{spec}`: mode must be staircase or layered"))?;
-    let pipeline = super::run::load_pipeline(name, None)?;
+    let pipeline = super::run::pipeline_of(app, name, None)?;
     let sizes = parts.next().map(schedule).transpose()?;
     Ok(Variant::pipeline(pipeline, mode, sizes.as_ref()))
 }
@@ -88,11 +88,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(limit) = args.limit {
         prompts.truncate(limit.max(1));
     }
-    let baseline = super::run::load_pipeline(&args.pipeline, None)?;
+    let app = super::run::open_app(None, args.model.as_deref(), &args.plugin_dirs)?.build()?;
+    let baseline = super::run::pipeline_of(&app, &args.pipeline, None)?;
     let mut variants = args
         .variants
         .iter()
-        .map(|s| variant(s))
+        .map(|s| variant(&app, s))
         .collect::<anyhow::Result<Vec<_>>>()?;
     for sizes in &args.schedules {
         variants.push(Variant::pipeline(
@@ -110,7 +111,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     // The single model always runs; a `single` variant would only repeat it.
     variants.retain(|v| !matches!(v.kind, eval::VariantKind::Single));
-    let (runner, engine) = super::run::open_runner(args.model.as_deref(), &args.plugin_dirs)?;
+    let (runner, engine) = (app.runner(), app.default_engine());
     for v in &variants {
         if let eval::VariantKind::Pipeline { pipeline, .. } = &v.kind {
             runner.check(pipeline)?;
@@ -125,7 +126,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         judge: !args.no_judge,
         noise_floor: !args.no_noise_floor,
     };
-    let report = super::runtime()?.block_on(eval::runner::run(&runner, &engine, &options))?;
+    let report = super::runtime()?.block_on(eval::runner::run(runner, &engine, &options))?;
     print!("{}", report.table());
     write_json_and_svg(&args.out, "eval", &report, &report.svg())
 }

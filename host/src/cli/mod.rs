@@ -7,6 +7,7 @@ mod generate;
 mod model;
 mod plugin;
 mod run;
+mod serve;
 mod trace;
 
 use std::process::ExitCode;
@@ -25,6 +26,8 @@ pub struct Cli {
 enum Command {
     /// Run a pipeline on a prompt and stream its answer.
     Run(run::Args),
+    /// Serve pipelines and models over an OpenAI-compatible HTTP API.
+    Serve(serve::Args),
     /// Generate with one model, no pipeline.
     Generate(generate::Args),
     /// Build, check and list plugins.
@@ -49,6 +52,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Plugin(command) => plugin::run(command),
         Command::Model(command) => model::run(command),

@@ -6,13 +6,11 @@
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::sync::mpsc;
 
-use crate::engine::Engine;
 use crate::pipeline::policy::StreamMode;
 use crate::pipeline::{self, NodeIndex, Pipeline, RunEvent, RunReport, RunRequest, Runner};
 
@@ -46,24 +44,35 @@ pub struct Args {
     /// user's plugin folder is always loaded when it exists.
     #[arg(long = "plugins", value_name = "DIR")]
     plugin_dirs: Vec<PathBuf>,
+    /// A `staircase.toml` (models, plugin and pipeline folders, grants); the flags above
+    /// override it.
+    #[arg(long, value_name = "staircase.toml")]
+    config: Option<PathBuf>,
 }
 
-/// The runner every pipeline command uses: the local engine on `model` (the default model,
-/// fetched on first use, when `None`) and the plugin registry with the built-in plugins.
-pub(crate) fn open_runner(
+/// The host every pipeline command runs on: `staircase.toml` when `--config` names one,
+/// with `--model` and `--plugins` over it.
+pub(crate) fn open_app(
+    config: Option<&Path>,
     model: Option<&Path>,
     plugin_dirs: &[PathBuf],
-) -> anyhow::Result<(Runner, Arc<dyn Engine>)> {
-    let setup = crate::pipeline::setup::open(model, plugin_dirs)?;
-    Ok((setup.runner, setup.engine))
+) -> anyhow::Result<crate::app::AppBuilder> {
+    let builder = match config {
+        Some(path) => crate::app::AppBuilder::from_file(path)?,
+        None => crate::app::AppBuilder::new(),
+    };
+    Ok(builder
+        .model(model.map(Path::to_path_buf))
+        .plugin_dirs(plugin_dirs.iter().cloned()))
 }
 
-/// Loads a pipeline by file or name, with an optional token cap.
-pub(crate) fn load_pipeline(
+/// A pipeline of the host's table (or a file) with an optional token cap on every node.
+pub(crate) fn pipeline_of(
+    app: &crate::app::App,
     file_or_name: &str,
     max_tokens: Option<u32>,
 ) -> anyhow::Result<Pipeline> {
-    let mut pipeline = pipeline::load(file_or_name)?;
+    let mut pipeline = Pipeline::clone(&app.pipeline(file_or_name)?.pipeline);
     if let Some(max) = max_tokens {
         pipeline.limit_tokens(max);
     }
@@ -71,8 +80,14 @@ pub(crate) fn load_pipeline(
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let pipeline = load_pipeline(&args.pipeline, args.max_tokens)?;
-    let (runner, _engine) = open_runner(args.model.as_deref(), &args.plugin_dirs)?;
+    let app = open_app(
+        args.config.as_deref(),
+        args.model.as_deref(),
+        &args.plugin_dirs,
+    )?
+    .build()?;
+    let pipeline = pipeline_of(&app, &args.pipeline, args.max_tokens)?;
+    let runner = app.runner();
     runner.check(&pipeline)?;
     let view = if args.json {
         View::Quiet
@@ -81,7 +96,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         View::Plain
     };
-    let report = super::runtime()?.block_on(drive(&runner, &pipeline, &args, view))?;
+    let report = super::runtime()?.block_on(drive(runner, &pipeline, &args, view))?;
     if let Some(path) = &args.trace {
         std::fs::write(path, report.trace().to_json())
             .with_context(|| format!("cannot write {}", path.display()))?;

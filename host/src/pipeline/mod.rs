@@ -3,8 +3,7 @@
 //! `spec` reads and validates pipeline files, `examples` embeds the shipped ones, `stream`
 //! cuts outputs into chunks per edge, `critical` computes critical paths, `runtime` runs a
 //! pipeline on engines and policies, `role_session` drives agents that read other nodes,
-//! `budget` bounds a run whatever its plugins do, `bench` compares single-model, layered and staircase runs, `setup` assembles the default
-//! runner (local engine and built-in plugins). `policy` holds the traits the
+//! `budget` bounds a run whatever its plugins do, `bench` compares single-model, layered and staircase runs. `policy` holds the traits the
 //! plugin host implements; nothing here touches wasmtime or llama.cpp directly.
 
 pub mod bench;
@@ -14,7 +13,6 @@ pub mod examples;
 pub mod policy;
 pub mod role_session;
 pub mod runtime;
-pub mod setup;
 pub mod spec;
 pub mod stream;
 

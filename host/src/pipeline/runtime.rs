@@ -275,6 +275,17 @@ impl Runner {
         &self.models
     }
 
+    /// A runner on the same models and learned latencies that takes its policies from
+    /// `policies` (a server pins one run's plugin versions this way).
+    pub fn with_policies(&self, policies: Arc<dyn PolicyProvider>) -> Runner {
+        Self {
+            models: self.models.clone(),
+            policies,
+            latencies: self.latencies.clone(),
+            limits: self.limits,
+        }
+    }
+
     /// The per-token latencies learned so far.
     pub fn latencies(&self) -> &LatencyModel {
         &self.latencies

@@ -8,7 +8,6 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::engine::Engine;
-use crate::engine::local::LocalEngineConfig;
 use crate::engine::simulated::{SimulatedEngine, SimulatedLatencies};
 use crate::pipeline::bench::{self, BenchOptions};
 use crate::pipeline::{Models, Runner};
@@ -54,16 +53,14 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let pipeline = super::super::run::load_pipeline(&args.pipeline, None)?;
-    let model = match &args.model {
-        Some(path) => path.clone(),
-        None => crate::model::default_model_path()?,
-    };
-    let mut config = LocalEngineConfig::new(model);
-    config.flash_attention = !args.no_flash_attention;
-    let setup = crate::pipeline::setup::open_with(config, &args.plugin_dirs)?;
+    let flash_attention = !args.no_flash_attention;
+    let app = super::super::run::open_app(None, args.model.as_deref(), &args.plugin_dirs)?
+        .local_engine(move |config| config.flash_attention = flash_attention)
+        .build()?;
+    let pipeline = super::super::run::pipeline_of(&app, &args.pipeline, None)?;
     let runtime = super::super::runtime()?;
-    let (runner, engine) = if args.simulated {
+    let simulated;
+    let (runner, engine): (&Runner, Arc<dyn Engine>) = if args.simulated {
         let latencies = SimulatedLatencies {
             decode_per_token: Duration::from_secs_f64(args.simulated_decode_ms.max(0.0) / 1e3),
             prefill_per_token: Duration::from_secs_f64(args.simulated_prefill_ms.max(0.0) / 1e3),
@@ -71,9 +68,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let engine: Arc<dyn Engine> =
             Arc::new(SimulatedEngine::new(latencies, runtime.handle().clone()));
         let models = Models::with_default(engine.clone());
-        (Runner::new(models, setup.registry.clone()), engine)
+        simulated = Runner::new(models, app.registry().clone());
+        (&simulated, engine)
     } else {
-        (setup.runner, setup.engine)
+        (app.runner(), app.default_engine())
     };
     let options = BenchOptions {
         pipeline,
@@ -85,7 +83,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         proposer_tokens: args.proposer_tokens,
         answer_tokens: args.answer_tokens,
     };
-    let report = runtime.block_on(bench::run(&runner, &engine, &options))?;
+    let report = runtime.block_on(bench::run(runner, &engine, &options))?;
     print!("{}", report.table());
     super::super::eval::write_json_and_svg(&args.out, "bench-staircase", &report, &report.svg())?;
     if let Some(trace) = &report.staircase_trace {

@@ -1,0 +1,330 @@
+//! `staircase.toml`: what the composition root builds. Every field has a default, so an
+//! absent file means "the default model, the built-in pipelines and plugins". Relative paths
+//! are relative to the file's folder. The CLI flags override these values (see
+//! [`super::AppBuilder`]).
+//!
+//! ```toml
+//! default_model = "default"          # the model pipelines call `default`
+//! [models.default]
+//! kind = "local"                     # the embedded engine; `path` defaults to the default model
+//! path = "models/other.gguf"
+//! threads = 1
+//! [pipelines]
+//! dirs = ["pipelines"]               # watched by `staircase serve`
+//! [plugins]
+//! dirs = ["plugins"]
+//! user_dir = true                    # also the user's plugin folder
+//! [grants]
+//! my-compressor = ["model"]          # capabilities granted per plugin name
+//! [limits]
+//! max_running = 8                    # runs at once; more wait in the queue
+//! queue = 32                         # runs waiting; past it the server answers 429
+//! request_timeout_secs = 300
+//! max_body_bytes = 1048576
+//! recent_runs = 32                   # traces kept for /v1/runs/{id}/trace
+//! [server]
+//! host = "127.0.0.1"
+//! port = 8080
+//! api_key_env = "STAIRCASE_API_KEY"
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::plugin::Capability;
+
+/// The name of the model pipelines bind to when a node names none.
+pub use crate::pipeline::spec::DEFAULT_MODEL;
+
+/// Why `staircase.toml` cannot be used; the message names the file and, for syntax and
+/// unknown fields or kinds, the line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {error}")]
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{path}:{line}: {message}")]
+    Syntax {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error("{path}: `default_model = \"{name}\"` names no model of [models] (known: {known})")]
+    UnknownDefault {
+        path: PathBuf,
+        name: String,
+        known: String,
+    },
+}
+
+/// The whole file.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Which model of `models` pipelines call `default`; the only one when there is one.
+    pub default_model: Option<String>,
+    #[serde(default)]
+    pub models: BTreeMap<String, ModelConfig>,
+    #[serde(default)]
+    pub pipelines: PipelinesConfig,
+    #[serde(default)]
+    pub plugins: PluginsConfig,
+    /// Capabilities granted per plugin name (a plugin asking for one it was not granted is
+    /// refused at load).
+    #[serde(default)]
+    pub grants: BTreeMap<String, BTreeSet<Capability>>,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub server: ServerConfig,
+}
+
+/// One named model. `kind` selects the backend (`local` or `remote`); any other kind is a
+/// configuration error naming the line.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum ModelConfig {
+    /// The embedded engine on a GGUF file.
+    Local {
+        /// The GGUF; the default model (fetched on first use) when absent.
+        path: Option<PathBuf>,
+        /// llama.cpp threads; the engine's own choice when absent.
+        threads: Option<usize>,
+        /// Context size in tokens; the engine's default when absent.
+        context_tokens: Option<u32>,
+    },
+    /// One or more OpenAI-compatible servers (vLLM, SGLang, llama.cpp's `llama-server`, another
+    /// Staircase) behind the routing policy of [`crate::engine::remote::RemoteConfig`].
+    Remote(Box<crate::engine::remote::RemoteConfig>),
+}
+
+/// Pipeline folders: every `*.toml` in them is a pipeline, served by its name.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelinesConfig {
+    #[serde(default)]
+    pub dirs: Vec<PathBuf>,
+}
+
+/// Plugin folders: `NAME.wasm` with `NAME.toml` beside it.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginsConfig {
+    #[serde(default)]
+    pub dirs: Vec<PathBuf>,
+    /// Also load the user's plugin folder (`~/.local/share/staircase/plugins`) when it exists.
+    #[serde(default = "yes")]
+    pub user_dir: bool,
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        Self {
+            dirs: Vec::new(),
+            user_dir: true,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Runs admitted at once by the server: the engine batches them; more only lengthen each
+/// one's wait for a step.
+pub const DEFAULT_MAX_RUNNING: usize = 8;
+/// Runs waiting for a slot before the server answers 429: a few seconds of work on a small
+/// CPU, so a client is told to come back rather than left waiting minutes.
+pub const DEFAULT_QUEUE: usize = 32;
+/// A run that takes longer is ended with an error: long answers on a CPU take minutes, but
+/// never this long unless something is stuck.
+pub const DEFAULT_REQUEST_TIMEOUT_SECS: u64 = 300;
+/// Request bodies above this are refused (413): a long conversation is far smaller.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
+/// Finished runs whose traces the server keeps; older ones are dropped.
+pub const DEFAULT_RECENT_RUNS: usize = 32;
+
+/// Server limits.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_running: usize,
+    pub queue: usize,
+    pub request_timeout_secs: u64,
+    pub max_body_bytes: usize,
+    pub recent_runs: usize,
+    /// Caps every node's output of every pipeline (as `run --max-tokens` does).
+    pub max_tokens: Option<u32>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_running: DEFAULT_MAX_RUNNING,
+            queue: DEFAULT_QUEUE,
+            request_timeout_secs: DEFAULT_REQUEST_TIMEOUT_SECS,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            recent_runs: DEFAULT_RECENT_RUNS,
+            max_tokens: None,
+        }
+    }
+}
+
+/// Where `staircase serve` listens; loopback unless the operator says otherwise.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub host: String,
+    pub port: u16,
+    /// The environment variable holding the API key; no key, no check.
+    pub api_key_env: Option<String>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 8080,
+            api_key_env: None,
+        }
+    }
+}
+
+impl Config {
+    /// Reads and checks a file; relative paths become relative to its folder.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Io {
+            path: path.to_path_buf(),
+            error,
+        })?;
+        let mut config = Self::parse(&text, path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        config.pipelines.dirs.iter_mut().for_each(resolve);
+        config.plugins.dirs.iter_mut().for_each(resolve);
+        for model in config.models.values_mut() {
+            if let ModelConfig::Local { path: Some(p), .. } = model {
+                resolve(p);
+            }
+        }
+        Ok(config)
+    }
+
+    /// Parses file text; `path` names it in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: path.to_path_buf(),
+            line: e.span().map_or(1, |s| {
+                text[..s.start.min(text.len())].lines().count().max(1)
+            }),
+            message: e.message().to_string(),
+        })?;
+        if let Some(name) = &config.default_model
+            && !config.models.contains_key(name)
+        {
+            return Err(ConfigError::UnknownDefault {
+                path: path.to_path_buf(),
+                name: name.clone(),
+                known: config.models.keys().cloned().collect::<Vec<_>>().join(", "),
+            });
+        }
+        Ok(config)
+    }
+
+    /// The model pipelines call `default`: the named one, else the one called `default`,
+    /// else the only one.
+    pub fn default_model_name(&self) -> Option<&str> {
+        if let Some(name) = &self.default_model {
+            return Some(name);
+        }
+        if self.models.contains_key(DEFAULT_MODEL) {
+            return Some(DEFAULT_MODEL);
+        }
+        match self.models.len() {
+            1 => self.models.keys().next().map(String::as_str),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_file_is_the_defaults() {
+        let config = Config::parse("", Path::new("staircase.toml")).unwrap();
+        assert!(config.models.is_empty());
+        assert_eq!(config.server.host, "127.0.0.1");
+        assert_eq!(config.limits.queue, DEFAULT_QUEUE);
+        assert!(config.plugins.user_dir);
+    }
+
+    #[test]
+    fn models_grants_and_limits_parse() {
+        let text = r#"
+            default_model = "big"
+            [models.big]
+            kind = "local"
+            path = "/m/big.gguf"
+            [models.small]
+            kind = "local"
+            [grants]
+            summariser = ["model"]
+            [limits]
+            queue = 2
+        "#;
+        let config = Config::parse(text, Path::new("s.toml")).unwrap();
+        assert_eq!(config.default_model_name(), Some("big"));
+        assert_eq!(config.models.len(), 2);
+        assert!(config.grants["summariser"].contains(&Capability::Model));
+        assert_eq!(config.limits.queue, 2);
+        assert_eq!(config.limits.max_running, DEFAULT_MAX_RUNNING);
+    }
+
+    #[test]
+    fn an_unknown_model_kind_is_an_error_naming_the_line() {
+        let text = "[models.far]\nkind = \"cloud\"\nurl = \"http://127.0.0.1:1\"\n";
+        let error = Config::parse(text, Path::new("s.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.starts_with("s.toml:2:"), "{error}");
+        assert!(error.contains("cloud"), "{error}");
+        assert!(error.contains("local"), "{error}");
+        assert!(error.contains("remote"), "{error}");
+    }
+
+    #[test]
+    fn a_remote_model_parses_with_its_replicas_and_refuses_unknown_fields() {
+        let text = "[models.large]\nkind = \"remote\"\nmodel = \"m\"\nreplicas = [\"http://127.0.0.1:1\", \"http://127.0.0.1:2\"]\n";
+        let config = Config::parse(text, Path::new("s.toml")).unwrap();
+        let ModelConfig::Remote(remote) = &config.models["large"] else {
+            panic!("a remote model: {:?}", config.models["large"]);
+        };
+        assert_eq!(remote.model, "m");
+        assert_eq!(remote.urls().len(), 2);
+        let text =
+            "[models.large]\nkind = \"remote\"\nmodel = \"m\"\nurl = \"http://127.0.0.1:1\"\n";
+        let error = Config::parse(text, Path::new("s.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("url"), "{error}");
+    }
+
+    #[test]
+    fn a_default_model_that_is_not_in_the_table_is_an_error() {
+        let text = "default_model = \"x\"\n[models.y]\nkind = \"local\"\n";
+        let error = Config::parse(text, Path::new("s.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("known: y"), "{error}");
+    }
+}

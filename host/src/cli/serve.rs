@@ -1,0 +1,104 @@
+//! `staircase serve`: the OpenAI-compatible server on the host `staircase.toml` describes,
+//! with the flags over it. Prints `listening on http://ADDR` once it accepts requests.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::server::{self, ServeOptions};
+
+/// Arguments of `staircase serve`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Address to listen on (loopback unless you mean to expose the server).
+    #[arg(long)]
+    host: Option<IpAddr>,
+    /// Port; 0 picks a free one (printed on start).
+    #[arg(long)]
+    port: Option<u16>,
+    /// A folder of pipeline files (`*.toml`), served by name and watched; repeatable.
+    #[arg(long = "pipelines", value_name = "DIR")]
+    pipeline_dirs: Vec<PathBuf>,
+    /// A folder of plugins (`NAME.wasm` + `NAME.toml`), watched; repeatable.
+    #[arg(long = "plugins", value_name = "DIR")]
+    plugin_dirs: Vec<PathBuf>,
+    /// A GGUF model file for the default model.
+    #[arg(long, value_name = "PATH.gguf")]
+    model: Option<PathBuf>,
+    /// The environment variable holding the API key clients must send.
+    #[arg(long, value_name = "VAR")]
+    api_key_env: Option<String>,
+    /// Cap every node's output at this many tokens.
+    #[arg(long)]
+    max_tokens: Option<u32>,
+    /// Runs waiting for a slot before the server answers 429.
+    #[arg(long)]
+    queue: Option<usize>,
+    /// Runs at once.
+    #[arg(long)]
+    max_running: Option<usize>,
+    /// Seconds a run may take before it is ended with an error.
+    #[arg(long, value_name = "SECS")]
+    request_timeout: Option<u64>,
+    /// Do not watch the plugin and pipeline folders (`POST /admin/reload` still rescans).
+    #[arg(long)]
+    no_watch: bool,
+    /// A `staircase.toml`; the flags above override it.
+    #[arg(long, value_name = "staircase.toml")]
+    config: Option<PathBuf>,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let mut builder = super::run::open_app(
+        args.config.as_deref(),
+        args.model.as_deref(),
+        &args.plugin_dirs,
+    )?
+    .pipeline_dirs(args.pipeline_dirs.iter().cloned());
+    let config = builder.config_mut();
+    let limits = &mut config.limits;
+    limits.max_tokens = args.max_tokens.or(limits.max_tokens);
+    limits.queue = args.queue.unwrap_or(limits.queue);
+    limits.max_running = args.max_running.unwrap_or(limits.max_running);
+    limits.request_timeout_secs = args.request_timeout.unwrap_or(limits.request_timeout_secs);
+    let host = match args.host {
+        Some(host) => host,
+        None => config.server.host.parse().with_context(|| {
+            format!(
+                "[server] host `{}` is not an IP address",
+                config.server.host
+            )
+        })?,
+    };
+    let addr = SocketAddr::new(host, args.port.unwrap_or(config.server.port));
+    let key_var = args
+        .api_key_env
+        .or_else(|| config.server.api_key_env.clone());
+    let api_key = match key_var {
+        Some(var) => Some(
+            std::env::var(&var)
+                .with_context(|| format!("--api-key-env {var}: the variable is not set"))?,
+        ),
+        None => None,
+    };
+    let options = ServeOptions {
+        addr,
+        api_key,
+        limits: config.limits.clone(),
+        watch: !args.no_watch,
+    };
+    let app = Arc::new(builder.build()?);
+    super::runtime()?.block_on(server::serve(
+        app,
+        options,
+        |addr| {
+            println!("listening on http://{addr}");
+        },
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        },
+    ))?;
+    Ok(())
+}

@@ -1,0 +1,169 @@
+//! Prometheus metrics through the `metrics` facade. Request counters and latency histograms
+//! are recorded as requests finish; engine, queue and reload gauges are read from their
+//! owners when `/metrics` is scraped, so they are never stale.
+
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use super::openai::Usage;
+use crate::app::{App, Rejection};
+use crate::plugin::{Registry, RegistryEvent};
+
+/// Latency buckets in seconds: a cached first token on a small CPU takes tens of ms, a
+/// pipeline's whole answer up to minutes.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
+
+/// The process's recorder: installed once, shared by every server of the process.
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+pub(crate) struct Metrics {
+    handle: PrometheusHandle,
+}
+
+impl Metrics {
+    pub(crate) fn install() -> Result<Self, String> {
+        if let Some(handle) = HANDLE.get() {
+            return Ok(Self {
+                handle: handle.clone(),
+            });
+        }
+        let handle = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+            .map_err(|e| e.to_string())?
+            .install_recorder()
+            .map_err(|e| e.to_string())?;
+        let handle = HANDLE.get_or_init(|| handle).clone();
+        Ok(Self { handle })
+    }
+
+    /// One answered request.
+    pub(crate) fn request(&self, model: &str, status: &str) {
+        counter!("staircase_requests_total", "model" => model.to_string(), "status" => status.to_string())
+            .increment(1);
+    }
+
+    /// A run that finished: its latencies and tokens.
+    pub(crate) fn finished(
+        &self,
+        model: &str,
+        ttft: Option<Duration>,
+        total: Duration,
+        usage: &Usage,
+    ) {
+        let model = model.to_string();
+        if let Some(ttft) = ttft {
+            histogram!("staircase_ttft_seconds", "model" => model.clone())
+                .record(ttft.as_secs_f64());
+        }
+        histogram!("staircase_request_duration_seconds", "model" => model.clone())
+            .record(total.as_secs_f64());
+        counter!("staircase_prompt_tokens_total", "model" => model.clone())
+            .increment(u64::from(usage.prompt_tokens));
+        counter!("staircase_completion_tokens_total", "model" => model.clone())
+            .increment(u64::from(usage.completion_tokens));
+        counter!("staircase_prefix_cache_hit_tokens_total", "model" => model)
+            .increment(u64::from(usage.prompt_tokens_details.cached_tokens));
+    }
+
+    /// A client that left mid-stream.
+    pub(crate) fn cancelled(&self, model: &str) {
+        counter!("staircase_requests_cancelled_total", "model" => model.to_string()).increment(1);
+    }
+
+    /// A run failed in a plugin.
+    pub(crate) fn plugin_failure(&self, plugin: &str, message: &str) {
+        let cause = if message.contains("deadline") || message.contains("timed out") {
+            "timeout"
+        } else if message.contains("trap") || message.contains("panic") {
+            "trap"
+        } else {
+            "error"
+        };
+        counter!("staircase_plugin_failures_total", "plugin" => plugin.to_string(), "cause" => cause)
+            .increment(1);
+    }
+
+    /// The exposition text, with the gauges read now.
+    pub(crate) fn render(&self, app: &App, running: usize, waiting: usize) -> String {
+        gauge!("staircase_runs_running").set(running as f64);
+        gauge!("staircase_queue_depth").set(waiting as f64);
+        for (model, stats) in app.engine_stats() {
+            let g = |name: &'static str, v: usize| {
+                gauge!(name, "model" => model.clone()).set(v as f64);
+            };
+            g("staircase_engine_live_sequences", stats.live_sequences);
+            g("staircase_engine_queued", stats.queued);
+            g("staircase_engine_kv_cells_used", stats.kv_cells_used);
+            g(
+                "staircase_engine_kv_sequence_positions",
+                stats.kv_sequence_positions,
+            );
+            g("staircase_prefix_cache_cells", stats.cache_cells);
+            g("staircase_prefix_cache_entries", stats.cache_entries);
+            g(
+                "staircase_prefix_cache_locked_prefixes",
+                stats.locked_prefixes,
+            );
+            counter!("staircase_speculation_drafted_tokens_total", "model" => model.clone())
+                .absolute(stats.speculation.drafted_tokens);
+            counter!("staircase_speculation_accepted_tokens_total", "model" => model.clone())
+                .absolute(stats.speculation.accepted_tokens);
+        }
+        let (accepted, rejected) = app.pipelines().counts();
+        counter!("staircase_reloads_total", "what" => "pipeline", "result" => "accepted")
+            .absolute(accepted);
+        counter!("staircase_reloads_total", "what" => "pipeline", "result" => "rejected")
+            .absolute(rejected);
+        self.handle.run_upkeep();
+        self.handle.render()
+    }
+}
+
+/// Plugin versions the registry accepted and files it rejected since the server started.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub(crate) struct PluginLog {
+    pub(crate) accepted: u64,
+    pub(crate) rejected: u64,
+    pub(crate) last_rejection: Option<Rejection>,
+}
+
+/// Counts the registry's loads and rejections (and keeps the last rejection) on a thread of
+/// its own; it ends with the registry.
+pub(crate) fn count_plugin_reloads(registry: &Registry, log: Arc<Mutex<PluginLog>>) {
+    let events = registry.subscribe();
+    let spawned = std::thread::Builder::new()
+        .name("plugin-events".into())
+        .spawn(move || {
+            for event in events {
+                match event {
+                    RegistryEvent::Loaded { .. } => {
+                        super::lock(&log).accepted += 1;
+                        counter!("staircase_reloads_total", "what" => "plugin", "result" => "accepted")
+                            .increment(1);
+                    }
+                    RegistryEvent::Rejected { path, error } => {
+                        counter!("staircase_reloads_total", "what" => "plugin", "result" => "rejected")
+                            .increment(1);
+                        let mut log = super::lock(&log);
+                        log.rejected += 1;
+                        log.last_rejection = Some(Rejection {
+                            path,
+                            error,
+                            at_unix_ms: SystemTime::now()
+                                .duration_since(SystemTime::UNIX_EPOCH)
+                                .map_or(0, |d| d.as_millis()),
+                        });
+                    }
+                    RegistryEvent::Unloaded { .. } => {}
+                }
+            }
+        });
+    if let Err(error) = spawned {
+        tracing::warn!(%error, "plugin reloads will not be counted");
+    }
+}

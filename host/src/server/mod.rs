@@ -1,0 +1,191 @@
+//! `staircase serve`: an OpenAI-compatible HTTP server over an [`App`]. Every pipeline of the
+//! app's table is a model, and so is every engine (one model, no pipeline).
+//!
+//! `chat` runs completions (streamed as SSE or whole), `admin` answers the listing, health,
+//! trace and reload endpoints, `openai` holds the wire format, `error` the error shape,
+//! `metrics` the Prometheus exposition, `admission` the bounded queue, `bench` measures
+//! what HTTP adds. Runs go through the
+//! same library calls as `staircase run`; this room only translates HTTP to them. It must
+//! not assemble engines or plugins (that is `app`'s job).
+
+mod admin;
+mod admission;
+pub mod bench;
+mod chat;
+pub mod error;
+mod metrics;
+pub mod openai;
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::HeaderMap;
+use axum::routing::{get, post};
+
+use crate::app::App;
+use crate::app::config::Limits;
+use crate::pipeline::RunReport;
+use admission::Admission;
+use error::ApiError;
+
+/// The header that carries a run's id (for `/v1/runs/{id}/trace`).
+pub const RUN_ID_HEADER: &str = "x-staircase-run-id";
+
+/// How the server runs; from `staircase.toml` `[server]`/`[limits]` and the flags.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    pub addr: SocketAddr,
+    /// Requests must carry `Authorization: Bearer KEY` when set (`/health` and `/metrics`
+    /// stay open for probes and scrapers).
+    pub api_key: Option<String>,
+    pub limits: Limits,
+    /// Watch plugin and pipeline folders and swap changes in.
+    pub watch: bool,
+}
+
+/// Why the server could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr}: {error}")]
+    Bind {
+        addr: SocketAddr,
+        error: std::io::Error,
+    },
+    #[error("serving: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    App(#[from] crate::app::AppError),
+    #[error("metrics: {0}")]
+    Metrics(String),
+}
+
+/// Everything the handlers share.
+pub(crate) struct ServerState {
+    pub(crate) app: Arc<App>,
+    pub(crate) options: ServeOptions,
+    pub(crate) admission: Admission,
+    runs: Mutex<VecDeque<(String, Arc<RunReport>)>>,
+    next_id: AtomicU64,
+    /// Distinguishes ids of two server processes started in the same second.
+    id_salt: u64,
+    pub(crate) metrics: metrics::Metrics,
+    pub(crate) plugin_log: Arc<Mutex<metrics::PluginLog>>,
+}
+
+impl ServerState {
+    fn new(app: Arc<App>, options: ServeOptions) -> Result<Arc<Self>, ServerError> {
+        let metrics = metrics::Metrics::install().map_err(ServerError::Metrics)?;
+        let plugin_log = Arc::new(Mutex::new(metrics::PluginLog::default()));
+        metrics::count_plugin_reloads(app.registry(), plugin_log.clone());
+        let id_salt = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+            ^ u64::from(std::process::id());
+        Ok(Arc::new(Self {
+            admission: Admission::new(options.limits.max_running, options.limits.queue),
+            app,
+            options,
+            runs: Mutex::new(VecDeque::new()),
+            next_id: AtomicU64::new(0),
+            id_salt,
+            metrics,
+            plugin_log,
+        }))
+    }
+
+    /// A fresh completion id, also the run's id.
+    pub(crate) fn next_id(&self) -> String {
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        format!("chatcmpl-{:012x}{n:06x}", self.id_salt & 0xffff_ffff_ffff)
+    }
+
+    /// Keeps a finished run's report for its trace endpoints, dropping the oldest.
+    pub(crate) fn remember(&self, id: String, report: Arc<RunReport>) {
+        let mut runs = lock(&self.runs);
+        runs.push_back((id, report));
+        while runs.len() > self.options.limits.recent_runs {
+            runs.pop_front();
+        }
+    }
+
+    pub(crate) fn run(&self, id: &str) -> Option<Arc<RunReport>> {
+        lock(&self.runs)
+            .iter()
+            .find(|(i, _)| i == id)
+            .map(|(_, r)| r.clone())
+    }
+
+    /// The API key check; `Ok` when no key is set.
+    pub(crate) fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        let Some(key) = &self.options.api_key else {
+            return Ok(());
+        };
+        let given = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if given == Some(key.as_str()) {
+            Ok(())
+        } else {
+            Err(ApiError::unauthorized())
+        }
+    }
+
+    pub(crate) fn deadline(&self) -> Duration {
+        Duration::from_secs(self.options.limits.request_timeout_secs.max(1))
+    }
+}
+
+/// The routes over a state.
+fn router(state: Arc<ServerState>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat::completions))
+        .route("/v1/models", get(admin::models))
+        .route("/v1/models/{id}", get(admin::model))
+        .route("/v1/runs/{id}/trace", get(admin::trace_json))
+        .route("/v1/runs/{id}/trace.svg", get(admin::trace_svg))
+        .route("/health", get(admin::health))
+        .route("/metrics", get(admin::metrics))
+        .route("/admin/status", get(admin::status))
+        .route("/admin/reload", post(admin::reload))
+        .fallback(admin::no_route)
+        .layer(DefaultBodyLimit::max(state.options.limits.max_body_bytes))
+        .with_state(state)
+}
+
+/// Binds, then serves until `shutdown` resolves. `on_listening` gets the bound address
+/// (port 0 asks the system for a free one) before the first request is accepted.
+pub async fn serve(
+    app: Arc<App>,
+    options: ServeOptions,
+    on_listening: impl FnOnce(SocketAddr),
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    if options.watch {
+        app.watch()?;
+    }
+    let state = ServerState::new(app, options.clone())?;
+    let listener = tokio::net::TcpListener::bind(options.addr)
+        .await
+        .map_err(|error| ServerError::Bind {
+            addr: options.addr,
+            error,
+        })?;
+    on_listening(listener.local_addr()?);
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    Ok(())
+}
+
+/// Poisoning cannot leave these values inconsistent (each update is one push or swap).
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}

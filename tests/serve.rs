@@ -1,0 +1,125 @@
+//! `staircase serve` end to end: the real binary on a loopback port, the real default model,
+//! and the official `openai` Python client (`tests/serve/openai_client.py`, installed by
+//! `.ci/run`) for streaming, errors, hot swap under load, disconnects, overload and a hostile
+//! plugin. The server is started here on port 0, with scratch plugin and pipeline folders,
+//! and killed when the test ends, whatever happens.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use staircase::plugin::builtin::{guest_artifact, guest_manifest};
+
+/// Runs at once and runs waiting: small, so the overload phase fills them quickly.
+const MAX_RUNNING: usize = 4;
+const QUEUE: usize = 4;
+/// A bound on the whole client script (it takes a couple of minutes on two cores).
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(900);
+
+/// Kills the server when dropped, so a failing assertion never leaves it running.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("staircase-serve-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("scratch paths are UTF-8")
+}
+
+#[test]
+fn the_openai_client_works_against_a_real_server() {
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let probe = Command::new(&python)
+        .args(["-c", "import openai"])
+        .status()
+        .expect("python3 runs (the server tests need it; .ci/run installs the openai package)");
+    assert!(
+        probe.success(),
+        "the `openai` Python package is missing: pip install openai (pinned in .ci/run)"
+    );
+
+    let plugins = scratch("plugins");
+    let pipelines = scratch("pipelines");
+    let key = "test-key";
+    let mut child = Command::new(env!("CARGO_BIN_EXE_staircase"))
+        .args(["serve", "--host", "127.0.0.1", "--port", "0"])
+        .args(["--plugins", path(&plugins), "--pipelines", path(&pipelines)])
+        .args(["--max-tokens", "16", "--api-key-env", "STAIRCASE_TEST_KEY"])
+        .args(["--max-running", &MAX_RUNNING.to_string()])
+        .args(["--queue", &QUEUE.to_string()])
+        .env("STAIRCASE_TEST_KEY", key)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("the staircase binary starts");
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let server = Server(child);
+    let mut stdout = BufReader::new(stdout);
+    let mut line = String::new();
+    stdout
+        .read_line(&mut line)
+        .expect("the server prints its address");
+    // Keep reading, so the server never writes into a closed pipe.
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+    let base = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line from the server: {line:?}"))
+        .to_string();
+
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/serve/openai_client.py"
+    );
+    let mut client = Command::new(&python)
+        .arg(script)
+        .args(["--base-url", &base, "--key", key])
+        .args(["--plugins", path(&plugins), "--pipelines", path(&pipelines)])
+        .args(["--v1", path(&guest_artifact("reload-v1"))])
+        .args(["--v1-manifest", path(&guest_manifest("fixtures/reload-v1"))])
+        .args(["--v2", path(&guest_artifact("reload-v2"))])
+        .args(["--wrong", path(&guest_artifact("hostile"))])
+        .args(["--hostile", path(&guest_artifact("hostile-role"))])
+        .args([
+            "--hostile-manifest",
+            path(&guest_manifest("fixtures/hostile-role")),
+        ])
+        .args(["--capacity", &(MAX_RUNNING + QUEUE).to_string()])
+        .spawn()
+        .expect("the client script starts");
+    let status = wait_bounded(&mut client, CLIENT_TIMEOUT);
+    drop(server);
+    let _ = std::fs::remove_dir_all(&plugins);
+    let _ = std::fs::remove_dir_all(&pipelines);
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the openai client checks failed (see the output above): {status:?}"
+    );
+}
+
+/// The child's exit status, or `None` (after killing it) when it outlives `limit`.
+fn wait_bounded(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
