@@ -27,12 +27,8 @@ SDIST="llama_cpp_python-$VERSION.tar.gz"
 WORK="$CACHE/work"
 mkdir -p "$WORK"
 if [ ! -f "$WORK/$SDIST" ]; then
-  if [ -f "/tmp/lcp/$SDIST" ]; then
-    cp "/tmp/lcp/$SDIST" "$WORK/"
-  else
-    python3 -m pip download --quiet --disable-pip-version-check --no-deps --no-binary :all: \
-      "llama-cpp-python==$VERSION" -d "$WORK" >&2
-  fi
+  python3 -m pip download --quiet --disable-pip-version-check --no-deps --no-binary :all: \
+    "llama-cpp-python==$VERSION" -d "$WORK" >&2
 fi
 SRC="$WORK/llama_cpp_python-$VERSION/vendor/llama.cpp"
 [ -d "$SRC" ] || tar -xzf "$WORK/$SDIST" -C "$WORK"

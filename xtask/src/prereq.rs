@@ -8,6 +8,12 @@ use crate::machine::Machine;
 
 /// The pinned componentize-py: this version makes components wasmtime 48 accepts.
 pub const COMPONENTIZE_PY: &str = "componentize-py==0.25.1";
+/// The pinned official OpenAI client: the server tests drive `staircase serve` with it.
+pub const OPENAI_CLIENT: &str = "openai==3.51.0";
+const OPENAI_CLIENT_VERSION: &str = "3.51.0";
+/// Builds llama.cpp's `llama-server` for the remote-backend tests into a versioned cache
+/// (does nothing when it is there); its `VERSION=` line names the cache folder.
+const LLAMA_SERVER_SCRIPT: &str = ".ci/llama-server.sh";
 const COMPONENTIZE_PY_VERSION: &str = "0.25.1";
 /// The Rust target the built-in plugins compile to.
 pub const WASM_TARGET: &str = "wasm32-wasip2";
@@ -72,6 +78,8 @@ pub fn check(machine: &Machine, scope: Scope) -> Check {
     if scope == Scope::Test {
         plan.componentize_py();
         plan.js_example();
+        plan.openai_client();
+        plan.llama_server();
     }
     plan.finish()
 }
@@ -213,6 +221,76 @@ impl Plan<'_> {
             _ => (pipx_fix, Err(no_pip)),
         };
         self.missing.push(Missing { what, fix, steps });
+    }
+
+    /// The pinned `openai` package in the Python on PATH.
+    fn openai_client(&mut self) {
+        let m = self.machine;
+        let what =
+            format!("the openai Python client {OPENAI_CLIENT_VERSION} (the server tests use it)");
+        let fix = format!("python3 -m pip install {OPENAI_CLIENT}");
+        let Some(python) = ["python3", "python"].iter().find_map(|p| m.which(p)) else {
+            let steps = Err("no python3 on PATH".to_string());
+            self.missing.push(Missing { what, fix, steps });
+            return;
+        };
+        let version = m.ask(&python, &["-c", "import openai; print(openai.__version__)"]);
+        if version.is_some_and(|v| v.trim() == OPENAI_CLIENT_VERSION) {
+            return;
+        }
+        let pip = [
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            OPENAI_CLIENT,
+        ];
+        let steps = Ok(vec![Step::new(&python.display().to_string(), &pip)]);
+        self.missing.push(Missing { what, fix, steps });
+    }
+
+    /// llama.cpp's `llama-server`, built once by the repository's script into the user cache.
+    fn llama_server(&mut self) {
+        let m = self.machine;
+        let script = m.root.join(LLAMA_SERVER_SCRIPT);
+        let what = "llama.cpp's llama-server (the remote-backend tests start replicas of it)";
+        let fix = format!("bash {LLAMA_SERVER_SCRIPT}");
+        let version = std::fs::read_to_string(&script).ok().and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("VERSION=").map(|v| v.trim().to_string()))
+        });
+        let Some(version) = version else {
+            let steps = Err(format!(
+                "{} is missing or names no VERSION",
+                script.display()
+            ));
+            self.missing.push(Missing {
+                what: what.into(),
+                fix,
+                steps,
+            });
+            return;
+        };
+        let cache = std::env::var_os("STAIRCASE_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/staircase")
+            });
+        if cache
+            .join("llama-server")
+            .join(&version)
+            .join("bin/llama-server")
+            .is_file()
+        {
+            return;
+        }
+        let steps = Ok(vec![Step::new("bash", &[&script.display().to_string()])]);
+        self.missing.push(Missing {
+            what: format!("{what}; about 20 minutes to build once"),
+            fix,
+            steps,
+        });
     }
 
     /// Node.js and the JavaScript example's packages (componentize-js), pinned by its lock.

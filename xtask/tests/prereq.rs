@@ -27,6 +27,10 @@ impl Machine {
             "echo x86_64-unknown-linux-gnu; echo wasm32-wasip2",
         );
         machine.tool("cargo", "");
+        // Answers only the openai check; the checks that ask it for more get nothing.
+        machine.tool("python3", "case \"$*\" in *openai*) echo 3.51.0;; esac");
+        machine.file("root/.ci/llama-server.sh", "VERSION=0.3.36\n");
+        machine.file(".cache/staircase/llama-server/0.3.36/bin/llama-server", "");
         machine.file("libclang/libclang.so.1", "");
         machine.file("libclang/clang/14.0.6/include/stddef.h", "");
         let js = "root/examples/plugins/js";
@@ -49,7 +53,8 @@ impl Machine {
         let path = self.file(
             &format!("bin/{name}"),
             &format!(
-                "#!/bin/sh\necho \"{name} $*\" >> '{}'\n{script}\n",
+                // Unquoted and unglobbed, so a multi-line `-c` script logs as one line.
+                "#!/bin/sh\nset -f\necho {name} $* >> '{}'\nset +f\n{script}\n",
                 log.display()
             ),
         );
@@ -164,7 +169,8 @@ fn pip_installs_componentize_py_and_the_tests_find_it_off_the_path() {
     machine.tool(
         "python3",
         &format!(
-            "if [ \"$1\" = -c ]; then printf '1\\n0\\n{dir}\\n{dir}\\n'; exit 0; fi\n\
+            "case \"$*\" in *openai*) echo 3.51.0; exit 0;; esac\n\
+             if [ \"$1\" = -c ]; then printf '1\\n0\\n{dir}\\n{dir}\\n'; exit 0; fi\n\
              /bin/mkdir -p '{dir}' && printf '#!/bin/sh\\necho componentize-py 0.25.1\\n' > '{bin}' \
              && /bin/chmod +x '{bin}'",
             dir = scripts.display(),
@@ -300,4 +306,41 @@ fn npm_installs_the_javascript_example_before_the_tests_and_check_installs_nothi
         calls[1..],
         ["cargo run --quiet -- model pull", "cargo test --workspace"]
     );
+}
+
+#[test]
+fn the_tests_install_the_openai_client_and_build_llama_server_before_running() {
+    let machine = Machine::new("server-tools");
+    std::fs::remove_file(
+        machine
+            .dir
+            .join(".cache/staircase/llama-server/0.3.36/bin/llama-server"),
+    )
+    .unwrap();
+    // A pip that installs the client, and a build script that leaves the binary behind.
+    let marker = machine.dir.join("openai-installed");
+    machine.tool(
+        "python3",
+        &format!(
+            "case \"$*\" in *'pip install'*) : > '{m}';; *openai*) [ -e '{m}' ] && echo 3.51.0;; esac",
+            m = marker.display()
+        ),
+    );
+    let binary = machine
+        .dir
+        .join(".cache/staircase/llama-server/0.3.36/bin/llama-server");
+    machine.tool("bash", &format!(": > '{}'", binary.display()));
+    let output = machine.xtask(&["test"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let calls = machine.calls();
+    let pip = calls
+        .iter()
+        .position(|c| c.contains("-m pip install") && c.contains("openai==3.51.0"))
+        .expect("pip installed the openai client");
+    let script = calls
+        .iter()
+        .position(|c| c.starts_with("bash ") && c.ends_with(".ci/llama-server.sh"))
+        .expect("the llama-server script ran");
+    let build = calls.iter().position(|c| c.starts_with("cargo ")).unwrap();
+    assert!(pip < build && script < build, "{calls:?}");
 }

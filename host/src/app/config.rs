@@ -79,6 +79,9 @@ pub struct Config {
     pub grants: BTreeMap<String, BTreeSet<Capability>>,
     #[serde(default)]
     pub limits: Limits,
+    /// Plugin sandbox maxima and per-run bounds; unset keys keep the host's defaults.
+    #[serde(default)]
+    pub sandbox: SandboxConfig,
     #[serde(default)]
     pub server: ServerConfig,
 }
@@ -171,6 +174,66 @@ impl Default for Limits {
             recent_runs: DEFAULT_RECENT_RUNS,
             max_tokens: None,
         }
+    }
+}
+
+/// The `[sandbox]` table: the plugin host's maxima ([`crate::plugin::HostConfig`]) and the
+/// bounds of every run ([`crate::pipeline::RunLimits`]). Each key left out keeps its default
+/// (the README's sandbox table lists them).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxConfig {
+    pub max_memory_mib: Option<u32>,
+    pub max_call_ms: Option<u32>,
+    pub max_output_bytes: Option<usize>,
+    pub max_messages: Option<usize>,
+    pub max_stdio_bytes_per_call: Option<u64>,
+    pub max_component_bytes: Option<usize>,
+    /// Built-in plugin names a user plugin may take over.
+    #[serde(default)]
+    pub overrides: BTreeSet<String>,
+    pub run_plugin_time_ms: Option<u64>,
+    pub run_steps_per_node: Option<u32>,
+    pub run_idle_steps: Option<u32>,
+}
+
+impl SandboxConfig {
+    /// `host` with this table's keys set over it.
+    pub fn apply_to_host(&self, host: &mut crate::plugin::HostConfig) {
+        if let Some(v) = self.max_memory_mib {
+            host.max_memory_mib = v;
+        }
+        if let Some(v) = self.max_call_ms {
+            host.max_call_ms = v;
+        }
+        if let Some(v) = self.max_output_bytes {
+            host.max_output_bytes = v;
+        }
+        if let Some(v) = self.max_messages {
+            host.max_messages = v;
+        }
+        if let Some(v) = self.max_stdio_bytes_per_call {
+            host.max_stdio_bytes_per_call = v;
+        }
+        if let Some(v) = self.max_component_bytes {
+            host.max_component_bytes = v;
+        }
+        host.overrides.extend(self.overrides.iter().cloned());
+    }
+
+    /// The per-run bounds: the defaults with this table's keys set over them.
+    pub fn run_limits(&self) -> crate::pipeline::RunLimits {
+        let mut limits = crate::pipeline::RunLimits::default();
+        if let Some(ms) = self.run_plugin_time_ms {
+            limits.plugin_time = std::time::Duration::from_millis(ms);
+        }
+        if let Some(v) = self.run_steps_per_node {
+            limits.steps_per_node = v;
+        }
+        if let Some(v) = self.run_idle_steps {
+            limits.idle_steps = v;
+        }
+        limits
     }
 }
 
@@ -317,6 +380,29 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("url"), "{error}");
+    }
+
+    #[test]
+    fn the_sandbox_table_sets_host_maxima_and_run_bounds_and_keeps_the_rest() {
+        let text =
+            "[sandbox]\nmax_call_ms = 500\noverrides = [\"proposer\"]\nrun_steps_per_node = 7\n";
+        let config = Config::parse(text, Path::new("s.toml")).unwrap();
+        let mut host = crate::plugin::HostConfig::default();
+        config.sandbox.apply_to_host(&mut host);
+        assert_eq!(host.max_call_ms, 500);
+        assert!(host.overrides.contains("proposer"));
+        let defaults = crate::plugin::HostConfig::default();
+        assert_eq!(host.max_memory_mib, defaults.max_memory_mib);
+        let limits = config.sandbox.run_limits();
+        assert_eq!(limits.steps_per_node, 7);
+        assert_eq!(
+            limits.idle_steps,
+            crate::pipeline::RunLimits::default().idle_steps
+        );
+        let error = Config::parse("[sandbox]\nmax_cal_ms = 1\n", Path::new("s.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("max_cal_ms"), "{error}");
     }
 
     #[test]

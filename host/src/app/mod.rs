@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use config::{Config, ConfigError, ModelConfig};
+pub use config::{Config, ConfigError, ModelConfig, SandboxConfig};
 pub use models::ModelEntry;
 pub use pinned::{Pinned, PinnedPlugin};
 pub use pipelines::{PipelineTable, PipelineVersion, Rejection};
@@ -135,7 +135,7 @@ impl AppBuilder {
                     "no default model: set `default_model` in staircase.toml".into(),
                 ),
             })?;
-        let registry = Registry::new(PluginRuntime::new(HostConfig {
+        let mut host = HostConfig {
             engine: Some(default.clone()),
             grants: config
                 .grants
@@ -143,7 +143,9 @@ impl AppBuilder {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             ..HostConfig::default()
-        })?);
+        };
+        config.sandbox.apply_to_host(&mut host);
+        let registry = Registry::new(PluginRuntime::new(host)?);
         registry.load_builtins()?;
         let user_dir =
             crate::plugin::default_plugin_dir().filter(|d| config.plugins.user_dir && d.is_dir());
@@ -158,7 +160,8 @@ impl AppBuilder {
         for model in &models {
             table.insert(model.name.clone(), model.engine.clone());
         }
-        let runner = Arc::new(Runner::new(table, registry.clone()));
+        let runner =
+            Arc::new(Runner::new(table, registry.clone()).with_limits(config.sandbox.run_limits()));
         let checker = runner.clone();
         let pipelines = PipelineTable::new(
             config.pipelines.dirs.clone(),
