@@ -1,7 +1,7 @@
 //! Staircase: a host that runs multi-agent LLM pipelines with staircase streaming,
 //! while every agent-specific policy runs as a sandboxed WebAssembly component.
 //!
-//! One folder per concept: `engine/` generates tokens (the local GGUF engine; remote servers are planned),
+//! One folder per concept: `engine/` generates tokens (the local GGUF engine and OpenAI-compatible remote servers),
 //! `cache/` holds the prefix KV cache, `token` is the token id they share, `speculate/` drafts tokens, `pipeline/` runs DAGs of
 //! agents, `plugin/` hosts the WebAssembly policies, `trace/` records timelines, `eval/` scores answers, `routing/` chooses replicas, `model/`
 //! fetches and lists models, `app/` assembles them from `staircase.toml` (the one composition
