@@ -294,6 +294,10 @@ def hostile(server):
     # The hostile pipeline itself still serves benign requests, and so does everyone else.
     bystander("guarded")
     bystander("moa")
+    # Calls and failures are counted per plugin on /metrics.
+    check(server.metric("staircase_plugin_calls_total", plugin="hostile-role") > 0, "plugin calls")
+    check(server.metric("staircase_plugin_calls_total", plugin="moa-aggregator") > 0, "plugin calls")
+    check(server.metric("staircase_plugin_failures_total", plugin="hostile-role") > 0, "plugin failures")
 
 
 PIPELINE_A = """name = "reload"

@@ -148,18 +148,23 @@ impl MeteredProvider {
         Meter {
             plugin: plugin.to_string(),
             budget: self.budget.clone(),
+            // Looked up once per instance, so a call costs one atomic add (a no-op without
+            // a recorder, as in `run`); `serve` exports it on `/metrics`.
+            calls: metrics::counter!("staircase_plugin_calls_total", "plugin" => plugin.to_string()),
         }
     }
 }
 
-/// What every metered instance holds: its plugin's name and the run's budget.
+/// What every metered instance holds: its plugin's name, the run's budget and its call counter.
 struct Meter {
     plugin: String,
     budget: Arc<RunBudget>,
+    calls: metrics::Counter,
 }
 
 impl Meter {
     fn call<T>(&self, f: impl FnOnce() -> Result<T, PolicyError>) -> Result<T, PolicyError> {
+        self.calls.increment(1);
         self.budget.call(&self.plugin, f)
     }
 }
@@ -373,6 +378,7 @@ mod tests {
         let meter = Meter {
             plugin: "endless".into(),
             budget: budget.clone(),
+            calls: metrics::Counter::noop(),
         };
         (MeteredSession::new(Box::new(Endless), meter), budget)
     }

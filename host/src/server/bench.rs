@@ -85,7 +85,7 @@ struct Sample {
     total: Duration,
 }
 
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 enum Transport {
     InProcess,
     Http,
@@ -167,7 +167,9 @@ pub async fn run(
                     jobs.push(tokio::spawn(async move {
                         let mut samples = Vec::new();
                         for k in 0..options.requests_per_client {
-                            let tag = format!("{client}.{k}");
+                            // Unique per transport too: a prompt the other transport sent
+                            // would be served whole from the prefix cache.
+                            let tag = format!("{transport:?} {client}.{k}");
                             samples.push(
                                 request(&app, &http, &url, &target, transport, &tag, &options)
                                     .await?,
