@@ -12,7 +12,7 @@ if [ -x "$BIN" ]; then
   exit 0
 fi
 
-# The build needs cmake and a C++ compiler; CI runs this before `cargo xtask test` installs them.
+# The build needs cmake and a C++ compiler (`cargo xtask test` installs them first; run by hand, this does).
 if ! command -v cmake >/dev/null || ! command -v c++ >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -qq >&2
