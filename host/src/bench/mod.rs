@@ -1,14 +1,18 @@
 //! Every benchmark of `staircase bench`, through the library's public APIs, as any caller
 //! would use them: `engine` (our engine against bare kernels, batching, warm-prefix TTFT),
-//! `speculation` (decode speed with and without speculative decoding) and `plugins` (what
-//! the plugin host costs). Bare-kernel timings come from the one local-engine probe
+//! `speculation` (decode speed with and without speculative decoding), `plugins` (what
+//! the plugin host costs), `staircase` (single model vs layered vs staircase pipelines),
+//! `serve` (what HTTP adds to a run) and `routing` (routing policies over real replicas). Bare-kernel timings come from the one local-engine probe
 //! (`engine::local::probe`). Figures are ratios measured within one run; nothing here
 //! asserts a speed. This room must not reach into another room's internals, and no room
 //! depends on it.
 
 pub mod engine;
 pub mod plugins;
+pub mod routing;
+pub mod serve;
 pub mod speculation;
+pub mod staircase;
 
 use std::time::Duration;
 

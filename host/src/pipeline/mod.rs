@@ -3,10 +3,9 @@
 //! `spec` reads and validates pipeline files, `examples` embeds the shipped ones, `stream`
 //! cuts outputs into chunks per edge, `critical` computes critical paths, `runtime` runs a
 //! pipeline on engines and policies, `role_session` drives agents that read other nodes,
-//! `budget` bounds a run whatever its plugins do, `bench` compares single-model, layered and staircase runs. `policy` holds the traits the
-//! plugin host implements; nothing here touches wasmtime or llama.cpp directly.
+//! `budget` bounds a run whatever its plugins do. `policy` holds the traits the plugin host
+//! implements; nothing here touches wasmtime or llama.cpp directly.
 
-pub mod bench;
 pub mod budget;
 pub mod critical;
 pub mod examples;

@@ -3,14 +3,13 @@
 //!
 //! `chat` runs completions (streamed as SSE or whole), `admin` answers the listing, health,
 //! trace and reload endpoints, `openai` holds the wire format, `error` the error shape,
-//! `metrics` the Prometheus exposition, `admission` the bounded queue, `bench` measures
-//! what HTTP adds. Runs go through the
-//! same library calls as `staircase run`; this room only translates HTTP to them. It must
-//! not assemble engines or plugins (that is `app`'s job).
+//! `metrics` the Prometheus exposition, `admission` the bounded queue (`bench::serve`
+//! measures what HTTP adds). Runs go through the same library calls as `staircase run`; this
+//! room only translates HTTP to them. It must not assemble engines or plugins (that is
+//! `app`'s job).
 
 mod admin;
 mod admission;
-pub mod bench;
 mod chat;
 pub mod error;
 mod metrics;

@@ -1,11 +1,11 @@
 //! `staircase bench routing`: the routing policies on a multi-agent trace against
-//! `llama-server` replicas this command starts (see `engine::remote::bench`).
+//! `llama-server` replicas this command starts (see `bench::routing`).
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 
-use crate::engine::remote::bench::{self, RoutingBenchConfig};
+use crate::bench::routing::{self as bench, RoutingBenchConfig};
 
 /// Arguments of `staircase bench routing`.
 #[derive(Debug, clap::Args)]

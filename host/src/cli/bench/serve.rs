@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
-use crate::server::bench::{self, ServeBenchOptions};
+use crate::bench::serve::{self as bench, ServeBenchOptions};
 
 /// Arguments of `staircase bench serve`.
 #[derive(Debug, clap::Args)]

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 
+use crate::bench::staircase::{self as bench, BenchOptions};
 use crate::engine::Engine;
 use crate::engine::simulated::{SimulatedEngine, SimulatedLatencies};
-use crate::pipeline::bench::{self, BenchOptions};
 use crate::pipeline::{Models, Runner};
 
 /// Arguments of `staircase bench staircase`.

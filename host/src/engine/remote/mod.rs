@@ -11,7 +11,6 @@
 //! reached the caller a failure is never retried (the caller would see text twice); it ends
 //! the stream with a typed error, within the idle timeout at most.
 
-pub mod bench;
 mod client;
 pub mod config;
 pub mod launch;

@@ -15,8 +15,8 @@ use futures_util::future::join_all;
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
-use super::launch::{LaunchError, LlamaServer};
-use super::{RemoteConfig, RemoteEngine};
+use crate::engine::remote::launch::{LaunchError, LlamaServer};
+use crate::engine::remote::{RemoteConfig, RemoteEngine};
 use crate::engine::{
     ChatMessage, Engine, EngineError, GenerationEvent, GenerationRequest, Prompt, Role,
 };

@@ -15,12 +15,12 @@ use futures_util::StreamExt;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
-use super::ServeOptions;
 use crate::app::App;
 use crate::app::config::Limits;
 use crate::engine::{ChatMessage, GenerationEvent, GenerationRequest, Role};
 use crate::pipeline::policy::StreamMode;
 use crate::pipeline::{RunEvent, RunRequest};
+use crate::server::ServeOptions;
 
 /// What to measure.
 #[derive(Clone, Debug)]
@@ -118,7 +118,7 @@ pub async fn run(
     };
     let (addr_tx, addr_rx) = oneshot::channel();
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let server = tokio::spawn(super::serve(
+    let server = tokio::spawn(crate::server::serve(
         app.clone(),
         serve_options,
         move |addr| {
