@@ -18,6 +18,7 @@ pub use pinned::{Pinned, PinnedPlugin};
 pub use pipelines::{PipelineTable, PipelineVersion, Rejection};
 
 use crate::engine::local::{EngineStats, LocalEngineConfig};
+use crate::engine::remote::ReplicaStats;
 use crate::engine::{Engine, EngineError};
 use crate::model::ModelError;
 use crate::pipeline::spec::DEFAULT_MODEL;
@@ -299,6 +300,14 @@ impl App {
         self.models
             .iter()
             .filter_map(|m| m.local_stats().map(|s| (m.name.clone(), s)))
+            .collect()
+    }
+
+    /// Every remote model's per-replica figures, by model name.
+    pub fn replica_stats(&self) -> Vec<(String, Vec<ReplicaStats>)> {
+        self.models
+            .iter()
+            .filter_map(|m| m.replica_stats().map(|s| (m.name.clone(), s)))
             .collect()
     }
 

@@ -9,7 +9,7 @@ use super::AppError;
 use super::config::{Config, ModelConfig};
 use crate::engine::Engine;
 use crate::engine::local::{EngineStats, LocalEngine, LocalEngineConfig};
-use crate::engine::remote::RemoteEngine;
+use crate::engine::remote::{RemoteEngine, ReplicaStats};
 use crate::pipeline::spec::DEFAULT_MODEL;
 
 /// One named model and its engine.
@@ -20,12 +20,19 @@ pub struct ModelEntry {
     pub is_default: bool,
     /// The same engine when it is local, for what only a local engine tells.
     local: Option<Arc<LocalEngine>>,
+    /// The same engine when it is remote, for its replicas' figures.
+    remote: Option<Arc<RemoteEngine>>,
 }
 
 impl ModelEntry {
     /// The local engine's stats (`None` for other kinds).
     pub fn local_stats(&self) -> Option<EngineStats> {
         self.local.as_ref().map(|l| l.stats())
+    }
+
+    /// A remote engine's per-replica figures (`None` for other kinds).
+    pub fn replica_stats(&self) -> Option<Vec<ReplicaStats>> {
+        self.remote.as_ref().map(|r| r.replica_stats())
     }
 
     /// Waits until the engine holds and queues nothing: `None` then, or the stats of a
@@ -95,19 +102,22 @@ pub(super) fn load(
                     engine: local.clone(),
                     is_default,
                     local: Some(local),
+                    remote: None,
                 }
             }
             ModelConfig::Remote(remote) => {
-                let engine =
-                    RemoteEngine::open(&name, *remote).map_err(|source| AppError::Engine {
+                let engine = Arc::new(RemoteEngine::open(&name, *remote).map_err(|source| {
+                    AppError::Engine {
                         name: name.clone(),
                         source,
-                    })?;
+                    }
+                })?);
                 ModelEntry {
                     name,
-                    engine: Arc::new(engine),
+                    engine: engine.clone(),
                     is_default,
                     local: None,
+                    remote: Some(engine),
                 }
             }
         };

@@ -25,7 +25,8 @@ use super::openai::{self, Chat, ChunkChoice, Delta, Usage};
 use super::{RUN_ID_HEADER, ServerState};
 use crate::app::PipelineVersion;
 use crate::engine::{
-    Engine, EngineError, FinishReason, GenerationEvent, GenerationRequest, SamplingParams,
+    Engine, EngineError, FinishReason, GenerationEvent, GenerationRequest, Prompt, Role,
+    SamplingParams,
 };
 use crate::pipeline::{Pipeline, RunError, RunEvent, RunRequest};
 
@@ -470,6 +471,17 @@ async fn generate(
     let defaults = SamplingParams::default();
     let max_tokens = chat.max_tokens.unwrap_or(defaults.max_tokens);
     let mut request = GenerationRequest::chat(chat.conversation.clone());
+    // A trailing assistant message is continued, as llama.cpp's server does: how another
+    // Staircase (or any client) has a model continue a partial answer.
+    if let Prompt::Chat {
+        messages,
+        assistant_prefix,
+    } = &mut request.prompt
+        && messages.len() > 1
+        && messages.last().is_some_and(|m| m.role == Role::Assistant)
+    {
+        *assistant_prefix = messages.pop().map(|m| m.content);
+    }
     request.sampling = SamplingParams {
         temperature: chat.temperature.unwrap_or(defaults.temperature),
         top_p: chat.top_p.unwrap_or(defaults.top_p),

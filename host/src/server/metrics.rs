@@ -1,6 +1,7 @@
 //! Prometheus metrics through the `metrics` facade. Request counters and latency histograms
-//! are recorded as requests finish; engine, queue and reload gauges are read from their
-//! owners when `/metrics` is scraped, so they are never stale.
+//! are recorded as requests finish (a remote model's per-replica latencies by the remote
+//! engine itself); engine, replica, queue and reload figures are read from their owners when
+//! `/metrics` is scraped, so they are never stale.
 
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
@@ -11,6 +12,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use super::openai::Usage;
 use crate::app::{App, Rejection};
 use crate::plugin::{Registry, RegistryEvent};
+use crate::routing::BreakerState;
 
 /// Latency buckets in seconds: a cached first token on a small CPU takes tens of ms, a
 /// pipeline's whole answer up to minutes.
@@ -113,6 +115,28 @@ impl Metrics {
                 .absolute(stats.speculation.drafted_tokens);
             counter!("staircase_speculation_accepted_tokens_total", "model" => model.clone())
                 .absolute(stats.speculation.accepted_tokens);
+        }
+        for (model, replicas) in app.replica_stats() {
+            for replica in replicas {
+                let labels = [("model", model.clone()), ("replica", replica.url)];
+                counter!("staircase_replica_requests_total", &labels).absolute(replica.requests);
+                counter!("staircase_replica_errors_total", &labels).absolute(replica.errors);
+                gauge!("staircase_replica_in_flight", &labels).set(replica.in_flight as f64);
+                gauge!("staircase_replica_healthy", &labels)
+                    .set(f64::from(u8::from(replica.healthy)));
+                // 0 closed, 1 half-open, 2 open: a value alerts can compare.
+                gauge!("staircase_replica_breaker_state", &labels).set(match replica.breaker {
+                    BreakerState::Closed => 0.0,
+                    BreakerState::HalfOpen => 1.0,
+                    BreakerState::Open => 2.0,
+                });
+                counter!("staircase_replica_prompt_tokens_total", &labels)
+                    .absolute(replica.prompt_tokens);
+                counter!("staircase_replica_cached_prompt_tokens_total", &labels)
+                    .absolute(replica.cached_prompt_tokens);
+                counter!("staircase_replica_routed_prefix_hit_chars_total", &labels)
+                    .absolute(replica.predicted_hit_chars);
+            }
         }
         let (accepted, rejected) = app.pipelines().counts();
         counter!("staircase_reloads_total", "what" => "pipeline", "result" => "accepted")

@@ -11,7 +11,18 @@ use reqwest::StatusCode;
 
 use super::config::Timeouts;
 use super::wire::{self, Chunk, WireRequest};
-use crate::engine::{EngineError, EventSender, FinishReason, GenerationEvent, Usage};
+use crate::engine::{EngineError, EventSender, FinishReason, GenerationEvent, TokenCounter, Usage};
+
+/// Where the token counts of a remote answer's deltas came from (what the chunker cuts by);
+/// in the extensions of its `Finished` event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChunkTokens {
+    /// Every count is the server's: vLLM's per-chunk usage or llama.cpp's per-chunk timings.
+    Reported,
+    /// Some counts are estimates, since the server reported none for their chunks: the
+    /// configured local tokenizer's count of the chunk's text, else the byte estimate.
+    Estimated,
+}
 
 /// How a try ended well.
 #[derive(Debug)]
@@ -21,6 +32,7 @@ pub enum Outcome {
         reason: FinishReason,
         usage: Usage,
         first_token: Option<Duration>,
+        chunk_tokens: ChunkTokens,
     },
     /// The caller is gone; nothing more to do.
     Cancelled,
@@ -54,6 +66,8 @@ pub struct Attempt<'a> {
     pub warm_up: bool,
     /// When the caller submitted the request (timings count from there).
     pub submitted: Instant,
+    /// Counts a chunk's tokens when the server does not say.
+    pub tokens: &'a dyn TokenCounter,
 }
 
 /// A transport error as ours: timeouts, refused or reset connections.
@@ -126,6 +140,9 @@ impl Attempt<'_> {
         let mut first_token = None;
         let mut reason = None;
         let mut usage = Usage::default();
+        // Tokens the deltas so far stand for, and whether any count was estimated.
+        let mut counted = 0u32;
+        let mut chunk_tokens = ChunkTokens::Reported;
         let fail = |error, delivered| Failure { error, delivered };
         loop {
             // Until the first event the server may still be prefilling; after it, silence
@@ -168,6 +185,7 @@ impl Attempt<'_> {
                     delivered,
                 ));
             }
+            let generated = chunk.generated_so_far();
             if let Some(wire_usage) = chunk.usage {
                 usage = Usage {
                     prompt_tokens: wire_usage.prompt_tokens,
@@ -182,11 +200,21 @@ impl Attempt<'_> {
                     && !self.warm_up
                 {
                     first_token.get_or_insert_with(|| self.submitted.elapsed());
+                    // A chunk may stand for several tokens (a character of several tokens,
+                    // text held back while it could begin a stop string): the difference of
+                    // the server's running counts says how many. A chunk of text is at
+                    // least one token.
+                    let count = match generated {
+                        Some(total) => total.saturating_sub(counted).max(1),
+                        None => {
+                            chunk_tokens = ChunkTokens::Estimated;
+                            self.tokens.count(text).get().max(1)
+                        }
+                    };
+                    counted = counted.saturating_add(count);
                     let delta = GenerationEvent::Delta {
                         text: text.to_string(),
-                        // A streamed chunk carries one token on llama.cpp and vLLM; the
-                        // usage at the end has the exact total.
-                        token_count: 1,
+                        token_count: count,
                         token_ids: None,
                     };
                     if events.send(Ok(delta)).is_err() {
@@ -204,6 +232,7 @@ impl Attempt<'_> {
                 reason,
                 usage,
                 first_token,
+                chunk_tokens,
             }),
             // The connection closed before the answer ended: the replica went away.
             None => Err(fail(

@@ -19,10 +19,11 @@ mod tokens;
 mod wire;
 
 use std::sync::{Arc, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub use self::client::ChunkTokens;
 use self::client::{Attempt, Outcome};
 pub use self::config::{Continuation, HealthConfig, RemoteConfig, RetryConfig, Timeouts};
 pub use self::replicas::ReplicaStats;
@@ -45,14 +46,17 @@ pub struct RemoteEngine {
     shared: Arc<Shared>,
     info: ModelInfo,
     runtime: tokio::runtime::Handle,
-    tokens: RemoteTokens,
     health: Option<tokio::task::JoinHandle<()>>,
     /// The runtime [`RemoteEngine::open`] made for it, when it was not built inside one.
     own_runtime: Option<tokio::runtime::Runtime>,
 }
 
 struct Shared {
+    /// What pipelines call the model (the `model` label of its metrics).
+    name: String,
     config: RemoteConfig,
+    kind: ServerKind,
+    tokens: RemoteTokens,
     client: reqwest::Client,
     api_key: Option<String>,
     replicas: Arc<Replicas>,
@@ -61,9 +65,26 @@ struct Shared {
     template: Option<ChatTemplate>,
 }
 
+/// Which server answers, as far as the probe at connect could tell: what it may be asked
+/// beyond the OpenAI API.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum ServerKind {
+    /// llama.cpp's `llama-server` (`/props`): per-chunk timings on request.
+    LlamaCpp,
+    /// vLLM (`/version`): per-chunk usage on request.
+    Vllm,
+    /// Another Staircase (`/v1/models` owned by `staircase-*`): continues a trailing
+    /// assistant message as llama.cpp does.
+    Staircase,
+    /// Not asked, or not known: only the OpenAI API.
+    #[default]
+    Other,
+}
+
 /// What the servers told us at connect.
 #[derive(Default)]
 struct Probe {
+    kind: ServerKind,
     continuation: Option<Continuation>,
     context_tokens: Option<usize>,
     template: Option<(String, String, String)>,
@@ -147,7 +168,10 @@ impl RemoteEngine {
             local_tokenizer,
         );
         let shared = Arc::new(Shared {
+            name: name.to_string(),
             config,
+            kind: probe.kind,
+            tokens,
             client,
             api_key,
             replicas,
@@ -167,7 +191,6 @@ impl RemoteEngine {
             shared,
             info,
             runtime: tokio::runtime::Handle::current(),
-            tokens,
             health,
             own_runtime: None,
         })
@@ -227,6 +250,21 @@ impl Drop for RemoteEngine {
 }
 
 impl Shared {
+    /// One try's latencies on its replica, as histograms through the `metrics` facade (a
+    /// no-op unless a recorder is installed, as `staircase serve` does for `/metrics`).
+    fn record_latency(&self, index: usize, first_token: Option<Duration>, total: Duration) {
+        let labels = [
+            ("model", self.name.clone()),
+            ("replica", self.replicas.url(index).to_string()),
+        ];
+        if let Some(first_token) = first_token {
+            metrics::histogram!("staircase_replica_ttft_seconds", &labels)
+                .record(first_token.as_secs_f64());
+        }
+        metrics::histogram!("staircase_replica_request_duration_seconds", &labels)
+            .record(total.as_secs_f64());
+    }
+
     async fn check_health(&self) {
         replicas::check_health(
             &self.replicas,
@@ -255,7 +293,17 @@ impl Shared {
             },
             Prompt::Tokens(tokens) => WirePrompt::Tokens(tokens),
         };
-        Ok(wire::request(&self.config.model, prompt, &request.sampling))
+        let mut wire = wire::request(&self.config.model, prompt, &request.sampling);
+        // Ask for running token counts in every chunk where the server has them, so the
+        // chunker cuts by real counts ([`ChunkTokens`]).
+        match self.kind {
+            ServerKind::LlamaCpp => wire.body["timings_per_token"] = Value::Bool(true),
+            ServerKind::Vllm => {
+                wire.body["stream_options"]["continuous_usage_stats"] = Value::Bool(true);
+            }
+            ServerKind::Staircase | ServerKind::Other => {}
+        }
+        Ok(wire)
     }
 }
 
@@ -309,7 +357,7 @@ impl Engine for RemoteEngine {
     }
 
     fn token_counter(&self) -> &dyn TokenCounter {
-        &self.tokens
+        &self.shared.tokens
     }
 }
 
@@ -344,6 +392,7 @@ async fn serve(
             return;
         };
         let index = lease.index;
+        let tried_at = submitted.elapsed();
         let try_once = Attempt {
             client: &shared.client,
             base_url: shared.replicas.url(index),
@@ -352,6 +401,7 @@ async fn serve(
             timeouts: &shared.config.timeouts,
             warm_up,
             submitted,
+            tokens: &shared.tokens,
         };
         let failure = match try_once.run(&events).await {
             Ok(Outcome::Cancelled) => return,
@@ -359,11 +409,19 @@ async fn serve(
                 reason,
                 usage,
                 first_token,
+                chunk_tokens,
             }) => {
                 shared
                     .replicas
                     .succeeded(index, usage.prompt_tokens, usage.cached_prompt_tokens);
                 let finished = submitted.elapsed();
+                shared.record_latency(
+                    index,
+                    first_token.map(|t| t.saturating_sub(tried_at)),
+                    finished.saturating_sub(tried_at),
+                );
+                let mut extensions = http::Extensions::new();
+                extensions.insert(chunk_tokens);
                 let timings = Timings {
                     queued: std::time::Duration::ZERO,
                     prefill_done: first_token.unwrap_or(finished),
@@ -374,7 +432,7 @@ async fn serve(
                     reason,
                     usage,
                     timings,
-                    extensions: http::Extensions::new(),
+                    extensions,
                 }));
                 return;
             }
@@ -454,6 +512,7 @@ async fn probe(
                 let str_of = |key: &str| props[key].as_str().unwrap_or_default().to_string();
                 let template = str_of("chat_template");
                 return Ok(Probe {
+                    kind: ServerKind::LlamaCpp,
                     continuation: Some(Continuation::TrailingAssistant),
                     context_tokens: props["default_generation_settings"]["n_ctx"]
                         .as_u64()
@@ -470,17 +529,25 @@ async fn probe(
         }
         let version = get(format!("{url}/version")).await;
         let models = get(format!("{url}/v1/models")).await;
-        let context_tokens = match &models {
-            Some(Ok(models)) => models["data"][0]["max_model_len"]
-                .as_u64()
-                .map(|n| n as usize),
-            _ => None,
+        let (context_tokens, staircase) = match &models {
+            Some(Ok(models)) => (
+                models["data"][0]["max_model_len"]
+                    .as_u64()
+                    .map(|n| n as usize),
+                models["data"][0]["owned_by"]
+                    .as_str()
+                    .is_some_and(|owner| owner.starts_with("staircase")),
+            ),
+            _ => (None, false),
+        };
+        let (kind, continuation) = match version {
+            Some(Ok(_)) => (ServerKind::Vllm, Some(Continuation::ContinueFinalMessage)),
+            _ if staircase => (ServerKind::Staircase, Some(Continuation::TrailingAssistant)),
+            _ => (ServerKind::Other, None),
         };
         return Ok(Probe {
-            continuation: match version {
-                Some(Ok(_)) => Some(Continuation::ContinueFinalMessage),
-                _ => None,
-            },
+            kind,
+            continuation,
             context_tokens,
             template: None,
         });

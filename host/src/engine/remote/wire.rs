@@ -93,8 +93,30 @@ pub struct Chunk {
     pub choices: Vec<Choice>,
     #[serde(default)]
     pub usage: Option<WireUsage>,
+    /// llama.cpp's figures, in every chunk when asked with `timings_per_token`.
+    #[serde(default)]
+    pub timings: Option<WireTimings>,
     #[serde(default)]
     pub error: Option<Value>,
+}
+
+/// The part of llama.cpp's `timings` we read.
+#[derive(Debug, Default, Deserialize)]
+pub struct WireTimings {
+    /// Tokens generated so far.
+    #[serde(default)]
+    pub predicted_n: Option<u32>,
+}
+
+impl Chunk {
+    /// Tokens generated so far, when this chunk says: vLLM's per-chunk usage
+    /// (`continuous_usage_stats`) or llama.cpp's per-chunk timings.
+    pub fn generated_so_far(&self) -> Option<u32> {
+        self.usage
+            .as_ref()
+            .map(|u| u.completion_tokens)
+            .or_else(|| self.timings.as_ref().and_then(|t| t.predicted_n))
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -204,7 +226,14 @@ mod tests {
             r#"{"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":2,"prompt_tokens_details":{"cached_tokens":4}}}"#,
         )
         .unwrap();
+        assert_eq!(usage.generated_so_far(), Some(2));
         let usage = usage.usage.unwrap();
         assert_eq!(usage.prompt_tokens_details.unwrap().cached_tokens, 4);
+        let llama: Chunk = serde_json::from_str(
+            r#"{"choices":[{"delta":{"content":"'m glad"}}],"timings":{"prompt_n":3,"predicted_n":4}}"#,
+        )
+        .unwrap();
+        assert_eq!(llama.generated_so_far(), Some(4));
+        assert_eq!(chat.generated_so_far(), None);
     }
 }
