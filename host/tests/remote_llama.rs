@@ -6,21 +6,28 @@
 //! They cover every example pipeline in both modes on a remote model, staircase steps that
 //! really continue the assistant prefix (the server reports the continued prompt as cached),
 //! and failover: a replica killed before the first token, one killed mid-stream, its breaker
-//! opening and closing again once it is restarted and passes a health check.
+//! opening and closing again once it is restarted and passes a health check. And Staircase
+//! itself as the server: `staircase serve` as another Staircase's remote model.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use staircase::app::config::Limits;
+use staircase::app::{App, AppBuilder, Config, ModelConfig};
 use staircase::engine::remote::launch::LlamaServer;
-use staircase::engine::remote::{Continuation, RemoteConfig, RemoteEngine};
+use staircase::engine::remote::{ChunkTokens, Continuation, RemoteConfig, RemoteEngine};
 use staircase::engine::{
     ChatMessage, Engine, EngineError, GenerationEvent, GenerationRequest, Prompt, Role,
 };
 use staircase::pipeline::examples::BUILTIN;
 use staircase::pipeline::policy::StreamMode;
+use staircase::pipeline::stream::{ChunkSchedule, Chunker, StreamPolicy};
 use staircase::pipeline::{Models, RunRequest, Runner};
 use staircase::plugin::{HostConfig, PluginRuntime, Registry};
 use staircase::routing::{BreakerConfig, BreakerState, PolicyConfig};
+use staircase::server::ServeOptions;
+use tokio::sync::oneshot;
 
 /// One test at a time: each starts one or two servers, and more would crowd the machine.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -199,6 +206,76 @@ fn staircase_steps_continue_the_assistant_prefix_and_the_server_caches_it() {
     });
 }
 
+/// Reads a stream to its end: each delta's text and token count, the usage, and where the
+/// counts came from.
+async fn deltas(
+    engine: &RemoteEngine,
+    request: GenerationRequest,
+) -> (Vec<(String, u32)>, staircase::engine::Usage, Option<ChunkTokens>) {
+    let mut stream = engine.submit(request).unwrap();
+    let mut out = Vec::new();
+    while let Some(event) = stream.next().await {
+        match event.unwrap() {
+            GenerationEvent::Delta {
+                text, token_count, ..
+            } => out.push((text, token_count)),
+            GenerationEvent::Finished {
+                usage, extensions, ..
+            } => return (out, usage, extensions.get::<ChunkTokens>().copied()),
+        }
+    }
+    panic!("the stream ended without Finished");
+}
+
+#[test]
+fn chunks_count_the_tokens_the_server_reports_and_the_chunker_cuts_by_them() {
+    let _serial = serial();
+    let server = server();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let engine = RemoteEngine::connect("default", remote_config(vec![server.url()]))
+            .await
+            .unwrap();
+        let greedy = |stop: Vec<String>| {
+            let mut request =
+                GenerationRequest::chat(vec![ChatMessage::new(Role::User, "Say hi")]);
+            request.sampling.temperature = 0.0;
+            request.sampling.max_tokens = 10;
+            request.sampling.stop = stop;
+            request
+        };
+        let (plain, usage, source) = deltas(&engine, greedy(Vec::new())).await;
+        assert_eq!(source, Some(ChunkTokens::Reported));
+        assert!(plain.len() >= 4, "{plain:?}");
+        // A stop string that the second and third tokens begin but the fourth does not: the
+        // server holds those tokens back while they could still be a stop and then sends
+        // them in one chunk, which is several tokens (the old count said 1).
+        let stop = format!("{}{}\u{7}", plain[1].0, plain[2].0);
+        let (held, held_usage, source) = deltas(&engine, greedy(vec![stop.clone()])).await;
+        assert_eq!(source, Some(ChunkTokens::Reported));
+        let context = format!("stop {stop:?}: {held:?}, usage {held_usage:?}; plain {plain:?}");
+        assert!(held.iter().any(|(_, n)| *n >= 3), "{context}");
+        assert!(held.len() < plain.len(), "{context}");
+        // The counts add up to what the server generated, in both answers.
+        for (answer, usage) in [(&plain, &usage), (&held, &held_usage)] {
+            let sum: u32 = answer.iter().map(|(_, n)| n).sum();
+            assert_eq!(sum, usage.completion_tokens, "{context}");
+        }
+        // The chunker cuts by those counts: 4-token chunks of 10 tokens are 3 chunks,
+        // whatever the number of deltas.
+        let schedule = ChunkSchedule::new(vec![4]).unwrap();
+        let mut chunker = Chunker::new(StreamPolicy::Staircase(schedule));
+        let mut chunks: Vec<_> = held
+            .iter()
+            .filter_map(|(text, n)| chunker.push(text, *n))
+            .collect();
+        chunks.extend(chunker.finish());
+        assert!(chunks.iter().rev().skip(1).all(|c| c.tokens >= 4), "{chunks:?}");
+        let total: u32 = chunks.iter().map(|c| c.tokens).sum();
+        assert_eq!(total, held_usage.completion_tokens, "{chunks:?}");
+    });
+}
+
 #[test]
 fn failover_before_the_first_token_and_a_clear_error_mid_stream() {
     let _serial = serial();
@@ -273,5 +350,121 @@ fn failover_before_the_first_token_and_a_clear_error_mid_stream() {
         assert_eq!(stats[0].breaker, BreakerState::Closed);
         let (text, _) = collect(&engine, question()).await.unwrap();
         assert!(!text.is_empty());
+    });
+}
+
+// Staircase as another Staircase's backend: `staircase serve` A on the local engine and the
+// default model, and a second host B whose `default` model is remote, on A. B runs example
+// pipelines in both modes through A, its `/metrics` names A as a replica, and the token
+// counts of A's chunks (A reports none per chunk) are labelled estimates.
+
+/// Serves `app` (`staircase serve`) on a free loopback port until the returned sender is dropped.
+fn serve(rt: &tokio::runtime::Runtime, app: Arc<App>) -> (SocketAddr, oneshot::Sender<()>) {
+    let options = ServeOptions {
+        addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        api_key: None,
+        limits: Limits::default(),
+        watch: false,
+    };
+    let (addr_tx, addr_rx) = oneshot::channel();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    rt.spawn(staircase::server::serve(
+        app,
+        options,
+        move |addr| {
+            let _ = addr_tx.send(addr);
+        },
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    let addr = rt.block_on(addr_rx).expect("the server did not start");
+    (addr, stop_tx)
+}
+
+#[test]
+fn a_staircase_serves_another_staircase_pipelines_and_metrics() {
+    let _serial = serial();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let front = AppBuilder::new().build().expect("host A");
+    let (a_addr, _stop_a) = serve(&rt, Arc::new(front));
+    let a_url = format!("http://{a_addr}");
+
+    let mut remote = RemoteConfig::new("default", vec![a_url.clone()]);
+    // Checks only when asked (no background traffic).
+    remote.health.interval = Duration::ZERO;
+    let mut config = Config::default();
+    config
+        .models
+        .insert("default".into(), ModelConfig::Remote(Box::new(remote)));
+    let back = Arc::new(AppBuilder::from_config(config).build().expect("host B"));
+    let (b_addr, _stop_b) = serve(&rt, back.clone());
+
+    rt.block_on(async {
+        let engine = back.engine("default").unwrap();
+        // Detected as a Staircase (its /v1/models), which continues a trailing assistant
+        // message: staircase steps can run on it.
+        assert!(engine.model_info().capabilities.assistant_prefix);
+
+        for name in ["moa", "debate"] {
+            let mut pipeline = (*back.pipeline(name).unwrap().pipeline).clone();
+            pipeline.limit_tokens(12);
+            for mode in [StreamMode::Staircase, StreamMode::Layered] {
+                let request = RunRequest::prompt("Why is the sky blue?", mode);
+                let report = back
+                    .runner()
+                    .run(&pipeline, request, None)
+                    .await
+                    .unwrap_or_else(|e| panic!("{name} {mode:?}: {e}"));
+                assert!(!report.answer.trim().is_empty(), "{name} {mode:?}");
+                if name == "moa" && mode == StreamMode::Staircase {
+                    // The aggregator's steps continue one prompt on A, whose prefix cache
+                    // serves it and says so in the usage B reads.
+                    let hit = report.cache.aggregator_hit_rate();
+                    assert!(hit > 0.3, "aggregator cache hit rate {hit}");
+                }
+            }
+        }
+
+        // A reports no per-chunk counts, so B's counts are estimates, and say so.
+        let mut request =
+            GenerationRequest::chat(vec![ChatMessage::new(Role::User, "Say hello.")]);
+        request.sampling.max_tokens = 6;
+        let mut stream = engine.submit(request).unwrap();
+        let mut label = None;
+        while let Some(event) = stream.next().await {
+            if let GenerationEvent::Finished { extensions, .. } = event.unwrap() {
+                label = extensions.get::<ChunkTokens>().copied();
+            }
+        }
+        assert_eq!(label, Some(ChunkTokens::Estimated));
+
+        // B's /metrics: A as a replica of `default`, with its requests, no errors, a
+        // closed breaker, nothing in flight, and latency histograms.
+        let metrics = reqwest::get(format!("http://{b_addr}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let labels = format!("model=\"default\",replica=\"{a_url}\"");
+        let value = |name: &str| -> f64 {
+            let prefix = format!("{name}{{{labels}}} ");
+            metrics
+                .lines()
+                .find_map(|line| line.strip_prefix(&prefix))
+                .unwrap_or_else(|| panic!("no {prefix} in:\n{metrics}"))
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        assert!(value("staircase_replica_requests_total") > 4.0);
+        assert_eq!(value("staircase_replica_errors_total"), 0.0);
+        assert_eq!(value("staircase_replica_breaker_state"), 0.0);
+        assert_eq!(value("staircase_replica_in_flight"), 0.0);
+        assert_eq!(value("staircase_replica_healthy"), 1.0);
+        assert!(value("staircase_replica_cached_prompt_tokens_total") > 0.0);
+        assert!(value("staircase_replica_ttft_seconds_count") > 4.0);
+        assert!(value("staircase_replica_request_duration_seconds_count") > 4.0);
     });
 }
