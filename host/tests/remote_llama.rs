@@ -386,8 +386,9 @@ fn serve(rt: &tokio::runtime::Runtime, app: Arc<App>) -> (SocketAddr, oneshot::S
 fn a_staircase_serves_another_staircase_pipelines_and_metrics() {
     let _serial = serial();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let front = AppBuilder::new().build().expect("host A");
-    let (a_addr, _stop_a) = serve(&rt, Arc::new(front));
+    let front = Arc::new(AppBuilder::new().build().expect("host A"));
+    let a_engine = front.default_engine();
+    let (a_addr, _stop_a) = serve(&rt, front);
     let a_url = format!("http://{a_addr}");
 
     let mut remote = RemoteConfig::new("default", vec![a_url.clone()]);
@@ -405,6 +406,29 @@ fn a_staircase_serves_another_staircase_pipelines_and_metrics() {
         // Detected as a Staircase (its /v1/models), which continues a trailing assistant
         // message: staircase steps can run on it.
         assert!(engine.model_info().capabilities.assistant_prefix);
+        // And A really continues it: B's request with a partial answer reaches A's engine as
+        // the same prompt as that partial answer continued on A's engine directly (a new
+        // assistant turn after it would be longer).
+        let continued = || {
+            let mut request = GenerationRequest::chat(Vec::new());
+            request.prompt = Prompt::Chat {
+                messages: vec![ChatMessage::new(Role::User, "Why is the sky blue?")],
+                assistant_prefix: Some("The sky is blue because".into()),
+            };
+            request.sampling.max_tokens = 4;
+            request
+        };
+        let prompt_tokens = |mut stream: staircase::engine::GenerationStream| async move {
+            while let Some(event) = stream.next().await {
+                if let GenerationEvent::Finished { usage, .. } = event.unwrap() {
+                    return usage.prompt_tokens;
+                }
+            }
+            panic!("no Finished event");
+        };
+        let direct = prompt_tokens(a_engine.submit(continued()).unwrap()).await;
+        let through_b = prompt_tokens(engine.submit(continued()).unwrap()).await;
+        assert_eq!(through_b, direct, "a continuation through B is A's continuation");
 
         for name in ["moa", "debate"] {
             let mut pipeline = (*back.pipeline(name).unwrap().pipeline).clone();
