@@ -211,7 +211,11 @@ fn staircase_steps_continue_the_assistant_prefix_and_the_server_caches_it() {
 async fn deltas(
     engine: &RemoteEngine,
     request: GenerationRequest,
-) -> (Vec<(String, u32)>, staircase::engine::Usage, Option<ChunkTokens>) {
+) -> (
+    Vec<(String, u32)>,
+    staircase::engine::Usage,
+    Option<ChunkTokens>,
+) {
     let mut stream = engine.submit(request).unwrap();
     let mut out = Vec::new();
     while let Some(event) = stream.next().await {
@@ -237,8 +241,7 @@ fn chunks_count_the_tokens_the_server_reports_and_the_chunker_cuts_by_them() {
             .await
             .unwrap();
         let greedy = |stop: Vec<String>| {
-            let mut request =
-                GenerationRequest::chat(vec![ChatMessage::new(Role::User, "Say hi")]);
+            let mut request = GenerationRequest::chat(vec![ChatMessage::new(Role::User, "Say hi")]);
             request.sampling.temperature = 0.0;
             request.sampling.max_tokens = 10;
             request.sampling.stop = stop;
@@ -270,7 +273,10 @@ fn chunks_count_the_tokens_the_server_reports_and_the_chunker_cuts_by_them() {
             .filter_map(|(text, n)| chunker.push(text, *n))
             .collect();
         chunks.extend(chunker.finish());
-        assert!(chunks.iter().rev().skip(1).all(|c| c.tokens >= 4), "{chunks:?}");
+        assert!(
+            chunks.iter().rev().skip(1).all(|c| c.tokens >= 4),
+            "{chunks:?}"
+        );
         let total: u32 = chunks.iter().map(|c| c.tokens).sum();
         assert_eq!(total, held_usage.completion_tokens, "{chunks:?}");
     });
@@ -428,7 +434,10 @@ fn a_staircase_serves_another_staircase_pipelines_and_metrics() {
         };
         let direct = prompt_tokens(a_engine.submit(continued()).unwrap()).await;
         let through_b = prompt_tokens(engine.submit(continued()).unwrap()).await;
-        assert_eq!(through_b, direct, "a continuation through B is A's continuation");
+        assert_eq!(
+            through_b, direct,
+            "a continuation through B is A's continuation"
+        );
 
         for name in ["moa", "debate"] {
             let mut pipeline = (*back.pipeline(name).unwrap().pipeline).clone();
@@ -451,8 +460,7 @@ fn a_staircase_serves_another_staircase_pipelines_and_metrics() {
         }
 
         // A reports no per-chunk counts, so B's counts are estimates, and say so.
-        let mut request =
-            GenerationRequest::chat(vec![ChatMessage::new(Role::User, "Say hello.")]);
+        let mut request = GenerationRequest::chat(vec![ChatMessage::new(Role::User, "Say hello.")]);
         request.sampling.max_tokens = 6;
         let mut stream = engine.submit(request).unwrap();
         let mut label = None;

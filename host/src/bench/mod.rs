@@ -1,5 +1,6 @@
 //! Every benchmark of `staircase bench`, through the library's public APIs, as any caller
 //! would use them: `engine` (our engine against bare kernels, batching, warm-prefix TTFT),
+//! `against_server` (our engine against llama.cpp's server on the same GGUF),
 //! `speculation` (decode speed with and without speculative decoding), `plugins` (what
 //! the plugin host costs), `staircase` (single model vs layered vs staircase pipelines),
 //! `serve` (what HTTP adds to a run) and `routing` (routing policies over real replicas). Bare-kernel timings come from the one local-engine probe
@@ -7,6 +8,7 @@
 //! asserts a speed. This room must not reach into another room's internals, and no room
 //! depends on it.
 
+pub mod against_server;
 pub mod engine;
 pub mod plugins;
 pub mod routing;

@@ -16,7 +16,9 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::engine::{Engine, FinishReason};
+use crate::engine::remote::launch::{LaunchError, LaunchOptions, LlamaServer};
+use crate::engine::remote::{RemoteConfig, RemoteEngine};
+use crate::engine::{Engine, EngineError, FinishReason};
 use crate::eval::metrics::{self, Quality};
 use crate::eval::runner::{pipeline_hit_limit, single_answer};
 use crate::pipeline::policy::StreamMode;
@@ -296,6 +298,47 @@ pub async fn run(
         summary,
         staircase_trace,
     })
+}
+
+/// The remote backend of the benchmark: `llama-server` replicas of one GGUF on loopback
+/// (each one thread, as the local engine has on a small machine), behind one remote engine
+/// with the pipeline-aware routing. The servers stop when this is dropped.
+pub struct RemoteBackend {
+    pub engine: Arc<RemoteEngine>,
+    _servers: Vec<LlamaServer>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteBackendError {
+    #[error(transparent)]
+    Launch(#[from] LaunchError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+impl RemoteBackend {
+    /// Starts `replicas` servers on `model` and connects to them. Call from a tokio runtime.
+    pub async fn start(
+        model: &std::path::Path,
+        replicas: usize,
+    ) -> Result<Self, RemoteBackendError> {
+        // Two slots of 4096 tokens: an aggregator's prompt holds every proposal.
+        let launch = LaunchOptions {
+            context_tokens: 8192,
+            ..LaunchOptions::default()
+        };
+        let servers = (0..replicas.max(1))
+            .map(|_| LlamaServer::start_with(model, &launch))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut config = RemoteConfig::new("bench", servers.iter().map(LlamaServer::url).collect());
+        config.routing = crate::routing::PolicyConfig::PipelineAware;
+        let name = format!("llama-server x{}", servers.len());
+        let engine = Arc::new(RemoteEngine::connect(&name, config).await?);
+        Ok(Self {
+            engine,
+            _servers: servers,
+        })
+    }
 }
 
 /// Picks one variant's measurement out of a prompt's results.

@@ -82,6 +82,13 @@ pub struct EngineArgs {
     /// Flash attention off, in our engine and the bare loop alike.
     #[arg(long)]
     no_flash_attention: bool,
+    /// Instead: our engine against llama.cpp's `llama-server` (started here on loopback) on
+    /// the same GGUF and threads, one request and `--concurrency` at once: TTFT and decode.
+    #[arg(long)]
+    against_server: bool,
+    /// Requests at once in `--against-server`'s concurrent measurement.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
     /// Write the report as JSON to this file too.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -177,6 +184,9 @@ fn speculation(args: SpeculationArgs) -> anyhow::Result<()> {
 }
 
 fn engine(args: EngineArgs) -> anyhow::Result<()> {
+    if args.against_server {
+        return against_server(&args);
+    }
     if !args.compare.is_empty() {
         return compare(&args);
     }
@@ -243,6 +253,50 @@ fn engine(args: EngineArgs) -> anyhow::Result<()> {
     );
     if let Some(path) = args.json {
         std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn against_server(args: &EngineArgs) -> anyhow::Result<()> {
+    use crate::bench::against_server::{AgainstServerConfig, run};
+    let model = match &args.model {
+        Some(path) => path.clone(),
+        None => crate::model::pull_default_blocking(true)?,
+    };
+    let mut config = AgainstServerConfig::new(model);
+    config.threads = args.threads;
+    config.repeats = args.repeats;
+    config.concurrency = args.concurrency;
+    config.flash_attention = !args.no_flash_attention;
+    let report = super::runtime()?
+        .block_on(run(&config))
+        .context("engine against llama-server")?;
+    println!(
+        "our engine against llama-server: {} on {} threads, flash attention {}",
+        report.model,
+        report.threads,
+        if report.flash_attention { "on" } else { "off" }
+    );
+    println!(
+        "{:<10} {:>12} {:>12} {:>10} {:>14} {:>14} {:>10}",
+        "requests", "ours TTFT", "server TTFT", "ratio", "ours tok/s", "server tok/s", "ratio"
+    );
+    for s in &report.scenarios {
+        println!(
+            "{:<10} {:>10.0}ms {:>10.0}ms {:>10.3} {:>14.1} {:>14.1} {:>10.3}",
+            s.requests,
+            s.ours.ttft_ms,
+            s.server.ttft_ms,
+            s.ttft_ratio,
+            s.ours.decode_tok_s,
+            s.server.decode_tok_s,
+            s.decode_ratio
+        );
+    }
+    println!("TTFT ratio below 1 and decode ratio above 1 favour our engine");
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::bench::staircase::{self as bench, BenchOptions};
+use crate::bench::staircase::{self as bench, BenchOptions, RemoteBackend};
 use crate::engine::Engine;
 use crate::engine::simulated::{SimulatedEngine, SimulatedLatencies};
 use crate::pipeline::{Models, Runner};
@@ -36,6 +36,13 @@ pub struct Args {
     /// Also load the plugins in this folder; repeatable.
     #[arg(long = "plugins", value_name = "DIR")]
     plugin_dirs: Vec<PathBuf>,
+    /// Where the nodes run; give both (`--backend local --backend remote`) for the two
+    /// tables and their ratios side by side from one run.
+    #[arg(long, value_enum, default_values_t = [Backend::Local])]
+    backend: Vec<Backend>,
+    /// `llama-server` replicas of `--backend remote`.
+    #[arg(long, default_value_t = 2)]
+    replicas: usize,
     /// Flash attention off in the local engine (the A/B behind its default).
     #[arg(long)]
     no_flash_attention: bool,
@@ -52,6 +59,16 @@ pub struct Args {
     simulated_prefill_ms: f64,
 }
 
+/// Where the benchmark's nodes run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// The embedded engine on the model file.
+    Local,
+    /// `llama-server` replicas of the same model file on loopback (`--replicas`), started
+    /// here, behind the remote engine.
+    Remote,
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
     let flash_attention = !args.no_flash_attention;
     let app = super::super::run::open_app(None, args.model.as_deref(), &args.plugin_dirs)?
@@ -59,20 +76,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .build()?;
     let pipeline = super::super::run::pipeline_of(&app, &args.pipeline, None)?;
     let runtime = super::super::runtime()?;
-    let simulated;
-    let (runner, engine): (&Runner, Arc<dyn Engine>) = if args.simulated {
-        let latencies = SimulatedLatencies {
-            decode_per_token: Duration::from_secs_f64(args.simulated_decode_ms.max(0.0) / 1e3),
-            prefill_per_token: Duration::from_secs_f64(args.simulated_prefill_ms.max(0.0) / 1e3),
-        };
-        let engine: Arc<dyn Engine> =
-            Arc::new(SimulatedEngine::new(latencies, runtime.handle().clone()));
-        let models = Models::with_default(engine.clone());
-        simulated = Runner::new(models, app.registry().clone());
-        (&simulated, engine)
-    } else {
-        (app.runner(), app.default_engine())
-    };
     let options = BenchOptions {
         pipeline,
         prompts: bench::PROMPTS
@@ -83,12 +86,73 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         proposer_tokens: args.proposer_tokens,
         answer_tokens: args.answer_tokens,
     };
-    let report = runtime.block_on(bench::run(runner, &engine, &options))?;
+    if args.simulated {
+        let latencies = SimulatedLatencies {
+            decode_per_token: Duration::from_secs_f64(args.simulated_decode_ms.max(0.0) / 1e3),
+            prefill_per_token: Duration::from_secs_f64(args.simulated_prefill_ms.max(0.0) / 1e3),
+        };
+        let engine: Arc<dyn Engine> =
+            Arc::new(SimulatedEngine::new(latencies, runtime.handle().clone()));
+        let runner = Runner::new(Models::with_default(engine.clone()), app.registry().clone());
+        let report = runtime.block_on(bench::run(&runner, &engine, &options))?;
+        return write(&args, "bench-staircase", &report);
+    }
+    let mut summaries = Vec::new();
+    for backend in &args.backend {
+        let report = match backend {
+            Backend::Local => {
+                let report =
+                    runtime.block_on(bench::run(app.runner(), &app.default_engine(), &options))?;
+                write(&args, "bench-staircase", &report)?;
+                report
+            }
+            Backend::Remote => {
+                let model = match &args.model {
+                    Some(path) => path.clone(),
+                    None => crate::model::default_model_path()?,
+                };
+                let report = runtime.block_on(async {
+                    let remote = RemoteBackend::start(&model, args.replicas)
+                        .await
+                        .context("starting the llama-server replicas")?;
+                    let engine: Arc<dyn Engine> = remote.engine.clone();
+                    let runner =
+                        Runner::new(Models::with_default(engine.clone()), app.registry().clone());
+                    let report = bench::run(&runner, &engine, &options).await?;
+                    anyhow::Ok(report)
+                })?;
+                write(&args, "bench-staircase-remote", &report)?;
+                report
+            }
+        };
+        summaries.push((*backend, report.summary));
+    }
+    if summaries.len() > 1 {
+        println!(
+            "\n{:<8} {:>16} {:>16} {:>16} {:>12}",
+            "backend", "TTFT stair/lay", "TTFT stair/one", "total stair/lay", "agg. hit"
+        );
+        for (backend, s) in &summaries {
+            println!(
+                "{:<8} {:>16.3} {:>16.2} {:>16.2} {:>11.0}%",
+                format!("{backend:?}").to_lowercase(),
+                s.ttft_staircase_over_layered,
+                s.ttft_staircase_over_single,
+                s.total_staircase_over_layered,
+                100.0 * s.aggregator_cache_hit_staircase
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Prints the table and writes `NAME.json`, `NAME.svg` and the first staircase run's timeline.
+fn write(args: &Args, name: &str, report: &bench::BenchReport) -> anyhow::Result<()> {
     print!("{}", report.table());
-    super::super::eval::write_json_and_svg(&args.out, "bench-staircase", &report, &report.svg())?;
+    super::super::eval::write_json_and_svg(&args.out, name, report, &report.svg())?;
     if let Some(trace) = &report.staircase_trace {
-        let trace_json = args.out.join("bench-staircase-timeline.json");
-        let trace_svg = args.out.join("bench-staircase-timeline.svg");
+        let trace_json = args.out.join(format!("{name}-timeline.json"));
+        let trace_svg = args.out.join(format!("{name}-timeline.svg"));
         std::fs::write(&trace_json, trace.to_json())
             .with_context(|| format!("cannot write {}", trace_json.display()))?;
         std::fs::write(&trace_svg, crate::trace::svg::render(trace)?)

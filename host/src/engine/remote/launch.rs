@@ -55,6 +55,30 @@ pub fn llama_server_path() -> Result<PathBuf, LaunchError> {
     }
 }
 
+/// How a server is started.
+#[derive(Clone, Debug)]
+pub struct LaunchOptions {
+    pub threads: usize,
+    /// Requests it runs at once; the context is split between them.
+    pub slots: usize,
+    /// Context of all slots together, in tokens.
+    pub context_tokens: usize,
+    /// llama.cpp's flash attention switch; `None` leaves the server's `auto`.
+    pub flash_attention: Option<bool>,
+}
+
+impl Default for LaunchOptions {
+    /// One thread (the machine is shared), two slots of 2048 tokens.
+    fn default() -> Self {
+        Self {
+            threads: 1,
+            slots: 2,
+            context_tokens: 4096,
+            flash_attention: None,
+        }
+    }
+}
+
 /// A running `llama-server`.
 pub struct LlamaServer {
     child: Child,
@@ -64,32 +88,38 @@ pub struct LlamaServer {
 impl LlamaServer {
     /// Starts one on a free port with `model`, and waits until it listens (after loading).
     pub fn start(model: &Path) -> Result<Self, LaunchError> {
+        Self::start_with(model, &LaunchOptions::default())
+    }
+
+    /// Starts one on a free port with `options`.
+    pub fn start_with(model: &Path, options: &LaunchOptions) -> Result<Self, LaunchError> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map_err(LaunchError::Port)?
             .port();
-        Self::start_on(model, port)
+        Self::launch(model, port, options)
     }
 
     /// Starts one on `port` (to bring a killed replica back at the same address).
     pub fn start_on(model: &Path, port: u16) -> Result<Self, LaunchError> {
+        Self::launch(model, port, &LaunchOptions::default())
+    }
+
+    fn launch(model: &Path, port: u16, options: &LaunchOptions) -> Result<Self, LaunchError> {
         let path = llama_server_path()?;
-        let mut child = Command::new(&path)
+        let threads = options.threads.max(1).to_string();
+        let mut command = Command::new(&path);
+        command
             .arg("-m")
             .arg(model)
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            // One thread (the machine is shared), two slots of 2048 tokens, no web page.
-            .args([
-                "-t",
-                "1",
-                "-tb",
-                "1",
-                "-c",
-                "4096",
-                "-np",
-                "2",
-                "--no-webui",
-            ])
+            .args(["-t", &threads, "-tb", &threads])
+            .args(["-c", &options.context_tokens.to_string()])
+            .args(["-np", &options.slots.max(1).to_string(), "--no-webui"]);
+        if let Some(on) = options.flash_attention {
+            command.args(["-fa", if on { "on" } else { "off" }]);
+        }
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
