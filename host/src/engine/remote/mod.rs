@@ -294,16 +294,31 @@ impl Shared {
             Prompt::Tokens(tokens) => WirePrompt::Tokens(tokens),
         };
         let mut wire = wire::request(&self.config.model, prompt, &request.sampling);
-        // Ask for running token counts in every chunk where the server has them, so the
-        // chunker cuts by real counts ([`ChunkTokens`]).
-        match self.kind {
-            ServerKind::LlamaCpp => wire.body["timings_per_token"] = Value::Bool(true),
-            ServerKind::Vllm => {
-                wire.body["stream_options"]["continuous_usage_stats"] = Value::Bool(true);
-            }
-            ServerKind::Staircase | ServerKind::Other => {}
-        }
+        server_extras(self.kind, &request.sampling, &mut wire.body);
         Ok(wire)
+    }
+}
+
+/// What a known server is asked beyond the OpenAI API: running token counts in every chunk,
+/// so the chunker cuts by real counts ([`ChunkTokens`]), and the repetition penalty
+/// (aggregators use it) under the server's own name, since the OpenAI API has none.
+fn server_extras(kind: ServerKind, sampling: &super::SamplingParams, body: &mut Value) {
+    let penalty = sampling.repeat_penalty != 1.0;
+    match kind {
+        ServerKind::LlamaCpp => {
+            body["timings_per_token"] = Value::Bool(true);
+            if penalty {
+                body["repeat_penalty"] = serde_json::json!(sampling.repeat_penalty);
+                body["repeat_last_n"] = serde_json::json!(sampling.repeat_last_n);
+            }
+        }
+        ServerKind::Vllm => {
+            body["stream_options"]["continuous_usage_stats"] = Value::Bool(true);
+            if penalty {
+                body["repetition_penalty"] = serde_json::json!(sampling.repeat_penalty);
+            }
+        }
+        ServerKind::Staircase | ServerKind::Other => {}
     }
 }
 
@@ -557,4 +572,40 @@ async fn probe(
          and `context_tokens` to connect without asking): {}",
         errors.join("; ")
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::SamplingParams;
+
+    #[test]
+    fn known_servers_are_asked_for_chunk_counts_and_get_the_penalty_by_their_name() {
+        let sampling = SamplingParams {
+            repeat_penalty: 1.2,
+            ..SamplingParams::default()
+        };
+        let body = |kind| {
+            let mut body = serde_json::json!({ "stream_options": { "include_usage": true } });
+            server_extras(kind, &sampling, &mut body);
+            body
+        };
+        let llama = body(ServerKind::LlamaCpp);
+        assert_eq!(llama["timings_per_token"], true);
+        assert!((llama["repeat_penalty"].as_f64().unwrap() - 1.2).abs() < 1e-6);
+        assert_eq!(llama["repeat_last_n"], 64);
+        let vllm = body(ServerKind::Vllm);
+        assert_eq!(vllm["stream_options"]["continuous_usage_stats"], true);
+        assert!(vllm["repetition_penalty"].as_f64().is_some());
+        // Others get the OpenAI API only (OpenAI refuses fields it does not know).
+        for kind in [ServerKind::Staircase, ServerKind::Other] {
+            assert_eq!(
+                body(kind),
+                serde_json::json!({ "stream_options": { "include_usage": true } })
+            );
+        }
+        let mut plain = serde_json::json!({});
+        server_extras(ServerKind::LlamaCpp, &SamplingParams::default(), &mut plain);
+        assert!(plain.get("repeat_penalty").is_none());
+    }
 }
