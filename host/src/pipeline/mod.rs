@@ -3,14 +3,14 @@
 //! `spec` reads and validates pipeline files, `examples` embeds the shipped ones, `stream`
 //! cuts outputs into chunks per edge, `critical` computes critical paths, `runtime` runs a
 //! pipeline on engines and policies, `role_session` drives agents that read other nodes,
-//! `budget` bounds a run whatever its plugins do, `bench` compares single-model, layered and staircase runs. `policy` holds the traits the
-//! plugin host implements; nothing here touches wasmtime or llama.cpp directly.
+//! `budget` bounds a run whatever its plugins do, `bench` compares single-model, layered and
+//! staircase runs. Policies come in through the traits of [`crate::policy`], which the plugin
+//! host implements; nothing here touches wasmtime or llama.cpp directly.
 
 pub mod bench;
 pub mod budget;
 pub mod critical;
 pub mod examples;
-pub mod policy;
 pub mod role_session;
 pub mod runtime;
 pub mod spec;

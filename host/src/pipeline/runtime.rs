@@ -24,16 +24,16 @@ use tracing::Instrument;
 
 use super::budget::{MeteredProvider, RunBound, RunBudget, RunLimits};
 use super::critical::{self, CriticalPath, LatencyModel};
-use super::policy::{
-    AggregatorSession, CompressorPolicy, Demand, PolicyError, PolicyProvider, RouteRequest,
-    RouterPolicy, Source, StreamMode,
-};
 use super::role_session::RoleSession;
 use super::spec::{DEFAULT_MODEL, ModelBinding, NodeIndex, NodeKind, Pipeline, SpecError};
 use super::stream::{Chunk, Chunker};
 use crate::engine::{
     Capability, ChatMessage, Engine, EngineError, FinishReason, GenerationEvent, GenerationRequest,
     GenerationStream, Priority, Prompt, Role, SamplingParams,
+};
+use crate::policy::{
+    AggregatorSession, CompressorPolicy, Demand, PolicyError, PolicyProvider, RouteRequest,
+    RouterPolicy, Source, StreamMode,
 };
 use crate::speculate::{DraftFeed, SpeculationStats};
 use crate::trace::chrome::ChromeTrace;
