@@ -21,10 +21,10 @@ use staircase::engine::{
     ChatMessage, Engine, EngineError, GenerationEvent, GenerationRequest, Prompt, Role,
 };
 use staircase::pipeline::examples::BUILTIN;
-use staircase::pipeline::policy::StreamMode;
 use staircase::pipeline::stream::{ChunkSchedule, Chunker, StreamPolicy};
 use staircase::pipeline::{Models, RunRequest, Runner};
 use staircase::plugin::{HostConfig, PluginRuntime, Registry};
+use staircase::policy::StreamMode;
 use staircase::routing::{BreakerConfig, BreakerState, PolicyConfig};
 use staircase::server::ServeOptions;
 use tokio::sync::oneshot;

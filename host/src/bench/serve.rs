@@ -18,8 +18,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::app::App;
 use crate::app::config::Limits;
 use crate::engine::{ChatMessage, GenerationEvent, GenerationRequest, Role};
-use crate::pipeline::policy::StreamMode;
 use crate::pipeline::{RunEvent, RunRequest};
+use crate::policy::StreamMode;
 use crate::server::ServeOptions;
 
 /// What to measure.

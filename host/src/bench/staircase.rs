@@ -21,8 +21,8 @@ use crate::engine::remote::{RemoteConfig, RemoteEngine};
 use crate::engine::{Engine, EngineError, FinishReason};
 use crate::eval::metrics::{self, Quality};
 use crate::eval::runner::{pipeline_hit_limit, single_answer};
-use crate::pipeline::policy::StreamMode;
 use crate::pipeline::{Pipeline, RunError, RunReport, RunRequest, Runner};
+use crate::policy::StreamMode;
 use crate::trace::EventKind;
 use crate::trace::chrome::ChromeTrace;
 
