@@ -183,6 +183,19 @@ fn staircase_steps_continue_the_assistant_prefix_and_the_server_caches_it() {
                 cached.push(usage.cached_prompt_tokens);
                 prompts.push(usage.prompt_tokens);
             }
+            // The answer is the steps' new text only: the server sends a continued prefix
+            // back before the new text, and the engine removes it (else each step would
+            // repeat the answer so far).
+            let tokens = engine
+                .token_counter()
+                .count_exact(&answer)
+                .await
+                .unwrap()
+                .get();
+            assert!(
+                tokens <= 3 * 6 + 2,
+                "{continuation:?}: {tokens} tokens in three 6-token steps: {answer:?}"
+            );
             // Each step's prompt is the previous one plus what it generated, so the server
             // finds more of it cached each time: the prefix was continued, not restarted.
             let context = format!("{continuation:?}: cached {cached:?} prompts {prompts:?}");

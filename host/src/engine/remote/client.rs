@@ -85,6 +85,29 @@ pub fn transport_error(url: &str, error: &reqwest::Error, timeout: Duration) -> 
     EngineError::Unreachable(format!("{url}: {message}"))
 }
 
+/// Removes the continued prefix that llama.cpp's server sends back at the start of the
+/// answer (it streams the prefilled assistant text, then the continuation) from `text`;
+/// `None` when nothing of `text` is new. Text that does not match the prefix means the
+/// server does not echo it: nothing is removed from then on.
+fn strip_echo<'t>(echo: &mut Option<&str>, text: &'t str) -> Option<&'t str> {
+    let rest = match *echo {
+        None => text,
+        Some(pending) => {
+            if let Some(rest) = text.strip_prefix(pending) {
+                *echo = None;
+                rest
+            } else if let Some(left) = pending.strip_prefix(text) {
+                *echo = Some(left).filter(|l| !l.is_empty());
+                ""
+            } else {
+                *echo = None;
+                text
+            }
+        }
+    };
+    (!rest.is_empty()).then_some(rest)
+}
+
 /// An error status as ours: 429 and 503 mean "busy", other 5xx may pass on another try, 4xx
 /// are the request's fault.
 pub fn status_error(status: StatusCode, retry_after: Option<Duration>, body: &str) -> EngineError {
@@ -143,6 +166,8 @@ impl Attempt<'_> {
         // Tokens the deltas so far stand for, and whether any count was estimated.
         let mut counted = 0u32;
         let mut chunk_tokens = ChunkTokens::Reported;
+        // What of the continued prefix the server may still send back before the new text.
+        let mut echo = self.request.echoed_prefix.as_deref();
         let fail = |error, delivered| Failure { error, delivered };
         loop {
             // Until the first event the server may still be prefilling; after it, silence
@@ -198,6 +223,7 @@ impl Attempt<'_> {
             for choice in &chunk.choices {
                 if let Some(text) = choice.text()
                     && !self.warm_up
+                    && let Some(text) = strip_echo(&mut echo, text)
                 {
                     first_token.get_or_insert_with(|| self.submitted.elapsed());
                     // A chunk may stand for several tokens (a character of several tokens,
@@ -242,5 +268,28 @@ impl Attempt<'_> {
                 delivered,
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::strip_echo;
+
+    #[test]
+    fn an_echoed_prefix_is_removed_once_and_other_text_kept() {
+        // llama.cpp: the prefix and the first new token in one chunk.
+        let mut echo = Some("The sky is");
+        assert_eq!(strip_echo(&mut echo, "The sky is blue"), Some(" blue"));
+        assert_eq!(echo, None);
+        assert_eq!(strip_echo(&mut echo, "The sky is"), Some("The sky is"));
+        // The prefix over several chunks, then new text.
+        let mut echo = Some("The sky is");
+        assert_eq!(strip_echo(&mut echo, "The sky"), None);
+        assert_eq!(strip_echo(&mut echo, " is"), None);
+        assert_eq!(strip_echo(&mut echo, " blue"), Some(" blue"));
+        // A server that does not echo: its first text is new and kept whole.
+        let mut echo = Some("The sky is");
+        assert_eq!(strip_echo(&mut echo, " because"), Some(" because"));
+        assert_eq!(echo, None);
     }
 }

@@ -293,7 +293,23 @@ impl Shared {
             },
             Prompt::Tokens(tokens) => WirePrompt::Tokens(tokens),
         };
+        // llama.cpp's server streams a continued prefix back before the new text; an
+        // unprobed server continued that way is taken to be one.
+        let echoes = self.kind == ServerKind::LlamaCpp
+            || (self.kind == ServerKind::Other
+                && self.continuation == Continuation::TrailingAssistant);
+        let echoed_prefix = match (&prompt, echoes) {
+            (
+                WirePrompt::Chat {
+                    assistant_prefix: Some(prefix),
+                    ..
+                },
+                true,
+            ) => Some(prefix.to_string()),
+            _ => None,
+        };
         let mut wire = wire::request(&self.config.model, prompt, &request.sampling);
+        wire.echoed_prefix = echoed_prefix;
         server_extras(self.kind, &request.sampling, &mut wire.body);
         Ok(wire)
     }

@@ -13,6 +13,9 @@ pub struct WireRequest {
     /// `/v1/chat/completions` or `/v1/completions`.
     pub path: &'static str,
     pub body: Value,
+    /// The continued assistant prefix, when the server sends it back before the new text
+    /// (llama.cpp's server does): the client removes it.
+    pub echoed_prefix: Option<String>,
 }
 
 /// What the prompt is, once the continuation mode is applied.
@@ -83,7 +86,11 @@ pub fn request(model: &str, prompt: WirePrompt<'_>, sampling: &SamplingParams) -
             "/v1/completions"
         }
     };
-    WireRequest { path, body }
+    WireRequest {
+        path,
+        body,
+        echoed_prefix: None,
+    }
 }
 
 /// One streamed chunk of either endpoint, or an error object some servers send in-stream.
