@@ -4,7 +4,8 @@ page shows. Started by tests/serve.rs (`live_view_in_a_browser`) against a serve
 
 Asserts: every node's lane received text; the answer began while a proposer was still
 generating (the page notes which nodes were running when the first answer text arrived);
-the report shows a TTFT; the recent-runs view lists and replays the run; no console errors
+the report shows a TTFT; the recent-runs view lists and replays the run; the comparison view runs both modes;
+no console errors
 and no error banner. Writes a screenshot of the finished run.
 """
 
@@ -49,7 +50,8 @@ def main():
 
         run = page.locator("#live-run")
         page.wait_for_selector("#live-run[data-state]", timeout=RUN_TIMEOUT_MS)
-        check(run.get_attribute("data-state") == "finished", f"the run finished: {run.inner_text()[:2000]}")
+        status = run.locator(".status").inner_text()
+        check(run.get_attribute("data-state") == "finished", f"the run finished ({status}): {run.inner_text()[:1500]}")
 
         lanes = run.locator(".lane")
         check(lanes.count() == 4, f"one lane per node of moa, got {lanes.count()}")
@@ -85,6 +87,17 @@ def main():
         page.wait_for_selector("#opened-run[data-state=finished]")
         replayed = page.locator("#opened-run .answer").inner_text()
         check(replayed == answer.inner_text(), "the replayed run shows the same answer")
+
+        # The third view runs the prompt in both modes, side by side, TTFTs compared.
+        page.click(".tab[data-view=compare]")
+        page.click("#run")
+        page.wait_for_selector("#compare-summary .headline", timeout=RUN_TIMEOUT_MS)
+        headline = page.locator("#compare-summary .headline").inner_text()
+        for side in ("staircase", "layered"):
+            state = page.locator(f"#compare-{side}").get_attribute("data-state")
+            check(state == "finished", f"the {side} run of the comparison finished")
+        print(headline)
+        page.screenshot(path=args.screenshot.replace(".png", "-compare.png"), full_page=True)
 
         check(page.locator("#errors").is_hidden(), f"no error banner: {page.locator('#errors').inner_text()}")
         check(not problems, f"no console errors: {problems}")

@@ -200,3 +200,35 @@ pub(crate) async fn events(
     let events = past.chain(live).chain(end).map(Ok);
     Ok(Sse::new(events).keep_alive(KeepAlive::default()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::{NodeIndex, RunEvent};
+
+    #[test]
+    fn a_run_dropped_before_its_outcome_ends_its_subscribers_as_failed() {
+        let runs = Runs::default();
+        let run = runs.start("r1", "moa", StreamMode::Staircase, "hi", 2);
+        run.recorder()
+            .record(RunEvent::NodeStarted { node: NodeIndex(0) });
+        let (past, mut live) = run.recorder().subscribe();
+        assert_eq!(past.len(), 1);
+        drop(RunGuard(run.clone()));
+        assert!(live.try_recv().is_err(), "the live stream ended");
+        assert!(matches!(run.outcome(), Some(Outcome::Failed(_))));
+        assert_eq!(runs.list()[0]["status"], "failed");
+        assert!(runs.report("r1").is_none());
+    }
+
+    #[test]
+    fn the_oldest_runs_go_first() {
+        let runs = Runs::default();
+        for id in ["a", "b", "c"] {
+            runs.start(id, "moa", StreamMode::Layered, "hi", 2);
+        }
+        assert!(runs.get("a").is_none());
+        let ids: Vec<_> = runs.list().iter().map(|r| r["id"].clone()).collect();
+        assert_eq!(ids, ["c", "b"], "newest first");
+    }
+}
