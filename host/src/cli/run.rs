@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio::sync::mpsc;
 
-use crate::pipeline::policy::StreamMode;
 use crate::pipeline::{self, NodeIndex, Pipeline, RunEvent, RunReport, RunRequest, Runner};
+use crate::policy::StreamMode;
 
 /// Arguments of `staircase run`.
 #[derive(Debug, clap::Args)]
@@ -24,7 +24,7 @@ pub struct Args {
     pipeline: String,
     /// `staircase`: aggregators start on their inputs' first chunks; `layered`: they wait
     /// for complete inputs (the classic Mixture-of-Agents).
-    #[arg(long, value_enum, default_value_t = StreamMode::Staircase)]
+    #[arg(long, default_value_t = StreamMode::Staircase)]
     mode: StreamMode,
     /// Write the run's timeline as Chrome trace JSON (open in Perfetto, or draw it with
     /// `staircase trace render`).

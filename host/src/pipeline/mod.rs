@@ -5,14 +5,13 @@
 //! pipeline on engines and policies, `record` keeps a run's one event stream and `report`
 //! derives a finished run's figures from it, `role_session` drives agents that read other
 //! nodes, `budget` bounds a run whatever its plugins do, `bench` compares single-model,
-//! layered and staircase runs. `policy` holds the traits the plugin host implements; nothing
-//! here touches wasmtime or llama.cpp directly.
+//! layered and staircase runs. Policies come in through the traits of [`crate::policy`], which
+//! the plugin host implements; nothing here touches wasmtime or llama.cpp directly.
 
 pub mod bench;
 pub mod budget;
 pub mod critical;
 pub mod examples;
-pub mod policy;
 pub mod record;
 pub mod report;
 pub mod role_session;

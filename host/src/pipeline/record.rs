@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use super::policy::StreamMode;
 use super::spec::NodeIndex;
+use crate::policy::StreamMode;
 use crate::speculate::SpeculationStats;
 use crate::trace::{EventKind, Timeline};
 

@@ -9,9 +9,9 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::critical::{self, CriticalPath};
-use super::policy::StreamMode;
 use super::record::{self, Recorded, RunEvent, ms};
 use super::spec::{NodeIndex, NodeKind, Pipeline};
+use crate::policy::StreamMode;
 use crate::speculate::SpeculationStats;
 use crate::trace::Timeline;
 use crate::trace::chrome::ChromeTrace;

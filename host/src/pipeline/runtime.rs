@@ -23,10 +23,6 @@ use tracing::Instrument;
 
 use super::budget::{MeteredProvider, RunBound, RunBudget, RunLimits};
 use super::critical::{self, CriticalPath, LatencyModel};
-use super::policy::{
-    AggregatorSession, CompressorPolicy, Demand, PolicyError, PolicyProvider, RouteRequest,
-    RouterPolicy, Source, StreamMode,
-};
 use super::record::{NodeInfo, Recorder, RunEvent};
 use super::role_session::RoleSession;
 use super::spec::{DEFAULT_MODEL, ModelBinding, NodeIndex, NodeKind, Pipeline, SpecError};
@@ -34,6 +30,10 @@ use super::stream::{Chunk, Chunker};
 use crate::engine::{
     Capability, ChatMessage, Engine, EngineError, FinishReason, GenerationEvent, GenerationRequest,
     GenerationStream, Priority, Prompt, Role, SamplingParams,
+};
+use crate::policy::{
+    AggregatorSession, CompressorPolicy, Demand, PolicyError, PolicyProvider, RouteRequest,
+    RouterPolicy, Source, StreamMode,
 };
 // Re-exported where callers found it before the report had its own room.
 pub use super::report::RunReport;
