@@ -20,8 +20,8 @@ use serde_json::{Value, json};
 
 use super::error::ApiError;
 use super::{ServerState, lock};
-use crate::pipeline::policy::StreamMode;
 use crate::pipeline::{Recorded, Recorder, RunReport};
+use crate::policy::StreamMode;
 
 /// How a run ended, as its last event says.
 #[derive(Clone)]
