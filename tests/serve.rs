@@ -41,15 +41,7 @@ fn path(p: &Path) -> &str {
 
 #[test]
 fn the_openai_client_works_against_a_real_server() {
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    let probe = Command::new(&python)
-        .args(["-c", "import openai"])
-        .status()
-        .expect("python3 runs (the server tests need it; .ci/run installs the openai package)");
-    assert!(
-        probe.success(),
-        "the `openai` Python package is missing: pip install openai (pinned in .ci/run)"
-    );
+    let python = python_with("openai");
 
     let plugins = scratch("plugins");
     let pipelines = scratch("pipelines");
@@ -94,6 +86,20 @@ fn the_openai_client_works_against_a_real_server() {
     );
 }
 
+/// The Python to run a client script with (`$PYTHON`, else python3), which must have `module`.
+fn python_with(module: &str) -> String {
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let probe = Command::new(&python)
+        .args(["-c", &format!("import {module}")])
+        .status()
+        .expect("python3 runs (the server tests need it)");
+    assert!(
+        probe.success(),
+        "the Python package of `{module}` is missing: cargo xtask test installs it (pinned)"
+    );
+    python
+}
+
 /// Starts the server `command` describes and reads its address from its first line.
 fn start_server(command: &mut Command) -> (Server, String) {
     let mut child = command
@@ -128,16 +134,8 @@ const BROWSER_TIMEOUT: Duration = Duration::from_secs(600);
 /// embedded model, watched live. The screenshot goes to `target/tmp/live-view.png`.
 #[test]
 fn live_view_in_a_browser() {
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let python = python_with("playwright.sync_api");
     let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    let probe = Command::new(&python)
-        .args(["-c", "import playwright.sync_api"])
-        .status()
-        .expect("python3 runs (the browser test needs it)");
-    assert!(
-        probe.success(),
-        "the `playwright` Python package is missing: cargo xtask test installs it (pinned)"
-    );
     assert!(
         Path::new(&chromium).exists(),
         "no Chromium at {chromium}: apt-get install chromium (cargo xtask test does)"

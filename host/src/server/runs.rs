@@ -153,7 +153,8 @@ impl Runs {
     }
 }
 
-fn unknown(state: &ServerState, id: &str) -> ApiError {
+/// The error for a run id the server does not (or no longer) keep.
+pub(crate) fn unknown(state: &ServerState, id: &str) -> ApiError {
     ApiError::not_found(format!(
         "No recent pipeline run `{id}` (the server keeps the last {})",
         state.options.limits.recent_runs
