@@ -87,8 +87,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     )?
     .build()?;
     let pipeline = pipeline_of(&app, &args.pipeline, args.max_tokens)?;
+    // The run checks the pipeline's plugins and models before any node starts.
     let runner = app.runner();
-    runner.check(&pipeline)?;
     let view = if args.json {
         View::Quiet
     } else if std::io::stdout().is_terminal() {
@@ -255,6 +255,7 @@ impl Live {
                 line.finished = Some(Instant::now());
                 line.cancelled = *cancelled;
             }
+            _ => {}
         }
     }
 
