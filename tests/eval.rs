@@ -70,6 +70,19 @@ fn eval_on_three_prompts_writes_the_table_json_and_chart() {
         .sum::<u64>();
     assert_eq!(counted, 3, "{t}");
     assert!(staircase["ttft_over_layered"].as_f64().unwrap() > 0.0);
+    // The judge's figures say how often the two orders agreed, and score those pairs alone.
+    let judged = &staircase["judged"];
+    let consistent = t["consistent"].as_u64().unwrap();
+    assert!(consistent <= judged["judged"].as_u64().unwrap(), "{judged}");
+    for key in ["score", "consistent", "consistent_score"] {
+        let v = judged[key]["value"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&v), "{key}: {judged}");
+    }
+    // Where the first token went: a proposer's first token, then the aggregator's first step.
+    let first_in = staircase["mean_first_input_token_ms"].as_f64().unwrap();
+    let first_step = staircase["mean_first_step_ms"].as_f64().unwrap();
+    assert!(first_in > 0.0 && first_step > 0.0, "{staircase}");
+    assert!(stdout.contains("orders agreed"), "{stdout}");
     let answer = &json["prompts"][0]["answers"][1];
     assert_eq!(answer["judged"]["replies"].as_array().unwrap().len(), 2);
     let svg = std::fs::read_to_string(out_dir.join("eval.svg")).unwrap();

@@ -167,6 +167,19 @@ pub trait PolicyProvider: Send + Sync {
         sources: &[Source],
         mode: StreamMode,
     ) -> Result<Box<dyn AggregatorSession>, PolicyError>;
+    /// An aggregator session with per-node settings from the pipeline file (the staircase
+    /// policy's `config` keys). Providers that cannot pass settings ignore them.
+    fn aggregator_with_config(
+        &self,
+        plugin: &str,
+        config: &PluginConfig,
+        conversation: &[ChatMessage],
+        sources: &[Source],
+        mode: StreamMode,
+    ) -> Result<Box<dyn AggregatorSession>, PolicyError> {
+        let _ = config;
+        self.aggregator(plugin, conversation, sources, mode)
+    }
     fn compressor(&self, plugin: &str) -> Result<Box<dyn CompressorPolicy>, PolicyError>;
     fn router(&self, plugin: &str) -> Result<Box<dyn RouterPolicy>, PolicyError>;
     /// Whether a plugin of that name exists, and of which kind (for validation).

@@ -903,7 +903,8 @@ async fn a_run_trace_is_chrome_json_and_renders_as_a_staircase() {
 /// each run ends with a non-empty answer from its output node, nothing left streaming.
 /// Every `moa-aggregator` node warmed its prompt head up before its first step, and that
 /// step found the head in the prefix cache: all of it but the few template tokens that close
-/// the warm-up's user message.
+/// the warm-up's user message. A node with an opening (`opening-tokens`, staircase mode)
+/// writes it on the head instead of a warm-up, and its next step finds the head the same way.
 fn assert_warm_up_served_the_first_step(
     pipeline: &Pipeline,
     report: &staircase::pipeline::RunReport,
@@ -917,6 +918,38 @@ fn assert_warm_up_served_the_first_step(
             continue;
         }
         let on_lane = || events.iter().filter(|e| e.lane == lane);
+        let opens = report.mode == StreamMode::Staircase
+            && node
+                .config
+                .get("opening-tokens")
+                .is_some_and(|t| t.as_str() != "0");
+        if opens {
+            let steps: Vec<(u32, u32)> = on_lane()
+                .filter_map(|e| match e.kind {
+                    EventKind::Step {
+                        prompt_tokens,
+                        cached_prompt_tokens,
+                        ..
+                    } => Some((prompt_tokens, cached_prompt_tokens)),
+                    _ => None,
+                })
+                .collect();
+            assert!(
+                on_lane().all(|e| !matches!(e.kind, EventKind::WarmUp { .. })),
+                "{name}: `{}` opens instead of warming up",
+                node.id
+            );
+            let [(opening, _), (_, cached), ..] = steps[..] else {
+                panic!("{name}: `{}` stepped {} times", node.id, steps.len());
+            };
+            assert!(
+                cached + CLOSING_TOKENS >= opening,
+                "{name}: `{}`'s step after the opening had {cached} cached prompt tokens, the \
+                 opening {opening}",
+                node.id
+            );
+            continue;
+        }
         let warm = on_lane()
             .find_map(|e| match e.kind {
                 EventKind::WarmUp { prompt_tokens, .. } => Some((e.at, prompt_tokens)),

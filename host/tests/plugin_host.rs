@@ -256,6 +256,56 @@ fn moa_aggregator_steps_early_in_staircase_mode_and_once_in_layered_mode() {
     assert!(only.messages[1].content.contains("### proposer 1"));
 }
 
+/// A pipeline node's `config` reaches the aggregator: with `opening-tokens` the built-in
+/// aggregator's first step, in staircase mode, writes that many tokens on the prompt head
+/// alone (no proposer text yet) instead of a zero-token warm-up; the next step extends the
+/// head, so the prefix the opening cached is reused. Layered mode ignores the opening.
+#[test]
+fn moa_aggregator_opens_from_the_question_when_its_node_config_says_so() {
+    let registry = registry_with(config());
+    let conversation = user("Why is the sky blue?");
+    let srcs = sources(2);
+    let node_config =
+        std::collections::BTreeMap::from([("opening-tokens".to_string(), "8".to_string())]);
+    let open = |mode| {
+        PolicyProvider::aggregator_with_config(
+            registry.as_ref(),
+            "moa-aggregator",
+            &node_config,
+            &conversation,
+            &srcs,
+            mode,
+        )
+        .unwrap()
+    };
+    let mut stair = open(StreamMode::Staircase);
+    let opening = stair.next_step().unwrap().expect("the opening");
+    assert!(!opening.is_final);
+    assert_eq!(opening.max_tokens, 8, "the node's opening-tokens");
+    assert!(
+        !opening.messages[1].content.contains("###"),
+        "no proposer text"
+    );
+    stair.answered("The sky looks blue").unwrap();
+    assert_eq!(stair.next_step().unwrap(), None, "then it waits for text");
+    stair.push("p0", "Because of Rayleigh").unwrap();
+    let first = stair
+        .next_step()
+        .unwrap()
+        .expect("a step on the first chunk");
+    assert!(first.max_tokens > 0 && !first.is_final);
+    assert!(
+        first.messages[1]
+            .content
+            .starts_with(&opening.messages[1].content),
+        "the step after the opening extends its head"
+    );
+
+    let mut layered = open(StreamMode::Layered);
+    let warm_up = layered.next_step().unwrap().expect("a warm-up");
+    assert_eq!(warm_up.max_tokens, 0, "layered mode has no opening");
+}
+
 /// The hostile fixture as its own registry entry, next to the built-ins.
 fn hostile_registry() -> Arc<Registry> {
     let registry = registry_with(config());

@@ -108,6 +108,24 @@ impl PolicyProvider for Pinned {
         )?))
     }
 
+    fn aggregator_with_config(
+        &self,
+        plugin: &str,
+        config: &PluginConfig,
+        conversation: &[ChatMessage],
+        sources: &[Source],
+        mode: StreamMode,
+    ) -> Result<Box<dyn AggregatorSession>, PolicyError> {
+        Ok(Box::new(AggregatorInstance::with_config(
+            self.registry.runtime(),
+            self.get(plugin)?,
+            config,
+            conversation,
+            sources,
+            mode,
+        )?))
+    }
+
     fn compressor(&self, plugin: &str) -> Result<Box<dyn CompressorPolicy>, PolicyError> {
         Ok(Box::new(CompressorInstance::new(
             self.registry.runtime(),

@@ -41,6 +41,13 @@ pub struct Args {
     /// Skip the pairwise judge (reference-free checks and agreement only).
     #[arg(long)]
     no_judge: bool,
+    /// The judge: a model of the models table in `--config` (local or remote).
+    /// Default: the default model.
+    #[arg(long, value_name = "MODEL")]
+    judge: Option<String>,
+    /// A `staircase.toml` (models, plugin and pipeline folders); the flags above override it.
+    #[arg(long, value_name = "staircase.toml")]
+    config: Option<PathBuf>,
     /// Skip the second layered run with other seeds (the noise floor).
     #[arg(long)]
     no_noise_floor: bool,
@@ -89,7 +96,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(limit) = args.limit {
         prompts.truncate(limit.max(1));
     }
-    let app = super::run::open_app(None, args.model.as_deref(), &args.plugin_dirs)?.build()?;
+    let app = super::run::open_app(
+        args.config.as_deref(),
+        args.model.as_deref(),
+        &args.plugin_dirs,
+    )?
+    .build()?;
     let baseline = super::run::pipeline_of(&app, &args.pipeline, None)?;
     let mut variants = args
         .variants
@@ -113,6 +125,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // The single model always runs; a `single` variant would only repeat it.
     variants.retain(|v| !matches!(v.kind, eval::VariantKind::Single));
     let (runner, engine) = (app.runner(), app.default_engine());
+    let judge = match &args.judge {
+        Some(name) => app.engine(name).with_context(|| {
+            format!(
+                "judge `{name}` is not in the models table (models: {})",
+                app.model_names().join(", ")
+            )
+        })?,
+        None => engine.clone(),
+    };
     for v in &variants {
         if let eval::VariantKind::Pipeline { pipeline, .. } = &v.kind {
             runner.check(pipeline)?;
@@ -127,7 +148,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         judge: !args.no_judge,
         noise_floor: !args.no_noise_floor,
     };
-    let report = super::runtime()?.block_on(eval::runner::run(runner, &engine, &options))?;
+    let report = super::runtime()?.block_on(eval::runner::run_judged_by(
+        runner,
+        &engine,
+        judge.as_ref(),
+        &options,
+    ))?;
     print!("{}", report.table());
     write_json_and_svg(&args.out, "eval", &report, &report.svg())
 }

@@ -1,6 +1,9 @@
 //! Pairwise judging in the MT-Bench / AlpacaEval style: a judge model reads the question
 //! and two answers and names the better one in a strict format. Every pair is judged in
-//! both orders (a judge that prefers a position contradicts itself and so yields a tie),
+//! both orders and, as in MT-Bench, only two verdicts that agree decide; any disagreement
+//! (a judge that prefers a position contradicts itself) is a tie. So how often the orders
+//! agree is reported beside the score: a judge whose verdicts are all inconsistent scores
+//! every pair 50% and says nothing,
 //! a verdict that cannot be read is counted as such and never guessed, and an answer cannot
 //! cast its own vote: verdict markers inside answers are defused before the judge sees
 //! them, and only the judge's final line is read, which must hold one marker and nothing else.
@@ -102,25 +105,14 @@ pub struct PairJudgement {
     pub replies: [String; 2],
 }
 
-/// The variant's points from one verdict (1 win, 0.5 tie, 0 loss).
-fn points(verdict: Verdict, variant_is_a: bool) -> f64 {
-    match (verdict, variant_is_a) {
-        (Verdict::Tie, _) => 0.5,
-        (Verdict::A, true) | (Verdict::B, false) => 1.0,
-        _ => 0.0,
-    }
-}
-
-/// Combines the two orders: the mean of the variant's points, so agreeing verdicts decide,
-/// a win and a tie is a win, and contradicting verdicts (position bias) are a tie.
+/// Combines the two orders by MT-Bench's rule: verdicts that agree (the same answer named
+/// in both positions, or two ties) decide; verdicts that disagree, a tie against a choice
+/// included, are a tie. Either verdict unread: no outcome.
 pub fn combine(variant_first: Option<Verdict>, variant_second: Option<Verdict>) -> Option<Outcome> {
-    let total = points(variant_first?, true) + points(variant_second?, false);
-    Some(if total > 1.0 {
-        Outcome::Win
-    } else if total < 1.0 {
-        Outcome::Loss
-    } else {
-        Outcome::Tie
+    Some(match (variant_first?, variant_second?) {
+        (Verdict::A, Verdict::B) => Outcome::Win,
+        (Verdict::B, Verdict::A) => Outcome::Loss,
+        _ => Outcome::Tie,
     })
 }
 
@@ -219,20 +211,35 @@ mod tests {
             combine(Some(Verdict::A), Some(Verdict::A)),
             Some(Outcome::Tie)
         );
+        // A choice against a tie disagrees: a tie, as in MT-Bench (no half-decided wins).
         assert_eq!(
             combine(Some(Verdict::A), Some(Verdict::Tie)),
-            Some(Outcome::Win)
+            Some(Outcome::Tie)
         );
         assert_eq!(
             combine(Some(Verdict::Tie), Some(Verdict::A)),
-            Some(Outcome::Loss)
+            Some(Outcome::Tie)
+        );
+        assert_eq!(
+            combine(Some(Verdict::B), Some(Verdict::B)),
+            Some(Outcome::Tie)
         );
         assert_eq!(
             combine(Some(Verdict::Tie), Some(Verdict::Tie)),
             Some(Outcome::Tie)
         );
         assert!(consistent(Some(Verdict::A), Some(Verdict::B)));
+        assert!(consistent(Some(Verdict::Tie), Some(Verdict::Tie)));
         assert!(!consistent(Some(Verdict::A), Some(Verdict::A)));
+        assert!(!consistent(Some(Verdict::A), Some(Verdict::Tie)));
+        // Every decided outcome comes from consistent verdicts.
+        for a in [Verdict::A, Verdict::B, Verdict::Tie] {
+            for b in [Verdict::A, Verdict::B, Verdict::Tie] {
+                if combine(Some(a), Some(b)) != Some(Outcome::Tie) {
+                    assert!(consistent(Some(a), Some(b)), "{a:?} {b:?}");
+                }
+            }
+        }
     }
 
     #[test]

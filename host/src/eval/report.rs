@@ -8,7 +8,8 @@ use std::fmt::Write;
 use super::runner::{EvalReport, VariantSummary};
 use crate::trace::svg::{escape, tick_step};
 
-const JUDGED_HEADER: &str = "judged vs baseline: W/T/L (unread), win+tie/2 [95% CI], consistent";
+const JUDGED_HEADER: &str = "judged vs baseline: W/T/L (unread), win+tie/2 [95% CI], \
+                             orders agreed, win+tie/2 of those";
 
 fn opt(v: Option<f64>, digits: usize) -> String {
     v.map_or_else(|| "-".to_string(), |v| format!("{v:.digits$}"))
@@ -45,8 +46,10 @@ impl EvalReport {
         );
         let _ = writeln!(
             out,
-            "{:<34} {:>8} {:>7} {:>6} {:>6} {:>6} {:>7} {:>6} {:>6}  {}",
+            "{:<34} {:>8} {:>8} {:>8} {:>7} {:>6} {:>6} {:>6} {:>7} {:>6} {:>6}  {}",
             "variant",
+            "1st in",
+            "1st step",
             "TTFT ms",
             "/layer.",
             "degen.",
@@ -60,7 +63,7 @@ impl EvalReport {
         for s in &self.summaries {
             let judged = match &s.judged {
                 Some(j) => format!(
-                    "{}/{}/{} ({}), {:.0}% [{:.0}-{:.0}%], {}/{}",
+                    "{}/{}/{} ({}), {:.0}% [{:.0}-{:.0}%], {}/{}, {}",
                     s.tally.wins,
                     s.tally.ties,
                     s.tally.losses,
@@ -69,14 +72,26 @@ impl EvalReport {
                     100.0 * j.score.low,
                     100.0 * j.score.high,
                     s.tally.consistent,
-                    j.judged
+                    j.judged,
+                    if s.tally.consistent == 0 {
+                        "-".to_string()
+                    } else {
+                        format!(
+                            "{:.0}% [{:.0}-{:.0}%]",
+                            100.0 * j.consistent_score.value,
+                            100.0 * j.consistent_score.low,
+                            100.0 * j.consistent_score.high
+                        )
+                    }
                 ),
                 None => "-".to_string(),
             };
             let _ = writeln!(
                 out,
-                "{:<34} {:>8} {:>7} {:>6} {:>6.2} {:>6.0} {:>7} {:>6} {:>6}  {}",
+                "{:<34} {:>8} {:>8} {:>8} {:>7} {:>6} {:>6.2} {:>6.0} {:>7} {:>6} {:>6}  {}",
                 s.variant,
+                opt(s.mean_first_input_token_ms, 0),
+                opt(s.mean_first_step_ms, 0),
                 opt(s.mean_ttft_ms, 0),
                 opt(s.ttft_over_layered, 3),
                 format!("{}/{}", s.degenerate, s.answers),
@@ -88,6 +103,14 @@ impl EvalReport {
                 judged
             );
         }
+        let _ = writeln!(
+            out,
+            "1st in: first token of any proposer; 1st step: the answering node's first step \
+             starts; both ms since the run began{}",
+            self.judge
+                .as_ref()
+                .map_or_else(String::new, |j| format!(". Judge: {j}")),
+        );
         out
     }
 

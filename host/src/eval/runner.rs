@@ -122,6 +122,13 @@ pub struct Answer {
     pub text: String,
     pub ttft_ms: Option<f64>,
     pub total_ms: f64,
+    /// Where a pipeline's first answer token went: the first token of any other node (a
+    /// proposer's prefill), and the start of the answering node's first real step (warm-ups
+    /// aside; in staircase mode after its first input chunk, or its opening).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_input_token_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_step_ms: Option<f64>,
     pub quality: Quality,
     /// Token F1 with the layered baseline's answer to the same prompt.
     pub f1_layered: Option<f64>,
@@ -149,6 +156,9 @@ pub struct VariantSummary {
     /// Answers the token limit cut mid-sentence.
     pub limit_mid_sentence: usize,
     pub mean_ttft_ms: Option<f64>,
+    /// Means of [`Answer::first_input_token_ms`] and [`Answer::first_step_ms`].
+    pub mean_first_input_token_ms: Option<f64>,
+    pub mean_first_step_ms: Option<f64>,
     /// Mean over prompts of TTFT / the baseline's TTFT on the same prompt.
     pub ttft_over_layered: Option<f64>,
     pub mean_f1_layered: Option<f64>,
@@ -235,14 +245,24 @@ fn sized(pipeline: &Pipeline, options: &EvalOptions) -> Pipeline {
     pipeline
 }
 
-/// Runs one variant on one prompt: text, TTFT, total time, whether the limit cut it.
+/// One variant's answer to one prompt, before scoring.
+struct Run {
+    text: String,
+    ttft_ms: Option<f64>,
+    total_ms: f64,
+    first_input_token_ms: Option<f64>,
+    first_step_ms: Option<f64>,
+    hit_limit: bool,
+}
+
+/// Runs one variant on one prompt.
 async fn answer(
     runner: &Runner,
     engine: &dyn Engine,
     variant: &Variant,
     prompt: &str,
     options: &EvalOptions,
-) -> Result<(String, Option<f64>, f64, bool), EvalError> {
+) -> Result<Run, EvalError> {
     match &variant.kind {
         VariantKind::Single => {
             let a = single_answer(engine, prompt, options.answer_tokens)
@@ -251,12 +271,14 @@ async fn answer(
                     variant: variant.name.clone(),
                     source,
                 })?;
-            Ok((
-                a.text,
-                a.ttft.map(millis),
-                millis(a.total),
-                a.reason == FinishReason::Length,
-            ))
+            Ok(Run {
+                text: a.text,
+                ttft_ms: a.ttft.map(millis),
+                total_ms: millis(a.total),
+                first_input_token_ms: None,
+                first_step_ms: None,
+                hit_limit: a.reason == FinishReason::Length,
+            })
         }
         VariantKind::Pipeline { pipeline, mode } => {
             let pipeline = sized(pipeline, options);
@@ -267,13 +289,23 @@ async fn answer(
                     variant: variant.name.clone(),
                     source,
                 })?;
-            let tokens = report.nodes[pipeline.output.0].output_tokens;
-            Ok((
-                report.answer,
-                report.ttft_ms.map(millis),
-                millis(report.total_ms),
-                pipeline_hit_limit(&pipeline, tokens),
-            ))
+            let output = &report.nodes[pipeline.output.0];
+            let first_input_token_ms = report
+                .nodes
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != pipeline.output.0)
+                .filter_map(|(_, n)| n.first_token_ms)
+                .min()
+                .map(millis);
+            Ok(Run {
+                first_input_token_ms,
+                first_step_ms: output.started_ms.map(millis),
+                hit_limit: pipeline_hit_limit(&pipeline, output.output_tokens),
+                ttft_ms: report.ttft_ms.map(millis),
+                total_ms: millis(report.total_ms),
+                text: report.answer,
+            })
         }
     }
 }
@@ -282,6 +314,17 @@ async fn answer(
 pub async fn run(
     runner: &Runner,
     engine: &Arc<dyn Engine>,
+    options: &EvalOptions,
+) -> Result<EvalReport, EvalError> {
+    run_judged_by(runner, engine, engine.as_ref(), options).await
+}
+
+/// Runs the evaluation with `judge` (any model of the models table, a remote one
+/// included) judging; `engine` answers as the single model.
+pub async fn run_judged_by(
+    runner: &Runner,
+    engine: &Arc<dyn Engine>,
+    judge_engine: &dyn Engine,
     options: &EvalOptions,
 ) -> Result<EvalReport, EvalError> {
     let baseline = Variant::pipeline(options.baseline.clone(), StreamMode::Layered, None);
@@ -316,20 +359,21 @@ pub async fn run(
         }
     }
 
-    let judge = options.judge.then(|| Judge::new(engine.as_ref()));
+    let judge = options.judge.then(|| Judge::new(judge_engine));
     let mut records = Vec::new();
     for (index, prompt) in options.prompts.iter().enumerate() {
         tracing::info!(prompt, index, "eval");
         let mut answers = Vec::new();
         for variant in &order {
-            let (text, ttft_ms, total_ms, hit_limit) =
-                answer(runner, engine.as_ref(), variant, prompt, options).await?;
+            let run = answer(runner, engine.as_ref(), variant, prompt, options).await?;
             answers.push(Answer {
                 variant: variant.name.clone(),
-                quality: Quality::of(&text, hit_limit),
-                text,
-                ttft_ms,
-                total_ms,
+                quality: Quality::of(&run.text, run.hit_limit),
+                text: run.text,
+                ttft_ms: run.ttft_ms,
+                total_ms: run.total_ms,
+                first_input_token_ms: run.first_input_token_ms,
+                first_step_ms: run.first_step_ms,
                 f1_layered: None,
                 f1_single: None,
                 judged: None,
@@ -380,7 +424,9 @@ pub async fn run(
         baseline: baseline.name,
         proposer_tokens: options.proposer_tokens,
         answer_tokens: options.answer_tokens,
-        judge: options.judge.then(|| engine.model_info().name.clone()),
+        judge: options
+            .judge
+            .then(|| judge_engine.model_info().name.clone()),
         summaries,
         prompts: records,
     })
@@ -432,6 +478,8 @@ pub fn summarize(
             .filter(|a| a.quality.ending == metrics::Ending::LimitMidSentence)
             .count(),
         mean_ttft_ms: mean(answers.iter().filter_map(|a| a.ttft_ms)),
+        mean_first_input_token_ms: mean(answers.iter().filter_map(|a| a.first_input_token_ms)),
+        mean_first_step_ms: mean(answers.iter().filter_map(|a| a.first_step_ms)),
         ttft_over_layered: ttft_ratio,
         mean_f1_layered: mean(answers.iter().filter_map(|a| a.f1_layered)),
         mean_f1_single: mean(answers.iter().filter_map(|a| a.f1_single)),

@@ -96,6 +96,11 @@ pub struct TallySummary {
     pub loss: Interval,
     /// Win + tie/2: at least 0.45 is the staircase's quality target against layered.
     pub score: Interval,
+    /// Share of judged pairs whose two orders agreed. Wins and losses come only from
+    /// these, so at a low share `score` is mostly position-bias ties and says little.
+    pub consistent: Interval,
+    /// Win + tie/2 over the consistent pairs alone (ties there are two agreed ties).
+    pub consistent_score: Interval,
 }
 
 impl Tally {
@@ -109,12 +114,21 @@ impl Tally {
             .chain(std::iter::repeat_n(0.5, self.ties))
             .chain(std::iter::repeat_n(0.0, self.losses))
             .collect();
+        // Under MT-Bench's rule every win and loss is consistent; the rest of the
+        // consistent pairs are agreed ties.
+        let agreed_ties = self.consistent.saturating_sub(self.wins + self.losses);
+        let consistent_scores: Vec<f64> = std::iter::repeat_n(1.0, self.wins)
+            .chain(std::iter::repeat_n(0.5, agreed_ties))
+            .chain(std::iter::repeat_n(0.0, self.losses))
+            .collect();
         TallySummary {
             judged: n,
             win: wilson(self.wins, n, Z_95),
             tie: wilson(self.ties, n, Z_95),
             loss: wilson(self.losses, n, Z_95),
             score: bootstrap_mean(&scores),
+            consistent: wilson(self.consistent, n, Z_95),
+            consistent_score: bootstrap_mean(&consistent_scores),
         }
     }
 }
@@ -190,5 +204,34 @@ mod tests {
         assert!(close(s.score.value, 0.4, 1e-12));
         assert!(s.score.low < 0.4 && s.score.high > 0.4);
         assert!(close(s.win.value, 0.2, 1e-12));
+    }
+
+    #[test]
+    fn the_consistent_share_and_score_leave_position_bias_ties_out() {
+        // 10 pairs: 2 wins, 1 loss, 1 agreed tie (4 consistent), 6 position-bias ties.
+        let tally = Tally {
+            wins: 2,
+            ties: 7,
+            losses: 1,
+            consistent: 4,
+            ..Tally::default()
+        };
+        let s = tally.summary();
+        assert!(close(s.score.value, 0.55, 1e-12));
+        assert!(close(s.consistent.value, 0.4, 1e-12));
+        // (2 + 0.5) / 4 over the pairs the judge could decide.
+        assert!(close(s.consistent_score.value, 0.625, 1e-12));
+        // A judge that never agrees with itself: every pair a tie, nothing to score.
+        let blind = Tally {
+            ties: 10,
+            ..Tally::default()
+        }
+        .summary();
+        assert!(close(blind.score.value, 0.5, 1e-12));
+        assert_eq!(blind.consistent.value, 0.0);
+        assert_eq!(
+            (blind.consistent_score.low, blind.consistent_score.high),
+            (0.0, 1.0)
+        );
     }
 }

@@ -198,6 +198,22 @@ impl PolicyProvider for MeteredProvider {
         Ok(Box::new(MeteredSession::new(inner, meter)))
     }
 
+    fn aggregator_with_config(
+        &self,
+        plugin: &str,
+        config: &PluginConfig,
+        conversation: &[ChatMessage],
+        sources: &[Source],
+        mode: StreamMode,
+    ) -> Result<Box<dyn AggregatorSession>, PolicyError> {
+        let meter = self.metered(plugin);
+        let inner = meter.call(|| {
+            self.inner
+                .aggregator_with_config(plugin, config, conversation, sources, mode)
+        })?;
+        Ok(Box::new(MeteredSession::new(inner, meter)))
+    }
+
     fn compressor(&self, plugin: &str) -> Result<Box<dyn CompressorPolicy>, PolicyError> {
         let meter = self.metered(plugin);
         let inner = meter.call(|| self.inner.compressor(plugin))?;

@@ -579,7 +579,13 @@ impl<'r> RunCtx<'r> {
             NodeKind::Aggregator => {
                 let session = self
                     .policies
-                    .aggregator(&node.plugin, &conversation, &self.sources(ix), mode)
+                    .aggregator_with_config(
+                        &node.plugin,
+                        &node.config,
+                        &conversation,
+                        &self.sources(ix),
+                        mode,
+                    )
                     .map_err(&policy_error)?;
                 let sampling = node.params.apply(SamplingParams::default());
                 self.run_stepped(ix, session, sampling, inputs, emitter, waker)

@@ -131,10 +131,30 @@ impl AggregatorInstance {
         sources: &[Source],
         mode: StreamMode,
     ) -> Result<Self, PluginError> {
+        Self::with_config(
+            runtime,
+            plugin,
+            &BTreeMap::new(),
+            conversation,
+            sources,
+            mode,
+        )
+    }
+
+    /// A session whose `config` import also sees `config` (the pipeline node's settings,
+    /// which win over the operator's), as for roles.
+    pub fn with_config(
+        runtime: &PluginRuntime,
+        plugin: &Arc<LoadedPlugin>,
+        config: &BTreeMap<String, String>,
+        conversation: &[ChatMessage],
+        sources: &[Source],
+        mode: StreamMode,
+    ) -> Result<Self, PluginError> {
         if !matches!(plugin.pre, KindPre::Aggregator(_)) {
             return Err(wrong_kind(plugin, PluginKind::Aggregator));
         }
-        let mut instance = PluginInstance::store(runtime, plugin);
+        let mut instance = PluginInstance::store_with(runtime, plugin, Some(config));
         let bindings = instance.instantiate(|store, pre| match pre {
             KindPre::Aggregator(pre) => pre.instantiate(store),
             _ => Err(wasmtime::format_err!("not an aggregator")),

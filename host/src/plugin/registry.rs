@@ -387,6 +387,25 @@ impl Registry {
         )
     }
 
+    /// [`Self::open_aggregator`] with a pipeline node's settings.
+    pub fn open_aggregator_with_config(
+        &self,
+        name: &str,
+        config: &PluginConfig,
+        conversation: &[ChatMessage],
+        sources: &[Source],
+        mode: StreamMode,
+    ) -> Result<AggregatorInstance, PluginError> {
+        AggregatorInstance::with_config(
+            &self.runtime,
+            &self.get_or_err(name)?,
+            config,
+            conversation,
+            sources,
+            mode,
+        )
+    }
+
     /// A fresh compressor instance on the newest version of `name` (typed errors).
     pub fn open_compressor(&self, name: &str) -> Result<CompressorInstance, PluginError> {
         CompressorInstance::new(&self.runtime, &self.get_or_err(name)?)
@@ -579,6 +598,23 @@ impl PolicyProvider for Registry {
     ) -> Result<Box<dyn AggregatorSession>, PolicyError> {
         Ok(Box::new(self.open_aggregator(
             plugin,
+            conversation,
+            sources,
+            mode,
+        )?))
+    }
+
+    fn aggregator_with_config(
+        &self,
+        plugin: &str,
+        config: &PluginConfig,
+        conversation: &[ChatMessage],
+        sources: &[Source],
+        mode: StreamMode,
+    ) -> Result<Box<dyn AggregatorSession>, PolicyError> {
+        Ok(Box::new(self.open_aggregator_with_config(
+            plugin,
+            config,
             conversation,
             sources,
             mode,

@@ -8,6 +8,12 @@
 //! text arrives it asks for a warm-up of the head, so the first step prefills only the first
 //! text.
 //!
+//! In staircase mode, with `opening-tokens` N > 0, the warm-up is replaced by an *opening*:
+//! a short step on the head alone that writes the answer's first N tokens from the question
+//! while the proposers are still prefilling (on one CPU the first proposer chunk costs its
+//! decode steps plus every other prompt's prefill, most of the first-token time). The steps
+//! after it read the proposers' text and continue the opening.
+//!
 //! In staircase mode the first step comes once `first-step-chars` bytes have arrived (and,
 //! with `first-step-sources = "all"`, every source has spoken or finished) and generates
 //! `first-step-tokens`; later steps come each time `step-chars` new bytes have accumulated
@@ -28,6 +34,8 @@ and continue as more arrives.";
 
 /// Proposer text (bytes, ~4 per token) before the first step: 0 steps on the first text.
 const DEFAULT_FIRST_STEP_CHARS: usize = 0;
+/// Tokens of the opening step written from the question alone; 0: no opening, a warm-up.
+const DEFAULT_OPENING_TOKENS: u32 = 0;
 /// Tokens of the first step; 0 means `step-tokens`.
 const DEFAULT_FIRST_STEP_TOKENS: u32 = 0;
 /// New proposer text (bytes) that earns an intermediate step: small enough that the
@@ -78,6 +86,7 @@ struct Moa {
     /// "all"`; default `"any"`).
     wait_for_all: bool,
     first_step_tokens: u32,
+    opening_tokens: u32,
     step_chars: usize,
     step_tokens: u32,
     final_tokens: u32,
@@ -148,6 +157,7 @@ impl Aggregator for Moa {
             Some("step") => Layout::Step,
             _ => Layout::Arrival,
         };
+        let opening_tokens = config_or("opening-tokens", DEFAULT_OPENING_TOKENS);
         Moa {
             mode,
             layout,
@@ -166,11 +176,12 @@ impl Aggregator for Moa {
                 .collect(),
             new_bytes: 0,
             steps: 0,
-            warmed: !config_or("warm-up", true),
+            warmed: !config_or("warm-up", true) && opening_tokens == 0,
             done: false,
             first_step_chars: config_or("first-step-chars", DEFAULT_FIRST_STEP_CHARS),
             wait_for_all: host::config("first-step-sources").as_deref() == Some("all"),
             first_step_tokens: config_or("first-step-tokens", DEFAULT_FIRST_STEP_TOKENS),
+            opening_tokens,
             step_chars: config_or("step-chars", DEFAULT_STEP_CHARS),
             step_tokens: config_or("step-tokens", DEFAULT_STEP_TOKENS),
             final_tokens: config_or("final-tokens", DEFAULT_FINAL_TOKENS),
@@ -219,11 +230,13 @@ impl Aggregator for Moa {
         }
         if !self.warmed {
             // The head is known before any proposer speaks: have the host prefill it while
-            // they do (a non-final step of 0 tokens is a warm-up).
+            // they do (a non-final step of 0 tokens is a warm-up), or write the opening from
+            // it. The opening does not count as a step: the first-step rules apply after it.
             self.warmed = true;
+            let opening = matches!(self.mode, StreamMode::Staircase) && self.opening_tokens > 0;
             return Some(Step {
                 messages: self.head.clone(),
-                max_tokens: 0,
+                max_tokens: if opening { self.opening_tokens } else { 0 },
                 final_: false,
             });
         }
