@@ -3,7 +3,7 @@
 //! `spec` reads and validates pipeline files, `examples` embeds the shipped ones, `stream`
 //! cuts outputs into chunks per edge, `critical` computes critical paths, `runtime` runs a
 //! pipeline on engines and policies, `role_session` drives agents that read other nodes,
-//! `budget` bounds a run whatever its plugins do, `bench` compares single-model, layered and staircase runs. `policy` holds the traits the
+//! `budget` bounds a run whatever its plugins do, `variants` reads the alternatives a file declares for load-adaptive runs, `bench` compares single-model, layered and staircase runs. `policy` holds the traits the
 //! plugin host implements; nothing here touches wasmtime or llama.cpp directly.
 
 pub mod bench;
@@ -15,6 +15,7 @@ pub mod role_session;
 pub mod runtime;
 pub mod spec;
 pub mod stream;
+pub mod variants;
 
 pub use budget::{RunBound, RunLimits};
 pub use examples::{DEFAULT_PIPELINE, load};
