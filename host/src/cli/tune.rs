@@ -127,9 +127,17 @@ pub(crate) fn execute(args: &Args) -> anyhow::Result<TuneReport> {
             .shortlist
             .or(table.shortlist)
             .unwrap_or(tune::DEFAULT_SHORTLIST),
-        check_prompts: prompts.iter().take(args.check_prompts.max(1)).cloned().collect(),
+        check_prompts: prompts
+            .iter()
+            .take(args.check_prompts.max(1))
+            .cloned()
+            .collect(),
         eval: (!args.no_eval).then(|| EvalSample {
-            prompts: prompts.iter().take(args.eval_prompts.max(1)).cloned().collect(),
+            prompts: prompts
+                .iter()
+                .take(args.eval_prompts.max(1))
+                .cloned()
+                .collect(),
             answer_tokens: args.answer_tokens,
             judge: !args.no_judge,
         }),
@@ -157,7 +165,11 @@ pub(crate) fn execute(args: &Args) -> anyhow::Result<TuneReport> {
         let path = args.out.join(format!("{name}.toml"));
         std::fs::write(&path, &report.file)
             .with_context(|| format!("cannot write {}", path.display()))?;
-        println!("wrote {} (run it: staircase run --pipeline {})", path.display(), path.display());
+        println!(
+            "wrote {} (run it: staircase run --pipeline {})",
+            path.display(),
+            path.display()
+        );
     }
     Ok(report)
 }
@@ -181,7 +193,10 @@ pub fn bench(args: Args) -> anyhow::Result<()> {
     println!("\ntuned / hand-written ({} vs {}):", tuned.name, hand.name);
     println!(
         "  critical path (measured) {:.2}, TTFT {}, total {:.2}, quality {} vs {}",
-        ratio(tuned.measured_critical_path_ms, hand.measured_critical_path_ms),
+        ratio(
+            tuned.measured_critical_path_ms,
+            hand.measured_critical_path_ms
+        ),
         match (tuned.ttft_ms, hand.ttft_ms) {
             (Some(t), Some(h)) => format!("{:.2}", ratio(t, h)),
             _ => "-".into(),

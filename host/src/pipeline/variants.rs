@@ -45,7 +45,10 @@ pub struct Adaptive {
 }
 
 /// Parses the `[[variants]]` tables of the file `origin`.
-pub(super) fn parse(tables: &[toml::Table], origin: &str) -> Result<Vec<DeclaredVariant>, SpecError> {
+pub(super) fn parse(
+    tables: &[toml::Table],
+    origin: &str,
+) -> Result<Vec<DeclaredVariant>, SpecError> {
     let mut out: Vec<DeclaredVariant> = Vec::new();
     for (i, table) in tables.iter().enumerate() {
         let bad = |reason: String| SpecError {

@@ -108,15 +108,19 @@ pub fn choose(
                 .mul_f64(load.stretch())
         })
         .collect();
-    let rank = |i: usize| candidates[i].2.unwrap_or(if i == 0 { f64::INFINITY } else { 0.0 });
+    let rank = |i: usize| {
+        candidates[i]
+            .2
+            .unwrap_or(if i == 0 { f64::INFINITY } else { 0.0 })
+    };
     let meeting: Vec<usize> = (0..candidates.len())
         .filter(|&i| predicted[i] <= budget)
         .collect();
-    let (chosen, met) = match meeting
-        .iter()
-        .copied()
-        .max_by(|&a, &b| rank(a).total_cmp(&rank(b)).then(predicted[b].cmp(&predicted[a])))
-    {
+    let (chosen, met) = match meeting.iter().copied().max_by(|&a, &b| {
+        rank(a)
+            .total_cmp(&rank(b))
+            .then(predicted[b].cmp(&predicted[a]))
+    }) {
         Some(i) => (i, true),
         None => (
             (0..candidates.len())

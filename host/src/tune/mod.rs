@@ -17,6 +17,8 @@ pub mod probe;
 pub mod report;
 pub mod search;
 pub mod space;
+#[cfg(test)]
+mod tests;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -76,12 +78,14 @@ impl TuneTable {
     pub fn of(pipeline: &Pipeline) -> Result<Self, TuneError> {
         match &pipeline.tune {
             None => Ok(Self::default()),
-            Some(table) => toml::Value::Table(table.clone())
-                .try_into()
-                .map_err(|e: toml::de::Error| TuneError::Table {
-                    origin: pipeline.origin.clone(),
-                    reason: e.message().to_string(),
-                }),
+            Some(table) => {
+                toml::Value::Table(table.clone())
+                    .try_into()
+                    .map_err(|e: toml::de::Error| TuneError::Table {
+                        origin: pipeline.origin.clone(),
+                        reason: e.message().to_string(),
+                    })
+            }
         }
     }
 }
@@ -187,7 +191,10 @@ pub async fn measure_models(
             .get(name)
             .ok_or_else(|| TuneError::UnknownModel(name.clone()))?
             .clone();
-        let known = measured.iter().find(|(e, _)| Arc::ptr_eq(e, &engine)).map(|(_, l)| *l);
+        let known = measured
+            .iter()
+            .find(|(e, _)| Arc::ptr_eq(e, &engine))
+            .map(|(_, l)| *l);
         let latency = match known {
             Some(l) => l,
             None => {
@@ -228,7 +235,11 @@ pub async fn measure_runs(
     let (mut paths, mut ttfts, mut totals) = (Vec::new(), Vec::new(), Vec::new());
     for prompt in prompts {
         let report = runner
-            .run(pipeline, RunRequest::prompt(prompt, StreamMode::Staircase), None)
+            .run(
+                pipeline,
+                RunRequest::prompt(prompt, StreamMode::Staircase),
+                None,
+            )
             .await?;
         paths.push(millis(report.critical_path_measured.length_ms));
         ttfts.extend(report.ttft_ms.map(millis));
@@ -271,7 +282,13 @@ pub async fn tune(
         prompt_tokens,
         ..SearchOptions::default()
     };
-    let outcome = search::search(&space, &base_genome, &options.prior, &table, &search_options)?;
+    let outcome = search::search(
+        &space,
+        &base_genome,
+        &options.prior,
+        &table,
+        &search_options,
+    )?;
     tracing::info!(evaluated = outcome.evaluated, "search done");
     let shortlist = shortlist(&outcome, options.budget, options.shortlist);
 
@@ -306,7 +323,11 @@ pub async fn tune(
             measured_critical_path_ms: measured,
             ttft_ms: ttft,
             total_ms: total,
-            prediction_ratio: if measured > 0.0 { predicted / measured } else { 0.0 },
+            prediction_ratio: if measured > 0.0 {
+                predicted / measured
+            } else {
+                0.0
+            },
             quality: None,
             degenerate: None,
             genome: genome.clone(),
@@ -347,7 +368,10 @@ pub async fn tune(
         a.quality
             .unwrap_or(a.prior)
             .total_cmp(&b.quality.unwrap_or(b.prior))
-            .then(b.measured_critical_path_ms.total_cmp(&a.measured_critical_path_ms))
+            .then(
+                b.measured_critical_path_ms
+                    .total_cmp(&a.measured_critical_path_ms),
+            )
     };
     let met: Vec<&Checked> = tuned.iter().copied().filter(meets).collect();
     let (chosen, met_budget) = match met.iter().max_by(by_quality) {
@@ -356,7 +380,10 @@ pub async fn tune(
             tuned
                 .iter()
                 .copied()
-                .min_by(|a, b| a.measured_critical_path_ms.total_cmp(&b.measured_critical_path_ms))
+                .min_by(|a, b| {
+                    a.measured_critical_path_ms
+                        .total_cmp(&b.measured_critical_path_ms)
+                })
                 .unwrap_or(&checked[0]),
             false,
         ),
@@ -393,7 +420,11 @@ fn shortlist(outcome: &Outcome, budget: Duration, k: usize) -> Vec<Genome> {
         .filter(|s| s.prediction.critical_path <= budget)
         .collect();
     meeting.sort_by(|a, b| b.prior.total_cmp(&a.prior));
-    let mut out: Vec<Genome> = meeting.iter().take(k.max(1)).map(|s| s.genome.clone()).collect();
+    let mut out: Vec<Genome> = meeting
+        .iter()
+        .take(k.max(1))
+        .map(|s| s.genome.clone())
+        .collect();
     if !out.contains(&outcome.best.genome) {
         out.insert(0, outcome.best.genome.clone());
         out.truncate(k.max(1));
@@ -403,7 +434,12 @@ fn shortlist(outcome: &Outcome, budget: Duration, k: usize) -> Vec<Genome> {
 
 /// The chosen variant as a pipeline file: its nodes at the top, the budget, its quality, and
 /// the faster runners-up as `[[variants]]` for load-adaptive runs.
-fn written_file(space: &Space, chosen: &Checked, tuned: &[&Checked], options: &TuneOptions) -> String {
+fn written_file(
+    space: &Space,
+    chosen: &Checked,
+    tuned: &[&Checked],
+    options: &TuneOptions,
+) -> String {
     let Some(genome) = &chosen.genome else {
         return String::new();
     };
@@ -417,9 +453,16 @@ fn written_file(space: &Space, chosen: &Checked, tuned: &[&Checked], options: &T
     }
     let mut variants: Vec<&&Checked> = tuned
         .iter()
-        .filter(|c| c.name != chosen.name && c.predicted_critical_path_ms < chosen.predicted_critical_path_ms)
+        .filter(|c| {
+            c.name != chosen.name
+                && c.predicted_critical_path_ms < chosen.predicted_critical_path_ms
+        })
         .collect();
-    variants.sort_by(|a, b| a.predicted_critical_path_ms.total_cmp(&b.predicted_critical_path_ms).reverse());
+    variants.sort_by(|a, b| {
+        a.predicted_critical_path_ms
+            .total_cmp(&b.predicted_critical_path_ms)
+            .reverse()
+    });
     let tables: Vec<toml::Value> = variants
         .iter()
         .filter_map(|c| {

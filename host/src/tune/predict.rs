@@ -128,11 +128,20 @@ pub fn predict(
     table: &LatencyTable,
 ) -> Prediction {
     let n = pipeline.nodes.len();
-    let expected: Vec<u32> = pipeline.nodes.iter().map(critical::expected_tokens).collect();
+    let expected: Vec<u32> = pipeline
+        .nodes
+        .iter()
+        .map(critical::expected_tokens)
+        .collect();
     // Level of each node (longest distance from a source), for who shares a model when.
     let mut level = vec![0usize; n];
     for (i, node) in pipeline.nodes.iter().enumerate() {
-        level[i] = node.inputs.iter().map(|e| level[e.from.0] + 1).max().unwrap_or(0);
+        level[i] = node
+            .inputs
+            .iter()
+            .map(|e| level[e.from.0] + 1)
+            .max()
+            .unwrap_or(0);
     }
     let concurrent = |i: usize| {
         let model = model_of(&pipeline.nodes[i].model);
@@ -155,7 +164,11 @@ pub fn predict(
             secs(latency.solo.prefill_per_token),
         );
         let out = f64::from(expected[i].max(1));
-        let input_tokens: f64 = node.inputs.iter().map(|e| f64::from(expected[e.from.0])).sum();
+        let input_tokens: f64 = node
+            .inputs
+            .iter()
+            .map(|e| f64::from(expected[e.from.0]))
+            .sum();
         let prompt = f64::from(prompt_tokens + PROMPT_OVERHEAD_TOKENS) + input_tokens;
         let (end, from) = latest_end(node.inputs.iter().map(|e| e.from), &finish);
         via[i] = from;

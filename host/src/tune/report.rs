@@ -62,7 +62,11 @@ impl TuneReport {
                 c.total_ms,
                 opt(c.quality, 2),
                 c.degenerate.map_or("-".into(), |d| d.to_string()),
-                if c.hand_written { "(hand-written) " } else { "" },
+                if c.hand_written {
+                    "(hand-written) "
+                } else {
+                    ""
+                },
                 c.description
             );
         }
@@ -112,12 +116,22 @@ impl TuneReport {
         let checked_cp: Vec<(f64, f64)> = self
             .checked
             .iter()
-            .map(|c| (c.measured_critical_path_ms, c.quality.unwrap_or(c.prior / max_prior)))
+            .map(|c| {
+                (
+                    c.measured_critical_path_ms,
+                    c.quality.unwrap_or(c.prior / max_prior),
+                )
+            })
             .collect();
         let checked_ttft: Vec<(f64, f64)> = self
             .checked
             .iter()
-            .map(|c| (c.ttft_ms.unwrap_or(0.0), c.quality.unwrap_or(c.prior / max_prior)))
+            .map(|c| {
+                (
+                    c.ttft_ms.unwrap_or(0.0),
+                    c.quality.unwrap_or(c.prior / max_prior),
+                )
+            })
             .collect();
         panel(
             &mut svg,
@@ -149,7 +163,11 @@ impl TuneReport {
                 2.0 * panel_w + 30.0,
                 64.0 + 18.0 * i as f64,
                 escape(&c.name),
-                if c.name == self.chosen { " (chosen)" } else { "" }
+                if c.name == self.chosen {
+                    " (chosen)"
+                } else {
+                    ""
+                }
             );
         }
         let _ = writeln!(
@@ -164,7 +182,9 @@ impl TuneReport {
 }
 
 fn colour(i: usize) -> &'static str {
-    ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2"][i % 6]
+    [
+        "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2",
+    ][i % 6]
 }
 
 /// One scatter panel at horizontal offset `x0`: y is quality in [0, 1].

@@ -7,7 +7,8 @@
 //! little), because a real score needs real runs; `staircase tune` re-scores the shortlist
 //! with `staircase eval`. Every genome the search touched is kept, for the Pareto front.
 //! The search moves one choice at a time from the base pipeline and from the smallest
-//! variant, keeps the `width` best, and stops when a round finds nothing better.
+//! variant, keeps half its `width` by the objective and half by quality among variants near
+//! the budget, and stops when a round finds nothing better.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -30,6 +31,9 @@ const STAIRCASE_WEIGHT: f64 = 0.98;
 /// First chunks below this many tokens invite degenerate starts.
 const SMALL_FIRST_CHUNK: u32 = 8;
 const SMALL_FIRST_CHUNK_WEIGHT: f64 = 0.9;
+
+/// Variants up to this multiple of the budget may stay in the beam as stepping stones.
+const NEAR_BUDGET: f64 = 1.5;
 
 /// The search's quality prior: a weight per model (default 1).
 #[derive(Clone, Debug, Default, Serialize)]
@@ -64,7 +68,8 @@ impl Prior {
         match g.aggregator {
             None => ALONE_WEIGHT * proposers,
             Some(m) => {
-                let mut q = (proposers + REFINER_WEIGHT * decayed(&g.refiners)) * self.weight(space, m);
+                let mut q =
+                    (proposers + REFINER_WEIGHT * decayed(&g.refiners)) * self.weight(space, m);
                 if g.staircase {
                     q *= STAIRCASE_WEIGHT;
                     if space.schedules[g.schedule].size(0) < SMALL_FIRST_CHUNK {
@@ -133,7 +138,7 @@ impl Default for SearchOptions {
         Self {
             budget: Duration::from_secs(10),
             width: 8,
-            patience: 2,
+            patience: 4,
             max_rounds: 64,
             prompt_tokens: 32,
         }
@@ -177,7 +182,14 @@ pub fn neighbours(space: &Space, g: &Genome) -> Vec<Genome> {
             });
         }
     }
-    out.retain(Genome::valid);
+    let mut out: Vec<Genome> = out
+        .into_iter()
+        .filter(Genome::valid)
+        .map(Genome::canonical)
+        .filter(|n| n != g)
+        .collect();
+    out.sort();
+    out.dedup();
     out
 }
 
@@ -223,7 +235,7 @@ pub fn search(
 ) -> Result<Outcome, SpaceError> {
     let budget = options.budget;
     let mut seen: HashMap<Genome, Scored> = HashMap::new();
-    let mut eval = |g: &Genome, seen: &mut HashMap<Genome, Scored>| -> Result<Scored, SpaceError> {
+    let eval = |g: &Genome, seen: &mut HashMap<Genome, Scored>| -> Result<Scored, SpaceError> {
         if let Some(s) = seen.get(g) {
             return Ok(s.clone());
         }
@@ -231,7 +243,10 @@ pub fn search(
         seen.insert(g.clone(), s.clone());
         Ok(s)
     };
-    let mut beam = vec![eval(base, &mut seen)?, eval(&smallest(space, table), &mut seen)?];
+    let mut beam = vec![
+        eval(&base.clone().canonical(), &mut seen)?,
+        eval(&smallest(space, table), &mut seen)?,
+    ];
     let mut best = pick_best(&beam, budget).clone();
     let (mut stale, mut rounds) = (0, 0);
     while stale < options.patience && rounds < options.max_rounds {
@@ -254,8 +269,19 @@ pub fn search(
                 a.genome.cmp(&b.genome)
             }
         });
-        next.truncate(options.width.max(1));
-        beam = next;
+        // Half the beam by the objective; the rest by prior among variants near the budget,
+        // so the search can cross an infeasible step (a refiner added before the schedule
+        // that pays for it).
+        let width = options.width.max(2);
+        let near = budget.mul_f64(NEAR_BUDGET);
+        let mut kept: Vec<Scored> = next.iter().take(width / 2).cloned().collect();
+        let mut rest: Vec<&Scored> = next[kept.len()..]
+            .iter()
+            .filter(|s| s.prediction.critical_path <= near)
+            .collect();
+        rest.sort_by(|a, b| b.prior.total_cmp(&a.prior).then(a.genome.cmp(&b.genome)));
+        kept.extend(rest.into_iter().take(width - kept.len()).cloned());
+        beam = kept;
         let round_best = pick_best(&beam, budget);
         if better(round_best, &best, budget) {
             best = round_best.clone();
@@ -326,7 +352,7 @@ pub fn enumerate(space: &Space) -> Vec<Genome> {
                         staircase,
                         schedule,
                     };
-                    if g.valid() {
+                    if g.valid() && g == g.clone().canonical() {
                         out.push(g);
                     }
                 }

@@ -63,6 +63,18 @@ pub struct Genome {
 }
 
 impl Genome {
+    /// The same variant with choices that change nothing reset (the schedule of complete
+    /// edges; edges of a proposer answering alone), so the search sees one genome per variant.
+    pub fn canonical(mut self) -> Self {
+        if self.aggregator.is_none() {
+            self.staircase = true;
+        }
+        if self.aggregator.is_none() || !self.staircase {
+            self.schedule = 0;
+        }
+        self
+    }
+
     /// Whether the genome describes a runnable pipeline.
     pub fn valid(&self) -> bool {
         let proposers = self.proposers.iter().flatten().count();
@@ -175,11 +187,17 @@ impl Space {
         }
         let index = |name: &str| models.iter().position(|m| m == name);
         let genome = Genome {
-            proposers: proposers.iter().map(|n| fixed_model(n).and_then(index)).collect(),
+            proposers: proposers
+                .iter()
+                .map(|n| fixed_model(n).and_then(index))
+                .collect(),
             refiners: if middle.is_empty() {
                 vec![None; refiners.len()]
             } else {
-                middle.iter().map(|n| fixed_model(n).and_then(index)).collect()
+                middle
+                    .iter()
+                    .map(|n| fixed_model(n).and_then(index))
+                    .collect()
             },
             aggregator: fixed_model(output).and_then(index),
             staircase: base_schedule.is_some(),
@@ -312,7 +330,12 @@ impl Space {
             ("temperature", p.temperature.map(float)),
             ("top_p", p.top_p.map(float)),
             ("top_k", p.top_k.map(int)),
-            ("seed", p.seed.and_then(|s| i64::try_from(s).ok()).map(Value::Integer)),
+            (
+                "seed",
+                p.seed
+                    .and_then(|s| i64::try_from(s).ok())
+                    .map(Value::Integer),
+            ),
             (
                 "stop",
                 p.stop
