@@ -50,9 +50,12 @@ pub enum TuneError {
     #[error("measuring model `{model}`: {source}")]
     Probe { model: String, source: EngineError },
     #[error("running variant `{variant}`: {source}")]
-    Run { variant: String, source: RunError },
+    Run {
+        variant: String,
+        source: Box<RunError>,
+    },
     #[error(transparent)]
-    Eval(#[from] eval::EvalError),
+    Eval(Box<eval::EvalError>),
     #[error("the [tune] table of `{origin}`: {reason}")]
     Table { origin: String, reason: String },
 }
@@ -304,7 +307,7 @@ pub async fn tune(
             .await
             .map_err(|source| TuneError::Run {
                 variant: pipeline.name.clone(),
-                source,
+                source: Box::new(source),
             })?;
         let prediction = predict(pipeline, StreamMode::Staircase, prompt_tokens, &table);
         let predicted = millis(prediction.critical_path);
@@ -352,7 +355,9 @@ pub async fn tune(
             judge: sample.judge,
             noise_floor: false,
         };
-        let report = eval::runner::run(runner, judge_engine, &eval_options).await?;
+        let report = eval::runner::run(runner, judge_engine, &eval_options)
+            .await
+            .map_err(|e| TuneError::Eval(Box::new(e)))?;
         for c in &mut checked {
             if let Some(s) = report.summaries.iter().find(|s| s.variant == c.name) {
                 c.quality = Some(eval::report::quality(s).0);
