@@ -143,6 +143,7 @@ pub(crate) fn execute(args: &Args) -> anyhow::Result<TuneReport> {
         }),
         name: name.clone(),
         proposer_tokens: args.proposer_tokens,
+        answer_tokens: Some(args.answer_tokens),
     };
     let runtime = super::runtime()?;
     let simulated;

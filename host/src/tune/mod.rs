@@ -118,6 +118,9 @@ pub struct TuneOptions {
     pub name: String,
     /// Output tokens of every proposer and refiner; `None` keeps the file's.
     pub proposer_tokens: Option<u32>,
+    /// Output tokens of the answer (the output node); `None` keeps the file's. The quality
+    /// sample's answers are this long too, so checked runs and `eval` runs match.
+    pub answer_tokens: Option<u32>,
 }
 
 /// A shortlisted variant, run for real.
@@ -253,7 +256,16 @@ pub async fn measure_runs(
 }
 
 /// The variant sized as the tuning run asks.
-fn sized(mut pipeline: Pipeline, proposer_tokens: Option<u32>) -> Pipeline {
+fn sized(
+    mut pipeline: Pipeline,
+    proposer_tokens: Option<u32>,
+    answer_tokens: Option<u32>,
+) -> Pipeline {
+    if let Some(tokens) = answer_tokens {
+        let output = pipeline.output.0;
+        pipeline.nodes[output].params.max_tokens = Some(tokens);
+        pipeline.nodes[output].expected_tokens = None;
+    }
     if let Some(tokens) = proposer_tokens {
         let output = pipeline.output;
         for (i, node) in pipeline.nodes.iter_mut().enumerate() {
@@ -274,7 +286,10 @@ pub async fn tune(
     base: &Pipeline,
     options: &TuneOptions,
 ) -> Result<TuneReport, TuneError> {
-    let base = sized(base.clone(), options.proposer_tokens);
+    let answer_tokens = options
+        .answer_tokens
+        .or(options.eval.as_ref().map(|e| e.answer_tokens));
+    let base = sized(base.clone(), options.proposer_tokens, answer_tokens);
     let (space, base_genome) = Space::of(&base, options.models.clone(), &options.schedules)?;
     let concurrent = base_genome.proposers.iter().flatten().count();
     let table = measure_models(runner, &space.models, concurrent).await?;
@@ -299,7 +314,11 @@ pub async fn tune(
     let mut candidates: Vec<(Option<Genome>, Pipeline)> = vec![(None, base.clone())];
     for (k, g) in shortlist.iter().enumerate() {
         let name = format!("{}-{}", options.name, k + 1);
-        let pipeline = sized(space.build(g, &name)?, options.proposer_tokens);
+        // The templates carry the base's sizes; a proposer answering alone gets the answer's.
+        let mut pipeline = space.build(g, &name)?;
+        if g.aggregator.is_none() {
+            pipeline = sized(pipeline, None, answer_tokens);
+        }
         candidates.push((Some(g.clone()), pipeline));
     }
     for (genome, pipeline) in &candidates {

@@ -221,6 +221,7 @@ async fn predicted_critical_paths_of_the_shortlist_match_simulated_runs() {
         eval: None,
         name: "base-tuned".into(),
         proposer_tokens: None,
+        answer_tokens: None,
     };
     let report = tune(&runner, &slow, &base, &options).await.unwrap();
     assert!(report.checked.len() >= 2, "{}", report.table());
