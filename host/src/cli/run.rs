@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio::sync::mpsc;
 
-use crate::pipeline::policy::StreamMode;
 use crate::pipeline::{self, NodeIndex, Pipeline, RunEvent, RunReport, RunRequest, Runner};
+use crate::policy::StreamMode;
 
 /// Arguments of `staircase run`.
 #[derive(Debug, clap::Args)]
@@ -24,7 +24,7 @@ pub struct Args {
     pipeline: String,
     /// `staircase`: aggregators start on their inputs' first chunks; `layered`: they wait
     /// for complete inputs (the classic Mixture-of-Agents).
-    #[arg(long, value_enum, default_value_t = StreamMode::Staircase)]
+    #[arg(long, default_value_t = StreamMode::Staircase)]
     mode: StreamMode,
     /// Write the run's timeline as Chrome trace JSON (open in Perfetto, or draw it with
     /// `staircase trace render`).
@@ -92,6 +92,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     .build()?;
     let declared = pipeline_of(&app, &args.pipeline, None)?;
     let runner = app.runner();
+    // Every declared variant is checked up front, so a broken one is named before any run.
     runner.check(&declared)?;
     // One-shot: the only load is what the local engines already queue.
     let load = crate::tune::adaptive::Load {
@@ -280,6 +281,7 @@ impl Live {
                 line.finished = Some(Instant::now());
                 line.cancelled = *cancelled;
             }
+            _ => {}
         }
     }
 

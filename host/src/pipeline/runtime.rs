@@ -8,8 +8,8 @@
 //! asked for its next step whenever the node is idle, and each step continues the node's own
 //! partial answer on the engine (so the prefix cache serves the stable part of the prompt).
 //! A consumer that has enough of a source releases it; a node nobody reads any more stops.
-//! Critical-path nodes get a higher engine priority. Everything that happens is recorded on
-//! a [`Timeline`]. This module must not touch wasmtime or llama.cpp: it sees only the
+//! Critical-path nodes get a higher engine priority. Everything that happens is recorded once,
+//! on the run's [`Recorder`]; the report, the timeline and live views derive from it. This module must not touch wasmtime or llama.cpp: it sees only the
 //! `Engine` and policy traits.
 
 use std::collections::BTreeMap;
@@ -18,16 +18,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::future::try_join_all;
-use serde::Serialize;
 use tokio::sync::{Notify, mpsc};
 use tracing::Instrument;
 
 use super::budget::{MeteredProvider, RunBound, RunBudget, RunLimits};
 use super::critical::{self, CriticalPath, LatencyModel};
-use super::policy::{
-    AggregatorSession, CompressorPolicy, Demand, PolicyError, PolicyProvider, RouteRequest,
-    RouterPolicy, Source, StreamMode,
-};
+use super::record::{NodeInfo, Recorder, RunEvent};
 use super::role_session::RoleSession;
 use super::spec::{DEFAULT_MODEL, ModelBinding, NodeIndex, NodeKind, Pipeline, SpecError};
 use super::stream::{Chunk, Chunker};
@@ -35,9 +31,13 @@ use crate::engine::{
     Capability, ChatMessage, Engine, EngineError, FinishReason, GenerationEvent, GenerationRequest,
     GenerationStream, Priority, Prompt, Role, SamplingParams,
 };
+use crate::policy::{
+    AggregatorSession, CompressorPolicy, Demand, PolicyError, PolicyProvider, RouteRequest,
+    RouterPolicy, Source, StreamMode,
+};
+// Re-exported where callers found it before the report had its own room.
+pub use super::report::RunReport;
 use crate::speculate::{DraftFeed, SpeculationStats};
-use crate::trace::chrome::ChromeTrace;
-use crate::trace::{EventKind, Timeline};
 
 /// Engine priority of nodes on the estimated critical path; others keep the default (0), so
 /// when the engine has more sequences than room, the chain that bounds the run goes first.
@@ -126,137 +126,6 @@ impl RunRequest {
             conversation: vec![ChatMessage::new(Role::User, text)],
             mode,
         }
-    }
-}
-
-/// Live progress, for views and servers.
-#[derive(Clone, Debug, PartialEq)]
-pub enum RunEvent {
-    NodeStarted {
-        node: NodeIndex,
-    },
-    /// Text a node generated. Deltas of [`Pipeline::output`] are the answer.
-    NodeDelta {
-        node: NodeIndex,
-        text: String,
-        tokens: u32,
-    },
-    NodeFinished {
-        node: NodeIndex,
-        cancelled: bool,
-    },
-}
-
-fn ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_f64(d.as_secs_f64() * 1e3)
-}
-
-fn ms_opt<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-    match d {
-        Some(d) => s.serialize_some(&(d.as_secs_f64() * 1e3)),
-        None => s.serialize_none(),
-    }
-}
-
-/// What one node did; times are since the run began, in milliseconds when serialized.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct NodeReport {
-    pub id: String,
-    pub kind: &'static str,
-    #[serde(serialize_with = "ms_opt")]
-    pub started_ms: Option<Duration>,
-    #[serde(serialize_with = "ms_opt")]
-    pub first_token_ms: Option<Duration>,
-    #[serde(serialize_with = "ms_opt")]
-    pub finished_ms: Option<Duration>,
-    pub output_tokens: u32,
-    pub prompt_tokens: u32,
-    pub cached_prompt_tokens: u32,
-    /// Engine requests (aggregator steps).
-    pub steps: u32,
-    /// Stopped early because nobody read it any more.
-    pub cancelled: bool,
-    /// Speculative decoding over all of the node's requests, when the engine reports it.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub speculation: Option<SpeculationStats>,
-    pub text: String,
-}
-
-/// A critical path by node id.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct PathReport {
-    pub nodes: Vec<String>,
-    #[serde(serialize_with = "ms")]
-    pub length_ms: Duration,
-}
-
-/// Prompt tokens, and how many the prefix cache served.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct CacheStats {
-    pub prompt_tokens: u32,
-    pub cached_prompt_tokens: u32,
-    pub aggregator_prompt_tokens: u32,
-    pub aggregator_cached_prompt_tokens: u32,
-}
-
-impl CacheStats {
-    /// Share of aggregator prompt tokens served from the prefix cache.
-    pub fn aggregator_hit_rate(&self) -> f64 {
-        if self.aggregator_prompt_tokens == 0 {
-            0.0
-        } else {
-            f64::from(self.aggregator_cached_prompt_tokens)
-                / f64::from(self.aggregator_prompt_tokens)
-        }
-    }
-}
-
-/// Everything a finished run measured.
-#[derive(Debug, Serialize)]
-pub struct RunReport {
-    pub pipeline: String,
-    pub mode: StreamMode,
-    pub answer: String,
-    /// From the start of the run to the first answer token.
-    #[serde(serialize_with = "ms_opt")]
-    pub ttft_ms: Option<Duration>,
-    #[serde(serialize_with = "ms")]
-    pub total_ms: Duration,
-    pub nodes: Vec<NodeReport>,
-    /// Before the run, from estimated costs.
-    pub critical_path_estimated: PathReport,
-    /// After the run: the chain of dependencies that held the answer up
-    /// ([`critical::measured_path`]).
-    pub critical_path_measured: PathReport,
-    pub cache: CacheStats,
-    /// Which declared variant ran and why, when the pipeline has variants
-    /// (`tune::adaptive::Choice`); the caller that chose sets it.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub variant: Option<serde_json::Value>,
-    #[serde(skip)]
-    pub timeline: Timeline,
-    #[serde(skip)]
-    measured_lanes: Vec<usize>,
-}
-
-impl RunReport {
-    /// The run as a Chrome trace, the measured critical path marked.
-    pub fn trace(&self) -> ChromeTrace {
-        let mut trace = ChromeTrace::from_timeline(&self.timeline, &self.measured_lanes);
-        if let Some(variant) = &self.variant {
-            trace.trace_events.push(crate::trace::chrome::TraceEvent {
-                name: "staircase_variant".into(),
-                cat: String::new(),
-                ph: "M".into(),
-                ts: 0.0,
-                dur: None,
-                pid: 1,
-                tid: 0,
-                s: None,
-                args: variant.clone(),
-            });
-        }
-        trace
     }
 }
 
@@ -368,11 +237,41 @@ impl Runner {
         request: RunRequest,
         events: Option<mpsc::UnboundedSender<RunEvent>>,
     ) -> Result<RunReport, RunError> {
+        let recorder = Recorder::new();
+        if let Some(events) = events {
+            recorder.forward(events);
+        }
+        self.run_recorded(pipeline, request, &recorder).await
+    }
+
+    /// Runs `pipeline` on `request`, recording every event on `recorder` (whose subscribers
+    /// watch it live); the report is derived from those events. The caller closes the
+    /// recorder when it is done with the outcome.
+    pub async fn run_recorded(
+        &self,
+        pipeline: &Pipeline,
+        request: RunRequest,
+        recorder: &Recorder,
+    ) -> Result<RunReport, RunError> {
         self.check(pipeline)?;
         self.check_capabilities(pipeline, request.mode)?;
         let estimated = self.estimate(pipeline, &request);
-        let timeline = Timeline::new(pipeline.nodes.iter().map(|n| n.id.clone()).collect());
         let n = pipeline.nodes.len();
+        recorder.record(RunEvent::RunStarted {
+            pipeline: pipeline.name.clone(),
+            mode: request.mode,
+            nodes: pipeline
+                .nodes
+                .iter()
+                .map(|node| NodeInfo {
+                    id: node.id.clone(),
+                    kind: node.kind.name(),
+                    inputs: node.inputs.iter().map(|e| e.from).collect(),
+                })
+                .collect(),
+            output: pipeline.output,
+            critical_estimated: estimated.nodes.clone(),
+        });
         let priorities: Vec<Priority> = (0..n)
             .map(|i| {
                 if estimated.contains(NodeIndex(i)) {
@@ -386,8 +285,7 @@ impl Runner {
             runner: self,
             pipeline,
             request: &request,
-            timeline: &timeline,
-            events: events.as_ref(),
+            recorder,
             priorities,
             run_id: NEXT_RUN_ID.fetch_add(1, Ordering::Relaxed),
             policies: MeteredProvider::new(self.policies.clone(), RunBudget::new(self.limits)),
@@ -423,7 +321,7 @@ impl Runner {
                 .filter_map(|(consumer, slot)| {
                     let tx = senders[consumer.0].clone()?;
                     Some(OutEdge {
-                        to: pipeline.node(consumer).id.clone(),
+                        to: consumer,
                         slot,
                         tx,
                         chunker: Chunker::new(
@@ -449,9 +347,7 @@ impl Runner {
                 node: ix,
                 edges,
                 is_output: ix == pipeline.output,
-                text: String::new(),
                 tokens: 0,
-                first_token: None,
             };
             let span = tracing::debug_span!("node", id = %pipeline.nodes[i].id);
             nodes.push(
@@ -462,47 +358,15 @@ impl Runner {
         // Only producers hold inbox senders now, so an inbox closes when its producers end.
         drop(senders);
 
-        let reports = try_join_all(nodes).await?;
-        let total = timeline.now();
-
-        let spans: Vec<_> = reports
-            .iter()
-            .map(|r| r.started_ms.zip(r.finished_ms))
-            .collect();
-        let measured =
-            critical::measured_path(&spans, &critical::inputs_of(pipeline), pipeline.output);
-        let path_report = |path: &CriticalPath| PathReport {
-            nodes: path
-                .nodes
-                .iter()
-                .map(|&i| pipeline.node(i).id.clone())
-                .collect(),
-            length_ms: path.length,
-        };
-        let mut cache = CacheStats::default();
-        for (node, report) in pipeline.nodes.iter().zip(&reports) {
-            cache.prompt_tokens += report.prompt_tokens;
-            cache.cached_prompt_tokens += report.cached_prompt_tokens;
-            if node.kind == NodeKind::Aggregator {
-                cache.aggregator_prompt_tokens += report.prompt_tokens;
-                cache.aggregator_cached_prompt_tokens += report.cached_prompt_tokens;
-            }
-        }
-        let output = &reports[pipeline.output.0];
-        Ok(RunReport {
-            pipeline: pipeline.name.clone(),
-            mode: request.mode,
-            answer: output.text.clone(),
-            ttft_ms: output.first_token_ms,
-            total_ms: total,
-            critical_path_estimated: path_report(&estimated),
-            critical_path_measured: path_report(&measured),
-            measured_lanes: measured.nodes.iter().map(|i| i.0).collect(),
-            cache,
-            variant: None,
-            nodes: reports,
-            timeline,
-        })
+        try_join_all(nodes).await?;
+        let total = recorder.now();
+        Ok(RunReport::from_events(
+            pipeline,
+            request.mode,
+            &estimated,
+            recorder.events(),
+            total,
+        ))
     }
 }
 
@@ -549,7 +413,7 @@ impl InputSide {
 
 /// One outgoing edge.
 struct OutEdge {
-    to: String,
+    to: NodeIndex,
     slot: usize,
     tx: mpsc::UnboundedSender<Inbound>,
     chunker: Chunker,
@@ -568,9 +432,8 @@ struct Emitter<'r> {
     node: NodeIndex,
     edges: Vec<OutEdge>,
     is_output: bool,
-    text: String,
+    /// Output so far, for the chunks' running totals.
     tokens: u32,
-    first_token: Option<Duration>,
 }
 
 impl Emitter<'_> {
@@ -583,16 +446,8 @@ impl Emitter<'_> {
         if text.is_empty() && tokens == 0 {
             return;
         }
-        if self.first_token.is_none() {
-            let now = self.ctx.timeline.now();
-            self.first_token = Some(now);
-            self.ctx
-                .timeline
-                .record_at(now, self.node.0, EventKind::FirstToken);
-        }
-        self.text.push_str(text);
         self.tokens += tokens;
-        self.ctx.send(RunEvent::NodeDelta {
+        self.ctx.recorder.record(RunEvent::NodeDelta {
             node: self.node,
             text: text.to_string(),
             tokens,
@@ -608,14 +463,12 @@ impl Emitter<'_> {
     }
 
     fn send_chunk(ctx: &RunCtx, node: NodeIndex, total: u32, edge: &OutEdge, chunk: Chunk) {
-        ctx.timeline.record(
-            node.0,
-            EventKind::Chunk {
-                to: edge.to.clone(),
-                tokens: chunk.tokens,
-                total_tokens: total,
-            },
-        );
+        ctx.recorder.record(RunEvent::ChunkHanded {
+            node,
+            to: edge.to,
+            tokens: chunk.tokens,
+            total_tokens: total,
+        });
         // A closed inbox means the consumer is done; nothing to deliver then.
         let _ = edge.tx.send(Inbound {
             slot: edge.slot,
@@ -651,8 +504,7 @@ struct RunCtx<'r> {
     runner: &'r Runner,
     pipeline: &'r Pipeline,
     request: &'r RunRequest,
-    timeline: &'r Timeline,
-    events: Option<&'r mpsc::UnboundedSender<RunEvent>>,
+    recorder: &'r Recorder,
     priorities: Vec<Priority>,
     /// Tells a replicated remote model which requests are one run's (see `routing`).
     run_id: u64,
@@ -664,13 +516,6 @@ struct RunCtx<'r> {
 static NEXT_RUN_ID: AtomicU64 = AtomicU64::new(0);
 
 impl<'r> RunCtx<'r> {
-    fn send(&self, event: RunEvent) {
-        if let Some(events) = self.events {
-            // A caller that stopped listening still gets the report.
-            let _ = events.send(event);
-        }
-    }
-
     /// A policy's failure as the run's error: the bound it went over, when it did.
     fn policy_error(&self, node: NodeIndex) -> impl Fn(PolicyError) -> RunError + '_ {
         move |source| {
@@ -707,7 +552,7 @@ impl<'r> RunCtx<'r> {
         inputs: InputSide,
         emitter: Emitter<'r>,
         waker: Arc<Notify>,
-    ) -> Result<NodeReport, RunError> {
+    ) -> Result<(), RunError> {
         let node = self.pipeline.node(ix);
         let policy_error = self.policy_error(ix);
         let conversation = self.request.conversation.clone();
@@ -798,7 +643,7 @@ impl<'r> RunCtx<'r> {
         mut inputs: InputSide,
         mut emitter: Emitter<'r>,
         waker: Arc<Notify>,
-    ) -> Result<NodeReport, RunError> {
+    ) -> Result<(), RunError> {
         let node = self.pipeline.node(ix);
         let policy_error = self.policy_error(ix);
         let mut router = match &node.model {
@@ -812,14 +657,25 @@ impl<'r> RunCtx<'r> {
         // The inputs' text, for the engine to draft from: an aggregator copies its proposers.
         let feed = (!sources.is_empty()).then(DraftFeed::new);
         let budget = sampling.max_tokens;
-        let mut report = NodeReport {
-            id: node.id.clone(),
-            kind: node.kind.name(),
-            ..NodeReport::default()
-        };
+        let mut started = false;
+        let mut steps = 0u32;
         let mut answer = String::new();
         let mut answer_tokens = 0u32;
 
+        // Ends input `slot` for the session (and the draft feed), once.
+        let close = |session: &mut Box<dyn AggregatorSession>,
+                     open: &mut [bool],
+                     slot: usize|
+         -> Result<(), RunError> {
+            if !std::mem::replace(&mut open[slot], false) {
+                return Ok(());
+            }
+            let id = &sources[slot].id;
+            if let Some(feed) = &feed {
+                feed.finish(id);
+            }
+            session.finish(id).map_err(&policy_error)
+        };
         // Applies one inbox event to the session (chunks in order, finishes, releases).
         let mut on_input = |session: &mut Box<dyn AggregatorSession>,
                             inputs: &mut InputSide,
@@ -827,45 +683,26 @@ impl<'r> RunCtx<'r> {
          -> Result<(), RunError> {
             let Some(Inbound { slot, event }) = input else {
                 // Every producer has ended: whatever is still open is finished.
-                for (slot, is_open) in open.iter_mut().enumerate() {
-                    if std::mem::replace(is_open, false) {
-                        if let Some(feed) = &feed {
-                            feed.finish(&sources[slot].id);
-                        }
-                        session.finish(&sources[slot].id).map_err(&policy_error)?;
-                    }
+                for slot in 0..sources.len() {
+                    close(session, &mut open, slot)?;
                 }
                 inputs.rx = None;
                 return Ok(());
             };
-            if !open[slot] {
-                return Ok(());
-            }
-            let id = &sources[slot].id;
             match event {
-                EdgeEvent::Chunk(chunk) => {
+                EdgeEvent::Chunk(chunk) if open[slot] => {
+                    let id = &sources[slot].id;
                     if let Some(feed) = &feed {
                         feed.push_text(id, &chunk.text);
                     }
-                    let demand = session
-                        .push(&sources[slot].id, &chunk.text)
-                        .map_err(&policy_error)?;
+                    let demand = session.push(id, &chunk.text).map_err(&policy_error)?;
                     if demand == Demand::Enough {
-                        open[slot] = false;
                         inputs.release(slot);
-                        if let Some(feed) = &feed {
-                            feed.finish(id);
-                        }
-                        session.finish(id).map_err(&policy_error)?;
+                        close(session, &mut open, slot)?;
                     }
                 }
-                EdgeEvent::Finished => {
-                    open[slot] = false;
-                    if let Some(feed) = &feed {
-                        feed.finish(id);
-                    }
-                    session.finish(id).map_err(&policy_error)?;
-                }
+                EdgeEvent::Chunk(_) => {}
+                EdgeEvent::Finished => close(session, &mut open, slot)?,
             }
             Ok(())
         };
@@ -889,7 +726,7 @@ impl<'r> RunCtx<'r> {
                     if warming.is_none() {
                         let engine = self.engine_for(ix, &mut router, &step.messages)?;
                         let request = self.step_request(ix, step.messages, &answer, 0, &sampling);
-                        let started = self.timeline.now();
+                        let started = self.recorder.now();
                         // A warm-up only saves work; the step after it reports real trouble.
                         match engine.submit(request) {
                             Ok(stream) => warming = Some((stream, started)),
@@ -919,11 +756,8 @@ impl<'r> RunCtx<'r> {
                 continue;
             };
 
-            if report.started_ms.is_none() {
-                let now = self.timeline.now();
-                report.started_ms = Some(now);
-                self.timeline.record_at(now, ix.0, EventKind::Start);
-                self.send(RunEvent::NodeStarted { node: ix });
+            if !std::mem::replace(&mut started, true) {
+                self.recorder.record(RunEvent::NodeStarted { node: ix });
             }
             let remaining = budget.saturating_sub(answer_tokens);
             // A final step with `max_tokens` 0 runs to the node's budget; otherwise the policy
@@ -939,14 +773,18 @@ impl<'r> RunCtx<'r> {
             }
             // The step extends the warm-up's prompt: let that land in the cache first.
             if let Some((stream, started)) = warming.take() {
-                self.finish_warm_up(ix, stream, started, &mut report).await;
+                self.finish_warm_up(ix, stream, started).await;
             }
             let engine = self.engine_for(ix, &mut router, &step.messages)?;
             let mut request = self.step_request(ix, step.messages, &answer, max_tokens, &sampling);
             if let Some(feed) = &feed {
                 request.extensions.insert(feed.clone());
             }
-            let step_started = self.timeline.now();
+            let step_started = self.recorder.record(RunEvent::StepStarted {
+                node: ix,
+                index: steps,
+                is_final: step.is_final,
+            });
             let mut stream = engine.submit(request).map_err(engine_error)?;
             let mut step_text = String::new();
             let mut step_tokens = 0u32;
@@ -983,32 +821,22 @@ impl<'r> RunCtx<'r> {
                             // Dropping the stream cancels the engine sequence.
                             drop(stream);
                             cancelled = true;
-                            answer_tokens += step_tokens;
                             break 'run;
                         }
                     }
                 }
             };
-            report.steps += 1;
-            report.prompt_tokens += usage.prompt_tokens;
-            report.cached_prompt_tokens += usage.cached_prompt_tokens;
-            if let Some(stats) = extensions.get::<SpeculationStats>() {
-                report
-                    .speculation
-                    .get_or_insert_with(SpeculationStats::default)
-                    .merge(stats);
-            }
-            self.timeline.record(
-                ix.0,
-                EventKind::Step {
-                    index: report.steps - 1,
-                    started: step_started,
-                    tokens: step_tokens,
-                    prompt_tokens: usage.prompt_tokens,
-                    cached_prompt_tokens: usage.cached_prompt_tokens,
-                    is_final: step.is_final,
-                },
-            );
+            self.recorder.record(RunEvent::StepFinished {
+                node: ix,
+                index: steps,
+                started: step_started,
+                tokens: step_tokens,
+                prompt_tokens: usage.prompt_tokens,
+                cached_prompt_tokens: usage.cached_prompt_tokens,
+                is_final: step.is_final,
+                speculation: extensions.get::<SpeculationStats>().cloned(),
+            });
+            steps += 1;
             answer.push_str(&step_text);
             answer_tokens += step_tokens;
             session.answered(&step_text).map_err(&policy_error)?;
@@ -1024,36 +852,12 @@ impl<'r> RunCtx<'r> {
         }
 
         inputs.release_all();
-        let end = self.timeline.now();
-        if cancelled {
-            self.timeline.record_at(
-                end,
-                ix.0,
-                EventKind::Cancelled {
-                    reason: "no consumer reads it any more".into(),
-                    tokens: answer_tokens,
-                },
-            );
-        } else {
-            self.timeline.record_at(
-                end,
-                ix.0,
-                EventKind::End {
-                    tokens: answer_tokens,
-                },
-            );
-        }
         emitter.finish();
-        self.send(RunEvent::NodeFinished {
+        self.recorder.record(RunEvent::NodeFinished {
             node: ix,
             cancelled,
         });
-        report.first_token_ms = emitter.first_token;
-        report.finished_ms = report.started_ms.map(|_| end);
-        report.output_tokens = emitter.tokens;
-        report.cancelled = cancelled;
-        report.text = std::mem::take(&mut emitter.text);
-        Ok(report)
+        Ok(())
     }
 
     /// The engine request of one step of node `ix`, continuing `answer`.
@@ -1085,27 +889,17 @@ impl<'r> RunCtx<'r> {
 
     /// Waits for a warm-up to finish and records it. A failed warm-up costs only its cache
     /// benefit, so it is logged, not raised.
-    async fn finish_warm_up(
-        &self,
-        ix: NodeIndex,
-        mut stream: GenerationStream,
-        started: Duration,
-        report: &mut NodeReport,
-    ) {
+    async fn finish_warm_up(&self, ix: NodeIndex, mut stream: GenerationStream, started: Duration) {
         while let Some(event) = stream.next().await {
             match event {
                 Ok(GenerationEvent::Delta { .. }) => {}
                 Ok(GenerationEvent::Finished { usage, .. }) => {
-                    report.prompt_tokens += usage.prompt_tokens;
-                    report.cached_prompt_tokens += usage.cached_prompt_tokens;
-                    self.timeline.record(
-                        ix.0,
-                        EventKind::WarmUp {
-                            started,
-                            prompt_tokens: usage.prompt_tokens,
-                            cached_prompt_tokens: usage.cached_prompt_tokens,
-                        },
-                    );
+                    self.recorder.record(RunEvent::WarmUp {
+                        node: ix,
+                        started,
+                        prompt_tokens: usage.prompt_tokens,
+                        cached_prompt_tokens: usage.cached_prompt_tokens,
+                    });
                     return;
                 }
                 Err(error) => {
@@ -1116,7 +910,8 @@ impl<'r> RunCtx<'r> {
         }
     }
 
-    /// A compressor: waits for its inputs in full, shortens them in one plugin call.
+    /// A compressor: waits for its inputs in full, shortens them in one plugin call (its one
+    /// step).
     async fn run_compressor(
         &'r self,
         ix: NodeIndex,
@@ -1124,8 +919,7 @@ impl<'r> RunCtx<'r> {
         budget_tokens: u32,
         mut inputs: InputSide,
         mut emitter: Emitter<'r>,
-    ) -> Result<NodeReport, RunError> {
-        let node = self.pipeline.node(ix);
+    ) -> Result<(), RunError> {
         let sources = self.sources(ix);
         let mut texts = vec![String::new(); sources.len()];
         let mut pending = sources.len();
@@ -1139,9 +933,12 @@ impl<'r> RunCtx<'r> {
             }
         }
         inputs.release_all();
-        let started = self.timeline.now();
-        self.timeline.record_at(started, ix.0, EventKind::Start);
-        self.send(RunEvent::NodeStarted { node: ix });
+        self.recorder.record(RunEvent::NodeStarted { node: ix });
+        let started = self.recorder.record(RunEvent::StepStarted {
+            node: ix,
+            index: 0,
+            is_final: true,
+        });
         let history: Vec<ChatMessage> = sources
             .iter()
             .zip(&texts)
@@ -1165,24 +962,21 @@ impl<'r> RunCtx<'r> {
             .join("\n\n");
         let tokens = self.runner.models.count_tokens(&text);
         emitter.delta(&text, tokens);
+        self.recorder.record(RunEvent::StepFinished {
+            node: ix,
+            index: 0,
+            started,
+            tokens,
+            prompt_tokens: 0,
+            cached_prompt_tokens: 0,
+            is_final: true,
+            speculation: None,
+        });
         emitter.finish();
-        let end = self.timeline.now();
-        self.timeline
-            .record_at(end, ix.0, EventKind::End { tokens });
-        self.send(RunEvent::NodeFinished {
+        self.recorder.record(RunEvent::NodeFinished {
             node: ix,
             cancelled: false,
         });
-        Ok(NodeReport {
-            id: node.id.clone(),
-            kind: node.kind.name(),
-            started_ms: Some(started),
-            first_token_ms: emitter.first_token,
-            finished_ms: Some(end),
-            output_tokens: tokens,
-            steps: 1,
-            text,
-            ..NodeReport::default()
-        })
+        Ok(())
     }
 }

@@ -28,9 +28,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::{Engine, EngineError};
 use crate::eval::{self, EvalOptions, Variant};
-use crate::pipeline::policy::StreamMode;
 use crate::pipeline::stream::ChunkSchedule;
 use crate::pipeline::{Pipeline, RunError, RunRequest, Runner};
+use crate::policy::StreamMode;
 use predict::{LatencyTable, ModelLatency, predict};
 use search::{Outcome, Prior, SearchOptions};
 use space::{Genome, Space, SpaceError};

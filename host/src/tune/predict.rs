@@ -16,10 +16,10 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::pipeline::critical::{self, Latencies, PROMPT_OVERHEAD_TOKENS};
-use crate::pipeline::policy::StreamMode;
 use crate::pipeline::spec::{ModelBinding, NodeKind};
 use crate::pipeline::stream::StreamPolicy;
 use crate::pipeline::{NodeIndex, Pipeline};
+use crate::policy::StreamMode;
 
 /// Bytes per token, as the built-in aggregator estimates sizes from bytes.
 const BYTES_PER_TOKEN: f64 = 4.0;
@@ -108,7 +108,7 @@ pub fn model_of(binding: &ModelBinding) -> Option<&str> {
     }
 }
 
-fn config_f64(config: &crate::pipeline::policy::PluginConfig, key: &str, default: f64) -> f64 {
+fn config_f64(config: &crate::policy::PluginConfig, key: &str, default: f64) -> f64 {
     config
         .get(key)
         .and_then(|v| v.parse::<f64>().ok())

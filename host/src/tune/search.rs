@@ -17,7 +17,7 @@ use serde::Serialize;
 
 use super::predict::{LatencyTable, Prediction, predict};
 use super::space::{Genome, Space, SpaceError};
-use crate::pipeline::policy::StreamMode;
+use crate::policy::StreamMode;
 
 /// How much each further proposer adds to the prior, relative to the previous one.
 const PROPOSER_DECAY: f64 = 0.5;

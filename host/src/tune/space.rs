@@ -10,10 +10,10 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use toml::{Table, Value};
 
-use crate::pipeline::policy::PluginConfig;
 use crate::pipeline::spec::{ModelBinding, NodeKind, ParamOverrides};
 use crate::pipeline::stream::{ChunkSchedule, StreamPolicy};
 use crate::pipeline::{Pipeline, SpecError};
+use crate::policy::PluginConfig;
 
 /// Roles of the refiners a one-layer pipeline can grow (as in `moa-2layer`).
 const DEFAULT_REFINER_ROLES: [&str; 2] = [
