@@ -499,15 +499,17 @@ fn written_file(
             Some(toml::Value::Table(t))
         })
         .collect();
-    if !tables.is_empty() {
-        file.insert("variants".into(), toml::Value::Array(tables));
-    }
-    let header = format!(
-        "# Written by `staircase tune {}` for a latency budget of {} ms: {}.\n\
-         # `[[variants]]` are faster runners-up that `run` and `serve` switch to under load.\n",
+    let mut header = format!(
+        "# Written by `staircase tune {}` for a latency budget of {} ms: {}.\n",
         space.base,
         options.budget.as_millis(),
         chosen.description
     );
+    if !tables.is_empty() {
+        file.insert("variants".into(), toml::Value::Array(tables));
+        header.push_str(
+            "# `[[variants]]` are faster runners-up that `run` and `serve` switch to under load.\n",
+        );
+    }
     format!("{header}{}", toml::to_string(&file).unwrap_or_default())
 }
