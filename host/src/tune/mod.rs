@@ -37,6 +37,9 @@ use space::{Genome, Space, SpaceError};
 
 /// Shortlisted variants run for real and scored, by default.
 pub const DEFAULT_SHORTLIST: usize = 3;
+/// Bounds of the calibration factor (measured over predicted critical path).
+const MIN_CALIBRATION: f64 = 0.25;
+const MAX_CALIBRATION: f64 = 4.0;
 /// Tokens per probe request: enough decode steps for a stable per-token figure.
 pub const PROBE_TOKENS: u32 = 32;
 
@@ -151,6 +154,9 @@ pub struct Checked {
 pub struct TuneReport {
     pub base: String,
     pub budget_ms: f64,
+    /// Measured over predicted critical path of the hand-written run; the search ran on
+    /// `budget / calibration`.
+    pub calibration: f64,
     pub latencies: LatencyTable,
     pub space_size: u128,
     pub evaluated: usize,
@@ -294,8 +300,29 @@ pub async fn tune(
     let concurrent = base_genome.proposers.iter().flatten().count();
     let table = measure_models(runner, &space.models, concurrent).await?;
     let prompt_tokens = prompt_tokens(runner, &options.check_prompts);
+    // The hand-written pipeline runs first: its measured over predicted critical path
+    // calibrates the search's budget to what this host does now (a busy host runs slower
+    // than its probes said), bounded so one odd run cannot swing it far.
+    let run_error = |pipeline: &Pipeline| {
+        let variant = pipeline.name.clone();
+        move |source| TuneError::Run {
+            variant,
+            source: Box::new(source),
+        }
+    };
+    let base_run = measure_runs(runner, &base, &options.check_prompts)
+        .await
+        .map_err(run_error(&base))?;
+    let base_predicted =
+        millis(predict(&base, StreamMode::Staircase, prompt_tokens, &table).critical_path);
+    let calibration = if base_predicted > 0.0 && base_run.0 > 0.0 {
+        (base_run.0 / base_predicted).clamp(MIN_CALIBRATION, MAX_CALIBRATION)
+    } else {
+        1.0
+    };
+    let search_budget = options.budget.div_f64(calibration);
     let search_options = SearchOptions {
-        budget: options.budget,
+        budget: search_budget,
         width: options.width,
         prompt_tokens,
         ..SearchOptions::default()
@@ -308,7 +335,7 @@ pub async fn tune(
         &search_options,
     )?;
     tracing::info!(evaluated = outcome.evaluated, "search done");
-    let shortlist = shortlist(&outcome, options.budget, options.shortlist);
+    let shortlist = shortlist(&outcome, search_budget, options.shortlist);
 
     let mut checked = Vec::new();
     let mut candidates: Vec<(Option<Genome>, Pipeline)> = vec![(None, base.clone())];
@@ -322,12 +349,12 @@ pub async fn tune(
         candidates.push((Some(g.clone()), pipeline));
     }
     for (genome, pipeline) in &candidates {
-        let (measured, ttft, total) = measure_runs(runner, pipeline, &options.check_prompts)
-            .await
-            .map_err(|source| TuneError::Run {
-                variant: pipeline.name.clone(),
-                source: Box::new(source),
-            })?;
+        let (measured, ttft, total) = match genome {
+            None => base_run,
+            Some(_) => measure_runs(runner, pipeline, &options.check_prompts)
+                .await
+                .map_err(run_error(pipeline))?,
+        };
         let prediction = predict(pipeline, StreamMode::Staircase, prompt_tokens, &table);
         let predicted = millis(prediction.critical_path);
         checked.push(Checked {
@@ -416,6 +443,7 @@ pub async fn tune(
     Ok(TuneReport {
         base: base.name.clone(),
         budget_ms,
+        calibration,
         latencies: table.clone(),
         space_size: space.size(),
         evaluated: outcome.evaluated,

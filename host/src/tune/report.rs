@@ -27,6 +27,12 @@ impl TuneReport {
         }
         let _ = writeln!(
             out,
+            "calibration: the hand-written run took {:.2}x its predicted critical path; the search ran on a budget of {:.0} ms",
+            self.calibration,
+            self.budget_ms / self.calibration
+        );
+        let _ = writeln!(
+            out,
             "\nsearch: {} of {} variants scored on the critical-path model; predicted Pareto front (prior quality vs critical path):",
             self.evaluated, self.space_size
         );
