@@ -35,6 +35,8 @@ pub enum Command {
     Speculation(SpeculationArgs),
     /// Routing policies on a multi-agent trace over `llama-server` replicas: cache hits, TTFT.
     Routing(routing::Args),
+    /// The hand-written pipeline vs its tuned variant for a latency budget.
+    Tune(super::tune::Args),
 }
 
 /// Arguments of `staircase bench speculation`.
@@ -102,6 +104,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Plugins { json, components } => plugins(json, components),
         Command::Speculation(args) => speculation(args),
         Command::Routing(args) => routing::run(args),
+        Command::Tune(args) => super::tune::bench(args),
     }
 }
 

@@ -62,7 +62,7 @@ pub struct Args {
     plugin_dirs: Vec<PathBuf>,
 }
 
-fn schedule(sizes: &str) -> anyhow::Result<ChunkSchedule> {
+pub(crate) fn schedule(sizes: &str) -> anyhow::Result<ChunkSchedule> {
     let sizes = sizes
         .split(',')
         .map(|s| s.trim().parse::<u32>())

@@ -9,6 +9,7 @@ mod plugin;
 mod run;
 mod serve;
 mod trace;
+mod tune;
 
 use std::process::ExitCode;
 
@@ -38,6 +39,8 @@ enum Command {
     Model(model::Command),
     /// Score variants (single model, pipelines by mode and chunk schedule) on a prompt set.
     Eval(eval::Args),
+    /// Search a pipeline's variants for the best one within a latency budget.
+    Tune(tune::Args),
     /// Run a benchmark and print its table.
     #[command(subcommand)]
     Bench(bench::Command),
@@ -57,6 +60,7 @@ pub fn main() -> ExitCode {
         Command::Plugin(command) => plugin::run(command),
         Command::Model(command) => model::run(command),
         Command::Eval(args) => eval::run(args),
+        Command::Tune(args) => tune::run(args),
         Command::Bench(command) => bench::run(command),
         Command::Trace(command) => trace::run(command),
     };

@@ -48,6 +48,10 @@ pub struct Args {
     /// override it.
     #[arg(long, value_name = "staircase.toml")]
     config: Option<PathBuf>,
+    /// The critical path the answer should fit in, ms: a pipeline with declared
+    /// `[[variants]]` runs the best one predicted to fit (default: the file's budget).
+    #[arg(long, value_name = "MS")]
+    latency_budget: Option<u64>,
 }
 
 /// The host every pipeline command runs on: `staircase.toml` when `--config` names one,
@@ -86,9 +90,30 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         &args.plugin_dirs,
     )?
     .build()?;
-    let pipeline = pipeline_of(&app, &args.pipeline, args.max_tokens)?;
-    // The run checks the pipeline's plugins and models before any node starts.
+    let declared = pipeline_of(&app, &args.pipeline, None)?;
     let runner = app.runner();
+    // Every declared variant is checked up front, so a broken one is named before any run.
+    runner.check(&declared)?;
+    // One-shot: the only load is what the local engines already queue.
+    let load = crate::tune::adaptive::Load {
+        ahead: app.engine_stats().iter().map(|(_, s)| s.queued).sum(),
+        slots: 1,
+    };
+    let (mut pipeline, choice) = crate::tune::adaptive::choose(
+        runner,
+        &declared,
+        &RunRequest::prompt(args.prompt.clone(), args.mode),
+        args.latency_budget.map(Duration::from_millis),
+        load,
+    );
+    if let Some(max) = args.max_tokens {
+        pipeline.limit_tokens(max);
+    }
+    if let Some(choice) = &choice
+        && !args.json
+    {
+        eprintln!("variant `{}`: {}", choice.variant, choice.reason);
+    }
     let view = if args.json {
         View::Quiet
     } else if std::io::stdout().is_terminal() {
@@ -96,7 +121,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         View::Plain
     };
-    let report = super::runtime()?.block_on(drive(runner, &pipeline, &args, view))?;
+    let mut report = super::runtime()?.block_on(drive(runner, &pipeline, &args, view))?;
+    report.variant = choice.and_then(|c| serde_json::to_value(c).ok());
     if let Some(path) = &args.trace {
         std::fs::write(path, report.trace().to_json())
             .with_context(|| format!("cannot write {}", path.display()))?;

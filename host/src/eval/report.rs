@@ -16,7 +16,7 @@ fn opt(v: Option<f64>, digits: usize) -> String {
 }
 
 /// The quality axis of a variant: (value, low, high).
-fn quality(s: &VariantSummary) -> (f64, f64, f64) {
+pub fn quality(s: &VariantSummary) -> (f64, f64, f64) {
     match &s.judged {
         Some(j) if j.judged > 0 => (j.score.value, j.score.low, j.score.high),
         _ => {

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::spec::{NodeIndex, NodeKind, Pipeline};
+use super::spec::{Node, NodeIndex, NodeKind, Pipeline};
 use crate::engine::{Timings, Usage};
 
 /// Decode latency assumed before anything was measured: the default model decodes about
@@ -174,21 +174,20 @@ pub fn measured_path(
     walk_back(&via, output, length[output.0])
 }
 
+/// Output tokens a node is expected to write: `expected_tokens`, else its `max_tokens`.
+pub fn expected_tokens(node: &Node) -> u32 {
+    node.expected_tokens
+        .or(node.params.max_tokens)
+        .unwrap_or(DEFAULT_EXPECTED_TOKENS)
+}
+
 /// Estimated cost of every node of `pipeline` for a prompt of `prompt_tokens`.
 pub fn estimate_costs(
     pipeline: &Pipeline,
     prompt_tokens: u32,
     latencies: Latencies,
 ) -> Vec<Duration> {
-    let expected: Vec<u32> = pipeline
-        .nodes
-        .iter()
-        .map(|node| {
-            node.expected_tokens
-                .or(node.params.max_tokens)
-                .unwrap_or(DEFAULT_EXPECTED_TOKENS)
-        })
-        .collect();
+    let expected: Vec<u32> = pipeline.nodes.iter().map(expected_tokens).collect();
     pipeline
         .nodes
         .iter()

@@ -4,8 +4,9 @@
 //! cuts outputs into chunks per edge, `critical` computes critical paths, `runtime` runs a
 //! pipeline on engines and policies, `record` keeps a run's one event stream and `report`
 //! derives a finished run's figures from it, `role_session` drives agents that read other
-//! nodes, `budget` bounds a run whatever its plugins do. Policies come in through the traits
-//! of [`crate::policy`], which the plugin host implements; nothing here touches wasmtime or
+//! nodes, `budget` bounds a run whatever its plugins do, `variants` reads the alternatives a
+//! file declares for load-adaptive runs. Policies come in through the traits of
+//! [`crate::policy`], which the plugin host implements; nothing here touches wasmtime or
 //! llama.cpp directly.
 
 pub mod budget;
@@ -17,6 +18,7 @@ pub mod role_session;
 pub mod runtime;
 pub mod spec;
 pub mod stream;
+pub mod variants;
 
 pub use budget::{RunBound, RunLimits};
 pub use examples::{DEFAULT_PIPELINE, load};

@@ -94,6 +94,10 @@ pub struct RunReport {
     /// ([`critical::measured_path`]).
     pub critical_path_measured: PathReport,
     pub cache: CacheStats,
+    /// Which declared variant ran and why, when the pipeline has variants
+    /// (`tune::adaptive::Choice`); the caller that chose sets it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub variant: Option<serde_json::Value>,
     #[serde(skip)]
     pub timeline: Timeline,
     /// The run's event stream, everything above is derived from.
@@ -106,7 +110,21 @@ pub struct RunReport {
 impl RunReport {
     /// The run as a Chrome trace, the measured critical path marked.
     pub fn trace(&self) -> ChromeTrace {
-        ChromeTrace::from_timeline(&self.timeline, &self.measured_lanes)
+        let mut trace = ChromeTrace::from_timeline(&self.timeline, &self.measured_lanes);
+        if let Some(variant) = &self.variant {
+            trace.trace_events.push(crate::trace::chrome::TraceEvent {
+                name: "staircase_variant".into(),
+                cat: String::new(),
+                ph: "M".into(),
+                ts: 0.0,
+                dur: None,
+                pid: 1,
+                tid: 0,
+                s: None,
+                args: variant.clone(),
+            });
+        }
+        trace
     }
 }
 
@@ -220,6 +238,7 @@ impl RunReport {
             critical_path_measured: path_report(&measured),
             measured_lanes: measured.nodes.iter().map(|i| i.0).collect(),
             cache,
+            variant: None,
             nodes,
             timeline,
             events,

@@ -265,6 +265,11 @@ pub struct Pipeline {
     pub nodes: Vec<Node>,
     /// The node whose answer the run returns.
     pub output: NodeIndex,
+    /// Latency budget and declared variants (`super::variants`).
+    pub adaptive: super::variants::Adaptive,
+    /// The `[tune]` table, read by `staircase tune`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tune: Option<toml::Table>,
 }
 
 // ---- the file as written -------------------------------------------------------------
@@ -280,6 +285,11 @@ struct RawFile {
     nodes: Vec<RawNode>,
     #[serde(default)]
     edges: Vec<RawEdge>,
+    latency_budget_ms: Option<u64>,
+    quality: Option<f64>,
+    #[serde(default)]
+    variants: Vec<toml::Table>,
+    tune: Option<toml::Table>,
 }
 
 #[derive(Deserialize)]
@@ -500,7 +510,14 @@ impl Pipeline {
             }
         }
 
+        let adaptive = super::variants::Adaptive {
+            latency_budget: raw.latency_budget_ms.map(std::time::Duration::from_millis),
+            quality: raw.quality,
+            variants: super::variants::parse(&raw.variants, origin)?,
+        };
         Ok(Pipeline {
+            adaptive,
+            tune: raw.tune,
             name: raw.name.unwrap_or_else(|| {
                 Path::new(origin)
                     .file_stem()
@@ -579,6 +596,9 @@ impl Pipeline {
                     }
                 }
             }
+        }
+        for variant in &self.adaptive.variants {
+            variant.pipeline.check_bindings(kind_of, models)?;
         }
         Ok(())
     }

@@ -414,12 +414,32 @@ async fn run_pipeline(
     id: &str,
     send: &mut impl FnMut(String),
 ) -> Result<Finish, ApiError> {
-    let pipeline = shaped(state, chat, &version.pipeline);
-    let (runner, plugins) = state.app.pinned_runner(&pipeline);
     let request = RunRequest {
         conversation: chat.conversation.clone(),
         mode: chat.mode,
     };
+    // A pipeline with declared variants runs the best one that fits the budget under the
+    // queue as it is now (this run is one of the running ones).
+    let (running, waiting) = state.admission.depth();
+    let load = crate::tune::adaptive::Load {
+        ahead: (running + waiting).saturating_sub(1),
+        slots: state.admission.slots(),
+    };
+    let budget = chat.latency_budget_ms.map(std::time::Duration::from_millis);
+    let (chosen, choice) = crate::tune::adaptive::choose(
+        state.app.runner(),
+        &version.pipeline,
+        &request,
+        budget,
+        load,
+    );
+    if let Some(choice) = &choice {
+        state
+            .metrics
+            .variant(&chat.model, &choice.variant, choice.met_budget);
+    }
+    let pipeline = shaped(state, chat, &chosen);
+    let (runner, plugins) = state.app.pinned_runner(&pipeline);
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let recorder = live.0.recorder();
     recorder.forward(events_tx);
@@ -441,7 +461,8 @@ async fn run_pipeline(
     while let Ok(event) = events.try_recv() {
         on_event(event);
     }
-    let report = result.map_err(|error| run_error(state, &pipeline, error))?;
+    let mut report = result.map_err(|error| run_error(state, &pipeline, error))?;
+    report.variant = choice.and_then(|c| serde_json::to_value(c).ok());
     let output = &report.nodes[pipeline.output.0];
     let cap = pipeline.node(pipeline.output).params.max_tokens;
     let reason = if cap.is_some_and(|cap| output.output_tokens >= cap) {

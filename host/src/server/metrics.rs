@@ -72,6 +72,12 @@ impl Metrics {
             .increment(u64::from(usage.prompt_tokens_details.cached_tokens));
     }
 
+    /// A pipeline run that chose among declared variants (`tune::adaptive`).
+    pub(crate) fn variant(&self, model: &str, variant: &str, met_budget: bool) {
+        counter!("staircase_variant_runs_total", "model" => model.to_string(), "variant" => variant.to_string(), "met_budget" => met_budget.to_string())
+            .increment(1);
+    }
+
     /// A client that left mid-stream.
     pub(crate) fn cancelled(&self, model: &str) {
         counter!("staircase_requests_cancelled_total", "model" => model.to_string()).increment(1);

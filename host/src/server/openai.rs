@@ -27,6 +27,9 @@ pub struct ChatRequest {
     pub n: Option<u32>,
     /// Staircase's own field (send it with `extra_body`): `staircase` or `layered`.
     pub mode: Option<StreamMode>,
+    /// Staircase's own field: the critical path this answer should fit in, for pipelines
+    /// with declared variants (`tune::adaptive`).
+    pub latency_budget_ms: Option<u64>,
     /// Everything else, checked against what is supported.
     #[serde(flatten)]
     pub other: BTreeMap<String, Value>,
@@ -90,6 +93,7 @@ pub struct Chat {
     pub seed: Option<u64>,
     pub stop: Option<Vec<String>>,
     pub mode: StreamMode,
+    pub latency_budget_ms: Option<u64>,
 }
 
 /// Parses a body; a malformed one is a 400 whose message (and `param`) names the field.
@@ -218,6 +222,7 @@ impl ChatRequest {
                 Stop::Many(v) => v,
             }),
             mode: self.mode.unwrap_or(StreamMode::Staircase),
+            latency_budget_ms: self.latency_budget_ms,
         })
     }
 }

@@ -1,0 +1,543 @@
+//! `staircase tune`: picks the pipeline variant with the shortest critical path that keeps
+//! the quality, and, at run time, the variant that fits the latency budget under load.
+//!
+//! `space` describes what a pipeline may become (proposers and their models, a second
+//! layer, the aggregator's model or none, edges, chunk schedule), `predict` is the
+//! critical-path model, `probe` measures each model's token latencies on this host,
+//! `search` is a beam search on the model, `adaptive` chooses among a file's declared
+//! variants per request, `report` prints and draws. [`tune`] ties them together: measure,
+//! search, run the shortlist for real (measured critical path against the prediction), score
+//! it with `staircase eval`, and write the choice as a pipeline file whose `[[variants]]` are
+//! the faster runners-up. Like `eval`, this room works through public APIs (the runner, the
+//! engine trait, the eval runner); printing and files are the CLI's.
+
+pub mod adaptive;
+pub mod predict;
+pub mod probe;
+pub mod report;
+pub mod search;
+pub mod space;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{Engine, EngineError};
+use crate::eval::{self, EvalOptions, Variant};
+use crate::pipeline::stream::ChunkSchedule;
+use crate::pipeline::{Pipeline, RunError, RunRequest, Runner};
+use crate::policy::StreamMode;
+use predict::{LatencyTable, ModelLatency, predict};
+use search::{Outcome, Prior, SearchOptions};
+use space::{Genome, Space, SpaceError};
+
+/// Shortlisted variants run for real and scored, by default.
+pub const DEFAULT_SHORTLIST: usize = 3;
+/// Bounds of the calibration factor (measured over predicted critical path).
+const MIN_CALIBRATION: f64 = 0.25;
+const MAX_CALIBRATION: f64 = 4.0;
+/// Tokens per probe request: enough decode steps for a stable per-token figure.
+pub const PROBE_TOKENS: u32 = 32;
+
+/// Why tuning failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TuneError {
+    #[error(transparent)]
+    Space(#[from] SpaceError),
+    #[error("model `{0}` is not one the runner has")]
+    UnknownModel(String),
+    #[error("measuring model `{model}`: {source}")]
+    Probe { model: String, source: EngineError },
+    #[error("running variant `{variant}`: {source}")]
+    Run {
+        variant: String,
+        source: Box<RunError>,
+    },
+    #[error(transparent)]
+    Eval(Box<eval::EvalError>),
+    #[error("the [tune] table of `{origin}`: {reason}")]
+    Table { origin: String, reason: String },
+}
+
+/// The `[tune]` table of a pipeline file; every key optional.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TuneTable {
+    pub latency_budget_ms: Option<u64>,
+    /// Models to place on nodes (names of the models table); default: the file's.
+    pub models: Option<Vec<String>>,
+    /// Chunk schedules to try besides the file's.
+    pub schedules: Option<Vec<Vec<u32>>>,
+    /// The search's quality weight per model (default 1).
+    #[serde(default)]
+    pub model_quality: BTreeMap<String, f64>,
+    pub beam_width: Option<usize>,
+    pub shortlist: Option<usize>,
+}
+
+impl TuneTable {
+    /// The table of `pipeline`, or the defaults.
+    pub fn of(pipeline: &Pipeline) -> Result<Self, TuneError> {
+        match &pipeline.tune {
+            None => Ok(Self::default()),
+            Some(table) => {
+                toml::Value::Table(table.clone())
+                    .try_into()
+                    .map_err(|e: toml::de::Error| TuneError::Table {
+                        origin: pipeline.origin.clone(),
+                        reason: e.message().to_string(),
+                    })
+            }
+        }
+    }
+}
+
+/// The quality half: `staircase eval` over a sample of prompts.
+#[derive(Clone, Debug)]
+pub struct EvalSample {
+    pub prompts: Vec<String>,
+    pub answer_tokens: u32,
+    pub judge: bool,
+}
+
+/// What to tune.
+#[derive(Clone, Debug)]
+pub struct TuneOptions {
+    pub budget: Duration,
+    /// Models to place on nodes; empty: the base file's.
+    pub models: Vec<String>,
+    pub schedules: Vec<ChunkSchedule>,
+    pub prior: Prior,
+    pub width: usize,
+    pub shortlist: usize,
+    /// Prompts each shortlisted variant runs on, for its measured critical path.
+    pub check_prompts: Vec<String>,
+    pub eval: Option<EvalSample>,
+    /// Name of the written pipeline.
+    pub name: String,
+    /// Output tokens of every proposer and refiner; `None` keeps the file's.
+    pub proposer_tokens: Option<u32>,
+    /// Output tokens of the answer (the output node); `None` keeps the file's. The quality
+    /// sample's answers are this long too, so checked runs and `eval` runs match.
+    pub answer_tokens: Option<u32>,
+}
+
+/// A shortlisted variant, run for real.
+#[derive(Clone, Debug, Serialize)]
+pub struct Checked {
+    pub name: String,
+    pub description: String,
+    /// The hand-written base pipeline, for comparison.
+    pub hand_written: bool,
+    pub prior: f64,
+    pub predicted_critical_path_ms: f64,
+    pub predicted_ttft_ms: f64,
+    pub measured_critical_path_ms: f64,
+    pub ttft_ms: Option<f64>,
+    pub total_ms: f64,
+    /// Predicted over measured critical path.
+    pub prediction_ratio: f64,
+    /// `eval`'s quality figure (judged win + tie/2 vs the layered base, else the share of
+    /// answers not degenerate).
+    pub quality: Option<f64>,
+    pub degenerate: Option<usize>,
+    #[serde(skip)]
+    pub genome: Option<Genome>,
+}
+
+/// Everything a tuning run found.
+#[derive(Clone, Debug, Serialize)]
+pub struct TuneReport {
+    pub base: String,
+    pub budget_ms: f64,
+    /// Measured over predicted critical path of the hand-written run; the search ran on
+    /// `budget / calibration`.
+    pub calibration: f64,
+    pub latencies: LatencyTable,
+    pub space_size: u128,
+    pub evaluated: usize,
+    pub front: Vec<FrontPoint>,
+    pub checked: Vec<Checked>,
+    pub chosen: String,
+    pub met_budget: bool,
+    /// The chosen variant as a pipeline file.
+    pub file: String,
+}
+
+/// A point of the predicted Pareto front.
+#[derive(Clone, Debug, Serialize)]
+pub struct FrontPoint {
+    pub description: String,
+    pub prior: f64,
+    pub predicted_critical_path_ms: f64,
+    pub predicted_ttft_ms: f64,
+}
+
+fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn mean(values: &[f64]) -> f64 {
+    if values.is_empty() {
+        0.0
+    } else {
+        values.iter().sum::<f64>() / values.len() as f64
+    }
+}
+
+/// Per-model latencies, each distinct engine measured once.
+pub async fn measure_models(
+    runner: &Runner,
+    models: &[String],
+    concurrent: usize,
+) -> Result<LatencyTable, TuneError> {
+    let mut measured: Vec<(Arc<dyn Engine>, ModelLatency)> = Vec::new();
+    let mut table = LatencyTable::uniform(ModelLatency::uniform(runner.latencies().get()));
+    for name in models {
+        let engine = runner
+            .models()
+            .get(name)
+            .ok_or_else(|| TuneError::UnknownModel(name.clone()))?
+            .clone();
+        let known = measured
+            .iter()
+            .find(|(e, _)| Arc::ptr_eq(e, &engine))
+            .map(|(_, l)| *l);
+        let latency = match known {
+            Some(l) => l,
+            None => {
+                let l = probe::measure(engine.as_ref(), PROBE_TOKENS, concurrent)
+                    .await
+                    .map_err(|source| TuneError::Probe {
+                        model: name.clone(),
+                        source,
+                    })?;
+                measured.push((engine, l));
+                l
+            }
+        };
+        table = table.with(name, latency);
+    }
+    Ok(table)
+}
+
+fn prompt_tokens(runner: &Runner, prompts: &[String]) -> u32 {
+    let counts: Vec<f64> = prompts
+        .iter()
+        .filter_map(|p| {
+            runner
+                .models()
+                .get(crate::pipeline::spec::DEFAULT_MODEL)
+                .map(|e| f64::from(e.token_counter().count(p).get()))
+        })
+        .collect();
+    mean(&counts).round() as u32
+}
+
+/// Runs `pipeline` on each prompt: mean measured critical path, TTFT and total, in ms.
+pub async fn measure_runs(
+    runner: &Runner,
+    pipeline: &Pipeline,
+    prompts: &[String],
+) -> Result<(f64, Option<f64>, f64), RunError> {
+    let (mut paths, mut ttfts, mut totals) = (Vec::new(), Vec::new(), Vec::new());
+    for prompt in prompts {
+        let report = runner
+            .run(
+                pipeline,
+                RunRequest::prompt(prompt, StreamMode::Staircase),
+                None,
+            )
+            .await?;
+        paths.push(millis(report.critical_path_measured.length_ms));
+        ttfts.extend(report.ttft_ms.map(millis));
+        totals.push(millis(report.total_ms));
+    }
+    let ttft = (!ttfts.is_empty()).then(|| mean(&ttfts));
+    Ok((mean(&paths), ttft, mean(&totals)))
+}
+
+/// The variant sized as the tuning run asks.
+fn sized(
+    mut pipeline: Pipeline,
+    proposer_tokens: Option<u32>,
+    answer_tokens: Option<u32>,
+) -> Pipeline {
+    if let Some(tokens) = answer_tokens {
+        let output = pipeline.output.0;
+        pipeline.nodes[output].params.max_tokens = Some(tokens);
+        pipeline.nodes[output].expected_tokens = None;
+    }
+    if let Some(tokens) = proposer_tokens {
+        let output = pipeline.output;
+        for (i, node) in pipeline.nodes.iter_mut().enumerate() {
+            if i != output.0 && node.kind == crate::pipeline::spec::NodeKind::Agent {
+                node.params.max_tokens = Some(tokens);
+                node.expected_tokens = Some(tokens);
+            }
+        }
+    }
+    pipeline
+}
+
+/// Searches the variants of `base`, checks the shortlist against real runs, scores it with
+/// `eval` (answers and judge on `judge_engine`), and picks the best that meets the budget.
+pub async fn tune(
+    runner: &Runner,
+    judge_engine: &Arc<dyn Engine>,
+    base: &Pipeline,
+    options: &TuneOptions,
+) -> Result<TuneReport, TuneError> {
+    let answer_tokens = options
+        .answer_tokens
+        .or(options.eval.as_ref().map(|e| e.answer_tokens));
+    let base = sized(base.clone(), options.proposer_tokens, answer_tokens);
+    let (space, base_genome) = Space::of(&base, options.models.clone(), &options.schedules)?;
+    let concurrent = base_genome.proposers.iter().flatten().count();
+    let table = measure_models(runner, &space.models, concurrent).await?;
+    let prompt_tokens = prompt_tokens(runner, &options.check_prompts);
+    // The hand-written pipeline runs first: its measured over predicted critical path
+    // calibrates the search's budget to what this host does now (a busy host runs slower
+    // than its probes said), bounded so one odd run cannot swing it far.
+    let run_error = |pipeline: &Pipeline| {
+        let variant = pipeline.name.clone();
+        move |source| TuneError::Run {
+            variant,
+            source: Box::new(source),
+        }
+    };
+    let base_run = measure_runs(runner, &base, &options.check_prompts)
+        .await
+        .map_err(run_error(&base))?;
+    let base_predicted =
+        millis(predict(&base, StreamMode::Staircase, prompt_tokens, &table).critical_path);
+    let calibration = if base_predicted > 0.0 && base_run.0 > 0.0 {
+        (base_run.0 / base_predicted).clamp(MIN_CALIBRATION, MAX_CALIBRATION)
+    } else {
+        1.0
+    };
+    let search_budget = options.budget.div_f64(calibration);
+    let search_options = SearchOptions {
+        budget: search_budget,
+        width: options.width,
+        prompt_tokens,
+        ..SearchOptions::default()
+    };
+    let outcome = search::search(
+        &space,
+        &base_genome,
+        &options.prior,
+        &table,
+        &search_options,
+    )?;
+    tracing::info!(evaluated = outcome.evaluated, "search done");
+    let shortlist = shortlist(&outcome, search_budget, options.shortlist);
+
+    let mut checked = Vec::new();
+    let mut candidates: Vec<(Option<Genome>, Pipeline)> = vec![(None, base.clone())];
+    for (k, g) in shortlist.iter().enumerate() {
+        let name = format!("{}-{}", options.name, k + 1);
+        // The templates carry the base's sizes; a proposer answering alone gets the answer's.
+        let mut pipeline = space.build(g, &name)?;
+        if g.aggregator.is_none() {
+            pipeline = sized(pipeline, None, answer_tokens);
+        }
+        candidates.push((Some(g.clone()), pipeline));
+    }
+    for (genome, pipeline) in &candidates {
+        let (measured, ttft, total) = match genome {
+            None => base_run,
+            Some(_) => measure_runs(runner, pipeline, &options.check_prompts)
+                .await
+                .map_err(run_error(pipeline))?,
+        };
+        let prediction = predict(pipeline, StreamMode::Staircase, prompt_tokens, &table);
+        let predicted = millis(prediction.critical_path);
+        checked.push(Checked {
+            name: pipeline.name.clone(),
+            description: match genome {
+                Some(g) => space.describe(g),
+                None => space.describe(&base_genome),
+            },
+            hand_written: genome.is_none(),
+            prior: options
+                .prior
+                .of(&space, genome.as_ref().unwrap_or(&base_genome)),
+            predicted_critical_path_ms: predicted,
+            predicted_ttft_ms: millis(prediction.ttft),
+            measured_critical_path_ms: measured,
+            ttft_ms: ttft,
+            total_ms: total,
+            prediction_ratio: if measured > 0.0 {
+                predicted / measured
+            } else {
+                0.0
+            },
+            quality: None,
+            degenerate: None,
+            genome: genome.clone(),
+        });
+    }
+
+    if let Some(sample) = &options.eval {
+        let variants = candidates
+            .iter()
+            .map(|(_, p)| {
+                let mut v = Variant::pipeline(p.clone(), StreamMode::Staircase, None);
+                v.name.clone_from(&p.name);
+                v
+            })
+            .collect();
+        let eval_options = EvalOptions {
+            baseline: base.clone(),
+            variants,
+            prompts: sample.prompts.clone(),
+            proposer_tokens: None,
+            answer_tokens: sample.answer_tokens,
+            judge: sample.judge,
+            noise_floor: false,
+        };
+        let report = eval::runner::run(runner, judge_engine, &eval_options)
+            .await
+            .map_err(|e| TuneError::Eval(Box::new(e)))?;
+        for c in &mut checked {
+            if let Some(s) = report.summaries.iter().find(|s| s.variant == c.name) {
+                c.quality = Some(eval::report::quality(s).0);
+                c.degenerate = Some(s.degenerate);
+            }
+        }
+    }
+
+    let budget_ms = millis(options.budget);
+    let tuned: Vec<&Checked> = checked.iter().filter(|c| !c.hand_written).collect();
+    let meets = |c: &&Checked| c.measured_critical_path_ms <= budget_ms;
+    let by_quality = |a: &&&Checked, b: &&&Checked| {
+        a.quality
+            .unwrap_or(a.prior)
+            .total_cmp(&b.quality.unwrap_or(b.prior))
+            .then(
+                b.measured_critical_path_ms
+                    .total_cmp(&a.measured_critical_path_ms),
+            )
+    };
+    let met: Vec<&Checked> = tuned.iter().copied().filter(meets).collect();
+    let (chosen, met_budget) = match met.iter().max_by(by_quality) {
+        Some(c) => (*c, true),
+        None => (
+            tuned
+                .iter()
+                .copied()
+                .min_by(|a, b| {
+                    a.measured_critical_path_ms
+                        .total_cmp(&b.measured_critical_path_ms)
+                })
+                .unwrap_or(&checked[0]),
+            false,
+        ),
+    };
+    let file = written_file(&space, chosen, &tuned, options);
+    Ok(TuneReport {
+        base: base.name.clone(),
+        budget_ms,
+        calibration,
+        latencies: table.clone(),
+        space_size: space.size(),
+        evaluated: outcome.evaluated,
+        front: outcome
+            .front
+            .iter()
+            .map(|s| FrontPoint {
+                description: space.describe(&s.genome),
+                prior: s.prior,
+                predicted_critical_path_ms: millis(s.prediction.critical_path),
+                predicted_ttft_ms: millis(s.prediction.ttft),
+            })
+            .collect(),
+        chosen: chosen.name.clone(),
+        met_budget,
+        checked,
+        file,
+    })
+}
+
+/// The shortlist: front variants that meet the budget, best prior first (else the fastest).
+fn shortlist(outcome: &Outcome, budget: Duration, k: usize) -> Vec<Genome> {
+    let mut meeting: Vec<_> = outcome
+        .front
+        .iter()
+        .filter(|s| s.prediction.critical_path <= budget)
+        .collect();
+    meeting.sort_by(|a, b| b.prior.total_cmp(&a.prior));
+    let mut out: Vec<Genome> = meeting
+        .iter()
+        .take(k.max(1))
+        .map(|s| s.genome.clone())
+        .collect();
+    if !out.contains(&outcome.best.genome) {
+        out.insert(0, outcome.best.genome.clone());
+        out.truncate(k.max(1));
+    }
+    out
+}
+
+/// The chosen variant as a pipeline file: its nodes at the top, the budget, its quality, and
+/// the faster runners-up as `[[variants]]` for load-adaptive runs.
+fn written_file(
+    space: &Space,
+    chosen: &Checked,
+    tuned: &[&Checked],
+    options: &TuneOptions,
+) -> String {
+    let Some(genome) = &chosen.genome else {
+        return String::new();
+    };
+    let mut file = space.toml(genome, &options.name);
+    file.insert(
+        "latency_budget_ms".into(),
+        toml::Value::Integer(i64::try_from(options.budget.as_millis()).unwrap_or(i64::MAX)),
+    );
+    if let Some(q) = chosen.quality {
+        file.insert("quality".into(), toml::Value::Float(q));
+    }
+    let mut variants: Vec<&&Checked> = tuned
+        .iter()
+        .filter(|c| {
+            c.name != chosen.name
+                && c.predicted_critical_path_ms < chosen.predicted_critical_path_ms
+        })
+        .collect();
+    variants.sort_by(|a, b| {
+        a.predicted_critical_path_ms
+            .total_cmp(&b.predicted_critical_path_ms)
+            .reverse()
+    });
+    let tables: Vec<toml::Value> = variants
+        .iter()
+        .filter_map(|c| {
+            let g = c.genome.as_ref()?;
+            let mut t = space.toml(g, &c.name);
+            t.remove("description");
+            if let Some(q) = c.quality {
+                t.insert("quality".into(), toml::Value::Float(q));
+            }
+            Some(toml::Value::Table(t))
+        })
+        .collect();
+    let mut header = format!(
+        "# Written by `staircase tune {}` for a latency budget of {} ms: {}.\n",
+        space.base,
+        options.budget.as_millis(),
+        chosen.description
+    );
+    if !tables.is_empty() {
+        file.insert("variants".into(), toml::Value::Array(tables));
+        header.push_str(
+            "# `[[variants]]` are faster runners-up that `run` and `serve` switch to under load.\n",
+        );
+    }
+    format!("{header}{}", toml::to_string(&file).unwrap_or_default())
+}

@@ -1,0 +1,386 @@
+//! The tuner's tests: the search against exhaustive enumeration on a synthetic latency
+//! model, predicted against measured critical paths on the simulated backend, and the
+//! load-adaptive choice with the queue held full by other runs.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use super::adaptive::{Gauge, OWN_VARIANT};
+use super::predict::{LatencyTable, ModelLatency};
+use super::search::{self, Prior, SearchOptions};
+use super::space::Space;
+use super::*;
+use crate::engine::simulated::{SimulatedEngine, SimulatedLatencies};
+use crate::pipeline::critical::Latencies;
+use crate::pipeline::{Models, RunEvent};
+use crate::plugin::{HostConfig, PluginRuntime, Registry};
+
+const BASE: &str = r#"
+name = "base"
+[stream]
+policy = "staircase"
+chunk_tokens = [8, 16, 32]
+[[nodes]]
+id = "analyst"
+kind = "agent"
+plugin = "proposer"
+model = "slow"
+max_tokens = 64
+config = { role = "a careful analyst" }
+[[nodes]]
+id = "critic"
+kind = "agent"
+plugin = "proposer"
+model = "slow"
+max_tokens = 64
+seed = 2
+config = { role = "a sceptical critic" }
+[[nodes]]
+id = "aggregator"
+kind = "aggregator"
+plugin = "moa-aggregator"
+model = "slow"
+max_tokens = 64
+inputs = ["analyst", "critic"]
+"#;
+
+fn latency(decode_ms: f64, prefill_ms: f64) -> ModelLatency {
+    ModelLatency::uniform(Latencies {
+        decode_per_token: Duration::from_secs_f64(decode_ms / 1e3),
+        prefill_per_token: Duration::from_secs_f64(prefill_ms / 1e3),
+    })
+}
+
+/// Two models: `slow` is the better one, `fast` decodes four times as fast.
+fn synthetic() -> (Space, space::Genome, LatencyTable, Prior) {
+    let base = Pipeline::parse(BASE, "base.toml").unwrap();
+    let schedules = [
+        ChunkSchedule::new(vec![16, 32]).unwrap(),
+        ChunkSchedule::new(vec![2, 8]).unwrap(),
+    ];
+    let (space, genome) = Space::of(&base, vec!["fast".into()], &schedules).unwrap();
+    let table = LatencyTable::uniform(latency(20.0, 1.0))
+        .with("slow", latency(20.0, 1.0))
+        .with("fast", latency(5.0, 0.25));
+    let prior = Prior {
+        model_quality: [("slow".to_string(), 1.0), ("fast".to_string(), 0.6)].into(),
+    };
+    (space, genome, table, prior)
+}
+
+/// The known optimum: the best of every valid genome, scored one by one.
+fn exhaustive(
+    space: &Space,
+    table: &LatencyTable,
+    prior: &Prior,
+    budget: Duration,
+) -> (search::Scored, bool) {
+    let all: Vec<search::Scored> = search::enumerate(space)
+        .iter()
+        .map(|g| search::score(space, prior, table, 32, g).unwrap())
+        .collect();
+    let meeting = all.iter().filter(|s| s.prediction.critical_path <= budget);
+    match meeting.max_by(|a, b| {
+        a.prior
+            .total_cmp(&b.prior)
+            .then(b.prediction.critical_path.cmp(&a.prediction.critical_path))
+    }) {
+        Some(best) => (best.clone(), true),
+        None => (
+            all.iter()
+                .min_by_key(|s| s.prediction.critical_path)
+                .unwrap()
+                .clone(),
+            false,
+        ),
+    }
+}
+
+#[test]
+fn the_search_finds_the_known_optimum_for_each_budget() {
+    let (space, base, table, prior) = synthetic();
+    let enumerated = search::enumerate(&space).len();
+    // Budgets from generous to tight: each has its own optimum.
+    for budget_ms in [20_000, 4_000, 3_000, 2_000, 1_200, 800] {
+        let budget = Duration::from_millis(budget_ms);
+        let (known, met) = exhaustive(&space, &table, &prior, budget);
+        let options = SearchOptions {
+            budget,
+            ..SearchOptions::default()
+        };
+        let found = search::search(&space, &base, &prior, &table, &options).unwrap();
+        assert!(met, "budget {budget_ms} ms should be met by something");
+        assert!(found.met_budget, "budget {budget_ms} ms");
+        assert!(
+            (found.best.prior - known.prior).abs() < 1e-9,
+            "budget {budget_ms} ms: found {:?} (prior {:.3}, {:?}), known optimum {:?} (prior {:.3}, {:?})",
+            space.describe(&found.best.genome),
+            found.best.prior,
+            found.best.prediction.critical_path,
+            space.describe(&known.genome),
+            known.prior,
+            known.prediction.critical_path
+        );
+        // A real search: it scored a fraction of the space.
+        assert!(
+            found.evaluated < enumerated,
+            "{} of {enumerated}",
+            found.evaluated
+        );
+        // The front is non-dominated, fastest first.
+        for pair in found.front.windows(2) {
+            assert!(pair[0].prediction.critical_path <= pair[1].prediction.critical_path);
+            assert!(pair[0].prior < pair[1].prior);
+        }
+    }
+}
+
+#[test]
+fn under_a_budget_nothing_meets_the_search_says_so_and_returns_the_fastest() {
+    let (space, base, table, prior) = synthetic();
+    let budget = Duration::from_millis(1);
+    let (fastest, met) = exhaustive(&space, &table, &prior, budget);
+    assert!(!met);
+    let options = SearchOptions {
+        budget,
+        ..SearchOptions::default()
+    };
+    let found = search::search(&space, &base, &prior, &table, &options).unwrap();
+    assert!(!found.met_budget);
+    assert_eq!(
+        found.best.prediction.critical_path,
+        fastest.prediction.critical_path
+    );
+}
+
+#[test]
+fn a_variant_builds_into_a_file_that_parses_back_with_its_variants() {
+    let (space, base, _, _) = synthetic();
+    let mut table = space.toml(&base, "tuned");
+    table.insert("latency_budget_ms".into(), toml::Value::Integer(900));
+    let mut small = space.toml(&search::enumerate(&space)[0], "small");
+    small.insert("quality".into(), toml::Value::Float(0.25));
+    table.insert(
+        "variants".into(),
+        toml::Value::Array(vec![toml::Value::Table(small)]),
+    );
+    let text = toml::to_string(&table).unwrap();
+    let parsed = Pipeline::parse(&text, "tuned.toml").unwrap();
+    assert_eq!(parsed.nodes.len(), 3);
+    assert_eq!(
+        parsed.adaptive.latency_budget,
+        Some(Duration::from_millis(900))
+    );
+    assert_eq!(parsed.adaptive.variants.len(), 1);
+    assert_eq!(parsed.adaptive.variants[0].name, "small");
+    assert_eq!(parsed.adaptive.variants[0].quality, Some(0.25));
+    // A broken variant is refused with the file and the variant named.
+    let broken = text.replace("kind = \"agent\"", "kind = \"wizard\"");
+    let e = Pipeline::parse(&broken, "tuned.toml").unwrap_err();
+    assert!(e.to_string().starts_with("tuned.toml"), "{e}");
+}
+
+fn registry() -> Arc<Registry> {
+    let registry = Registry::new(PluginRuntime::new(HostConfig::default()).unwrap());
+    registry.load_builtins().unwrap();
+    registry
+}
+
+fn simulated(decode_ms: f64, prefill_ms: f64) -> Arc<dyn Engine> {
+    Arc::new(SimulatedEngine::new(
+        SimulatedLatencies {
+            decode_per_token: Duration::from_secs_f64(decode_ms / 1e3),
+            prefill_per_token: Duration::from_secs_f64(prefill_ms / 1e3),
+        },
+        tokio::runtime::Handle::current(),
+    ))
+}
+
+/// Predicted over measured critical path of every shortlisted variant stays within this
+/// ratio on the simulated backend (the model ignores the plugin's exact step boundaries).
+const PREDICTION_TOLERANCE: (f64, f64) = (0.75, 1.33);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn predicted_critical_paths_of_the_shortlist_match_simulated_runs() {
+    let slow = simulated(8.0, 0.2);
+    let mut models = Models::with_default(slow.clone());
+    models.insert("slow".into(), slow.clone());
+    models.insert("fast".into(), simulated(3.0, 0.1));
+    let runner = Runner::new(models, registry());
+    let base = Pipeline::parse(BASE, "base.toml").unwrap();
+    let options = TuneOptions {
+        budget: Duration::from_millis(1200),
+        models: vec!["fast".into()],
+        schedules: vec![ChunkSchedule::new(vec![16, 32]).unwrap()],
+        prior: Prior::default(),
+        width: 4,
+        shortlist: 3,
+        check_prompts: vec!["Why is the sky blue?".into()],
+        eval: None,
+        name: "base-tuned".into(),
+        proposer_tokens: None,
+        answer_tokens: None,
+    };
+    let report = tune(&runner, &slow, &base, &options).await.unwrap();
+    assert!(report.checked.len() >= 2, "{}", report.table());
+    for c in &report.checked {
+        assert!(
+            c.prediction_ratio >= PREDICTION_TOLERANCE.0
+                && c.prediction_ratio <= PREDICTION_TOLERANCE.1,
+            "{}: predicted {:.0} ms, measured {:.0} ms\n{}",
+            c.name,
+            c.predicted_critical_path_ms,
+            c.measured_critical_path_ms,
+            report.table()
+        );
+    }
+    // The written file loads, with the budget it was tuned for.
+    let written = Pipeline::parse(&report.file, "written.toml").unwrap();
+    runner.check(&written).unwrap();
+    assert_eq!(
+        written.adaptive.latency_budget,
+        Some(Duration::from_millis(1200))
+    );
+}
+
+const ADAPTIVE: &str = r#"
+name = "adaptive"
+[stream]
+policy = "complete"
+[[nodes]]
+id = "a"
+kind = "agent"
+plugin = "proposer"
+model = "default"
+max_tokens = 40
+[[nodes]]
+id = "b"
+kind = "agent"
+plugin = "proposer"
+model = "default"
+max_tokens = 40
+[[nodes]]
+id = "agg"
+kind = "aggregator"
+plugin = "moa-aggregator"
+model = "default"
+max_tokens = 40
+inputs = ["a", "b"]
+
+[[variants]]
+name = "small"
+quality = 0.4
+[[variants.nodes]]
+id = "solo"
+kind = "agent"
+plugin = "proposer"
+model = "default"
+max_tokens = 8
+"#;
+
+/// Runs that hold the engine until aborted.
+const HOLD: &str = r#"
+[[nodes]]
+id = "long"
+kind = "agent"
+plugin = "proposer"
+model = "default"
+max_tokens = 1000000
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tight_budget_switches_to_the_small_variant_while_the_queue_is_full_and_back() {
+    let runner = Arc::new(Runner::new(
+        Models::with_default(simulated(2.0, 0.5)),
+        registry(),
+    ));
+    let mut pipeline = Pipeline::parse(ADAPTIVE, "adaptive.toml").unwrap();
+    runner.check(&pipeline).unwrap();
+    let request = || RunRequest::prompt("Why is the sky blue?", StreamMode::Layered);
+    // The runner learns the backend's latencies first, as a serving host has.
+    for _ in 0..4 {
+        runner.run(&pipeline, request(), None).await.unwrap();
+    }
+    let latencies = LatencyTable::uniform(ModelLatency::uniform(runner.latencies().get()));
+    let main = predict(&pipeline, StreamMode::Layered, 5, &latencies).critical_path;
+    // Met by the main variant alone; under 2 runs ahead on 1 slot (3x) only by the small one.
+    pipeline.adaptive.latency_budget = Some(main.mul_f64(1.5));
+
+    let gauge = Arc::new(Gauge::new(1));
+    let (choice, _) = run_adaptive(&gauge, &runner, &pipeline).await;
+    assert_eq!(choice.variant, OWN_VARIANT, "{choice:?}");
+
+    // Two other runs hold the host; each has started before the tight one comes.
+    let hold = Arc::new(Pipeline::parse(HOLD, "hold.toml").unwrap());
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let (tx, mut events) = mpsc::unbounded_channel();
+        let (gauge, runner, hold) = (gauge.clone(), runner.clone(), hold.clone());
+        held.push(tokio::spawn(async move {
+            gauge.run(&runner, &hold, request(), None, Some(tx)).await
+        }));
+        while !matches!(events.recv().await, Some(RunEvent::NodeDelta { .. })) {}
+    }
+    assert_eq!(gauge.load().ahead, 2);
+    let (choice, report) = run_adaptive(&gauge, &runner, &pipeline).await;
+    assert_eq!(choice.variant, "small", "{choice:?}");
+    assert!(choice.met_budget, "{choice:?}");
+    assert!(choice.reason.contains("under load"), "{}", choice.reason);
+    assert_eq!(report.nodes.len(), 1);
+
+    // The queue drains: aborted runs are dropped (and leave the gauge) before `await` returns.
+    for task in held {
+        task.abort();
+        assert!(task.await.unwrap_err().is_cancelled());
+    }
+    assert_eq!(gauge.load().ahead, 0);
+    let (choice, report) = run_adaptive(&gauge, &runner, &pipeline).await;
+    assert_eq!(choice.variant, OWN_VARIANT, "{choice:?}");
+    assert_eq!(report.nodes.len(), 3);
+}
+
+async fn run_adaptive(
+    gauge: &Gauge,
+    runner: &Runner,
+    pipeline: &Pipeline,
+) -> (adaptive::Choice, crate::pipeline::RunReport) {
+    let request = RunRequest::prompt("Why is the sky blue?", StreamMode::Layered);
+    let (report, choice) = gauge
+        .run(runner, pipeline, request, None, None)
+        .await
+        .unwrap();
+    (choice.expect("the pipeline declares variants"), report)
+}
+
+#[test]
+fn no_variant_meeting_the_budget_runs_the_fastest_and_says_so() {
+    let pipeline = Pipeline::parse(ADAPTIVE, "adaptive.toml").unwrap();
+    let engine: Arc<dyn Engine> = Arc::new(SimulatedEngine::new(
+        SimulatedLatencies {
+            decode_per_token: Duration::from_millis(10),
+            prefill_per_token: Duration::from_millis(5),
+        },
+        tokio::runtime::Runtime::new().unwrap().handle().clone(),
+    ));
+    let runner = Runner::new(Models::with_default(engine), registry());
+    let request = RunRequest::prompt("hi", StreamMode::Layered);
+    let (chosen, choice) = adaptive::choose(
+        &runner,
+        &pipeline,
+        &request,
+        Some(Duration::from_millis(1)),
+        adaptive::Load { ahead: 0, slots: 1 },
+    );
+    let choice = choice.unwrap();
+    assert_eq!(choice.variant, "small");
+    assert!(!choice.met_budget);
+    assert!(
+        choice.reason.starts_with("no variant meets"),
+        "{}",
+        choice.reason
+    );
+    assert_eq!(chosen.nodes.len(), 1);
+    assert_eq!(chosen.name, "adaptive");
+}
