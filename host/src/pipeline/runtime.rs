@@ -25,15 +25,15 @@ use tracing::Instrument;
 use super::budget::{MeteredProvider, RunBound, RunBudget, RunLimits};
 use super::critical::{self, CriticalPath, LatencyModel};
 use super::policy::{
-    AggregatorSession, CompressorPolicy, Demand, PolicyError, PolicyProvider, RouteRequest,
-    RouterPolicy, Source, StreamMode,
+    AggregatorSession, CompressorPolicy, Demand, PolicyError, PolicyProvider, RouteChoice,
+    RouteRequest, RouterPolicy, Source, StreamMode,
 };
 use super::role_session::RoleSession;
 use super::spec::{DEFAULT_MODEL, ModelBinding, NodeIndex, NodeKind, Pipeline, SpecError};
 use super::stream::{Chunk, Chunker};
 use crate::engine::{
-    Capability, ChatMessage, Engine, EngineError, FinishReason, GenerationEvent, GenerationRequest,
-    GenerationStream, Priority, Prompt, Role, SamplingParams,
+    Capability, ChatMessage, Confidence, Engine, EngineError, FinishReason, GenerationEvent,
+    GenerationRequest, GenerationStream, MeasureConfidence, Priority, Prompt, Role, SamplingParams,
 };
 use crate::speculate::{DraftFeed, SpeculationStats};
 use crate::trace::chrome::ChromeTrace;
@@ -179,7 +179,56 @@ pub struct NodeReport {
     /// Speculative decoding over all of the node's requests, when the engine reports it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub speculation: Option<SpeculationStats>,
+    /// A routed node's engine requests: the model of each and why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<RoutedStep>,
     pub text: String,
+}
+
+/// One engine request of a routed node: where the router sent it and why.
+#[derive(Clone, Debug, Serialize)]
+pub struct RoutedStep {
+    /// The node's engine request number (as in the timeline's steps).
+    pub step: u32,
+    #[serde(serialize_with = "ms")]
+    pub started_ms: Duration,
+    /// Tokens of the answer before this step (the prefix the model continued).
+    pub answer_tokens: u32,
+    pub tokens: u32,
+    pub prompt_tokens: u32,
+    pub cached_prompt_tokens: u32,
+    /// How sure the model was of this step's tokens, when its engine reports it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub confidence: Option<Confidence>,
+    pub model: String,
+    pub reason: String,
+}
+
+/// What a routed node tells its router about the next step.
+#[derive(Default)]
+struct StepFeatures {
+    prompt_tokens: u32,
+    query: String,
+    answer_tokens: u32,
+    max_tokens: u32,
+    previous_model: Option<String>,
+    confidence: Option<Confidence>,
+}
+
+impl StepFeatures {
+    /// The step's prompt size and latest user message (counted only for a router).
+    fn prompt(&mut self, messages: &[ChatMessage], routed: bool, runner: &Runner) {
+        if !routed {
+            return;
+        }
+        let text: String = messages.iter().map(|m| m.content.as_str()).collect();
+        self.prompt_tokens = runner.models.count_tokens(&text);
+        self.query = messages
+            .iter()
+            .rev()
+            .find(|m| m.role == Role::User)
+            .map_or_else(String::new, |m| m.content.clone());
+    }
 }
 
 /// A critical path by node id.
@@ -304,10 +353,12 @@ impl Runner {
         pipeline: &Pipeline,
         mode: StreamMode,
     ) -> Result<(), RunError> {
-        if mode == StreamMode::Layered {
-            return Ok(());
-        }
-        for node in pipeline.nodes.iter().filter(|n| !n.inputs.is_empty()) {
+        // A routed node continues its answer at every part after the first, in any mode.
+        let continues = |n: &&super::spec::Node| {
+            matches!(n.model, ModelBinding::Routed { .. })
+                || (mode == StreamMode::Staircase && !n.inputs.is_empty())
+        };
+        for node in pipeline.nodes.iter().filter(continues) {
             let models = match &node.model {
                 ModelBinding::None => continue,
                 ModelBinding::Fixed(name) => std::slice::from_ref(name),
@@ -724,50 +775,51 @@ impl<'r> RunCtx<'r> {
         }
     }
 
-    /// The engine for a step of `node`, asking its router when it has one.
+    /// The engine for a step of `node`, asking its router when it has one (then the
+    /// router's choice comes back too).
     fn engine_for(
         &self,
         ix: NodeIndex,
         router: &mut Option<Box<dyn RouterPolicy>>,
-        messages: &[ChatMessage],
-    ) -> Result<&'r Arc<dyn Engine>, RunError> {
+        features: &StepFeatures,
+    ) -> Result<(&'r Arc<dyn Engine>, Option<RouteChoice>), RunError> {
         let node = self.pipeline.node(ix);
-        let name = match (&node.model, router.as_mut()) {
+        let (name, choice) = match (&node.model, router.as_mut()) {
             (ModelBinding::Routed { models, .. }, Some(router)) => {
-                let text: String = messages.iter().map(|m| m.content.as_str()).collect();
-                let query = messages
-                    .iter()
-                    .rev()
-                    .find(|m| m.role == Role::User)
-                    .map(|m| m.content.clone())
-                    .unwrap_or_default();
-                let chosen = router
+                let choice = router
                     .route(&RouteRequest {
                         node_id: node.id.clone(),
-                        prompt_tokens: self.runner.models.count_tokens(&text),
-                        query,
+                        prompt_tokens: features.prompt_tokens,
+                        query: features.query.clone(),
                         models: models.clone(),
+                        role: node.label.clone(),
+                        answer_tokens: features.answer_tokens,
+                        max_tokens: features.max_tokens,
+                        previous_model: features.previous_model.clone(),
+                        confidence: features.confidence,
                     })
                     .map_err(self.policy_error(ix))?;
-                if !models.contains(&chosen) {
+                if !models.contains(&choice.model) {
                     return Err(RunError::BadRoute {
                         node: node.id.clone(),
-                        model: chosen,
+                        model: choice.model,
                         models: models.clone(),
                     });
                 }
-                chosen
+                (choice.model.clone(), Some(choice))
             }
-            (ModelBinding::Fixed(name), _) => name.clone(),
-            _ => DEFAULT_MODEL.to_string(),
+            (ModelBinding::Fixed(name), _) => (name.clone(), None),
+            _ => (DEFAULT_MODEL.to_string(), None),
         };
-        self.runner
+        let engine = self
+            .runner
             .models
             .get(&name)
             .ok_or_else(|| RunError::NoModel {
                 node: node.id.clone(),
                 model: name,
-            })
+            })?;
+        Ok((engine, choice))
     }
 
     /// The step loop of agents and aggregators.
@@ -783,9 +835,11 @@ impl<'r> RunCtx<'r> {
         let node = self.pipeline.node(ix);
         let policy_error = self.policy_error(ix);
         let mut router = match &node.model {
-            ModelBinding::Routed { router, .. } => {
-                Some(self.policies.router(router).map_err(&policy_error)?)
-            }
+            ModelBinding::Routed { router, .. } => Some(
+                self.policies
+                    .router_with_config(router, &node.config)
+                    .map_err(&policy_error)?,
+            ),
             _ => None,
         };
         let sources = self.sources(ix);
@@ -800,6 +854,16 @@ impl<'r> RunCtx<'r> {
         };
         let mut answer = String::new();
         let mut answer_tokens = 0u32;
+        // A routed node asks its router before every engine request of at most this many
+        // tokens; the others send a policy step whole.
+        let route_tokens = match &node.model {
+            ModelBinding::Routed { step_tokens, .. } => Some(*step_tokens),
+            _ => None,
+        };
+        let mut features = StepFeatures {
+            max_tokens: budget,
+            ..StepFeatures::default()
+        };
 
         // Applies one inbox event to the session (chunks in order, finishes, releases).
         let mut on_input = |session: &mut Box<dyn AggregatorSession>,
@@ -868,7 +932,8 @@ impl<'r> RunCtx<'r> {
                 // prefix cache while the node waits for input. One at a time is enough.
                 Some(step) if !step.is_final && step.max_tokens == 0 => {
                     if warming.is_none() {
-                        let engine = self.engine_for(ix, &mut router, &step.messages)?;
+                        features.prompt(&step.messages, router.is_some(), self.runner);
+                        let (engine, _) = self.engine_for(ix, &mut router, &features)?;
                         let request = self.step_request(ix, step.messages, &answer, 0, &sampling);
                         let started = self.timeline.now();
                         // A warm-up only saves work; the step after it reports real trouble.
@@ -922,77 +987,120 @@ impl<'r> RunCtx<'r> {
             if let Some((stream, started)) = warming.take() {
                 self.finish_warm_up(ix, stream, started, &mut report).await;
             }
-            let engine = self.engine_for(ix, &mut router, &step.messages)?;
-            let mut request = self.step_request(ix, step.messages, &answer, max_tokens, &sampling);
-            if let Some(feed) = &feed {
-                request.extensions.insert(feed.clone());
-            }
-            let step_started = self.timeline.now();
-            let mut stream = engine.submit(request).map_err(engine_error)?;
-            let mut step_text = String::new();
-            let mut step_tokens = 0u32;
-            let (reason, usage, extensions) = loop {
-                let wake = tokio::select! {
-                    event = stream.next() => Wake::Engine(event),
-                    input = inputs.recv(), if inputs.rx.is_some() => Wake::Input(input),
-                    _ = waker.notified() => Wake::Released,
-                };
-                match wake {
-                    Wake::Engine(Some(Ok(GenerationEvent::Delta {
-                        text,
-                        token_count: count,
-                        ..
-                    }))) => {
-                        step_text.push_str(&text);
-                        step_tokens += count;
-                        emitter.delta(&text, count);
-                    }
-                    Wake::Engine(Some(Ok(GenerationEvent::Finished {
-                        reason,
-                        usage,
-                        timings,
-                        extensions,
-                    }))) => {
-                        self.runner.latencies.observe(&usage, &timings);
-                        break (reason, usage, extensions);
-                    }
-                    Wake::Engine(Some(Err(error))) => return Err(engine_error(error)),
-                    Wake::Engine(None) => return Err(engine_error(EngineError::Stopped)),
-                    Wake::Input(input) => on_input(&mut session, &mut inputs, input)?,
-                    Wake::Released => {
-                        if !emitter.wanted() {
-                            // Dropping the stream cancels the engine sequence.
-                            drop(stream);
-                            cancelled = true;
-                            answer_tokens += step_tokens;
-                            break 'run;
+            features.prompt(&step.messages, router.is_some(), self.runner);
+            let mut step_left = max_tokens;
+            let reason = loop {
+                let part = route_tokens.map_or(step_left, |n| n.min(step_left));
+                features.answer_tokens = answer_tokens;
+                let (engine, choice) = self.engine_for(ix, &mut router, &features)?;
+                let mut request =
+                    self.step_request(ix, step.messages.clone(), &answer, part, &sampling);
+                if let Some(feed) = &feed {
+                    request.extensions.insert(feed.clone());
+                }
+                if choice.is_some() {
+                    request.extensions.insert(MeasureConfidence);
+                }
+                let step_started = self.timeline.now();
+                let mut stream = engine.submit(request).map_err(engine_error)?;
+                let mut step_text = String::new();
+                let mut step_tokens = 0u32;
+                let (reason, usage, extensions) = loop {
+                    let wake = tokio::select! {
+                        event = stream.next() => Wake::Engine(event),
+                        input = inputs.recv(), if inputs.rx.is_some() => Wake::Input(input),
+                        _ = waker.notified() => Wake::Released,
+                    };
+                    match wake {
+                        Wake::Engine(Some(Ok(GenerationEvent::Delta {
+                            text,
+                            token_count: count,
+                            ..
+                        }))) => {
+                            step_text.push_str(&text);
+                            step_tokens += count;
+                            emitter.delta(&text, count);
+                        }
+                        Wake::Engine(Some(Ok(GenerationEvent::Finished {
+                            reason,
+                            usage,
+                            timings,
+                            extensions,
+                        }))) => {
+                            self.runner.latencies.observe(&usage, &timings);
+                            break (reason, usage, extensions);
+                        }
+                        Wake::Engine(Some(Err(error))) => return Err(engine_error(error)),
+                        Wake::Engine(None) => return Err(engine_error(EngineError::Stopped)),
+                        Wake::Input(input) => on_input(&mut session, &mut inputs, input)?,
+                        Wake::Released => {
+                            if !emitter.wanted() {
+                                // Dropping the stream cancels the engine sequence.
+                                drop(stream);
+                                cancelled = true;
+                                answer_tokens += step_tokens;
+                                break 'run;
+                            }
                         }
                     }
+                };
+                report.steps += 1;
+                report.prompt_tokens += usage.prompt_tokens;
+                report.cached_prompt_tokens += usage.cached_prompt_tokens;
+                if let Some(stats) = extensions.get::<SpeculationStats>() {
+                    report
+                        .speculation
+                        .get_or_insert_with(SpeculationStats::default)
+                        .merge(stats);
+                }
+                answer.push_str(&step_text);
+                answer_tokens += step_tokens;
+                step_left = step_left.saturating_sub(step_tokens);
+                // The policy's step is over when the model stops or its tokens are spent;
+                // a routed node asks its router again before the next part.
+                let last = route_tokens.is_none()
+                    || reason == FinishReason::Stop
+                    || step_left == 0
+                    || answer_tokens >= budget;
+                self.timeline.record(
+                    ix.0,
+                    EventKind::Step {
+                        index: report.steps - 1,
+                        started: step_started,
+                        tokens: step_tokens,
+                        prompt_tokens: usage.prompt_tokens,
+                        cached_prompt_tokens: usage.cached_prompt_tokens,
+                        is_final: step.is_final && last,
+                    },
+                );
+                if let Some(choice) = choice {
+                    let confidence = extensions.get::<Confidence>().copied();
+                    tracing::debug!(
+                        node = %node.id,
+                        model = %choice.model,
+                        reason = %choice.reason,
+                        tokens = step_tokens,
+                        "routed step"
+                    );
+                    report.routes.push(RoutedStep {
+                        step: report.steps - 1,
+                        started_ms: step_started,
+                        answer_tokens: answer_tokens - step_tokens,
+                        tokens: step_tokens,
+                        prompt_tokens: usage.prompt_tokens,
+                        cached_prompt_tokens: usage.cached_prompt_tokens,
+                        confidence,
+                        model: choice.model.clone(),
+                        reason: choice.reason,
+                    });
+                    features.previous_model = Some(choice.model);
+                    features.confidence = confidence;
+                }
+                session.answered(&step_text).map_err(&policy_error)?;
+                if last {
+                    break reason;
                 }
             };
-            report.steps += 1;
-            report.prompt_tokens += usage.prompt_tokens;
-            report.cached_prompt_tokens += usage.cached_prompt_tokens;
-            if let Some(stats) = extensions.get::<SpeculationStats>() {
-                report
-                    .speculation
-                    .get_or_insert_with(SpeculationStats::default)
-                    .merge(stats);
-            }
-            self.timeline.record(
-                ix.0,
-                EventKind::Step {
-                    index: report.steps - 1,
-                    started: step_started,
-                    tokens: step_tokens,
-                    prompt_tokens: usage.prompt_tokens,
-                    cached_prompt_tokens: usage.cached_prompt_tokens,
-                    is_final: step.is_final,
-                },
-            );
-            answer.push_str(&step_text);
-            answer_tokens += step_tokens;
-            session.answered(&step_text).map_err(&policy_error)?;
             // The model may end a non-final step early (end of sequence): it said all it
             // could from what it had seen. The next step, with more input, continues the
             // answer; only the final step or the budget ends the node.

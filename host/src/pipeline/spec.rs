@@ -47,6 +47,11 @@ use crate::engine::SamplingParams;
 /// The model name pipelines use for the embedded default model.
 pub const DEFAULT_MODEL: &str = "default";
 
+/// Tokens a routed node generates between two questions to its router (`route_tokens`):
+/// short enough that a confidence drop moves the answer soon, long enough that the
+/// router's call and the next model's prefill of the shared prefix stay small beside it.
+pub const DEFAULT_ROUTE_TOKENS: u32 = 16;
+
 /// A pipeline file that cannot be used, with where it came from.
 #[derive(Debug, thiserror::Error)]
 pub struct SpecError {
@@ -177,10 +182,12 @@ pub enum ModelBinding {
     /// Compressors call models only through their own plugin import.
     None,
     Fixed(String),
-    /// A router plugin picks one of `models` for each step.
+    /// A router plugin picks one of `models` for each step; the node generates in steps of
+    /// at most `step_tokens`, so the router can move its answer between models midway.
     Routed {
         router: String,
         models: Vec<String>,
+        step_tokens: u32,
     },
 }
 
@@ -324,6 +331,7 @@ struct RawNode {
     model: Option<Spanned<String>>,
     router: Option<Spanned<String>>,
     models: Option<Vec<String>>,
+    route_tokens: Option<u32>,
     #[serde(default)]
     inputs: Vec<Spanned<String>>,
     stream: Option<RawStream>,
@@ -582,7 +590,7 @@ impl Pipeline {
             match &node.model {
                 ModelBinding::None => {}
                 ModelBinding::Fixed(model) => check_model(node, model)?,
-                ModelBinding::Routed { router, models } => {
+                ModelBinding::Routed { router, models, .. } => {
                     check_plugin(node, router, PluginKind::Router, node.lines.router)?;
                     for model in models {
                         check_model(node, model)?;
@@ -747,6 +755,13 @@ fn build_node(
             Some(models) if !models.is_empty() => ModelBinding::Routed {
                 router: router.get_ref().clone(),
                 models: models.clone(),
+                step_tokens: match raw.route_tokens {
+                    Some(0) => {
+                        return Err(bad(node_line, "`route_tokens` must be at least 1".into()));
+                    }
+                    Some(n) => n,
+                    None => DEFAULT_ROUTE_TOKENS,
+                },
             },
             _ => return Err(missing("models")),
         },
@@ -754,6 +769,9 @@ fn build_node(
     };
     if raw.models.is_some() && raw.router.is_none() {
         return Err(bad(node_line, "`models` needs a `router`".into()));
+    }
+    if raw.route_tokens.is_some() && raw.router.is_none() {
+        return Err(bad(node_line, "`route_tokens` needs a `router`".into()));
     }
 
     let node_stream = match &raw.stream {
