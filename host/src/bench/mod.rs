@@ -6,6 +6,7 @@
 //! asserts a speed. This room must not reach into another room's internals, and no room
 //! depends on it.
 
+pub mod collab;
 pub mod engine;
 pub mod plugins;
 pub mod speculation;
@@ -22,6 +23,12 @@ pub enum BenchError {
     Engine(#[from] EngineError),
     #[error(transparent)]
     Plugin(#[from] PluginError),
+    #[error(transparent)]
+    Run(#[from] crate::pipeline::RunError),
+    #[error(transparent)]
+    Spec(#[from] crate::pipeline::SpecError),
+    #[error("starting the async runtime: {0}")]
+    Runtime(#[from] std::io::Error),
     /// A request that should have produced a token did not, so it cannot be timed.
     #[error("a benchmark request finished without a token")]
     Untimed,

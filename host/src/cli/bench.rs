@@ -1,5 +1,6 @@
 //! `staircase bench`.
 
+mod collab;
 mod routing;
 mod serve;
 mod staircase;
@@ -35,6 +36,8 @@ pub enum Command {
     Speculation(SpeculationArgs),
     /// Routing policies on a multi-agent trace over `llama-server` replicas: cache hits, TTFT.
     Routing(routing::Args),
+    /// Dual-model answers: all large vs all small vs routed per step (with escalation).
+    Collab(collab::Args),
 }
 
 /// Arguments of `staircase bench speculation`.
@@ -95,6 +98,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Plugins { json, components } => plugins(json, components),
         Command::Speculation(args) => speculation(args),
         Command::Routing(args) => routing::run(args),
+        Command::Collab(args) => collab::run(args),
     }
 }
 
