@@ -132,7 +132,9 @@ async fn steps_land_on_the_models_the_router_names_and_escalation_continues_the_
     assert!(routes.iter().all(|r| r.tokens <= 4), "{routes:#?}");
 
     // The local engine measured the small model's confidence, and the router was told it.
-    let confidence = routes[0].confidence.expect("the local engine reports confidence");
+    let confidence = routes[0]
+        .confidence
+        .expect("the local engine reports confidence");
     assert!(confidence.tokens > 0 && confidence.mean_top_prob > 0.0);
     assert!(confidence.mean_top_prob <= 1.0 && confidence.mean_entropy >= 0.0);
     let told = format!("on small at confidence {:.3}", confidence.mean_top_prob);
@@ -158,7 +160,10 @@ async fn steps_land_on_the_models_the_router_names_and_escalation_continues_the_
         assistant_prefix: Some(prefix),
     } = &large_prompts[0]
     else {
-        panic!("the large model continues an answer: {:?}", large_prompts[0]);
+        panic!(
+            "the large model continues an answer: {:?}",
+            large_prompts[0]
+        );
     };
     assert_eq!(large_messages, messages, "the same prompt on both models");
     assert!(!alone.is_empty());
@@ -210,6 +215,10 @@ async fn a_router_of_the_0_1_0_contract_still_routes() {
         .unwrap();
     let routes = &report.nodes[0].routes;
     assert!(!routes.is_empty());
-    assert!(routes.iter().all(|r| r.model == "large" && r.reason.is_empty()));
+    assert!(
+        routes
+            .iter()
+            .all(|r| r.model == "large" && r.reason.is_empty())
+    );
     assert!(small.prompts.lock().unwrap().is_empty());
 }

@@ -10,6 +10,7 @@ pub mod bench;
 pub mod budget;
 pub mod critical;
 pub mod examples;
+pub mod history;
 pub mod policy;
 pub mod role_session;
 pub mod runtime;

@@ -24,6 +24,7 @@ use tracing::Instrument;
 
 use super::budget::{MeteredProvider, RunBound, RunBudget, RunLimits};
 use super::critical::{self, CriticalPath, LatencyModel};
+use super::history::{HistoryCache, HistoryEvent, HistoryUse, TokenCount};
 use super::policy::{
     AggregatorSession, CompressorPolicy, Demand, PolicyError, PolicyProvider, RouteChoice,
     RouteRequest, RouterPolicy, Source, StreamMode,
@@ -182,6 +183,9 @@ pub struct NodeReport {
     /// A routed node's engine requests: the model of each and why.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<RoutedStep>,
+    /// What the conversation memory did for a node with a history budget.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub history: Option<HistoryUse>,
     pub text: String,
 }
 
@@ -278,6 +282,9 @@ pub struct RunReport {
     /// ([`critical::measured_path`]).
     pub critical_path_measured: PathReport,
     pub cache: CacheStats,
+    /// Background compressions that started, finished or failed during the run.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<HistoryEvent>,
     #[serde(skip)]
     pub timeline: Timeline,
     #[serde(skip)]
@@ -297,6 +304,8 @@ pub struct Runner {
     policies: Arc<dyn PolicyProvider>,
     latencies: Arc<LatencyModel>,
     limits: RunLimits,
+    /// Compressed conversations, shared by every run (and pinned copy) of this runner.
+    history: Arc<HistoryCache>,
 }
 
 impl Runner {
@@ -306,7 +315,13 @@ impl Runner {
             policies,
             latencies: Arc::new(LatencyModel::default()),
             limits: RunLimits::default(),
+            history: HistoryCache::new(),
         }
+    }
+
+    /// The conversation memory of this runner's nodes.
+    pub fn history(&self) -> &Arc<HistoryCache> {
+        &self.history
     }
 
     /// The same runner with other bounds per run.
@@ -332,6 +347,7 @@ impl Runner {
             policies,
             latencies: self.latencies.clone(),
             limits: self.limits,
+            history: self.history.clone(),
         }
     }
 
@@ -404,6 +420,7 @@ impl Runner {
         self.check(pipeline)?;
         self.check_capabilities(pipeline, request.mode)?;
         let estimated = self.estimate(pipeline, &request);
+        let history_from = self.history.mark();
         let timeline = Timeline::new(pipeline.nodes.iter().map(|n| n.id.clone()).collect());
         let n = pipeline.nodes.len();
         let priorities: Vec<Priority> = (0..n)
@@ -485,6 +502,7 @@ impl Runner {
                 text: String::new(),
                 tokens: 0,
                 first_token: None,
+                history_seq: pipeline.nodes[i].history.as_ref().map(|_| None),
             };
             let span = tracing::debug_span!("node", id = %pipeline.nodes[i].id);
             nodes.push(
@@ -532,6 +550,12 @@ impl Runner {
             critical_path_measured: path_report(&measured),
             measured_lanes: measured.nodes.iter().map(|i| i.0).collect(),
             cache,
+            history: self
+                .history
+                .events()
+                .into_iter()
+                .filter(|e| e.seq > history_from)
+                .collect(),
             nodes: reports,
             timeline,
         })
@@ -603,6 +627,9 @@ struct Emitter<'r> {
     text: String,
     tokens: u32,
     first_token: Option<Duration>,
+    /// The node keeps a conversation budget: its first token takes a number in the
+    /// memory's order of events (so tests see it did not wait for a compression).
+    history_seq: Option<Option<u64>>,
 }
 
 impl Emitter<'_> {
@@ -618,6 +645,9 @@ impl Emitter<'_> {
         if self.first_token.is_none() {
             let now = self.ctx.timeline.now();
             self.first_token = Some(now);
+            if let Some(seq) = self.history_seq.as_mut() {
+                *seq = Some(self.ctx.runner.history.mark());
+            }
             self.ctx
                 .timeline
                 .record_at(now, self.node.0, EventKind::FirstToken);
@@ -742,8 +772,24 @@ impl<'r> RunCtx<'r> {
     ) -> Result<NodeReport, RunError> {
         let node = self.pipeline.node(ix);
         let policy_error = self.policy_error(ix);
-        let conversation = self.request.conversation.clone();
         let mode = self.request.mode;
+        // A long conversation: the compressed form when one is ready, else the full one
+        // (its compression starts in the background, for the next turn). Never waits.
+        let (conversation, history) = match &node.history {
+            Some(policy) => {
+                let models = self.runner.models.clone();
+                let count: TokenCount = Arc::new(move |text: &str| models.count_tokens(text));
+                let (conversation, used) = self.runner.history.prepare(
+                    &policy.compressor,
+                    policy.budget_tokens,
+                    &self.request.conversation,
+                    &count,
+                    &self.runner.policies,
+                );
+                (conversation, Some(used))
+            }
+            None => (self.request.conversation.clone(), None),
+        };
         match node.kind {
             NodeKind::Compressor { budget_tokens } => {
                 let compressor = self
@@ -760,8 +806,14 @@ impl<'r> RunCtx<'r> {
                     .map_err(&policy_error)?;
                 let sampling = node.params.apply(role.params().map_err(&policy_error)?);
                 let session = RoleSession::new(role, conversation, self.sources(ix), mode);
-                self.run_stepped(ix, Box::new(session), sampling, inputs, emitter, waker)
-                    .await
+                let mut report = self
+                    .run_stepped(ix, Box::new(session), sampling, inputs, emitter, waker)
+                    .await?;
+                report.history = history.map(|used| HistoryUse {
+                    first_token_seq: report.history.take().and_then(|h| h.first_token_seq),
+                    ..used
+                });
+                Ok(report)
             }
             NodeKind::Aggregator => {
                 let session = self
@@ -769,8 +821,14 @@ impl<'r> RunCtx<'r> {
                     .aggregator(&node.plugin, &conversation, &self.sources(ix), mode)
                     .map_err(&policy_error)?;
                 let sampling = node.params.apply(SamplingParams::default());
-                self.run_stepped(ix, session, sampling, inputs, emitter, waker)
-                    .await
+                let mut report = self
+                    .run_stepped(ix, session, sampling, inputs, emitter, waker)
+                    .await?;
+                report.history = history.map(|used| HistoryUse {
+                    first_token_seq: report.history.take().and_then(|h| h.first_token_seq),
+                    ..used
+                });
+                Ok(report)
             }
         }
     }
@@ -1138,6 +1196,12 @@ impl<'r> RunCtx<'r> {
             cancelled,
         });
         report.first_token_ms = emitter.first_token;
+        if let Some(seq) = emitter.history_seq {
+            report.history = Some(HistoryUse {
+                first_token_seq: seq,
+                ..HistoryUse::default()
+            });
+        }
         report.finished_ms = report.started_ms.map(|_| end);
         report.output_tokens = emitter.tokens;
         report.cancelled = cancelled;

@@ -258,8 +258,19 @@ pub struct Node {
     pub expected_tokens: Option<u32>,
     /// Settings passed to the node's plugin.
     pub config: PluginConfig,
+    /// How the node keeps a long conversation within budget (`history_compressor`,
+    /// `history_tokens`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub history: Option<HistoryPolicy>,
     #[serde(skip)]
     lines: NodeLines,
+}
+
+/// A node's conversation budget and the compressor that keeps it, in the background.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct HistoryPolicy {
+    pub compressor: String,
+    pub budget_tokens: u32,
 }
 
 /// Where a node's fields are, for errors found after parsing.
@@ -332,6 +343,8 @@ struct RawNode {
     router: Option<Spanned<String>>,
     models: Option<Vec<String>>,
     route_tokens: Option<u32>,
+    history_compressor: Option<String>,
+    history_tokens: Option<u32>,
     #[serde(default)]
     inputs: Vec<Spanned<String>>,
     stream: Option<RawStream>,
@@ -597,6 +610,14 @@ impl Pipeline {
                     }
                 }
             }
+            if let Some(history) = &node.history {
+                check_plugin(
+                    node,
+                    &history.compressor,
+                    PluginKind::Compressor,
+                    node.lines.node,
+                )?;
+            }
         }
         Ok(())
     }
@@ -774,6 +795,27 @@ fn build_node(
         return Err(bad(node_line, "`route_tokens` needs a `router`".into()));
     }
 
+    let history = match (&raw.history_compressor, raw.history_tokens) {
+        (None, None) => None,
+        (Some(compressor), Some(budget_tokens)) if !matches!(kind, NodeKind::Compressor { .. }) => {
+            Some(HistoryPolicy {
+                compressor: compressor.clone(),
+                budget_tokens,
+            })
+        }
+        (Some(_), Some(_)) => {
+            return Err(bad(
+                node_line,
+                "a compressor node has no conversation to keep short".into(),
+            ));
+        }
+        _ => {
+            return Err(bad(
+                node_line,
+                "give `history_compressor` and `history_tokens` together".into(),
+            ));
+        }
+    };
     let node_stream = match &raw.stream {
         Some(stream) => stream_policy(stream, lines)?,
         None => default_stream.clone(),
@@ -829,6 +871,7 @@ fn build_node(
         },
         expected_tokens: raw.expected_tokens,
         config: raw.config.clone(),
+        history,
         lines: NodeLines {
             node: node_line,
             plugin: Some(lines.of(plugin)),
