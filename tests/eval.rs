@@ -8,7 +8,7 @@ use std::process::Command;
 use staircase::eval::Quality;
 use staircase::eval::runner::pipeline_hit_limit;
 use staircase::pipeline::RunRequest;
-use staircase::pipeline::policy::StreamMode;
+use staircase::policy::StreamMode;
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("staircase-eval-{}", std::process::id()));

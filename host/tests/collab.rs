@@ -10,10 +10,10 @@ use staircase::engine::local::{LocalEngine, LocalEngineConfig, default_threads};
 use staircase::engine::{
     Engine, EngineError, GenerationRequest, GenerationStream, ModelInfo, Prompt, TokenCounter,
 };
-use staircase::pipeline::policy::StreamMode;
 use staircase::pipeline::{Models, Pipeline, RunRequest, Runner};
 use staircase::plugin::builtin::{guest_artifact, guest_manifest};
 use staircase::plugin::{HostConfig, PluginRuntime, Registry};
+use staircase::policy::StreamMode;
 
 /// Forwards to a real engine and keeps every prompt it was given (to check what a model
 /// was asked to continue).

@@ -12,10 +12,10 @@ use staircase::engine::{
     TokenCounter,
 };
 use staircase::pipeline::history::HistoryEventKind;
-use staircase::pipeline::policy::StreamMode;
 use staircase::pipeline::{Models, Pipeline, RunRequest, Runner};
 use staircase::plugin::builtin::{guest_artifact, guest_manifest};
 use staircase::plugin::{Capability, HostConfig, PluginRuntime, Registry};
+use staircase::policy::StreamMode;
 
 /// Forwards to the real engine and keeps every prompt it was given.
 struct Recording {

@@ -12,14 +12,14 @@ use staircase::engine::{
     GenerationRequest, GenerationStream, ModelInfo, Priority, Prompt, Role, SamplingParams,
     Timings, TokenCount, TokenCounter, TokenId, Usage,
 };
-use staircase::pipeline::policy::{
-    AggregatorSession, CompressorPolicy, Demand, PluginConfig, PluginKind, PolicyError,
-    PolicyProvider, RoleInput, RolePolicy, RouteChoice, RouteRequest, RouterPolicy, Source, Step,
-    StreamMode,
-};
 use staircase::pipeline::runtime::CRITICAL_PRIORITY;
 use staircase::pipeline::{
     Models, Pipeline, RunBound, RunError, RunEvent, RunLimits, RunRequest, Runner,
+};
+use staircase::policy::{
+    AggregatorSession, CompressorPolicy, Demand, PluginConfig, PluginKind, PolicyError,
+    PolicyProvider, RoleInput, RolePolicy, RouteChoice, RouteRequest, RouterPolicy, Source, Step,
+    StreamMode,
 };
 use staircase::trace::{chrome::ChromeTrace, svg};
 use tokio::sync::mpsc;

@@ -10,12 +10,12 @@ use std::sync::mpsc::Receiver;
 use std::time::Duration;
 
 use staircase::engine::{ChatMessage, Role};
-use staircase::pipeline::policy::{
-    Demand, PluginKind, PolicyProvider, RoleInput, RouteRequest, Source, StreamMode, UpstreamOutput,
-};
 use staircase::plugin::builtin::{guest_artifact, guest_manifest};
 use staircase::plugin::{
     Capability, HostConfig, Manifest, PluginError, PluginRuntime, Registry, RegistryEvent,
+};
+use staircase::policy::{
+    Demand, PluginKind, PolicyProvider, RoleInput, RouteRequest, Source, StreamMode, UpstreamOutput,
 };
 
 /// Waiting for a file event longer than this means the watcher is broken (a bound on a

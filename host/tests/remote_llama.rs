@@ -17,9 +17,9 @@ use staircase::engine::{
     ChatMessage, Engine, EngineError, GenerationEvent, GenerationRequest, Prompt, Role,
 };
 use staircase::pipeline::examples::BUILTIN;
-use staircase::pipeline::policy::StreamMode;
 use staircase::pipeline::{Models, RunRequest, Runner};
 use staircase::plugin::{HostConfig, PluginRuntime, Registry};
+use staircase::policy::StreamMode;
 use staircase::routing::{BreakerConfig, BreakerState, PolicyConfig};
 
 /// One test at a time: each starts one or two servers, and more would crowd the machine.

@@ -12,13 +12,13 @@ use serde::Serialize;
 
 use crate::engine::ChatMessage;
 use crate::pipeline::Pipeline;
-use crate::pipeline::policy::{
-    AggregatorSession, CompressorPolicy, PluginConfig, PluginKind, PolicyError, PolicyProvider,
-    RolePolicy, RouterPolicy, Source, StreamMode,
-};
 use crate::plugin::{
     AggregatorInstance, CompressorInstance, LoadedPlugin, PluginError, Registry, RoleInstance,
     RouterInstance,
+};
+use crate::policy::{
+    AggregatorSession, CompressorPolicy, PluginConfig, PluginKind, PolicyError, PolicyProvider,
+    RolePolicy, RouterPolicy, Source, StreamMode,
 };
 
 /// A plugin version a run used, for reports.

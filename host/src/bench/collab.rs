@@ -15,9 +15,9 @@ use super::{BenchError, median};
 use crate::engine::Engine;
 use crate::engine::local::{LocalEngine, LocalEngineConfig};
 use crate::eval::metrics::{token_f1, words};
-use crate::pipeline::policy::StreamMode;
 use crate::pipeline::{Models, Pipeline, RunRequest, Runner};
 use crate::plugin::{HostConfig, PluginRuntime, Registry};
+use crate::policy::StreamMode;
 
 /// Prompts of the default set: short explanations and instructions, the kind of request a
 /// small model mostly gets right.
@@ -125,8 +125,8 @@ fn pipeline(model: &str, config: &CollabBenchConfig) -> Result<Pipeline, BenchEr
     Ok(Pipeline::parse(&text, "bench-collab")?)
 }
 
-fn load(path: &PathBuf, threads: Option<usize>) -> Result<Arc<dyn Engine>, BenchError> {
-    let mut config = LocalEngineConfig::new(path.clone());
+fn load(path: &std::path::Path, threads: Option<usize>) -> Result<Arc<dyn Engine>, BenchError> {
+    let mut config = LocalEngineConfig::new(path);
     config.threads = threads;
     Ok(Arc::new(LocalEngine::load(config)?))
 }

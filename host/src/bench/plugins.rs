@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::engine::{ChatMessage, Role};
-use crate::pipeline::policy::{Source, StreamMode};
 use crate::plugin::{
     AggregatorInstance, HostConfig, LoadedPlugin, Manifest, PluginError, PluginRuntime, Registry,
     RegistryEvent, builtin, manifest_path, read_manifest,
 };
+use crate::policy::{Source, StreamMode};
 
 /// The aggregator measured: the built-in one pipelines use.
 const AGGREGATOR: &str = "moa-aggregator";

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 
 use crate::eval::{self, EvalOptions, Variant};
-use crate::pipeline::policy::StreamMode;
 use crate::pipeline::stream::ChunkSchedule;
+use crate::policy::StreamMode;
 
 /// Arguments of `staircase eval`.
 #[derive(Debug, clap::Args)]
@@ -73,8 +73,9 @@ fn variant(app: &crate::app::App, spec: &str) -> anyhow::Result<Variant> {
     let (Some(name), Some(mode)) = (parts.next(), parts.next()) else {
         anyhow::bail!("variant `{spec}`: expected PIPELINE:MODE[:SIZES] or `single`");
     };
-    let mode = <StreamMode as clap::ValueEnum>::from_str(mode, true)
-        .map_err(|_| anyhow::anyhow!("variant `{spec}`: mode must be staircase or layered"))?;
+    let mode: StreamMode = mode
+        .parse()
+        .map_err(|e| anyhow::anyhow!("variant `{spec}`: {e}"))?;
     let pipeline = super::run::pipeline_of(app, name, None)?;
     let sizes = parts.next().map(schedule).transpose()?;
     Ok(Variant::pipeline(pipeline, mode, sizes.as_ref()))

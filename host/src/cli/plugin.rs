@@ -66,7 +66,7 @@ fn check(
     let m = &loaded.manifest;
     let capabilities: Vec<String> = m.capabilities.iter().map(|c| c.to_string()).collect();
     println!("plugin        {} {}", m.name, m.version);
-    println!("kind          {}", crate::plugin::kind_name(m.kind));
+    println!("kind          {}", m.kind.name());
     println!("sha256        {}", loaded.sha256);
     println!("exports       {}", exports.join(", "));
     println!("imports       {}", imports.join(", "));
@@ -119,7 +119,7 @@ fn list(mut dirs: Vec<PathBuf>) -> anyhow::Result<()> {
             "{:<24} {:<10} {:<11} {source}",
             plugin.name,
             plugin.version,
-            crate::plugin::kind_name(plugin.kind)
+            plugin.kind.name()
         );
     }
     for (path, error) in &rejected {

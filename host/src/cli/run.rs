@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio::sync::mpsc;
 
-use crate::pipeline::policy::StreamMode;
 use crate::pipeline::{self, NodeIndex, Pipeline, RunEvent, RunReport, RunRequest, Runner};
+use crate::policy::StreamMode;
 
 /// Arguments of `staircase run`.
 #[derive(Debug, clap::Args)]
@@ -24,7 +24,7 @@ pub struct Args {
     pipeline: String,
     /// `staircase`: aggregators start on their inputs' first chunks; `layered`: they wait
     /// for complete inputs (the classic Mixture-of-Agents).
-    #[arg(long, value_enum, default_value_t = StreamMode::Staircase)]
+    #[arg(long, default_value_t = StreamMode::Staircase)]
     mode: StreamMode,
     /// Write the run's timeline as Chrome trace JSON (open in Perfetto, or draw it with
     /// `staircase trace render`).
@@ -87,8 +87,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     )?
     .build()?;
     let pipeline = pipeline_of(&app, &args.pipeline, args.max_tokens)?;
+    // The run checks the pipeline's plugins and models before any node starts.
     let runner = app.runner();
-    runner.check(&pipeline)?;
     let view = if args.json {
         View::Quiet
     } else if std::io::stdout().is_terminal() {
@@ -255,6 +255,7 @@ impl Live {
                 line.finished = Some(Instant::now());
                 line.cancelled = *cancelled;
             }
+            _ => {}
         }
     }
 

@@ -17,9 +17,9 @@ use super::stats::{Tally, TallySummary};
 use crate::engine::{
     ChatMessage, Engine, EngineError, FinishReason, GenerationEvent, GenerationRequest, Role,
 };
-use crate::pipeline::policy::StreamMode;
 use crate::pipeline::stream::ChunkSchedule;
 use crate::pipeline::{Pipeline, RunError, RunRequest, Runner};
+use crate::policy::StreamMode;
 
 /// Seed shift of the noise-floor run: any non-zero value gives other proposals.
 pub const NOISE_SEED_OFFSET: u64 = 1000;

@@ -16,12 +16,12 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::policy::StreamMode;
 use super::runtime::{RunError, RunReport, RunRequest, Runner};
 use super::spec::Pipeline;
 use crate::engine::{Engine, FinishReason};
 use crate::eval::metrics::{self, Quality};
 use crate::eval::runner::{pipeline_hit_limit, single_answer};
+use crate::policy::StreamMode;
 use crate::trace::EventKind;
 use crate::trace::chrome::ChromeTrace;
 

@@ -12,12 +12,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::policy::{
+use crate::engine::{ChatMessage, SamplingParams};
+use crate::policy::{
     AggregatorSession, CompressorPolicy, Demand, PluginConfig, PluginKind, PolicyError,
     PolicyProvider, RoleInput, RolePolicy, RouteChoice, RouteRequest, RouterPolicy, Source, Step,
     StreamMode,
 };
-use crate::engine::{ChatMessage, SamplingParams};
 
 /// Time a run's plugins may spend in calls, all together. The built-in policies spend a
 /// few milliseconds per run; a compressor that calls a model spends the generation's time

@@ -58,8 +58,8 @@ pub fn load(file_or_name: &str) -> Result<Pipeline, SpecError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::policy::PluginKind;
     use crate::pipeline::spec::{DEFAULT_MODEL, NodeKind};
+    use crate::policy::PluginKind;
 
     fn kinds(plugin: &str) -> Option<PluginKind> {
         match plugin {

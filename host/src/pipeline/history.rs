@@ -17,8 +17,8 @@ use std::time::Duration;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use super::policy::PolicyProvider;
 use crate::engine::{ChatMessage, Role};
+use crate::policy::PolicyProvider;
 
 /// Compressions kept; beyond it the oldest finished ones go (a server's sessions come and
 /// go, and a compressed history is worth one later turn).

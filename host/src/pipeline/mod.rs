@@ -2,16 +2,19 @@
 //!
 //! `spec` reads and validates pipeline files, `examples` embeds the shipped ones, `stream`
 //! cuts outputs into chunks per edge, `critical` computes critical paths, `runtime` runs a
-//! pipeline on engines and policies, `role_session` drives agents that read other nodes,
-//! `budget` bounds a run whatever its plugins do, `bench` compares single-model, layered and staircase runs. `policy` holds the traits the
-//! plugin host implements; nothing here touches wasmtime or llama.cpp directly.
+//! pipeline on engines and policies, `record` keeps a run's one event stream and `report`
+//! derives a finished run's figures from it, `role_session` drives agents that read other
+//! nodes, `budget` bounds a run whatever its plugins do, `bench` compares single-model,
+//! layered and staircase runs. Policies come in through the traits of [`crate::policy`], which
+//! the plugin host implements; nothing here touches wasmtime or llama.cpp directly.
 
 pub mod bench;
 pub mod budget;
 pub mod critical;
 pub mod examples;
 pub mod history;
-pub mod policy;
+pub mod record;
+pub mod report;
 pub mod role_session;
 pub mod runtime;
 pub mod spec;
@@ -19,5 +22,7 @@ pub mod stream;
 
 pub use budget::{RunBound, RunLimits};
 pub use examples::{DEFAULT_PIPELINE, load};
-pub use runtime::{Models, RunError, RunEvent, RunReport, RunRequest, Runner};
+pub use record::{Recorded, Recorder, RunEvent};
+pub use report::RunReport;
+pub use runtime::{Models, RunError, RunRequest, Runner};
 pub use spec::{NodeIndex, Pipeline, SpecError, SpecErrorKind};

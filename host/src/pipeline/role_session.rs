@@ -7,11 +7,11 @@
 //! once every input is complete; in layered mode it writes once, on complete inputs. The
 //! role plugin still decides the prompt (`build_messages`) at every step.
 
-use super::policy::{
+use crate::engine::ChatMessage;
+use crate::policy::{
     AggregatorSession, Demand, PolicyError, RoleInput, RolePolicy, Source, Step, StreamMode,
     UpstreamOutput,
 };
-use crate::engine::ChatMessage;
 
 /// Tokens an agent writes per step while its inputs still stream: about one small input
 /// chunk's worth, so it keeps pace with its inputs without running ahead on too little.

@@ -8,8 +8,8 @@
 //! asked for its next step whenever the node is idle, and each step continues the node's own
 //! partial answer on the engine (so the prefix cache serves the stable part of the prompt).
 //! A consumer that has enough of a source releases it; a node nobody reads any more stops.
-//! Critical-path nodes get a higher engine priority. Everything that happens is recorded on
-//! a [`Timeline`]. This module must not touch wasmtime or llama.cpp: it sees only the
+//! Critical-path nodes get a higher engine priority. Everything that happens is recorded once,
+//! on the run's [`Recorder`]; the report, the timeline and live views derive from it. This module must not touch wasmtime or llama.cpp: it sees only the
 //! `Engine` and policy traits.
 
 use std::collections::BTreeMap;
@@ -18,17 +18,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::future::try_join_all;
-use serde::Serialize;
 use tokio::sync::{Notify, mpsc};
 use tracing::Instrument;
 
 use super::budget::{MeteredProvider, RunBound, RunBudget, RunLimits};
 use super::critical::{self, CriticalPath, LatencyModel};
-use super::history::{HistoryCache, HistoryEvent, HistoryUse, TokenCount};
-use super::policy::{
-    AggregatorSession, CompressorPolicy, Demand, PolicyError, PolicyProvider, RouteChoice,
-    RouteRequest, RouterPolicy, Source, StreamMode,
-};
+use super::history::{HistoryCache, TokenCount};
+use super::record::{NodeInfo, Recorder, RunEvent};
 use super::role_session::RoleSession;
 use super::spec::{DEFAULT_MODEL, ModelBinding, NodeIndex, NodeKind, Pipeline, SpecError};
 use super::stream::{Chunk, Chunker};
@@ -36,9 +32,13 @@ use crate::engine::{
     Capability, ChatMessage, Confidence, Engine, EngineError, FinishReason, GenerationEvent,
     GenerationRequest, GenerationStream, MeasureConfidence, Priority, Prompt, Role, SamplingParams,
 };
+use crate::policy::{
+    AggregatorSession, CompressorPolicy, Demand, PolicyError, PolicyProvider, RouteChoice,
+    RouteRequest, RouterPolicy, Source, StreamMode,
+};
+// Re-exported where callers found it before the report had its own room.
+pub use super::report::RunReport;
 use crate::speculate::{DraftFeed, SpeculationStats};
-use crate::trace::chrome::ChromeTrace;
-use crate::trace::{EventKind, Timeline};
 
 /// Engine priority of nodes on the estimated critical path; others keep the default (0), so
 /// when the engine has more sequences than room, the chain that bounds the run goes first.
@@ -130,84 +130,6 @@ impl RunRequest {
     }
 }
 
-/// Live progress, for views and servers.
-#[derive(Clone, Debug, PartialEq)]
-pub enum RunEvent {
-    NodeStarted {
-        node: NodeIndex,
-    },
-    /// Text a node generated. Deltas of [`Pipeline::output`] are the answer.
-    NodeDelta {
-        node: NodeIndex,
-        text: String,
-        tokens: u32,
-    },
-    NodeFinished {
-        node: NodeIndex,
-        cancelled: bool,
-    },
-}
-
-fn ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_f64(d.as_secs_f64() * 1e3)
-}
-
-fn ms_opt<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-    match d {
-        Some(d) => s.serialize_some(&(d.as_secs_f64() * 1e3)),
-        None => s.serialize_none(),
-    }
-}
-
-/// What one node did; times are since the run began, in milliseconds when serialized.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct NodeReport {
-    pub id: String,
-    pub kind: &'static str,
-    #[serde(serialize_with = "ms_opt")]
-    pub started_ms: Option<Duration>,
-    #[serde(serialize_with = "ms_opt")]
-    pub first_token_ms: Option<Duration>,
-    #[serde(serialize_with = "ms_opt")]
-    pub finished_ms: Option<Duration>,
-    pub output_tokens: u32,
-    pub prompt_tokens: u32,
-    pub cached_prompt_tokens: u32,
-    /// Engine requests (aggregator steps).
-    pub steps: u32,
-    /// Stopped early because nobody read it any more.
-    pub cancelled: bool,
-    /// Speculative decoding over all of the node's requests, when the engine reports it.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub speculation: Option<SpeculationStats>,
-    /// A routed node's engine requests: the model of each and why.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub routes: Vec<RoutedStep>,
-    /// What the conversation memory did for a node with a history budget.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub history: Option<HistoryUse>,
-    pub text: String,
-}
-
-/// One engine request of a routed node: where the router sent it and why.
-#[derive(Clone, Debug, Serialize)]
-pub struct RoutedStep {
-    /// The node's engine request number (as in the timeline's steps).
-    pub step: u32,
-    #[serde(serialize_with = "ms")]
-    pub started_ms: Duration,
-    /// Tokens of the answer before this step (the prefix the model continued).
-    pub answer_tokens: u32,
-    pub tokens: u32,
-    pub prompt_tokens: u32,
-    pub cached_prompt_tokens: u32,
-    /// How sure the model was of this step's tokens, when its engine reports it.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub confidence: Option<Confidence>,
-    pub model: String,
-    pub reason: String,
-}
-
 /// What a routed node tells its router about the next step.
 #[derive(Default)]
 struct StepFeatures {
@@ -232,69 +154,6 @@ impl StepFeatures {
             .rev()
             .find(|m| m.role == Role::User)
             .map_or_else(String::new, |m| m.content.clone());
-    }
-}
-
-/// A critical path by node id.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct PathReport {
-    pub nodes: Vec<String>,
-    #[serde(serialize_with = "ms")]
-    pub length_ms: Duration,
-}
-
-/// Prompt tokens, and how many the prefix cache served.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct CacheStats {
-    pub prompt_tokens: u32,
-    pub cached_prompt_tokens: u32,
-    pub aggregator_prompt_tokens: u32,
-    pub aggregator_cached_prompt_tokens: u32,
-}
-
-impl CacheStats {
-    /// Share of aggregator prompt tokens served from the prefix cache.
-    pub fn aggregator_hit_rate(&self) -> f64 {
-        if self.aggregator_prompt_tokens == 0 {
-            0.0
-        } else {
-            f64::from(self.aggregator_cached_prompt_tokens)
-                / f64::from(self.aggregator_prompt_tokens)
-        }
-    }
-}
-
-/// Everything a finished run measured.
-#[derive(Debug, Serialize)]
-pub struct RunReport {
-    pub pipeline: String,
-    pub mode: StreamMode,
-    pub answer: String,
-    /// From the start of the run to the first answer token.
-    #[serde(serialize_with = "ms_opt")]
-    pub ttft_ms: Option<Duration>,
-    #[serde(serialize_with = "ms")]
-    pub total_ms: Duration,
-    pub nodes: Vec<NodeReport>,
-    /// Before the run, from estimated costs.
-    pub critical_path_estimated: PathReport,
-    /// After the run: the chain of dependencies that held the answer up
-    /// ([`critical::measured_path`]).
-    pub critical_path_measured: PathReport,
-    pub cache: CacheStats,
-    /// Background compressions that started, finished or failed during the run.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub history: Vec<HistoryEvent>,
-    #[serde(skip)]
-    pub timeline: Timeline,
-    #[serde(skip)]
-    measured_lanes: Vec<usize>,
-}
-
-impl RunReport {
-    /// The run as a Chrome trace, the measured critical path marked.
-    pub fn trace(&self) -> ChromeTrace {
-        ChromeTrace::from_timeline(&self.timeline, &self.measured_lanes)
     }
 }
 
@@ -417,12 +276,42 @@ impl Runner {
         request: RunRequest,
         events: Option<mpsc::UnboundedSender<RunEvent>>,
     ) -> Result<RunReport, RunError> {
+        let recorder = Recorder::new();
+        if let Some(events) = events {
+            recorder.forward(events);
+        }
+        self.run_recorded(pipeline, request, &recorder).await
+    }
+
+    /// Runs `pipeline` on `request`, recording every event on `recorder` (whose subscribers
+    /// watch it live); the report is derived from those events. The caller closes the
+    /// recorder when it is done with the outcome.
+    pub async fn run_recorded(
+        &self,
+        pipeline: &Pipeline,
+        request: RunRequest,
+        recorder: &Recorder,
+    ) -> Result<RunReport, RunError> {
         self.check(pipeline)?;
         self.check_capabilities(pipeline, request.mode)?;
         let estimated = self.estimate(pipeline, &request);
         let history_from = self.history.mark();
-        let timeline = Timeline::new(pipeline.nodes.iter().map(|n| n.id.clone()).collect());
         let n = pipeline.nodes.len();
+        recorder.record(RunEvent::RunStarted {
+            pipeline: pipeline.name.clone(),
+            mode: request.mode,
+            nodes: pipeline
+                .nodes
+                .iter()
+                .map(|node| NodeInfo {
+                    id: node.id.clone(),
+                    kind: node.kind.name(),
+                    inputs: node.inputs.iter().map(|e| e.from).collect(),
+                })
+                .collect(),
+            output: pipeline.output,
+            critical_estimated: estimated.nodes.clone(),
+        });
         let priorities: Vec<Priority> = (0..n)
             .map(|i| {
                 if estimated.contains(NodeIndex(i)) {
@@ -436,8 +325,7 @@ impl Runner {
             runner: self,
             pipeline,
             request: &request,
-            timeline: &timeline,
-            events: events.as_ref(),
+            recorder,
             priorities,
             run_id: NEXT_RUN_ID.fetch_add(1, Ordering::Relaxed),
             policies: MeteredProvider::new(self.policies.clone(), RunBudget::new(self.limits)),
@@ -473,7 +361,7 @@ impl Runner {
                 .filter_map(|(consumer, slot)| {
                     let tx = senders[consumer.0].clone()?;
                     Some(OutEdge {
-                        to: pipeline.node(consumer).id.clone(),
+                        to: consumer,
                         slot,
                         tx,
                         chunker: Chunker::new(
@@ -499,9 +387,7 @@ impl Runner {
                 node: ix,
                 edges,
                 is_output: ix == pipeline.output,
-                text: String::new(),
                 tokens: 0,
-                first_token: None,
                 history_seq: pipeline.nodes[i].history.as_ref().map(|_| None),
             };
             let span = tracing::debug_span!("node", id = %pipeline.nodes[i].id);
@@ -513,52 +399,18 @@ impl Runner {
         // Only producers hold inbox senders now, so an inbox closes when its producers end.
         drop(senders);
 
-        let reports = try_join_all(nodes).await?;
-        let total = timeline.now();
-
-        let spans: Vec<_> = reports
-            .iter()
-            .map(|r| r.started_ms.zip(r.finished_ms))
+        try_join_all(nodes).await?;
+        let total = recorder.now();
+        let mut report =
+            RunReport::from_events(pipeline, request.mode, &estimated, recorder.events(), total);
+        // Background compressions that started or ended while the run went.
+        report.history = self
+            .history
+            .events()
+            .into_iter()
+            .filter(|e| e.seq > history_from)
             .collect();
-        let measured =
-            critical::measured_path(&spans, &critical::inputs_of(pipeline), pipeline.output);
-        let path_report = |path: &CriticalPath| PathReport {
-            nodes: path
-                .nodes
-                .iter()
-                .map(|&i| pipeline.node(i).id.clone())
-                .collect(),
-            length_ms: path.length,
-        };
-        let mut cache = CacheStats::default();
-        for (node, report) in pipeline.nodes.iter().zip(&reports) {
-            cache.prompt_tokens += report.prompt_tokens;
-            cache.cached_prompt_tokens += report.cached_prompt_tokens;
-            if node.kind == NodeKind::Aggregator {
-                cache.aggregator_prompt_tokens += report.prompt_tokens;
-                cache.aggregator_cached_prompt_tokens += report.cached_prompt_tokens;
-            }
-        }
-        let output = &reports[pipeline.output.0];
-        Ok(RunReport {
-            pipeline: pipeline.name.clone(),
-            mode: request.mode,
-            answer: output.text.clone(),
-            ttft_ms: output.first_token_ms,
-            total_ms: total,
-            critical_path_estimated: path_report(&estimated),
-            critical_path_measured: path_report(&measured),
-            measured_lanes: measured.nodes.iter().map(|i| i.0).collect(),
-            cache,
-            history: self
-                .history
-                .events()
-                .into_iter()
-                .filter(|e| e.seq > history_from)
-                .collect(),
-            nodes: reports,
-            timeline,
-        })
+        Ok(report)
     }
 }
 
@@ -605,7 +457,7 @@ impl InputSide {
 
 /// One outgoing edge.
 struct OutEdge {
-    to: String,
+    to: NodeIndex,
     slot: usize,
     tx: mpsc::UnboundedSender<Inbound>,
     chunker: Chunker,
@@ -624,9 +476,8 @@ struct Emitter<'r> {
     node: NodeIndex,
     edges: Vec<OutEdge>,
     is_output: bool,
-    text: String,
+    /// Output so far, for the chunks' running totals.
     tokens: u32,
-    first_token: Option<Duration>,
     /// The node keeps a conversation budget: its first token takes a number in the
     /// memory's order of events (so tests see it did not wait for a compression).
     history_seq: Option<Option<u64>>,
@@ -642,19 +493,16 @@ impl Emitter<'_> {
         if text.is_empty() && tokens == 0 {
             return;
         }
-        if self.first_token.is_none() {
-            let now = self.ctx.timeline.now();
-            self.first_token = Some(now);
-            if let Some(seq) = self.history_seq.as_mut() {
-                *seq = Some(self.ctx.runner.history.mark());
-            }
-            self.ctx
-                .timeline
-                .record_at(now, self.node.0, EventKind::FirstToken);
+        if let Some(None) = self.history_seq {
+            let seq = self.ctx.runner.history.mark();
+            self.history_seq = Some(Some(seq));
+            self.ctx.recorder.record(RunEvent::HistoryFirstToken {
+                node: self.node,
+                seq,
+            });
         }
-        self.text.push_str(text);
         self.tokens += tokens;
-        self.ctx.send(RunEvent::NodeDelta {
+        self.ctx.recorder.record(RunEvent::NodeDelta {
             node: self.node,
             text: text.to_string(),
             tokens,
@@ -670,14 +518,12 @@ impl Emitter<'_> {
     }
 
     fn send_chunk(ctx: &RunCtx, node: NodeIndex, total: u32, edge: &OutEdge, chunk: Chunk) {
-        ctx.timeline.record(
-            node.0,
-            EventKind::Chunk {
-                to: edge.to.clone(),
-                tokens: chunk.tokens,
-                total_tokens: total,
-            },
-        );
+        ctx.recorder.record(RunEvent::ChunkHanded {
+            node,
+            to: edge.to,
+            tokens: chunk.tokens,
+            total_tokens: total,
+        });
         // A closed inbox means the consumer is done; nothing to deliver then.
         let _ = edge.tx.send(Inbound {
             slot: edge.slot,
@@ -713,8 +559,7 @@ struct RunCtx<'r> {
     runner: &'r Runner,
     pipeline: &'r Pipeline,
     request: &'r RunRequest,
-    timeline: &'r Timeline,
-    events: Option<&'r mpsc::UnboundedSender<RunEvent>>,
+    recorder: &'r Recorder,
     priorities: Vec<Priority>,
     /// Tells a replicated remote model which requests are one run's (see `routing`).
     run_id: u64,
@@ -726,13 +571,6 @@ struct RunCtx<'r> {
 static NEXT_RUN_ID: AtomicU64 = AtomicU64::new(0);
 
 impl<'r> RunCtx<'r> {
-    fn send(&self, event: RunEvent) {
-        if let Some(events) = self.events {
-            // A caller that stopped listening still gets the report.
-            let _ = events.send(event);
-        }
-    }
-
     /// A policy's failure as the run's error: the bound it went over, when it did.
     fn policy_error(&self, node: NodeIndex) -> impl Fn(PolicyError) -> RunError + '_ {
         move |source| {
@@ -769,13 +607,13 @@ impl<'r> RunCtx<'r> {
         inputs: InputSide,
         emitter: Emitter<'r>,
         waker: Arc<Notify>,
-    ) -> Result<NodeReport, RunError> {
+    ) -> Result<(), RunError> {
         let node = self.pipeline.node(ix);
         let policy_error = self.policy_error(ix);
         let mode = self.request.mode;
         // A long conversation: the compressed form when one is ready, else the full one
         // (its compression starts in the background, for the next turn). Never waits.
-        let (conversation, history) = match &node.history {
+        let conversation = match &node.history {
             Some(policy) => {
                 let models = self.runner.models.clone();
                 let count: TokenCount = Arc::new(move |text: &str| models.count_tokens(text));
@@ -786,9 +624,10 @@ impl<'r> RunCtx<'r> {
                     &count,
                     &self.runner.policies,
                 );
-                (conversation, Some(used))
+                self.recorder.record(RunEvent::History { node: ix, used });
+                conversation
             }
-            None => (self.request.conversation.clone(), None),
+            None => self.request.conversation.clone(),
         };
         match node.kind {
             NodeKind::Compressor { budget_tokens } => {
@@ -806,14 +645,8 @@ impl<'r> RunCtx<'r> {
                     .map_err(&policy_error)?;
                 let sampling = node.params.apply(role.params().map_err(&policy_error)?);
                 let session = RoleSession::new(role, conversation, self.sources(ix), mode);
-                let mut report = self
-                    .run_stepped(ix, Box::new(session), sampling, inputs, emitter, waker)
-                    .await?;
-                report.history = history.map(|used| HistoryUse {
-                    first_token_seq: report.history.take().and_then(|h| h.first_token_seq),
-                    ..used
-                });
-                Ok(report)
+                self.run_stepped(ix, Box::new(session), sampling, inputs, emitter, waker)
+                    .await
             }
             NodeKind::Aggregator => {
                 let session = self
@@ -821,14 +654,8 @@ impl<'r> RunCtx<'r> {
                     .aggregator(&node.plugin, &conversation, &self.sources(ix), mode)
                     .map_err(&policy_error)?;
                 let sampling = node.params.apply(SamplingParams::default());
-                let mut report = self
-                    .run_stepped(ix, session, sampling, inputs, emitter, waker)
-                    .await?;
-                report.history = history.map(|used| HistoryUse {
-                    first_token_seq: report.history.take().and_then(|h| h.first_token_seq),
-                    ..used
-                });
-                Ok(report)
+                self.run_stepped(ix, session, sampling, inputs, emitter, waker)
+                    .await
             }
         }
     }
@@ -889,7 +716,7 @@ impl<'r> RunCtx<'r> {
         mut inputs: InputSide,
         mut emitter: Emitter<'r>,
         waker: Arc<Notify>,
-    ) -> Result<NodeReport, RunError> {
+    ) -> Result<(), RunError> {
         let node = self.pipeline.node(ix);
         let policy_error = self.policy_error(ix);
         let mut router = match &node.model {
@@ -905,11 +732,8 @@ impl<'r> RunCtx<'r> {
         // The inputs' text, for the engine to draft from: an aggregator copies its proposers.
         let feed = (!sources.is_empty()).then(DraftFeed::new);
         let budget = sampling.max_tokens;
-        let mut report = NodeReport {
-            id: node.id.clone(),
-            kind: node.kind.name(),
-            ..NodeReport::default()
-        };
+        let mut started = false;
+        let mut steps = 0u32;
         let mut answer = String::new();
         let mut answer_tokens = 0u32;
         // A routed node asks its router before every engine request of at most this many
@@ -923,6 +747,20 @@ impl<'r> RunCtx<'r> {
             ..StepFeatures::default()
         };
 
+        // Ends input `slot` for the session (and the draft feed), once.
+        let close = |session: &mut Box<dyn AggregatorSession>,
+                     open: &mut [bool],
+                     slot: usize|
+         -> Result<(), RunError> {
+            if !std::mem::replace(&mut open[slot], false) {
+                return Ok(());
+            }
+            let id = &sources[slot].id;
+            if let Some(feed) = &feed {
+                feed.finish(id);
+            }
+            session.finish(id).map_err(&policy_error)
+        };
         // Applies one inbox event to the session (chunks in order, finishes, releases).
         let mut on_input = |session: &mut Box<dyn AggregatorSession>,
                             inputs: &mut InputSide,
@@ -930,45 +768,26 @@ impl<'r> RunCtx<'r> {
          -> Result<(), RunError> {
             let Some(Inbound { slot, event }) = input else {
                 // Every producer has ended: whatever is still open is finished.
-                for (slot, is_open) in open.iter_mut().enumerate() {
-                    if std::mem::replace(is_open, false) {
-                        if let Some(feed) = &feed {
-                            feed.finish(&sources[slot].id);
-                        }
-                        session.finish(&sources[slot].id).map_err(&policy_error)?;
-                    }
+                for slot in 0..sources.len() {
+                    close(session, &mut open, slot)?;
                 }
                 inputs.rx = None;
                 return Ok(());
             };
-            if !open[slot] {
-                return Ok(());
-            }
-            let id = &sources[slot].id;
             match event {
-                EdgeEvent::Chunk(chunk) => {
+                EdgeEvent::Chunk(chunk) if open[slot] => {
+                    let id = &sources[slot].id;
                     if let Some(feed) = &feed {
                         feed.push_text(id, &chunk.text);
                     }
-                    let demand = session
-                        .push(&sources[slot].id, &chunk.text)
-                        .map_err(&policy_error)?;
+                    let demand = session.push(id, &chunk.text).map_err(&policy_error)?;
                     if demand == Demand::Enough {
-                        open[slot] = false;
                         inputs.release(slot);
-                        if let Some(feed) = &feed {
-                            feed.finish(id);
-                        }
-                        session.finish(id).map_err(&policy_error)?;
+                        close(session, &mut open, slot)?;
                     }
                 }
-                EdgeEvent::Finished => {
-                    open[slot] = false;
-                    if let Some(feed) = &feed {
-                        feed.finish(id);
-                    }
-                    session.finish(id).map_err(&policy_error)?;
-                }
+                EdgeEvent::Chunk(_) => {}
+                EdgeEvent::Finished => close(session, &mut open, slot)?,
             }
             Ok(())
         };
@@ -993,7 +812,7 @@ impl<'r> RunCtx<'r> {
                         features.prompt(&step.messages, router.is_some(), self.runner);
                         let (engine, _) = self.engine_for(ix, &mut router, &features)?;
                         let request = self.step_request(ix, step.messages, &answer, 0, &sampling);
-                        let started = self.timeline.now();
+                        let started = self.recorder.now();
                         // A warm-up only saves work; the step after it reports real trouble.
                         match engine.submit(request) {
                             Ok(stream) => warming = Some((stream, started)),
@@ -1023,11 +842,8 @@ impl<'r> RunCtx<'r> {
                 continue;
             };
 
-            if report.started_ms.is_none() {
-                let now = self.timeline.now();
-                report.started_ms = Some(now);
-                self.timeline.record_at(now, ix.0, EventKind::Start);
-                self.send(RunEvent::NodeStarted { node: ix });
+            if !std::mem::replace(&mut started, true) {
+                self.recorder.record(RunEvent::NodeStarted { node: ix });
             }
             let remaining = budget.saturating_sub(answer_tokens);
             // A final step with `max_tokens` 0 runs to the node's budget; otherwise the policy
@@ -1043,7 +859,7 @@ impl<'r> RunCtx<'r> {
             }
             // The step extends the warm-up's prompt: let that land in the cache first.
             if let Some((stream, started)) = warming.take() {
-                self.finish_warm_up(ix, stream, started, &mut report).await;
+                self.finish_warm_up(ix, stream, started).await;
             }
             features.prompt(&step.messages, router.is_some(), self.runner);
             let mut step_left = max_tokens;
@@ -1059,7 +875,11 @@ impl<'r> RunCtx<'r> {
                 if choice.is_some() {
                     request.extensions.insert(MeasureConfidence);
                 }
-                let step_started = self.timeline.now();
+                let step_started = self.recorder.record(RunEvent::StepStarted {
+                    node: ix,
+                    index: steps,
+                    is_final: step.is_final && part == step_left,
+                });
                 let mut stream = engine.submit(request).map_err(engine_error)?;
                 let mut step_text = String::new();
                 let mut step_tokens = 0u32;
@@ -1096,21 +916,11 @@ impl<'r> RunCtx<'r> {
                                 // Dropping the stream cancels the engine sequence.
                                 drop(stream);
                                 cancelled = true;
-                                answer_tokens += step_tokens;
                                 break 'run;
                             }
                         }
                     }
                 };
-                report.steps += 1;
-                report.prompt_tokens += usage.prompt_tokens;
-                report.cached_prompt_tokens += usage.cached_prompt_tokens;
-                if let Some(stats) = extensions.get::<SpeculationStats>() {
-                    report
-                        .speculation
-                        .get_or_insert_with(SpeculationStats::default)
-                        .merge(stats);
-                }
                 answer.push_str(&step_text);
                 answer_tokens += step_tokens;
                 step_left = step_left.saturating_sub(step_tokens);
@@ -1120,17 +930,16 @@ impl<'r> RunCtx<'r> {
                     || reason == FinishReason::Stop
                     || step_left == 0
                     || answer_tokens >= budget;
-                self.timeline.record(
-                    ix.0,
-                    EventKind::Step {
-                        index: report.steps - 1,
-                        started: step_started,
-                        tokens: step_tokens,
-                        prompt_tokens: usage.prompt_tokens,
-                        cached_prompt_tokens: usage.cached_prompt_tokens,
-                        is_final: step.is_final && last,
-                    },
-                );
+                self.recorder.record(RunEvent::StepFinished {
+                    node: ix,
+                    index: steps,
+                    started: step_started,
+                    tokens: step_tokens,
+                    prompt_tokens: usage.prompt_tokens,
+                    cached_prompt_tokens: usage.cached_prompt_tokens,
+                    is_final: step.is_final && last,
+                    speculation: extensions.get::<SpeculationStats>().cloned(),
+                });
                 if let Some(choice) = choice {
                     let confidence = extensions.get::<Confidence>().copied();
                     tracing::debug!(
@@ -1140,20 +949,19 @@ impl<'r> RunCtx<'r> {
                         tokens = step_tokens,
                         "routed step"
                     );
-                    report.routes.push(RoutedStep {
-                        step: report.steps - 1,
-                        started_ms: step_started,
-                        answer_tokens: answer_tokens - step_tokens,
-                        tokens: step_tokens,
-                        prompt_tokens: usage.prompt_tokens,
-                        cached_prompt_tokens: usage.cached_prompt_tokens,
-                        confidence,
+                    self.recorder.record(RunEvent::StepRouted {
+                        node: ix,
+                        index: steps,
                         model: choice.model.clone(),
                         reason: choice.reason,
+                        answer_tokens: answer_tokens - step_tokens,
+                        tokens: step_tokens,
+                        confidence,
                     });
                     features.previous_model = Some(choice.model);
                     features.confidence = confidence;
                 }
+                steps += 1;
                 session.answered(&step_text).map_err(&policy_error)?;
                 if last {
                     break reason;
@@ -1171,42 +979,12 @@ impl<'r> RunCtx<'r> {
         }
 
         inputs.release_all();
-        let end = self.timeline.now();
-        if cancelled {
-            self.timeline.record_at(
-                end,
-                ix.0,
-                EventKind::Cancelled {
-                    reason: "no consumer reads it any more".into(),
-                    tokens: answer_tokens,
-                },
-            );
-        } else {
-            self.timeline.record_at(
-                end,
-                ix.0,
-                EventKind::End {
-                    tokens: answer_tokens,
-                },
-            );
-        }
         emitter.finish();
-        self.send(RunEvent::NodeFinished {
+        self.recorder.record(RunEvent::NodeFinished {
             node: ix,
             cancelled,
         });
-        report.first_token_ms = emitter.first_token;
-        if let Some(seq) = emitter.history_seq {
-            report.history = Some(HistoryUse {
-                first_token_seq: seq,
-                ..HistoryUse::default()
-            });
-        }
-        report.finished_ms = report.started_ms.map(|_| end);
-        report.output_tokens = emitter.tokens;
-        report.cancelled = cancelled;
-        report.text = std::mem::take(&mut emitter.text);
-        Ok(report)
+        Ok(())
     }
 
     /// The engine request of one step of node `ix`, continuing `answer`.
@@ -1238,27 +1016,17 @@ impl<'r> RunCtx<'r> {
 
     /// Waits for a warm-up to finish and records it. A failed warm-up costs only its cache
     /// benefit, so it is logged, not raised.
-    async fn finish_warm_up(
-        &self,
-        ix: NodeIndex,
-        mut stream: GenerationStream,
-        started: Duration,
-        report: &mut NodeReport,
-    ) {
+    async fn finish_warm_up(&self, ix: NodeIndex, mut stream: GenerationStream, started: Duration) {
         while let Some(event) = stream.next().await {
             match event {
                 Ok(GenerationEvent::Delta { .. }) => {}
                 Ok(GenerationEvent::Finished { usage, .. }) => {
-                    report.prompt_tokens += usage.prompt_tokens;
-                    report.cached_prompt_tokens += usage.cached_prompt_tokens;
-                    self.timeline.record(
-                        ix.0,
-                        EventKind::WarmUp {
-                            started,
-                            prompt_tokens: usage.prompt_tokens,
-                            cached_prompt_tokens: usage.cached_prompt_tokens,
-                        },
-                    );
+                    self.recorder.record(RunEvent::WarmUp {
+                        node: ix,
+                        started,
+                        prompt_tokens: usage.prompt_tokens,
+                        cached_prompt_tokens: usage.cached_prompt_tokens,
+                    });
                     return;
                 }
                 Err(error) => {
@@ -1269,7 +1037,8 @@ impl<'r> RunCtx<'r> {
         }
     }
 
-    /// A compressor: waits for its inputs in full, shortens them in one plugin call.
+    /// A compressor: waits for its inputs in full, shortens them in one plugin call (its one
+    /// step).
     async fn run_compressor(
         &'r self,
         ix: NodeIndex,
@@ -1277,8 +1046,7 @@ impl<'r> RunCtx<'r> {
         budget_tokens: u32,
         mut inputs: InputSide,
         mut emitter: Emitter<'r>,
-    ) -> Result<NodeReport, RunError> {
-        let node = self.pipeline.node(ix);
+    ) -> Result<(), RunError> {
         let sources = self.sources(ix);
         let mut texts = vec![String::new(); sources.len()];
         let mut pending = sources.len();
@@ -1292,9 +1060,12 @@ impl<'r> RunCtx<'r> {
             }
         }
         inputs.release_all();
-        let started = self.timeline.now();
-        self.timeline.record_at(started, ix.0, EventKind::Start);
-        self.send(RunEvent::NodeStarted { node: ix });
+        self.recorder.record(RunEvent::NodeStarted { node: ix });
+        let started = self.recorder.record(RunEvent::StepStarted {
+            node: ix,
+            index: 0,
+            is_final: true,
+        });
         let history: Vec<ChatMessage> = sources
             .iter()
             .zip(&texts)
@@ -1318,24 +1089,21 @@ impl<'r> RunCtx<'r> {
             .join("\n\n");
         let tokens = self.runner.models.count_tokens(&text);
         emitter.delta(&text, tokens);
+        self.recorder.record(RunEvent::StepFinished {
+            node: ix,
+            index: 0,
+            started,
+            tokens,
+            prompt_tokens: 0,
+            cached_prompt_tokens: 0,
+            is_final: true,
+            speculation: None,
+        });
         emitter.finish();
-        let end = self.timeline.now();
-        self.timeline
-            .record_at(end, ix.0, EventKind::End { tokens });
-        self.send(RunEvent::NodeFinished {
+        self.recorder.record(RunEvent::NodeFinished {
             node: ix,
             cancelled: false,
         });
-        Ok(NodeReport {
-            id: node.id.clone(),
-            kind: node.kind.name(),
-            started_ms: Some(started),
-            first_token_ms: emitter.first_token,
-            finished_ms: Some(end),
-            output_tokens: tokens,
-            steps: 1,
-            text,
-            ..NodeReport::default()
-        })
+        Ok(())
     }
 }

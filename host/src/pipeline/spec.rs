@@ -40,9 +40,9 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
-use super::policy::{PluginConfig, PluginKind};
 use super::stream::{ChunkSchedule, StreamPolicy};
 use crate::engine::SamplingParams;
+use crate::policy::{PluginConfig, PluginKind};
 
 /// The model name pipelines use for the embedded default model.
 pub const DEFAULT_MODEL: &str = "default";
@@ -113,8 +113,8 @@ pub enum SpecErrorKind {
     UnknownPlugin { node: String, plugin: String },
     #[error(
         "node `{node}` needs {} plugin, but `{plugin}` is {} plugin",
-        kind_label(*.expected),
-        kind_label(*.found)
+        .expected.with_article(),
+        .found.with_article()
     )]
     WrongPluginKind {
         node: String,
@@ -128,16 +128,6 @@ pub enum SpecErrorKind {
         model: String,
         known: Vec<String>,
     },
-}
-
-/// A plugin kind with its article, for messages.
-fn kind_label(kind: PluginKind) -> &'static str {
-    match kind {
-        PluginKind::Role => "a role",
-        PluginKind::Aggregator => "an aggregator",
-        PluginKind::Compressor => "a compressor",
-        PluginKind::Router => "a router",
-    }
 }
 
 /// Position of a node in [`Pipeline::nodes`].
@@ -545,7 +535,7 @@ impl Pipeline {
         })
     }
 
-    /// Checks plugin names and kinds (`kind_of`, usually [`super::policy::PolicyProvider::kind_of`])
+    /// Checks plugin names and kinds (`kind_of`, usually [`crate::policy::PolicyProvider::kind_of`])
     /// and model names (`models`) against what the host has.
     pub fn check_bindings(
         &self,

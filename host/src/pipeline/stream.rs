@@ -7,7 +7,7 @@
 
 use serde::Serialize;
 
-use super::policy::StreamMode;
+use crate::policy::StreamMode;
 
 /// Chunk sizes used when a pipeline names none. The first chunk is two tokens (~30 ms of
 /// decoding on the default model) so an aggregator starts on a proposer's first words: in

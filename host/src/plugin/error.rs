@@ -6,7 +6,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::pipeline::policy::{PluginKind, PolicyError};
+use crate::policy::{PluginKind, PolicyError};
 
 /// A plugin by name and version, as its manifest declares them.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

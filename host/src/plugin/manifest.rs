@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::pipeline::policy::PluginKind;
+use crate::policy::PluginKind;
 
 /// A capability a plugin may ask for; the operator grants it in the host configuration.
 #[derive(

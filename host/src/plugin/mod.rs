@@ -5,7 +5,7 @@
 //! `wasmtime::Engine`, pooling allocator, epoch ticker, linker with the host imports), the
 //! on-disk compiled-code cache, and the [`Registry`] that loads, type-checks, canaries and
 //! hot-swaps plugins. The pipeline sees plugins only through the traits of
-//! [`crate::pipeline::policy`], which the registry provides; nothing outside this module
+//! [`crate::policy`], which the registry provides; nothing outside this module
 //! touches wasmtime. It must not know about pipelines beyond those traits, and never runs a
 //! guest call without a deadline.
 
@@ -31,18 +31,6 @@ pub use registry::{
     read_manifest,
 };
 pub use runtime::{HostConfig, LoadedPlugin, PluginRuntime};
-
-use crate::pipeline::policy::PluginKind;
-
-/// The kind as manifests and the WIT worlds spell it.
-pub fn kind_name(kind: PluginKind) -> &'static str {
-    match kind {
-        PluginKind::Role => "role",
-        PluginKind::Aggregator => "aggregator",
-        PluginKind::Compressor => "compressor",
-        PluginKind::Router => "router",
-    }
-}
 
 /// The user's plugin folder (`staircase plugin list` reads it when it exists).
 pub fn default_plugin_dir() -> Option<std::path::PathBuf> {

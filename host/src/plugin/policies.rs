@@ -13,7 +13,7 @@ use super::host_imports::{chat_from_wit, chat_to_wit, sampling_from_wit};
 use super::instance::PluginInstance;
 use super::runtime::{KindPre, LoadedPlugin, PluginRuntime};
 use crate::engine::{ChatMessage, Role, SamplingParams};
-use crate::pipeline::policy::{
+use crate::policy::{
     AggregatorSession, CompressorPolicy, Demand, PluginKind, PolicyError, RoleInput, RolePolicy,
     RouteChoice, RouteRequest, RouterPolicy, Source, Step, StreamMode,
 };

@@ -28,7 +28,7 @@ use super::manifest::Manifest;
 use super::policies::{AggregatorInstance, CompressorInstance, RoleInstance, RouterInstance};
 use super::runtime::{LoadedPlugin, PluginRuntime};
 use crate::engine::ChatMessage;
-use crate::pipeline::policy::{
+use crate::policy::{
     AggregatorSession, CompressorPolicy, PluginConfig, PluginKind, PolicyError, PolicyProvider,
     RolePolicy, RouterPolicy, Source, StreamMode,
 };

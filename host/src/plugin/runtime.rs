@@ -21,7 +21,7 @@ use super::error::{PluginError, PluginRef};
 use super::instance::StoreState;
 use super::limits::{CompileBudget, LogLimits};
 use super::manifest::{Capability, Manifest};
-use crate::pipeline::policy::PluginKind;
+use crate::policy::PluginKind;
 
 /// How often the ticker advances the engine's epoch. Deadlines are counted in ticks, so
 /// this is their resolution; 2 ms keeps the ticker's own cost negligible.

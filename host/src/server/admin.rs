@@ -129,7 +129,7 @@ fn status_value(state: &ServerState) -> Value {
             json!({
                 "name": p.name,
                 "version": p.version,
-                "kind": crate::plugin::kind_name(p.kind),
+                "kind": p.kind.name(),
                 "path": p.path,
                 "sha256": p.sha256,
             })

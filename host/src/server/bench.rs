@@ -19,8 +19,8 @@ use super::ServeOptions;
 use crate::app::App;
 use crate::app::config::Limits;
 use crate::engine::{ChatMessage, GenerationEvent, GenerationRequest, Role};
-use crate::pipeline::policy::StreamMode;
 use crate::pipeline::{RunEvent, RunRequest};
+use crate::policy::StreamMode;
 
 /// What to measure.
 #[derive(Clone, Debug)]

@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use super::error::ApiError;
 use crate::engine::{ChatMessage, Role};
-use crate::pipeline::policy::StreamMode;
+use crate::policy::StreamMode;
 
 /// `POST /v1/chat/completions` as sent.
 #[derive(Debug, Deserialize)]

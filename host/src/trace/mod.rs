@@ -1,8 +1,8 @@
 //! Run timelines: recording, Chrome/Perfetto export and the staircase SVG chart.
 //!
-//! A [`Timeline`] collects what happened to each lane (one lane per pipeline node) while a
-//! run goes on: start, first token, each chunk handed downstream, each aggregator step, end,
-//! cancellation. [`chrome`] turns it into Chrome trace JSON (opens in Perfetto and
+//! A [`Timeline`] holds what happened to each lane (one lane per pipeline node) in a run:
+//! start, first token, each chunk handed downstream, each aggregator step, end,
+//! cancellation (the pipeline runtime derives it from the run's recorded events). [`chrome`] turns it into Chrome trace JSON (opens in Perfetto and
 //! `chrome://tracing`) and reads such files back; [`svg`] draws one as a staircase chart.
 //! This module records and draws; it must not know about engines, plugins or pipelines.
 

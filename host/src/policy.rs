@@ -1,8 +1,12 @@
-//! What a pipeline needs from its policies, mirroring the WIT worlds in
-//! `wit/v0.1.0/agent.wit`. The plugin host implements these traits for WebAssembly
-//! components; the pipeline runtime only sees the traits, so it never touches wasmtime.
+//! The policy contract: what a pipeline needs from its policies, mirroring the WIT worlds in
+//! `wit/v0.1.0/agent.wit`. Both rooms depend on it and neither on the other: the plugin host
+//! implements these traits for WebAssembly components, the pipeline runtime calls them and
+//! never touches wasmtime. A new plugin kind is a variant of [`PluginKind`] (and its row in
+//! [`PluginKind::ALL`]), a trait here, and a method of [`PolicyProvider`].
 
 use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
@@ -47,13 +51,39 @@ pub trait RolePolicy: Send {
 }
 
 /// How a pipeline runs its aggregators.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StreamMode {
     /// Step on the first chunks of the sources, then again as more arrive.
     Staircase,
     /// Classic Mixture-of-Agents: one step once every source is complete.
     Layered,
+}
+
+impl StreamMode {
+    pub const ALL: [StreamMode; 2] = [StreamMode::Staircase, StreamMode::Layered];
+
+    /// The name the command line, the API and pipeline files use.
+    pub fn name(self) -> &'static str {
+        match self {
+            StreamMode::Staircase => "staircase",
+            StreamMode::Layered => "layered",
+        }
+    }
+}
+
+impl fmt::Display for StreamMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for StreamMode {
+    type Err = UnknownName;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        parse_in(&Self::ALL, Self::name, "stream mode", s)
+    }
 }
 
 /// Whether an aggregator still wants a source's output.
@@ -180,4 +210,113 @@ pub enum PluginKind {
     Aggregator,
     Compressor,
     Router,
+}
+
+impl PluginKind {
+    pub const ALL: [PluginKind; 4] = [
+        PluginKind::Role,
+        PluginKind::Aggregator,
+        PluginKind::Compressor,
+        PluginKind::Router,
+    ];
+
+    /// The name manifests, messages and the WIT worlds use: the one table of kind names.
+    pub fn name(self) -> &'static str {
+        match self {
+            PluginKind::Role => "role",
+            PluginKind::Aggregator => "aggregator",
+            PluginKind::Compressor => "compressor",
+            PluginKind::Router => "router",
+        }
+    }
+
+    /// The name with its article, for messages ("an aggregator").
+    pub fn with_article(self) -> String {
+        let name = self.name();
+        let article = if name.starts_with(['a', 'e', 'i', 'o', 'u']) {
+            "an"
+        } else {
+            "a"
+        };
+        format!("{article} {name}")
+    }
+}
+
+impl fmt::Display for PluginKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for PluginKind {
+    type Err = UnknownName;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        parse_in(&Self::ALL, Self::name, "plugin kind", s)
+    }
+}
+
+/// A name that is not in one of the tables above.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown {what} `{name}` (known: {known})")]
+pub struct UnknownName {
+    what: &'static str,
+    name: String,
+    known: String,
+}
+
+fn parse_in<T: Copy>(
+    all: &[T],
+    name_of: fn(T) -> &'static str,
+    what: &'static str,
+    name: &str,
+) -> Result<T, UnknownName> {
+    all.iter()
+        .copied()
+        .find(|v| name_of(*v).eq_ignore_ascii_case(name))
+        .ok_or_else(|| UnknownName {
+            what,
+            name: name.to_string(),
+            known: all
+                .iter()
+                .map(|v| name_of(*v))
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_name_round_trips_and_matches_serde() {
+        for kind in PluginKind::ALL {
+            let name = kind.name();
+            assert_eq!(name.parse::<PluginKind>().ok(), Some(kind));
+            assert_eq!(
+                serde_json::to_value(kind).ok(),
+                Some(serde_json::json!(name))
+            );
+        }
+        for mode in StreamMode::ALL {
+            let name = mode.name();
+            assert_eq!(name.parse::<StreamMode>().ok(), Some(mode));
+            assert_eq!(
+                serde_json::to_value(mode).ok(),
+                Some(serde_json::json!(name))
+            );
+        }
+    }
+
+    #[test]
+    fn an_unknown_name_lists_the_known_ones() {
+        let err = "judge".parse::<PluginKind>().err().map(|e| e.to_string());
+        assert_eq!(
+            err.as_deref(),
+            Some("unknown plugin kind `judge` (known: role, aggregator, compressor, router)")
+        );
+        assert_eq!(PluginKind::Aggregator.with_article(), "an aggregator");
+        assert_eq!(PluginKind::Router.with_article(), "a router");
+    }
 }
