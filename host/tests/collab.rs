@@ -130,6 +130,15 @@ async fn steps_land_on_the_models_the_router_names_and_escalation_continues_the_
     let models: Vec<&str> = routes.iter().map(|r| r.model.as_str()).collect();
     assert_eq!(models, ["small", "large", "large"], "{routes:#?}");
     assert!(routes.iter().all(|r| r.tokens <= 4), "{routes:#?}");
+    // The trace shows each routed step's model and reason.
+    let trace = report.trace();
+    let notes: Vec<_> = trace
+        .trace_events
+        .iter()
+        .filter(|e| e.cat == "route")
+        .map(|e| e.args["model"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(notes, models, "{:#?}", trace.trace_events);
 
     // The local engine measured the small model's confidence, and the router was told it.
     let confidence = routes[0]

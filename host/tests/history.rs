@@ -144,6 +144,15 @@ async fn twenty_turns_each_use_the_compression_made_during_the_turn_before() {
             assert!(used.tokens_used < used.tokens_full, "turn {turn}: {used:?}");
             // The prompt the model got is the compressed one: the first turn is gone.
             assert!(!last_prompt(&engine).contains("Turn 1:"), "turn {turn}");
+            // The trace shows it on the node's lane.
+            assert!(
+                report
+                    .trace()
+                    .trace_events
+                    .iter()
+                    .any(|e| e.cat == "history" && e.name.starts_with("compressed history")),
+                "turn {turn}"
+            );
             used_turns += 1;
         } else {
             assert_eq!(used.replaced_messages, 0, "turn {turn}: {used:?}");

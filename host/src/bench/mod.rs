@@ -7,6 +7,7 @@
 //! depends on it.
 
 pub mod collab;
+pub mod compress;
 pub mod engine;
 pub mod plugins;
 pub mod speculation;
@@ -27,6 +28,8 @@ pub enum BenchError {
     Run(#[from] crate::pipeline::RunError),
     #[error(transparent)]
     Spec(#[from] crate::pipeline::SpecError),
+    #[error("the compressor failed: {0}")]
+    Compressor(String),
     #[error("starting the async runtime: {0}")]
     Runtime(#[from] std::io::Error),
     /// A request that should have produced a token did not, so it cannot be timed.

@@ -1,6 +1,7 @@
 //! `staircase bench`.
 
 mod collab;
+mod compress;
 mod routing;
 mod serve;
 mod staircase;
@@ -38,6 +39,8 @@ pub enum Command {
     Routing(routing::Args),
     /// Dual-model answers: all large vs all small vs routed per step (with escalation).
     Collab(collab::Args),
+    /// A long chat session: TTFT per turn with no, inline and background compression.
+    Compress(compress::Args),
 }
 
 /// Arguments of `staircase bench speculation`.
@@ -99,6 +102,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Speculation(args) => speculation(args),
         Command::Routing(args) => routing::run(args),
         Command::Collab(args) => collab::run(args),
+        Command::Compress(args) => compress::run(args),
     }
 }
 

@@ -313,10 +313,41 @@ pub fn timeline(lanes: Vec<String>, events: &[Recorded]) -> Timeline {
                 };
                 (*node, kind)
             }
+            RunEvent::StepRouted {
+                node,
+                index,
+                model,
+                reason,
+                tokens,
+                confidence,
+                ..
+            } => (
+                *node,
+                EventKind::Note {
+                    category: "route",
+                    name: format!("step {index} on {model}"),
+                    args: serde_json::json!({
+                        "model": model,
+                        "reason": reason,
+                        "tokens": tokens,
+                        "confidence": confidence,
+                    }),
+                },
+            ),
+            RunEvent::History { node, used } => (
+                *node,
+                EventKind::Note {
+                    category: "history",
+                    name: if used.replaced_messages > 0 {
+                        format!("compressed history ({} messages)", used.replaced_messages)
+                    } else {
+                        "full history".into()
+                    },
+                    args: serde_json::to_value(used).unwrap_or_default(),
+                },
+            ),
             RunEvent::RunStarted { .. }
             | RunEvent::StepStarted { .. }
-            | RunEvent::StepRouted { .. }
-            | RunEvent::History { .. }
             | RunEvent::HistoryFirstToken { .. } => continue,
         };
         timeline.record_at(*at, node.0, kind);
