@@ -3,41 +3,18 @@
 //! `plugins/fixtures/`.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
+mod common;
+
+use common::Recording;
 use staircase::engine::local::quantize::{Quantization, quantized_copy};
 use staircase::engine::local::{LocalEngine, LocalEngineConfig, default_threads};
-use staircase::engine::{
-    Engine, EngineError, GenerationRequest, GenerationStream, ModelInfo, Prompt, TokenCounter,
-};
+use staircase::engine::{Engine, GenerationRequest, GenerationStream, Prompt};
 use staircase::pipeline::{Models, Pipeline, RunRequest, Runner};
 use staircase::plugin::builtin::{guest_artifact, guest_manifest};
 use staircase::plugin::{HostConfig, PluginRuntime, Registry};
 use staircase::policy::StreamMode;
-
-/// Forwards to a real engine and keeps every prompt it was given (to check what a model
-/// was asked to continue).
-struct Recording {
-    inner: Arc<dyn Engine>,
-    prompts: Mutex<Vec<Prompt>>,
-    sampling: Mutex<Vec<staircase::engine::SamplingParams>>,
-}
-
-impl Engine for Recording {
-    fn submit(&self, request: GenerationRequest) -> Result<GenerationStream, EngineError> {
-        self.prompts.lock().unwrap().push(request.prompt.clone());
-        self.sampling.lock().unwrap().push(request.sampling.clone());
-        self.inner.submit(request)
-    }
-
-    fn model_info(&self) -> &ModelInfo {
-        self.inner.model_info()
-    }
-
-    fn token_counter(&self) -> &dyn TokenCounter {
-        self.inner.token_counter()
-    }
-}
 
 /// The pair's engines, loaded once for the whole file.
 fn pair() -> &'static (Arc<dyn Engine>, Arc<dyn Engine>) {
@@ -79,14 +56,7 @@ fn registry() -> Arc<Registry> {
 /// A runner on `small` and `large` (recording what each was asked).
 fn runner() -> (Runner, Arc<Recording>, Arc<Recording>) {
     let (small, large) = pair();
-    let record = |inner: &Arc<dyn Engine>| {
-        Arc::new(Recording {
-            inner: inner.clone(),
-            prompts: Mutex::new(Vec::new()),
-            sampling: Mutex::new(Vec::new()),
-        })
-    };
-    let (small, large) = (record(small), record(large));
+    let (small, large) = (Recording::new(small.clone()), Recording::new(large.clone()));
     let mut models = Models::with_default(large.clone() as Arc<dyn Engine>);
     models.insert("small".into(), small.clone() as Arc<dyn Engine>);
     models.insert("large".into(), large.clone() as Arc<dyn Engine>);

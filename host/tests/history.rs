@@ -3,40 +3,19 @@
 //! `model-compressor` fixture) shortens the history in the background for the next turn.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+mod common;
+
+use common::Recording;
 use staircase::engine::local::{LocalEngine, LocalEngineConfig};
-use staircase::engine::{
-    ChatMessage, Engine, EngineError, GenerationRequest, GenerationStream, ModelInfo, Prompt, Role,
-    TokenCounter,
-};
+use staircase::engine::{ChatMessage, Engine, Prompt, Role};
 use staircase::pipeline::history::HistoryEventKind;
 use staircase::pipeline::{Models, Pipeline, RunRequest, Runner};
 use staircase::plugin::builtin::{guest_artifact, guest_manifest};
 use staircase::plugin::{Capability, HostConfig, PluginRuntime, Registry};
 use staircase::policy::StreamMode;
-
-/// Forwards to the real engine and keeps every prompt it was given.
-struct Recording {
-    inner: Arc<dyn Engine>,
-    prompts: Mutex<Vec<Prompt>>,
-}
-
-impl Engine for Recording {
-    fn submit(&self, request: GenerationRequest) -> Result<GenerationStream, EngineError> {
-        self.prompts.lock().unwrap().push(request.prompt.clone());
-        self.inner.submit(request)
-    }
-
-    fn model_info(&self) -> &ModelInfo {
-        self.inner.model_info()
-    }
-
-    fn token_counter(&self) -> &dyn TokenCounter {
-        self.inner.token_counter()
-    }
-}
 
 /// A runner on the default model with the built-ins and the model-compressor fixture
 /// (granted the model; `call_ms` its deadline per call).
@@ -44,10 +23,7 @@ fn runner(call_ms: u64) -> (Runner, Arc<Recording>) {
     let path = staircase::model::default_model_path().expect("the default model");
     let engine: Arc<dyn Engine> =
         Arc::new(LocalEngine::load(LocalEngineConfig::new(path)).expect("engine loads"));
-    let recording = Arc::new(Recording {
-        inner: engine.clone(),
-        prompts: Mutex::new(Vec::new()),
-    });
+    let recording = Recording::new(engine.clone());
     let registry = Registry::new(
         PluginRuntime::new(HostConfig {
             cache_dir: Some(Path::new(env!("CARGO_TARGET_TMPDIR")).join("plugin-cache")),

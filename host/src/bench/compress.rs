@@ -3,9 +3,9 @@
 //! turn over budget (`inline`: the compressor's call is part of that turn's TTFT), and with
 //! the node's background memory (`background`: the turn answers at once, with a compression
 //! made during an earlier turn when one is ready). TTFT per turn, and its ratios to `none`.
-//! Each variant runs on an engine of its own, loaded fresh, so no variant is served from
-//! another's prefix cache; the next turn starts as soon as the last one ended (no idle time
-//! for the background variant to catch up in).
+//! Each variant runs on an engine of its own, so no variant is served from another's prefix
+//! cache; the three sessions take turns (turn t of each, then t + 1), so load drifts alike.
+//! A session's next turn starts as soon as its last one ended.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -113,8 +113,18 @@ pub fn run(config: &CompressBenchConfig) -> Result<CompressReport, BenchError> {
     let tokio = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let mut variants = Vec::new();
-    let mut background_turns_compressed = 0;
+    // Three sessions side by side, each on its own engine; turn t of each runs right after
+    // turn t of the others, so the machine's load drifts alike over all three.
+    struct Session {
+        name: &'static str,
+        engine: Arc<dyn Engine>,
+        registry: Arc<Registry>,
+        runner: Runner,
+        pipeline: Pipeline,
+        conversation: Vec<ChatMessage>,
+        turns: Vec<Turn>,
+    }
+    let mut sessions = Vec::new();
     for name in ["none", "inline", "background"] {
         let mut engine_config = LocalEngineConfig::new(config.model.clone());
         engine_config.threads = config.threads;
@@ -124,40 +134,52 @@ pub fn run(config: &CompressBenchConfig) -> Result<CompressReport, BenchError> {
             ..HostConfig::default()
         })?);
         registry.load_builtins()?;
-        let count = |messages: &[ChatMessage]| -> u32 {
-            messages
-                .iter()
-                .map(|m| engine.token_counter().count(&m.content).get())
-                .sum()
-        };
         let runner = Runner::new(Models::with_default(engine.clone()), registry.clone());
         let pipeline = pipeline(config, name == "background")?;
         // One untimed run: plugin instantiation and the engine's first steps.
         let warm = RunRequest::prompt("Say hello.", StreamMode::Staircase);
         tokio.block_on(runner.run(&pipeline, warm, None))?;
-        let mut conversation = Vec::new();
-        let mut turns = Vec::new();
-        for turn in 1..=config.turns {
-            conversation.push(user(turn));
-            let full_tokens = count(&conversation);
+        sessions.push(Session {
+            name,
+            engine,
+            registry,
+            runner,
+            pipeline,
+            conversation: Vec::new(),
+            turns: Vec::new(),
+        });
+    }
+    let mut background_turns_compressed = 0;
+    for turn in 1..=config.turns {
+        for session in &mut sessions {
+            let engine = session.engine.clone();
+            let count = |messages: &[ChatMessage]| -> u32 {
+                messages
+                    .iter()
+                    .map(|m| engine.token_counter().count(&m.content).get())
+                    .sum()
+            };
+            session.conversation.push(user(turn));
+            let full_tokens = count(&session.conversation);
             let over_budget = full_tokens > config.budget_tokens;
-            let (given, compress_ms) = if name == "inline" && over_budget {
+            let (given, compress_ms) = if session.name == "inline" && over_budget {
                 let started = Instant::now();
-                let mut compressor = registry
+                let mut compressor = session
+                    .registry
                     .compressor(&config.compressor)
                     .map_err(|e| BenchError::Compressor(e.to_string()))?;
                 let compressed = compressor
-                    .compress(&conversation, config.budget_tokens)
+                    .compress(&session.conversation, config.budget_tokens)
                     .map_err(|e| BenchError::Compressor(e.to_string()))?;
                 (compressed, ms(started.elapsed()))
             } else {
-                (conversation.clone(), 0.0)
+                (session.conversation.clone(), 0.0)
             };
             let request = RunRequest {
                 conversation: given.clone(),
                 mode: StreamMode::Staircase,
             };
-            let report = tokio.block_on(runner.run(&pipeline, request, None))?;
+            let report = tokio.block_on(session.runner.run(&session.pipeline, request, None))?;
             let history_tokens = match &report.nodes[0].history {
                 Some(used) => {
                     if used.replaced_messages > 0 {
@@ -167,19 +189,24 @@ pub fn run(config: &CompressBenchConfig) -> Result<CompressReport, BenchError> {
                 }
                 None => count(&given),
             };
-            turns.push(Turn {
+            session.turns.push(Turn {
                 ttft_ms: compress_ms + report.ttft_ms.map_or(0.0, ms),
                 history_tokens,
                 over_budget,
                 compress_ms,
             });
-            conversation.push(ChatMessage::new(Role::Assistant, report.answer));
+            session
+                .conversation
+                .push(ChatMessage::new(Role::Assistant, report.answer));
         }
-        // Background work must not outlive its engine's variant.
-        runner.history().wait_idle(Duration::from_secs(120));
+    }
+    let mut variants = Vec::new();
+    for session in sessions {
+        // Background work must not outlive its engine.
+        session.runner.history().wait_idle(Duration::from_secs(120));
         variants.push(Variant {
-            name,
-            turns,
+            name: session.name,
+            turns: session.turns,
             mean_ttft_over_budget_ms: 0.0,
         });
     }
