@@ -1,8 +1,9 @@
 //! `staircase serve` end to end: the real binary on a loopback port, the real default model,
 //! and the official `openai` Python client (`tests/serve/openai_client.py`, installed by
 //! `.ci/run`) for streaming, errors, hot swap under load, disconnects, overload and a hostile
-//! plugin. The server is started here on port 0, with scratch plugin and pipeline folders,
-//! and killed when the test ends, whatever happens.
+//! plugin; and the live view at `/` in a headless Chromium (`tests/serve/live_view.py`). The
+//! server is started here on port 0, with scratch plugin and pipeline folders, and killed
+//! when the test ends, whatever happens.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -40,43 +41,20 @@ fn path(p: &Path) -> &str {
 
 #[test]
 fn the_openai_client_works_against_a_real_server() {
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    let probe = Command::new(&python)
-        .args(["-c", "import openai"])
-        .status()
-        .expect("python3 runs (the server tests need it; .ci/run installs the openai package)");
-    assert!(
-        probe.success(),
-        "the `openai` Python package is missing: pip install openai (pinned in .ci/run)"
-    );
+    let python = python_with("openai");
 
     let plugins = scratch("plugins");
     let pipelines = scratch("pipelines");
     let key = "test-key";
-    let mut child = Command::new(env!("CARGO_BIN_EXE_staircase"))
-        .args(["serve", "--host", "127.0.0.1", "--port", "0"])
-        .args(["--plugins", path(&plugins), "--pipelines", path(&pipelines)])
-        .args(["--max-tokens", "16", "--api-key-env", "STAIRCASE_TEST_KEY"])
-        .args(["--max-running", &MAX_RUNNING.to_string()])
-        .args(["--queue", &QUEUE.to_string()])
-        .env("STAIRCASE_TEST_KEY", key)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("the staircase binary starts");
-    let stdout = child.stdout.take().expect("stdout is piped");
-    let server = Server(child);
-    let mut stdout = BufReader::new(stdout);
-    let mut line = String::new();
-    stdout
-        .read_line(&mut line)
-        .expect("the server prints its address");
-    // Keep reading, so the server never writes into a closed pipe.
-    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
-    let base = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line from the server: {line:?}"))
-        .to_string();
+    let (server, base) = start_server(
+        Command::new(env!("CARGO_BIN_EXE_staircase"))
+            .args(["serve", "--host", "127.0.0.1", "--port", "0"])
+            .args(["--plugins", path(&plugins), "--pipelines", path(&pipelines)])
+            .args(["--max-tokens", "16", "--api-key-env", "STAIRCASE_TEST_KEY"])
+            .args(["--max-running", &MAX_RUNNING.to_string()])
+            .args(["--queue", &QUEUE.to_string()])
+            .env("STAIRCASE_TEST_KEY", key),
+    );
 
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -106,6 +84,85 @@ fn the_openai_client_works_against_a_real_server() {
         status.is_some_and(|s| s.success()),
         "the openai client checks failed (see the output above): {status:?}"
     );
+}
+
+/// The Python to run a client script with (`$PYTHON`, else python3), which must have `module`.
+fn python_with(module: &str) -> String {
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let probe = Command::new(&python)
+        .args(["-c", &format!("import {module}")])
+        .status()
+        .expect("python3 runs (the server tests need it)");
+    assert!(
+        probe.success(),
+        "the Python package of `{module}` is missing: cargo xtask test installs it (pinned)"
+    );
+    python
+}
+
+/// Starts the server `command` describes and reads its address from its first line.
+fn start_server(command: &mut Command) -> (Server, String) {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("the staircase binary starts");
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let server = Server(child);
+    let mut stdout = BufReader::new(stdout);
+    let mut line = String::new();
+    stdout
+        .read_line(&mut line)
+        .expect("the server prints its address");
+    // Keep reading, so the server never writes into a closed pipe.
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+    let base = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line from the server: {line:?}"))
+        .to_string();
+    (server, base)
+}
+
+/// Every node's output cap in the browser test: long enough that the proposers are still
+/// generating when the aggregator's first step (after their first 8-token chunks) answers.
+const LIVE_VIEW_NODE_TOKENS: &str = "40";
+/// A bound on the browser script (one short `moa` run, then its replay).
+const BROWSER_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The page at `/` in a real headless Chromium (`tests/serve/live_view.py`, Playwright with
+/// Debian's `chromium`; `cargo xtask test` installs both): a staircase `moa` run on the
+/// embedded model, watched live. The screenshot goes to `target/tmp/live-view.png`.
+#[test]
+fn live_view_in_a_browser() {
+    let python = python_with("playwright.sync_api");
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    assert!(
+        Path::new(&chromium).exists(),
+        "no Chromium at {chromium}: apt-get install chromium (cargo xtask test does)"
+    );
+
+    let (server, base) = start_server(
+        Command::new(env!("CARGO_BIN_EXE_staircase"))
+            .args(["serve", "--host", "127.0.0.1", "--port", "0"])
+            .args(["--max-tokens", LIVE_VIEW_NODE_TOKENS]),
+    );
+    let screenshot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("live-view.png");
+    let _ = std::fs::remove_file(&screenshot);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/serve/live_view.py");
+    let mut client = Command::new(&python)
+        .arg(script)
+        .args(["--base-url", &base, "--chromium", &chromium])
+        .args(["--screenshot", path(&screenshot)])
+        .spawn()
+        .expect("the browser script starts");
+    let status = wait_bounded(&mut client, BROWSER_TIMEOUT);
+    drop(server);
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the live view checks failed (see the output above): {status:?}"
+    );
+    assert!(screenshot.exists(), "the screenshot was written");
+    eprintln!("screenshot: {}", screenshot.display());
 }
 
 /// The child's exit status, or `None` (after killing it) when it outlives `limit`.

@@ -11,6 +11,10 @@ pub const COMPONENTIZE_PY: &str = "componentize-py==0.25.1";
 /// The pinned official OpenAI client: the server tests drive `staircase serve` with it.
 pub const OPENAI_CLIENT: &str = "openai==3.51.0";
 const OPENAI_CLIENT_VERSION: &str = "3.51.0";
+/// The pinned Playwright: the browser test of the live view drives the system Chromium with
+/// it (never `playwright install`: it downloads a browser build of its own).
+pub const PLAYWRIGHT: &str = "playwright==1.63.0";
+const PLAYWRIGHT_VERSION: &str = "1.63.0";
 /// Builds llama.cpp's `llama-server` for the remote-backend tests into a versioned cache
 /// (does nothing when it is there); its `VERSION=` line names the cache folder.
 const LLAMA_SERVER_SCRIPT: &str = ".ci/llama-server.sh";
@@ -79,6 +83,7 @@ pub fn check(machine: &Machine, scope: Scope) -> Check {
         plan.componentize_py();
         plan.js_example();
         plan.openai_client();
+        plan.browser();
         plan.llama_server();
     }
     plan.finish()
@@ -225,17 +230,42 @@ impl Plan<'_> {
 
     /// The pinned `openai` package in the Python on PATH.
     fn openai_client(&mut self) {
+        self.python_package(
+            format!("the openai Python client {OPENAI_CLIENT_VERSION} (the server tests use it)"),
+            OPENAI_CLIENT,
+            OPENAI_CLIENT_VERSION,
+            "import openai; print(openai.__version__)",
+        );
+    }
+
+    /// Debian's Chromium and the pinned Playwright that drives it (the live view's test).
+    fn browser(&mut self) {
+        if self.machine.which("chromium").is_none() {
+            self.apt(
+                &["chromium"],
+                "Chromium (the browser test of the live view)",
+            );
+        }
+        self.python_package(
+            format!("Playwright for Python {PLAYWRIGHT_VERSION} (the live view's browser test)"),
+            PLAYWRIGHT,
+            PLAYWRIGHT_VERSION,
+            "from importlib.metadata import version; print(version('playwright'))",
+        );
+    }
+
+    /// The package `pin` in the Python on PATH, unless `query` prints `version` there.
+    fn python_package(&mut self, what: String, pin: &str, version: &str, query: &str) {
         let m = self.machine;
-        let what =
-            format!("the openai Python client {OPENAI_CLIENT_VERSION} (the server tests use it)");
-        let fix = format!("python3 -m pip install {OPENAI_CLIENT}");
+        let fix = format!("python3 -m pip install {pin}");
         let Some(python) = ["python3", "python"].iter().find_map(|p| m.which(p)) else {
             let steps = Err("no python3 on PATH".to_string());
             self.missing.push(Missing { what, fix, steps });
             return;
         };
-        let version = m.ask(&python, &["-c", "import openai; print(openai.__version__)"]);
-        if version.is_some_and(|v| v.trim() == OPENAI_CLIENT_VERSION) {
+        if m.ask(&python, &["-c", query])
+            .is_some_and(|v| v.trim() == version)
+        {
             return;
         }
         let pip = [
@@ -244,7 +274,7 @@ impl Plan<'_> {
             "install",
             "--quiet",
             "--disable-pip-version-check",
-            OPENAI_CLIENT,
+            pin,
         ];
         let steps = Ok(vec![Step::new(&python.display().to_string(), &pip)]);
         self.missing.push(Missing { what, fix, steps });

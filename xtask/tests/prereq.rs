@@ -18,7 +18,7 @@ impl Machine {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
         let _ = std::fs::remove_dir_all(&dir);
         let machine = Machine { dir };
-        for tool in ["cmake", "c++", "make", "node"] {
+        for tool in ["cmake", "c++", "make", "node", "chromium"] {
             machine.tool(tool, "");
         }
         machine.tool("componentize-py", "echo componentize-py 0.25.1");
@@ -27,8 +27,12 @@ impl Machine {
             "echo x86_64-unknown-linux-gnu; echo wasm32-wasip2",
         );
         machine.tool("cargo", "");
-        // Answers only the openai check; the checks that ask it for more get nothing.
-        machine.tool("python3", "case \"$*\" in *openai*) echo 3.51.0;; esac");
+        // Answers only the openai and playwright checks; the checks that ask it for more get
+        // nothing.
+        machine.tool(
+            "python3",
+            "case \"$*\" in *openai*) echo 3.51.0;; *playwright*) echo 1.63.0;; esac",
+        );
         machine.file("root/.ci/llama-server.sh", "VERSION=0.3.36\n");
         machine.file(".cache/staircase/llama-server/0.3.36/bin/llama-server", "");
         machine.file("libclang/libclang.so.1", "");
@@ -169,7 +173,7 @@ fn pip_installs_componentize_py_and_the_tests_find_it_off_the_path() {
     machine.tool(
         "python3",
         &format!(
-            "case \"$*\" in *openai*) echo 3.51.0; exit 0;; esac\n\
+            "case \"$*\" in *openai*) echo 3.51.0; exit 0;; *playwright*) echo 1.63.0; exit 0;; esac\n\
              if [ \"$1\" = -c ]; then printf '1\\n0\\n{dir}\\n{dir}\\n'; exit 0; fi\n\
              /bin/mkdir -p '{dir}' && printf '#!/bin/sh\\necho componentize-py 0.25.1\\n' > '{bin}' \
              && /bin/chmod +x '{bin}'",
@@ -322,7 +326,7 @@ fn the_tests_install_the_openai_client_and_build_llama_server_before_running() {
     machine.tool(
         "python3",
         &format!(
-            "case \"$*\" in *'pip install'*) : > '{m}';; *openai*) [ -e '{m}' ] && echo 3.51.0;; esac",
+            "case \"$*\" in *'pip install'*) : > '{m}';; *openai*) [ -e '{m}' ] && echo 3.51.0;; *playwright*) echo 1.63.0;; esac",
             m = marker.display()
         ),
     );
@@ -343,4 +347,51 @@ fn the_tests_install_the_openai_client_and_build_llama_server_before_running() {
         .expect("the llama-server script ran");
     let build = calls.iter().position(|c| c.starts_with("cargo ")).unwrap();
     assert!(pip < build && script < build, "{calls:?}");
+}
+
+#[test]
+fn the_tests_install_chromium_and_playwright_before_running() {
+    let machine = Machine::new("browser");
+    machine.remove("chromium");
+    // An apt-get that installs a (fake) chromium.
+    let bin = machine.dir.join("bin");
+    machine.tool(
+        "apt-get",
+        &format!(
+            "case \"$*\" in *install*) /bin/cp '{b}/cmake' '{b}/chromium';; esac",
+            b = bin.display()
+        ),
+    );
+    // A pip that installs Playwright; the openai client is already there.
+    let marker = machine.dir.join("playwright-installed");
+    machine.tool(
+        "python3",
+        &format!(
+            "case \"$*\" in *'pip install'*) : > '{m}';; *openai*) echo 3.51.0;; *playwright*) [ -e '{m}' ] && echo 1.63.0;; esac",
+            m = marker.display()
+        ),
+    );
+    let output = machine.xtask(&["test"]);
+    if !is_root() {
+        // Not root: the apt command is named and nothing is built.
+        assert!(!output.status.success());
+        assert!(
+            stderr(&output).contains("apt-get install -y chromium"),
+            "{}",
+            stderr(&output)
+        );
+        return;
+    }
+    assert!(output.status.success(), "{}", stderr(&output));
+    let calls = machine.calls();
+    let apt = calls
+        .iter()
+        .position(|c| c.starts_with("apt-get install") && c.contains("chromium"))
+        .expect("apt-get installed chromium");
+    let pip = calls
+        .iter()
+        .position(|c| c.contains("-m pip install") && c.contains("playwright==1.63.0"))
+        .expect("pip installed playwright");
+    let build = calls.iter().position(|c| c.starts_with("cargo ")).unwrap();
+    assert!(apt < build && pip < build, "{calls:?}");
 }

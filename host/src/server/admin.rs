@@ -87,12 +87,7 @@ fn report_of(
     id: &str,
 ) -> Result<Arc<crate::pipeline::RunReport>, ApiError> {
     state.authorize(headers)?;
-    state.run(id).ok_or_else(|| {
-        ApiError::not_found(format!(
-            "No recent pipeline run `{id}` (the server keeps the last {})",
-            state.options.limits.recent_runs
-        ))
-    })
+    state.run(id).ok_or_else(|| super::runs::unknown(state, id))
 }
 
 pub(crate) async fn trace_json(

@@ -22,8 +22,10 @@ use tokio::sync::mpsc;
 
 use super::error::ApiError;
 use super::openai::{self, Chat, ChunkChoice, Delta, Usage};
+use super::runs::RunGuard;
 use super::{RUN_ID_HEADER, ServerState};
 use crate::app::PipelineVersion;
+use crate::engine::Role;
 use crate::engine::{
     Engine, EngineError, FinishReason, GenerationEvent, GenerationRequest, SamplingParams,
 };
@@ -32,6 +34,12 @@ use crate::pipeline::{Pipeline, RunError, RunEvent, RunRequest};
 /// What a request runs on.
 enum Target {
     Pipeline(Arc<PipelineVersion>),
+    Model(Arc<dyn Engine>),
+}
+
+/// A target ready to run: a pipeline run is registered (for its events) before it starts.
+enum Work {
+    Pipeline(Arc<PipelineVersion>, RunGuard),
     Model(Arc<dyn Engine>),
 }
 
@@ -143,6 +151,25 @@ async fn start(state: Arc<ServerState>, chat: Chat, target: Target) -> Response 
         },
     };
     let run_id = HeaderValue::from_str(&meta.id).ok();
+    let target = match target {
+        Target::Pipeline(version) => {
+            let prompt = chat
+                .conversation
+                .iter()
+                .rev()
+                .find(|m| m.role == Role::User)
+                .map_or("", |m| m.content.as_str());
+            let run = state.runs.start(
+                &meta.id,
+                &chat.model,
+                chat.mode,
+                prompt,
+                state.options.limits.recent_runs,
+            );
+            Work::Pipeline(version, RunGuard(run))
+        }
+        Target::Model(engine) => Work::Model(engine),
+    };
     let mut response = if chat.stream {
         streamed(state, chat, target, ticket, meta).into_response()
     } else {
@@ -157,7 +184,7 @@ async fn start(state: Arc<ServerState>, chat: Chat, target: Target) -> Response 
 async fn whole(
     state: Arc<ServerState>,
     chat: Chat,
-    target: Target,
+    target: Work,
     ticket: super::admission::Ticket,
     mut meta: Meta,
 ) -> Response {
@@ -211,7 +238,7 @@ async fn whole(
 fn streamed(
     state: Arc<ServerState>,
     chat: Chat,
-    target: Target,
+    target: Work,
     ticket: super::admission::Ticket,
     meta: Meta,
 ) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
@@ -327,7 +354,7 @@ fn send_error(tx: &mpsc::UnboundedSender<Event>, error: &ApiError) {
 async fn execute(
     state: &ServerState,
     chat: &Chat,
-    target: Target,
+    target: Work,
     id: &str,
     text: mpsc::UnboundedSender<String>,
 ) -> Result<Finish, ApiError> {
@@ -340,8 +367,14 @@ async fn execute(
         let _ = text.send(t);
     };
     let result = match target {
-        Target::Pipeline(version) => run_pipeline(state, chat, &version, id, &mut send).await,
-        Target::Model(engine) => generate(chat, engine.as_ref(), id, &mut send).await,
+        Work::Pipeline(version, run) => {
+            let result = run_pipeline(state, chat, &version, &run, id, &mut send).await;
+            if let Err(error) = &result {
+                run.0.failed(error);
+            }
+            result
+        }
+        Work::Model(engine) => generate(chat, engine.as_ref(), id, &mut send).await,
     };
     if let Ok(finish) = &result {
         state
@@ -377,6 +410,7 @@ async fn run_pipeline(
     state: &ServerState,
     chat: &Chat,
     version: &PipelineVersion,
+    live: &RunGuard,
     id: &str,
     send: &mut impl FnMut(String),
 ) -> Result<Finish, ApiError> {
@@ -387,7 +421,9 @@ async fn run_pipeline(
         mode: chat.mode,
     };
     let (events_tx, mut events) = mpsc::unbounded_channel();
-    let run = runner.run(&pipeline, request, Some(events_tx));
+    let recorder = live.0.recorder();
+    recorder.forward(events_tx);
+    let run = runner.run_recorded(&pipeline, request, recorder);
     tokio::pin!(run);
     let mut on_event = |event: RunEvent| {
         if let RunEvent::NodeDelta { node, text, .. } = event
@@ -435,7 +471,7 @@ async fn run_pipeline(
         map.insert("plugins".into(), json!(plugins));
         map.insert("system_fingerprint".into(), json!(fingerprint));
     }
-    state.remember(id.to_string(), Arc::new(report));
+    live.0.finished(Arc::new(report), value.clone());
     Ok(Finish {
         reason,
         usage,

@@ -1,8 +1,9 @@
 //! `staircase serve`: an OpenAI-compatible HTTP server over an [`App`]. Every pipeline of the
 //! app's table is a model, and so is every engine (one model, no pipeline).
 //!
-//! `chat` runs completions (streamed as SSE or whole), `admin` answers the listing, health,
-//! trace and reload endpoints, `openai` holds the wire format, `error` the error shape,
+//! `chat` runs completions (streamed as SSE or whole), `runs` keeps recent pipeline runs and
+//! streams their events, `page` serves the live view at `/`, `admin` answers the listing,
+//! health, trace and reload endpoints, `openai` holds the wire format, `error` the error shape,
 //! `metrics` the Prometheus exposition, `admission` the bounded queue, `bench` measures
 //! what HTTP adds. Runs go through the
 //! same library calls as `staircase run`; this room only translates HTTP to them. It must
@@ -15,8 +16,9 @@ mod chat;
 pub mod error;
 mod metrics;
 pub mod openai;
+mod page;
+mod runs;
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -69,7 +71,8 @@ pub(crate) struct ServerState {
     pub(crate) app: Arc<App>,
     pub(crate) options: ServeOptions,
     pub(crate) admission: Admission,
-    runs: Mutex<VecDeque<(String, Arc<RunReport>)>>,
+    /// Recent pipeline runs: live events, then reports (`runs`).
+    pub(crate) runs: runs::Runs,
     next_id: AtomicU64,
     /// Distinguishes ids of two server processes started in the same second.
     id_salt: u64,
@@ -90,7 +93,7 @@ impl ServerState {
             admission: Admission::new(options.limits.max_running, options.limits.queue),
             app,
             options,
-            runs: Mutex::new(VecDeque::new()),
+            runs: runs::Runs::default(),
             next_id: AtomicU64::new(0),
             id_salt,
             metrics,
@@ -104,20 +107,9 @@ impl ServerState {
         format!("chatcmpl-{:012x}{n:06x}", self.id_salt & 0xffff_ffff_ffff)
     }
 
-    /// Keeps a finished run's report for its trace endpoints, dropping the oldest.
-    pub(crate) fn remember(&self, id: String, report: Arc<RunReport>) {
-        let mut runs = lock(&self.runs);
-        runs.push_back((id, report));
-        while runs.len() > self.options.limits.recent_runs {
-            runs.pop_front();
-        }
-    }
-
+    /// A recent run's report, for its trace endpoints.
     pub(crate) fn run(&self, id: &str) -> Option<Arc<RunReport>> {
-        lock(&self.runs)
-            .iter()
-            .find(|(i, _)| i == id)
-            .map(|(_, r)| r.clone())
+        self.runs.report(id)
     }
 
     /// The API key check; `Ok` when no key is set.
@@ -147,6 +139,10 @@ fn router(state: Arc<ServerState>) -> Router {
         .route("/v1/chat/completions", post(chat::completions))
         .route("/v1/models", get(admin::models))
         .route("/v1/models/{id}", get(admin::model))
+        .route("/", get(page::index))
+        .route("/live/{file}", get(page::asset))
+        .route("/v1/runs", get(runs::list))
+        .route("/v1/runs/{id}/events", get(runs::events))
         .route("/v1/runs/{id}/trace", get(admin::trace_json))
         .route("/v1/runs/{id}/trace.svg", get(admin::trace_svg))
         .route("/health", get(admin::health))

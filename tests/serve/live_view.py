@@ -1,0 +1,109 @@
+"""The live view at `/` of `staircase serve`, in a real headless Chromium (Debian's package)
+driven by Playwright: run `moa` in staircase mode on the embedded model and check what the
+page shows. Started by tests/serve.rs (`live_view_in_a_browser`) against a server it owns.
+
+Asserts: every node's lane received text; the answer began while a proposer was still
+generating (the page notes which nodes were running when the first answer text arrived);
+the report shows a TTFT; the recent-runs view lists and replays the run; the comparison view runs both modes;
+no console errors
+and no error banner. Writes a screenshot of the finished run.
+"""
+
+import argparse
+import sys
+
+from playwright.sync_api import sync_playwright
+
+RUN_TIMEOUT_MS = 600_000
+
+
+def check(condition, message):
+    if not condition:
+        print(f"FAILED: {message}", file=sys.stderr)
+        sys.exit(1)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--base-url", required=True, help="the server, e.g. http://127.0.0.1:8080")
+    parser.add_argument("--chromium", default="/usr/bin/chromium")
+    parser.add_argument("--screenshot", required=True)
+    parser.add_argument("--answer-tokens", default="16")
+    parser.add_argument("--mode", default="staircase", help="layered shows the check failing")
+    args = parser.parse_args()
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=args.chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        problems = []
+        page.on("console", lambda m: m.type == "error" and problems.append(f"console: {m.text}"))
+        page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+
+        page.goto(args.base_url + "/")
+        page.wait_for_selector("body[data-ready=true]")
+        check(page.locator("#pipeline option[value=moa]").count() == 1, "moa is offered")
+        page.select_option("#pipeline", "moa")
+        page.select_option("#mode", args.mode)
+        page.fill("#max-tokens", args.answer_tokens)
+        page.fill("#prompt", "Why do leaves change colour in autumn?")
+        page.click("#run")
+
+        run = page.locator("#live-run")
+        page.wait_for_selector("#live-run[data-state]", timeout=RUN_TIMEOUT_MS)
+        status = run.locator(".status").inner_text()
+        check(run.get_attribute("data-state") == "finished", f"the run finished ({status}): {run.inner_text()[:1500]}")
+
+        lanes = run.locator(".lane")
+        check(lanes.count() == 4, f"one lane per node of moa, got {lanes.count()}")
+        for i in range(lanes.count()):
+            lane = lanes.nth(i)
+            node = lane.get_attribute("data-node")
+            text = lane.locator(".lane-text").inner_text()
+            check(text.strip(), f"lane {node} received text")
+            print(f"lane {node}: {len(text)} chars, state {lane.get_attribute('data-state')}")
+
+        answer = run.locator(".answer")
+        check(answer.inner_text().strip(), "the answer streamed")
+        running = answer.get_attribute("data-running-at-first-answer") or ""
+        proposers = {"analyst", "critic", "creative"}
+        still = proposers & set(filter(None, running.split(",")))
+        check(still, f"the answer began while a proposer was generating (running then: {running!r})")
+        print(f"answer began at {answer.get_attribute('data-first-ms')} ms, proposers still running: {sorted(still)}")
+
+        ttft = run.locator(".report .ttft b").inner_text()
+        check(ttft and ttft != "-", f"the report shows a TTFT: {ttft!r}")
+        check(run.locator(".report tr.critical").count() >= 1, "the critical path is highlighted")
+        trace = run.locator(".report a.trace-link").get_attribute("href")
+        check(page.request.get(args.base_url + trace).ok, f"the trace link {trace} answers")
+        print(f"TTFT shown: {ttft}")
+        page.screenshot(path=args.screenshot, full_page=True)
+
+        # The second view lists the run and replays it from its events.
+        run_id = run.get_attribute("data-run-id")
+        page.click(".tab[data-view=runs]")
+        row = page.locator(f"#runs-table tr[data-run-id='{run_id}']")
+        row.wait_for()
+        row.locator("button.open").click()
+        page.wait_for_selector("#opened-run[data-state=finished]")
+        replayed = page.locator("#opened-run .answer").inner_text()
+        check(replayed == answer.inner_text(), "the replayed run shows the same answer")
+
+        # The third view runs the prompt in both modes, side by side, TTFTs compared.
+        page.click(".tab[data-view=compare]")
+        page.click("#run")
+        page.wait_for_selector("#compare-summary .headline", timeout=RUN_TIMEOUT_MS)
+        headline = page.locator("#compare-summary .headline").inner_text()
+        for side in ("staircase", "layered"):
+            state = page.locator(f"#compare-{side}").get_attribute("data-state")
+            check(state == "finished", f"the {side} run of the comparison finished")
+        print(headline)
+        page.screenshot(path=args.screenshot.replace(".png", "-compare.png"), full_page=True)
+
+        check(page.locator("#errors").is_hidden(), f"no error banner: {page.locator('#errors').inner_text()}")
+        check(not problems, f"no console errors: {problems}")
+        browser.close()
+    print("live view ok")
+
+
+if __name__ == "__main__":
+    main()
