@@ -10,7 +10,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{ChatMessage, SamplingParams};
+use crate::engine::{ChatMessage, Confidence, SamplingParams};
 
 /// An error a policy returned or caused (a trap, a timeout, a refused call), with the
 /// plugin it came from already named in the message.
@@ -128,19 +128,38 @@ pub trait CompressorPolicy: Send {
     ) -> Result<Vec<ChatMessage>, PolicyError>;
 }
 
-/// What a router knows about a step (WIT `router-policy.route-request`).
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// What a router knows about a step (WIT 0.2.0 `router-policy.route-request`; a 0.1.0
+/// router sees the first four fields).
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct RouteRequest {
     pub node_id: String,
     pub prompt_tokens: u32,
     pub query: String,
     pub models: Vec<String>,
+    /// The node's label.
+    pub role: String,
+    /// Tokens of the node's answer so far.
+    pub answer_tokens: u32,
+    /// The node's budget for its whole answer.
+    pub max_tokens: u32,
+    /// The model of the node's previous step.
+    pub previous_model: Option<String>,
+    /// How sure `previous_model` was of the previous step's tokens, when its engine says.
+    pub confidence: Option<Confidence>,
+}
+
+/// A router's answer: a model and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RouteChoice {
+    /// One of the request's models.
+    pub model: String,
+    /// The router's reason (empty from a 0.1.0 router, which gives none).
+    pub reason: String,
 }
 
 /// Chooses a model per step (WIT `router-policy`).
 pub trait RouterPolicy: Send {
-    /// One of `request.models`.
-    fn route(&mut self, request: &RouteRequest) -> Result<String, PolicyError>;
+    fn route(&mut self, request: &RouteRequest) -> Result<RouteChoice, PolicyError>;
 }
 
 /// Per-node plugin settings from a pipeline file (`[nodes.config]`), key to value.
@@ -182,6 +201,16 @@ pub trait PolicyProvider: Send + Sync {
     }
     fn compressor(&self, plugin: &str) -> Result<Box<dyn CompressorPolicy>, PolicyError>;
     fn router(&self, plugin: &str) -> Result<Box<dyn RouterPolicy>, PolicyError>;
+    /// A router instance with per-node settings (a routed node's `config` table).
+    /// Providers that cannot pass settings ignore them.
+    fn router_with_config(
+        &self,
+        plugin: &str,
+        config: &PluginConfig,
+    ) -> Result<Box<dyn RouterPolicy>, PolicyError> {
+        let _ = config;
+        self.router(plugin)
+    }
     /// Whether a plugin of that name exists, and of which kind (for validation).
     fn kind_of(&self, plugin: &str) -> Option<PluginKind>;
 }

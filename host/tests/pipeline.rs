@@ -18,7 +18,8 @@ use staircase::pipeline::{
 };
 use staircase::policy::{
     AggregatorSession, CompressorPolicy, Demand, PluginConfig, PluginKind, PolicyError,
-    PolicyProvider, RoleInput, RolePolicy, RouteRequest, RouterPolicy, Source, Step, StreamMode,
+    PolicyProvider, RoleInput, RolePolicy, RouteChoice, RouteRequest, RouterPolicy, Source, Step,
+    StreamMode,
 };
 use staircase::trace::{chrome::ChromeTrace, svg};
 use tokio::sync::mpsc;
@@ -292,8 +293,11 @@ impl CompressorPolicy for Truncate {
 struct LastModel;
 
 impl RouterPolicy for LastModel {
-    fn route(&mut self, request: &RouteRequest) -> Result<String, PolicyError> {
-        Ok(request.models.last().cloned().unwrap_or_default())
+    fn route(&mut self, request: &RouteRequest) -> Result<RouteChoice, PolicyError> {
+        Ok(RouteChoice {
+            model: request.models.last().cloned().unwrap_or_default(),
+            reason: "the last".into(),
+        })
     }
 }
 

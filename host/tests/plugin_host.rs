@@ -136,10 +136,31 @@ fn builtin_plugins_answer_through_the_policy_traits() {
         prompt_tokens: 20,
         query: "What is the capital of France?".into(),
         models: vec!["small".into(), "large".into()],
+        ..RouteRequest::default()
     };
-    assert_eq!(router.route(&request).unwrap(), "small");
+    assert_eq!(router.route(&request).unwrap().model, "small");
     request.query = "Prove that there are infinitely many primes.".into();
-    assert_eq!(router.route(&request).unwrap(), "large");
+    let hard = router.route(&request).unwrap();
+    assert_eq!(hard.model, "large");
+    assert!(hard.reason.contains("prove"), "{}", hard.reason);
+    // An unsure small model escalates the rest of the answer (0.2.0 features).
+    request.query = "What is the capital of France?".into();
+    request.previous_model = Some("small".into());
+    request.confidence = Some(staircase::engine::Confidence {
+        tokens: 16,
+        mean_top_prob: 0.1,
+        mean_entropy: 4.0,
+    });
+    let escalated = router.route(&request).unwrap();
+    assert_eq!(escalated.model, "large", "{}", escalated.reason);
+    assert!(
+        escalated.reason.contains("escalated"),
+        "{}",
+        escalated.reason
+    );
+    request.previous_model = Some("large".into());
+    request.confidence = None;
+    assert_eq!(router.route(&request).unwrap().model, "large");
 
     let mut compressor = provider.compressor("truncate-compressor").unwrap();
     let history = vec![
@@ -1166,6 +1187,7 @@ fn a_huge_router_answer_is_refused_with_a_short_error() {
         prompt_tokens: 1,
         query: "huge-name".into(),
         models: vec!["small".into(), "large".into()],
+        ..RouteRequest::default()
     };
     let mut router = registry.open_router("hostile-router").unwrap();
     let error = router.try_route(&request).unwrap_err();
@@ -1181,7 +1203,7 @@ fn a_huge_router_answer_is_refused_with_a_short_error() {
     );
     request.query = "fine".into();
     let mut fresh = registry.open_router("hostile-router").unwrap();
-    assert_eq!(fresh.try_route(&request).unwrap(), "small");
+    assert_eq!(fresh.try_route(&request).unwrap().model, "small");
 }
 
 /// The hostile fixture under another name, in a folder of its own.

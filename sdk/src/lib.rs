@@ -68,9 +68,10 @@ pub mod bindings {
         export_macro_name: "__export_world",
         default_bindings_module: "staircase_sdk::bindings",
     });
+    // Routers export 0.2.0 (the step's features and a reason); the host loads 0.1.0 ones too.
     #[cfg(feature = "router")]
     wit_bindgen::generate!({
-        path: "../wit/v0.1.0",
+        path: "../wit/v0.2.0",
         world: "router",
         pub_export_macro: true,
         export_macro_name: "__export_world",
@@ -302,12 +303,25 @@ macro_rules! export_compressor {
 // router
 
 #[cfg(feature = "router")]
-pub use bindings::exports::staircase::agent::router_policy::RouteRequest;
+pub use bindings::exports::staircase::agent::router_policy::{
+    Confidence, RouteChoice, RouteRequest,
+};
+
+#[cfg(feature = "router")]
+impl RouteChoice {
+    /// `model`, for `reason`.
+    pub fn new(model: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            model: model.into(),
+            reason: reason.into(),
+        }
+    }
+}
 
 /// Chooses a model per step; the answer must be one of `request.models`.
 #[cfg(feature = "router")]
 pub trait Router {
-    fn route(request: RouteRequest) -> String;
+    fn route(request: RouteRequest) -> RouteChoice;
 }
 
 /// Exports a type implementing [`Router`] as this component's `router-policy`.
@@ -318,7 +332,7 @@ macro_rules! export_router {
         #[doc(hidden)]
         pub struct __StaircaseRouter;
         impl $crate::bindings::exports::staircase::agent::router_policy::Guest for __StaircaseRouter {
-            fn route(request: $crate::RouteRequest) -> String {
+            fn route(request: $crate::RouteRequest) -> $crate::RouteChoice {
                 <$t as $crate::Router>::route(request)
             }
         }

@@ -140,6 +140,18 @@ impl PolicyProvider for Pinned {
         )?))
     }
 
+    fn router_with_config(
+        &self,
+        plugin: &str,
+        config: &PluginConfig,
+    ) -> Result<Box<dyn RouterPolicy>, PolicyError> {
+        Ok(Box::new(RouterInstance::with_config(
+            self.registry.runtime(),
+            self.get(plugin)?,
+            config,
+        )?))
+    }
+
     fn kind_of(&self, plugin: &str) -> Option<PluginKind> {
         self.plugins.get(plugin).map(|p| p.kind())
     }

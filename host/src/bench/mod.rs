@@ -9,6 +9,8 @@
 //! depends on it.
 
 pub mod against_server;
+pub mod collab;
+pub mod compress;
 pub mod engine;
 pub mod plugins;
 pub mod routing;
@@ -28,6 +30,14 @@ pub enum BenchError {
     Engine(#[from] EngineError),
     #[error(transparent)]
     Plugin(#[from] PluginError),
+    #[error(transparent)]
+    Run(#[from] crate::pipeline::RunError),
+    #[error(transparent)]
+    Spec(#[from] crate::pipeline::SpecError),
+    #[error("the compressor failed: {0}")]
+    Compressor(String),
+    #[error("starting the async runtime: {0}")]
+    Runtime(#[from] std::io::Error),
     /// A request that should have produced a token did not, so it cannot be timed.
     #[error("a benchmark request finished without a token")]
     Untimed,

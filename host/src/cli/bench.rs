@@ -1,5 +1,7 @@
 //! `staircase bench`.
 
+mod collab;
+mod compress;
 mod routing;
 mod serve;
 mod staircase;
@@ -37,6 +39,10 @@ pub enum Command {
     Routing(routing::Args),
     /// The hand-written pipeline vs its tuned variant for a latency budget.
     Tune(super::tune::Args),
+    /// Dual-model answers: all large vs all small vs routed per step (with escalation).
+    Collab(collab::Args),
+    /// A long chat session: TTFT per turn with no, inline and background compression.
+    Compress(compress::Args),
 }
 
 /// Arguments of `staircase bench speculation`.
@@ -105,6 +111,8 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Speculation(args) => speculation(args),
         Command::Routing(args) => routing::run(args),
         Command::Tune(args) => super::tune::bench(args),
+        Command::Collab(args) => collab::run(args),
+        Command::Compress(args) => compress::run(args),
     }
 }
 

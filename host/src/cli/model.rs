@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 
 use crate::engine::local::default_threads;
-use crate::engine::local::quantize::{Quantization, quantize};
+use crate::engine::local::quantize::{Quantization, quantize, tagged_path};
 
 use crate::model;
 
@@ -43,15 +43,8 @@ pub fn run(command: Command) -> anyhow::Result<()> {
                 Some(path) => path,
                 None => model::default_model_path()?,
             };
-            let stem = input
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            // `Name.Q4_1` becomes `Name.Q8_0`; a name without a tag gets one.
-            let base = stem
-                .rsplit_once('.')
-                .map_or(stem.as_str(), |(base, _)| base);
-            let output = input.with_file_name(format!("{base}.{}.gguf", to.tag()));
+            let dir = input.parent().unwrap_or(std::path::Path::new("."));
+            let output = tagged_path(&input, dir, to);
             quantize(&input, &output, to, threads.unwrap_or_else(default_threads))?;
             println!("{}", output.display());
         }

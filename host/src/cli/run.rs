@@ -52,6 +52,10 @@ pub struct Args {
     /// `[[variants]]` runs the best one predicted to fit (default: the file's budget).
     #[arg(long, value_name = "MS")]
     latency_budget: Option<u64>,
+    /// Earlier turns of the conversation: a JSON array of `{"role", "content"}` messages
+    /// (OpenAI's shape); the prompt is the next user message.
+    #[arg(long, value_name = "FILE.json")]
+    history: Option<PathBuf>,
 }
 
 /// The host every pipeline command runs on: `staircase.toml` when `--config` names one,
@@ -141,7 +145,15 @@ async fn drive(
     mut view: View,
 ) -> anyhow::Result<RunReport> {
     let (tx, mut events) = mpsc::unbounded_channel();
-    let request = RunRequest::prompt(args.prompt.clone(), args.mode);
+    let mut request = RunRequest::prompt(args.prompt.clone(), args.mode);
+    if let Some(path) = &args.history {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut conversation: Vec<crate::engine::ChatMessage> = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a JSON array of messages", path.display()))?;
+        conversation.append(&mut request.conversation);
+        request.conversation = conversation;
+    }
     let run = runner.run(pipeline, request, Some(tx));
     tokio::pin!(run);
     // One listener for the whole run, so a Ctrl-C during a redraw is not missed.

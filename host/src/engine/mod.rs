@@ -195,6 +195,57 @@ pub enum GenerationEvent {
     },
 }
 
+/// Asks an engine to measure how sure the model is of the tokens it generates (put it in
+/// [`GenerationRequest::extensions`]). Optional: an engine that cannot (a remote server that
+/// sends no log-probabilities) ignores it and its `Finished` carries no [`Confidence`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MeasureConfidence;
+
+/// How sure the model was of a request's generated tokens, on `Finished`'s `extensions` of a
+/// request that asked with [`MeasureConfidence`]. Measured on the model's next-token
+/// distribution before sampling (so a repetition penalty does not change it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Confidence {
+    /// Tokens measured.
+    pub tokens: u32,
+    /// Mean probability of the most likely next token (1.0: certain).
+    pub mean_top_prob: f32,
+    /// Mean entropy of the next-token distribution, in nats (0.0: certain).
+    pub mean_entropy: f32,
+}
+
+impl Confidence {
+    /// The top-token probability and entropy of one distribution given as logits, in one
+    /// pass over the vocabulary (softmax with the maximum subtracted, so nothing overflows).
+    pub fn of_logits(logits: &[f32]) -> (f32, f32) {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if !max.is_finite() {
+            return (0.0, 0.0);
+        }
+        let (mut sum, mut weighted) = (0.0f32, 0.0f32);
+        for &logit in logits {
+            let shifted = logit - max;
+            // Below e^-30 a token adds nothing a f32 sum keeps; skipping its `exp` makes the
+            // pass cheap next to a decode step (most of a vocabulary is far below the top).
+            if shifted > -30.0 {
+                let e = shifted.exp();
+                sum += e;
+                weighted += shifted * e;
+            }
+        }
+        // p_max = 1 / sum; H = ln(sum) - sum(shifted * e) / sum.
+        (1.0 / sum, sum.ln() - weighted / sum)
+    }
+
+    /// Adds one token's measurement to the running means.
+    pub fn add(&mut self, top_prob: f32, entropy: f32) {
+        let n = self.tokens as f32;
+        self.mean_top_prob = (self.mean_top_prob * n + top_prob) / (n + 1.0);
+        self.mean_entropy = (self.mean_entropy * n + entropy) / (n + 1.0);
+        self.tokens += 1;
+    }
+}
+
 /// Something a request may need that not every backend offers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]

@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use crate::engine::{ChatMessage, SamplingParams};
 use crate::policy::{
     AggregatorSession, CompressorPolicy, Demand, PluginConfig, PluginKind, PolicyError,
-    PolicyProvider, RoleInput, RolePolicy, RouteRequest, RouterPolicy, Source, Step, StreamMode,
+    PolicyProvider, RoleInput, RolePolicy, RouteChoice, RouteRequest, RouterPolicy, Source, Step,
+    StreamMode,
 };
 
 /// Time a run's plugins may spend in calls, all together. The built-in policies spend a
@@ -226,6 +227,16 @@ impl PolicyProvider for MeteredProvider {
         Ok(Box::new(MeteredRouter { inner, meter }))
     }
 
+    fn router_with_config(
+        &self,
+        plugin: &str,
+        config: &PluginConfig,
+    ) -> Result<Box<dyn RouterPolicy>, PolicyError> {
+        let meter = self.metered(plugin);
+        let inner = meter.call(|| self.inner.router_with_config(plugin, config))?;
+        Ok(Box::new(MeteredRouter { inner, meter }))
+    }
+
     fn kind_of(&self, plugin: &str) -> Option<PluginKind> {
         self.inner.kind_of(plugin)
     }
@@ -275,7 +286,7 @@ struct MeteredRouter {
 }
 
 impl RouterPolicy for MeteredRouter {
-    fn route(&mut self, request: &RouteRequest) -> Result<String, PolicyError> {
+    fn route(&mut self, request: &RouteRequest) -> Result<RouteChoice, PolicyError> {
         let inner = &mut self.inner;
         self.meter.call(|| inner.route(request))
     }

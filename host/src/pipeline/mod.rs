@@ -12,6 +12,7 @@
 pub mod budget;
 pub mod critical;
 pub mod examples;
+pub mod history;
 pub mod record;
 pub mod report;
 pub mod role_session;

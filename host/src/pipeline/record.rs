@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
+use super::history::HistoryUse;
 use super::spec::NodeIndex;
+use crate::engine::Confidence;
 use crate::policy::StreamMode;
 use crate::speculate::SpeculationStats;
 use crate::trace::{EventKind, Timeline};
@@ -94,6 +96,25 @@ pub enum RunEvent {
     },
     /// The node is done; `cancelled` when it stopped early because nobody read it any more.
     NodeFinished { node: NodeIndex, cancelled: bool },
+    /// A routed node's step `index` ran on `model`, chosen by its router for `reason`.
+    StepRouted {
+        node: NodeIndex,
+        index: u32,
+        model: String,
+        reason: String,
+        /// Tokens of the answer before the step (what the model continued).
+        answer_tokens: u32,
+        tokens: u32,
+        /// How sure the model was of the step's tokens, when its engine says.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        confidence: Option<Confidence>,
+    },
+    /// A node with a history budget starts with the conversation as its memory gave it
+    /// (full, or a ready compression of a prefix) and maybe a compression in the background.
+    History { node: NodeIndex, used: HistoryUse },
+    /// That node's first token, numbered in the memory's order of events (before a
+    /// compression's end: the token did not wait for it).
+    HistoryFirstToken { node: NodeIndex, seq: u64 },
 }
 
 pub(crate) fn ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -292,7 +313,42 @@ pub fn timeline(lanes: Vec<String>, events: &[Recorded]) -> Timeline {
                 };
                 (*node, kind)
             }
-            RunEvent::RunStarted { .. } | RunEvent::StepStarted { .. } => continue,
+            RunEvent::StepRouted {
+                node,
+                index,
+                model,
+                reason,
+                tokens,
+                confidence,
+                ..
+            } => (
+                *node,
+                EventKind::Note {
+                    category: "route",
+                    name: format!("step {index} on {model}"),
+                    args: serde_json::json!({
+                        "model": model,
+                        "reason": reason,
+                        "tokens": tokens,
+                        "confidence": confidence,
+                    }),
+                },
+            ),
+            RunEvent::History { node, used } => (
+                *node,
+                EventKind::Note {
+                    category: "history",
+                    name: if used.replaced_messages > 0 {
+                        format!("compressed history ({} messages)", used.replaced_messages)
+                    } else {
+                        "full history".into()
+                    },
+                    args: serde_json::to_value(used).unwrap_or_default(),
+                },
+            ),
+            RunEvent::RunStarted { .. }
+            | RunEvent::StepStarted { .. }
+            | RunEvent::HistoryFirstToken { .. } => continue,
         };
         timeline.record_at(*at, node.0, kind);
     }

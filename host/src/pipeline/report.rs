@@ -9,8 +9,10 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::critical::{self, CriticalPath};
+use super::history::{HistoryEvent, HistoryUse};
 use super::record::{self, Recorded, RunEvent, ms};
 use super::spec::{NodeIndex, NodeKind, Pipeline};
+use crate::engine::Confidence;
 use crate::policy::StreamMode;
 use crate::speculate::SpeculationStats;
 use crate::trace::Timeline;
@@ -44,7 +46,28 @@ pub struct NodeReport {
     /// Speculative decoding over all of the node's requests, when the engine reports it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub speculation: Option<SpeculationStats>,
+    /// A routed node's engine requests: the model of each and why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<RoutedStep>,
+    /// What the conversation memory did for a node with a history budget.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub history: Option<HistoryUse>,
     pub text: String,
+}
+
+/// One engine request of a routed node: where the router sent it and why.
+#[derive(Clone, Debug, Serialize)]
+pub struct RoutedStep {
+    /// The node's engine request number (as in the timeline's steps).
+    pub step: u32,
+    /// Tokens of the answer before this step (the prefix the model continued).
+    pub answer_tokens: u32,
+    pub tokens: u32,
+    /// How sure the model was of this step's tokens, when its engine reports it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub confidence: Option<Confidence>,
+    pub model: String,
+    pub reason: String,
 }
 
 /// A critical path by node id.
@@ -98,6 +121,10 @@ pub struct RunReport {
     /// (`tune::adaptive::Choice`); the caller that chose sets it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub variant: Option<serde_json::Value>,
+    /// Background compressions of conversations that started, finished or failed while the
+    /// run went (in the memory's order).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<HistoryEvent>,
     #[serde(skip)]
     pub timeline: Timeline,
     /// The run's event stream, everything above is derived from.
@@ -178,6 +205,35 @@ impl NodeReport {
                     finished = Some(*at);
                     report.cancelled = *cancelled;
                 }
+                RunEvent::StepRouted {
+                    node,
+                    index,
+                    model,
+                    reason,
+                    answer_tokens,
+                    tokens,
+                    confidence,
+                } if *node == ix => report.routes.push(RoutedStep {
+                    step: *index,
+                    answer_tokens: *answer_tokens,
+                    tokens: *tokens,
+                    confidence: *confidence,
+                    model: model.clone(),
+                    reason: reason.clone(),
+                }),
+                RunEvent::History { node, used } if *node == ix => {
+                    let seq = report.history.take().and_then(|h| h.first_token_seq);
+                    report.history = Some(HistoryUse {
+                        first_token_seq: seq,
+                        ..used.clone()
+                    });
+                }
+                RunEvent::HistoryFirstToken { node, seq } if *node == ix => {
+                    report
+                        .history
+                        .get_or_insert_with(HistoryUse::default)
+                        .first_token_seq = Some(*seq);
+                }
                 _ => {}
             }
         }
@@ -239,6 +295,7 @@ impl RunReport {
             measured_lanes: measured.nodes.iter().map(|i| i.0).collect(),
             cache,
             variant: None,
+            history: Vec::new(),
             nodes,
             timeline,
             events,

@@ -23,17 +23,18 @@ use tracing::Instrument;
 
 use super::budget::{MeteredProvider, RunBound, RunBudget, RunLimits};
 use super::critical::{self, CriticalPath, LatencyModel};
+use super::history::{HistoryCache, TokenCount};
 use super::record::{NodeInfo, Recorder, RunEvent};
 use super::role_session::RoleSession;
 use super::spec::{DEFAULT_MODEL, ModelBinding, NodeIndex, NodeKind, Pipeline, SpecError};
 use super::stream::{Chunk, Chunker};
 use crate::engine::{
-    Capability, ChatMessage, Engine, EngineError, FinishReason, GenerationEvent, GenerationRequest,
-    GenerationStream, Priority, Prompt, Role, SamplingParams,
+    Capability, ChatMessage, Confidence, Engine, EngineError, FinishReason, GenerationEvent,
+    GenerationRequest, GenerationStream, MeasureConfidence, Priority, Prompt, Role, SamplingParams,
 };
 use crate::policy::{
-    AggregatorSession, CompressorPolicy, Demand, PolicyError, PolicyProvider, RouteRequest,
-    RouterPolicy, Source, StreamMode,
+    AggregatorSession, CompressorPolicy, Demand, PolicyError, PolicyProvider, RouteChoice,
+    RouteRequest, RouterPolicy, Source, StreamMode,
 };
 // Re-exported where callers found it before the report had its own room.
 pub use super::report::RunReport;
@@ -129,12 +130,41 @@ impl RunRequest {
     }
 }
 
+/// What a routed node tells its router about the next step.
+#[derive(Default)]
+struct StepFeatures {
+    prompt_tokens: u32,
+    query: String,
+    answer_tokens: u32,
+    max_tokens: u32,
+    previous_model: Option<String>,
+    confidence: Option<Confidence>,
+}
+
+impl StepFeatures {
+    /// The step's prompt size and latest user message (counted only for a router).
+    fn prompt(&mut self, messages: &[ChatMessage], routed: bool, runner: &Runner) {
+        if !routed {
+            return;
+        }
+        let text: String = messages.iter().map(|m| m.content.as_str()).collect();
+        self.prompt_tokens = runner.models.count_tokens(&text);
+        self.query = messages
+            .iter()
+            .rev()
+            .find(|m| m.role == Role::User)
+            .map_or_else(String::new, |m| m.content.clone());
+    }
+}
+
 /// Runs pipelines on a set of models and a policy provider.
 pub struct Runner {
     models: Models,
     policies: Arc<dyn PolicyProvider>,
     latencies: Arc<LatencyModel>,
     limits: RunLimits,
+    /// Compressed conversations, shared by every run (and pinned copy) of this runner.
+    history: Arc<HistoryCache>,
 }
 
 impl Runner {
@@ -144,7 +174,13 @@ impl Runner {
             policies,
             latencies: Arc::new(LatencyModel::default()),
             limits: RunLimits::default(),
+            history: HistoryCache::new(),
         }
+    }
+
+    /// The conversation memory of this runner's nodes.
+    pub fn history(&self) -> &Arc<HistoryCache> {
+        &self.history
     }
 
     /// The same runner with other bounds per run.
@@ -170,6 +206,7 @@ impl Runner {
             policies,
             latencies: self.latencies.clone(),
             limits: self.limits,
+            history: self.history.clone(),
         }
     }
 
@@ -191,10 +228,12 @@ impl Runner {
         pipeline: &Pipeline,
         mode: StreamMode,
     ) -> Result<(), RunError> {
-        if mode == StreamMode::Layered {
-            return Ok(());
-        }
-        for node in pipeline.nodes.iter().filter(|n| !n.inputs.is_empty()) {
+        // A routed node continues its answer at every part after the first, in any mode.
+        let continues = |n: &&super::spec::Node| {
+            matches!(n.model, ModelBinding::Routed { .. })
+                || (mode == StreamMode::Staircase && !n.inputs.is_empty())
+        };
+        for node in pipeline.nodes.iter().filter(continues) {
             let models = match &node.model {
                 ModelBinding::None => continue,
                 ModelBinding::Fixed(name) => std::slice::from_ref(name),
@@ -256,6 +295,7 @@ impl Runner {
         self.check(pipeline)?;
         self.check_capabilities(pipeline, request.mode)?;
         let estimated = self.estimate(pipeline, &request);
+        let history_from = self.history.mark();
         let n = pipeline.nodes.len();
         recorder.record(RunEvent::RunStarted {
             pipeline: pipeline.name.clone(),
@@ -348,6 +388,7 @@ impl Runner {
                 edges,
                 is_output: ix == pipeline.output,
                 tokens: 0,
+                history_seq: pipeline.nodes[i].history.as_ref().map(|_| None),
             };
             let span = tracing::debug_span!("node", id = %pipeline.nodes[i].id);
             nodes.push(
@@ -360,13 +401,16 @@ impl Runner {
 
         try_join_all(nodes).await?;
         let total = recorder.now();
-        Ok(RunReport::from_events(
-            pipeline,
-            request.mode,
-            &estimated,
-            recorder.events(),
-            total,
-        ))
+        let mut report =
+            RunReport::from_events(pipeline, request.mode, &estimated, recorder.events(), total);
+        // Background compressions that started or ended while the run went.
+        report.history = self
+            .history
+            .events()
+            .into_iter()
+            .filter(|e| e.seq > history_from)
+            .collect();
+        Ok(report)
     }
 }
 
@@ -434,6 +478,9 @@ struct Emitter<'r> {
     is_output: bool,
     /// Output so far, for the chunks' running totals.
     tokens: u32,
+    /// The node keeps a conversation budget: its first token takes a number in the
+    /// memory's order of events (so tests see it did not wait for a compression).
+    history_seq: Option<Option<u64>>,
 }
 
 impl Emitter<'_> {
@@ -445,6 +492,14 @@ impl Emitter<'_> {
     fn delta(&mut self, text: &str, tokens: u32) {
         if text.is_empty() && tokens == 0 {
             return;
+        }
+        if let Some(None) = self.history_seq {
+            let seq = self.ctx.runner.history.mark();
+            self.history_seq = Some(Some(seq));
+            self.ctx.recorder.record(RunEvent::HistoryFirstToken {
+                node: self.node,
+                seq,
+            });
         }
         self.tokens += tokens;
         self.ctx.recorder.record(RunEvent::NodeDelta {
@@ -555,8 +610,25 @@ impl<'r> RunCtx<'r> {
     ) -> Result<(), RunError> {
         let node = self.pipeline.node(ix);
         let policy_error = self.policy_error(ix);
-        let conversation = self.request.conversation.clone();
         let mode = self.request.mode;
+        // A long conversation: the compressed form when one is ready, else the full one
+        // (its compression starts in the background, for the next turn). Never waits.
+        let conversation = match &node.history {
+            Some(policy) => {
+                let models = self.runner.models.clone();
+                let count: TokenCount = Arc::new(move |text: &str| models.count_tokens(text));
+                let (conversation, used) = self.runner.history.prepare(
+                    &policy.compressor,
+                    policy.budget_tokens,
+                    &self.request.conversation,
+                    &count,
+                    &self.runner.policies,
+                );
+                self.recorder.record(RunEvent::History { node: ix, used });
+                conversation
+            }
+            None => self.request.conversation.clone(),
+        };
         match node.kind {
             NodeKind::Compressor { budget_tokens } => {
                 let compressor = self
@@ -594,50 +666,51 @@ impl<'r> RunCtx<'r> {
         }
     }
 
-    /// The engine for a step of `node`, asking its router when it has one.
+    /// The engine for a step of `node`, asking its router when it has one (then the
+    /// router's choice comes back too).
     fn engine_for(
         &self,
         ix: NodeIndex,
         router: &mut Option<Box<dyn RouterPolicy>>,
-        messages: &[ChatMessage],
-    ) -> Result<&'r Arc<dyn Engine>, RunError> {
+        features: &StepFeatures,
+    ) -> Result<(&'r Arc<dyn Engine>, Option<RouteChoice>), RunError> {
         let node = self.pipeline.node(ix);
-        let name = match (&node.model, router.as_mut()) {
+        let (name, choice) = match (&node.model, router.as_mut()) {
             (ModelBinding::Routed { models, .. }, Some(router)) => {
-                let text: String = messages.iter().map(|m| m.content.as_str()).collect();
-                let query = messages
-                    .iter()
-                    .rev()
-                    .find(|m| m.role == Role::User)
-                    .map(|m| m.content.clone())
-                    .unwrap_or_default();
-                let chosen = router
+                let choice = router
                     .route(&RouteRequest {
                         node_id: node.id.clone(),
-                        prompt_tokens: self.runner.models.count_tokens(&text),
-                        query,
+                        prompt_tokens: features.prompt_tokens,
+                        query: features.query.clone(),
                         models: models.clone(),
+                        role: node.label.clone(),
+                        answer_tokens: features.answer_tokens,
+                        max_tokens: features.max_tokens,
+                        previous_model: features.previous_model.clone(),
+                        confidence: features.confidence,
                     })
                     .map_err(self.policy_error(ix))?;
-                if !models.contains(&chosen) {
+                if !models.contains(&choice.model) {
                     return Err(RunError::BadRoute {
                         node: node.id.clone(),
-                        model: chosen,
+                        model: choice.model,
                         models: models.clone(),
                     });
                 }
-                chosen
+                (choice.model.clone(), Some(choice))
             }
-            (ModelBinding::Fixed(name), _) => name.clone(),
-            _ => DEFAULT_MODEL.to_string(),
+            (ModelBinding::Fixed(name), _) => (name.clone(), None),
+            _ => (DEFAULT_MODEL.to_string(), None),
         };
-        self.runner
+        let engine = self
+            .runner
             .models
             .get(&name)
             .ok_or_else(|| RunError::NoModel {
                 node: node.id.clone(),
                 model: name,
-            })
+            })?;
+        Ok((engine, choice))
     }
 
     /// The step loop of agents and aggregators.
@@ -653,9 +726,11 @@ impl<'r> RunCtx<'r> {
         let node = self.pipeline.node(ix);
         let policy_error = self.policy_error(ix);
         let mut router = match &node.model {
-            ModelBinding::Routed { router, .. } => {
-                Some(self.policies.router(router).map_err(&policy_error)?)
-            }
+            ModelBinding::Routed { router, .. } => Some(
+                self.policies
+                    .router_with_config(router, &node.config)
+                    .map_err(&policy_error)?,
+            ),
             _ => None,
         };
         let sources = self.sources(ix);
@@ -667,6 +742,16 @@ impl<'r> RunCtx<'r> {
         let mut steps = 0u32;
         let mut answer = String::new();
         let mut answer_tokens = 0u32;
+        // A routed node asks its router before every engine request of at most this many
+        // tokens; the others send a policy step whole.
+        let route_tokens = match &node.model {
+            ModelBinding::Routed { step_tokens, .. } => Some(*step_tokens),
+            _ => None,
+        };
+        let mut features = StepFeatures {
+            max_tokens: budget,
+            ..StepFeatures::default()
+        };
 
         // Ends input `slot` for the session (and the draft feed), once.
         let close = |session: &mut Box<dyn AggregatorSession>,
@@ -730,7 +815,8 @@ impl<'r> RunCtx<'r> {
                 // prefix cache while the node waits for input. One at a time is enough.
                 Some(step) if !step.is_final && step.max_tokens == 0 => {
                     if warming.is_none() {
-                        let engine = self.engine_for(ix, &mut router, &step.messages)?;
+                        features.prompt(&step.messages, router.is_some(), self.runner);
+                        let (engine, _) = self.engine_for(ix, &mut router, &features)?;
                         let request = self.step_request(ix, step.messages, &answer, 0, &sampling);
                         let started = self.recorder.now();
                         // A warm-up only saves work; the step after it reports real trouble.
@@ -781,71 +867,112 @@ impl<'r> RunCtx<'r> {
             if let Some((stream, started)) = warming.take() {
                 self.finish_warm_up(ix, stream, started).await;
             }
-            let engine = self.engine_for(ix, &mut router, &step.messages)?;
-            let mut request = self.step_request(ix, step.messages, &answer, max_tokens, &sampling);
-            if let Some(feed) = &feed {
-                request.extensions.insert(feed.clone());
-            }
-            let step_started = self.recorder.record(RunEvent::StepStarted {
-                node: ix,
-                index: steps,
-                is_final: step.is_final,
-            });
-            let mut stream = engine.submit(request).map_err(engine_error)?;
-            let mut step_text = String::new();
-            let mut step_tokens = 0u32;
-            let (reason, usage, extensions) = loop {
-                let wake = tokio::select! {
-                    event = stream.next() => Wake::Engine(event),
-                    input = inputs.recv(), if inputs.rx.is_some() => Wake::Input(input),
-                    _ = waker.notified() => Wake::Released,
-                };
-                match wake {
-                    Wake::Engine(Some(Ok(GenerationEvent::Delta {
-                        text,
-                        token_count: count,
-                        ..
-                    }))) => {
-                        step_text.push_str(&text);
-                        step_tokens += count;
-                        emitter.delta(&text, count);
-                    }
-                    Wake::Engine(Some(Ok(GenerationEvent::Finished {
-                        reason,
-                        usage,
-                        timings,
-                        extensions,
-                    }))) => {
-                        self.runner.latencies.observe(&usage, &timings);
-                        break (reason, usage, extensions);
-                    }
-                    Wake::Engine(Some(Err(error))) => return Err(engine_error(error)),
-                    Wake::Engine(None) => return Err(engine_error(EngineError::Stopped)),
-                    Wake::Input(input) => on_input(&mut session, &mut inputs, input)?,
-                    Wake::Released => {
-                        if !emitter.wanted() {
-                            // Dropping the stream cancels the engine sequence.
-                            drop(stream);
-                            cancelled = true;
-                            break 'run;
+            features.prompt(&step.messages, router.is_some(), self.runner);
+            let mut step_left = max_tokens;
+            let reason = loop {
+                let part = route_tokens.map_or(step_left, |n| n.min(step_left));
+                features.answer_tokens = answer_tokens;
+                let (engine, choice) = self.engine_for(ix, &mut router, &features)?;
+                let mut request =
+                    self.step_request(ix, step.messages.clone(), &answer, part, &sampling);
+                if let Some(feed) = &feed {
+                    request.extensions.insert(feed.clone());
+                }
+                if choice.is_some() {
+                    request.extensions.insert(MeasureConfidence);
+                }
+                let step_started = self.recorder.record(RunEvent::StepStarted {
+                    node: ix,
+                    index: steps,
+                    is_final: step.is_final && part == step_left,
+                });
+                let mut stream = engine.submit(request).map_err(engine_error)?;
+                let mut step_text = String::new();
+                let mut step_tokens = 0u32;
+                let (reason, usage, extensions) = loop {
+                    let wake = tokio::select! {
+                        event = stream.next() => Wake::Engine(event),
+                        input = inputs.recv(), if inputs.rx.is_some() => Wake::Input(input),
+                        _ = waker.notified() => Wake::Released,
+                    };
+                    match wake {
+                        Wake::Engine(Some(Ok(GenerationEvent::Delta {
+                            text,
+                            token_count: count,
+                            ..
+                        }))) => {
+                            step_text.push_str(&text);
+                            step_tokens += count;
+                            emitter.delta(&text, count);
+                        }
+                        Wake::Engine(Some(Ok(GenerationEvent::Finished {
+                            reason,
+                            usage,
+                            timings,
+                            extensions,
+                        }))) => {
+                            self.runner.latencies.observe(&usage, &timings);
+                            break (reason, usage, extensions);
+                        }
+                        Wake::Engine(Some(Err(error))) => return Err(engine_error(error)),
+                        Wake::Engine(None) => return Err(engine_error(EngineError::Stopped)),
+                        Wake::Input(input) => on_input(&mut session, &mut inputs, input)?,
+                        Wake::Released => {
+                            if !emitter.wanted() {
+                                // Dropping the stream cancels the engine sequence.
+                                drop(stream);
+                                cancelled = true;
+                                break 'run;
+                            }
                         }
                     }
+                };
+                answer.push_str(&step_text);
+                answer_tokens += step_tokens;
+                step_left = step_left.saturating_sub(step_tokens);
+                // The policy's step is over when the model stops or its tokens are spent;
+                // a routed node asks its router again before the next part.
+                let last = route_tokens.is_none()
+                    || reason == FinishReason::Stop
+                    || step_left == 0
+                    || answer_tokens >= budget;
+                self.recorder.record(RunEvent::StepFinished {
+                    node: ix,
+                    index: steps,
+                    started: step_started,
+                    tokens: step_tokens,
+                    prompt_tokens: usage.prompt_tokens,
+                    cached_prompt_tokens: usage.cached_prompt_tokens,
+                    is_final: step.is_final && last,
+                    speculation: extensions.get::<SpeculationStats>().cloned(),
+                });
+                if let Some(choice) = choice {
+                    let confidence = extensions.get::<Confidence>().copied();
+                    tracing::debug!(
+                        node = %node.id,
+                        model = %choice.model,
+                        reason = %choice.reason,
+                        tokens = step_tokens,
+                        "routed step"
+                    );
+                    self.recorder.record(RunEvent::StepRouted {
+                        node: ix,
+                        index: steps,
+                        model: choice.model.clone(),
+                        reason: choice.reason,
+                        answer_tokens: answer_tokens - step_tokens,
+                        tokens: step_tokens,
+                        confidence,
+                    });
+                    features.previous_model = Some(choice.model);
+                    features.confidence = confidence;
+                }
+                steps += 1;
+                session.answered(&step_text).map_err(&policy_error)?;
+                if last {
+                    break reason;
                 }
             };
-            self.recorder.record(RunEvent::StepFinished {
-                node: ix,
-                index: steps,
-                started: step_started,
-                tokens: step_tokens,
-                prompt_tokens: usage.prompt_tokens,
-                cached_prompt_tokens: usage.cached_prompt_tokens,
-                is_final: step.is_final,
-                speculation: extensions.get::<SpeculationStats>().cloned(),
-            });
-            steps += 1;
-            answer.push_str(&step_text);
-            answer_tokens += step_tokens;
-            session.answered(&step_text).map_err(&policy_error)?;
             // The model may end a non-final step early (end of sequence): it said all it
             // could from what it had seen. The next step, with more input, continues the
             // answer; only the final step or the budget ends the node.

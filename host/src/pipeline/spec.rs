@@ -47,6 +47,11 @@ use crate::policy::{PluginConfig, PluginKind};
 /// The model name pipelines use for the embedded default model.
 pub const DEFAULT_MODEL: &str = "default";
 
+/// Tokens a routed node generates between two questions to its router (`route_tokens`):
+/// short enough that a confidence drop moves the answer soon, long enough that the
+/// router's call and the next model's prefill of the shared prefix stay small beside it.
+pub const DEFAULT_ROUTE_TOKENS: u32 = 16;
+
 /// A pipeline file that cannot be used, with where it came from.
 #[derive(Debug, thiserror::Error)]
 pub struct SpecError {
@@ -167,10 +172,12 @@ pub enum ModelBinding {
     /// Compressors call models only through their own plugin import.
     None,
     Fixed(String),
-    /// A router plugin picks one of `models` for each step.
+    /// A router plugin picks one of `models` for each step; the node generates in steps of
+    /// at most `step_tokens`, so the router can move its answer between models midway.
     Routed {
         router: String,
         models: Vec<String>,
+        step_tokens: u32,
     },
 }
 
@@ -241,8 +248,19 @@ pub struct Node {
     pub expected_tokens: Option<u32>,
     /// Settings passed to the node's plugin.
     pub config: PluginConfig,
+    /// How the node keeps a long conversation within budget (`history_compressor`,
+    /// `history_tokens`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub history: Option<HistoryPolicy>,
     #[serde(skip)]
     lines: NodeLines,
+}
+
+/// A node's conversation budget and the compressor that keeps it, in the background.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct HistoryPolicy {
+    pub compressor: String,
+    pub budget_tokens: u32,
 }
 
 /// Where a node's fields are, for errors found after parsing.
@@ -324,6 +342,9 @@ struct RawNode {
     model: Option<Spanned<String>>,
     router: Option<Spanned<String>>,
     models: Option<Vec<String>>,
+    route_tokens: Option<u32>,
+    history_compressor: Option<String>,
+    history_tokens: Option<u32>,
     #[serde(default)]
     inputs: Vec<Spanned<String>>,
     stream: Option<RawStream>,
@@ -589,12 +610,20 @@ impl Pipeline {
             match &node.model {
                 ModelBinding::None => {}
                 ModelBinding::Fixed(model) => check_model(node, model)?,
-                ModelBinding::Routed { router, models } => {
+                ModelBinding::Routed { router, models, .. } => {
                     check_plugin(node, router, PluginKind::Router, node.lines.router)?;
                     for model in models {
                         check_model(node, model)?;
                     }
                 }
+            }
+            if let Some(history) = &node.history {
+                check_plugin(
+                    node,
+                    &history.compressor,
+                    PluginKind::Compressor,
+                    node.lines.node,
+                )?;
             }
         }
         for variant in &self.adaptive.variants {
@@ -757,6 +786,13 @@ fn build_node(
             Some(models) if !models.is_empty() => ModelBinding::Routed {
                 router: router.get_ref().clone(),
                 models: models.clone(),
+                step_tokens: match raw.route_tokens {
+                    Some(0) => {
+                        return Err(bad(node_line, "`route_tokens` must be at least 1".into()));
+                    }
+                    Some(n) => n,
+                    None => DEFAULT_ROUTE_TOKENS,
+                },
             },
             _ => return Err(missing("models")),
         },
@@ -765,7 +801,31 @@ fn build_node(
     if raw.models.is_some() && raw.router.is_none() {
         return Err(bad(node_line, "`models` needs a `router`".into()));
     }
+    if raw.route_tokens.is_some() && raw.router.is_none() {
+        return Err(bad(node_line, "`route_tokens` needs a `router`".into()));
+    }
 
+    let history = match (&raw.history_compressor, raw.history_tokens) {
+        (None, None) => None,
+        (Some(compressor), Some(budget_tokens)) if !matches!(kind, NodeKind::Compressor { .. }) => {
+            Some(HistoryPolicy {
+                compressor: compressor.clone(),
+                budget_tokens,
+            })
+        }
+        (Some(_), Some(_)) => {
+            return Err(bad(
+                node_line,
+                "a compressor node has no conversation to keep short".into(),
+            ));
+        }
+        _ => {
+            return Err(bad(
+                node_line,
+                "give `history_compressor` and `history_tokens` together".into(),
+            ));
+        }
+    };
     let node_stream = match &raw.stream {
         Some(stream) => stream_policy(stream, lines)?,
         None => default_stream.clone(),
@@ -821,6 +881,7 @@ fn build_node(
         },
         expected_tokens: raw.expected_tokens,
         config: raw.config.clone(),
+        history,
         lines: NodeLines {
             node: node_line,
             plugin: Some(lines.of(plugin)),

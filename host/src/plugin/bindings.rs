@@ -1,4 +1,4 @@
-//! Host bindings of the four worlds of `staircase:agent@0.1.0`. The compressor world is the
+//! Host bindings of the four worlds of `staircase:agent@0.1.0` and the router of 0.2.0. The compressor world is the
 //! only one importing everything (`types`, `host`, `model`), so it generates those
 //! interfaces and the other worlds reuse them: one `Host` implementation serves all kinds.
 
@@ -44,3 +44,13 @@ pub(crate) mod router {
 }
 
 pub(crate) use compressor::staircase::agent::{host, model, types};
+
+/// The router of `staircase:agent@0.2.0` (route features and a reason); its `host`
+/// interface is 0.1.0's functions under the new version, served by the same code.
+pub(crate) mod router_v2 {
+    wasmtime::component::bindgen!({
+        path: "../wit/v0.2.0",
+        world: "router",
+        imports: { default: trappable },
+    });
+}

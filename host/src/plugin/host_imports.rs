@@ -1,4 +1,5 @@
-//! The host imports of `staircase:agent@0.1.0` (`host` and `model`), implemented on the
+//! The host imports of `staircase:agent@0.1.0` (`host` and `model`, and `host` again under
+//! 0.2.0), implemented on the
 //! store state. Nothing here reaches outside the sandbox except `model.complete`, which is
 //! refused unless the plugin was granted the `model` capability. Every import checks the
 //! size of its input before working on it, and work that can take long (tokenizing,
@@ -75,6 +76,37 @@ impl host::Host for StoreState {
             total = total.saturating_add(counter.count(piece).get());
         }
         Ok(total)
+    }
+}
+
+/// The same imports under `staircase:agent@0.2.0` (a 0.2.0 router's `host`).
+impl super::bindings::router_v2::staircase::agent::host::Host for StoreState {
+    fn log(
+        &mut self,
+        level: super::bindings::router_v2::staircase::agent::host::LogLevel,
+        message: String,
+    ) -> wasmtime::Result<()> {
+        use super::bindings::router_v2::staircase::agent::host::LogLevel as V2;
+        let level = match level {
+            V2::Trace => host::LogLevel::Trace,
+            V2::Debug => host::LogLevel::Debug,
+            V2::Info => host::LogLevel::Info,
+            V2::Warn => host::LogLevel::Warn,
+            V2::Error => host::LogLevel::Error,
+        };
+        host::Host::log(self, level, message)
+    }
+
+    fn now_ns(&mut self) -> wasmtime::Result<u64> {
+        host::Host::now_ns(self)
+    }
+
+    fn config(&mut self, key: String) -> wasmtime::Result<Option<String>> {
+        host::Host::config(self, key)
+    }
+
+    fn count_tokens(&mut self, text: String) -> wasmtime::Result<u32> {
+        host::Host::count_tokens(self, text)
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use wasmtime::component::ResourceAny;
 
-use super::bindings::{aggregator, compressor, role, router};
+use super::bindings::{aggregator, compressor, role, router, router_v2};
 use super::error::{MAX_QUOTED_BYTES, PluginError, clip};
 use super::host_imports::{chat_from_wit, chat_to_wit, sampling_from_wit};
 use super::instance::PluginInstance;
@@ -15,7 +15,7 @@ use super::runtime::{KindPre, LoadedPlugin, PluginRuntime};
 use crate::engine::{ChatMessage, Role, SamplingParams};
 use crate::policy::{
     AggregatorSession, CompressorPolicy, Demand, PluginKind, PolicyError, RoleInput, RolePolicy,
-    RouteRequest, RouterPolicy, Source, Step, StreamMode,
+    RouteChoice, RouteRequest, RouterPolicy, Source, Step, StreamMode,
 };
 
 fn wrong_kind(plugin: &LoadedPlugin, expected: PluginKind) -> PluginError {
@@ -298,52 +298,109 @@ impl CompressorPolicy for CompressorInstance {
     }
 }
 
-/// A router plugin instance.
+/// A router plugin instance, of either WIT version.
 pub struct RouterInstance {
     instance: PluginInstance,
-    bindings: router::Router,
+    bindings: RouterBindings,
+}
+
+enum RouterBindings {
+    V1(router::Router),
+    V2(router_v2::Router),
 }
 
 impl RouterInstance {
     pub fn new(runtime: &PluginRuntime, plugin: &Arc<LoadedPlugin>) -> Result<Self, PluginError> {
-        if !matches!(plugin.pre, KindPre::Router(_)) {
+        Self::with_config(runtime, plugin, &BTreeMap::new())
+    }
+
+    /// A router instance whose `config` import also sees `config` (the routed node's).
+    pub fn with_config(
+        runtime: &PluginRuntime,
+        plugin: &Arc<LoadedPlugin>,
+        config: &BTreeMap<String, String>,
+    ) -> Result<Self, PluginError> {
+        if !matches!(plugin.pre, KindPre::Router(_) | KindPre::RouterV2(_)) {
             return Err(wrong_kind(plugin, PluginKind::Router));
         }
-        let mut instance = PluginInstance::store(runtime, plugin);
-        let bindings = instance.instantiate(|store, pre| match pre {
-            KindPre::Router(pre) => pre.instantiate(store),
-            _ => Err(wasmtime::format_err!("not a router")),
-        })?;
+        let mut instance = PluginInstance::store_with(runtime, plugin, Some(config));
+        let bindings = match &plugin.pre {
+            KindPre::RouterV2(_) => {
+                RouterBindings::V2(instance.instantiate(|store, pre| match pre {
+                    KindPre::RouterV2(pre) => pre.instantiate(store),
+                    _ => Err(wasmtime::format_err!("not a 0.2.0 router")),
+                })?)
+            }
+            _ => RouterBindings::V1(instance.instantiate(|store, pre| match pre {
+                KindPre::Router(pre) => pre.instantiate(store),
+                _ => Err(wasmtime::format_err!("not a router")),
+            })?),
+        };
         Ok(Self { instance, bindings })
     }
 
-    pub fn try_route(&mut self, request: &RouteRequest) -> Result<String, PluginError> {
-        let api = self.bindings.staircase_agent_router_policy();
-        let wit = router::exports::staircase::agent::router_policy::RouteRequest {
-            node_id: request.node_id.clone(),
-            prompt_tokens: request.prompt_tokens,
-            query: request.query.clone(),
-            models: request.models.clone(),
+    pub fn try_route(&mut self, request: &RouteRequest) -> Result<RouteChoice, PluginError> {
+        let choice = match &self.bindings {
+            RouterBindings::V1(bindings) => {
+                let api = bindings.staircase_agent_router_policy();
+                let wit = router::exports::staircase::agent::router_policy::RouteRequest {
+                    node_id: request.node_id.clone(),
+                    prompt_tokens: request.prompt_tokens,
+                    query: request.query.clone(),
+                    models: request.models.clone(),
+                };
+                let model = self.instance.call("route", |s| api.call_route(s, &wit))?;
+                RouteChoice {
+                    model,
+                    reason: String::new(),
+                }
+            }
+            RouterBindings::V2(bindings) => {
+                use router_v2::exports::staircase::agent::router_policy as v2;
+                let api = bindings.staircase_agent_router_policy();
+                let wit = v2::RouteRequest {
+                    node_id: request.node_id.clone(),
+                    role: request.role.clone(),
+                    prompt_tokens: request.prompt_tokens,
+                    query: request.query.clone(),
+                    models: request.models.clone(),
+                    answer_tokens: request.answer_tokens,
+                    max_tokens: request.max_tokens,
+                    previous_model: request.previous_model.clone(),
+                    confidence: request.confidence.map(|c| v2::Confidence {
+                        model: request.previous_model.clone().unwrap_or_default(),
+                        tokens: c.tokens,
+                        mean_top_prob: c.mean_top_prob,
+                        mean_entropy: c.mean_entropy,
+                    }),
+                };
+                let choice = self.instance.call("route", |s| api.call_route(s, &wit))?;
+                self.instance.check_output("route", choice.reason.len())?;
+                RouteChoice {
+                    model: choice.model,
+                    // A reason is for reports and logs: a line, not a document.
+                    reason: clip(&choice.reason, MAX_QUOTED_BYTES).into_owned(),
+                }
+            }
         };
-        let model = self.instance.call("route", |s| api.call_route(s, &wit))?;
-        if !request.models.contains(&model) {
+        if !request.models.contains(&choice.model) {
             let error = PluginError::InvalidOutput {
                 plugin: self.instance.plugin_ref().clone(),
                 call: "route",
                 reason: format!(
                     "model {:?} is not one of {:?}",
-                    clip(&model, MAX_QUOTED_BYTES),
+                    clip(&choice.model, MAX_QUOTED_BYTES),
                     request.models
                 ),
             };
             return Err(self.instance.reject(error));
         }
-        Ok(model)
+        Ok(choice)
     }
 }
 
 impl RouterPolicy for RouterInstance {
-    fn route(&mut self, request: &RouteRequest) -> Result<String, PolicyError> {
+    fn route(&mut self, request: &RouteRequest) -> Result<RouteChoice, PolicyError> {
         Ok(self.try_route(request)?)
     }
 }
@@ -404,6 +461,11 @@ pub(crate) fn self_test(
                     prompt_tokens: 16,
                     query: "What is 2 + 2?".into(),
                     models: vec!["small".into(), "large".into()],
+                    role: "canary".into(),
+                    answer_tokens: 0,
+                    max_tokens: 64,
+                    previous_model: None,
+                    confidence: None,
                 })
                 .map_err(fail)?;
         }

@@ -629,6 +629,18 @@ impl PolicyProvider for Registry {
         Ok(Box::new(self.open_router(plugin)?))
     }
 
+    fn router_with_config(
+        &self,
+        plugin: &str,
+        config: &PluginConfig,
+    ) -> Result<Box<dyn RouterPolicy>, PolicyError> {
+        Ok(Box::new(RouterInstance::with_config(
+            &self.runtime,
+            &self.get_or_err(plugin)?,
+            config,
+        )?))
+    }
+
     fn kind_of(&self, plugin: &str) -> Option<PluginKind> {
         // A lazily registered plugin answers from its manifest, without compiling.
         if let Some(lazy) = lock(&self.lazy).get(plugin) {

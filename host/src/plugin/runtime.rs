@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
-use super::bindings::{aggregator, compressor, role, router};
+use super::bindings::{aggregator, compressor, role, router, router_v2};
 use super::cache::CodeCache;
 use super::error::{PluginError, PluginRef};
 use super::instance::StoreState;
@@ -255,6 +255,11 @@ impl PluginRuntime {
             |state| state,
         )
         .map_err(|e| PluginError::Runtime(format!("host imports: {e}")))?;
+        router_v2::Router::add_to_linker::<StoreState, wasmtime::component::HasSelf<StoreState>>(
+            &mut linker,
+            |state| state,
+        )
+        .map_err(|e| PluginError::Runtime(format!("host imports 0.2.0: {e}")))?;
         let cache = match &config.cache_dir {
             Some(dir) => Some(CodeCache::new(dir.clone(), &engine)?),
             None => None,
@@ -441,6 +446,8 @@ pub(crate) enum KindPre {
     Aggregator(aggregator::AggregatorPre<StoreState>),
     Compressor(compressor::CompressorPre<StoreState>),
     Router(router::RouterPre<StoreState>),
+    /// A router exporting `staircase:agent@0.2.0`.
+    RouterV2(router_v2::RouterPre<StoreState>),
 }
 
 impl KindPre {
@@ -458,7 +465,18 @@ impl KindPre {
             PluginKind::Role => role::RolePre::new(pre).map(KindPre::Role),
             PluginKind::Aggregator => aggregator::AggregatorPre::new(pre).map(KindPre::Aggregator),
             PluginKind::Compressor => compressor::CompressorPre::new(pre).map(KindPre::Compressor),
-            PluginKind::Router => router::RouterPre::new(pre).map(KindPre::Router),
+            // The newest version first; a router exporting neither gets both reasons.
+            PluginKind::Router => match router_v2::RouterPre::new(pre.clone()) {
+                Ok(pre) => Ok(KindPre::RouterV2(pre)),
+                Err(v2) => router::RouterPre::new(pre)
+                    .map(KindPre::Router)
+                    .map_err(|v1| {
+                        wasmtime::format_err!(
+                            "exports neither 0.2.0 ({}) nor 0.1.0 ({v1:#})",
+                            reason(v2)
+                        )
+                    }),
+            },
         };
         typed.map_err(reason)
     }

@@ -178,6 +178,11 @@ impl ChromeTrace {
                     "cancel",
                     json!({ "reason": reason }),
                 )),
+                EventKind::Note {
+                    category,
+                    name,
+                    args,
+                } => out.push(instant(name.clone(), category, args.clone())),
                 EventKind::Step {
                     index,
                     started,

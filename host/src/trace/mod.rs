@@ -53,6 +53,14 @@ pub enum EventKind {
         reason: String,
         tokens: u32,
     },
+    /// Something the node decided or was given, shown as an instant event: a routed
+    /// step's model and reason, what its conversation memory did.
+    Note {
+        /// The trace category (`route`, `history`).
+        category: &'static str,
+        name: String,
+        args: serde_json::Value,
+    },
 }
 
 /// One recorded event.

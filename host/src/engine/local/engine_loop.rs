@@ -40,6 +40,8 @@ pub(super) struct Pending {
     pub probe: Option<std::sync::mpsc::Sender<Vec<(TokenId, f32)>>>,
     /// Pipeline streams to draft from (an aggregator's proposers).
     pub draft_feed: Option<DraftFeed>,
+    /// The request asked for [`crate::engine::MeasureConfidence`].
+    pub measure_confidence: bool,
 }
 
 pub(super) enum Command {
@@ -222,6 +224,9 @@ impl<'m> EngineLoop<'m> {
                 prefill_done: None,
                 first_token: None,
                 probe: pending.probe,
+                confidence: pending
+                    .measure_confidence
+                    .then(crate::engine::Confidence::default),
             });
         }
     }
@@ -434,6 +439,10 @@ impl<'m> EngineLoop<'m> {
     }
 
     fn sample(&mut self, index: usize, row: i32) -> TokenId {
+        if let Some(confidence) = self.running[index].confidence.as_mut() {
+            let (top, entropy) = crate::engine::Confidence::of_logits(self.executor.logits(row));
+            confidence.add(top, entropy);
+        }
         let sampler = self.running[index].sampler.as_mut();
         self.executor.sample(sampler, row)
     }

@@ -490,6 +490,7 @@ impl LocalEngine {
                 submitted: Instant::now(),
                 probe: Some(probe),
                 draft_feed: None,
+                measure_confidence: false,
             },
             stream,
         )?;
@@ -535,6 +536,10 @@ impl Engine for LocalEngine {
                 submitted,
                 probe: None,
                 draft_feed: request.extensions.get::<DraftFeed>().cloned(),
+                measure_confidence: request
+                    .extensions
+                    .get::<crate::engine::MeasureConfidence>()
+                    .is_some(),
             },
             stream,
         )

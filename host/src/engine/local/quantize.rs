@@ -72,3 +72,37 @@ pub fn quantize(
     }
     Ok(())
 }
+
+/// Where the `to` copy of `input` goes in `dir`: `Name.Q4_1.gguf` becomes `Name.Q8_0.gguf`
+/// (a name without a tag gets one).
+pub fn tagged_path(input: &Path, dir: &Path, to: Quantization) -> std::path::PathBuf {
+    let stem = input
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let base = stem
+        .rsplit_once('.')
+        .map_or(stem.as_str(), |(base, _)| base);
+    dir.join(format!("{base}.{}.gguf", to.tag()))
+}
+
+/// The `to` copy of `input` in `dir`, quantized now unless it is there already (a dual-model
+/// pair of one model at two quantizations: the tests and `bench collab`). Written to a
+/// temporary name first, so a reader never sees half a file.
+pub fn quantized_copy(
+    input: &Path,
+    dir: &Path,
+    to: Quantization,
+    threads: usize,
+) -> Result<std::path::PathBuf, EngineError> {
+    let output = tagged_path(input, dir, to);
+    if output.is_file() {
+        return Ok(output);
+    }
+    let io = |e: std::io::Error| EngineError::Internal(format!("{}: {e}", dir.display()));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let partial = output.with_extension(format!("partial-{}", std::process::id()));
+    quantize(input, &partial, to, threads)?;
+    std::fs::rename(&partial, &output).map_err(io)?;
+    Ok(output)
+}

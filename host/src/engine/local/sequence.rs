@@ -11,8 +11,8 @@ use llama_cpp_2::token::LlamaToken;
 use super::output::OutputText;
 use crate::cache::{NodeRef, SeqSlot};
 use crate::engine::{
-    EngineError, EventSender, FinishReason, GenerationEvent, Priority, SamplingParams, Timings,
-    Usage,
+    Confidence, EngineError, EventSender, FinishReason, GenerationEvent, Priority, SamplingParams,
+    Timings, Usage,
 };
 use crate::speculate::{Draft, SessionStore, SpeculationStats, Speculator};
 use crate::token::TokenId;
@@ -61,6 +61,8 @@ pub(super) struct Sequence {
     pub first_token: Option<Instant>,
     /// Reports the top logits after the prompt instead of generating (diagnostics).
     pub probe: Option<std::sync::mpsc::Sender<Vec<(TokenId, f32)>>>,
+    /// How sure the model was of each sampled token, when the request asked.
+    pub confidence: Option<Confidence>,
 }
 
 impl Sequence {
@@ -147,6 +149,9 @@ impl Sequence {
         let mut extensions = http::Extensions::new();
         if let Some(stats) = &speculation {
             extensions.insert(stats.clone());
+        }
+        if let Some(confidence) = self.confidence {
+            extensions.insert(confidence);
         }
         let usage = Usage {
             prompt_tokens: self.prompt_len as u32,

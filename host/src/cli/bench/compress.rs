@@ -1,0 +1,72 @@
+//! `staircase bench compress`: TTFT per turn of a long session with no compression, inline
+//! compression and background compression.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+use crate::bench::compress::{self as bench, CompressBenchConfig};
+
+/// Arguments of `staircase bench compress`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// A GGUF model file instead of the default model.
+    #[arg(long, value_name = "PATH.gguf")]
+    model: Option<PathBuf>,
+    #[arg(long)]
+    threads: Option<usize>,
+    #[arg(long, default_value_t = 20)]
+    turns: usize,
+    /// Tokens of each answer.
+    #[arg(long, default_value_t = 24)]
+    answer_tokens: u32,
+    /// The history budget, in tokens.
+    #[arg(long, default_value_t = 160)]
+    budget_tokens: u32,
+    /// The compressor plugin.
+    #[arg(long, default_value = "truncate-compressor")]
+    compressor: String,
+    /// Write the report as JSON to this file too.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let model = match args.model {
+        Some(path) => path,
+        None => crate::model::default_model_path()?,
+    };
+    let mut config = CompressBenchConfig::new(model);
+    config.threads = args.threads;
+    config.turns = args.turns;
+    config.answer_tokens = args.answer_tokens;
+    config.budget_tokens = args.budget_tokens;
+    config.compressor = args.compressor;
+    let report = bench::run(&config).context("compress benchmark")?;
+    println!(
+        "{} turns, history budget {} tokens, compressor {}",
+        report.turns, report.budget_tokens, report.compressor
+    );
+    print!("{:>5}", "turn");
+    for v in &report.variants {
+        print!(" {:>12} {:>8}", format!("{} TTFT", v.name), "tokens");
+    }
+    println!();
+    for turn in 0..report.turns {
+        print!("{:>5}", turn + 1);
+        for v in &report.variants {
+            let t = &v.turns[turn];
+            print!(" {:>12.1} {:>8}", t.ttft_ms, t.history_tokens);
+        }
+        println!();
+    }
+    println!(
+        "mean TTFT over budget, / none: inline {:.2}x, background {:.2}x ({} background turns used a compression)",
+        report.inline_vs_none, report.background_vs_none, report.background_turns_compressed
+    );
+    if let Some(path) = args.json {
+        std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,323 @@
+//! Conversation memory off the critical path: a node whose conversation is over its
+//! `history_tokens` budget answers with the history as it is (or with a compressed form
+//! that is ready), while its `history_compressor` plugin shortens the history on a blocking
+//! thread; the next turn, whose conversation begins with this one, uses the compressed form
+//! once it is ready. Compressions are cached by a hash of the messages they replace (and the
+//! plugin and budget), so every node of a pipeline, and every later turn, shares one.
+//!
+//! Nothing here is awaited by a run: `prepare` only looks up and spawns. Every step gets a
+//! sequence number from one counter, so tests check what happened before what without
+//! reading a clock. This room must not touch wasmtime or an engine.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::engine::{ChatMessage, Role};
+use crate::policy::PolicyProvider;
+
+/// Compressions kept; beyond it the oldest finished ones go (a server's sessions come and
+/// go, and a compressed history is worth one later turn).
+const MAX_ENTRIES: usize = 256;
+
+/// What identifies one compression: the plugin, the budget, and the hash of the messages
+/// it replaces.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Key {
+    plugin: String,
+    budget: u32,
+    hash: [u8; 32],
+}
+
+enum State {
+    Running,
+    Ready(Vec<ChatMessage>),
+    Failed,
+}
+
+struct Entry {
+    state: State,
+    /// The entry's age, for eviction.
+    seq: u64,
+}
+
+/// One thing the memory did, with its place in the order of everything it did.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct HistoryEvent {
+    pub seq: u64,
+    pub plugin: String,
+    /// Messages of the history the compression replaces.
+    pub messages: usize,
+    pub kind: HistoryEventKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "event")]
+pub enum HistoryEventKind {
+    /// A compression of `tokens` tokens of history began in the background.
+    Started { tokens: u32 },
+    /// It is ready, `tokens` long.
+    Finished { tokens: u32 },
+    /// It failed (or timed out); runs keep answering with the full history.
+    Failed { reason: String },
+}
+
+/// What a node answers with, and what the memory did for it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct HistoryUse {
+    /// Messages of the conversation a ready compression replaced (0: the full history).
+    pub replaced_messages: usize,
+    /// Tokens of the conversation as it came, and as the node got it.
+    pub tokens_full: u32,
+    pub tokens_used: u32,
+    /// The sequence number of the compression used, when one was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compression_seq: Option<u64>,
+    /// A compression of this turn's history began now (for the next turn).
+    pub started: bool,
+    /// When the node's first token went out, in the memory's order of events.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_token_seq: Option<u64>,
+}
+
+/// Counts tokens of a text as the node's model does.
+pub type TokenCount = Arc<dyn Fn(&str) -> u32 + Send + Sync>;
+
+/// The compressed histories of one runner, shared by its runs.
+#[derive(Default)]
+pub struct HistoryCache {
+    inner: Mutex<Inner>,
+    changed: Condvar,
+    seq: AtomicU64,
+}
+
+#[derive(Default)]
+struct Inner {
+    entries: HashMap<Key, Entry>,
+    /// The sequence number of each ready compression, by key (what runs report as used).
+    finished_at: HashMap<Key, u64>,
+    log: Vec<HistoryEvent>,
+    running: usize,
+}
+
+impl HistoryCache {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// The next number in the memory's order of events (a node's first token takes one).
+    pub fn mark(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::SeqCst)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Everything the memory did, in order.
+    pub fn events(&self) -> Vec<HistoryEvent> {
+        self.lock().log.clone()
+    }
+
+    /// Waits until no compression is running, at most `timeout`; false if one still is.
+    /// Tests use it between turns instead of sleeping.
+    pub fn wait_idle(&self, timeout: Duration) -> bool {
+        let inner = self.lock();
+        let (inner, _) = self
+            .changed
+            .wait_timeout_while(inner, timeout, |i| i.running > 0)
+            .unwrap_or_else(|p| p.into_inner());
+        inner.running == 0
+    }
+
+    /// The conversation a node with `plugin` and `budget` answers with: `conversation` with
+    /// its longest prefix that has a ready compression replaced by it. When that is still
+    /// over `budget`, a compression of it starts in the background (unless one of the same
+    /// history is running or done), keyed by the whole `conversation`. Never waits.
+    pub fn prepare(
+        self: &Arc<Self>,
+        plugin: &str,
+        budget: u32,
+        conversation: &[ChatMessage],
+        count: &TokenCount,
+        policies: &Arc<dyn PolicyProvider>,
+    ) -> (Vec<ChatMessage>, HistoryUse) {
+        let tokens_of =
+            |messages: &[ChatMessage]| -> u32 { messages.iter().map(|m| count(&m.content)).sum() };
+        let keys = prefix_keys(plugin, budget, conversation);
+        let mut used = HistoryUse {
+            tokens_full: tokens_of(conversation),
+            ..HistoryUse::default()
+        };
+        let mut inner = self.lock();
+        let mut effective = conversation.to_vec();
+        for (len, key) in keys.iter().enumerate().rev() {
+            if let Some(Entry {
+                state: State::Ready(messages),
+                ..
+            }) = inner.entries.get(key)
+            {
+                let replaced = len + 1;
+                effective = messages.clone();
+                effective.extend_from_slice(&conversation[replaced..]);
+                used.replaced_messages = replaced;
+                used.compression_seq = inner.finished_at.get(key).copied();
+                break;
+            }
+        }
+        used.tokens_used = tokens_of(&effective);
+        let Some(whole) = keys.last() else {
+            return (effective, used);
+        };
+        if used.tokens_used <= budget || inner.entries.contains_key(whole) {
+            return (effective, used);
+        }
+        let seq = self.mark();
+        inner.entries.insert(
+            whole.clone(),
+            Entry {
+                state: State::Running,
+                seq,
+            },
+        );
+        inner.running += 1;
+        inner.log.push(HistoryEvent {
+            seq,
+            plugin: plugin.to_string(),
+            messages: conversation.len(),
+            kind: HistoryEventKind::Started {
+                tokens: used.tokens_used,
+            },
+        });
+        evict(&mut inner);
+        drop(inner);
+        used.started = true;
+
+        let cache = self.clone();
+        let policies = policies.clone();
+        let key = whole.clone();
+        let history = effective.clone();
+        let messages = conversation.len();
+        let plugin = plugin.to_string();
+        let count = count.clone();
+        let spawned = std::thread::Builder::new()
+            .name("history-compress".into())
+            .spawn(move || {
+                let result = policies
+                    .compressor(&plugin)
+                    .and_then(|mut compressor| compressor.compress(&history, budget));
+                let seq = cache.mark();
+                let mut inner = cache.lock();
+                let kind = match result {
+                    Ok(compressed) => {
+                        let tokens = compressed.iter().map(|m| count(&m.content)).sum();
+                        inner.finished_at.insert(key.clone(), seq);
+                        inner.entries.insert(
+                            key,
+                            Entry {
+                                state: State::Ready(compressed),
+                                seq,
+                            },
+                        );
+                        HistoryEventKind::Finished { tokens }
+                    }
+                    Err(error) => {
+                        let reason = error.to_string();
+                        tracing::warn!(%plugin, %reason, "history compression failed; runs keep the full history");
+                        inner.entries.insert(
+                            key,
+                            Entry {
+                                state: State::Failed,
+                                seq,
+                            },
+                        );
+                        HistoryEventKind::Failed { reason }
+                    }
+                };
+                inner.log.push(HistoryEvent {
+                    seq,
+                    plugin,
+                    messages,
+                    kind,
+                });
+                inner.running -= 1;
+                drop(inner);
+                cache.changed.notify_all();
+            });
+        if let Err(error) = spawned {
+            tracing::warn!(%error, "cannot start a history compression");
+            let mut inner = self.lock();
+            inner.running -= 1;
+            inner.entries.remove(whole);
+        }
+        (effective, used)
+    }
+}
+
+/// Drops the oldest finished entries beyond [`MAX_ENTRIES`].
+fn evict(inner: &mut Inner) {
+    while inner.entries.len() > MAX_ENTRIES {
+        let oldest = inner
+            .entries
+            .iter()
+            .filter(|(_, e)| !matches!(e.state, State::Running))
+            .min_by_key(|(_, e)| e.seq)
+            .map(|(k, _)| k.clone());
+        match oldest {
+            Some(key) => {
+                inner.entries.remove(&key);
+                inner.finished_at.remove(&key);
+            }
+            None => break,
+        }
+    }
+}
+
+/// The key of every prefix of `conversation` (index i: its first i + 1 messages), from one
+/// running hash.
+fn prefix_keys(plugin: &str, budget: u32, conversation: &[ChatMessage]) -> Vec<Key> {
+    let mut hasher = Sha256::new();
+    hasher.update(plugin.as_bytes());
+    hasher.update(budget.to_le_bytes());
+    conversation
+        .iter()
+        .map(|message| {
+            let role: u8 = match message.role {
+                Role::System => 0,
+                Role::User => 1,
+                Role::Assistant => 2,
+            };
+            hasher.update([role]);
+            hasher.update((message.content.len() as u64).to_le_bytes());
+            hasher.update(message.content.as_bytes());
+            Key {
+                plugin: plugin.to_string(),
+                budget,
+                hash: hasher.clone().finalize().into(),
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_hash_apart_and_a_longer_conversation_extends_them() {
+        let a = [
+            ChatMessage::new(Role::User, "hi"),
+            ChatMessage::new(Role::Assistant, "hello"),
+        ];
+        let keys = prefix_keys("p", 8, &a);
+        let longer = prefix_keys("p", 8, &[a[0].clone(), a[1].clone(), a[0].clone()]);
+        assert_eq!(keys[..], longer[..2]);
+        assert_ne!(keys[0], keys[1]);
+        assert_ne!(prefix_keys("q", 8, &a)[1], keys[1]);
+        assert_ne!(prefix_keys("p", 9, &a)[1], keys[1]);
+    }
+}
