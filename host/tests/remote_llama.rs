@@ -454,7 +454,10 @@ fn a_staircase_serves_another_staircase_pipelines_and_metrics() {
 
         for name in ["moa", "debate"] {
             let mut pipeline = (*back.pipeline(name).unwrap().pipeline).clone();
-            pipeline.limit_tokens(12);
+            // B counts A's tokens by estimate (A reports no per-chunk counts), which can
+            // count a short opening step as the whole of a tiny budget; 32 tokens leave
+            // room for the later steps whose cache reuse is checked below.
+            pipeline.limit_tokens(32);
             for mode in [StreamMode::Staircase, StreamMode::Layered] {
                 let request = RunRequest::prompt("Why is the sky blue?", mode);
                 let report = back
@@ -467,7 +470,15 @@ fn a_staircase_serves_another_staircase_pipelines_and_metrics() {
                     // The aggregator's steps continue one prompt on A, whose prefix cache
                     // serves it and says so in the usage B reads.
                     let hit = report.cache.aggregator_hit_rate();
-                    assert!(hit > 0.3, "aggregator cache hit rate {hit}");
+                    assert!(
+                        hit > 0.3,
+                        "aggregator cache hit rate {hit}: {:?}",
+                        report
+                            .nodes
+                            .iter()
+                            .map(|n| (&n.id, n.steps, n.prompt_tokens, n.cached_prompt_tokens))
+                            .collect::<Vec<_>>()
+                    );
                 }
             }
         }
