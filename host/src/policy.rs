@@ -168,49 +168,25 @@ pub type PluginConfig = BTreeMap<String, String>;
 /// Where a pipeline gets its policies by name. The plugin registry implements it; each call
 /// returns a fresh instance on the newest version, so a run keeps the version it started with.
 pub trait PolicyProvider: Send + Sync {
-    fn role(&self, plugin: &str) -> Result<Box<dyn RolePolicy>, PolicyError>;
-    /// A role instance with per-node settings from the pipeline file (a plugin reads them
-    /// through `host.config`). Providers that cannot pass settings ignore them.
-    fn role_with_config(
-        &self,
-        plugin: &str,
-        config: &PluginConfig,
-    ) -> Result<Box<dyn RolePolicy>, PolicyError> {
-        let _ = config;
-        self.role(plugin)
-    }
+    // Role, aggregator and router instances take the node's `config` table from the
+    // pipeline file (a plugin reads it through `host.config`). One method per kind, with the
+    // settings required: a provider cannot drop them by implementing a variant without them.
+    fn role(&self, plugin: &str, config: &PluginConfig)
+    -> Result<Box<dyn RolePolicy>, PolicyError>;
     fn aggregator(
         &self,
         plugin: &str,
+        config: &PluginConfig,
         conversation: &[ChatMessage],
         sources: &[Source],
         mode: StreamMode,
     ) -> Result<Box<dyn AggregatorSession>, PolicyError>;
-    /// An aggregator session with per-node settings from the pipeline file (the staircase
-    /// policy's `config` keys). Providers that cannot pass settings ignore them.
-    fn aggregator_with_config(
-        &self,
-        plugin: &str,
-        config: &PluginConfig,
-        conversation: &[ChatMessage],
-        sources: &[Source],
-        mode: StreamMode,
-    ) -> Result<Box<dyn AggregatorSession>, PolicyError> {
-        let _ = config;
-        self.aggregator(plugin, conversation, sources, mode)
-    }
     fn compressor(&self, plugin: &str) -> Result<Box<dyn CompressorPolicy>, PolicyError>;
-    fn router(&self, plugin: &str) -> Result<Box<dyn RouterPolicy>, PolicyError>;
-    /// A router instance with per-node settings (a routed node's `config` table).
-    /// Providers that cannot pass settings ignore them.
-    fn router_with_config(
+    fn router(
         &self,
         plugin: &str,
         config: &PluginConfig,
-    ) -> Result<Box<dyn RouterPolicy>, PolicyError> {
-        let _ = config;
-        self.router(plugin)
-    }
+    ) -> Result<Box<dyn RouterPolicy>, PolicyError>;
     /// Whether a plugin of that name exists, and of which kind (for validation).
     fn kind_of(&self, plugin: &str) -> Option<PluginKind>;
 }

@@ -40,7 +40,11 @@ fn registry() -> Arc<Registry> {
         .unwrap(),
     );
     registry.load_builtins().unwrap();
-    let dir = std::env::temp_dir().join(format!("staircase-collab-{}", std::process::id()));
+    // A folder per registry: tests run in parallel, and one test copying a plugin file while
+    // another loads it reads half a file.
+    static REGISTRIES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = REGISTRIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("staircase-collab-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     for name in ["script-router", "legacy-router"] {
         std::fs::copy(guest_artifact(name), dir.join(format!("{name}.wasm"))).unwrap();

@@ -309,11 +309,7 @@ struct TestPolicies {
 }
 
 impl PolicyProvider for TestPolicies {
-    fn role(&self, plugin: &str) -> Result<Box<dyn RolePolicy>, PolicyError> {
-        self.role_with_config(plugin, &PluginConfig::new())
-    }
-
-    fn role_with_config(
+    fn role(
         &self,
         plugin: &str,
         config: &PluginConfig,
@@ -329,6 +325,7 @@ impl PolicyProvider for TestPolicies {
     fn aggregator(
         &self,
         _plugin: &str,
+        _config: &PluginConfig,
         _conversation: &[ChatMessage],
         sources: &[Source],
         mode: StreamMode,
@@ -350,7 +347,11 @@ impl PolicyProvider for TestPolicies {
         Ok(Box::new(Truncate))
     }
 
-    fn router(&self, _plugin: &str) -> Result<Box<dyn RouterPolicy>, PolicyError> {
+    fn router(
+        &self,
+        _plugin: &str,
+        _config: &PluginConfig,
+    ) -> Result<Box<dyn RouterPolicy>, PolicyError> {
         Ok(Box::new(LastModel))
     }
 

@@ -15,7 +15,8 @@ use staircase::plugin::{
     Capability, HostConfig, Manifest, PluginError, PluginRuntime, Registry, RegistryEvent,
 };
 use staircase::policy::{
-    Demand, PluginKind, PolicyProvider, RoleInput, RouteRequest, Source, StreamMode, UpstreamOutput,
+    Demand, PluginConfig, PluginKind, PolicyProvider, RoleInput, RouteRequest, Source, StreamMode,
+    UpstreamOutput,
 };
 
 /// Waiting for a file event longer than this means the watcher is broken (a bound on a
@@ -97,7 +98,7 @@ fn builtin_plugins_answer_through_the_policy_traits() {
     assert_eq!(provider.kind_of("rule-router"), Some(PluginKind::Router));
     assert_eq!(provider.kind_of("nonexistent"), None);
 
-    let mut role = provider.role("proposer").unwrap();
+    let mut role = provider.role("proposer", &PluginConfig::new()).unwrap();
     let prompt = role.system_prompt().unwrap();
     assert!(prompt.contains("helpful assistant"), "{prompt}");
     let messages = role
@@ -122,7 +123,7 @@ fn builtin_plugins_answer_through_the_policy_traits() {
 
     // A pipeline node's settings reach the plugin's `config` import.
     let node = [("role".to_string(), "a physicist".to_string())].into();
-    let mut physicist = provider.role_with_config("proposer", &node).unwrap();
+    let mut physicist = provider.role("proposer", &node).unwrap();
     assert!(
         physicist
             .system_prompt()
@@ -130,7 +131,9 @@ fn builtin_plugins_answer_through_the_policy_traits() {
             .starts_with("You are a physicist.")
     );
 
-    let mut router = provider.router("rule-router").unwrap();
+    let mut router = provider
+        .router("rule-router", &PluginConfig::new())
+        .unwrap();
     let mut request = RouteRequest {
         node_id: "n".into(),
         prompt_tokens: 20,
@@ -193,6 +196,7 @@ fn moa_aggregator_steps_early_in_staircase_mode_and_once_in_layered_mode() {
     let mut stair = registry
         .aggregator(
             "moa-aggregator",
+            &PluginConfig::new(),
             &conversation,
             &srcs,
             StreamMode::Staircase,
@@ -258,7 +262,13 @@ fn moa_aggregator_steps_early_in_staircase_mode_and_once_in_layered_mode() {
     );
 
     let mut layered = registry
-        .aggregator("moa-aggregator", &conversation, &srcs, StreamMode::Layered)
+        .aggregator(
+            "moa-aggregator",
+            &PluginConfig::new(),
+            &conversation,
+            &srcs,
+            StreamMode::Layered,
+        )
         .unwrap();
     let warm_up = layered.next_step().unwrap().expect("layered warms up too");
     assert_eq!(warm_up.max_tokens, 0);
@@ -289,7 +299,7 @@ fn moa_aggregator_opens_from_the_question_when_its_node_config_says_so() {
     let node_config =
         std::collections::BTreeMap::from([("opening-tokens".to_string(), "8".to_string())]);
     let open = |mode| {
-        PolicyProvider::aggregator_with_config(
+        PolicyProvider::aggregator(
             registry.as_ref(),
             "moa-aggregator",
             &node_config,
@@ -627,7 +637,7 @@ fn hot_reload_swaps_versions_under_load_without_a_failed_call() {
                 (0usize, Vec::new(), std::collections::BTreeSet::new());
             while !stop.load(Ordering::Relaxed) {
                 match registry
-                    .role("reloadable")
+                    .role("reloadable", &PluginConfig::new())
                     .and_then(|mut r| r.system_prompt())
                 {
                     Ok(prompt) => {
@@ -814,6 +824,7 @@ fn the_python_example_aggregates_through_the_same_host_code() {
     let mut session = provider
         .aggregator(
             "py-relay",
+            &PluginConfig::new(),
             &user("Why is the sky blue?"),
             &sources(2),
             StreamMode::Staircase,
@@ -870,7 +881,7 @@ fn the_javascript_example_answers_through_the_same_host_code() {
     );
     let registry = registry_with(config());
     registry.load_file(&wasm).unwrap();
-    let mut role = registry.role("js-reviewer").unwrap();
+    let mut role = registry.role("js-reviewer", &PluginConfig::new()).unwrap();
     assert!(role.system_prompt().unwrap().contains("careful reviewer"));
     let messages = role
         .build_messages(&RoleInput {

@@ -73,14 +73,7 @@ impl Pinned {
 }
 
 impl PolicyProvider for Pinned {
-    fn role(&self, plugin: &str) -> Result<Box<dyn RolePolicy>, PolicyError> {
-        Ok(Box::new(RoleInstance::new(
-            self.registry.runtime(),
-            self.get(plugin)?,
-        )?))
-    }
-
-    fn role_with_config(
+    fn role(
         &self,
         plugin: &str,
         config: &PluginConfig,
@@ -93,22 +86,6 @@ impl PolicyProvider for Pinned {
     }
 
     fn aggregator(
-        &self,
-        plugin: &str,
-        conversation: &[ChatMessage],
-        sources: &[Source],
-        mode: StreamMode,
-    ) -> Result<Box<dyn AggregatorSession>, PolicyError> {
-        Ok(Box::new(AggregatorInstance::new(
-            self.registry.runtime(),
-            self.get(plugin)?,
-            conversation,
-            sources,
-            mode,
-        )?))
-    }
-
-    fn aggregator_with_config(
         &self,
         plugin: &str,
         config: &PluginConfig,
@@ -133,14 +110,7 @@ impl PolicyProvider for Pinned {
         )?))
     }
 
-    fn router(&self, plugin: &str) -> Result<Box<dyn RouterPolicy>, PolicyError> {
-        Ok(Box::new(RouterInstance::new(
-            self.registry.runtime(),
-            self.get(plugin)?,
-        )?))
-    }
-
-    fn router_with_config(
+    fn router(
         &self,
         plugin: &str,
         config: &PluginConfig,

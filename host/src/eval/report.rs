@@ -6,7 +6,7 @@
 use std::fmt::Write;
 
 use super::runner::{EvalReport, VariantSummary};
-use crate::trace::svg::{escape, tick_step};
+use crate::trace::svg::{escape, x_tick_labels};
 
 const JUDGED_HEADER: &str = "judged vs baseline: W/T/L (unread), win+tie/2 [95% CI], \
                              orders agreed, win+tie/2 of those";
@@ -166,17 +166,7 @@ impl EvalReport {
                 100.0 * q
             );
         }
-        let step = tick_step(max_ttft);
-        let mut tick = 0.0;
-        while tick <= max_ttft {
-            let _ = writeln!(
-                svg,
-                r##"<text x="{:.1}" y="{:.1}" text-anchor="middle">{tick:.0}</text>"##,
-                x(tick),
-                top + plot_h + 16.0
-            );
-            tick += step;
-        }
+        x_tick_labels(&mut svg, max_ttft, x, top + plot_h + 16.0);
         let _ = writeln!(
             svg,
             r##"<text x="{:.1}" y="{:.1}" text-anchor="middle">mean time to first answer token, ms</text><text x="16" y="{:.1}" transform="rotate(-90 16 {:.1})" text-anchor="middle">{y_label}</text>"##,

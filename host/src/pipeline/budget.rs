@@ -171,35 +171,17 @@ impl Meter {
 }
 
 impl PolicyProvider for MeteredProvider {
-    fn role(&self, plugin: &str) -> Result<Box<dyn RolePolicy>, PolicyError> {
-        let meter = self.metered(plugin);
-        let inner = meter.call(|| self.inner.role(plugin))?;
-        Ok(Box::new(MeteredRole { inner, meter }))
-    }
-
-    fn role_with_config(
+    fn role(
         &self,
         plugin: &str,
         config: &PluginConfig,
     ) -> Result<Box<dyn RolePolicy>, PolicyError> {
         let meter = self.metered(plugin);
-        let inner = meter.call(|| self.inner.role_with_config(plugin, config))?;
+        let inner = meter.call(|| self.inner.role(plugin, config))?;
         Ok(Box::new(MeteredRole { inner, meter }))
     }
 
     fn aggregator(
-        &self,
-        plugin: &str,
-        conversation: &[ChatMessage],
-        sources: &[Source],
-        mode: StreamMode,
-    ) -> Result<Box<dyn AggregatorSession>, PolicyError> {
-        let meter = self.metered(plugin);
-        let inner = meter.call(|| self.inner.aggregator(plugin, conversation, sources, mode))?;
-        Ok(Box::new(MeteredSession::new(inner, meter)))
-    }
-
-    fn aggregator_with_config(
         &self,
         plugin: &str,
         config: &PluginConfig,
@@ -210,7 +192,7 @@ impl PolicyProvider for MeteredProvider {
         let meter = self.metered(plugin);
         let inner = meter.call(|| {
             self.inner
-                .aggregator_with_config(plugin, config, conversation, sources, mode)
+                .aggregator(plugin, config, conversation, sources, mode)
         })?;
         Ok(Box::new(MeteredSession::new(inner, meter)))
     }
@@ -221,19 +203,13 @@ impl PolicyProvider for MeteredProvider {
         Ok(Box::new(MeteredCompressor { inner, meter }))
     }
 
-    fn router(&self, plugin: &str) -> Result<Box<dyn RouterPolicy>, PolicyError> {
-        let meter = self.metered(plugin);
-        let inner = meter.call(|| self.inner.router(plugin))?;
-        Ok(Box::new(MeteredRouter { inner, meter }))
-    }
-
-    fn router_with_config(
+    fn router(
         &self,
         plugin: &str,
         config: &PluginConfig,
     ) -> Result<Box<dyn RouterPolicy>, PolicyError> {
         let meter = self.metered(plugin);
-        let inner = meter.call(|| self.inner.router_with_config(plugin, config))?;
+        let inner = meter.call(|| self.inner.router(plugin, config))?;
         Ok(Box::new(MeteredRouter { inner, meter }))
     }
 

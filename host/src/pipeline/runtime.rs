@@ -641,7 +641,7 @@ impl<'r> RunCtx<'r> {
             NodeKind::Agent => {
                 let mut role = self
                     .policies
-                    .role_with_config(&node.plugin, &node.config)
+                    .role(&node.plugin, &node.config)
                     .map_err(&policy_error)?;
                 let sampling = node.params.apply(role.params().map_err(&policy_error)?);
                 let session = RoleSession::new(role, conversation, self.sources(ix), mode);
@@ -651,7 +651,7 @@ impl<'r> RunCtx<'r> {
             NodeKind::Aggregator => {
                 let session = self
                     .policies
-                    .aggregator_with_config(
+                    .aggregator(
                         &node.plugin,
                         &node.config,
                         &conversation,
@@ -728,7 +728,7 @@ impl<'r> RunCtx<'r> {
         let mut router = match &node.model {
             ModelBinding::Routed { router, .. } => Some(
                 self.policies
-                    .router_with_config(router, &node.config)
+                    .router(router, &node.config)
                     .map_err(&policy_error)?,
             ),
             _ => None,

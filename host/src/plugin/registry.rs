@@ -577,11 +577,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl PolicyProvider for Registry {
-    fn role(&self, plugin: &str) -> Result<Box<dyn RolePolicy>, PolicyError> {
-        Ok(Box::new(self.open_role(plugin)?))
-    }
-
-    fn role_with_config(
+    fn role(
         &self,
         plugin: &str,
         config: &PluginConfig,
@@ -590,21 +586,6 @@ impl PolicyProvider for Registry {
     }
 
     fn aggregator(
-        &self,
-        plugin: &str,
-        conversation: &[ChatMessage],
-        sources: &[Source],
-        mode: StreamMode,
-    ) -> Result<Box<dyn AggregatorSession>, PolicyError> {
-        Ok(Box::new(self.open_aggregator(
-            plugin,
-            conversation,
-            sources,
-            mode,
-        )?))
-    }
-
-    fn aggregator_with_config(
         &self,
         plugin: &str,
         config: &PluginConfig,
@@ -625,11 +606,7 @@ impl PolicyProvider for Registry {
         Ok(Box::new(self.open_compressor(plugin)?))
     }
 
-    fn router(&self, plugin: &str) -> Result<Box<dyn RouterPolicy>, PolicyError> {
-        Ok(Box::new(self.open_router(plugin)?))
-    }
-
-    fn router_with_config(
+    fn router(
         &self,
         plugin: &str,
         config: &PluginConfig,

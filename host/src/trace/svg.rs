@@ -58,6 +58,21 @@ pub(crate) fn tick_step(total_us: f64) -> f64 {
         .unwrap_or(10.0 * magnitude)
 }
 
+/// Labels under an x axis from 0 to `max` at [`tick_step`] spacing, each at `x(value)` and
+/// height `y` (the scatter plots of `eval` and `tune`).
+pub(crate) fn x_tick_labels(svg: &mut String, max: f64, x: impl Fn(f64) -> f64, y: f64) {
+    let step = tick_step(max);
+    let mut tick = 0.0;
+    while tick <= max {
+        let _ = writeln!(
+            svg,
+            r##"<text x="{:.1}" y="{y:.1}" text-anchor="middle">{tick:.0}</text>"##,
+            x(tick)
+        );
+        tick += step;
+    }
+}
+
 fn format_time(us: f64) -> String {
     if us >= 1e6 {
         format!("{:.1} s", us / 1e6)

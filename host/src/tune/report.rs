@@ -5,7 +5,7 @@
 use std::fmt::Write;
 
 use super::TuneReport;
-use crate::trace::svg::{escape, tick_step};
+use crate::trace::svg::{escape, x_tick_labels};
 
 fn opt(v: Option<f64>, digits: usize) -> String {
     v.map_or_else(|| "-".to_string(), |v| format!("{v:.digits$}"))
@@ -224,17 +224,7 @@ fn panel(
         top + plot_h,
         top + plot_h
     );
-    let step = tick_step(max_x);
-    let mut tick = 0.0;
-    while tick <= max_x {
-        let _ = writeln!(
-            svg,
-            r##"<text x="{:.1}" y="{:.1}" text-anchor="middle">{tick:.0}</text>"##,
-            x(tick),
-            top + plot_h + 16.0
-        );
-        tick += step;
-    }
+    x_tick_labels(svg, max_x, x, top + plot_h + 16.0);
     for i in 0..=4 {
         let q = f64::from(i) / 4.0;
         let _ = writeln!(
