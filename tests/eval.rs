@@ -78,6 +78,23 @@ fn eval_on_three_prompts_writes_the_table_json_and_chart() {
         let v = judged[key]["value"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&v), "{key}: {judged}");
     }
+    // The local judge reports its verdict letter's probabilities: a weighted score, per
+    // pair and per variant.
+    let weighted = staircase["weighted_score"]["value"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&weighted), "{staircase}");
+    // The judge check: the baseline's answer against a looped copy, on every prompt.
+    let check = &json["judge_check"];
+    let c = &check["tally"];
+    let checked = ["wins", "ties", "losses", "unparseable"]
+        .iter()
+        .map(|k| c[k].as_u64().unwrap())
+        .sum::<u64>();
+    assert_eq!(checked, 3, "{check}");
+    assert!(
+        check["weighted_score"]["value"].as_f64().is_some(),
+        "{check}"
+    );
+    assert!(stdout.contains("Judge check"), "{stdout}");
     // Where the first token went: a proposer's first token, then the aggregator's first step.
     let first_in = staircase["mean_first_input_token_ms"].as_f64().unwrap();
     let first_step = staircase["mean_first_step_ms"].as_f64().unwrap();

@@ -6,17 +6,37 @@
 use std::fmt::Write;
 
 use super::runner::{EvalReport, VariantSummary};
+use super::stats::Interval;
 use crate::trace::svg::{escape, x_tick_labels};
 
 const JUDGED_HEADER: &str = "judged vs baseline: W/T/L (unread), win+tie/2 [95% CI], \
-                             orders agreed, win+tie/2 of those";
+                             orders agreed, win+tie/2 of those; weighted score [95% CI]";
+
+fn percent(interval: Option<&Interval>) -> String {
+    interval.map_or_else(
+        || "-".to_string(),
+        |i| {
+            format!(
+                "{:.0}% [{:.0}-{:.0}%]",
+                100.0 * i.value,
+                100.0 * i.low,
+                100.0 * i.high
+            )
+        },
+    )
+}
 
 fn opt(v: Option<f64>, digits: usize) -> String {
     v.map_or_else(|| "-".to_string(), |v| format!("{v:.digits$}"))
 }
 
-/// The quality axis of a variant: (value, low, high).
+/// The quality axis of a variant: (value, low, high): the weighted judged score where there
+/// is one (position bias cancels in it), else the judged win + tie/2, else the share of
+/// answers that are not degenerate.
 pub fn quality(s: &VariantSummary) -> (f64, f64, f64) {
+    if let Some(w) = &s.weighted_score {
+        return (w.value, w.low, w.high);
+    }
     match &s.judged {
         Some(j) if j.judged > 0 => (j.score.value, j.score.low, j.score.high),
         _ => {
@@ -63,26 +83,16 @@ impl EvalReport {
         for s in &self.summaries {
             let judged = match &s.judged {
                 Some(j) => format!(
-                    "{}/{}/{} ({}), {:.0}% [{:.0}-{:.0}%], {}/{}, {}",
+                    "{}/{}/{} ({}), {}, {}/{}, {}; {}",
                     s.tally.wins,
                     s.tally.ties,
                     s.tally.losses,
                     s.tally.unparseable,
-                    100.0 * j.score.value,
-                    100.0 * j.score.low,
-                    100.0 * j.score.high,
+                    percent(Some(&j.score)),
                     s.tally.consistent,
                     j.judged,
-                    if s.tally.consistent == 0 {
-                        "-".to_string()
-                    } else {
-                        format!(
-                            "{:.0}% [{:.0}-{:.0}%]",
-                            100.0 * j.consistent_score.value,
-                            100.0 * j.consistent_score.low,
-                            100.0 * j.consistent_score.high
-                        )
-                    }
+                    percent((s.tally.consistent > 0).then_some(&j.consistent_score)),
+                    percent(s.weighted_score.as_ref()),
                 ),
                 None => "-".to_string(),
             };
@@ -111,6 +121,25 @@ impl EvalReport {
                 .as_ref()
                 .map_or_else(String::new, |j| format!(". Judge: {j}")),
         );
+        if let Some(check) = &self.judge_check {
+            let t = &check.tally;
+            let _ = writeln!(
+                out,
+                "Judge check, the baseline's answer against a looped copy of its opening: \
+                 W/T/L {}/{}/{} ({} unread), preferred the real answer in {}, orders agreed \
+                 {}/{}, weighted score of the real answer {}. A judge that does not prefer the \
+                 real answer nearly always cannot rank two real ones: read its verdicts above \
+                 with this in mind.",
+                t.wins,
+                t.ties,
+                t.losses,
+                t.unparseable,
+                percent(Some(&check.summary.win)),
+                t.consistent,
+                t.judged(),
+                percent(check.weighted_score.as_ref()),
+            );
+        }
         out
     }
 
@@ -127,8 +156,11 @@ impl EvalReport {
         let max_ttft = points.iter().map(|p| p.1).fold(1.0f64, f64::max) * 1.05;
         let x = |ttft: f64| left + plot_w * ttft / max_ttft;
         let y = |q: f64| top + plot_h * (1.0 - q.clamp(0.0, 1.0));
+        let weighted = self.summaries.iter().any(|s| s.weighted_score.is_some());
         let judged = self.summaries.iter().any(|s| s.judged.is_some());
-        let y_label = if judged {
+        let y_label = if weighted {
+            "weighted judged score vs the layered baseline (95% CI)"
+        } else if judged {
             "judged win + tie/2 vs the layered baseline (95% CI)"
         } else {
             "answers not degenerate"

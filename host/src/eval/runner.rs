@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::judge::{Judge, Outcome, PairJudgement};
+use super::judge::{Judge, PairJudgement, looped_copy};
 use super::metrics::{self, Quality};
-use super::stats::{Tally, TallySummary};
+use super::stats::{Interval, Tally, TallySummary, bootstrap_mean};
 use crate::engine::{
     ChatMessage, Engine, EngineError, FinishReason, GenerationEvent, GenerationRequest, Role,
 };
@@ -23,9 +23,6 @@ use crate::policy::StreamMode;
 
 /// Seed shift of the noise-floor run: any non-zero value gives other proposals.
 pub const NOISE_SEED_OFFSET: u64 = 1000;
-/// The untimed warm-up run before measuring, as in `bench staircase`.
-const WARM_UP_PROMPT: &str = "Say hello.";
-const WARM_UP_TOKENS: u32 = 4;
 
 /// What answers.
 #[derive(Clone, Debug)]
@@ -143,6 +140,10 @@ pub struct Answer {
 pub struct PromptRecord {
     pub prompt: String,
     pub answers: Vec<Answer>,
+    /// The judge check on this prompt: the baseline's answer (position "variant") against
+    /// [`looped_copy`] of it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub judge_check: Option<PairJudgement>,
 }
 
 /// One variant over all prompts.
@@ -166,6 +167,10 @@ pub struct VariantSummary {
     pub tally: Tally,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub judged: Option<TallySummary>,
+    /// Mean [`PairJudgement::weighted`] with its 95% interval, where the judge's engine
+    /// reports the verdict letter's probabilities.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weighted_score: Option<Interval>,
 }
 
 /// Everything an evaluation measured.
@@ -176,8 +181,27 @@ pub struct EvalReport {
     pub proposer_tokens: Option<u32>,
     pub answer_tokens: u32,
     pub judge: Option<String>,
+    /// How often the judge preferred the baseline's answer to a looped copy of it: a judge
+    /// that fails this check cannot rank real answers, whatever it says of them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub judge_check: Option<JudgeCheck>,
     pub summaries: Vec<VariantSummary>,
     pub prompts: Vec<PromptRecord>,
+}
+
+/// The judge check over all prompts (a win: the intact answer was preferred).
+#[derive(Clone, Debug, Serialize)]
+pub struct JudgeCheck {
+    pub tally: Tally,
+    pub summary: TallySummary,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weighted_score: Option<Interval>,
+}
+
+/// The mean weighted score of `judgements` with its 95% interval; `None` when no pair has one.
+fn weighted_score<'j>(judgements: impl Iterator<Item = &'j PairJudgement>) -> Option<Interval> {
+    let scores: Vec<f64> = judgements.filter_map(|j| j.weighted).collect();
+    (!scores.is_empty()).then(|| bootstrap_mean(&scores))
 }
 
 /// A single model's answer and how it went.
@@ -337,27 +361,10 @@ pub async fn run_judged_by(
         variant.name = format!("{} (seeds +{NOISE_SEED_OFFSET})", baseline.name);
         noise = Some(variant);
     }
-    // Staircase variants run before the layered ones on each prompt, so the prefixes they
-    // leave in the cache favour the baseline, never the staircase (as in `bench staircase`).
     let mut order: Vec<&Variant> = vec![&single];
     order.extend(options.variants.iter().filter(|v| v.name != baseline.name));
     order.push(&baseline);
     order.extend(noise.as_ref());
-
-    // Untimed warm-up of each pipeline: static prefixes cached, plugin instances warm.
-    for variant in &order {
-        if let VariantKind::Pipeline { pipeline, mode } = &variant.kind {
-            let mut warm = pipeline.as_ref().clone();
-            warm.limit_tokens(WARM_UP_TOKENS);
-            runner
-                .run(&warm, RunRequest::prompt(WARM_UP_PROMPT, *mode), None)
-                .await
-                .map_err(|source| EvalError::Run {
-                    variant: variant.name.clone(),
-                    source,
-                })?;
-        }
-    }
 
     let judge = options.judge.then(|| Judge::new(judge_engine));
     let mut records = Vec::new();
@@ -365,6 +372,19 @@ pub async fn run_judged_by(
         tracing::info!(prompt, index, "eval");
         let mut answers = Vec::new();
         for variant in &order {
+            // The single model's engine may be outside the runner's models table.
+            engine.forget_history();
+            let pipeline = match &variant.kind {
+                VariantKind::Single => None,
+                VariantKind::Pipeline { pipeline, mode } => Some((pipeline.as_ref(), *mode)),
+            };
+            runner
+                .start_fresh(pipeline)
+                .await
+                .map_err(|source| EvalError::Run {
+                    variant: variant.name.clone(),
+                    source,
+                })?;
             let run = answer(runner, engine.as_ref(), variant, prompt, options).await?;
             answers.push(Answer {
                 variant: variant.name.clone(),
@@ -409,11 +429,32 @@ pub async fn run_judged_by(
                 a.judged = Some(judged);
             }
         }
+        let judge_check = match &judge {
+            Some(judge) if !baseline_text.trim().is_empty() => Some(
+                judge
+                    .pair(prompt, &baseline_text, &looped_copy(&baseline_text))
+                    .await
+                    .map_err(EvalError::Judge)?,
+            ),
+            _ => None,
+        };
         records.push(PromptRecord {
             prompt: prompt.clone(),
             answers,
+            judge_check,
         });
     }
+    let judge_check = judge.is_some().then(|| {
+        let mut tally = Tally::default();
+        for check in records.iter().filter_map(|r| r.judge_check.as_ref()) {
+            check.add_to(&mut tally);
+        }
+        JudgeCheck {
+            summary: tally.summary(),
+            tally,
+            weighted_score: weighted_score(records.iter().filter_map(|r| r.judge_check.as_ref())),
+        }
+    });
 
     let summaries = order
         .iter()
@@ -427,6 +468,7 @@ pub async fn run_judged_by(
         judge: options
             .judge
             .then(|| judge_engine.model_info().name.clone()),
+        judge_check,
         summaries,
         prompts: records,
     })
@@ -453,19 +495,7 @@ pub fn summarize(
     }));
     let mut tally = Tally::default();
     for judgement in answers.iter().filter_map(|a| a.judged.as_ref()) {
-        match judgement.outcome {
-            Some(outcome) => {
-                match outcome {
-                    Outcome::Win => tally.wins += 1,
-                    Outcome::Tie => tally.ties += 1,
-                    Outcome::Loss => tally.losses += 1,
-                }
-                let same =
-                    super::judge::consistent(judgement.variant_first, judgement.variant_second);
-                tally.consistent += usize::from(same);
-            }
-            None => tally.unparseable += 1,
-        }
+        judgement.add_to(&mut tally);
     }
     VariantSummary {
         variant: name.to_string(),
@@ -484,6 +514,7 @@ pub fn summarize(
         mean_f1_layered: mean(answers.iter().filter_map(|a| a.f1_layered)),
         mean_f1_single: mean(answers.iter().filter_map(|a| a.f1_single)),
         judged: (judged && name != baseline).then(|| tally.summary()),
+        weighted_score: weighted_score(answers.iter().filter_map(|a| a.judged.as_ref())),
         tally,
     }
 }
