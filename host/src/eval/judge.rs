@@ -8,7 +8,7 @@
 //! cast its own vote: verdict markers inside answers are defused before the judge sees
 //! them, and only the judge's final line is read, which must hold one marker and nothing else.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::stats::Tally;
 
@@ -80,7 +80,7 @@ pub fn weighted_score(variant_first: VerdictProbs, variant_second: VerdictProbs)
 }
 
 /// One verdict, by position.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Verdict {
     A,
     B,
@@ -115,6 +115,7 @@ pub fn defuse(answer: &str) -> String {
         .replace("]]", "] ]")
         .replace("[The End of", "(The End of")
         .replace("[The Start of", "(The Start of")
+        .replace("Rating:", "Rating -")
 }
 
 /// The judge's prompt for `question` with `a` and `b` in those positions.
@@ -133,7 +134,7 @@ pub fn messages(question: &str, a: &str, b: &str) -> Vec<ChatMessage> {
 }
 
 /// How a variant fared against the baseline on one prompt.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Outcome {
     Win,
@@ -142,7 +143,7 @@ pub enum Outcome {
 }
 
 /// Both verdicts on one pair and what they add up to.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PairJudgement {
     /// The variant in position A, the baseline in B.
     pub variant_first: Option<Verdict>,
@@ -152,6 +153,7 @@ pub struct PairJudgement {
     pub outcome: Option<Outcome>,
     /// [`weighted_score`], when the engine reported the verdict letter's probabilities in
     /// both orders.
+    #[serde(default)]
     pub weighted: Option<f64>,
     /// The judge's replies, prefix included, for inspection.
     pub replies: [String; 2],

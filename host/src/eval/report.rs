@@ -30,12 +30,12 @@ fn opt(v: Option<f64>, digits: usize) -> String {
     v.map_or_else(|| "-".to_string(), |v| format!("{v:.digits$}"))
 }
 
-/// The quality axis of a variant: (value, low, high): the weighted judged score where there
-/// is one (position bias cancels in it), else the judged win + tie/2, else the share of
-/// answers that are not degenerate.
+/// The quality axis of a variant: (value, low, high): the rated win + tie/2 where there is
+/// one (the judge method a small judge passes its check with), else the judged win + tie/2,
+/// else the share of answers that are not degenerate.
 pub fn quality(s: &VariantSummary) -> (f64, f64, f64) {
-    if let Some(w) = &s.weighted_score {
-        return (w.value, w.low, w.high);
+    if let Some(r) = &s.rated {
+        return (r.score.value, r.score.low, r.score.high);
     }
     match &s.judged {
         Some(j) if j.judged > 0 => (j.score.value, j.score.low, j.score.high),
@@ -66,7 +66,7 @@ impl EvalReport {
         );
         let _ = writeln!(
             out,
-            "{:<34} {:>8} {:>8} {:>8} {:>7} {:>6} {:>6} {:>6} {:>7} {:>6} {:>6}  {}",
+            "{:<34} {:>8} {:>8} {:>8} {:>7} {:>6} {:>6} {:>6} {:>7} {:>6} {:>6} {:>6} {:>22}  {}",
             "variant",
             "1st in",
             "1st step",
@@ -78,6 +78,8 @@ impl EvalReport {
             "cut mid",
             "F1 lay",
             "F1 sgl",
+            "rating",
+            "rated H/T/L, w+t/2",
             JUDGED_HEADER,
         );
         for s in &self.summaries {
@@ -98,7 +100,7 @@ impl EvalReport {
             };
             let _ = writeln!(
                 out,
-                "{:<34} {:>8} {:>8} {:>8} {:>7} {:>6} {:>6.2} {:>6.0} {:>7} {:>6} {:>6}  {}",
+                "{:<34} {:>8} {:>8} {:>8} {:>7} {:>6} {:>6.2} {:>6.0} {:>7} {:>6} {:>6} {:>6} {:>22}  {}",
                 s.variant,
                 opt(s.mean_first_input_token_ms, 0),
                 opt(s.mean_first_step_ms, 0),
@@ -110,6 +112,19 @@ impl EvalReport {
                 s.limit_mid_sentence,
                 opt(s.mean_f1_layered, 2),
                 opt(s.mean_f1_single, 2),
+                opt(s.mean_rating.map(|r| r.value), 2),
+                s.rated.as_ref().map_or_else(
+                    || "-".to_string(),
+                    |r| format!(
+                        "{}/{}/{}, {:.0}% [{:.0}-{:.0}%]",
+                        r.higher,
+                        r.ties,
+                        r.lower,
+                        100.0 * r.score.value,
+                        100.0 * r.score.low,
+                        100.0 * r.score.high
+                    )
+                ),
                 judged
             );
         }
@@ -126,10 +141,13 @@ impl EvalReport {
             let _ = writeln!(
                 out,
                 "Judge check, the baseline's answer against a looped copy of its opening: \
-                 W/T/L {}/{}/{} ({} unread), preferred the real answer in {}, orders agreed \
-                 {}/{}, weighted score of the real answer {}. A judge that does not prefer the \
-                 real answer nearly always cannot rank two real ones: read its verdicts above \
+                 rated higher in {}/{} ({}); pairwise W/T/L {}/{}/{} ({} unread), preferred in \
+                 {}, orders agreed {}/{}, weighted score {}. A method that does not prefer the \
+                 real answer nearly always cannot rank two real ones: read its figures above \
                  with this in mind.",
+                check.rated_higher,
+                check.rated,
+                percent(Some(&check.rated_higher_share)),
                 t.wins,
                 t.ties,
                 t.losses,
@@ -156,10 +174,10 @@ impl EvalReport {
         let max_ttft = points.iter().map(|p| p.1).fold(1.0f64, f64::max) * 1.05;
         let x = |ttft: f64| left + plot_w * ttft / max_ttft;
         let y = |q: f64| top + plot_h * (1.0 - q.clamp(0.0, 1.0));
-        let weighted = self.summaries.iter().any(|s| s.weighted_score.is_some());
+        let rated = self.summaries.iter().any(|s| s.rated.is_some());
         let judged = self.summaries.iter().any(|s| s.judged.is_some());
-        let y_label = if weighted {
-            "weighted judged score vs the layered baseline (95% CI)"
+        let y_label = if rated {
+            "rated win + tie/2 vs the layered baseline (95% CI)"
         } else if judged {
             "judged win + tie/2 vs the layered baseline (95% CI)"
         } else {
