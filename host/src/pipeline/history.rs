@@ -5,6 +5,14 @@
 //! once it is ready. Compressions are cached by a hash of the messages they replace (and the
 //! plugin and budget), so every node of a pipeline, and every later turn, shares one.
 //!
+//! Compression is block-wise, so the prompt's beginning stays the same from turn to turn and
+//! the engine's prefix cache keeps serving it: a history over budget is compressed to half
+//! the budget ([`COMPACT_SHARE`]), and later turns append their messages raw behind that
+//! compressed block, unchanged, until the whole is over budget again; only then is the block
+//! (with the raw tail) compressed anew. Compressors run as background-class engine work
+//! (`CompressorPolicy::run_in_background`), which a local engine steps only while no
+//! foreground request needs it.
+//!
 //! Nothing here is awaited by a run: `prepare` only looks up and spawns. Every step gets a
 //! sequence number from one counter, so tests check what happened before what without
 //! reading a clock. This room must not touch wasmtime or an engine.
@@ -12,7 +20,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -23,6 +31,12 @@ use crate::policy::PolicyProvider;
 /// Compressions kept; beyond it the oldest finished ones go (a server's sessions come and
 /// go, and a compressed history is worth one later turn).
 const MAX_ENTRIES: usize = 256;
+
+/// The share of the budget a compression aims at (1/N). The rest is room for raw turns to
+/// be appended behind the compressed block before the next compression: each compression
+/// changes the prompt's beginning once (one prefix-cache miss), and the turns in between
+/// keep it byte-identical.
+pub const COMPACT_SHARE: u32 = 2;
 
 /// What identifies one compression: the plugin, the budget, and the hash of the messages
 /// it replaces.
@@ -49,6 +63,9 @@ struct Entry {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct HistoryEvent {
     pub seq: u64,
+    /// When it happened (a run's timeline places it on its compression lane).
+    #[serde(skip)]
+    pub at: Instant,
     pub plugin: String,
     /// Messages of the history the compression replaces.
     pub messages: usize,
@@ -135,9 +152,10 @@ impl HistoryCache {
     }
 
     /// The conversation a node with `plugin` and `budget` answers with: `conversation` with
-    /// its longest prefix that has a ready compression replaced by it. When that is still
-    /// over `budget`, a compression of it starts in the background (unless one of the same
-    /// history is running or done), keyed by the whole `conversation`. Never waits.
+    /// its longest prefix that has a ready compression replaced by it (the same block every
+    /// turn until a newer one is ready). When that is over `budget`, a compression of it to
+    /// `budget / COMPACT_SHARE` starts in the background (unless one of the same history is
+    /// running or done), keyed by the whole `conversation`. Never waits.
     pub fn prepare(
         self: &Arc<Self>,
         plugin: &str,
@@ -187,6 +205,7 @@ impl HistoryCache {
         inner.running += 1;
         inner.log.push(HistoryEvent {
             seq,
+            at: Instant::now(),
             plugin: plugin.to_string(),
             messages: conversation.len(),
             kind: HistoryEventKind::Started {
@@ -207,9 +226,11 @@ impl HistoryCache {
         let spawned = std::thread::Builder::new()
             .name("history-compress".into())
             .spawn(move || {
-                let result = policies
-                    .compressor(&plugin)
-                    .and_then(|mut compressor| compressor.compress(&history, budget));
+                let target = (budget / COMPACT_SHARE).max(1);
+                let result = policies.compressor(&plugin).and_then(|mut compressor| {
+                    compressor.run_in_background();
+                    compressor.compress(&history, target)
+                });
                 let seq = cache.mark();
                 let mut inner = cache.lock();
                 let kind = match result {
@@ -240,6 +261,7 @@ impl HistoryCache {
                 };
                 inner.log.push(HistoryEvent {
                     seq,
+                    at: Instant::now(),
                     plugin,
                     messages,
                     kind,

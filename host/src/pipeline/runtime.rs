@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::future::try_join_all;
 use tokio::sync::{Notify, mpsc};
@@ -296,6 +296,7 @@ impl Runner {
         self.check_capabilities(pipeline, request.mode)?;
         let estimated = self.estimate(pipeline, &request);
         let history_from = self.history.mark();
+        let run_start = Instant::now().checked_sub(recorder.now()).unwrap_or_else(Instant::now);
         let n = pipeline.nodes.len();
         recorder.record(RunEvent::RunStarted {
             pipeline: pipeline.name.clone(),
@@ -403,13 +404,14 @@ impl Runner {
         let total = recorder.now();
         let mut report =
             RunReport::from_events(pipeline, request.mode, &estimated, recorder.events(), total);
-        // Background compressions that started or ended while the run went.
-        report.history = self
+        // Background compressions that started or ended while the run went, on their lane.
+        let history = self
             .history
             .events()
             .into_iter()
             .filter(|e| e.seq > history_from)
             .collect();
+        report.add_history(history, run_start);
         Ok(report)
     }
 }
