@@ -526,7 +526,11 @@ fn background_requests_wait_for_every_foreground_one_and_still_finish() {
         ),
         "the foreground request was done before the background's first token: {seen:?}"
     );
-    assert_eq!(collect(late).reason, FinishReason::Length, "it still finished");
+    assert_eq!(
+        collect(late).reason,
+        FinishReason::Length,
+        "it still finished"
+    );
 
     // A background request paused mid-answer keeps its KV and goes on where it was: the same
     // tokens as when it runs alone.

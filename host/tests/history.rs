@@ -13,11 +13,11 @@ use staircase::engine::local::{LocalEngine, LocalEngineConfig};
 use staircase::engine::{ChatMessage, Engine, Prompt, Role};
 use staircase::pipeline::history::HistoryEventKind;
 use staircase::pipeline::report::COMPRESSION_LANE;
-use staircase::trace::EventKind;
 use staircase::pipeline::{Models, Pipeline, RunRequest, Runner};
 use staircase::plugin::builtin::{guest_artifact, guest_manifest};
 use staircase::plugin::{Capability, HostConfig, PluginRuntime, Registry};
 use staircase::policy::StreamMode;
+use staircase::trace::EventKind;
 
 /// A runner on the default model with the built-ins and the model-compressor fixture
 /// (granted the model; `call_ms` its deadline per call).
@@ -177,7 +177,11 @@ async fn twenty_turns_keep_one_compressed_block_and_its_prompt_prefix_stays_cach
         }
         // Over budget, a compression of this turn's history starts for the next turn, and
         // the timeline shows it on its own lane.
-        assert_eq!(used.started, used.tokens_used > budget, "turn {turn}: {used:?}");
+        assert_eq!(
+            used.started,
+            used.tokens_used > budget,
+            "turn {turn}: {used:?}"
+        );
         if used.started {
             assert!(
                 compression_lane_notes(&report, "compression started"),

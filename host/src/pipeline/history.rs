@@ -9,9 +9,12 @@
 //! the engine's prefix cache keeps serving it: a history over budget is compressed to half
 //! the budget ([`COMPACT_SHARE`]), and later turns append their messages raw behind that
 //! compressed block, unchanged, until the whole is over budget again; only then is the block
-//! (with the raw tail) compressed anew. Compressors run as background-class engine work
-//! (`CompressorPolicy::run_in_background`), which a local engine steps only while no
-//! foreground request needs it.
+//! (with the raw tail) compressed anew. That one change of the prompt's beginning is paid in
+//! the background too: before a compression is offered to a turn, the node that started it
+//! prefills its prompt into the engine's prefix cache (a [`Warm`]). Compressors and warm-ups
+//! run as background-class engine work (`CompressorPolicy::run_in_background`,
+//! `Priority::BACKGROUND`), which a local engine steps only while no foreground request
+//! needs it.
 //!
 //! Nothing here is awaited by a run: `prepare` only looks up and spawns. Every step gets a
 //! sequence number from one counter, so tests check what happened before what without
@@ -104,6 +107,43 @@ pub struct HistoryUse {
 /// Counts tokens of a text as the node's model does.
 pub type TokenCount = Arc<dyn Fn(&str) -> u32 + Send + Sync>;
 
+/// Prefills the prompt a node would send for a conversation into its engine's prefix cache,
+/// as background work, and returns when that is done (or failed: a warm-up is only a hint).
+pub type Warm = Arc<dyn Fn(&[ChatMessage]) + Send + Sync>;
+
+/// Holds a compression back until the node that started it has sent its first token
+/// ([`StartGate::open`], or dropping the gate): even the compressor's own CPU work (a
+/// truncating compressor tokenizes the history many times) then never competes with it.
+pub struct StartGate(Arc<(Mutex<bool>, Condvar)>);
+
+impl StartGate {
+    fn new() -> (Self, Arc<(Mutex<bool>, Condvar)>) {
+        let shared = Arc::new((Mutex::new(false), Condvar::new()));
+        (Self(shared.clone()), shared)
+    }
+
+    pub fn open(&self) {
+        let (open, changed) = &*self.0;
+        *open.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        changed.notify_all();
+    }
+}
+
+impl Drop for StartGate {
+    fn drop(&mut self) {
+        self.open();
+    }
+}
+
+/// Waits until the gate of `shared` is open.
+fn wait_open(shared: &(Mutex<bool>, Condvar)) {
+    let (open, changed) = shared;
+    let guard = open.lock().unwrap_or_else(|p| p.into_inner());
+    let _open = changed
+        .wait_while(guard, |open| !*open)
+        .unwrap_or_else(|p| p.into_inner());
+}
+
 /// The compressed histories of one runner, shared by its runs.
 #[derive(Default)]
 pub struct HistoryCache {
@@ -155,7 +195,8 @@ impl HistoryCache {
     /// its longest prefix that has a ready compression replaced by it (the same block every
     /// turn until a newer one is ready). When that is over `budget`, a compression of it to
     /// `budget / COMPACT_SHARE` starts in the background (unless one of the same history is
-    /// running or done), keyed by the whole `conversation`. Never waits.
+    /// running or done), keyed by the whole `conversation`; it begins once the returned gate
+    /// opens, and with a `warm` it is offered only once its prompt is cached. Never waits.
     pub fn prepare(
         self: &Arc<Self>,
         plugin: &str,
@@ -163,7 +204,8 @@ impl HistoryCache {
         conversation: &[ChatMessage],
         count: &TokenCount,
         policies: &Arc<dyn PolicyProvider>,
-    ) -> (Vec<ChatMessage>, HistoryUse) {
+        warm: Option<Warm>,
+    ) -> (Vec<ChatMessage>, HistoryUse, Option<StartGate>) {
         let tokens_of =
             |messages: &[ChatMessage]| -> u32 { messages.iter().map(|m| count(&m.content)).sum() };
         let keys = prefix_keys(plugin, budget, conversation);
@@ -189,10 +231,10 @@ impl HistoryCache {
         }
         used.tokens_used = tokens_of(&effective);
         let Some(whole) = keys.last() else {
-            return (effective, used);
+            return (effective, used, None);
         };
         if used.tokens_used <= budget || inner.entries.contains_key(whole) {
-            return (effective, used);
+            return (effective, used, None);
         }
         let seq = self.mark();
         inner.entries.insert(
@@ -223,14 +265,19 @@ impl HistoryCache {
         let messages = conversation.len();
         let plugin = plugin.to_string();
         let count = count.clone();
+        let (gate, gate_shared) = StartGate::new();
         let spawned = std::thread::Builder::new()
             .name("history-compress".into())
             .spawn(move || {
+                wait_open(&gate_shared);
                 let target = (budget / COMPACT_SHARE).max(1);
                 let result = policies.compressor(&plugin).and_then(|mut compressor| {
                     compressor.run_in_background();
                     compressor.compress(&history, target)
                 });
+                if let (Ok(compressed), Some(warm)) = (&result, &warm) {
+                    warm(compressed);
+                }
                 let seq = cache.mark();
                 let mut inner = cache.lock();
                 let kind = match result {
@@ -276,7 +323,7 @@ impl HistoryCache {
             inner.running -= 1;
             inner.entries.remove(whole);
         }
-        (effective, used)
+        (effective, used, Some(gate))
     }
 }
 

@@ -158,7 +158,11 @@ impl RunReport {
             }
             let already_running = !matches!(first.kind, HistoryEventKind::Started { .. });
             timeline.record_at(
-                if already_running { Duration::ZERO } else { first_at },
+                if already_running {
+                    Duration::ZERO
+                } else {
+                    first_at
+                },
                 lane,
                 EventKind::Start,
             );

@@ -302,7 +302,11 @@ mod tests {
         let plan = plan_step(&[decoding(background, 0, 1), decoding(0, 1, 1)], 512, 64);
         assert_eq!(plan.iter().map(|p| p.index).collect::<Vec<_>>(), [1]);
         // Alone, background work runs as any other.
-        let plan = plan_step(&[decoding(background, 0, 1), prefilling(background, 1, 40)], 512, 64);
+        let plan = plan_step(
+            &[decoding(background, 0, 1), prefilling(background, 1, 40)],
+            512,
+            64,
+        );
         assert_eq!(plan.len(), 2);
         assert!(admits_background(false, false));
         assert!(!admits_background(true, false) && !admits_background(false, true));
