@@ -90,17 +90,17 @@ fn request(conversation: &[ChatMessage]) -> RunRequest {
     }
 }
 
-/// The messages of the engine's last prompt.
-fn last_messages(engine: &Recording) -> Vec<ChatMessage> {
-    match engine.prompts.lock().unwrap().last() {
+/// The messages of the engine's prompt number `index`.
+fn messages_at(engine: &Recording, index: usize) -> Vec<ChatMessage> {
+    match engine.prompts.lock().unwrap().get(index) {
         Some(Prompt::Chat { messages, .. }) => messages.clone(),
         other => panic!("a chat prompt: {other:?}"),
     }
 }
 
 /// The same, as one text.
-fn last_prompt(engine: &Recording) -> String {
-    last_messages(engine)
+fn prompt_at(engine: &Recording, index: usize) -> String {
+    messages_at(engine, index)
         .iter()
         .map(|m| m.content.as_str())
         .collect::<Vec<_>>()
@@ -132,18 +132,21 @@ async fn twenty_turns_keep_one_compressed_block_and_its_prompt_prefix_stays_cach
     let (mut used_turns, mut kept_turns) = (0, 0);
     for turn in 1..=20 {
         conversation.push(user(turn));
+        // The node's step is the turn's first request: the memory's warm-up of a compressed
+        // prompt comes only after the node's first token.
+        let step = engine.prompts.lock().unwrap().len();
         let report = runner
             .run(&pipeline, request(&conversation), None)
             .await
             .unwrap();
         let used = report.nodes[0].history.clone().expect("a history budget");
-        let messages = last_messages(&engine);
+        let messages = messages_at(&engine, step);
         if let Some(messages) = compressed_before {
             // A compression started in the turn before: this turn uses it.
             assert_eq!(used.replaced_messages, messages, "turn {turn}: {used:?}");
             assert!(used.tokens_used < used.tokens_full, "turn {turn}: {used:?}");
             // The prompt the model got is the compressed one: the first turn is gone.
-            assert!(!last_prompt(&engine).contains("Turn 1:"), "turn {turn}");
+            assert!(!prompt_at(&engine, step).contains("Turn 1:"), "turn {turn}");
             // The trace shows it on the node's lane.
             assert!(
                 report
@@ -170,7 +173,7 @@ async fn twenty_turns_keep_one_compressed_block_and_its_prompt_prefix_stays_cach
             kept_turns += 1;
         } else {
             assert_eq!(used.replaced_messages, 0, "turn {turn}: {used:?}");
-            assert!(last_prompt(&engine).contains("Turn 1:"), "turn {turn}");
+            assert!(prompt_at(&engine, step).contains("Turn 1:"), "turn {turn}");
         }
         if used.replaced_messages > 0 {
             block = Some(used.replaced_messages);
