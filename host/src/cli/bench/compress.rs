@@ -73,6 +73,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "mean TTFT over budget, / none: inline {:.2}x, background {:.2}x ({} background turns used a compression)",
         report.inline_vs_none, report.background_vs_none, report.background_turns_compressed
     );
+    if let Some(background) = report.variants.iter().find(|v| v.name == "background") {
+        let idle: Vec<f64> = background.turns.iter().map(|t| t.idle_ms).collect();
+        println!(
+            "background work after a turn (client idle time it used): mean {:.1} ms, max {:.1} ms",
+            idle.iter().sum::<f64>() / idle.len().max(1) as f64,
+            idle.iter().copied().fold(0.0, f64::max)
+        );
+    }
     for v in &report.variants {
         println!(
             "{:>10}: mean TTFT over budget {:.1} ms, token F1 with none {:.2}, distinct-2 {:.2}",
