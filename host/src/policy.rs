@@ -126,6 +126,11 @@ pub trait CompressorPolicy: Send {
         history: &[ChatMessage],
         budget_tokens: u32,
     ) -> Result<Vec<ChatMessage>, PolicyError>;
+
+    /// From now on, the model calls this compressor makes are background-class engine
+    /// requests (`Priority::BACKGROUND`): a conversation's memory compresses for a later
+    /// turn, so nobody waits for it. A compressor that calls no model ignores it.
+    fn run_in_background(&mut self) {}
 }
 
 /// What a router knows about a step (WIT 0.2.0 `router-policy.route-request`; a 0.1.0

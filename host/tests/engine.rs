@@ -492,6 +492,67 @@ fn requests_that_begin_alike_prefill_their_common_prefix_once() {
     );
 }
 
+#[test]
+fn background_requests_wait_for_every_foreground_one_and_still_finish() {
+    let _guard = serial();
+    let engine = engine();
+    let background = |user: &str, max_tokens: u32| {
+        let mut request = ask(None, user, max_tokens);
+        request.priority = Priority::BACKGROUND;
+        request
+    };
+    // A foreground request runs; a background one arrives beside it. Its first token comes
+    // only after the foreground request finished: the engine thread sent that `Finished`
+    // before any step of the background sequence, so it is already in the foreground stream
+    // once the background's first token is read. Without the class, the background prompt
+    // would be prefilled beside the foreground decode and answer long before its end.
+    let mut foreground = engine
+        .submit(ask(None, "Count from one to twenty.", 32))
+        .unwrap();
+    let mut late = engine
+        .submit(background("Count from ten to one.", 8))
+        .unwrap();
+    assert!(matches!(
+        late.blocking_next(),
+        Some(Ok(GenerationEvent::Delta { .. }))
+    ));
+    let mut seen = Vec::new();
+    while let Some(event) = foreground.try_next() {
+        seen.push(event.unwrap());
+    }
+    assert!(
+        matches!(
+            seen.last(),
+            Some(GenerationEvent::Finished { usage, .. }) if usage.completion_tokens == 32
+        ),
+        "the foreground request was done before the background's first token: {seen:?}"
+    );
+    assert_eq!(
+        collect(late).reason,
+        FinishReason::Length,
+        "it still finished"
+    );
+
+    // A background request paused mid-answer keeps its KV and goes on where it was: the same
+    // tokens as when it runs alone.
+    let request = || background("Name three colours and say why you like them.", 24);
+    let alone = run(&engine, request());
+    let mut paused = engine.submit(request()).unwrap();
+    let Some(Ok(GenerationEvent::Delta {
+        token_ids: Some(mut tokens),
+        ..
+    })) = paused.blocking_next()
+    else {
+        panic!("the background request answers while alone");
+    };
+    let interrupting = run(&engine, ask(None, "Count from one to twenty.", 8));
+    assert_eq!(interrupting.usage.completion_tokens, 8);
+    let rest = collect(paused);
+    tokens.extend(rest.tokens);
+    assert_eq!(rest.reason, alone.reason, "paused, never cancelled");
+    assert_eq!(tokens, alone.tokens);
+}
+
 /// The `Finished` event's usage and extensions, after the text.
 fn finish_of(mut stream: GenerationStream) -> (String, Usage, http::Extensions) {
     let mut text = String::new();

@@ -12,10 +12,12 @@ use common::Recording;
 use staircase::engine::local::{LocalEngine, LocalEngineConfig};
 use staircase::engine::{ChatMessage, Engine, Prompt, Role};
 use staircase::pipeline::history::HistoryEventKind;
+use staircase::pipeline::report::COMPRESSION_LANE;
 use staircase::pipeline::{Models, Pipeline, RunRequest, Runner};
 use staircase::plugin::builtin::{guest_artifact, guest_manifest};
 use staircase::plugin::{Capability, HostConfig, PluginRuntime, Registry};
 use staircase::policy::StreamMode;
+use staircase::trace::EventKind;
 
 /// A runner on the default model with the built-ins and the model-compressor fixture
 /// (granted the model; `call_ms` its deadline per call).
@@ -88,38 +90,63 @@ fn request(conversation: &[ChatMessage]) -> RunRequest {
     }
 }
 
-/// The messages of the engine's last prompt, as one text.
-fn last_prompt(engine: &Recording) -> String {
-    match engine.prompts.lock().unwrap().last() {
-        Some(Prompt::Chat { messages, .. }) => messages
-            .iter()
-            .map(|m| m.content.as_str())
-            .collect::<Vec<_>>()
-            .join("\n"),
+/// The messages of the engine's prompt number `index`.
+fn messages_at(engine: &Recording, index: usize) -> Vec<ChatMessage> {
+    match engine.prompts.lock().unwrap().get(index) {
+        Some(Prompt::Chat { messages, .. }) => messages.clone(),
         other => panic!("a chat prompt: {other:?}"),
     }
 }
 
+/// The same, as one text.
+fn prompt_at(engine: &Recording, index: usize) -> String {
+    messages_at(engine, index)
+        .iter()
+        .map(|m| m.content.as_str())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Whether the run's timeline has the compression lane with a `name...` note on it.
+fn compression_lane_notes(report: &staircase::pipeline::RunReport, name: &str) -> bool {
+    let lanes = report.timeline.lanes();
+    let Some(lane) = lanes.iter().position(|l| l == COMPRESSION_LANE) else {
+        return false;
+    };
+    report.timeline.events().iter().any(|e| {
+        e.lane == lane && matches!(&e.kind, EventKind::Note { name: n, .. } if n.starts_with(name))
+    })
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn twenty_turns_each_use_the_compression_made_during_the_turn_before() {
+async fn twenty_turns_keep_one_compressed_block_and_its_prompt_prefix_stays_cached() {
+    let budget = 48;
     let (runner, engine) = runner(100);
-    let pipeline = chat("truncate-compressor", 48);
+    let pipeline = chat("truncate-compressor", budget);
     let mut conversation = Vec::new();
     // The number of messages whose compression started in the turn before, if one did.
     let mut compressed_before: Option<usize> = None;
-    let mut used_turns = 0;
+    // The compression in use (messages it replaced), and the last turn's prompt.
+    let mut block: Option<usize> = None;
+    let mut previous: Option<(Vec<ChatMessage>, u32)> = None;
+    let (mut used_turns, mut kept_turns) = (0, 0);
     for turn in 1..=20 {
         conversation.push(user(turn));
+        // The node's step is the turn's first request: the memory's warm-up of a compressed
+        // prompt comes only after the node's first token.
+        let step = engine.prompts.lock().unwrap().len();
         let report = runner
             .run(&pipeline, request(&conversation), None)
             .await
             .unwrap();
         let used = report.nodes[0].history.clone().expect("a history budget");
+        let messages = messages_at(&engine, step);
         if let Some(messages) = compressed_before {
+            // A compression started in the turn before: this turn uses it.
             assert_eq!(used.replaced_messages, messages, "turn {turn}: {used:?}");
             assert!(used.tokens_used < used.tokens_full, "turn {turn}: {used:?}");
             // The prompt the model got is the compressed one: the first turn is gone.
-            assert!(!last_prompt(&engine).contains("Turn 1:"), "turn {turn}");
+            assert!(!prompt_at(&engine, step).contains("Turn 1:"), "turn {turn}");
             // The trace shows it on the node's lane.
             assert!(
                 report
@@ -130,13 +157,42 @@ async fn twenty_turns_each_use_the_compression_made_during_the_turn_before() {
                 "turn {turn}"
             );
             used_turns += 1;
+        } else if let Some(replaced) = block {
+            // No newer compression: the same block, this turn's messages appended raw behind
+            // it, so the prompt begins exactly as the last one and the prefix cache serves
+            // all of it (recompressing every turn would leave only the system prompt cached).
+            assert_eq!(used.replaced_messages, replaced, "turn {turn}: {used:?}");
+            let (last, last_tokens) = previous.as_ref().unwrap();
+            assert_eq!(&messages[..last.len()], &last[..], "turn {turn}");
+            let cached = report.nodes[0].cached_prompt_tokens;
+            assert!(
+                cached + 4 >= *last_tokens,
+                "turn {turn}: {cached} cached of the last prompt's {last_tokens}"
+            );
+            used_turns += 1;
+            kept_turns += 1;
         } else {
             assert_eq!(used.replaced_messages, 0, "turn {turn}: {used:?}");
-            assert!(last_prompt(&engine).contains("Turn 1:"), "turn {turn}");
+            assert!(prompt_at(&engine, step).contains("Turn 1:"), "turn {turn}");
         }
-        // Over budget, a compression of this turn's history starts for the next turn.
-        assert_eq!(used.started, used.tokens_used > 48, "turn {turn}: {used:?}");
+        if used.replaced_messages > 0 {
+            block = Some(used.replaced_messages);
+        }
+        // Over budget, a compression of this turn's history starts for the next turn, and
+        // the timeline shows it on its own lane.
+        assert_eq!(
+            used.started,
+            used.tokens_used > budget,
+            "turn {turn}: {used:?}"
+        );
+        if used.started {
+            assert!(
+                compression_lane_notes(&report, "compression started"),
+                "turn {turn}"
+            );
+        }
         compressed_before = used.started.then_some(conversation.len());
+        previous = Some((messages, report.nodes[0].prompt_tokens));
         conversation.push(ChatMessage::new(Role::Assistant, report.answer.clone()));
         // The client is idle between turns; the test waits for the background work.
         assert!(runner.history().wait_idle(Duration::from_secs(60)));
@@ -144,6 +200,10 @@ async fn twenty_turns_each_use_the_compression_made_during_the_turn_before() {
     assert!(
         used_turns >= 15,
         "only {used_turns} turns used a compression"
+    );
+    assert!(
+        kept_turns >= 5,
+        "only {kept_turns} turns kept the block they had"
     );
     let events = runner.history().events();
     assert!(
@@ -175,6 +235,8 @@ async fn the_first_token_does_not_wait_for_a_compression() {
     let used = report.nodes[0].history.clone().unwrap();
     assert!(used.started, "{used:?}");
     let first_token = used.first_token_seq.expect("the node answered");
+    // The timeline shows the compression on its own lane, beside the answer.
+    assert!(compression_lane_notes(&report, "compression started"));
     assert!(runner.history().wait_idle(Duration::from_secs(120)));
     let events = runner.history().events();
     let (started, finished) = match events.as_slice() {

@@ -2,10 +2,15 @@
 //! with the full history every turn (`none`), compressing it on the critical path before each
 //! turn over budget (`inline`: the compressor's call is part of that turn's TTFT), and with
 //! the node's background memory (`background`: the turn answers at once, with a compression
-//! made during an earlier turn when one is ready). TTFT per turn, and its ratios to `none`.
+//! made during an earlier turn when one is ready). TTFT per turn, and its ratios to `none`;
+//! beside it, quality: each turn's answer against the `none` answer of that turn (token F1)
+//! and its own degeneration (distinct-2), since speed is never reported without quality.
 //! Each variant runs on an engine of its own, so no variant is served from another's prefix
 //! cache; the three sessions take turns (turn t of each, then t + 1), so load drifts alike.
-//! A session's next turn starts as soon as its last one ended.
+//! After each turn the background session's memory finishes its work (compression and the
+//! warm-up of its prompt) before the next session's turn: the client's idle time between
+//! turns, which a real conversation has, and no background work overlaps another session's
+//! measured turn. How long that took is reported per turn (`idle_ms`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,6 +20,7 @@ use serde::Serialize;
 use super::BenchError;
 use crate::engine::local::{LocalEngine, LocalEngineConfig};
 use crate::engine::{ChatMessage, Engine, Role};
+use crate::eval::metrics::{distinct_n, token_f1, words};
 use crate::pipeline::{Models, Pipeline, RunRequest, Runner};
 use crate::plugin::{HostConfig, PluginRuntime, Registry};
 use crate::policy::{PolicyProvider, StreamMode};
@@ -56,6 +62,14 @@ pub struct Turn {
     pub over_budget: bool,
     /// Inline: the compressor call before the turn; background: 0 (it runs beside).
     pub compress_ms: f64,
+    /// Background: how long its memory worked on after the turn ended (the client's idle
+    /// time it needed); 0 elsewhere.
+    pub idle_ms: f64,
+    /// Prompt tokens the engine's prefix cache served.
+    pub cached_prompt_tokens: u32,
+    pub answer: String,
+    /// Token F1 of the answer with the `none` variant's answer of the same turn.
+    pub f1_with_none: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -64,6 +78,10 @@ pub struct Variant {
     pub turns: Vec<Turn>,
     /// Mean TTFT over the turns whose history was over budget in the `none` variant.
     pub mean_ttft_over_budget_ms: f64,
+    /// Over the same turns: mean token F1 with `none`'s answers, and mean distinct-2 of the
+    /// answers (1.0: no bigram repeated; a degenerate loop drives it down).
+    pub mean_f1_with_none: f64,
+    pub mean_distinct_2: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -103,6 +121,9 @@ fn pipeline(config: &CompressBenchConfig, background: bool) -> Result<Pipeline, 
     );
     Ok(Pipeline::parse(&text, "bench-compress")?)
 }
+
+/// The longest the bench waits for a session's background work between turns.
+const IDLE_WAIT: Duration = Duration::from_secs(120);
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
@@ -180,6 +201,9 @@ pub fn run(config: &CompressBenchConfig) -> Result<CompressReport, BenchError> {
                 mode: StreamMode::Staircase,
             };
             let report = tokio.block_on(session.runner.run(&session.pipeline, request, None))?;
+            let ended = Instant::now();
+            session.runner.history().wait_idle(IDLE_WAIT);
+            let idle_ms = ms(ended.elapsed());
             let history_tokens = match &report.nodes[0].history {
                 Some(used) => {
                     if used.replaced_messages > 0 {
@@ -194,6 +218,10 @@ pub fn run(config: &CompressBenchConfig) -> Result<CompressReport, BenchError> {
                 history_tokens,
                 over_budget,
                 compress_ms,
+                idle_ms,
+                cached_prompt_tokens: report.nodes[0].cached_prompt_tokens,
+                answer: report.answer.clone(),
+                f1_with_none: 0.0,
             });
             session
                 .conversation
@@ -203,24 +231,35 @@ pub fn run(config: &CompressBenchConfig) -> Result<CompressReport, BenchError> {
     let mut variants = Vec::new();
     for session in sessions {
         // Background work must not outlive its engine.
-        session.runner.history().wait_idle(Duration::from_secs(120));
+        session.runner.history().wait_idle(IDLE_WAIT);
         variants.push(Variant {
             name: session.name,
             turns: session.turns,
             mean_ttft_over_budget_ms: 0.0,
+            mean_f1_with_none: 0.0,
+            mean_distinct_2: 0.0,
         });
     }
+    let reference: Vec<Vec<String>> = variants[0].turns.iter().map(|t| words(&t.answer)).collect();
     // Over budget as the `none` variant's history was (the same user turns everywhere).
     let over: Vec<bool> = variants[0].turns.iter().map(|t| t.over_budget).collect();
     for variant in &mut variants {
-        let picked: Vec<f64> = variant
-            .turns
-            .iter()
-            .zip(&over)
-            .filter(|(_, over)| **over)
-            .map(|(t, _)| t.ttft_ms)
-            .collect();
-        variant.mean_ttft_over_budget_ms = picked.iter().sum::<f64>() / picked.len().max(1) as f64;
+        for (turn, reference) in variant.turns.iter_mut().zip(&reference) {
+            turn.f1_with_none = token_f1(&words(&turn.answer), reference);
+        }
+        let mean_over = |value: &dyn Fn(&Turn) -> f64| {
+            let picked: Vec<f64> = variant
+                .turns
+                .iter()
+                .zip(&over)
+                .filter(|(_, over)| **over)
+                .map(|(t, _)| value(t))
+                .collect();
+            picked.iter().sum::<f64>() / picked.len().max(1) as f64
+        };
+        variant.mean_ttft_over_budget_ms = mean_over(&|t| t.ttft_ms);
+        variant.mean_f1_with_none = mean_over(&|t| t.f1_with_none);
+        variant.mean_distinct_2 = mean_over(&|t| distinct_n(&words(&t.answer), 2));
     }
     let ratio = |i: usize| {
         variants[i].mean_ttft_over_budget_ms / variants[0].mean_ttft_over_budget_ms.max(1e-9)

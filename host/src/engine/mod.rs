@@ -108,11 +108,25 @@ impl Default for SamplingParams {
 }
 
 /// Scheduling priority: when more sequences want a step than fit, higher goes first.
-/// Pipelines give critical-path nodes a higher priority.
+/// Pipelines give critical-path nodes a higher priority. [`Priority::BACKGROUND`] is a class
+/// of its own: work nobody waits for (a conversation's compression for a later turn).
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
 )]
 pub struct Priority(pub i32);
+
+impl Priority {
+    /// The background class: the local engine steps such a request only while no other
+    /// (foreground) request is queued or running, pausing it (its KV kept, never cancelled)
+    /// as soon as one arrives, so it adds nothing to a foreground request's time to first
+    /// token. A remote engine cannot pause a server's sequence; it sends the request as any
+    /// other (an OpenAI-compatible API has no priority to pass on).
+    pub const BACKGROUND: Self = Self(i32::MIN);
+
+    pub fn is_background(self) -> bool {
+        self == Self::BACKGROUND
+    }
+}
 
 /// One generation request.
 #[derive(Clone, Debug)]

@@ -70,6 +70,16 @@ impl GenerationStream {
         self.seen(event)
     }
 
+    /// The next event if one has already arrived, without waiting (`None`: none yet, or
+    /// the stream ended). Lets a caller see what an engine sent before some other event.
+    pub fn try_next(&mut self) -> Option<Result<GenerationEvent, EngineError>> {
+        let event = self.events.try_recv().ok();
+        if event.is_some() {
+            return self.seen(event);
+        }
+        event
+    }
+
     /// Reads the stream to its end, for callers outside an async runtime that want the
     /// whole answer rather than its deltas.
     pub fn blocking_collect(mut self) -> Result<Completion, EngineError> {

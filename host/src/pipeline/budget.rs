@@ -254,6 +254,10 @@ impl CompressorPolicy for MeteredCompressor {
         let inner = &mut self.inner;
         self.meter.call(|| inner.compress(history, budget_tokens))
     }
+
+    fn run_in_background(&mut self) {
+        self.inner.run_in_background();
+    }
 }
 
 struct MeteredRouter {

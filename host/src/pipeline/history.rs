@@ -5,6 +5,17 @@
 //! once it is ready. Compressions are cached by a hash of the messages they replace (and the
 //! plugin and budget), so every node of a pipeline, and every later turn, shares one.
 //!
+//! Compression is block-wise, so the prompt's beginning stays the same from turn to turn and
+//! the engine's prefix cache keeps serving it: a history over budget is compressed to half
+//! the budget ([`COMPACT_SHARE`]), and later turns append their messages raw behind that
+//! compressed block, unchanged, until the whole is over budget again; only then is the block
+//! (with the raw tail) compressed anew. That one change of the prompt's beginning is paid in
+//! the background too: before a compression is offered to a turn, the node that started it
+//! prefills its prompt into the engine's prefix cache (a [`Warm`]). Compressors and warm-ups
+//! run as background-class engine work (`CompressorPolicy::run_in_background`,
+//! `Priority::BACKGROUND`), which a local engine steps only while no foreground request
+//! needs it.
+//!
 //! Nothing here is awaited by a run: `prepare` only looks up and spawns. Every step gets a
 //! sequence number from one counter, so tests check what happened before what without
 //! reading a clock. This room must not touch wasmtime or an engine.
@@ -12,7 +23,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -23,6 +34,12 @@ use crate::policy::PolicyProvider;
 /// Compressions kept; beyond it the oldest finished ones go (a server's sessions come and
 /// go, and a compressed history is worth one later turn).
 const MAX_ENTRIES: usize = 256;
+
+/// The share of the budget a compression aims at (1/N). The rest is room for raw turns to
+/// be appended behind the compressed block before the next compression: each compression
+/// changes the prompt's beginning once (one prefix-cache miss), and the turns in between
+/// keep it byte-identical.
+pub const COMPACT_SHARE: u32 = 2;
 
 /// What identifies one compression: the plugin, the budget, and the hash of the messages
 /// it replaces.
@@ -49,6 +66,9 @@ struct Entry {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct HistoryEvent {
     pub seq: u64,
+    /// When it happened (a run's timeline places it on its compression lane).
+    #[serde(skip)]
+    pub at: Instant,
     pub plugin: String,
     /// Messages of the history the compression replaces.
     pub messages: usize,
@@ -86,6 +106,43 @@ pub struct HistoryUse {
 
 /// Counts tokens of a text as the node's model does.
 pub type TokenCount = Arc<dyn Fn(&str) -> u32 + Send + Sync>;
+
+/// Prefills the prompt a node would send for a conversation into its engine's prefix cache,
+/// as background work, and returns when that is done (or failed: a warm-up is only a hint).
+pub type Warm = Arc<dyn Fn(&[ChatMessage]) + Send + Sync>;
+
+/// Holds a compression back until the node that started it has sent its first token
+/// ([`StartGate::open`], or dropping the gate): even the compressor's own CPU work (a
+/// truncating compressor tokenizes the history many times) then never competes with it.
+pub struct StartGate(Arc<(Mutex<bool>, Condvar)>);
+
+impl StartGate {
+    fn new() -> (Self, Arc<(Mutex<bool>, Condvar)>) {
+        let shared = Arc::new((Mutex::new(false), Condvar::new()));
+        (Self(shared.clone()), shared)
+    }
+
+    pub fn open(&self) {
+        let (open, changed) = &*self.0;
+        *open.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        changed.notify_all();
+    }
+}
+
+impl Drop for StartGate {
+    fn drop(&mut self) {
+        self.open();
+    }
+}
+
+/// Waits until the gate of `shared` is open.
+fn wait_open(shared: &(Mutex<bool>, Condvar)) {
+    let (open, changed) = shared;
+    let guard = open.lock().unwrap_or_else(|p| p.into_inner());
+    let _open = changed
+        .wait_while(guard, |open| !*open)
+        .unwrap_or_else(|p| p.into_inner());
+}
 
 /// The compressed histories of one runner, shared by its runs.
 #[derive(Default)]
@@ -135,9 +192,11 @@ impl HistoryCache {
     }
 
     /// The conversation a node with `plugin` and `budget` answers with: `conversation` with
-    /// its longest prefix that has a ready compression replaced by it. When that is still
-    /// over `budget`, a compression of it starts in the background (unless one of the same
-    /// history is running or done), keyed by the whole `conversation`. Never waits.
+    /// its longest prefix that has a ready compression replaced by it (the same block every
+    /// turn until a newer one is ready). When that is over `budget`, a compression of it to
+    /// `budget / COMPACT_SHARE` starts in the background (unless one of the same history is
+    /// running or done), keyed by the whole `conversation`; it begins once the returned gate
+    /// opens, and with a `warm` it is offered only once its prompt is cached. Never waits.
     pub fn prepare(
         self: &Arc<Self>,
         plugin: &str,
@@ -145,7 +204,8 @@ impl HistoryCache {
         conversation: &[ChatMessage],
         count: &TokenCount,
         policies: &Arc<dyn PolicyProvider>,
-    ) -> (Vec<ChatMessage>, HistoryUse) {
+        warm: Option<Warm>,
+    ) -> (Vec<ChatMessage>, HistoryUse, Option<StartGate>) {
         let tokens_of =
             |messages: &[ChatMessage]| -> u32 { messages.iter().map(|m| count(&m.content)).sum() };
         let keys = prefix_keys(plugin, budget, conversation);
@@ -171,10 +231,10 @@ impl HistoryCache {
         }
         used.tokens_used = tokens_of(&effective);
         let Some(whole) = keys.last() else {
-            return (effective, used);
+            return (effective, used, None);
         };
         if used.tokens_used <= budget || inner.entries.contains_key(whole) {
-            return (effective, used);
+            return (effective, used, None);
         }
         let seq = self.mark();
         inner.entries.insert(
@@ -187,6 +247,7 @@ impl HistoryCache {
         inner.running += 1;
         inner.log.push(HistoryEvent {
             seq,
+            at: Instant::now(),
             plugin: plugin.to_string(),
             messages: conversation.len(),
             kind: HistoryEventKind::Started {
@@ -204,12 +265,19 @@ impl HistoryCache {
         let messages = conversation.len();
         let plugin = plugin.to_string();
         let count = count.clone();
+        let (gate, gate_shared) = StartGate::new();
         let spawned = std::thread::Builder::new()
             .name("history-compress".into())
             .spawn(move || {
-                let result = policies
-                    .compressor(&plugin)
-                    .and_then(|mut compressor| compressor.compress(&history, budget));
+                wait_open(&gate_shared);
+                let target = (budget / COMPACT_SHARE).max(1);
+                let result = policies.compressor(&plugin).and_then(|mut compressor| {
+                    compressor.run_in_background();
+                    compressor.compress(&history, target)
+                });
+                if let (Ok(compressed), Some(warm)) = (&result, &warm) {
+                    warm(compressed);
+                }
                 let seq = cache.mark();
                 let mut inner = cache.lock();
                 let kind = match result {
@@ -240,6 +308,7 @@ impl HistoryCache {
                 };
                 inner.log.push(HistoryEvent {
                     seq,
+                    at: Instant::now(),
                     plugin,
                     messages,
                     kind,
@@ -254,7 +323,7 @@ impl HistoryCache {
             inner.running -= 1;
             inner.entries.remove(whole);
         }
-        (effective, used)
+        (effective, used, Some(gate))
     }
 }
 

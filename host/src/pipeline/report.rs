@@ -4,18 +4,21 @@
 //! recorder's stream once the run is over, so the report, the `--json` output and the traces
 //! cannot disagree with what live views saw.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
 use super::critical::{self, CriticalPath};
-use super::history::{HistoryEvent, HistoryUse};
+use super::history::{HistoryEvent, HistoryEventKind, HistoryUse};
 use super::record::{self, Recorded, RunEvent, ms};
 use super::spec::{NodeIndex, NodeKind, Pipeline};
 use crate::engine::Confidence;
 use crate::policy::StreamMode;
 use crate::speculate::SpeculationStats;
-use crate::trace::Timeline;
+use crate::trace::{EventKind, Timeline};
+
+/// The timeline lane of a run's background compressions (after the nodes' lanes).
+pub const COMPRESSION_LANE: &str = "compression";
 use crate::trace::chrome::ChromeTrace;
 
 fn ms_opt<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
@@ -135,6 +138,62 @@ pub struct RunReport {
 }
 
 impl RunReport {
+    /// Keeps the conversation memory's `history` (what it did while the run went) and shows
+    /// it on a timeline lane of its own, [`COMPRESSION_LANE`]: from the first compression's
+    /// start (the run's start for one already running) to the last one's end (or the run's,
+    /// while one still runs), each start, end and failure an instant with its details. Only
+    /// events from `run_start` on are placed.
+    pub(crate) fn add_history(&mut self, history: Vec<HistoryEvent>, run_start: Instant) {
+        let placed: Vec<(Duration, &HistoryEvent)> = history
+            .iter()
+            .filter_map(|e| Some((e.at.checked_duration_since(run_start)?, e)))
+            .collect();
+        if let Some(&(first_at, first)) = placed.first() {
+            let mut lanes = self.timeline.lanes().to_vec();
+            let lane = lanes.len();
+            lanes.push(COMPRESSION_LANE.into());
+            let timeline = Timeline::new(lanes);
+            for event in self.timeline.events() {
+                timeline.record_at(event.at, event.lane, event.kind);
+            }
+            let already_running = !matches!(first.kind, HistoryEventKind::Started { .. });
+            timeline.record_at(
+                if already_running {
+                    Duration::ZERO
+                } else {
+                    first_at
+                },
+                lane,
+                EventKind::Start,
+            );
+            // Compressions still running at the last placed event.
+            let mut running = i64::from(already_running);
+            let mut last = first_at;
+            for &(at, event) in &placed {
+                let (name, delta) = match &event.kind {
+                    HistoryEventKind::Started { .. } => ("compression started", 1),
+                    HistoryEventKind::Finished { .. } => ("compression finished", -1),
+                    HistoryEventKind::Failed { .. } => ("compression failed", -1),
+                };
+                running += delta;
+                last = at;
+                timeline.record_at(
+                    at,
+                    lane,
+                    EventKind::Note {
+                        category: "history",
+                        name: format!("{name} ({} messages)", event.messages),
+                        args: serde_json::to_value(event).unwrap_or_default(),
+                    },
+                );
+            }
+            let end = if running > 0 { self.total_ms } else { last };
+            timeline.record_at(end, lane, EventKind::End { tokens: 0 });
+            self.timeline = timeline;
+        }
+        self.history = history;
+    }
+
     /// The run as a Chrome trace, the measured critical path marked.
     pub fn trace(&self) -> ChromeTrace {
         let mut trace = ChromeTrace::from_timeline(&self.timeline, &self.measured_lanes);

@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::future::try_join_all;
 use tokio::sync::{Notify, mpsc};
@@ -23,7 +23,7 @@ use tracing::Instrument;
 
 use super::budget::{MeteredProvider, RunBound, RunBudget, RunLimits};
 use super::critical::{self, CriticalPath, LatencyModel};
-use super::history::{HistoryCache, TokenCount};
+use super::history::{HistoryCache, StartGate, TokenCount, Warm};
 use super::record::{NodeInfo, Recorder, RunEvent};
 use super::role_session::RoleSession;
 use super::spec::{DEFAULT_MODEL, ModelBinding, NodeIndex, NodeKind, Pipeline, SpecError};
@@ -326,6 +326,9 @@ impl Runner {
         self.check_capabilities(pipeline, request.mode)?;
         let estimated = self.estimate(pipeline, &request);
         let history_from = self.history.mark();
+        let run_start = Instant::now()
+            .checked_sub(recorder.now())
+            .unwrap_or_else(Instant::now);
         let n = pipeline.nodes.len();
         recorder.record(RunEvent::RunStarted {
             pipeline: pipeline.name.clone(),
@@ -419,6 +422,7 @@ impl Runner {
                 is_output: ix == pipeline.output,
                 tokens: 0,
                 history_seq: pipeline.nodes[i].history.as_ref().map(|_| None),
+                history_gate: None,
             };
             let span = tracing::debug_span!("node", id = %pipeline.nodes[i].id);
             nodes.push(
@@ -433,13 +437,14 @@ impl Runner {
         let total = recorder.now();
         let mut report =
             RunReport::from_events(pipeline, request.mode, &estimated, recorder.events(), total);
-        // Background compressions that started or ended while the run went.
-        report.history = self
+        // Background compressions that started or ended while the run went, on their lane.
+        let history = self
             .history
             .events()
             .into_iter()
             .filter(|e| e.seq > history_from)
             .collect();
+        report.add_history(history, run_start);
         Ok(report)
     }
 }
@@ -511,6 +516,8 @@ struct Emitter<'r> {
     /// The node keeps a conversation budget: its first token takes a number in the
     /// memory's order of events (so tests see it did not wait for a compression).
     history_seq: Option<Option<u64>>,
+    /// Opened at the first token: the compression this node's turn started may begin.
+    history_gate: Option<StartGate>,
 }
 
 impl Emitter<'_> {
@@ -530,6 +537,9 @@ impl Emitter<'_> {
                 node: self.node,
                 seq,
             });
+            if let Some(gate) = self.history_gate.take() {
+                gate.open();
+            }
         }
         self.tokens += tokens;
         self.ctx.recorder.record(RunEvent::NodeDelta {
@@ -635,7 +645,7 @@ impl<'r> RunCtx<'r> {
         &'r self,
         ix: NodeIndex,
         inputs: InputSide,
-        emitter: Emitter<'r>,
+        mut emitter: Emitter<'r>,
         waker: Arc<Notify>,
     ) -> Result<(), RunError> {
         let node = self.pipeline.node(ix);
@@ -647,14 +657,16 @@ impl<'r> RunCtx<'r> {
             Some(policy) => {
                 let models = self.runner.models.clone();
                 let count: TokenCount = Arc::new(move |text: &str| models.count_tokens(text));
-                let (conversation, used) = self.runner.history.prepare(
+                let (conversation, used, gate) = self.runner.history.prepare(
                     &policy.compressor,
                     policy.budget_tokens,
                     &self.request.conversation,
                     &count,
                     &self.runner.policies,
+                    self.history_warm(ix),
                 );
                 self.recorder.record(RunEvent::History { node: ix, used });
+                emitter.history_gate = gate;
                 conversation
             }
             None => self.request.conversation.clone(),
@@ -694,6 +706,48 @@ impl<'r> RunCtx<'r> {
                     .await
             }
         }
+    }
+
+    /// How a compressed conversation of agent `ix` gets into its engine's prefix cache before
+    /// a turn uses it: the node's role builds the prompt (as its first step will, no inputs
+    /// yet) and a background warm-up prefills it. None for other kinds and routed nodes,
+    /// whose prompt or engine is only known at the step.
+    fn history_warm(&self, ix: NodeIndex) -> Option<Warm> {
+        let node = self.pipeline.node(ix);
+        let ModelBinding::Fixed(model) = &node.model else {
+            return None;
+        };
+        if node.kind != NodeKind::Agent || !node.inputs.is_empty() {
+            return None;
+        }
+        let engine = self.runner.models.get(model)?.clone();
+        let policies = self.runner.policies.clone();
+        let (plugin, config) = (node.plugin.clone(), node.config.clone());
+        Some(Arc::new(move |conversation: &[ChatMessage]| {
+            let input = crate::policy::RoleInput {
+                conversation: conversation.to_vec(),
+                upstream: Vec::new(),
+            };
+            let messages = match policies
+                .role(&plugin, &config)
+                .and_then(|mut role| role.build_messages(&input))
+            {
+                Ok(messages) => messages,
+                Err(error) => {
+                    tracing::debug!(%plugin, %error, "no warm-up of a compressed history");
+                    return;
+                }
+            };
+            let mut request = GenerationRequest::chat(messages);
+            request.sampling.max_tokens = 0;
+            request.priority = Priority::BACKGROUND;
+            if let Err(error) = engine
+                .submit(request)
+                .and_then(GenerationStream::blocking_collect)
+            {
+                tracing::debug!(%error, "warm-up of a compressed history failed");
+            }
+        }))
     }
 
     /// The engine for a step of `node`, asking its router when it has one (then the

@@ -181,7 +181,7 @@ impl model::Host for StoreState {
                 assistant_prefix: None,
             },
             sampling: sampling_from_wit(params),
-            priority: Default::default(),
+            priority: self.model_priority,
             extensions: Default::default(),
         };
         Ok(complete_before(engine, request, self.deadline))

@@ -32,6 +32,9 @@ pub(crate) struct StoreState {
     pub(crate) config: Arc<BTreeMap<String, String>>,
     pub(crate) model_granted: bool,
     pub(crate) engine: Option<Arc<dyn crate::engine::Engine>>,
+    /// The engine priority of `model.complete` requests (background for a history
+    /// compression nobody waits for).
+    pub(crate) model_priority: crate::engine::Priority,
     pub(crate) origin: Instant,
     /// When the current call must end (the `model` import waits at most until then).
     pub(crate) deadline: Instant,
@@ -109,6 +112,7 @@ impl PluginInstance {
             config,
             model_granted: plugin.model_granted,
             engine: inner.config.engine.clone(),
+            model_priority: crate::engine::Priority::default(),
             origin: inner.origin,
             deadline: Instant::now(),
             log: LogBudget::new(inner.config.log, plugin.plugin.clone()),
@@ -131,6 +135,13 @@ impl PluginInstance {
             deadline_ticks,
             max_output: inner.config.max_output_bytes,
             max_messages: inner.config.max_messages,
+        }
+    }
+
+    /// The engine priority of this instance's later `model.complete` calls.
+    pub(crate) fn set_model_priority(&mut self, priority: crate::engine::Priority) {
+        if let Some(store) = self.store.as_mut() {
+            store.data_mut().model_priority = priority;
         }
     }
 

@@ -296,6 +296,11 @@ impl CompressorPolicy for CompressorInstance {
     ) -> Result<Vec<ChatMessage>, PolicyError> {
         Ok(self.try_compress(history, budget_tokens)?)
     }
+
+    fn run_in_background(&mut self) {
+        self.instance
+            .set_model_priority(crate::engine::Priority::BACKGROUND);
+    }
 }
 
 /// A router plugin instance, of either WIT version.

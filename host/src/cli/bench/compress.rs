@@ -49,14 +49,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
     print!("{:>5}", "turn");
     for v in &report.variants {
-        print!(" {:>12} {:>8}", format!("{} TTFT", v.name), "tokens");
+        print!(
+            " {:>16} {:>7} {:>7} {:>5}",
+            format!("{} TTFT ms", v.name),
+            "tokens",
+            "cached",
+            "F1"
+        );
     }
     println!();
     for turn in 0..report.turns {
         print!("{:>5}", turn + 1);
         for v in &report.variants {
             let t = &v.turns[turn];
-            print!(" {:>12.1} {:>8}", t.ttft_ms, t.history_tokens);
+            print!(
+                " {:>16.1} {:>7} {:>7} {:>5.2}",
+                t.ttft_ms, t.history_tokens, t.cached_prompt_tokens, t.f1_with_none
+            );
         }
         println!();
     }
@@ -64,6 +73,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "mean TTFT over budget, / none: inline {:.2}x, background {:.2}x ({} background turns used a compression)",
         report.inline_vs_none, report.background_vs_none, report.background_turns_compressed
     );
+    if let Some(background) = report.variants.iter().find(|v| v.name == "background") {
+        let idle: Vec<f64> = background.turns.iter().map(|t| t.idle_ms).collect();
+        println!(
+            "background work after a turn (client idle time it used): mean {:.1} ms, max {:.1} ms",
+            idle.iter().sum::<f64>() / idle.len().max(1) as f64,
+            idle.iter().copied().fold(0.0, f64::max)
+        );
+    }
+    for v in &report.variants {
+        println!(
+            "{:>10}: mean TTFT over budget {:.1} ms, token F1 with none {:.2}, distinct-2 {:.2}",
+            v.name, v.mean_ttft_over_budget_ms, v.mean_f1_with_none, v.mean_distinct_2
+        );
+    }
     if let Some(path) = args.json {
         std::fs::write(&path, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;

@@ -177,6 +177,16 @@ impl<'m> EngineLoop<'m> {
         while let Some(pending) = self.queue.get(at)
             && self.running.len() < self.settings.max_running
         {
+            // The queue is in priority order: from the first background request on, all are.
+            if pending.priority.is_background() {
+                let foreground_running = self.running.iter().any(|s| !s.priority.is_background());
+                let foreground_queued = (0..self.queue.len())
+                    .filter_map(|i| self.queue.get(i))
+                    .any(|p| !p.priority.is_background());
+                if !scheduler::admits_background(foreground_running, foreground_queued) {
+                    return;
+                }
+            }
             let prefilling = self
                 .running
                 .iter()

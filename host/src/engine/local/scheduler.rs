@@ -114,16 +114,27 @@ pub(super) struct Planned {
     pub prefill: bool,
 }
 
+/// Whether a background-class request may be admitted now: only while no foreground
+/// request runs or waits, so it never takes a slot or KV room a foreground one could use.
+pub(super) fn admits_background(foreground_running: bool, foreground_queued: bool) -> bool {
+    !foreground_running && !foreground_queued
+}
+
 /// The step's batch, in priority order: the decode inputs of every decoding sequence that
 /// fits, then prefill. While others decode a prefill takes at most `prefill_chunk` tokens
 /// in all, so their token rate stays steady; a prompt that outranks every decoding sequence
-/// (the critical path) takes the whole rest of the batch instead.
+/// (the critical path) takes the whole rest of the batch instead. Background sequences
+/// ([`Priority::BACKGROUND`]) are left out of any step that has foreground work: paused,
+/// their KV kept, they go on once the foreground is done.
 pub(super) fn plan_step(
     demands: &[Demand],
     batch_tokens: usize,
     prefill_chunk: usize,
 ) -> Vec<Planned> {
-    let mut order: Vec<usize> = (0..demands.len()).collect();
+    let foreground = demands.iter().any(|d| !d.priority.is_background());
+    let mut order: Vec<usize> = (0..demands.len())
+        .filter(|&i| !(foreground && demands[i].priority.is_background()))
+        .collect();
     order.sort_by_key(|&i| (std::cmp::Reverse(demands[i].priority), demands[i].order));
     let mut budget = batch_tokens;
     let mut first = 0;
@@ -274,6 +285,31 @@ mod tests {
                 prefill: false
             }]
         );
+    }
+
+    #[test]
+    fn background_sequences_are_paused_while_any_foreground_one_runs() {
+        let background = Priority::BACKGROUND.0;
+        let demands = [
+            decoding(background, 0, 1),
+            prefilling(0, 1, 40),
+            prefilling(background, 2, 40),
+        ];
+        let plan = plan_step(&demands, 512, 64);
+        assert_eq!(plan.len(), 1, "{plan:?}");
+        assert_eq!(plan[0].index, 1);
+        // A decoding foreground sequence pauses them too.
+        let plan = plan_step(&[decoding(background, 0, 1), decoding(0, 1, 1)], 512, 64);
+        assert_eq!(plan.iter().map(|p| p.index).collect::<Vec<_>>(), [1]);
+        // Alone, background work runs as any other.
+        let plan = plan_step(
+            &[decoding(background, 0, 1), prefilling(background, 1, 40)],
+            512,
+            64,
+        );
+        assert_eq!(plan.len(), 2);
+        assert!(admits_background(false, false));
+        assert!(!admits_background(true, false) && !admits_background(false, true));
     }
 
     #[test]

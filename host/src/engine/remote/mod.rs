@@ -10,6 +10,9 @@
 //! response and so closes the connection: llama.cpp and vLLM abort the sequence. Once text has
 //! reached the caller a failure is never retried (the caller would see text twice); it ends
 //! the stream with a typed error, within the idle timeout at most.
+//!
+//! `Priority` is not sent (the API has no field for it), so a `Priority::BACKGROUND`
+//! request is served like any other: the server cannot pause it for a foreground one.
 
 mod client;
 pub mod config;
