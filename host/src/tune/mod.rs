@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use crate::engine::{Engine, EngineError};
 use crate::eval::{self, EvalOptions, Variant};
 use crate::pipeline::stream::ChunkSchedule;
-use crate::pipeline::{Pipeline, RunError, RunRequest, Runner};
+use crate::pipeline::{Pipeline, RunError, RunReport, RunRequest, Runner};
 use crate::policy::StreamMode;
 use predict::{LatencyTable, ModelLatency, predict};
 use search::{Outcome, Prior, SearchOptions};
@@ -40,6 +40,9 @@ pub const DEFAULT_SHORTLIST: usize = 3;
 /// Bounds of the calibration factor (measured over predicted critical path).
 const MIN_CALIBRATION: f64 = 0.25;
 const MAX_CALIBRATION: f64 = 4.0;
+/// Predicted over measured critical path of a tuned variant on the real host should lie
+/// within 1/this and this: one run per variant on a shared CPU, answers of sampled length.
+pub const PREDICTION_TOLERANCE: f64 = 1.5;
 /// Tokens per probe request: enough decode steps for a stable per-token figure.
 pub const PROBE_TOKENS: u32 = 32;
 
@@ -145,6 +148,9 @@ pub struct Checked {
     /// answers not degenerate).
     pub quality: Option<f64>,
     pub degenerate: Option<usize>,
+    /// The judge's figures behind `quality` (how often its two orders agreed), as `eval`
+    /// summarised them.
+    pub judged: Option<eval::stats::TallySummary>,
     #[serde(skip)]
     pub genome: Option<Genome>,
 }
@@ -154,9 +160,12 @@ pub struct Checked {
 pub struct TuneReport {
     pub base: String,
     pub budget_ms: f64,
-    /// Measured over predicted critical path of the hand-written run; the search ran on
-    /// `budget / calibration`.
+    /// Measured over predicted critical path of the hand-written run (after `measured`);
+    /// the search ran on `budget / calibration`.
     pub calibration: f64,
+    /// What the hand-written run measured that the predictions take.
+    pub measured: Calibration,
+    /// Per-model latencies the predictions used (probed, then scaled by `measured`).
     pub latencies: LatencyTable,
     pub space_size: u128,
     pub evaluated: usize,
@@ -238,13 +247,17 @@ fn prompt_tokens(runner: &Runner, prompts: &[String]) -> u32 {
     mean(&counts).round() as u32
 }
 
-/// Runs `pipeline` on each prompt: mean measured critical path, TTFT and total, in ms.
+/// Mean measured critical path, TTFT and total of some runs, in ms.
+type RunFigures = (f64, Option<f64>, f64);
+
+/// Runs `pipeline` on each prompt: the mean figures, and the reports.
 pub async fn measure_runs(
     runner: &Runner,
     pipeline: &Pipeline,
     prompts: &[String],
-) -> Result<(f64, Option<f64>, f64), RunError> {
+) -> Result<(RunFigures, Vec<RunReport>), RunError> {
     let (mut paths, mut ttfts, mut totals) = (Vec::new(), Vec::new(), Vec::new());
+    let mut reports = Vec::new();
     for prompt in prompts {
         let report = runner
             .run(
@@ -256,9 +269,103 @@ pub async fn measure_runs(
         paths.push(millis(report.critical_path_measured.length_ms));
         ttfts.extend(report.ttft_ms.map(millis));
         totals.push(millis(report.total_ms));
+        reports.push(report);
     }
     let ttft = (!ttfts.is_empty()).then(|| mean(&ttfts));
-    Ok((mean(&paths), ttft, mean(&totals)))
+    Ok(((mean(&paths), ttft, mean(&totals)), reports))
+}
+
+/// What the hand-written runs measured that the prediction then takes instead of
+/// assumptions: how fast each model decoded inside a real run on this host (its sources
+/// share the engine with each other and with a staircase consumer, and the host with
+/// whatever else runs), and how long each node's answer was (one that stops by itself
+/// writes fewer tokens than its cap, and a variant's same node is asked the same).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Calibration {
+    /// Per model: the decode latency its sources measured in the run over the one the
+    /// probes predicted for them.
+    pub decode_scale: BTreeMap<String, f64>,
+    /// Per node id: mean output tokens of a node that stopped before its cap.
+    pub lengths: BTreeMap<String, u32>,
+}
+
+/// A node that wrote less than this share of its cap stopped by itself.
+const STOPPED_EARLY: f64 = 0.95;
+
+impl Calibration {
+    /// From the runs of `base` (its `reports`), against the probed `table`.
+    pub fn of(base: &Pipeline, reports: &[RunReport], table: &LatencyTable) -> Self {
+        let mut calibration = Self::default();
+        let mut scales: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        let sources = |model: &str| {
+            base.nodes
+                .iter()
+                .filter(|n| n.inputs.is_empty() && predict::model_of(&n.model) == Some(model))
+                .count()
+        };
+        for (i, node) in base.nodes.iter().enumerate() {
+            let ran: Vec<&crate::pipeline::report::NodeReport> = reports
+                .iter()
+                .filter_map(|r| r.nodes.get(i))
+                .filter(|n| n.finished_ms.is_some() && !n.cancelled)
+                .collect();
+            let tokens: Vec<f64> = ran.iter().map(|n| f64::from(n.output_tokens)).collect();
+            let cap = crate::pipeline::critical::expected_tokens(node);
+            if !tokens.is_empty() && mean(&tokens) < f64::from(cap) * STOPPED_EARLY {
+                calibration
+                    .lengths
+                    .insert(node.id.clone(), mean(&tokens).round().max(1.0) as u32);
+            }
+            let Some(model) = predict::model_of(&node.model).filter(|_| node.inputs.is_empty())
+            else {
+                continue;
+            };
+            let latency = table.of(model);
+            let others = u32::try_from(sources(model).saturating_sub(1)).unwrap_or(0);
+            let probed = latency.solo.decode_per_token + latency.per_extra_sequence * others;
+            for n in &ran {
+                if let (Some(first), Some(end)) = (n.first_token_ms, n.finished_ms)
+                    && n.output_tokens > 1
+                    && end > first
+                    && !probed.is_zero()
+                {
+                    let per = (end - first) / (n.output_tokens - 1);
+                    scales
+                        .entry(model.to_string())
+                        .or_default()
+                        .push(per.as_secs_f64() / probed.as_secs_f64());
+                }
+            }
+        }
+        calibration.decode_scale = scales
+            .into_iter()
+            .map(|(m, s)| (m, mean(&s).clamp(MIN_CALIBRATION, MAX_CALIBRATION)))
+            .collect();
+        calibration
+    }
+
+    /// `table` with each measured model's decode latencies scaled.
+    pub fn table(&self, table: &LatencyTable) -> LatencyTable {
+        let mut out = table.clone();
+        for (model, scale) in &self.decode_scale {
+            let mut latency = table.of(model);
+            latency.solo.decode_per_token = latency.solo.decode_per_token.mul_f64(*scale);
+            latency.per_extra_sequence = latency.per_extra_sequence.mul_f64(*scale);
+            out = out.with(model, latency);
+        }
+        out
+    }
+
+    /// `pipeline` expecting each measured node's length (within its cap).
+    pub fn lengths(&self, mut pipeline: Pipeline) -> Pipeline {
+        for node in &mut pipeline.nodes {
+            if let Some(&tokens) = self.lengths.get(&node.id) {
+                let cap = crate::pipeline::critical::expected_tokens(node);
+                node.expected_tokens = Some(tokens.min(cap));
+            }
+        }
+        pipeline
+    }
 }
 
 /// The variant sized as the tuning run asks.
@@ -298,7 +405,7 @@ pub async fn tune(
     let base = sized(base.clone(), options.proposer_tokens, answer_tokens);
     let (space, base_genome) = Space::of(&base, options.models.clone(), &options.schedules)?;
     let concurrent = base_genome.proposers.iter().flatten().count();
-    let table = measure_models(runner, &space.models, concurrent).await?;
+    let probed = measure_models(runner, &space.models, concurrent).await?;
     let prompt_tokens = prompt_tokens(runner, &options.check_prompts);
     // The hand-written pipeline runs first: its measured over predicted critical path
     // calibrates the search's budget to what this host does now (a busy host runs slower
@@ -310,9 +417,16 @@ pub async fn tune(
             source: Box::new(source),
         }
     };
-    let base_run = measure_runs(runner, &base, &options.check_prompts)
+    let (base_run, base_reports) = measure_runs(runner, &base, &options.check_prompts)
         .await
         .map_err(run_error(&base))?;
+    // The probes alone under-predict a real run (0.2-0.7x on a busy host): the run's own
+    // per-model decode latencies and node lengths replace them, for the search and for
+    // every prediction below.
+    let measured = Calibration::of(&base, &base_reports, &probed);
+    let table = measured.table(&probed);
+    let base = measured.lengths(base);
+    let (space, base_genome) = Space::of(&base, options.models.clone(), &options.schedules)?;
     let base_predicted =
         millis(predict(&base, StreamMode::Staircase, prompt_tokens, &table).critical_path);
     let calibration = if base_predicted > 0.0 && base_run.0 > 0.0 {
@@ -344,16 +458,19 @@ pub async fn tune(
         // The templates carry the base's sizes; a proposer answering alone gets the answer's.
         let mut pipeline = space.build(g, &name)?;
         if g.aggregator.is_none() {
-            pipeline = sized(pipeline, None, answer_tokens);
+            pipeline = measured.lengths(sized(pipeline, None, answer_tokens));
         }
         candidates.push((Some(g.clone()), pipeline));
     }
     for (genome, pipeline) in &candidates {
         let (measured, ttft, total) = match genome {
             None => base_run,
-            Some(_) => measure_runs(runner, pipeline, &options.check_prompts)
-                .await
-                .map_err(run_error(pipeline))?,
+            Some(_) => {
+                measure_runs(runner, pipeline, &options.check_prompts)
+                    .await
+                    .map_err(run_error(pipeline))?
+                    .0
+            }
         };
         let prediction = predict(pipeline, StreamMode::Staircase, prompt_tokens, &table);
         let predicted = millis(prediction.critical_path);
@@ -379,6 +496,7 @@ pub async fn tune(
             },
             quality: None,
             degenerate: None,
+            judged: None,
             genome: genome.clone(),
         });
     }
@@ -408,6 +526,7 @@ pub async fn tune(
             if let Some(s) = report.summaries.iter().find(|s| s.variant == c.name) {
                 c.quality = Some(eval::report::quality(s).0);
                 c.degenerate = Some(s.degenerate);
+                c.judged.clone_from(&s.judged);
             }
         }
     }
@@ -444,6 +563,7 @@ pub async fn tune(
         base: base.name.clone(),
         budget_ms,
         calibration,
+        measured,
         latencies: table.clone(),
         space_size: space.size(),
         evaluated: outcome.evaluated,

@@ -552,6 +552,17 @@ impl Engine for LocalEngine {
     fn token_counter(&self) -> &dyn TokenCounter {
         self
     }
+
+    /// From the stats of the latest step: the CPU's kernels serve one batch, so every
+    /// sequence running or queued shares them.
+    fn load(&self) -> Option<crate::engine::EngineLoad> {
+        let stats = self.stats();
+        Some(crate::engine::EngineLoad {
+            running: stats.live_sequences,
+            queued: stats.queued,
+            parallel: 1,
+        })
+    }
 }
 
 /// Counts with the tokenizer stored in the GGUF.
