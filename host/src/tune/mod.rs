@@ -276,14 +276,14 @@ pub async fn measure_runs(
 }
 
 /// What the hand-written runs measured that the prediction then takes instead of
-/// assumptions: how fast each model decoded inside a real run on this host (its sources
-/// share the engine with each other and with a staircase consumer, and the host with
-/// whatever else runs), and how long each node's answer was (one that stops by itself
-/// writes fewer tokens than its cap, and a variant's same node is asked the same).
+/// assumptions: what sharing the engine really costs inside a run (the probes share it
+/// between plain requests; in a staircase run a consumer's steps and chunk prefills take
+/// their turns too), and how long each node's answer was (one that stops by itself writes
+/// fewer tokens than its cap, and a variant's same node is asked the same).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Calibration {
-    /// Per model: the decode latency its sources measured in the run over the one the
-    /// probes predicted for them.
+    /// Per model: the decode cost of each other sequence its sources measured in the run
+    /// over the one the probes measured (a model with one source: its solo decode's).
     pub decode_scale: BTreeMap<String, f64>,
     /// Per node id: mean output tokens of a node that stopped before its cap.
     pub lengths: BTreeMap<String, u32>,
@@ -296,13 +296,7 @@ impl Calibration {
     /// From the runs of `base` (its `reports`), against the probed `table`.
     pub fn of(base: &Pipeline, reports: &[RunReport], table: &LatencyTable) -> Self {
         let mut calibration = Self::default();
-        let mut scales: BTreeMap<String, Vec<f64>> = BTreeMap::new();
-        let sources = |model: &str| {
-            base.nodes
-                .iter()
-                .filter(|n| n.inputs.is_empty() && predict::model_of(&n.model) == Some(model))
-                .count()
-        };
+        let mut rates: BTreeMap<String, Vec<f64>> = BTreeMap::new();
         for (i, node) in base.nodes.iter().enumerate() {
             let ran: Vec<&crate::pipeline::report::NodeReport> = reports
                 .iter()
@@ -320,37 +314,57 @@ impl Calibration {
             else {
                 continue;
             };
-            let latency = table.of(model);
-            let others = u32::try_from(sources(model).saturating_sub(1)).unwrap_or(0);
-            let probed = latency.solo.decode_per_token + latency.per_extra_sequence * others;
             for n in &ran {
                 if let (Some(first), Some(end)) = (n.first_token_ms, n.finished_ms)
                     && n.output_tokens > 1
                     && end > first
-                    && !probed.is_zero()
                 {
                     let per = (end - first) / (n.output_tokens - 1);
-                    scales
+                    rates
                         .entry(model.to_string())
                         .or_default()
-                        .push(per.as_secs_f64() / probed.as_secs_f64());
+                        .push(per.as_secs_f64());
                 }
             }
         }
-        calibration.decode_scale = scales
-            .into_iter()
-            .map(|(m, s)| (m, mean(&s).clamp(MIN_CALIBRATION, MAX_CALIBRATION)))
-            .collect();
+        for (model, rates) in rates {
+            let latency = table.of(&model);
+            let sources = base
+                .nodes
+                .iter()
+                .filter(|n| n.inputs.is_empty() && predict::model_of(&n.model) == Some(&model))
+                .count();
+            let solo = latency.solo.decode_per_token.as_secs_f64();
+            let extra = latency.per_extra_sequence.as_secs_f64();
+            let scale = if sources > 1 && extra > 0.0 {
+                (mean(&rates) - solo).max(0.0) / (sources - 1) as f64 / extra
+            } else if solo > 0.0 {
+                mean(&rates) / solo
+            } else {
+                1.0
+            };
+            calibration
+                .decode_scale
+                .insert(model, scale.clamp(MIN_CALIBRATION, MAX_CALIBRATION));
+        }
         calibration
     }
 
-    /// `table` with each measured model's decode latencies scaled.
-    pub fn table(&self, table: &LatencyTable) -> LatencyTable {
+    /// `table` with each measured model's sharing cost (or solo decode) scaled.
+    pub fn table(&self, base: &Pipeline, table: &LatencyTable) -> LatencyTable {
         let mut out = table.clone();
         for (model, scale) in &self.decode_scale {
             let mut latency = table.of(model);
-            latency.solo.decode_per_token = latency.solo.decode_per_token.mul_f64(*scale);
-            latency.per_extra_sequence = latency.per_extra_sequence.mul_f64(*scale);
+            let sources = base
+                .nodes
+                .iter()
+                .filter(|n| n.inputs.is_empty() && predict::model_of(&n.model) == Some(model))
+                .count();
+            if sources > 1 && !latency.per_extra_sequence.is_zero() {
+                latency.per_extra_sequence = latency.per_extra_sequence.mul_f64(*scale);
+            } else {
+                latency.solo.decode_per_token = latency.solo.decode_per_token.mul_f64(*scale);
+            }
             out = out.with(model, latency);
         }
         out
@@ -424,7 +438,7 @@ pub async fn tune(
     // per-model decode latencies and node lengths replace them, for the search and for
     // every prediction below.
     let measured = Calibration::of(&base, &base_reports, &probed);
-    let table = measured.table(&probed);
+    let table = measured.table(&base, &probed);
     let base = measured.lengths(base);
     let (space, base_genome) = Space::of(&base, options.models.clone(), &options.schedules)?;
     let base_predicted =
@@ -463,6 +477,12 @@ pub async fn tune(
         candidates.push((Some(g.clone()), pipeline));
     }
     for (genome, pipeline) in &candidates {
+        // A shared host drifts between the probes and a variant's run: each variant is
+        // predicted at its models' solo latency measured again just before it runs.
+        let now = match genome {
+            None => table.clone(),
+            Some(_) => refreshed(runner, &table, &probed, pipeline).await?,
+        };
         let (measured, ttft, total) = match genome {
             None => base_run,
             Some(_) => {
@@ -472,7 +492,7 @@ pub async fn tune(
                     .0
             }
         };
-        let prediction = predict(pipeline, StreamMode::Staircase, prompt_tokens, &table);
+        let prediction = predict(pipeline, StreamMode::Staircase, prompt_tokens, &now);
         let predicted = millis(prediction.critical_path);
         checked.push(Checked {
             name: pipeline.name.clone(),
@@ -582,6 +602,50 @@ pub async fn tune(
         checked,
         file,
     })
+}
+
+/// `table` with the solo latencies of `pipeline`'s models measured again, each model's
+/// figures scaled by how much its solo decode and prefill moved since `probed`.
+async fn refreshed(
+    runner: &Runner,
+    table: &LatencyTable,
+    probed: &LatencyTable,
+    pipeline: &Pipeline,
+) -> Result<LatencyTable, TuneError> {
+    let mut models: Vec<&str> = pipeline
+        .nodes
+        .iter()
+        .filter_map(|n| predict::model_of(&n.model))
+        .collect();
+    models.sort_unstable();
+    models.dedup();
+    let mut out = table.clone();
+    for model in models {
+        let Some(engine) = runner.models().get(model) else {
+            continue;
+        };
+        let fresh = probe::measure(engine.as_ref(), PROBE_TOKENS, 1)
+            .await
+            .map_err(|source| TuneError::Probe {
+                model: model.to_string(),
+                source,
+            })?;
+        let (was, mut latency) = (probed.of(model), table.of(model));
+        let ratio = |now: Duration, then: Duration| {
+            if then.is_zero() {
+                1.0
+            } else {
+                (now.as_secs_f64() / then.as_secs_f64()).clamp(MIN_CALIBRATION, MAX_CALIBRATION)
+            }
+        };
+        let decode = ratio(fresh.solo.decode_per_token, was.solo.decode_per_token);
+        let prefill = ratio(fresh.solo.prefill_per_token, was.solo.prefill_per_token);
+        latency.solo.decode_per_token = latency.solo.decode_per_token.mul_f64(decode);
+        latency.per_extra_sequence = latency.per_extra_sequence.mul_f64(decode);
+        latency.solo.prefill_per_token = latency.solo.prefill_per_token.mul_f64(prefill);
+        out = out.with(model, latency);
+    }
+    Ok(out)
 }
 
 /// The shortlist: front variants that meet the budget, best prior first (else the fastest).

@@ -39,7 +39,7 @@ impl TuneReport {
             .collect();
         let _ = writeln!(
             out,
-            "calibrated on the hand-written run: decode {} (in the run over the probes); tokens of nodes that stopped early: {}",
+            "calibrated on the hand-written run: sharing cost per other sequence {} (in the run over the probes); tokens of nodes that stopped early: {}",
             if scales.is_empty() {
                 "-".into()
             } else {
