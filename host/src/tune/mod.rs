@@ -289,6 +289,18 @@ pub struct Calibration {
     pub lengths: BTreeMap<String, u32>,
 }
 
+/// Sequences sharing `model` with the sources of `base` on it, as the prediction counts
+/// them (the sources, and their staircase consumers on it).
+fn sharing(base: &Pipeline, model: &str) -> usize {
+    let level = predict::levels(base);
+    base.nodes
+        .iter()
+        .position(|n| n.inputs.is_empty() && predict::model_of(&n.model) == Some(model))
+        .map_or(1, |i| {
+            predict::concurrency(base, StreamMode::Staircase, &level, i)
+        })
+}
+
 /// A node that wrote less than this share of its cap stopped by itself.
 const STOPPED_EARLY: f64 = 0.95;
 
@@ -329,11 +341,7 @@ impl Calibration {
         }
         for (model, rates) in rates {
             let latency = table.of(&model);
-            let sources = base
-                .nodes
-                .iter()
-                .filter(|n| n.inputs.is_empty() && predict::model_of(&n.model) == Some(&model))
-                .count();
+            let sources = sharing(base, &model);
             let solo = latency.solo.decode_per_token.as_secs_f64();
             let extra = latency.per_extra_sequence.as_secs_f64();
             let scale = if sources > 1 && extra > 0.0 {
@@ -355,11 +363,7 @@ impl Calibration {
         let mut out = table.clone();
         for (model, scale) in &self.decode_scale {
             let mut latency = table.of(model);
-            let sources = base
-                .nodes
-                .iter()
-                .filter(|n| n.inputs.is_empty() && predict::model_of(&n.model) == Some(model))
-                .count();
+            let sources = sharing(base, model);
             if sources > 1 && !latency.per_extra_sequence.is_zero() {
                 latency.per_extra_sequence = latency.per_extra_sequence.mul_f64(*scale);
             } else {
