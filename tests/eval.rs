@@ -78,6 +78,33 @@ fn eval_on_three_prompts_writes_the_table_json_and_chart() {
         let v = judged[key]["value"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&v), "{key}: {judged}");
     }
+    // The local judge reports its verdict letter's probabilities: a weighted score, per
+    // pair and per variant.
+    let weighted = staircase["weighted_score"]["value"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&weighted), "{staircase}");
+    // The judge check: the baseline's answer against a looped copy, on every prompt.
+    let check = &json["judge_check"];
+    let c = &check["tally"];
+    let checked = ["wins", "ties", "losses", "unparseable"]
+        .iter()
+        .map(|k| c[k].as_u64().unwrap())
+        .sum::<u64>();
+    assert_eq!(checked, 3, "{check}");
+    assert!(
+        check["weighted_score"]["value"].as_f64().is_some(),
+        "{check}"
+    );
+    assert!(stdout.contains("Judge check"), "{stdout}");
+    assert_eq!(check["rated"], 3, "every prompt's check is rated: {check}");
+    // Every answer is rated on its own, and compared with the baseline's rating.
+    let rating = staircase["mean_rating"]["value"].as_f64().unwrap();
+    assert!((1.0..=9.0).contains(&rating), "{staircase}");
+    let rated = &staircase["rated"];
+    let compared = ["higher", "ties", "lower", "unrated"]
+        .iter()
+        .map(|k| rated[k].as_u64().unwrap())
+        .sum::<u64>();
+    assert_eq!(compared, 3, "{rated}");
     // Where the first token went: a proposer's first token, then the aggregator's first step.
     let first_in = staircase["mean_first_input_token_ms"].as_f64().unwrap();
     let first_step = staircase["mean_first_step_ms"].as_f64().unwrap();
@@ -87,6 +114,50 @@ fn eval_on_three_prompts_writes_the_table_json_and_chart() {
     assert_eq!(answer["judged"]["replies"].as_array().unwrap().len(), 2);
     let svg = std::fs::read_to_string(out_dir.join("eval.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("moa/staircase"));
+
+    // The saved answers scored again, here without a judge: the same answers and figures
+    // of the reference-free checks, the verdicts gone.
+    let rescored_dir = scratch("rescored");
+    let out = Command::new(env!("CARGO_BIN_EXE_staircase"))
+        .args([
+            "eval",
+            "--no-judge",
+            "--out",
+            rescored_dir.to_str().unwrap(),
+            "--answers",
+        ])
+        .arg(out_dir.join("eval.json"))
+        .output()
+        .expect("the staircase binary runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rescored: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(rescored_dir.join("eval.json")).unwrap()).unwrap();
+    for (before, after) in json["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(rescored["prompts"].as_array().unwrap())
+    {
+        for (a, b) in before["answers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(after["answers"].as_array().unwrap())
+        {
+            assert_eq!(a["text"], b["text"]);
+            assert_eq!(a["quality"], b["quality"]);
+            assert!(
+                b.get("judged").is_none() && b.get("rating").is_none(),
+                "{b}"
+            );
+        }
+    }
+    assert_eq!(rescored["summaries"].as_array().unwrap().len(), 3);
+    assert!(rescored.get("judge_check").is_none());
 }
 
 /// The reproduction, and prompts of other shapes (lists, explanations, how-tos):

@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use staircase::engine::local::{LocalEngine, LocalEngineConfig};
 use staircase::engine::{
-    ChatMessage, Engine, EngineError, FinishReason, GenerationEvent, GenerationRequest,
-    GenerationStream, Priority, Prompt, Role, TokenId, Usage,
+    ChatMessage, Engine, EngineError, FinishReason, FirstTokenLogprobs, GenerationEvent,
+    GenerationRequest, GenerationStream, Priority, Prompt, Role, TokenId, TopFirstTokens, Usage,
 };
+use staircase::speculate::{DraftSource, SpeculationStats};
 
 /// Safety net for waits on engine signals; never reached when the engine works.
 const WAIT: Duration = Duration::from_secs(120);
@@ -489,4 +490,97 @@ fn requests_that_begin_alike_prefill_their_common_prefix_once() {
         "the second request waits for the first's prefill and copies it: {:?} (document {shared} tokens)",
         second.usage
     );
+}
+
+/// The `Finished` event's usage and extensions, after the text.
+fn finish_of(mut stream: GenerationStream) -> (String, Usage, http::Extensions) {
+    let mut text = String::new();
+    while let Some(event) = stream.blocking_next() {
+        match event.expect("no engine error") {
+            GenerationEvent::Delta { text: t, .. } => text.push_str(&t),
+            GenerationEvent::Finished {
+                usage, extensions, ..
+            } => return (text, usage, extensions),
+        }
+    }
+    panic!("stream ended without Finished");
+}
+
+fn session_drafts_accepted(extensions: &http::Extensions) -> u64 {
+    extensions
+        .get::<SpeculationStats>()
+        .and_then(|s| s.by_source.get(&DraftSource::Sessions))
+        .map_or(0, |s| s.accepted_tokens)
+}
+
+#[test]
+fn forgetting_history_drops_cached_prefixes_and_past_sessions_drafts() {
+    let _guard = serial();
+    let engine = engine();
+    let request = || {
+        ask(
+            Some("You are a careful assistant."),
+            "Name the colours of the rainbow, in order.",
+            32,
+        )
+    };
+    let (first, usage, _) = finish_of(engine.submit(request()).expect("submit"));
+    assert_eq!(usage.cached_prompt_tokens, 0);
+    // The same request again: its prompt is cached and its earlier answer drafts this one.
+    let (again, usage, extensions) = finish_of(engine.submit(request()).expect("submit"));
+    assert_eq!(again, first);
+    assert!(usage.cached_prompt_tokens > 0, "{usage:?}");
+    assert!(
+        session_drafts_accepted(&extensions) > 0,
+        "the earlier answer should draft the repeat: {:?}",
+        extensions.get::<SpeculationStats>()
+    );
+    engine.forget_history();
+    let (fresh, usage, extensions) = finish_of(engine.submit(request()).expect("submit"));
+    assert_eq!(fresh, first, "forgetting changes speed, never the answer");
+    assert_eq!(usage.cached_prompt_tokens, 0, "no cached prefix is left");
+    assert_eq!(
+        session_drafts_accepted(&extensions),
+        0,
+        "no past session is left"
+    );
+}
+
+#[test]
+fn the_first_tokens_log_probabilities_are_reported_on_request() {
+    let _guard = serial();
+    let engine = engine();
+    let mut request = ask(None, "Say yes or no: is water wet?", 4);
+    request.extensions.insert(TopFirstTokens(5));
+    let mut stream = engine.submit(request).expect("submit");
+    let mut first_text = None;
+    let candidates = loop {
+        match stream.blocking_next().expect("an event").expect("no error") {
+            GenerationEvent::Delta { text, .. } => {
+                first_text.get_or_insert(text);
+            }
+            GenerationEvent::Finished { extensions, .. } => {
+                break extensions
+                    .get::<FirstTokenLogprobs>()
+                    .cloned()
+                    .expect("asked for first-token log-probabilities");
+            }
+        }
+    };
+    assert_eq!(candidates.0.len(), 5, "{candidates:?}");
+    assert!(
+        candidates.0.windows(2).all(|w| w[0].1 >= w[1].1),
+        "{candidates:?}"
+    );
+    let total: f32 = candidates.0.iter().map(|(_, lp)| lp.exp()).sum();
+    assert!(candidates.0.iter().all(|(_, lp)| *lp <= 0.0) && total <= 1.0 + 1e-4);
+    // Greedy decoding picks the most likely candidate.
+    let first = first_text.expect("some text");
+    assert!(
+        first.starts_with(&candidates.0[0].0),
+        "{first:?} vs {candidates:?}"
+    );
+    // Not asked: not reported.
+    let (_, _, extensions) = finish_of(engine.submit(ask(None, "Hi", 2)).expect("submit"));
+    assert!(extensions.get::<FirstTokenLogprobs>().is_none());
 }

@@ -18,7 +18,8 @@ use staircase::app::{App, AppBuilder, Config, ModelConfig};
 use staircase::engine::remote::launch::LlamaServer;
 use staircase::engine::remote::{ChunkTokens, Continuation, RemoteConfig, RemoteEngine};
 use staircase::engine::{
-    ChatMessage, Engine, EngineError, GenerationEvent, GenerationRequest, Prompt, Role,
+    ChatMessage, Engine, EngineError, FirstTokenLogprobs, GenerationEvent, GenerationRequest,
+    Prompt, Role, TopFirstTokens,
 };
 use staircase::pipeline::examples::BUILTIN;
 use staircase::pipeline::stream::{ChunkSchedule, Chunker, StreamPolicy};
@@ -292,6 +293,33 @@ fn chunks_count_the_tokens_the_server_reports_and_the_chunker_cuts_by_them() {
         );
         let total: u32 = chunks.iter().map(|c| c.tokens).sum();
         assert_eq!(total, held_usage.completion_tokens, "{chunks:?}");
+
+        // The first token's log-probabilities, on request (a judge's weighted verdict).
+        let mut asked = greedy(Vec::new());
+        asked.extensions.insert(TopFirstTokens(5));
+        let mut stream = engine.submit(asked).unwrap();
+        let (mut first, mut candidates) = (None, None);
+        while let Some(event) = stream.next().await {
+            match event.unwrap() {
+                GenerationEvent::Delta { text, .. } => {
+                    first.get_or_insert(text);
+                }
+                GenerationEvent::Finished { extensions, .. } => {
+                    candidates = extensions.get::<FirstTokenLogprobs>().cloned();
+                }
+            }
+        }
+        let candidates = candidates.expect("llama-server sends top_logprobs when asked");
+        assert!((1..=5).contains(&candidates.0.len()), "{candidates:?}");
+        assert!(
+            candidates.0.iter().all(|(_, lp)| *lp <= 0.0),
+            "{candidates:?}"
+        );
+        let first = first.expect("some text");
+        assert!(
+            first.starts_with(&candidates.0[0].0),
+            "greedy takes the top candidate: {first:?} {candidates:?}"
+        );
     });
 }
 

@@ -4,11 +4,11 @@
 //! Per prompt it measures time to first answer token and total time of each variant, the
 //! share of aggregator prompt tokens the prefix cache served, and each run's wall time
 //! against its measured critical path; it reports ratios (which compare within one run on
-//! one machine) rather than absolute times. An untimed warm-up run of each variant puts the
-//! static prompt prefixes in the prefix cache first (a server's steady state); then per prompt
-//! the variants run in the order single, staircase, layered, so the prompt-specific prefixes
-//! the staircase run leaves behind favour the layered baseline, never the staircase. This
-//! module measures; printing and files are the CLI's.
+//! one machine) rather than absolute times. Every run starts fresh ([`Runner::start_fresh`]):
+//! the engines forget what the previous variant cached, and an untimed warm-up puts the
+//! variant's static prompt prefixes back (a server's steady state), so no variant inherits
+//! another's prompt-specific prefixes or drafts. This module measures; printing and files
+//! are the CLI's.
 
 use std::fmt::Write;
 use std::sync::Arc;
@@ -32,10 +32,6 @@ pub const PROMPTS: &[&str] = &[
     "How do vaccines train the immune system?",
     "What are the trade-offs between trains and planes for a 600 km trip?",
 ];
-
-/// The untimed warm-up run: a prompt of its own, a few tokens per node.
-const WARM_UP_PROMPT: &str = "Say hello.";
-const WARM_UP_TOKENS: u32 = 4;
 
 /// Proposer length of the TTFT target (staircase at most 0.07x layered at 512 tokens).
 pub const DEFAULT_PROPOSER_TOKENS: u32 = 512;
@@ -199,24 +195,17 @@ pub async fn run(
     pipeline.nodes[output.0].params.max_tokens = Some(options.answer_tokens);
     runner.check(&pipeline)?;
 
-    // Steady state, as on a server: one short untimed run of each variant first, so static
-    // prefixes (system prompts, the aggregator's instruction) are in the prefix cache and
-    // plugin instances are warm for every measured run alike.
-    let mut warm = pipeline.clone();
-    warm.limit_tokens(WARM_UP_TOKENS);
-    single(engine, WARM_UP_PROMPT, WARM_UP_TOKENS).await?;
-    for mode in [StreamMode::Staircase, StreamMode::Layered] {
-        runner
-            .run(&warm, RunRequest::prompt(WARM_UP_PROMPT, mode), None)
-            .await?;
-    }
-
     let mut results = Vec::new();
     let mut staircase_trace = None;
     for prompt in &options.prompts {
         tracing::info!(prompt, "bench: single model");
+        engine.forget_history();
+        runner.start_fresh(None).await?;
         let (mut single, single_text) = single(engine, prompt, options.answer_tokens).await?;
         tracing::info!(prompt, "bench: staircase");
+        runner
+            .start_fresh(Some((&pipeline, StreamMode::Staircase)))
+            .await?;
         let staircase = runner
             .run(
                 &pipeline,
@@ -225,6 +214,9 @@ pub async fn run(
             )
             .await?;
         tracing::info!(prompt, "bench: layered");
+        runner
+            .start_fresh(Some((&pipeline, StreamMode::Layered)))
+            .await?;
         let layered = runner
             .run(
                 &pipeline,

@@ -60,6 +60,10 @@ pub struct Args {
     /// Also load the plugins in this folder; repeatable.
     #[arg(long = "plugins", value_name = "DIR")]
     plugin_dirs: Vec<PathBuf>,
+    /// Score the answers of an earlier `eval.json` again (with `--judge`, or another judge
+    /// than it had) instead of generating answers; the prompt and variant flags are ignored.
+    #[arg(long, value_name = "eval.json")]
+    answers: Option<PathBuf>,
 }
 
 pub(crate) fn schedule(sizes: &str) -> anyhow::Result<ChunkSchedule> {
@@ -88,7 +92,45 @@ fn variant(app: &crate::app::App, spec: &str) -> anyhow::Result<Variant> {
     Ok(Variant::pipeline(pipeline, mode, sizes.as_ref()))
 }
 
+/// The judge engine: `--judge` from the models table, else the default model.
+fn judge_engine(
+    app: &crate::app::App,
+    name: Option<&str>,
+) -> anyhow::Result<std::sync::Arc<dyn crate::engine::Engine>> {
+    match name {
+        Some(name) => app.engine(name).with_context(|| {
+            format!(
+                "judge `{name}` is not in the models table (models: {})",
+                app.model_names().join(", ")
+            )
+        }),
+        None => Ok(app.default_engine()),
+    }
+}
+
+/// `--answers`: the saved answers scored again.
+fn rescore(args: &Args, path: &std::path::Path) -> anyhow::Result<()> {
+    let answered: eval::runner::Answered = serde_json::from_slice(
+        &std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?,
+    )
+    .with_context(|| format!("{} is not an eval.json", path.display()))?;
+    let app = super::run::open_app(
+        args.config.as_deref(),
+        args.model.as_deref(),
+        &args.plugin_dirs,
+    )?
+    .build()?;
+    let judge = judge_engine(&app, args.judge.as_deref())?;
+    let judge = (!args.no_judge).then_some(judge.as_ref());
+    let report = super::runtime()?.block_on(eval::runner::score(answered, judge))?;
+    print!("{}", report.table());
+    write_json_and_svg(&args.out, "eval", &report, &report.svg())
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(path) = &args.answers {
+        return rescore(&args, path);
+    }
     let mut prompts = match &args.prompts {
         Some(path) => eval::prompts::load(path)?,
         None => eval::prompts::shipped(),
@@ -125,15 +167,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // The single model always runs; a `single` variant would only repeat it.
     variants.retain(|v| !matches!(v.kind, eval::VariantKind::Single));
     let (runner, engine) = (app.runner(), app.default_engine());
-    let judge = match &args.judge {
-        Some(name) => app.engine(name).with_context(|| {
-            format!(
-                "judge `{name}` is not in the models table (models: {})",
-                app.model_names().join(", ")
-            )
-        })?,
-        None => engine.clone(),
-    };
+    let judge = judge_engine(&app, args.judge.as_deref())?;
     for v in &variants {
         if let eval::VariantKind::Pipeline { pipeline, .. } = &v.kind {
             runner.check(pipeline)?;

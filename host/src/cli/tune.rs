@@ -224,6 +224,29 @@ pub fn bench(args: Args) -> anyhow::Result<()> {
             );
         }
     }
+    for c in [tuned, hand] {
+        let interval = |i: Option<crate::eval::stats::Interval>| {
+            i.map_or("-".into(), |i| {
+                format!("{:.2} [{:.2}, {:.2}]", i.value, i.low, i.high)
+            })
+        };
+        println!(
+            "  {}: weighted judged score {}, rated higher + ties/2 {}",
+            c.name,
+            interval(c.weighted_score),
+            interval(c.rated_score)
+        );
+    }
+    if let Some(check) = &report.judge_check {
+        println!(
+            "  judge check (baseline answer vs a looped copy of it): preferred the real one {} of {} pairs (win+tie/2 {:.2}), rated it higher {} of {}",
+            check.tally.wins,
+            check.summary.judged,
+            check.summary.score.value,
+            check.rated_higher,
+            check.rated
+        );
+    }
     if let Some((low, high)) = report.prediction_range() {
         println!(
             "  predicted / measured critical path of the tuned variants: {low:.2}-{high:.2} (tolerance {:.2}-{:.2})",

@@ -246,6 +246,18 @@ impl Confidence {
     }
 }
 
+/// Asks an engine for the `k` most likely first tokens of the answer with their
+/// log-probabilities (OpenAI's `top_logprobs`, on the first generated token only): a judge
+/// reads its verdict as probabilities instead of one sampled letter. Optional like
+/// [`MeasureConfidence`]: an engine that can answers with [`FirstTokenLogprobs`] on `Finished`.
+#[derive(Clone, Copy, Debug)]
+pub struct TopFirstTokens(pub usize);
+
+/// The answer's most likely first tokens, most likely first: text and natural-log
+/// probability under the model's distribution (before sampling settings apply).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct FirstTokenLogprobs(pub Vec<(String, f32)>);
+
 /// Something a request may need that not every backend offers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -362,4 +374,11 @@ pub trait Engine: Send + Sync {
     fn load(&self) -> Option<EngineLoad> {
         None
     }
+
+    /// Forgets what earlier requests left behind to speed up later ones (cached prefixes,
+    /// past sessions' text as speculation drafts), so requests submitted after this call
+    /// run as on a fresh engine. Measurements use it: one variant's run must not warm
+    /// another's. Requests in flight keep what they hold. A backend with no such memory,
+    /// or no way to reach it, does nothing.
+    fn forget_history(&self) {}
 }

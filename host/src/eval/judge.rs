@@ -8,10 +8,13 @@
 //! cast its own vote: verdict markers inside answers are defused before the judge sees
 //! them, and only the judge's final line is read, which must hold one marker and nothing else.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+
+use super::stats::Tally;
 
 use crate::engine::{
-    ChatMessage, Engine, EngineError, GenerationEvent, GenerationRequest, Prompt, Role,
+    ChatMessage, Engine, EngineError, FirstTokenLogprobs, GenerationEvent, GenerationRequest,
+    Prompt, Role, TopFirstTokens,
 };
 
 const SYSTEM: &str = "Please act as an impartial judge and evaluate the quality of the \
@@ -29,9 +32,55 @@ better, \"[[B]]\" if assistant B is better, and \"[[C]]\" for a tie.";
 pub const DEFAULT_REPLY_PREFIX: &str = "Verdict: [[";
 /// Enough for "A]]" and a newline or end of text; a longer reply is not read past its final line.
 pub const DEFAULT_JUDGE_TOKENS: u32 = 4;
+/// First-token candidates asked for: enough that "A", "B" and "C" are among them whenever
+/// the judge gives them any real weight.
+const VERDICT_CANDIDATES: usize = 20;
+
+/// The judge's probabilities of "A", "B" and "C" as the verdict letter, renormalised over
+/// the three (from the engine's first-token log-probabilities, when it reports them).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct VerdictProbs {
+    pub a: f64,
+    pub b: f64,
+    pub tie: f64,
+}
+
+impl VerdictProbs {
+    /// The letters' weight among `candidates` (a letter's variants such as " A" summed);
+    /// `None` when none of the three is among them.
+    pub fn of(candidates: &FirstTokenLogprobs) -> Option<Self> {
+        let (mut a, mut b, mut tie) = (0.0, 0.0, 0.0);
+        for (text, logprob) in &candidates.0 {
+            let p = f64::from(*logprob).exp();
+            match text.trim() {
+                "A" => a += p,
+                "B" => b += p,
+                "C" => tie += p,
+                _ => {}
+            }
+        }
+        let sum = a + b + tie;
+        (sum > 0.0).then(|| Self {
+            a: a / sum,
+            b: b / sum,
+            tie: tie / sum,
+        })
+    }
+}
+
+/// The variant's probability-weighted score over both orders, in [0, 1] (AlpacaEval 2's
+/// weighted win rate, over two orders): 0.5 + (P(variant) - P(baseline)) / 2 averaged over
+/// the orders. A judge that favours a position by the same margin in both orders adds that
+/// margin once for and once against the variant, so position bias cancels; an indifferent
+/// judge scores 0.5.
+pub fn weighted_score(variant_first: VerdictProbs, variant_second: VerdictProbs) -> f64 {
+    let first = variant_first.a - variant_first.b;
+    let second = variant_second.b - variant_second.a;
+    0.5 + (first + second) / 4.0
+}
 
 /// One verdict, by position.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Verdict {
     A,
     B,
@@ -66,6 +115,7 @@ pub fn defuse(answer: &str) -> String {
         .replace("]]", "] ]")
         .replace("[The End of", "(The End of")
         .replace("[The Start of", "(The Start of")
+        .replace("Rating:", "Rating -")
 }
 
 /// The judge's prompt for `question` with `a` and `b` in those positions.
@@ -84,7 +134,7 @@ pub fn messages(question: &str, a: &str, b: &str) -> Vec<ChatMessage> {
 }
 
 /// How a variant fared against the baseline on one prompt.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Outcome {
     Win,
@@ -93,7 +143,7 @@ pub enum Outcome {
 }
 
 /// Both verdicts on one pair and what they add up to.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PairJudgement {
     /// The variant in position A, the baseline in B.
     pub variant_first: Option<Verdict>,
@@ -101,6 +151,10 @@ pub struct PairJudgement {
     pub variant_second: Option<Verdict>,
     /// `None` when either verdict was unreadable.
     pub outcome: Option<Outcome>,
+    /// [`weighted_score`], when the engine reported the verdict letter's probabilities in
+    /// both orders.
+    #[serde(default)]
+    pub weighted: Option<f64>,
     /// The judge's replies, prefix included, for inspection.
     pub replies: [String; 2],
 }
@@ -116,6 +170,23 @@ pub fn combine(variant_first: Option<Verdict>, variant_second: Option<Verdict>) 
     })
 }
 
+/// The worse answer of the judge check: `answer`'s opening words repeated to its length
+/// (at least four times), the loop the judge's instructions call worse. A judge that does not prefer an answer to
+/// this copy of it cannot rank two real answers either.
+pub fn looped_copy(answer: &str) -> String {
+    const OPENING_WORDS: usize = 8;
+    let words: Vec<&str> = answer.split_whitespace().collect();
+    let opening = &words[..words.len().min(OPENING_WORDS)];
+    let length = words.len().max(4 * opening.len());
+    opening
+        .iter()
+        .cycle()
+        .take(length)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Whether both orders named the same answer (positions swap between them) or both a tie.
 pub fn consistent(variant_first: Option<Verdict>, variant_second: Option<Verdict>) -> bool {
     matches!(
@@ -124,6 +195,24 @@ pub fn consistent(variant_first: Option<Verdict>, variant_second: Option<Verdict
             | (Some(Verdict::B), Some(Verdict::A))
             | (Some(Verdict::Tie), Some(Verdict::Tie))
     )
+}
+
+impl PairJudgement {
+    /// Counts this pair in `tally`.
+    pub fn add_to(&self, tally: &mut Tally) {
+        match self.outcome {
+            Some(outcome) => {
+                match outcome {
+                    Outcome::Win => tally.wins += 1,
+                    Outcome::Tie => tally.ties += 1,
+                    Outcome::Loss => tally.losses += 1,
+                }
+                tally.consistent +=
+                    usize::from(consistent(self.variant_first, self.variant_second));
+            }
+            None => tally.unparseable += 1,
+        }
+    }
 }
 
 /// A judge: a model and how it is asked.
@@ -142,20 +231,34 @@ impl<'e> Judge<'e> {
         }
     }
 
-    /// The judge's reply (prefix included) on one ordering.
-    pub async fn reply(&self, question: &str, a: &str, b: &str) -> Result<String, EngineError> {
+    /// The judge's reply (prefix included) on one ordering, and the verdict letter's
+    /// probabilities when the engine reports them.
+    pub async fn reply(
+        &self,
+        question: &str,
+        a: &str,
+        b: &str,
+    ) -> Result<(String, Option<VerdictProbs>), EngineError> {
         let mut request = GenerationRequest::chat(Vec::new());
         request.prompt = Prompt::Chat {
             messages: messages(question, a, b),
             assistant_prefix: (!self.reply_prefix.is_empty()).then(|| self.reply_prefix.clone()),
         };
         request.sampling.max_tokens = self.max_tokens;
+        request
+            .extensions
+            .insert(TopFirstTokens(VERDICT_CANDIDATES));
         let mut stream = self.engine.submit(request)?;
         let mut reply = self.reply_prefix.clone();
         while let Some(event) = stream.next().await {
             match event? {
                 GenerationEvent::Delta { text, .. } => reply.push_str(&text),
-                GenerationEvent::Finished { .. } => return Ok(reply),
+                GenerationEvent::Finished { extensions, .. } => {
+                    let probs = extensions
+                        .get::<FirstTokenLogprobs>()
+                        .and_then(VerdictProbs::of);
+                    return Ok((reply, probs));
+                }
             }
         }
         Err(EngineError::Stopped)
@@ -168,13 +271,16 @@ impl<'e> Judge<'e> {
         variant: &str,
         baseline: &str,
     ) -> Result<PairJudgement, EngineError> {
-        let first = self.reply(question, variant, baseline).await?;
-        let second = self.reply(question, baseline, variant).await?;
+        let (first, first_probs) = self.reply(question, variant, baseline).await?;
+        let (second, second_probs) = self.reply(question, baseline, variant).await?;
         let (variant_first, variant_second) = (parse_verdict(&first), parse_verdict(&second));
         Ok(PairJudgement {
             variant_first,
             variant_second,
             outcome: combine(variant_first, variant_second),
+            weighted: first_probs
+                .zip(second_probs)
+                .map(|(f, s)| weighted_score(f, s)),
             replies: [first, second],
         })
     }
@@ -276,6 +382,58 @@ mod tests {
         assert_eq!(
             combine(Some(Verdict::A), Some(Verdict::A)),
             Some(Outcome::Tie)
+        );
+    }
+
+    #[test]
+    fn the_looped_copy_repeats_the_opening_and_is_degenerate() {
+        let answer = "Sunlight scatters off air molecules, and blue light scatters most \
+                      because its wavelength is short, so the sky looks blue by day. At \
+                      sunset the light crosses more air, the blue is scattered away before \
+                      it reaches us, and reds and oranges remain.";
+        let copy = looped_copy(answer);
+        assert_eq!(
+            copy.split_whitespace().count(),
+            answer.split_whitespace().count()
+        );
+        assert!(copy.starts_with("Sunlight scatters off air molecules, and blue light Sunlight"));
+        assert!(crate::eval::metrics::Quality::of(&copy, false).degenerate);
+        assert!(!crate::eval::metrics::Quality::of(answer, false).degenerate);
+        assert_eq!(looped_copy("Yes."), "Yes. Yes. Yes. Yes.");
+        assert_eq!(looped_copy(""), "");
+    }
+
+    #[test]
+    fn weighted_scores_cancel_position_bias() {
+        let probs = |a, b| VerdictProbs {
+            a,
+            b,
+            tie: 1.0 - a - b,
+        };
+        // Always "A" at 0.9: no information, 0.5.
+        assert!((weighted_score(probs(0.9, 0.1), probs(0.9, 0.1)) - 0.5).abs() < 1e-12);
+        // Prefers the variant in both orders, on top of an A bias: above 0.5.
+        // (0.9 - 0.1 + 0.4 - 0.6) / 4 = 0.15 above indifference.
+        let s = weighted_score(probs(0.9, 0.1), probs(0.6, 0.4));
+        assert!((s - 0.65).abs() < 1e-12, "{s}");
+        // Certain of the variant in both orders: 1; of the baseline: 0.
+        assert_eq!(weighted_score(probs(1.0, 0.0), probs(0.0, 1.0)), 1.0);
+        assert_eq!(weighted_score(probs(0.0, 1.0), probs(1.0, 0.0)), 0.0);
+        // Letters are read with their spacing variants, other tokens ignored.
+        let candidates = FirstTokenLogprobs(vec![
+            ("A".into(), 0.5f32.ln()),
+            (" B".into(), 0.2f32.ln()),
+            ("the".into(), 0.2f32.ln()),
+            ("B".into(), 0.05f32.ln()),
+        ]);
+        let p = VerdictProbs::of(&candidates).expect("letters present");
+        assert!(
+            (p.a - 0.5 / 0.75).abs() < 1e-6 && (p.b - 0.25 / 0.75).abs() < 1e-6,
+            "{p:?}"
+        );
+        assert_eq!(
+            VerdictProbs::of(&FirstTokenLogprobs(vec![("x".into(), 0.0)])),
+            None
         );
     }
 

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// An answer is degenerate below this distinct-2 (the threshold).
 pub const DEGENERATE_DISTINCT_2: f64 = 0.5;
@@ -75,7 +75,7 @@ pub fn longest_repeat_run(words: &[String], n: usize) -> usize {
 }
 
 /// How an answer ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Ending {
     /// The model stopped on its own.
@@ -136,7 +136,7 @@ pub fn token_f1(a: &[String], b: &[String]) -> f64 {
 }
 
 /// The reference-free checks of one answer.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Quality {
     pub words: usize,
     pub distinct_1: f64,

@@ -6,17 +6,37 @@
 use std::fmt::Write;
 
 use super::runner::{EvalReport, VariantSummary};
+use super::stats::Interval;
 use crate::trace::svg::{escape, x_tick_labels};
 
 const JUDGED_HEADER: &str = "judged vs baseline: W/T/L (unread), win+tie/2 [95% CI], \
-                             orders agreed, win+tie/2 of those";
+                             orders agreed, win+tie/2 of those; weighted score [95% CI]";
+
+fn percent(interval: Option<&Interval>) -> String {
+    interval.map_or_else(
+        || "-".to_string(),
+        |i| {
+            format!(
+                "{:.0}% [{:.0}-{:.0}%]",
+                100.0 * i.value,
+                100.0 * i.low,
+                100.0 * i.high
+            )
+        },
+    )
+}
 
 fn opt(v: Option<f64>, digits: usize) -> String {
     v.map_or_else(|| "-".to_string(), |v| format!("{v:.digits$}"))
 }
 
-/// The quality axis of a variant: (value, low, high).
+/// The quality axis of a variant: (value, low, high): the rated win + tie/2 where there is
+/// one (the judge method a small judge passes its check with), else the judged win + tie/2,
+/// else the share of answers that are not degenerate.
 pub fn quality(s: &VariantSummary) -> (f64, f64, f64) {
+    if let Some(r) = &s.rated {
+        return (r.score.value, r.score.low, r.score.high);
+    }
     match &s.judged {
         Some(j) if j.judged > 0 => (j.score.value, j.score.low, j.score.high),
         _ => {
@@ -46,7 +66,7 @@ impl EvalReport {
         );
         let _ = writeln!(
             out,
-            "{:<34} {:>8} {:>8} {:>8} {:>7} {:>6} {:>6} {:>6} {:>7} {:>6} {:>6}  {}",
+            "{:<34} {:>8} {:>8} {:>8} {:>7} {:>6} {:>6} {:>6} {:>7} {:>6} {:>6} {:>6} {:>22}  {}",
             "variant",
             "1st in",
             "1st step",
@@ -58,37 +78,29 @@ impl EvalReport {
             "cut mid",
             "F1 lay",
             "F1 sgl",
+            "rating",
+            "rated H/T/L, w+t/2",
             JUDGED_HEADER,
         );
         for s in &self.summaries {
             let judged = match &s.judged {
                 Some(j) => format!(
-                    "{}/{}/{} ({}), {:.0}% [{:.0}-{:.0}%], {}/{}, {}",
+                    "{}/{}/{} ({}), {}, {}/{}, {}; {}",
                     s.tally.wins,
                     s.tally.ties,
                     s.tally.losses,
                     s.tally.unparseable,
-                    100.0 * j.score.value,
-                    100.0 * j.score.low,
-                    100.0 * j.score.high,
+                    percent(Some(&j.score)),
                     s.tally.consistent,
                     j.judged,
-                    if s.tally.consistent == 0 {
-                        "-".to_string()
-                    } else {
-                        format!(
-                            "{:.0}% [{:.0}-{:.0}%]",
-                            100.0 * j.consistent_score.value,
-                            100.0 * j.consistent_score.low,
-                            100.0 * j.consistent_score.high
-                        )
-                    }
+                    percent((s.tally.consistent > 0).then_some(&j.consistent_score)),
+                    percent(s.weighted_score.as_ref()),
                 ),
                 None => "-".to_string(),
             };
             let _ = writeln!(
                 out,
-                "{:<34} {:>8} {:>8} {:>8} {:>7} {:>6} {:>6.2} {:>6.0} {:>7} {:>6} {:>6}  {}",
+                "{:<34} {:>8} {:>8} {:>8} {:>7} {:>6} {:>6.2} {:>6.0} {:>7} {:>6} {:>6} {:>6} {:>22}  {}",
                 s.variant,
                 opt(s.mean_first_input_token_ms, 0),
                 opt(s.mean_first_step_ms, 0),
@@ -100,6 +112,19 @@ impl EvalReport {
                 s.limit_mid_sentence,
                 opt(s.mean_f1_layered, 2),
                 opt(s.mean_f1_single, 2),
+                opt(s.mean_rating.map(|r| r.value), 2),
+                s.rated.as_ref().map_or_else(
+                    || "-".to_string(),
+                    |r| format!(
+                        "{}/{}/{}, {:.0}% [{:.0}-{:.0}%]",
+                        r.higher,
+                        r.ties,
+                        r.lower,
+                        100.0 * r.score.value,
+                        100.0 * r.score.low,
+                        100.0 * r.score.high
+                    )
+                ),
                 judged
             );
         }
@@ -111,6 +136,28 @@ impl EvalReport {
                 .as_ref()
                 .map_or_else(String::new, |j| format!(". Judge: {j}")),
         );
+        if let Some(check) = &self.judge_check {
+            let t = &check.tally;
+            let _ = writeln!(
+                out,
+                "Judge check, the baseline's answer against a looped copy of its opening: \
+                 rated higher in {}/{} ({}); pairwise W/T/L {}/{}/{} ({} unread), preferred in \
+                 {}, orders agreed {}/{}, weighted score {}. A method that does not prefer the \
+                 real answer nearly always cannot rank two real ones: read its figures above \
+                 with this in mind.",
+                check.rated_higher,
+                check.rated,
+                percent(Some(&check.rated_higher_share)),
+                t.wins,
+                t.ties,
+                t.losses,
+                t.unparseable,
+                percent(Some(&check.summary.win)),
+                t.consistent,
+                t.judged(),
+                percent(check.weighted_score.as_ref()),
+            );
+        }
         out
     }
 
@@ -127,8 +174,11 @@ impl EvalReport {
         let max_ttft = points.iter().map(|p| p.1).fold(1.0f64, f64::max) * 1.05;
         let x = |ttft: f64| left + plot_w * ttft / max_ttft;
         let y = |q: f64| top + plot_h * (1.0 - q.clamp(0.0, 1.0));
+        let rated = self.summaries.iter().any(|s| s.rated.is_some());
         let judged = self.summaries.iter().any(|s| s.judged.is_some());
-        let y_label = if judged {
+        let y_label = if rated {
+            "rated win + tie/2 vs the layered baseline (95% CI)"
+        } else if judged {
             "judged win + tie/2 vs the layered baseline (95% CI)"
         } else {
             "answers not degenerate"

@@ -9,11 +9,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use super::judge::{Judge, Outcome, PairJudgement};
+use super::judge::{Judge, PairJudgement, looped_copy};
 use super::metrics::{self, Quality};
-use super::stats::{Tally, TallySummary};
+use super::rating::{self, Compared, Rater};
+use super::stats::{Interval, Tally, TallySummary, Z_95, bootstrap_mean, wilson};
 use crate::engine::{
     ChatMessage, Engine, EngineError, FinishReason, GenerationEvent, GenerationRequest, Role,
 };
@@ -23,9 +24,6 @@ use crate::policy::StreamMode;
 
 /// Seed shift of the noise-floor run: any non-zero value gives other proposals.
 pub const NOISE_SEED_OFFSET: u64 = 1000;
-/// The untimed warm-up run before measuring, as in `bench staircase`.
-const WARM_UP_PROMPT: &str = "Say hello.";
-const WARM_UP_TOKENS: u32 = 4;
 
 /// What answers.
 #[derive(Clone, Debug)]
@@ -116,7 +114,7 @@ pub struct EvalOptions {
 }
 
 /// One answer with its checks.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Answer {
     pub variant: String,
     pub text: String,
@@ -134,15 +132,28 @@ pub struct Answer {
     pub f1_layered: Option<f64>,
     /// Token F1 with the single model's answer.
     pub f1_single: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub judged: Option<PairJudgement>,
+    /// The judge's [`rating`](super::rating) of this answer on its own (1 to 9).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rating: Option<f64>,
+    /// That rating against the baseline's on the same prompt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rated: Option<Compared>,
 }
 
 /// Every answer to one prompt.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PromptRecord {
     pub prompt: String,
     pub answers: Vec<Answer>,
+    /// The judge check on this prompt: the baseline's answer (position "variant") against
+    /// [`looped_copy`] of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judge_check: Option<PairJudgement>,
+    /// The judge check by rating: the baseline's answer's and the looped copy's ratings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check_ratings: Option<[Option<f64>; 2]>,
 }
 
 /// One variant over all prompts.
@@ -166,6 +177,53 @@ pub struct VariantSummary {
     pub tally: Tally,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub judged: Option<TallySummary>,
+    /// Mean [`PairJudgement::weighted`] with its 95% interval, where the judge's engine
+    /// reports the verdict letter's probabilities.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weighted_score: Option<Interval>,
+    /// Mean rating (1 to 9) with its 95% interval.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mean_rating: Option<Interval>,
+    /// Ratings against the baseline's, prompt by prompt.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rated: Option<RatedSummary>,
+}
+
+/// A variant's ratings against the baseline's over all prompts.
+#[derive(Clone, Debug, Serialize)]
+pub struct RatedSummary {
+    pub higher: usize,
+    pub ties: usize,
+    pub lower: usize,
+    /// Prompts where either answer got no rating.
+    pub unrated: usize,
+    /// Higher + ties/2 with its bootstrap 95% interval: the rating's win + tie/2.
+    pub score: Interval,
+}
+
+impl RatedSummary {
+    fn of(compared: impl Iterator<Item = Option<Compared>>) -> Self {
+        let (mut higher, mut ties, mut lower, mut unrated) = (0, 0, 0, 0);
+        for c in compared {
+            match c {
+                Some(Compared::Higher) => higher += 1,
+                Some(Compared::Tie) => ties += 1,
+                Some(Compared::Lower) => lower += 1,
+                None => unrated += 1,
+            }
+        }
+        let scores: Vec<f64> = std::iter::repeat_n(1.0, higher)
+            .chain(std::iter::repeat_n(0.5, ties))
+            .chain(std::iter::repeat_n(0.0, lower))
+            .collect();
+        Self {
+            higher,
+            ties,
+            lower,
+            unrated,
+            score: bootstrap_mean(&scores),
+        }
+    }
 }
 
 /// Everything an evaluation measured.
@@ -176,8 +234,60 @@ pub struct EvalReport {
     pub proposer_tokens: Option<u32>,
     pub answer_tokens: u32,
     pub judge: Option<String>,
+    /// How often the judge preferred the baseline's answer to a looped copy of it: a judge
+    /// that fails this check cannot rank real answers, whatever it says of them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub judge_check: Option<JudgeCheck>,
     pub summaries: Vec<VariantSummary>,
     pub prompts: Vec<PromptRecord>,
+}
+
+/// The judge check over all prompts (a win: the intact answer was preferred).
+#[derive(Clone, Debug, Serialize)]
+pub struct JudgeCheck {
+    pub tally: Tally,
+    pub summary: TallySummary,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weighted_score: Option<Interval>,
+    /// Prompts where the real answer was rated above its looped copy, of those rated.
+    pub rated_higher: usize,
+    pub rated: usize,
+    /// `rated_higher / rated` with its Wilson 95% interval.
+    pub rated_higher_share: Interval,
+}
+
+impl JudgeCheck {
+    fn of(records: &[PromptRecord]) -> Self {
+        let mut tally = Tally::default();
+        for check in records.iter().filter_map(|r| r.judge_check.as_ref()) {
+            check.add_to(&mut tally);
+        }
+        let ratings: Vec<(f64, f64)> = records
+            .iter()
+            .filter_map(|r| match r.check_ratings {
+                Some([Some(real), Some(looped)]) => Some((real, looped)),
+                _ => None,
+            })
+            .collect();
+        let rated_higher = ratings
+            .iter()
+            .filter(|(real, looped)| real > looped)
+            .count();
+        Self {
+            summary: tally.summary(),
+            tally,
+            weighted_score: weighted_score(records.iter().filter_map(|r| r.judge_check.as_ref())),
+            rated_higher,
+            rated: ratings.len(),
+            rated_higher_share: wilson(rated_higher, ratings.len(), Z_95),
+        }
+    }
+}
+
+/// The mean weighted score of `judgements` with its 95% interval; `None` when no pair has one.
+fn weighted_score<'j>(judgements: impl Iterator<Item = &'j PairJudgement>) -> Option<Interval> {
+    let scores: Vec<f64> = judgements.filter_map(|j| j.weighted).collect();
+    (!scores.is_empty()).then(|| bootstrap_mean(&scores))
 }
 
 /// A single model's answer and how it went.
@@ -337,34 +447,29 @@ pub async fn run_judged_by(
         variant.name = format!("{} (seeds +{NOISE_SEED_OFFSET})", baseline.name);
         noise = Some(variant);
     }
-    // Staircase variants run before the layered ones on each prompt, so the prefixes they
-    // leave in the cache favour the baseline, never the staircase (as in `bench staircase`).
     let mut order: Vec<&Variant> = vec![&single];
     order.extend(options.variants.iter().filter(|v| v.name != baseline.name));
     order.push(&baseline);
     order.extend(noise.as_ref());
 
-    // Untimed warm-up of each pipeline: static prefixes cached, plugin instances warm.
-    for variant in &order {
-        if let VariantKind::Pipeline { pipeline, mode } = &variant.kind {
-            let mut warm = pipeline.as_ref().clone();
-            warm.limit_tokens(WARM_UP_TOKENS);
-            runner
-                .run(&warm, RunRequest::prompt(WARM_UP_PROMPT, *mode), None)
-                .await
-                .map_err(|source| EvalError::Run {
-                    variant: variant.name.clone(),
-                    source,
-                })?;
-        }
-    }
-
-    let judge = options.judge.then(|| Judge::new(judge_engine));
     let mut records = Vec::new();
     for (index, prompt) in options.prompts.iter().enumerate() {
         tracing::info!(prompt, index, "eval");
         let mut answers = Vec::new();
         for variant in &order {
+            // The single model's engine may be outside the runner's models table.
+            engine.forget_history();
+            let pipeline = match &variant.kind {
+                VariantKind::Single => None,
+                VariantKind::Pipeline { pipeline, mode } => Some((pipeline.as_ref(), *mode)),
+            };
+            runner
+                .start_fresh(pipeline)
+                .await
+                .map_err(|source| EvalError::Run {
+                    variant: variant.name.clone(),
+                    source,
+                })?;
             let run = answer(runner, engine.as_ref(), variant, prompt, options).await?;
             answers.push(Answer {
                 variant: variant.name.clone(),
@@ -377,6 +482,8 @@ pub async fn run_judged_by(
                 f1_layered: None,
                 f1_single: None,
                 judged: None,
+                rating: None,
+                rated: None,
             });
         }
         let words_of = |name: &str| {
@@ -386,11 +493,6 @@ pub async fn run_judged_by(
                 .map(|a| metrics::words(&a.text))
         };
         let (layered_words, single_words) = (words_of(&baseline.name), words_of(&single.name));
-        let baseline_text = answers
-            .iter()
-            .find(|a| a.variant == baseline.name)
-            .map(|a| a.text.clone())
-            .unwrap_or_default();
         for a in &mut answers {
             let words = metrics::words(&a.text);
             if a.variant != baseline.name {
@@ -399,36 +501,127 @@ pub async fn run_judged_by(
             if a.variant != single.name {
                 a.f1_single = single_words.as_ref().map(|s| metrics::token_f1(&words, s));
             }
-            if let Some(judge) = &judge
-                && a.variant != baseline.name
-            {
-                let judged = judge
-                    .pair(prompt, &a.text, &baseline_text)
-                    .await
-                    .map_err(EvalError::Judge)?;
-                a.judged = Some(judged);
-            }
         }
         records.push(PromptRecord {
             prompt: prompt.clone(),
             answers,
+            judge_check: None,
+            check_ratings: None,
         });
     }
-
-    let summaries = order
-        .iter()
-        .map(|v| summarize(&v.name, &baseline.name, &records, options.judge))
-        .collect();
-    Ok(EvalReport {
+    let answered = Answered {
         model: engine.model_info().name.clone(),
         baseline: baseline.name,
         proposer_tokens: options.proposer_tokens,
         answer_tokens: options.answer_tokens,
-        judge: options
-            .judge
-            .then(|| judge_engine.model_info().name.clone()),
-        summaries,
         prompts: records,
+    };
+    score(answered, options.judge.then_some(judge_engine)).await
+}
+
+/// The answers of an evaluation, as generated or read back from its `eval.json` (whose
+/// other fields are ignored), ready to be scored.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Answered {
+    pub model: String,
+    pub baseline: String,
+    pub proposer_tokens: Option<u32>,
+    pub answer_tokens: u32,
+    pub prompts: Vec<PromptRecord>,
+}
+
+/// Scores `answered`: with a `judge`, every answer is rated and every variant judged
+/// against the baseline in both orders, beside the judge check; then every variant's
+/// figures are summed up, in the order of the first prompt's answers. Earlier verdicts and
+/// ratings in `answered` are replaced.
+pub async fn score(
+    mut answered: Answered,
+    judge_engine: Option<&dyn Engine>,
+) -> Result<EvalReport, EvalError> {
+    let baseline = answered.baseline.clone();
+    let judge = judge_engine.map(Judge::new);
+    let rater = judge_engine.map(|engine| Rater { engine });
+    for (index, record) in answered.prompts.iter_mut().enumerate() {
+        let prompt = record.prompt.as_str();
+        record.judge_check = None;
+        record.check_ratings = None;
+        let baseline_text = record
+            .answers
+            .iter()
+            .find(|a| a.variant == baseline)
+            .map(|a| a.text.clone())
+            .unwrap_or_default();
+        for a in &mut record.answers {
+            a.judged = None;
+            a.rating = None;
+            a.rated = None;
+        }
+        let (Some(judge), Some(rater)) = (&judge, &rater) else {
+            continue;
+        };
+        tracing::info!(prompt, index, "eval: judging");
+        for a in &mut record.answers {
+            a.rating = rater
+                .rate(prompt, &a.text)
+                .await
+                .map_err(EvalError::Judge)?;
+            if a.variant != baseline {
+                a.judged = Some(
+                    judge
+                        .pair(prompt, &a.text, &baseline_text)
+                        .await
+                        .map_err(EvalError::Judge)?,
+                );
+            }
+        }
+        let baseline_rating = record
+            .answers
+            .iter()
+            .find(|a| a.variant == baseline)
+            .and_then(|a| a.rating);
+        for a in &mut record.answers {
+            if a.variant != baseline {
+                a.rated = a
+                    .rating
+                    .zip(baseline_rating)
+                    .map(|(mine, base)| rating::compare(mine, base));
+            }
+        }
+        if !baseline_text.trim().is_empty() {
+            let looped = looped_copy(&baseline_text);
+            record.judge_check = Some(
+                judge
+                    .pair(prompt, &baseline_text, &looped)
+                    .await
+                    .map_err(EvalError::Judge)?,
+            );
+            let looped_rating = rater
+                .rate(prompt, &looped)
+                .await
+                .map_err(EvalError::Judge)?;
+            record.check_ratings = Some([baseline_rating, looped_rating]);
+        }
+    }
+    let judge_check = judge.is_some().then(|| JudgeCheck::of(&answered.prompts));
+    let mut order: Vec<String> = Vec::new();
+    for a in answered.prompts.iter().flat_map(|r| &r.answers) {
+        if !order.contains(&a.variant) {
+            order.push(a.variant.clone());
+        }
+    }
+    let summaries = order
+        .iter()
+        .map(|v| summarize(v, &baseline, &answered.prompts, judge.is_some()))
+        .collect();
+    Ok(EvalReport {
+        model: answered.model,
+        baseline,
+        proposer_tokens: answered.proposer_tokens,
+        answer_tokens: answered.answer_tokens,
+        judge: judge_engine.map(|j| j.model_info().name.clone()),
+        judge_check,
+        summaries,
+        prompts: answered.prompts,
     })
 }
 
@@ -453,19 +646,7 @@ pub fn summarize(
     }));
     let mut tally = Tally::default();
     for judgement in answers.iter().filter_map(|a| a.judged.as_ref()) {
-        match judgement.outcome {
-            Some(outcome) => {
-                match outcome {
-                    Outcome::Win => tally.wins += 1,
-                    Outcome::Tie => tally.ties += 1,
-                    Outcome::Loss => tally.losses += 1,
-                }
-                let same =
-                    super::judge::consistent(judgement.variant_first, judgement.variant_second);
-                tally.consistent += usize::from(same);
-            }
-            None => tally.unparseable += 1,
-        }
+        judgement.add_to(&mut tally);
     }
     VariantSummary {
         variant: name.to_string(),
@@ -484,6 +665,13 @@ pub fn summarize(
         mean_f1_layered: mean(answers.iter().filter_map(|a| a.f1_layered)),
         mean_f1_single: mean(answers.iter().filter_map(|a| a.f1_single)),
         judged: (judged && name != baseline).then(|| tally.summary()),
+        weighted_score: weighted_score(answers.iter().filter_map(|a| a.judged.as_ref())),
+        mean_rating: {
+            let ratings: Vec<f64> = answers.iter().filter_map(|a| a.rating).collect();
+            (!ratings.is_empty()).then(|| bootstrap_mean(&ratings))
+        },
+        rated: (judged && name != baseline)
+            .then(|| RatedSummary::of(answers.iter().map(|a| a.rated))),
         tally,
     }
 }

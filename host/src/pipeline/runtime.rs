@@ -71,6 +71,13 @@ impl Models {
         self.engines.keys().cloned().collect()
     }
 
+    /// Every engine forgets what earlier requests cached ([`Engine::forget_history`]).
+    pub fn forget_history(&self) {
+        for engine in self.engines.values() {
+            engine.forget_history();
+        }
+    }
+
     /// The engine used for token counts that belong to no particular model.
     fn counter(&self) -> Option<&Arc<dyn Engine>> {
         self.engines
@@ -263,6 +270,29 @@ impl Runner {
         let costs =
             critical::estimate_costs(pipeline, self.models.count_tokens(&prompt), &self.latencies);
         critical::longest_path(&costs, &critical::inputs_of(pipeline))
+    }
+
+    /// What a measurement does before each timed run, so that every run starts as on a
+    /// server that has served this pipeline before but never this prompt: every engine
+    /// forgets the prefixes and drafts earlier runs left ([`Engine::forget_history`]; one
+    /// variant's proposers, with fixed seeds, would otherwise hand the next variant's their
+    /// whole answers as speculation drafts and their prompts as cached prefixes), then a
+    /// run of a few tokens on another prompt caches `pipeline`'s static prefixes again
+    /// (system prompts, the aggregator's instruction) and warms its plugin instances.
+    pub async fn start_fresh(
+        &self,
+        pipeline: Option<(&Pipeline, StreamMode)>,
+    ) -> Result<(), RunError> {
+        const WARM_UP_PROMPT: &str = "Say hello.";
+        const WARM_UP_TOKENS: u32 = 4;
+        self.models.forget_history();
+        if let Some((pipeline, mode)) = pipeline {
+            let mut warm = pipeline.clone();
+            warm.limit_tokens(WARM_UP_TOKENS);
+            self.run(&warm, RunRequest::prompt(WARM_UP_PROMPT, mode), None)
+                .await?;
+        }
+        Ok(())
     }
 
     /// Runs `pipeline` on `request`. Progress goes to `events` if given; the answer is also

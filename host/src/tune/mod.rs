@@ -151,6 +151,10 @@ pub struct Checked {
     /// The judge's figures behind `quality` (how often its two orders agreed), as `eval`
     /// summarised them.
     pub judged: Option<eval::stats::TallySummary>,
+    /// The judge's probability-weighted win + tie/2, where its engine reports them.
+    pub weighted_score: Option<eval::stats::Interval>,
+    /// Pointwise ratings against the baseline's: higher + ties/2.
+    pub rated_score: Option<eval::stats::Interval>,
     #[serde(skip)]
     pub genome: Option<Genome>,
 }
@@ -173,6 +177,9 @@ pub struct TuneReport {
     pub checked: Vec<Checked>,
     pub chosen: String,
     pub met_budget: bool,
+    /// `eval`'s check of the judge (the baseline's answer against a looped copy of it):
+    /// a judge that fails it cannot rank the variants either.
+    pub judge_check: Option<eval::runner::JudgeCheck>,
     /// The chosen variant as a pipeline file.
     pub file: String,
 }
@@ -259,6 +266,11 @@ pub async fn measure_runs(
     let (mut paths, mut ttfts, mut totals) = (Vec::new(), Vec::new(), Vec::new());
     let mut reports = Vec::new();
     for prompt in prompts {
+        // As `eval` does: no run inherits another's cached prefixes or speculation drafts
+        // (variants share proposers and prompts, so a later one would decode faster).
+        runner
+            .start_fresh(Some((pipeline, StreamMode::Staircase)))
+            .await?;
         let report = runner
             .run(
                 pipeline,
@@ -521,10 +533,13 @@ pub async fn tune(
             quality: None,
             degenerate: None,
             judged: None,
+            weighted_score: None,
+            rated_score: None,
             genome: genome.clone(),
         });
     }
 
+    let mut judge_check = None;
     if let Some(sample) = &options.eval {
         let variants = candidates
             .iter()
@@ -546,11 +561,14 @@ pub async fn tune(
         let report = eval::runner::run(runner, judge_engine, &eval_options)
             .await
             .map_err(|e| TuneError::Eval(Box::new(e)))?;
+        judge_check.clone_from(&report.judge_check);
         for c in &mut checked {
             if let Some(s) = report.summaries.iter().find(|s| s.variant == c.name) {
                 c.quality = Some(eval::report::quality(s).0);
                 c.degenerate = Some(s.degenerate);
                 c.judged.clone_from(&s.judged);
+                c.weighted_score = s.weighted_score;
+                c.rated_score = s.rated.as_ref().map(|r| r.score);
             }
         }
     }
@@ -603,6 +621,7 @@ pub async fn tune(
             .collect(),
         chosen: chosen.name.clone(),
         met_budget,
+        judge_check,
         checked,
         file,
     })

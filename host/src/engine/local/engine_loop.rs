@@ -15,11 +15,12 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::token::LlamaToken;
 
 use super::executor::Executor;
 use super::kv::KvManager;
 use super::output::OutputText;
-use super::sampling::{build_sampler, top_logits};
+use super::sampling::{build_sampler, top_logits, top_logprobs};
 use super::scheduler::{self, Demand, Planned, Queue};
 use super::sequence::{Exit, Sequence};
 use super::{EngineSettings, EngineStats};
@@ -42,12 +43,18 @@ pub(super) struct Pending {
     pub draft_feed: Option<DraftFeed>,
     /// The request asked for [`crate::engine::MeasureConfidence`].
     pub measure_confidence: bool,
+    /// How many first-token candidates [`crate::engine::TopFirstTokens`] asked for (0: none).
+    pub first_token_candidates: usize,
 }
 
 pub(super) enum Command {
     Submit(Pending),
     /// The caller dropped the request's stream before its end.
     Cancel(u64),
+    /// Drop every unlocked cached prefix and the past sessions' drafts
+    /// ([`crate::engine::Engine::forget_history`]); commands are handled in order, so every
+    /// later submission sees the engine without them.
+    ForgetHistory,
 }
 
 /// Stats shared with the engine handle; `changed` wakes waiters after every step.
@@ -153,6 +160,10 @@ impl<'m> EngineLoop<'m> {
                     self.retire(seq, Exit::Cancelled);
                 }
             }
+            Command::ForgetHistory => {
+                self.kv.clear_cache(&mut self.executor);
+                self.sessions = SessionStore::new(self.settings.speculation.session_budget);
+            }
         }
     }
 
@@ -227,6 +238,8 @@ impl<'m> EngineLoop<'m> {
                 confidence: pending
                     .measure_confidence
                     .then(crate::engine::Confidence::default),
+                first_token_candidates: pending.first_token_candidates,
+                first_token_logprobs: None,
             });
         }
     }
@@ -442,6 +455,19 @@ impl<'m> EngineLoop<'m> {
         if let Some(confidence) = self.running[index].confidence.as_mut() {
             let (top, entropy) = crate::engine::Confidence::of_logits(self.executor.logits(row));
             confidence.add(top, entropy);
+        }
+        let seq = &self.running[index];
+        if seq.generated == 0 && seq.first_token_candidates > 0 {
+            let vocab = self.model.vocab();
+            let candidates = top_logprobs(self.executor.logits(row), seq.first_token_candidates)
+                .into_iter()
+                .map(|(id, logprob)| {
+                    let piece = vocab.token_to_piece(LlamaToken(id.0), false, None);
+                    (String::from_utf8_lossy(&piece).into_owned(), logprob)
+                })
+                .collect();
+            self.running[index].first_token_logprobs =
+                Some(crate::engine::FirstTokenLogprobs(candidates));
         }
         let sampler = self.running[index].sampler.as_mut();
         self.executor.sample(sampler, row)

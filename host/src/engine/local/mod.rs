@@ -491,6 +491,7 @@ impl LocalEngine {
                 probe: Some(probe),
                 draft_feed: None,
                 measure_confidence: false,
+                first_token_candidates: 0,
             },
             stream,
         )?;
@@ -540,6 +541,10 @@ impl Engine for LocalEngine {
                     .extensions
                     .get::<crate::engine::MeasureConfidence>()
                     .is_some(),
+                first_token_candidates: request
+                    .extensions
+                    .get::<crate::engine::TopFirstTokens>()
+                    .map_or(0, |k| k.0),
             },
             stream,
         )
@@ -562,6 +567,12 @@ impl Engine for LocalEngine {
             queued: stats.queued,
             parallel: 1,
         })
+    }
+
+    fn forget_history(&self) {
+        if let Some(commands) = &self.commands {
+            let _ = commands.send(Command::ForgetHistory);
+        }
     }
 }
 

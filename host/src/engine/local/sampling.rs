@@ -78,6 +78,20 @@ pub(super) fn top_logits(logits: &[f32], k: usize) -> Vec<(TokenId, f32)> {
     pairs
 }
 
+/// The `k` most likely tokens of `logits` with their log-probabilities (log-softmax, with
+/// the maximum subtracted so nothing overflows).
+pub(super) fn top_logprobs(logits: &[f32], k: usize) -> Vec<(TokenId, f32)> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return Vec::new();
+    }
+    let log_sum = max + logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln();
+    top_logits(logits, k)
+        .into_iter()
+        .map(|(id, logit)| (id, logit - log_sum))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -89,5 +103,15 @@ mod tests {
             top_logits(&[0.5, 2.0, 1.0], 2),
             vec![(TokenId(1), 2.0), (TokenId(2), 1.0)]
         );
+    }
+
+    #[test]
+    fn top_logprobs_are_a_log_softmax() {
+        // Logits ln 3, ln 1, 0 + ln 1: probabilities 3/5, 1/5, 1/5.
+        let logits = [3f32.ln(), 0.0, 0.0];
+        let top = top_logprobs(&logits, 2);
+        assert_eq!(top[0].0, TokenId(0));
+        assert!((top[0].1.exp() - 0.6).abs() < 1e-6, "{top:?}");
+        assert!((top[1].1.exp() - 0.2).abs() < 1e-6, "{top:?}");
     }
 }

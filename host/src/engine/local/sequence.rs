@@ -63,6 +63,9 @@ pub(super) struct Sequence {
     pub probe: Option<std::sync::mpsc::Sender<Vec<(TokenId, f32)>>>,
     /// How sure the model was of each sampled token, when the request asked.
     pub confidence: Option<Confidence>,
+    /// First-token candidates to report (0: none), and the report once measured.
+    pub first_token_candidates: usize,
+    pub first_token_logprobs: Option<crate::engine::FirstTokenLogprobs>,
 }
 
 impl Sequence {
@@ -152,6 +155,9 @@ impl Sequence {
         }
         if let Some(confidence) = self.confidence {
             extensions.insert(confidence);
+        }
+        if let Some(candidates) = self.first_token_logprobs.take() {
+            extensions.insert(candidates);
         }
         let usage = Usage {
             prompt_tokens: self.prompt_len as u32,

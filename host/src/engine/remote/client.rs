@@ -33,6 +33,8 @@ pub enum Outcome {
         usage: Usage,
         first_token: Option<Duration>,
         chunk_tokens: ChunkTokens,
+        /// The first answer token's candidates, when asked for and the server sent them.
+        first_token_logprobs: Option<Vec<(String, f32)>>,
     },
     /// The caller is gone; nothing more to do.
     Cancelled,
@@ -166,6 +168,7 @@ impl Attempt<'_> {
         // Tokens the deltas so far stand for, and whether any count was estimated.
         let mut counted = 0u32;
         let mut chunk_tokens = ChunkTokens::Reported;
+        let mut first_token_logprobs = None;
         // What of the continued prefix the server may still send back before the new text.
         let mut echo = self.request.echoed_prefix.as_deref();
         let fail = |error, delivered| Failure { error, delivered };
@@ -225,6 +228,12 @@ impl Attempt<'_> {
                     && !self.warm_up
                     && let Some(text) = strip_echo(&mut echo, text)
                 {
+                    if first_token.is_none() {
+                        first_token_logprobs = choice
+                            .logprobs
+                            .as_ref()
+                            .and_then(wire::WireLogprobs::first_candidates);
+                    }
                     first_token.get_or_insert_with(|| self.submitted.elapsed());
                     // A chunk may stand for several tokens (a character of several tokens,
                     // text held back while it could begin a stop string): the difference of
@@ -259,6 +268,7 @@ impl Attempt<'_> {
                 usage,
                 first_token,
                 chunk_tokens,
+                first_token_logprobs,
             }),
             // The connection closed before the answer ended: the replica went away.
             None => Err(fail(

@@ -32,8 +32,8 @@ use self::tokens::{LocalTokenizer, RemoteTokens};
 use self::wire::{WirePrompt, WireRequest};
 use super::local::ChatTemplate;
 use super::{
-    Capabilities, Engine, EngineError, EventSender, GenerationEvent, GenerationRequest,
-    GenerationStream, ModelInfo, Prompt, Timings, TokenCounter,
+    Capabilities, Engine, EngineError, EventSender, FirstTokenLogprobs, GenerationEvent,
+    GenerationRequest, GenerationStream, ModelInfo, Prompt, Timings, TokenCounter, TopFirstTokens,
 };
 use crate::routing::RouteHint;
 
@@ -311,6 +311,9 @@ impl Shared {
         let mut wire = wire::request(&self.config.model, prompt, &request.sampling);
         wire.echoed_prefix = echoed_prefix;
         server_extras(self.kind, &request.sampling, &mut wire.body);
+        if let Some(k) = request.extensions.get::<TopFirstTokens>() {
+            wire::ask_top_logprobs(&mut wire, k.0);
+        }
         Ok(wire)
     }
 }
@@ -452,6 +455,7 @@ async fn serve(
                 usage,
                 first_token,
                 chunk_tokens,
+                first_token_logprobs,
             }) => {
                 shared
                     .replicas
@@ -464,6 +468,9 @@ async fn serve(
                 );
                 let mut extensions = http::Extensions::new();
                 extensions.insert(chunk_tokens);
+                if let Some(candidates) = first_token_logprobs {
+                    extensions.insert(FirstTokenLogprobs(candidates));
+                }
                 let timings = Timings {
                     queued: std::time::Duration::ZERO,
                     prefill_done: first_token.unwrap_or(finished),

@@ -93,6 +93,18 @@ pub fn request(model: &str, prompt: WirePrompt<'_>, sampling: &SamplingParams) -
     }
 }
 
+/// Asks for the first answer token's `k` most likely candidates: chat completions take
+/// `logprobs: true` and `top_logprobs` (at most 20 in OpenAI's API), completions a number.
+pub fn ask_top_logprobs(wire: &mut WireRequest, k: usize) {
+    let k = k.min(20);
+    if wire.path == "/v1/chat/completions" {
+        wire.body["logprobs"] = json!(true);
+        wire.body["top_logprobs"] = json!(k);
+    } else {
+        wire.body["logprobs"] = json!(k);
+    }
+}
+
 /// One streamed chunk of either endpoint, or an error object some servers send in-stream.
 #[derive(Debug, Default, Deserialize)]
 pub struct Chunk {
@@ -136,6 +148,52 @@ pub struct Choice {
     pub text: Option<String>,
     #[serde(default)]
     pub finish_reason: Option<String>,
+    #[serde(default)]
+    pub logprobs: Option<WireLogprobs>,
+}
+
+/// Log-probabilities of a chunk's tokens: chat completions' `content` list, or completions'
+/// legacy `top_logprobs` (a token-to-log-probability map per token).
+#[derive(Debug, Default, Deserialize)]
+pub struct WireLogprobs {
+    #[serde(default)]
+    pub content: Option<Vec<TokenLogprob>>,
+    #[serde(default)]
+    pub top_logprobs: Option<Vec<std::collections::BTreeMap<String, f32>>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct TokenLogprob {
+    #[serde(default)]
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+}
+
+impl WireLogprobs {
+    /// The chunk's first token's candidates, most likely first; `None` when it has none.
+    pub fn first_candidates(&self) -> Option<Vec<(String, f32)>> {
+        let mut candidates: Vec<(String, f32)> = match (&self.content, &self.top_logprobs) {
+            (Some(content), _) => content
+                .first()?
+                .top_logprobs
+                .iter()
+                .map(|t| (t.token.clone(), t.logprob))
+                .collect(),
+            (None, Some(top)) => top
+                .first()?
+                .iter()
+                .map(|(t, &lp)| (t.clone(), lp))
+                .collect(),
+            (None, None) => return None,
+        };
+        candidates.sort_by(|a, b| b.1.total_cmp(&a.1));
+        (!candidates.is_empty()).then_some(candidates)
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -182,6 +240,61 @@ pub fn finish_reason(reason: &str) -> FinishReason {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn first_token_candidates_are_read_from_both_endpoints() {
+        let chat: Chunk = serde_json::from_str(
+            r#"{"choices":[{"delta":{"content":"A"},"logprobs":{"content":[{"token":"A",
+            "logprob":-0.1,"top_logprobs":[{"token":"B","logprob":-2.5},{"token":"A",
+            "logprob":-0.1}]}]}}]}"#,
+        )
+        .unwrap();
+        let candidates = chat.choices[0]
+            .logprobs
+            .as_ref()
+            .unwrap()
+            .first_candidates();
+        assert_eq!(
+            candidates,
+            Some(vec![("A".to_string(), -0.1), ("B".to_string(), -2.5)])
+        );
+        let legacy: Chunk = serde_json::from_str(
+            r#"{"choices":[{"text":" B","logprobs":{"top_logprobs":[{" B":-0.3," A":-1.5}]}}]}"#,
+        )
+        .unwrap();
+        let candidates = legacy.choices[0]
+            .logprobs
+            .as_ref()
+            .unwrap()
+            .first_candidates();
+        assert_eq!(
+            candidates,
+            Some(vec![(" B".to_string(), -0.3), (" A".to_string(), -1.5)])
+        );
+        let plain: Chunk = serde_json::from_str(r#"{"choices":[{"text":"x"}]}"#).unwrap();
+        assert!(plain.choices[0].logprobs.is_none());
+
+        let messages = [ChatMessage::new(Role::User, "hi")];
+        let mut wire = request(
+            "m",
+            WirePrompt::Chat {
+                messages: &messages,
+                assistant_prefix: None,
+                continuation: Continuation::TrailingAssistant,
+            },
+            &SamplingParams::default(),
+        );
+        ask_top_logprobs(&mut wire, 50);
+        assert_eq!(wire.body["logprobs"], true);
+        assert_eq!(wire.body["top_logprobs"], 20);
+        let mut wire = request(
+            "m",
+            WirePrompt::Text("hi".into()),
+            &SamplingParams::default(),
+        );
+        ask_top_logprobs(&mut wire, 5);
+        assert_eq!(wire.body["logprobs"], 5);
+    }
 
     #[test]
     fn a_prefix_is_a_trailing_assistant_message_and_vllm_gets_its_flags() {
