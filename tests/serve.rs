@@ -1,7 +1,8 @@
 //! `staircase serve` end to end: the real binary on a loopback port, the real default model,
 //! and the official `openai` Python client (`tests/serve/openai_client.py`, installed by
 //! `.ci/run`) for streaming, errors, hot swap under load, disconnects, overload and a hostile
-//! plugin; and the live view at `/` in a headless Chromium (`tests/serve/live_view.py`). The
+//! plugin; the live view at `/` in a headless Chromium (`tests/serve/live_view.py`); and a
+//! pipeline's declared variants chosen by a latency budget, reported and counted. The
 //! server is started here on port 0, with scratch plugin and pipeline folders, and killed
 //! when the test ends, whatever happens.
 
@@ -84,6 +85,123 @@ fn the_openai_client_works_against_a_real_server() {
         status.is_some_and(|s| s.success()),
         "the openai client checks failed (see the output above): {status:?}"
     );
+}
+
+/// A pipeline with declared variants: two proposers and an aggregator, or one proposer alone.
+const ADAPTIVE: &str = r#"
+name = "adaptive"
+[stream]
+policy = "complete"
+[[nodes]]
+id = "a"
+kind = "agent"
+plugin = "proposer"
+model = "default"
+[[nodes]]
+id = "b"
+kind = "agent"
+plugin = "proposer"
+model = "default"
+seed = 2
+[[nodes]]
+id = "agg"
+kind = "aggregator"
+plugin = "moa-aggregator"
+model = "default"
+inputs = ["a", "b"]
+
+[[variants]]
+name = "small"
+quality = 0.4
+[[variants.nodes]]
+id = "solo"
+kind = "agent"
+plugin = "proposer"
+model = "default"
+"#;
+
+/// Through the server, a pipeline with declared variants says which ran and why in the
+/// response's run report, and `/metrics` counts each: a budget nothing meets runs the
+/// fastest (`small`, budget not met), a generous one the file's own nodes (`main`).
+#[test]
+fn the_server_reports_and_counts_the_variant_a_budget_chose() {
+    let pipelines = scratch("adaptive");
+    std::fs::write(pipelines.join("adaptive.toml"), ADAPTIVE).unwrap();
+    let (server, base) = start_server(
+        Command::new(env!("CARGO_BIN_EXE_staircase"))
+            .args(["serve", "--host", "127.0.0.1", "--port", "0"])
+            .args(["--pipelines", path(&pipelines), "--max-tokens", "4"]),
+    );
+    let tokio = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (tight, generous, metrics) = tokio.block_on(async {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(300))
+            .build()
+            .unwrap();
+        let ask = |budget_ms: u64| {
+            let request =
+                client
+                    .post(format!("{base}/v1/chat/completions"))
+                    .json(&serde_json::json!({
+                        "model": "adaptive",
+                        "messages": [{"role": "user", "content": "Why is the sky blue?"}],
+                        "latency_budget_ms": budget_ms,
+                    }));
+            async move {
+                let response = request.send().await.expect("the server answers");
+                assert!(response.status().is_success(), "{}", response.status());
+                response.json::<serde_json::Value>().await.unwrap()
+            }
+        };
+        let tight = ask(1).await;
+        let generous = ask(3_600_000).await;
+        let metrics = client.get(format!("{base}/metrics")).send().await.unwrap();
+        (tight, generous, metrics.text().await.unwrap())
+    });
+    let variant = &tight["staircase"]["variant"];
+    assert_eq!(variant["variant"], "small", "{tight}");
+    assert_eq!(variant["met_budget"], false, "{variant}");
+    assert!(
+        variant["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("no variant meets the budget of 1 ms")),
+        "{variant}"
+    );
+    assert_eq!(
+        tight["staircase"]["nodes"].as_array().map(Vec::len),
+        Some(1)
+    );
+    let variant = &generous["staircase"]["variant"];
+    assert_eq!(variant["variant"], "main", "{generous}");
+    assert_eq!(variant["met_budget"], true, "{variant}");
+    assert!(
+        variant["models"][0]["load"]["parallel"].as_u64().is_some(),
+        "{variant}"
+    );
+    assert_eq!(
+        generous["staircase"]["nodes"].as_array().map(Vec::len),
+        Some(3)
+    );
+
+    let count = |variant: &str, met: bool| {
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("staircase_variant_runs_total{")
+                    && l.contains(r#"model="adaptive""#)
+                    && l.contains(&format!(r#"variant="{variant}""#))
+                    && l.contains(&format!(r#"met_budget="{met}""#))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .map(str::to_string)
+    };
+    assert_eq!(count("small", false).as_deref(), Some("1"), "{metrics}");
+    assert_eq!(count("main", true).as_deref(), Some("1"), "{metrics}");
+    drop(server);
+    let _ = std::fs::remove_dir_all(&pipelines);
 }
 
 /// The Python to run a client script with (`$PYTHON`, else python3), which must have `module`.

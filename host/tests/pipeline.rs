@@ -1230,3 +1230,137 @@ async fn many_calls_each_under_the_deadline_end_at_the_runs_plugin_time() {
     }
     a_normal_run_follows(&runner).await;
 }
+
+// ---- load-adaptive choice on the real engine -------------------------------------------
+
+/// Two proposers and an aggregator, layered, and a one-node variant writing a few tokens.
+const ADAPTIVE: &str = r#"
+name = "adaptive"
+[stream]
+policy = "complete"
+[[nodes]]
+id = "a"
+kind = "agent"
+plugin = "proposer"
+model = "default"
+max_tokens = 24
+[[nodes]]
+id = "b"
+kind = "agent"
+plugin = "proposer"
+model = "default"
+max_tokens = 24
+seed = 2
+[[nodes]]
+id = "agg"
+kind = "aggregator"
+plugin = "moa-aggregator"
+model = "default"
+max_tokens = 24
+inputs = ["a", "b"]
+
+[[variants]]
+name = "small"
+quality = 0.4
+[[variants.nodes]]
+id = "solo"
+kind = "agent"
+plugin = "proposer"
+model = "default"
+max_tokens = 4
+"#;
+
+/// Requests that hold the engine while the tight run chooses.
+const HELD: usize = 3;
+
+/// With the local engine busy with other real requests, a pipeline whose budget only its
+/// full variant meets on an idle engine runs its small variant; once those requests are
+/// cancelled and the engine's stats show it idle, the full one again. The load comes from
+/// the engine itself (`Engine::load`): a choice that ignored it would run the full variant
+/// both times.
+#[test]
+fn a_tight_budget_runs_the_small_variant_while_the_engine_is_busy_and_the_full_one_once_idle() {
+    use staircase::tune::adaptive::{OWN_VARIANT, choose};
+    let app = staircase::app::AppBuilder::new()
+        .build()
+        .expect("the default model and built-in plugins load");
+    let local = app
+        .models()
+        .iter()
+        .find_map(|m| m.local().cloned())
+        .expect("the default model is local");
+    let runner = app.runner();
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut pipeline = Pipeline::parse(ADAPTIVE, "adaptive.toml").unwrap();
+    runner.check(&pipeline).unwrap();
+    let request = || RunRequest::prompt("Why is the sky blue?", StreamMode::Layered);
+    // The runner learns this host's latencies first, as a serving host has.
+    tokio
+        .block_on(runner.run(&pipeline, request(), None))
+        .unwrap();
+    if let Err(busy) = app.wait_idle(Duration::from_secs(120)) {
+        panic!("the warm-up run left the engine busy: {busy:?}");
+    }
+    // The budget: 2.5x the full variant's prediction on the idle engine. With HELD
+    // requests ahead on one CPU its tokens are predicted 4x slower, so only the small one
+    // (a few tokens after one prefill) meets it.
+    let (_, idle) = choose(
+        runner,
+        &pipeline,
+        &request(),
+        Some(Duration::from_secs(3600)),
+    );
+    let idle = idle.expect("the pipeline declares variants");
+    assert_eq!(idle.variant, OWN_VARIANT, "{idle:?}");
+    assert_eq!(idle.models[0].stretch, 1.0, "{idle:?}");
+    pipeline.adaptive.latency_budget = Some(Duration::from_secs_f64(
+        idle.predicted_critical_path_ms * 2.5 / 1e3,
+    ));
+
+    let held: Vec<GenerationStream> = (0..HELD)
+        .map(|i| {
+            let mut r = GenerationRequest::chat(vec![ChatMessage::new(
+                Role::User,
+                format!("Story {i}: tell a long story about a lighthouse keeper."),
+            )]);
+            // Bounded: the test cancels them long before they end.
+            r.sampling.max_tokens = 512;
+            app.default_engine().submit(r).unwrap()
+        })
+        .collect();
+    local
+        .wait_for_stats(Duration::from_secs(120), |s| {
+            s.live_sequences + s.queued >= HELD
+        })
+        .expect("the held requests reach the engine");
+    let (chosen, busy) = choose(runner, &pipeline, &request(), None);
+    let busy = busy.unwrap();
+    assert_eq!(busy.variant, "small", "{busy:?}");
+    assert!(busy.met_budget, "{busy:?}");
+    assert!(busy.reason.contains("under load"), "{}", busy.reason);
+    let load = busy.models[0]
+        .load
+        .expect("the local engine reports its load");
+    assert!(load.running + load.queued >= HELD, "{load:?}");
+    let report = tokio
+        .block_on(runner.run(&chosen, request(), None))
+        .unwrap();
+    assert_eq!(report.nodes.len(), 1);
+
+    // The engine drains: dropping the streams cancels the held requests.
+    drop(held);
+    if let Err(busy) = app.wait_idle(Duration::from_secs(120)) {
+        panic!("the cancelled requests outlived their streams: {busy:?}");
+    }
+    let (chosen, drained) = choose(runner, &pipeline, &request(), None);
+    let drained = drained.unwrap();
+    assert_eq!(drained.variant, OWN_VARIANT, "{drained:?}");
+    assert!(drained.met_budget, "{drained:?}");
+    let report = tokio
+        .block_on(runner.run(&chosen, request(), None))
+        .unwrap();
+    assert_eq!(report.nodes.len(), 3);
+}

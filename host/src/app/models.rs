@@ -25,6 +25,11 @@ pub struct ModelEntry {
 }
 
 impl ModelEntry {
+    /// The same engine when it is local, for its stats (tests wait on them).
+    pub fn local(&self) -> Option<&Arc<LocalEngine>> {
+        self.local.as_ref()
+    }
+
     /// The local engine's stats (`None` for other kinds).
     pub fn local_stats(&self) -> Option<EngineStats> {
         self.local.as_ref().map(|l| l.stats())

@@ -98,17 +98,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let runner = app.runner();
     // Every declared variant is checked up front, so a broken one is named before any run.
     runner.check(&declared)?;
-    // One-shot: the only load is what the local engines already queue.
-    let load = crate::tune::adaptive::Load {
-        ahead: app.engine_stats().iter().map(|(_, s)| s.queued).sum(),
-        slots: 1,
-    };
+    // One-shot: the load is what the engines report (a remote one may be shared).
     let (mut pipeline, choice) = crate::tune::adaptive::choose(
         runner,
         &declared,
         &RunRequest::prompt(args.prompt.clone(), args.mode),
         args.latency_budget.map(Duration::from_millis),
-        load,
     );
     if let Some(max) = args.max_tokens {
         pipeline.limit_tokens(max);

@@ -206,5 +206,53 @@ pub fn bench(args: Args) -> anyhow::Result<()> {
         tuned.quality.map_or("-".into(), |q| format!("{q:.2}")),
         hand.quality.map_or("-".into(), |q| format!("{q:.2}")),
     );
+    // What the judge could tell: wins and losses come only from pairs whose two orders
+    // agreed; the rest are position-bias ties.
+    for c in [tuned, hand] {
+        if let Some(j) = &c.judged {
+            println!(
+                "  judge on {}: {} pairs, orders agreed {:.2} [{:.2}, {:.2}], win {:.2} tie {:.2} loss {:.2}, win+tie/2 over agreed pairs {:.2}",
+                c.name,
+                j.judged,
+                j.consistent.value,
+                j.consistent.low,
+                j.consistent.high,
+                j.win.value,
+                j.tie.value,
+                j.loss.value,
+                j.consistent_score.value
+            );
+        }
+    }
+    for c in [tuned, hand] {
+        let interval = |i: Option<crate::eval::stats::Interval>| {
+            i.map_or("-".into(), |i| {
+                format!("{:.2} [{:.2}, {:.2}]", i.value, i.low, i.high)
+            })
+        };
+        println!(
+            "  {}: weighted judged score {}, rated higher + ties/2 {}",
+            c.name,
+            interval(c.weighted_score),
+            interval(c.rated_score)
+        );
+    }
+    if let Some(check) = &report.judge_check {
+        println!(
+            "  judge check (baseline answer vs a looped copy of it): preferred the real one {} of {} pairs (win+tie/2 {:.2}), rated it higher {} of {}",
+            check.tally.wins,
+            check.summary.judged,
+            check.summary.score.value,
+            check.rated_higher,
+            check.rated
+        );
+    }
+    if let Some((low, high)) = report.prediction_range() {
+        println!(
+            "  predicted / measured critical path of the tuned variants: {low:.2}-{high:.2} (tolerance {:.2}-{:.2})",
+            1.0 / tune::PREDICTION_TOLERANCE,
+            tune::PREDICTION_TOLERANCE
+        );
+    }
     Ok(())
 }

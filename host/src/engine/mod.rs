@@ -350,6 +350,27 @@ impl ModelInfo {
     }
 }
 
+/// How busy an engine is now, as the backend itself counts it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct EngineLoad {
+    /// Requests generating now (the local engine: sequences it steps; a remote one: requests
+    /// in flight to its replicas).
+    pub running: usize,
+    /// Requests waiting for a place.
+    pub queued: usize,
+    /// Requests it serves at once at full speed: 1 for one CPU's kernels, where every
+    /// sequence of a batch takes a share of the same cores; a remote engine's replicas.
+    pub parallel: usize,
+}
+
+impl EngineLoad {
+    /// How much longer than alone a new request's tokens take under this load: each
+    /// request ahead takes a share of the engine's parallel places.
+    pub fn stretch(&self) -> f64 {
+        1.0 + (self.running + self.queued) as f64 / self.parallel.max(1) as f64
+    }
+}
+
 /// A model that generates tokens: the embedded engine or a remote server.
 pub trait Engine: Send + Sync {
     /// Queues a request; callable from any thread, inside an async runtime or not. Errors
@@ -362,6 +383,11 @@ pub trait Engine: Send + Sync {
 
     /// Counts tokens as this model does, for budgets and chunk sizes.
     fn token_counter(&self) -> &dyn TokenCounter;
+
+    /// How busy it is now; `None` where the backend cannot tell.
+    fn load(&self) -> Option<EngineLoad> {
+        None
+    }
 
     /// Forgets what earlier requests left behind to speed up later ones (cached prefixes,
     /// past sessions' text as speculation drafts), so requests submitted after this call

@@ -8,12 +8,13 @@
 //! Latencies are refreshed from every finished request. This module only computes; it must
 //! not run nodes.
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use serde::Serialize;
 
-use super::spec::{Node, NodeIndex, NodeKind, Pipeline};
+use super::spec::{ModelBinding, Node, NodeIndex, NodeKind, Pipeline};
 use crate::engine::{Timings, Usage};
 
 /// Decode latency assumed before anything was measured: the default model decodes about
@@ -24,6 +25,10 @@ pub const DEFAULT_PREFILL_PER_TOKEN: Duration = Duration::from_millis(5);
 /// Weight of a new measurement in the running average: recent runs dominate after about
 /// five requests, yet one odd request cannot swing the estimate.
 const SMOOTHING: f64 = 0.3;
+/// Fewest prefilled tokens a request needs to measure prefill: a prompt served almost
+/// whole from the prefix cache still waits a whole engine step (shared with every other
+/// sequence's decode), which divided by a handful of tokens reads as a very slow prefill.
+const MIN_PREFILL_SAMPLE: u32 = 32;
 /// Prompt tokens a role or aggregator adds around its inputs (system prompt, instructions),
 /// for estimates made before any prompt is built.
 pub const PROMPT_OVERHEAD_TOKENS: u32 = 64;
@@ -48,33 +53,70 @@ impl Default for Latencies {
     }
 }
 
-/// Latencies refreshed from live measurements, shared by every run of a host.
+/// Latencies refreshed from live measurements, shared by every run of a host: one figure
+/// per model (models differ by an order of magnitude), and one over all of them for a model
+/// nothing measured yet.
 #[derive(Debug, Default)]
 pub struct LatencyModel {
-    current: Mutex<Latencies>,
+    current: Mutex<Measured>,
+}
+
+#[derive(Debug, Default)]
+struct Measured {
+    overall: Latencies,
+    models: BTreeMap<String, Latencies>,
 }
 
 impl LatencyModel {
+    /// Over every model.
     pub fn get(&self) -> Latencies {
-        *self.current.lock().unwrap_or_else(|e| e.into_inner())
+        self.lock().overall
     }
 
-    /// Folds in what one finished request measured.
-    pub fn observe(&self, usage: &Usage, timings: &Timings) {
-        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+    /// `model`'s, else the figure over every model.
+    pub fn of(&self, model: &str) -> Latencies {
+        let current = self.lock();
+        current
+            .models
+            .get(model)
+            .copied()
+            .unwrap_or(current.overall)
+    }
+
+    /// Every model measured so far.
+    pub fn models(&self) -> BTreeMap<String, Latencies> {
+        self.lock().models.clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Measured> {
+        self.current.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Folds in what one finished request of `model` measured.
+    pub fn observe(&self, model: &str, usage: &Usage, timings: &Timings) {
+        let mut current = self.lock();
         let prefilled = usage
             .prompt_tokens
             .saturating_sub(usage.cached_prompt_tokens);
-        if prefilled > 0 && timings.prefill_done > timings.queued {
-            let per = (timings.prefill_done - timings.queued) / prefilled;
-            current.prefill_per_token = blend(current.prefill_per_token, per);
-        }
-        if let Some(first) = timings.first_token
-            && usage.completion_tokens > 1
-            && timings.finished > first
-        {
-            let per = (timings.finished - first) / (usage.completion_tokens - 1);
-            current.decode_per_token = blend(current.decode_per_token, per);
+        let prefill = (prefilled >= MIN_PREFILL_SAMPLE && timings.prefill_done > timings.queued)
+            .then(|| (timings.prefill_done - timings.queued) / prefilled);
+        let decode = timings
+            .first_token
+            .filter(|first| usage.completion_tokens > 1 && timings.finished > *first)
+            .map(|first| (timings.finished - first) / (usage.completion_tokens - 1));
+        let Measured { overall, models } = &mut *current;
+        // A model's first measurement replaces the assumed default outright.
+        let own = models.entry(model.to_string()).or_insert(Latencies {
+            decode_per_token: decode.unwrap_or(overall.decode_per_token),
+            prefill_per_token: prefill.unwrap_or(overall.prefill_per_token),
+        });
+        for latencies in [overall, own] {
+            if let Some(per) = prefill {
+                latencies.prefill_per_token = blend(latencies.prefill_per_token, per);
+            }
+            if let Some(per) = decode {
+                latencies.decode_per_token = blend(latencies.decode_per_token, per);
+            }
         }
     }
 }
@@ -185,7 +227,7 @@ pub fn expected_tokens(node: &Node) -> u32 {
 pub fn estimate_costs(
     pipeline: &Pipeline,
     prompt_tokens: u32,
-    latencies: Latencies,
+    measured: &LatencyModel,
 ) -> Vec<Duration> {
     let expected: Vec<u32> = pipeline.nodes.iter().map(expected_tokens).collect();
     pipeline
@@ -199,6 +241,13 @@ pub fn estimate_costs(
                 // A compressor's cost is its plugin call: negligible next to generation.
                 NodeKind::Compressor { .. } => Duration::ZERO,
                 NodeKind::Agent | NodeKind::Aggregator => {
+                    let latencies = match &node.model {
+                        ModelBinding::Fixed(model) => measured.of(model),
+                        ModelBinding::Routed { models, .. } => {
+                            models.first().map_or(measured.get(), |m| measured.of(m))
+                        }
+                        ModelBinding::None => measured.get(),
+                    };
                     latencies.prefill_per_token * prefill + latencies.decode_per_token * expected[i]
                 }
             }
@@ -302,9 +351,10 @@ mod tests {
             ..Timings::default()
         };
         for _ in 0..50 {
-            model.observe(&usage, &timings);
+            model.observe("small", &usage, &timings);
         }
-        let l = model.get();
+        let l = model.of("small");
+        assert_eq!(model.of("unmeasured"), model.get());
         // 100 ms / 100 prefilled tokens, 200 ms / 10 decode intervals.
         assert!(
             (l.prefill_per_token.as_secs_f64() - 0.001).abs() < 1e-5,
@@ -314,5 +364,14 @@ mod tests {
             (l.decode_per_token.as_secs_f64() - 0.020).abs() < 1e-5,
             "{l:?}"
         );
+        // A second model keeps its own figure from its first request on.
+        let slow = Timings {
+            finished: ms(1100),
+            ..timings
+        };
+        model.observe("large", &usage, &slow);
+        let large = model.of("large").decode_per_token.as_secs_f64();
+        assert!((large - 0.100).abs() < 1e-5, "{large}");
+        assert!((model.of("small").decode_per_token.as_secs_f64() - 0.020).abs() < 1e-5);
     }
 }

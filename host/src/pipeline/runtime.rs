@@ -267,11 +267,8 @@ impl Runner {
             .map(|m| m.content.as_str())
             .collect::<Vec<_>>()
             .join("\n");
-        let costs = critical::estimate_costs(
-            pipeline,
-            self.models.count_tokens(&prompt),
-            self.latencies.get(),
-        );
+        let costs =
+            critical::estimate_costs(pipeline, self.models.count_tokens(&prompt), &self.latencies);
         critical::longest_path(&costs, &critical::inputs_of(pipeline))
     }
 
@@ -957,6 +954,12 @@ impl<'r> RunCtx<'r> {
                 let part = route_tokens.map_or(step_left, |n| n.min(step_left));
                 features.answer_tokens = answer_tokens;
                 let (engine, choice) = self.engine_for(ix, &mut router, &features)?;
+                // Latencies are learned per model: the routed one, else the node's.
+                let model_name = match (&choice, &self.pipeline.node(ix).model) {
+                    (Some(choice), _) => choice.model.clone(),
+                    (None, ModelBinding::Fixed(name)) => name.clone(),
+                    (None, _) => DEFAULT_MODEL.to_string(),
+                };
                 let mut request =
                     self.step_request(ix, step.messages.clone(), &answer, part, &sampling);
                 if let Some(feed) = &feed {
@@ -995,7 +998,7 @@ impl<'r> RunCtx<'r> {
                             timings,
                             extensions,
                         }))) => {
-                            self.runner.latencies.observe(&usage, &timings);
+                            self.runner.latencies.observe(&model_name, &usage, &timings);
                             break (reason, usage, extensions);
                         }
                         Wake::Engine(Some(Err(error))) => return Err(engine_error(error)),

@@ -51,11 +51,6 @@ impl Admission {
         })
     }
 
-    /// Runs served at once.
-    pub(crate) fn slots(&self) -> usize {
-        self.max_running
-    }
-
     /// Runs now running, and requests waiting for a slot.
     pub(crate) fn depth(&self) -> (usize, usize) {
         let admitted = self.capacity - self.admitted.available_permits();

@@ -419,20 +419,10 @@ async fn run_pipeline(
         mode: chat.mode,
     };
     // A pipeline with declared variants runs the best one that fits the budget under the
-    // queue as it is now (this run is one of the running ones).
-    let (running, waiting) = state.admission.depth();
-    let load = crate::tune::adaptive::Load {
-        ahead: (running + waiting).saturating_sub(1),
-        slots: state.admission.slots(),
-    };
+    // load its engines report now (runs admitted before this one are on them already).
     let budget = chat.latency_budget_ms.map(std::time::Duration::from_millis);
-    let (chosen, choice) = crate::tune::adaptive::choose(
-        state.app.runner(),
-        &version.pipeline,
-        &request,
-        budget,
-        load,
-    );
+    let (chosen, choice) =
+        crate::tune::adaptive::choose(state.app.runner(), &version.pipeline, &request, budget);
     if let Some(choice) = &choice {
         state
             .metrics

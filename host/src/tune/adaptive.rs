@@ -2,38 +2,34 @@
 //!
 //! Candidates are the file's own nodes and each `[[variants]]` entry, with the quality each
 //! scored. Each gets a predicted critical path from the tuner's model at the per-token
-//! latencies the runner measured most recently, stretched by the load: a request that has
-//! `ahead` others in front of it on a host running `slots` at a time waits about
-//! `ahead / slots` critical paths more. The best-scoring candidate whose prediction meets
+//! latencies the runner measured most recently for each of its models, stretched by the
+//! load each model's engine reports now ([`crate::engine::Engine::load`]: the local
+//! engine's running and queued sequences, a remote engine's requests in flight): a token
+//! behind `ahead` others on an engine serving `parallel` at once takes about
+//! `1 + ahead / parallel` times as long. The best-scoring candidate whose prediction meets
 //! the budget (the request's, else the file's) runs; when none does, the fastest runs, and
 //! the choice says so. Without a budget or declared variants the file runs as written.
-//! [`Gauge`] counts runs in flight where nothing else does (`run`, tests); the server counts
-//! its own queue.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::sync::mpsc;
 
-use super::predict::{LatencyTable, ModelLatency, predict};
-use crate::pipeline::{Pipeline, RunError, RunEvent, RunReport, RunRequest, Runner};
+use super::predict::{LatencyTable, ModelLatency, model_of, predict};
+use crate::engine::EngineLoad;
+use crate::pipeline::critical::Latencies;
+use crate::pipeline::{Pipeline, RunRequest, Runner};
 
-/// How busy the host is when a request starts.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct Load {
-    /// Requests running or waiting besides this one.
-    pub ahead: usize,
-    /// Requests the host runs at once.
-    pub slots: usize,
-}
-
-impl Load {
-    /// How much longer than its critical path a run is expected to take under this load.
-    pub fn stretch(&self) -> f64 {
-        1.0 + self.ahead as f64 / self.slots.max(1) as f64
-    }
+/// One model's state when a request starts.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ModelNow {
+    pub model: String,
+    /// What its engine reported (`None`: a backend that cannot tell, taken as idle).
+    pub load: Option<EngineLoad>,
+    /// How much slower than alone its tokens are predicted under that load.
+    pub stretch: f64,
+    /// Its per-token decode latency as last measured, before the stretch.
+    #[serde(serialize_with = "as_millis")]
+    pub decode_per_token_ms: Duration,
 }
 
 /// Which variant ran, and why.
@@ -47,9 +43,8 @@ pub struct Choice {
     pub predicted_critical_path_ms: f64,
     pub budget_ms: Option<f64>,
     pub met_budget: bool,
-    pub load: Load,
-    #[serde(serialize_with = "as_millis")]
-    pub decode_per_token_ms: Duration,
+    /// The models the candidates run on, as the choice saw them.
+    pub models: Vec<ModelNow>,
     pub reason: String,
 }
 
@@ -64,22 +59,51 @@ fn millis(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// Chooses the variant of `pipeline` to run. `budget` is the request's (else the file's).
-/// Returns the pipeline to run (the chosen variant under the file's name) and the choice.
+/// Chooses the variant of `pipeline` to run under the load its models' engines report now.
+/// `budget` is the request's (else the file's). Returns the pipeline to run (the chosen
+/// variant under the file's name) and the choice.
 pub fn choose(
     runner: &Runner,
     pipeline: &Pipeline,
     request: &RunRequest,
     budget: Option<Duration>,
-    load: Load,
 ) -> (Pipeline, Option<Choice>) {
     let budget = budget.or(pipeline.adaptive.latency_budget);
     let declared = &pipeline.adaptive.variants;
     let Some(budget) = budget.filter(|_| !declared.is_empty()) else {
         return (pipeline.clone(), None);
     };
-    let latencies = runner.latencies().get();
-    let table = LatencyTable::uniform(ModelLatency::uniform(latencies));
+    let mut models: Vec<&str> = std::iter::once(pipeline)
+        .chain(declared.iter().map(|v| &v.pipeline))
+        .flat_map(|p| p.nodes.iter().filter_map(|n| model_of(&n.model)))
+        .collect();
+    models.sort_unstable();
+    models.dedup();
+    let now: Vec<ModelNow> = models
+        .iter()
+        .map(|&model| {
+            let load = runner.models().get(model).and_then(|e| e.load());
+            ModelNow {
+                model: model.to_string(),
+                load,
+                stretch: load.map_or(1.0, |l| l.stretch()),
+                decode_per_token_ms: runner.latencies().of(model).decode_per_token,
+            }
+        })
+        .collect();
+    let stretched = |latencies: Latencies, stretch: f64| {
+        ModelLatency::uniform(Latencies {
+            decode_per_token: latencies.decode_per_token.mul_f64(stretch),
+            prefill_per_token: latencies.prefill_per_token.mul_f64(stretch),
+        })
+    };
+    let table = now.iter().fold(
+        LatencyTable::uniform(ModelLatency::uniform(runner.latencies().get())),
+        |table, m| {
+            let latencies = runner.latencies().of(&m.model);
+            table.with(&m.model, stretched(latencies, m.stretch))
+        },
+    );
     let prompt: String = request
         .conversation
         .iter()
@@ -102,11 +126,7 @@ pub fn choose(
             .collect();
     let predicted: Vec<Duration> = candidates
         .iter()
-        .map(|(_, _, _, p)| {
-            predict(p, request.mode, prompt_tokens, &table)
-                .critical_path
-                .mul_f64(load.stretch())
-        })
+        .map(|(_, _, _, p)| predict(p, request.mode, prompt_tokens, &table).critical_path)
         .collect();
     let rank = |i: usize| {
         candidates[i]
@@ -143,22 +163,19 @@ pub fn choose(
             )
         } else {
             format!(
-                "{} would not meet the budget of {:.0} ms under load ({} ahead, {} slots); \
-                 this one is predicted at {:.0} ms",
+                "{} would not meet the budget of {:.0} ms under load ({}); this one is \
+                 predicted at {:.0} ms",
                 skipped.join(", "),
                 millis(budget),
-                load.ahead,
-                load.slots,
+                describe(&now),
                 millis(predicted[chosen])
             )
         }
     } else {
         format!(
-            "no variant meets the budget of {:.0} ms ({} ahead, {} slots); the fastest is \
-             predicted at {:.0} ms",
+            "no variant meets the budget of {:.0} ms ({}); the fastest is predicted at {:.0} ms",
             millis(budget),
-            load.ahead,
-            load.slots,
+            describe(&now),
             millis(predicted[chosen])
         )
     };
@@ -176,65 +193,22 @@ pub fn choose(
             predicted_critical_path_ms: millis(predicted[chosen]),
             budget_ms: Some(millis(budget)),
             met_budget: met,
-            load,
-            decode_per_token_ms: latencies.decode_per_token,
+            models: now,
             reason,
         }),
     )
 }
 
-/// Runs in flight, for a host with no queue of its own to ask.
-#[derive(Debug)]
-pub struct Gauge {
-    in_flight: Arc<AtomicUsize>,
-    slots: usize,
-}
-
-/// Held while a run is in flight.
-pub struct InFlight(Arc<AtomicUsize>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-impl Gauge {
-    pub fn new(slots: usize) -> Self {
-        Self {
-            in_flight: Arc::new(AtomicUsize::new(0)),
-            slots: slots.max(1),
-        }
-    }
-
-    /// The load a new request would see.
-    pub fn load(&self) -> Load {
-        Load {
-            ahead: self.in_flight.load(Ordering::Acquire),
-            slots: self.slots,
-        }
-    }
-
-    pub fn enter(&self) -> InFlight {
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
-        InFlight(self.in_flight.clone())
-    }
-
-    /// Chooses a variant under the gauge's load and runs it, counted in flight meanwhile.
-    pub async fn run(
-        &self,
-        runner: &Runner,
-        pipeline: &Pipeline,
-        request: RunRequest,
-        budget: Option<Duration>,
-        events: Option<mpsc::UnboundedSender<RunEvent>>,
-    ) -> Result<(RunReport, Option<Choice>), RunError> {
-        let (chosen, choice) = choose(runner, pipeline, &request, budget, self.load());
-        let _in_flight = self.enter();
-        if let Some(choice) = &choice {
-            tracing::info!(pipeline = %pipeline.name, variant = %choice.variant, reason = %choice.reason, "variant chosen");
-        }
-        let report = runner.run(&chosen, request, events).await?;
-        Ok((report, choice))
-    }
+/// The load of each model, for a reason a person reads.
+fn describe(now: &[ModelNow]) -> String {
+    now.iter()
+        .map(|m| match m.load {
+            Some(l) => format!(
+                "`{}`: {} running, {} queued, tokens {:.1}x slower",
+                m.model, l.running, l.queued, m.stretch
+            ),
+            None => format!("`{}`: load unknown", m.model),
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }

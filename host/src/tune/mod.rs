@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use crate::engine::{Engine, EngineError};
 use crate::eval::{self, EvalOptions, Variant};
 use crate::pipeline::stream::ChunkSchedule;
-use crate::pipeline::{Pipeline, RunError, RunRequest, Runner};
+use crate::pipeline::{Pipeline, RunError, RunReport, RunRequest, Runner};
 use crate::policy::StreamMode;
 use predict::{LatencyTable, ModelLatency, predict};
 use search::{Outcome, Prior, SearchOptions};
@@ -40,6 +40,9 @@ pub const DEFAULT_SHORTLIST: usize = 3;
 /// Bounds of the calibration factor (measured over predicted critical path).
 const MIN_CALIBRATION: f64 = 0.25;
 const MAX_CALIBRATION: f64 = 4.0;
+/// Predicted over measured critical path of a tuned variant on the real host should lie
+/// within 1/this and this: one run per variant on a shared CPU, answers of sampled length.
+pub const PREDICTION_TOLERANCE: f64 = 1.5;
 /// Tokens per probe request: enough decode steps for a stable per-token figure.
 pub const PROBE_TOKENS: u32 = 32;
 
@@ -145,6 +148,13 @@ pub struct Checked {
     /// answers not degenerate).
     pub quality: Option<f64>,
     pub degenerate: Option<usize>,
+    /// The judge's figures behind `quality` (how often its two orders agreed), as `eval`
+    /// summarised them.
+    pub judged: Option<eval::stats::TallySummary>,
+    /// The judge's probability-weighted win + tie/2, where its engine reports them.
+    pub weighted_score: Option<eval::stats::Interval>,
+    /// Pointwise ratings against the baseline's: higher + ties/2.
+    pub rated_score: Option<eval::stats::Interval>,
     #[serde(skip)]
     pub genome: Option<Genome>,
 }
@@ -154,9 +164,12 @@ pub struct Checked {
 pub struct TuneReport {
     pub base: String,
     pub budget_ms: f64,
-    /// Measured over predicted critical path of the hand-written run; the search ran on
-    /// `budget / calibration`.
+    /// Measured over predicted critical path of the hand-written run (after `measured`);
+    /// the search ran on `budget / calibration`.
     pub calibration: f64,
+    /// What the hand-written run measured that the predictions take.
+    pub measured: Calibration,
+    /// Per-model latencies the predictions used (probed, then scaled by `measured`).
     pub latencies: LatencyTable,
     pub space_size: u128,
     pub evaluated: usize,
@@ -164,6 +177,9 @@ pub struct TuneReport {
     pub checked: Vec<Checked>,
     pub chosen: String,
     pub met_budget: bool,
+    /// `eval`'s check of the judge (the baseline's answer against a looped copy of it):
+    /// a judge that fails it cannot rank the variants either.
+    pub judge_check: Option<eval::runner::JudgeCheck>,
     /// The chosen variant as a pipeline file.
     pub file: String,
 }
@@ -238,14 +254,23 @@ fn prompt_tokens(runner: &Runner, prompts: &[String]) -> u32 {
     mean(&counts).round() as u32
 }
 
-/// Runs `pipeline` on each prompt: mean measured critical path, TTFT and total, in ms.
+/// Mean measured critical path, TTFT and total of some runs, in ms.
+type RunFigures = (f64, Option<f64>, f64);
+
+/// Runs `pipeline` on each prompt: the mean figures, and the reports.
 pub async fn measure_runs(
     runner: &Runner,
     pipeline: &Pipeline,
     prompts: &[String],
-) -> Result<(f64, Option<f64>, f64), RunError> {
+) -> Result<(RunFigures, Vec<RunReport>), RunError> {
     let (mut paths, mut ttfts, mut totals) = (Vec::new(), Vec::new(), Vec::new());
+    let mut reports = Vec::new();
     for prompt in prompts {
+        // As `eval` does: no run inherits another's cached prefixes or speculation drafts
+        // (variants share proposers and prompts, so a later one would decode faster).
+        runner
+            .start_fresh(Some((pipeline, StreamMode::Staircase)))
+            .await?;
         let report = runner
             .run(
                 pipeline,
@@ -256,9 +281,121 @@ pub async fn measure_runs(
         paths.push(millis(report.critical_path_measured.length_ms));
         ttfts.extend(report.ttft_ms.map(millis));
         totals.push(millis(report.total_ms));
+        reports.push(report);
     }
     let ttft = (!ttfts.is_empty()).then(|| mean(&ttfts));
-    Ok((mean(&paths), ttft, mean(&totals)))
+    Ok(((mean(&paths), ttft, mean(&totals)), reports))
+}
+
+/// What the hand-written runs measured that the prediction then takes instead of
+/// assumptions: what sharing the engine really costs inside a run (the probes share it
+/// between plain requests; in a staircase run a consumer's steps and chunk prefills take
+/// their turns too), and how long each node's answer was (one that stops by itself writes
+/// fewer tokens than its cap, and a variant's same node is asked the same).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Calibration {
+    /// Per model: the decode cost of each other sequence its sources measured in the run
+    /// over the one the probes measured (a model with one source: its solo decode's).
+    pub decode_scale: BTreeMap<String, f64>,
+    /// Per node id: mean output tokens of a node that stopped before its cap.
+    pub lengths: BTreeMap<String, u32>,
+}
+
+/// Sequences sharing `model` with the sources of `base` on it, as the prediction counts
+/// them (the sources, and their staircase consumers on it).
+fn sharing(base: &Pipeline, model: &str) -> usize {
+    let level = predict::levels(base);
+    base.nodes
+        .iter()
+        .position(|n| n.inputs.is_empty() && predict::model_of(&n.model) == Some(model))
+        .map_or(1, |i| {
+            predict::concurrency(base, StreamMode::Staircase, &level, i)
+        })
+}
+
+/// A node that wrote less than this share of its cap stopped by itself.
+const STOPPED_EARLY: f64 = 0.95;
+
+impl Calibration {
+    /// From the runs of `base` (its `reports`), against the probed `table`.
+    pub fn of(base: &Pipeline, reports: &[RunReport], table: &LatencyTable) -> Self {
+        let mut calibration = Self::default();
+        let mut rates: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        for (i, node) in base.nodes.iter().enumerate() {
+            let ran: Vec<&crate::pipeline::report::NodeReport> = reports
+                .iter()
+                .filter_map(|r| r.nodes.get(i))
+                .filter(|n| n.finished_ms.is_some() && !n.cancelled)
+                .collect();
+            let tokens: Vec<f64> = ran.iter().map(|n| f64::from(n.output_tokens)).collect();
+            let cap = crate::pipeline::critical::expected_tokens(node);
+            if !tokens.is_empty() && mean(&tokens) < f64::from(cap) * STOPPED_EARLY {
+                calibration
+                    .lengths
+                    .insert(node.id.clone(), mean(&tokens).round().max(1.0) as u32);
+            }
+            let Some(model) = predict::model_of(&node.model).filter(|_| node.inputs.is_empty())
+            else {
+                continue;
+            };
+            for n in &ran {
+                if let (Some(first), Some(end)) = (n.first_token_ms, n.finished_ms)
+                    && n.output_tokens > 1
+                    && end > first
+                {
+                    let per = (end - first) / (n.output_tokens - 1);
+                    rates
+                        .entry(model.to_string())
+                        .or_default()
+                        .push(per.as_secs_f64());
+                }
+            }
+        }
+        for (model, rates) in rates {
+            let latency = table.of(&model);
+            let sources = sharing(base, &model);
+            let solo = latency.solo.decode_per_token.as_secs_f64();
+            let extra = latency.per_extra_sequence.as_secs_f64();
+            let scale = if sources > 1 && extra > 0.0 {
+                (mean(&rates) - solo).max(0.0) / (sources - 1) as f64 / extra
+            } else if solo > 0.0 {
+                mean(&rates) / solo
+            } else {
+                1.0
+            };
+            calibration
+                .decode_scale
+                .insert(model, scale.clamp(MIN_CALIBRATION, MAX_CALIBRATION));
+        }
+        calibration
+    }
+
+    /// `table` with each measured model's sharing cost (or solo decode) scaled.
+    pub fn table(&self, base: &Pipeline, table: &LatencyTable) -> LatencyTable {
+        let mut out = table.clone();
+        for (model, scale) in &self.decode_scale {
+            let mut latency = table.of(model);
+            let sources = sharing(base, model);
+            if sources > 1 && !latency.per_extra_sequence.is_zero() {
+                latency.per_extra_sequence = latency.per_extra_sequence.mul_f64(*scale);
+            } else {
+                latency.solo.decode_per_token = latency.solo.decode_per_token.mul_f64(*scale);
+            }
+            out = out.with(model, latency);
+        }
+        out
+    }
+
+    /// `pipeline` expecting each measured node's length (within its cap).
+    pub fn lengths(&self, mut pipeline: Pipeline) -> Pipeline {
+        for node in &mut pipeline.nodes {
+            if let Some(&tokens) = self.lengths.get(&node.id) {
+                let cap = crate::pipeline::critical::expected_tokens(node);
+                node.expected_tokens = Some(tokens.min(cap));
+            }
+        }
+        pipeline
+    }
 }
 
 /// The variant sized as the tuning run asks.
@@ -298,7 +435,7 @@ pub async fn tune(
     let base = sized(base.clone(), options.proposer_tokens, answer_tokens);
     let (space, base_genome) = Space::of(&base, options.models.clone(), &options.schedules)?;
     let concurrent = base_genome.proposers.iter().flatten().count();
-    let table = measure_models(runner, &space.models, concurrent).await?;
+    let probed = measure_models(runner, &space.models, concurrent).await?;
     let prompt_tokens = prompt_tokens(runner, &options.check_prompts);
     // The hand-written pipeline runs first: its measured over predicted critical path
     // calibrates the search's budget to what this host does now (a busy host runs slower
@@ -310,9 +447,16 @@ pub async fn tune(
             source: Box::new(source),
         }
     };
-    let base_run = measure_runs(runner, &base, &options.check_prompts)
+    let (base_run, base_reports) = measure_runs(runner, &base, &options.check_prompts)
         .await
         .map_err(run_error(&base))?;
+    // The probes alone under-predict a real run (0.2-0.7x on a busy host): the run's own
+    // per-model decode latencies and node lengths replace them, for the search and for
+    // every prediction below.
+    let measured = Calibration::of(&base, &base_reports, &probed);
+    let table = measured.table(&base, &probed);
+    let base = measured.lengths(base);
+    let (space, base_genome) = Space::of(&base, options.models.clone(), &options.schedules)?;
     let base_predicted =
         millis(predict(&base, StreamMode::Staircase, prompt_tokens, &table).critical_path);
     let calibration = if base_predicted > 0.0 && base_run.0 > 0.0 {
@@ -344,18 +488,27 @@ pub async fn tune(
         // The templates carry the base's sizes; a proposer answering alone gets the answer's.
         let mut pipeline = space.build(g, &name)?;
         if g.aggregator.is_none() {
-            pipeline = sized(pipeline, None, answer_tokens);
+            pipeline = measured.lengths(sized(pipeline, None, answer_tokens));
         }
         candidates.push((Some(g.clone()), pipeline));
     }
     for (genome, pipeline) in &candidates {
+        // A shared host drifts between the probes and a variant's run: each variant is
+        // predicted at its models' solo latency measured again just before it runs.
+        let now = match genome {
+            None => table.clone(),
+            Some(_) => refreshed(runner, &table, &probed, pipeline).await?,
+        };
         let (measured, ttft, total) = match genome {
             None => base_run,
-            Some(_) => measure_runs(runner, pipeline, &options.check_prompts)
-                .await
-                .map_err(run_error(pipeline))?,
+            Some(_) => {
+                measure_runs(runner, pipeline, &options.check_prompts)
+                    .await
+                    .map_err(run_error(pipeline))?
+                    .0
+            }
         };
-        let prediction = predict(pipeline, StreamMode::Staircase, prompt_tokens, &table);
+        let prediction = predict(pipeline, StreamMode::Staircase, prompt_tokens, &now);
         let predicted = millis(prediction.critical_path);
         checked.push(Checked {
             name: pipeline.name.clone(),
@@ -379,10 +532,14 @@ pub async fn tune(
             },
             quality: None,
             degenerate: None,
+            judged: None,
+            weighted_score: None,
+            rated_score: None,
             genome: genome.clone(),
         });
     }
 
+    let mut judge_check = None;
     if let Some(sample) = &options.eval {
         let variants = candidates
             .iter()
@@ -404,10 +561,14 @@ pub async fn tune(
         let report = eval::runner::run(runner, judge_engine, &eval_options)
             .await
             .map_err(|e| TuneError::Eval(Box::new(e)))?;
+        judge_check.clone_from(&report.judge_check);
         for c in &mut checked {
             if let Some(s) = report.summaries.iter().find(|s| s.variant == c.name) {
                 c.quality = Some(eval::report::quality(s).0);
                 c.degenerate = Some(s.degenerate);
+                c.judged.clone_from(&s.judged);
+                c.weighted_score = s.weighted_score;
+                c.rated_score = s.rated.as_ref().map(|r| r.score);
             }
         }
     }
@@ -444,6 +605,7 @@ pub async fn tune(
         base: base.name.clone(),
         budget_ms,
         calibration,
+        measured,
         latencies: table.clone(),
         space_size: space.size(),
         evaluated: outcome.evaluated,
@@ -459,9 +621,54 @@ pub async fn tune(
             .collect(),
         chosen: chosen.name.clone(),
         met_budget,
+        judge_check,
         checked,
         file,
     })
+}
+
+/// `table` with the solo latencies of `pipeline`'s models measured again, each model's
+/// figures scaled by how much its solo decode and prefill moved since `probed`.
+async fn refreshed(
+    runner: &Runner,
+    table: &LatencyTable,
+    probed: &LatencyTable,
+    pipeline: &Pipeline,
+) -> Result<LatencyTable, TuneError> {
+    let mut models: Vec<&str> = pipeline
+        .nodes
+        .iter()
+        .filter_map(|n| predict::model_of(&n.model))
+        .collect();
+    models.sort_unstable();
+    models.dedup();
+    let mut out = table.clone();
+    for model in models {
+        let Some(engine) = runner.models().get(model) else {
+            continue;
+        };
+        let fresh = probe::measure(engine.as_ref(), PROBE_TOKENS, 1)
+            .await
+            .map_err(|source| TuneError::Probe {
+                model: model.to_string(),
+                source,
+            })?;
+        let (was, mut latency) = (probed.of(model), table.of(model));
+        let ratio = |now: Duration, then: Duration| {
+            if then.is_zero() {
+                1.0
+            } else {
+                (now.as_secs_f64() / then.as_secs_f64()).clamp(MIN_CALIBRATION, MAX_CALIBRATION)
+            }
+        };
+        let decode = ratio(fresh.solo.decode_per_token, was.solo.decode_per_token);
+        let prefill = ratio(fresh.solo.prefill_per_token, was.solo.prefill_per_token);
+        latency.solo.decode_per_token = latency.solo.decode_per_token.mul_f64(decode);
+        latency.per_extra_sequence = latency.per_extra_sequence.mul_f64(decode);
+        latency.solo.prefill_per_token = latency.solo.prefill_per_token.mul_f64(prefill);
+        out = out.with(model, latency);
+    }
+    Ok(out)
 }
 
 /// The shortlist: front variants that meet the budget, best prior first (else the fastest).

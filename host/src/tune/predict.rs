@@ -7,8 +7,8 @@
 //! chunks, writes part of its answer while they still stream, and only the rest after the
 //! last one ends. The prediction is the finish time of the output node, which is what the
 //! runtime's measured critical path explains (a chain of nodes, each counted from when its
-//! input ended). Nodes of one level on one model share it: each other sequence adds the
-//! model's measured per-sequence decode cost. This module only computes.
+//! input ended). Nodes of one level on one model share it, and so do their staircase
+//! consumers on it: each other sequence adds the model's measured per-sequence decode cost. This module only computes.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -120,6 +120,44 @@ fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }
 
+/// Level of each node: its longest distance from a source.
+pub fn levels(pipeline: &Pipeline) -> Vec<usize> {
+    let mut level = vec![0usize; pipeline.nodes.len()];
+    for (i, node) in pipeline.nodes.iter().enumerate() {
+        level[i] = node
+            .inputs
+            .iter()
+            .map(|e| level[e.from.0] + 1)
+            .max()
+            .unwrap_or(0);
+    }
+    level
+}
+
+/// Sequences decoding on node `i`'s model while it does: the nodes of its level on that
+/// model, and the staircase consumers of that level on it (they step on its chunks while
+/// it writes, each step taking its turn on the engine).
+pub fn concurrency(pipeline: &Pipeline, mode: StreamMode, level: &[usize], i: usize) -> usize {
+    let model = model_of(&pipeline.nodes[i].model);
+    let on_model = |j: usize| model_of(&pipeline.nodes[j].model) == model;
+    let peers = (0..pipeline.nodes.len())
+        .filter(|&j| level[j] == level[i] && on_model(j))
+        .count();
+    let consumers = pipeline
+        .nodes
+        .iter()
+        .enumerate()
+        .filter(|&(j, node)| {
+            on_model(j)
+                && node.inputs.iter().any(|e| {
+                    level[e.from.0] == level[i]
+                        && matches!(e.stream.in_mode(mode), StreamPolicy::Staircase(_))
+                })
+        })
+        .count();
+    peers + consumers
+}
+
 /// Predicts `pipeline` run in `mode` on a prompt of `prompt_tokens`.
 pub fn predict(
     pipeline: &Pipeline,
@@ -133,22 +171,9 @@ pub fn predict(
         .iter()
         .map(critical::expected_tokens)
         .collect();
-    // Level of each node (longest distance from a source), for who shares a model when.
-    let mut level = vec![0usize; n];
-    for (i, node) in pipeline.nodes.iter().enumerate() {
-        level[i] = node
-            .inputs
-            .iter()
-            .map(|e| level[e.from.0] + 1)
-            .max()
-            .unwrap_or(0);
-    }
-    let concurrent = |i: usize| {
-        let model = model_of(&pipeline.nodes[i].model);
-        (0..n)
-            .filter(|&j| level[j] == level[i] && model_of(&pipeline.nodes[j].model) == model)
-            .count()
-    };
+    // Who shares a model when.
+    let level = levels(pipeline);
+    let concurrent = |i: usize| concurrency(pipeline, mode, &level, i);
     let (mut first, mut finish) = (vec![0.0f64; n], vec![0.0f64; n]);
     let mut via: Vec<Option<NodeIndex>> = vec![None; n];
     for (i, node) in pipeline.nodes.iter().enumerate() {

@@ -25,6 +25,32 @@ impl TuneReport {
                 l.per_extra_sequence.as_secs_f64() * 1e3
             );
         }
+        let scales: Vec<String> = self
+            .measured
+            .decode_scale
+            .iter()
+            .map(|(m, s)| format!("{m} x{s:.2}"))
+            .collect();
+        let lengths: Vec<String> = self
+            .measured
+            .lengths
+            .iter()
+            .map(|(id, n)| format!("{id} {n}"))
+            .collect();
+        let _ = writeln!(
+            out,
+            "calibrated on the hand-written run: sharing cost per other sequence {} (in the run over the probes); tokens of nodes that stopped early: {}",
+            if scales.is_empty() {
+                "-".into()
+            } else {
+                scales.join(", ")
+            },
+            if lengths.is_empty() {
+                "-".into()
+            } else {
+                lengths.join(", ")
+            },
+        );
         let _ = writeln!(
             out,
             "calibration: the hand-written run took {:.2}x its predicted critical path; the search ran on a budget of {:.0} ms",
@@ -76,6 +102,19 @@ impl TuneReport {
                 c.description
             );
         }
+        if let Some((low, high)) = self.prediction_range() {
+            let tolerance = super::PREDICTION_TOLERANCE;
+            let _ = writeln!(
+                out,
+                "prediction: predicted / measured critical path of the tuned variants {low:.2}-{high:.2} ({} the stated {:.2}-{tolerance:.2})",
+                if low >= 1.0 / tolerance && high <= tolerance {
+                    "within"
+                } else {
+                    "outside"
+                },
+                1.0 / tolerance
+            );
+        }
         let _ = writeln!(
             out,
             "\nchosen: {}{}",
@@ -90,6 +129,20 @@ impl TuneReport {
             }
         );
         out
+    }
+
+    /// The lowest and highest predicted over measured critical path of the tuned variants
+    /// run (the hand-written one calibrated the prediction, so it is left out).
+    pub fn prediction_range(&self) -> Option<(f64, f64)> {
+        let ratios: Vec<f64> = self
+            .checked
+            .iter()
+            .filter(|c| !c.hand_written && c.prediction_ratio > 0.0)
+            .map(|c| c.prediction_ratio)
+            .collect();
+        let low = ratios.iter().copied().reduce(f64::min)?;
+        let high = ratios.iter().copied().reduce(f64::max)?;
+        Some((low, high))
     }
 
     /// Two panels: quality against critical path, and against TTFT. Front points (prior

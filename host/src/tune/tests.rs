@@ -1,20 +1,18 @@
 //! The tuner's tests: the search against exhaustive enumeration on a synthetic latency
 //! model, predicted against measured critical paths on the simulated backend, and the
-//! load-adaptive choice with the queue held full by other runs.
+//! load-adaptive choice when no variant meets the budget (the choice under a real engine's
+//! load is `host/tests/pipeline.rs`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
-
-use super::adaptive::{Gauge, OWN_VARIANT};
 use super::predict::{LatencyTable, ModelLatency};
 use super::search::{self, Prior, SearchOptions};
 use super::space::Space;
 use super::*;
 use crate::engine::simulated::{SimulatedEngine, SimulatedLatencies};
+use crate::pipeline::Models;
 use crate::pipeline::critical::Latencies;
-use crate::pipeline::{Models, RunEvent};
 use crate::plugin::{HostConfig, PluginRuntime, Registry};
 
 const BASE: &str = r#"
@@ -280,80 +278,6 @@ model = "default"
 max_tokens = 8
 "#;
 
-/// Runs that hold the engine until aborted.
-const HOLD: &str = r#"
-[[nodes]]
-id = "long"
-kind = "agent"
-plugin = "proposer"
-model = "default"
-max_tokens = 1000000
-"#;
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tight_budget_switches_to_the_small_variant_while_the_queue_is_full_and_back() {
-    let runner = Arc::new(Runner::new(
-        Models::with_default(simulated(2.0, 0.5)),
-        registry(),
-    ));
-    let mut pipeline = Pipeline::parse(ADAPTIVE, "adaptive.toml").unwrap();
-    runner.check(&pipeline).unwrap();
-    let request = || RunRequest::prompt("Why is the sky blue?", StreamMode::Layered);
-    // The runner learns the backend's latencies first, as a serving host has.
-    for _ in 0..4 {
-        runner.run(&pipeline, request(), None).await.unwrap();
-    }
-    let latencies = LatencyTable::uniform(ModelLatency::uniform(runner.latencies().get()));
-    let main = predict(&pipeline, StreamMode::Layered, 5, &latencies).critical_path;
-    // Met by the main variant alone; under 2 runs ahead on 1 slot (3x) only by the small one.
-    pipeline.adaptive.latency_budget = Some(main.mul_f64(1.5));
-
-    let gauge = Arc::new(Gauge::new(1));
-    let (choice, _) = run_adaptive(&gauge, &runner, &pipeline).await;
-    assert_eq!(choice.variant, OWN_VARIANT, "{choice:?}");
-
-    // Two other runs hold the host; each has started before the tight one comes.
-    let hold = Arc::new(Pipeline::parse(HOLD, "hold.toml").unwrap());
-    let mut held = Vec::new();
-    for _ in 0..2 {
-        let (tx, mut events) = mpsc::unbounded_channel();
-        let (gauge, runner, hold) = (gauge.clone(), runner.clone(), hold.clone());
-        held.push(tokio::spawn(async move {
-            gauge.run(&runner, &hold, request(), None, Some(tx)).await
-        }));
-        while !matches!(events.recv().await, Some(RunEvent::NodeDelta { .. })) {}
-    }
-    assert_eq!(gauge.load().ahead, 2);
-    let (choice, report) = run_adaptive(&gauge, &runner, &pipeline).await;
-    assert_eq!(choice.variant, "small", "{choice:?}");
-    assert!(choice.met_budget, "{choice:?}");
-    assert!(choice.reason.contains("under load"), "{}", choice.reason);
-    assert_eq!(report.nodes.len(), 1);
-
-    // The queue drains: aborted runs are dropped (and leave the gauge) before `await` returns.
-    for task in held {
-        task.abort();
-        assert!(task.await.unwrap_err().is_cancelled());
-    }
-    assert_eq!(gauge.load().ahead, 0);
-    let (choice, report) = run_adaptive(&gauge, &runner, &pipeline).await;
-    assert_eq!(choice.variant, OWN_VARIANT, "{choice:?}");
-    assert_eq!(report.nodes.len(), 3);
-}
-
-async fn run_adaptive(
-    gauge: &Gauge,
-    runner: &Runner,
-    pipeline: &Pipeline,
-) -> (adaptive::Choice, crate::pipeline::RunReport) {
-    let request = RunRequest::prompt("Why is the sky blue?", StreamMode::Layered);
-    let (report, choice) = gauge
-        .run(runner, pipeline, request, None, None)
-        .await
-        .unwrap();
-    (choice.expect("the pipeline declares variants"), report)
-}
-
 #[test]
 fn no_variant_meeting_the_budget_runs_the_fastest_and_says_so() {
     let pipeline = Pipeline::parse(ADAPTIVE, "adaptive.toml").unwrap();
@@ -366,13 +290,8 @@ fn no_variant_meeting_the_budget_runs_the_fastest_and_says_so() {
     ));
     let runner = Runner::new(Models::with_default(engine), registry());
     let request = RunRequest::prompt("hi", StreamMode::Layered);
-    let (chosen, choice) = adaptive::choose(
-        &runner,
-        &pipeline,
-        &request,
-        Some(Duration::from_millis(1)),
-        adaptive::Load { ahead: 0, slots: 1 },
-    );
+    let (chosen, choice) =
+        adaptive::choose(&runner, &pipeline, &request, Some(Duration::from_millis(1)));
     let choice = choice.unwrap();
     assert_eq!(choice.variant, "small");
     assert!(!choice.met_budget);

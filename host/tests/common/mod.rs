@@ -3,8 +3,8 @@
 use std::sync::{Arc, Mutex};
 
 use staircase::engine::{
-    Engine, EngineError, GenerationRequest, GenerationStream, ModelInfo, Prompt, SamplingParams,
-    TokenCounter,
+    Engine, EngineError, EngineLoad, GenerationRequest, GenerationStream, ModelInfo, Prompt,
+    SamplingParams, TokenCounter,
 };
 
 /// Forwards to a real engine and keeps every prompt and sampling it was given (to check
@@ -38,5 +38,9 @@ impl Engine for Recording {
 
     fn token_counter(&self) -> &dyn TokenCounter {
         self.inner.token_counter()
+    }
+
+    fn load(&self) -> Option<EngineLoad> {
+        self.inner.load()
     }
 }

@@ -558,6 +558,17 @@ impl Engine for LocalEngine {
         self
     }
 
+    /// From the stats of the latest step: the CPU's kernels serve one batch, so every
+    /// sequence running or queued shares them.
+    fn load(&self) -> Option<crate::engine::EngineLoad> {
+        let stats = self.stats();
+        Some(crate::engine::EngineLoad {
+            running: stats.live_sequences,
+            queued: stats.queued,
+            parallel: 1,
+        })
+    }
+
     fn forget_history(&self) {
         if let Some(commands) = &self.commands {
             let _ = commands.send(Command::ForgetHistory);

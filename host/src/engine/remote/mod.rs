@@ -396,6 +396,17 @@ impl Engine for RemoteEngine {
     fn token_counter(&self) -> &dyn TokenCounter {
         &self.shared.tokens
     }
+
+    /// What the replicas have in flight from this host (a server says nothing of its own
+    /// queue); each healthy replica serves in parallel with the others.
+    fn load(&self) -> Option<crate::engine::EngineLoad> {
+        let replicas = self.shared.replicas.stats();
+        Some(crate::engine::EngineLoad {
+            running: replicas.iter().map(|r| r.in_flight).sum(),
+            queued: 0,
+            parallel: replicas.iter().filter(|r| r.healthy).count().max(1),
+        })
+    }
 }
 
 /// One request: tries replicas until one answers or the retries run out.
