@@ -14,7 +14,9 @@ use serde::{Deserialize, Serialize};
 use super::judge::{Judge, PairJudgement, looped_copy};
 use super::metrics::{self, Quality};
 use super::rating::{self, Compared, Rater};
-use super::stats::{Interval, Tally, TallySummary, Z_95, bootstrap_mean, wilson};
+use super::stats::{
+    Interval, Tally, TallySummary, Z_95, bootstrap_mean, wilson, win_tie_loss_scores,
+};
 use crate::engine::{
     ChatMessage, Engine, EngineError, FinishReason, GenerationEvent, GenerationRequest, Role,
 };
@@ -212,10 +214,7 @@ impl RatedSummary {
                 None => unrated += 1,
             }
         }
-        let scores: Vec<f64> = std::iter::repeat_n(1.0, higher)
-            .chain(std::iter::repeat_n(0.5, ties))
-            .chain(std::iter::repeat_n(0.0, lower))
-            .collect();
+        let scores = win_tie_loss_scores(higher, ties, lower);
         Self {
             higher,
             ties,

@@ -74,6 +74,14 @@ pub fn bootstrap_mean(values: &[f64]) -> Interval {
     }
 }
 
+/// One score per outcome, 1 a win, 0.5 a tie and 0 a loss: their mean is win + tie/2.
+pub fn win_tie_loss_scores(wins: usize, ties: usize, losses: usize) -> Vec<f64> {
+    std::iter::repeat_n(1.0, wins)
+        .chain(std::iter::repeat_n(0.5, ties))
+        .chain(std::iter::repeat_n(0.0, losses))
+        .collect()
+}
+
 /// Judged outcomes of one variant against a baseline, one per prompt.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Tally {
@@ -110,17 +118,11 @@ impl Tally {
 
     pub fn summary(&self) -> TallySummary {
         let n = self.judged();
-        let scores: Vec<f64> = std::iter::repeat_n(1.0, self.wins)
-            .chain(std::iter::repeat_n(0.5, self.ties))
-            .chain(std::iter::repeat_n(0.0, self.losses))
-            .collect();
+        let scores = win_tie_loss_scores(self.wins, self.ties, self.losses);
         // Under MT-Bench's rule every win and loss is consistent; the rest of the
         // consistent pairs are agreed ties.
         let agreed_ties = self.consistent.saturating_sub(self.wins + self.losses);
-        let consistent_scores: Vec<f64> = std::iter::repeat_n(1.0, self.wins)
-            .chain(std::iter::repeat_n(0.5, agreed_ties))
-            .chain(std::iter::repeat_n(0.0, self.losses))
-            .collect();
+        let consistent_scores = win_tie_loss_scores(self.wins, agreed_ties, self.losses);
         TallySummary {
             judged: n,
             win: wilson(self.wins, n, Z_95),
