@@ -175,6 +175,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let options = EvalOptions {
         baseline,
+        baseline_mode: StreamMode::Layered,
         variants,
         prompts,
         proposer_tokens: args.proposer_tokens,

@@ -41,6 +41,10 @@ pub struct Args {
     /// Prompts of the quality sample (`eval`).
     #[arg(long, default_value_t = 3)]
     eval_prompts: usize,
+    /// Prompts after the quality sample on which the chosen variant and the hand-written
+    /// pipeline are scored again (the choice never saw them); 0: none.
+    #[arg(long, default_value_t = 0)]
+    holdout_prompts: usize,
     /// Prompts each shortlisted variant runs on for its measured critical path.
     #[arg(long, default_value_t = 1)]
     check_prompts: usize,
@@ -106,7 +110,21 @@ pub(crate) fn execute(args: &Args) -> anyhow::Result<TuneReport> {
         Some(path) => crate::eval::prompts::load(path)?,
         None => crate::eval::prompts::shipped(),
     };
-    prompts.truncate(args.eval_prompts.max(args.check_prompts).max(1));
+    let eval_prompts = args.eval_prompts.max(1);
+    prompts.truncate((eval_prompts + args.holdout_prompts).max(args.check_prompts));
+    if args.holdout_prompts > 0 && prompts.len() < eval_prompts + args.holdout_prompts {
+        anyhow::bail!(
+            "the prompt set has {} prompts; --eval-prompts {eval_prompts} and --holdout-prompts {} need {}",
+            prompts.len(),
+            args.holdout_prompts,
+            eval_prompts + args.holdout_prompts
+        );
+    }
+    let sample = |prompts: &[String]| EvalSample {
+        prompts: prompts.to_vec(),
+        answer_tokens: args.answer_tokens,
+        judge: !args.no_judge,
+    };
     let name = args
         .name
         .clone()
@@ -132,15 +150,9 @@ pub(crate) fn execute(args: &Args) -> anyhow::Result<TuneReport> {
             .take(args.check_prompts.max(1))
             .cloned()
             .collect(),
-        eval: (!args.no_eval).then(|| EvalSample {
-            prompts: prompts
-                .iter()
-                .take(args.eval_prompts.max(1))
-                .cloned()
-                .collect(),
-            answer_tokens: args.answer_tokens,
-            judge: !args.no_judge,
-        }),
+        eval: (!args.no_eval).then(|| sample(&prompts[..eval_prompts.min(prompts.len())])),
+        holdout: (!args.no_eval && args.holdout_prompts > 0)
+            .then(|| sample(&prompts[eval_prompts..eval_prompts + args.holdout_prompts])),
         name: name.clone(),
         proposer_tokens: args.proposer_tokens,
         answer_tokens: Some(args.answer_tokens),
@@ -193,7 +205,7 @@ pub fn bench(args: Args) -> anyhow::Result<()> {
     let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
     println!("\ntuned / hand-written ({} vs {}):", tuned.name, hand.name);
     println!(
-        "  critical path (measured) {:.2}, TTFT {}, total {:.2}, quality {} vs {}",
+        "  critical path (measured) {:.2}, TTFT {}, total {:.2}, quality {} (hand-written {})",
         ratio(
             tuned.measured_critical_path_ms,
             hand.measured_critical_path_ms
@@ -206,40 +218,42 @@ pub fn bench(args: Args) -> anyhow::Result<()> {
         tuned.quality.map_or("-".into(), |q| format!("{q:.2}")),
         hand.quality.map_or("-".into(), |q| format!("{q:.2}")),
     );
-    // What the judge could tell: wins and losses come only from pairs whose two orders
-    // agreed; the rest are position-bias ties.
-    for c in [tuned, hand] {
-        if let Some(j) = &c.judged {
-            println!(
-                "  judge on {}: {} pairs, orders agreed {:.2} [{:.2}, {:.2}], win {:.2} tie {:.2} loss {:.2}, win+tie/2 over agreed pairs {:.2}",
-                c.name,
-                j.judged,
-                j.consistent.value,
-                j.consistent.low,
-                j.consistent.high,
-                j.win.value,
-                j.tie.value,
-                j.loss.value,
-                j.consistent_score.value
-            );
-        }
-    }
-    for c in [tuned, hand] {
-        let interval = |i: Option<crate::eval::stats::Interval>| {
-            i.map_or("-".into(), |i| {
-                format!("{:.2} [{:.2}, {:.2}]", i.value, i.low, i.high)
-            })
-        };
+    let interval = crate::tune::report::interval;
+    // The hand-written pipeline is eval's baseline here: every figure is tuned against it.
+    if let Some(r) = &tuned.rated {
         println!(
-            "  {}: weighted judged score {}, rated higher + ties/2 {}",
-            c.name,
-            interval(c.weighted_score),
-            interval(c.rated_score)
+            "  rated against the hand-written answers: higher/tie/lower {}/{}/{} (unrated {}), higher + ties/2 {} (equal judged quality: at least 0.45)",
+            r.higher,
+            r.ties,
+            r.lower,
+            r.unrated,
+            interval(r.score)
+        );
+    }
+    if let (Some(t), Some(h)) = (tuned.mean_rating, hand.mean_rating) {
+        println!(
+            "  mean rating (1-9): tuned {}, hand-written {}",
+            interval(t),
+            interval(h)
+        );
+    }
+    // What the pairwise judge could tell: wins and losses come only from pairs whose two
+    // orders agreed; the rest are position-bias ties.
+    if let Some(j) = &tuned.judged {
+        println!(
+            "  pairwise judge: {} pairs, orders agreed {}, win {:.2} tie {:.2} loss {:.2}, win+tie/2 over agreed pairs {:.2}, probability-weighted {}",
+            j.judged,
+            interval(j.consistent),
+            j.win.value,
+            j.tie.value,
+            j.loss.value,
+            j.consistent_score.value,
+            tuned.weighted_score.map_or("-".into(), interval)
         );
     }
     if let Some(check) = &report.judge_check {
         println!(
-            "  judge check (baseline answer vs a looped copy of it): preferred the real one {} of {} pairs (win+tie/2 {:.2}), rated it higher {} of {}",
+            "  judge check (the hand-written answer vs a looped copy of it): preferred the real one {} of {} pairs (win+tie/2 {:.2}), rated it higher {} of {}",
             check.tally.wins,
             check.summary.judged,
             check.summary.score.value,

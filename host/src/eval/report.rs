@@ -34,7 +34,8 @@ fn opt(v: Option<f64>, digits: usize) -> String {
 /// one (the judge method a small judge passes its check with), else the judged win + tie/2,
 /// else the share of answers that are not degenerate.
 pub fn quality(s: &VariantSummary) -> (f64, f64, f64) {
-    if let Some(r) = &s.rated {
+    // A judge whose engine gave no rating falls through to its verdicts.
+    if let Some(r) = s.rated.as_ref().filter(|r| r.higher + r.ties + r.lower > 0) {
         return (r.score.value, r.score.low, r.score.high);
     }
     match &s.judged {

@@ -100,8 +100,11 @@ pub enum EvalError {
 /// What to evaluate.
 #[derive(Clone, Debug)]
 pub struct EvalOptions {
-    /// The layered run of this pipeline is the baseline every variant is compared with.
+    /// This pipeline, run in `baseline_mode`, is the baseline every variant is compared with.
     pub baseline: Pipeline,
+    /// `Layered` for `staircase eval` (the reference answer); `tune` compares with the
+    /// hand-written pipeline as it runs.
+    pub baseline_mode: StreamMode,
     /// Evaluated besides the baseline and the single model, which always run.
     pub variants: Vec<Variant>,
     pub prompts: Vec<String>,
@@ -436,13 +439,13 @@ pub async fn run_judged_by(
     judge_engine: &dyn Engine,
     options: &EvalOptions,
 ) -> Result<EvalReport, EvalError> {
-    let baseline = Variant::pipeline(options.baseline.clone(), StreamMode::Layered, None);
+    let baseline = Variant::pipeline(options.baseline.clone(), options.baseline_mode, None);
     let single = Variant::single();
     let mut noise = None;
     if options.noise_floor {
         let mut pipeline = options.baseline.clone();
         pipeline.offset_seeds(NOISE_SEED_OFFSET);
-        let mut variant = Variant::pipeline(pipeline, StreamMode::Layered, None);
+        let mut variant = Variant::pipeline(pipeline, options.baseline_mode, None);
         variant.name = format!("{} (seeds +{NOISE_SEED_OFFSET})", baseline.name);
         noise = Some(variant);
     }

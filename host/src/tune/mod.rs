@@ -7,8 +7,9 @@
 //! `search` is a beam search on the model, `adaptive` chooses among a file's declared
 //! variants per request, `report` prints and draws. [`tune`] ties them together: measure,
 //! search, run the shortlist for real (measured critical path against the prediction), score
-//! it with `staircase eval`, and write the choice as a pipeline file whose `[[variants]]` are
-//! the faster runners-up. Like `eval`, this room works through public APIs (the runner, the
+//! it with `staircase eval` against the hand-written pipeline (and, on held-out prompts, the
+//! chosen one again), and write the choice as a pipeline file whose `[[variants]]` are the
+//! faster runners-up. Like `eval`, this room works through public APIs (the runner, the
 //! engine trait, the eval runner); printing and files are the CLI's.
 
 pub mod adaptive;
@@ -28,6 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::{Engine, EngineError};
 use crate::eval::{self, EvalOptions, Variant};
+use crate::pipeline::report::NodeReport;
 use crate::pipeline::stream::ChunkSchedule;
 use crate::pipeline::{Pipeline, RunError, RunReport, RunRequest, Runner};
 use crate::policy::StreamMode;
@@ -120,6 +122,9 @@ pub struct TuneOptions {
     /// Prompts each shortlisted variant runs on, for its measured critical path.
     pub check_prompts: Vec<String>,
     pub eval: Option<EvalSample>,
+    /// Prompts the choice never saw: the chosen variant and the hand-written pipeline are
+    /// scored again on them, since the best of several noisy scores overstates the winner.
+    pub holdout: Option<EvalSample>,
     /// Name of the written pipeline.
     pub name: String,
     /// Output tokens of every proposer and refiner; `None` keeps the file's.
@@ -144,8 +149,8 @@ pub struct Checked {
     pub total_ms: f64,
     /// Predicted over measured critical path.
     pub prediction_ratio: f64,
-    /// `eval`'s quality figure (judged win + tie/2 vs the layered base, else the share of
-    /// answers not degenerate).
+    /// `eval`'s quality figure against the hand-written pipeline as it runs (rated higher
+    /// + ties/2, else judged win + tie/2, else the share of answers not degenerate).
     pub quality: Option<f64>,
     pub degenerate: Option<usize>,
     /// The judge's figures behind `quality` (how often its two orders agreed), as `eval`
@@ -153,8 +158,10 @@ pub struct Checked {
     pub judged: Option<eval::stats::TallySummary>,
     /// The judge's probability-weighted win + tie/2, where its engine reports them.
     pub weighted_score: Option<eval::stats::Interval>,
-    /// Pointwise ratings against the baseline's: higher + ties/2.
-    pub rated_score: Option<eval::stats::Interval>,
+    /// Pointwise ratings against the hand-written pipeline's, prompt by prompt.
+    pub rated: Option<eval::runner::RatedSummary>,
+    /// The judge's mean rating (1-9) of the variant's answers.
+    pub mean_rating: Option<eval::stats::Interval>,
     #[serde(skip)]
     pub genome: Option<Genome>,
 }
@@ -180,8 +187,19 @@ pub struct TuneReport {
     /// `eval`'s check of the judge (the baseline's answer against a looped copy of it):
     /// a judge that fails it cannot rank the variants either.
     pub judge_check: Option<eval::runner::JudgeCheck>,
+    /// The chosen variant against the hand-written pipeline on the held-out prompts.
+    pub holdout: Option<Holdout>,
     /// The chosen variant as a pipeline file.
     pub file: String,
+}
+
+/// `eval` of the chosen variant against the hand-written pipeline on held-out prompts.
+#[derive(Clone, Debug, Serialize)]
+pub struct Holdout {
+    pub prompts: usize,
+    pub tuned: eval::runner::VariantSummary,
+    pub hand_written: eval::runner::VariantSummary,
+    pub judge_check: Option<eval::runner::JudgeCheck>,
 }
 
 /// A point of the predicted Pareto front.
@@ -317,14 +335,14 @@ fn sharing(base: &Pipeline, model: &str) -> usize {
 const STOPPED_EARLY: f64 = 0.95;
 
 impl Calibration {
-    /// From the runs of `base` (its `reports`), against the probed `table`.
-    pub fn of(base: &Pipeline, reports: &[RunReport], table: &LatencyTable) -> Self {
+    /// From the runs of `base` (each run's node reports), against the probed `table`.
+    pub fn of(base: &Pipeline, runs: &[&[NodeReport]], table: &LatencyTable) -> Self {
         let mut calibration = Self::default();
         let mut rates: BTreeMap<String, Vec<f64>> = BTreeMap::new();
         for (i, node) in base.nodes.iter().enumerate() {
-            let ran: Vec<&crate::pipeline::report::NodeReport> = reports
+            let ran: Vec<&NodeReport> = runs
                 .iter()
-                .filter_map(|r| r.nodes.get(i))
+                .filter_map(|nodes| nodes.get(i))
                 .filter(|n| n.finished_ms.is_some() && !n.cancelled)
                 .collect();
             let tokens: Vec<f64> = ran.iter().map(|n| f64::from(n.output_tokens)).collect();
@@ -453,7 +471,8 @@ pub async fn tune(
     // The probes alone under-predict a real run (0.2-0.7x on a busy host): the run's own
     // per-model decode latencies and node lengths replace them, for the search and for
     // every prediction below.
-    let measured = Calibration::of(&base, &base_reports, &probed);
+    let base_nodes: Vec<&[NodeReport]> = base_reports.iter().map(|r| r.nodes.as_slice()).collect();
+    let measured = Calibration::of(&base, &base_nodes, &probed);
     let table = measured.table(&base, &probed);
     let base = measured.lengths(base);
     let (space, base_genome) = Space::of(&base, options.models.clone(), &options.schedules)?;
@@ -493,19 +512,18 @@ pub async fn tune(
         candidates.push((Some(g.clone()), pipeline));
     }
     for (genome, pipeline) in &candidates {
-        // A shared host drifts between the probes and a variant's run: each variant is
-        // predicted at its models' solo latency measured again just before it runs.
-        let now = match genome {
-            None => table.clone(),
-            Some(_) => refreshed(runner, &table, &probed, pipeline).await?,
-        };
-        let (measured, ttft, total) = match genome {
-            None => base_run,
+        // A shared host drifts between the first probes and a variant's runs: each variant
+        // is predicted at its models' solo latency probed again just before and just after
+        // its runs (the mean of the two brackets what the host did meanwhile).
+        let (now, (measured, ttft, total)) = match genome {
+            None => (table.clone(), base_run),
             Some(_) => {
-                measure_runs(runner, pipeline, &options.check_prompts)
+                let before = probe_models(runner, pipeline).await?;
+                let (figures, _) = measure_runs(runner, pipeline, &options.check_prompts)
                     .await
-                    .map_err(run_error(pipeline))?
-                    .0
+                    .map_err(run_error(pipeline))?;
+                let after = probe_models(runner, pipeline).await?;
+                (rescaled(&table, &probed, &[before, after]), figures)
             }
         };
         let prediction = predict(pipeline, StreamMode::Staircase, prompt_tokens, &now);
@@ -534,41 +552,38 @@ pub async fn tune(
             degenerate: None,
             judged: None,
             weighted_score: None,
-            rated_score: None,
+            rated: None,
+            mean_rating: None,
             genome: genome.clone(),
         });
     }
 
     let mut judge_check = None;
     if let Some(sample) = &options.eval {
-        let variants = candidates
+        let tuned = candidates
             .iter()
-            .map(|(_, p)| {
-                let mut v = Variant::pipeline(p.clone(), StreamMode::Staircase, None);
-                v.name.clone_from(&p.name);
-                v
-            })
-            .collect();
-        let eval_options = EvalOptions {
-            baseline: base.clone(),
-            variants,
-            prompts: sample.prompts.clone(),
-            proposer_tokens: None,
-            answer_tokens: sample.answer_tokens,
-            judge: sample.judge,
-            noise_floor: false,
-        };
-        let report = eval::runner::run(runner, judge_engine, &eval_options)
-            .await
-            .map_err(|e| TuneError::Eval(Box::new(e)))?;
+            .filter(|(genome, _)| genome.is_some())
+            .map(|(_, p)| p);
+        let report = against_hand_written(runner, judge_engine, &base, tuned, sample).await?;
         judge_check.clone_from(&report.judge_check);
         for c in &mut checked {
-            if let Some(s) = report.summaries.iter().find(|s| s.variant == c.name) {
-                c.quality = Some(eval::report::quality(s).0);
+            let name = if c.hand_written {
+                &report.baseline
+            } else {
+                &c.name
+            };
+            if let Some(s) = report.summaries.iter().find(|s| &s.variant == name) {
+                // Against itself the baseline scores one half, the mark of equal quality.
+                c.quality = Some(if c.hand_written && sample.judge {
+                    0.5
+                } else {
+                    eval::report::quality(s).0
+                });
+                c.mean_rating = s.mean_rating;
                 c.degenerate = Some(s.degenerate);
                 c.judged.clone_from(&s.judged);
                 c.weighted_score = s.weighted_score;
-                c.rated_score = s.rated.as_ref().map(|r| r.score);
+                c.rated.clone_from(&s.rated);
             }
         }
     }
@@ -600,6 +615,26 @@ pub async fn tune(
             false,
         ),
     };
+    let holdout = match (&options.holdout, chosen.hand_written) {
+        (Some(sample), false) => {
+            let pipeline = candidates
+                .iter()
+                .map(|(_, p)| p)
+                .filter(|p| p.name == chosen.name);
+            let report =
+                against_hand_written(runner, judge_engine, &base, pipeline, sample).await?;
+            let summary = |name: &str| report.summaries.iter().find(|s| s.variant == name);
+            summary(&chosen.name)
+                .zip(summary(&report.baseline))
+                .map(|(tuned, hand_written)| Holdout {
+                    prompts: sample.prompts.len(),
+                    tuned: tuned.clone(),
+                    hand_written: hand_written.clone(),
+                    judge_check: report.judge_check.clone(),
+                })
+        }
+        _ => None,
+    };
     let file = written_file(&space, chosen, &tuned, options);
     Ok(TuneReport {
         base: base.name.clone(),
@@ -623,18 +658,46 @@ pub async fn tune(
         met_budget,
         judge_check,
         checked,
+        holdout,
         file,
     })
 }
 
-/// `table` with the solo latencies of `pipeline`'s models measured again, each model's
-/// figures scaled by how much its solo decode and prefill moved since `probed`.
-async fn refreshed(
+/// `eval` of `tuned` against `base`, the hand-written pipeline as it runs (the baseline).
+async fn against_hand_written(
     runner: &Runner,
-    table: &LatencyTable,
-    probed: &LatencyTable,
+    judge_engine: &Arc<dyn Engine>,
+    base: &Pipeline,
+    tuned: impl Iterator<Item = &Pipeline>,
+    sample: &EvalSample,
+) -> Result<eval::EvalReport, TuneError> {
+    let variants = tuned
+        .map(|p| {
+            let mut v = Variant::pipeline(p.clone(), StreamMode::Staircase, None);
+            v.name.clone_from(&p.name);
+            v
+        })
+        .collect();
+    let options = EvalOptions {
+        baseline: base.clone(),
+        baseline_mode: StreamMode::Staircase,
+        variants,
+        prompts: sample.prompts.clone(),
+        proposer_tokens: None,
+        answer_tokens: sample.answer_tokens,
+        judge: sample.judge,
+        noise_floor: false,
+    };
+    eval::runner::run(runner, judge_engine, &options)
+        .await
+        .map_err(|e| TuneError::Eval(Box::new(e)))
+}
+
+/// The solo latencies of `pipeline`'s models, probed now.
+async fn probe_models(
+    runner: &Runner,
     pipeline: &Pipeline,
-) -> Result<LatencyTable, TuneError> {
+) -> Result<Vec<(String, ModelLatency)>, TuneError> {
     let mut models: Vec<&str> = pipeline
         .nodes
         .iter()
@@ -642,33 +705,59 @@ async fn refreshed(
         .collect();
     models.sort_unstable();
     models.dedup();
-    let mut out = table.clone();
+    let mut out = Vec::new();
     for model in models {
         let Some(engine) = runner.models().get(model) else {
             continue;
         };
-        let fresh = probe::measure(engine.as_ref(), PROBE_TOKENS, 1)
+        let latency = probe::measure(engine.as_ref(), PROBE_TOKENS, 1)
             .await
             .map_err(|source| TuneError::Probe {
                 model: model.to_string(),
                 source,
             })?;
-        let (was, mut latency) = (probed.of(model), table.of(model));
-        let ratio = |now: Duration, then: Duration| {
-            if then.is_zero() {
-                1.0
-            } else {
-                (now.as_secs_f64() / then.as_secs_f64()).clamp(MIN_CALIBRATION, MAX_CALIBRATION)
-            }
-        };
-        let decode = ratio(fresh.solo.decode_per_token, was.solo.decode_per_token);
-        let prefill = ratio(fresh.solo.prefill_per_token, was.solo.prefill_per_token);
+        out.push((model.to_string(), latency));
+    }
+    Ok(out)
+}
+
+/// `table` with each model's figures scaled by how much its solo decode and prefill moved
+/// since `probed`: the mean ratio over the probe rounds `now`.
+fn rescaled(
+    table: &LatencyTable,
+    probed: &LatencyTable,
+    now: &[Vec<(String, ModelLatency)>],
+) -> LatencyTable {
+    let ratio = |now: Duration, then: Duration| {
+        if then.is_zero() {
+            1.0
+        } else {
+            (now.as_secs_f64() / then.as_secs_f64()).clamp(MIN_CALIBRATION, MAX_CALIBRATION)
+        }
+    };
+    let mut ratios: BTreeMap<&str, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
+    for (model, fresh) in now.iter().flatten() {
+        let was = probed.of(model);
+        let entry = ratios.entry(model).or_default();
+        entry.0.push(ratio(
+            fresh.solo.decode_per_token,
+            was.solo.decode_per_token,
+        ));
+        entry.1.push(ratio(
+            fresh.solo.prefill_per_token,
+            was.solo.prefill_per_token,
+        ));
+    }
+    let mut out = table.clone();
+    for (model, (decode, prefill)) in ratios {
+        let (decode, prefill) = (mean(&decode), mean(&prefill));
+        let mut latency = table.of(model);
         latency.solo.decode_per_token = latency.solo.decode_per_token.mul_f64(decode);
         latency.per_extra_sequence = latency.per_extra_sequence.mul_f64(decode);
         latency.solo.prefill_per_token = latency.solo.prefill_per_token.mul_f64(prefill);
         out = out.with(model, latency);
     }
-    Ok(out)
+    out
 }
 
 /// The shortlist: front variants that meet the budget, best prior first (else the fastest).

@@ -4,11 +4,69 @@
 
 use std::fmt::Write;
 
-use super::TuneReport;
+use super::{Holdout, TuneReport};
+use crate::eval::stats::Interval;
 use crate::trace::svg::{escape, x_tick_labels};
 
 fn opt(v: Option<f64>, digits: usize) -> String {
     v.map_or_else(|| "-".to_string(), |v| format!("{v:.digits$}"))
+}
+
+/// `value [low, high]`.
+pub fn interval(i: Interval) -> String {
+    format!("{:.2} [{:.2}, {:.2}]", i.value, i.low, i.high)
+}
+
+impl Holdout {
+    /// The chosen variant against the hand-written pipeline, prompts the choice never saw.
+    fn lines(&self) -> String {
+        let (t, h) = (&self.tuned, &self.hand_written);
+        let mut out = format!(
+            "\nheld out: {} prompts the choice never saw, {} against the hand-written pipeline:\n",
+            self.prompts, t.variant
+        );
+        let _ = writeln!(
+            out,
+            "  TTFT / hand-written {}, degenerate {} vs {}",
+            opt(t.ttft_over_layered, 2),
+            t.degenerate,
+            h.degenerate
+        );
+        if let Some(r) = &t.rated {
+            let _ = writeln!(
+                out,
+                "  rated higher/tie/lower {}/{}/{} (unrated {}): higher + ties/2 {}",
+                r.higher,
+                r.ties,
+                r.lower,
+                r.unrated,
+                interval(r.score)
+            );
+        }
+        if let (Some(mt), Some(mh)) = (t.mean_rating, h.mean_rating) {
+            let _ = writeln!(
+                out,
+                "  mean rating (1-9) {} vs {}",
+                interval(mt),
+                interval(mh)
+            );
+        }
+        if let Some(w) = t.weighted_score {
+            let _ = writeln!(
+                out,
+                "  pairwise judge, probability-weighted {}",
+                interval(w)
+            );
+        }
+        if let Some(c) = &self.judge_check {
+            let _ = writeln!(
+                out,
+                "  judge check: the hand-written answer rated above a looped copy of it {} of {}, preferred in pairs {} of {}",
+                c.rated_higher, c.rated, c.tally.wins, c.summary.judged
+            );
+        }
+        out
+    }
 }
 
 impl TuneReport {
@@ -102,6 +160,12 @@ impl TuneReport {
                 c.description
             );
         }
+        if self.checked.iter().any(|c| c.quality.is_some()) {
+            let _ = writeln!(
+                out,
+                "quality: against the hand-written pipeline's answers (its own 0.50): rated higher + ties/2, else judged win + tie/2, else the share not degenerate"
+            );
+        }
         if let Some((low, high)) = self.prediction_range() {
             let tolerance = super::PREDICTION_TOLERANCE;
             let _ = writeln!(
@@ -114,6 +178,9 @@ impl TuneReport {
                 },
                 1.0 / tolerance
             );
+        }
+        if let Some(h) = &self.holdout {
+            out.push_str(&h.lines());
         }
         let _ = writeln!(
             out,

@@ -200,13 +200,18 @@ fn simulated(decode_ms: f64, prefill_ms: f64) -> Arc<dyn Engine> {
 /// ratio on the simulated backend (the model ignores the plugin's exact step boundaries).
 const PREDICTION_TOLERANCE: (f64, f64) = (0.75, 1.33);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn predicted_critical_paths_of_the_shortlist_match_simulated_runs() {
+/// A runner with the two simulated models `slow` (also the default) and `fast`.
+fn simulated_runner() -> (Runner, Arc<dyn Engine>) {
     let slow = simulated(8.0, 0.2);
     let mut models = Models::with_default(slow.clone());
     models.insert("slow".into(), slow.clone());
     models.insert("fast".into(), simulated(3.0, 0.1));
-    let runner = Runner::new(models, registry());
+    (Runner::new(models, registry()), slow)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn predicted_critical_paths_of_the_shortlist_match_simulated_runs() {
+    let (runner, slow) = simulated_runner();
     let base = Pipeline::parse(BASE, "base.toml").unwrap();
     let options = TuneOptions {
         budget: Duration::from_millis(1200),
@@ -217,6 +222,7 @@ async fn predicted_critical_paths_of_the_shortlist_match_simulated_runs() {
         shortlist: 3,
         check_prompts: vec!["Why is the sky blue?".into()],
         eval: None,
+        holdout: None,
         name: "base-tuned".into(),
         proposer_tokens: None,
         answer_tokens: None,
@@ -241,6 +247,58 @@ async fn predicted_critical_paths_of_the_shortlist_match_simulated_runs() {
         written.adaptive.latency_budget,
         Some(Duration::from_millis(1200))
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn variants_are_scored_against_the_hand_written_one_and_the_choice_on_held_out_prompts() {
+    let (runner, slow) = simulated_runner();
+    let base = Pipeline::parse(BASE, "base.toml").unwrap();
+    let sample = |prompt: &str| EvalSample {
+        prompts: vec![prompt.into()],
+        answer_tokens: 16,
+        judge: true,
+    };
+    let options = TuneOptions {
+        budget: Duration::from_millis(1200),
+        models: vec!["fast".into()],
+        schedules: vec![ChunkSchedule::new(vec![16, 32]).unwrap()],
+        prior: Prior::default(),
+        width: 4,
+        shortlist: 2,
+        check_prompts: vec!["Why is the sky blue?".into()],
+        eval: Some(sample("Why is the sky blue?")),
+        holdout: Some(sample("Why do cats purr?")),
+        name: "base-tuned".into(),
+        proposer_tokens: Some(16),
+        answer_tokens: Some(16),
+    };
+    let report = tune(&runner, &slow, &base, &options).await.unwrap();
+    let table = report.table();
+    // Every shortlisted variant found its figures in `eval`'s report (looked up by name);
+    // the hand-written one is the baseline, equal to itself.
+    for c in &report.checked {
+        assert!(
+            c.degenerate.is_some(),
+            "{}: no eval figures\n{table}",
+            c.name
+        );
+        if c.hand_written {
+            assert_eq!(c.quality, Some(0.5), "{table}");
+        } else {
+            assert!(
+                c.rated.is_some(),
+                "{}: not rated against the baseline",
+                c.name
+            );
+        }
+    }
+    let holdout = report.holdout.as_ref().expect("held-out figures");
+    assert_eq!(holdout.prompts, 1);
+    assert_eq!(holdout.tuned.variant, report.chosen);
+    assert_eq!(holdout.tuned.answers, 1);
+    assert_eq!(holdout.hand_written.variant, "base/staircase");
+    assert!(holdout.tuned.ttft_over_layered.is_some(), "{table}");
+    assert!(table.contains("held out: 1 prompts"), "{table}");
 }
 
 const ADAPTIVE: &str = r#"
@@ -302,4 +360,89 @@ fn no_variant_meeting_the_budget_runs_the_fastest_and_says_so() {
     );
     assert_eq!(chosen.nodes.len(), 1);
     assert_eq!(chosen.name, "adaptive");
+}
+
+#[test]
+fn calibration_takes_the_runs_sharing_cost_and_the_lengths_of_nodes_that_stopped_early() {
+    let base = Pipeline::parse(BASE, "base.toml").unwrap();
+    let probed = LatencyTable::uniform(latency(10.0, 1.0)).with(
+        "slow",
+        ModelLatency {
+            solo: latency(10.0, 1.0).solo,
+            per_extra_sequence: Duration::from_millis(5),
+        },
+    );
+    let node = |id: &str, tokens: u32, per_token_ms: u64, cancelled: bool| NodeReport {
+        id: id.into(),
+        first_token_ms: Some(Duration::from_millis(100)),
+        finished_ms: Some(Duration::from_millis(
+            100 + per_token_ms * u64::from(tokens - 1),
+        )),
+        output_tokens: tokens,
+        cancelled,
+        ..NodeReport::default()
+    };
+    // The aggregator's steps (it has inputs) and a cancelled proposer must not count.
+    let first = [
+        node("analyst", 64, 30, false),
+        node("critic", 20, 30, false),
+        node("aggregator", 64, 12, false),
+    ];
+    let second = [
+        node("analyst", 5, 90, true),
+        node("critic", 20, 30, false),
+        node("aggregator", 64, 12, false),
+    ];
+    let calibration = Calibration::of(&base, &[&first, &second], &probed);
+    // `slow` decodes the two proposers and their staircase consumer at once: 30 ms a token
+    // over the probed 10 ms alone is two other sequences at 10 ms each, twice the probes' 5.
+    assert_eq!(sharing(&base, "slow"), 3);
+    assert!(
+        (calibration.decode_scale["slow"] - 2.0).abs() < 1e-9,
+        "{:?}",
+        calibration.decode_scale
+    );
+    assert_eq!(calibration.lengths, [("critic".to_string(), 20)].into());
+    let table = calibration.table(&base, &probed);
+    let extra_ms = table.of("slow").per_extra_sequence.as_secs_f64() * 1e3;
+    assert!((extra_ms - 10.0).abs() < 1e-6, "{extra_ms}");
+    assert_eq!(
+        table.of("slow").solo.decode_per_token,
+        Duration::from_millis(10)
+    );
+    let expected = calibration.lengths(base);
+    let tokens: Vec<u32> = expected
+        .nodes
+        .iter()
+        .map(crate::pipeline::critical::expected_tokens)
+        .collect();
+    assert_eq!(tokens, [64, 20, 64]);
+}
+
+#[test]
+fn a_variant_is_predicted_at_the_mean_drift_of_the_probes_around_its_runs() {
+    let probed = LatencyTable::uniform(latency(10.0, 1.0)).with(
+        "slow",
+        ModelLatency {
+            solo: latency(10.0, 1.0).solo,
+            per_extra_sequence: Duration::from_millis(4),
+        },
+    );
+    // The host slowed down by half before the runs and to 2.5x after them: 2x on average.
+    let before = vec![("slow".to_string(), latency(15.0, 1.0))];
+    let after = vec![("slow".to_string(), latency(25.0, 3.0))];
+    let table = rescaled(&probed, &probed, &[before, after]);
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let slow = table.of("slow");
+    assert!(
+        (ms(slow.solo.decode_per_token) - 20.0).abs() < 1e-6,
+        "{slow:?}"
+    );
+    assert!((ms(slow.per_extra_sequence) - 8.0).abs() < 1e-6, "{slow:?}");
+    assert!(
+        (ms(slow.solo.prefill_per_token) - 2.0).abs() < 1e-6,
+        "{slow:?}"
+    );
+    // A model no probe saw keeps its figures.
+    assert_eq!(table.of("fast"), probed.of("fast"));
 }
