@@ -19,9 +19,10 @@ pub struct Args {
     /// The pipeline to tune (file or built-in name).
     #[arg(default_value = crate::pipeline::DEFAULT_PIPELINE)]
     pipeline: String,
-    /// The critical path the answer should fit in, ms (default: the file's `[tune]` table).
-    #[arg(long, value_name = "MS")]
-    latency_budget: Option<u64>,
+    /// The critical path the answer should fit in: ms, or a share of the hand-written
+    /// pipeline's as measured in the run, like `70%` (default: the file's `[tune]` table).
+    #[arg(long, value_name = "MS|P%")]
+    latency_budget: Option<tune::Budget>,
     /// Models to place on nodes (names of the models table); repeatable. Default: the
     /// `[tune]` table's, else the file's.
     #[arg(long = "models", value_name = "NAME")]
@@ -92,8 +93,12 @@ pub(crate) fn execute(args: &Args) -> anyhow::Result<TuneReport> {
     let table = TuneTable::of(&base)?;
     let budget = args
         .latency_budget
-        .or(table.latency_budget_ms)
-        .context("give --latency-budget MS (or latency_budget_ms in the file's [tune] table)")?;
+        .or(table
+            .latency_budget_ms
+            .map(|ms| tune::Budget::Fixed(Duration::from_millis(ms))))
+        .context(
+            "give --latency-budget MS or P% (or latency_budget_ms in the file's [tune] table)",
+        )?;
     let mut schedules = Vec::new();
     for sizes in table.schedules.clone().unwrap_or_default() {
         schedules.push(crate::pipeline::stream::ChunkSchedule::new(sizes)?);
@@ -130,7 +135,7 @@ pub(crate) fn execute(args: &Args) -> anyhow::Result<TuneReport> {
         .clone()
         .unwrap_or_else(|| format!("{}-tuned", base.name));
     let options = TuneOptions {
-        budget: Duration::from_millis(budget),
+        budget,
         models: if args.models.is_empty() {
             table.models.clone().unwrap_or_default()
         } else {

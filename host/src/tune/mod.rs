@@ -109,10 +109,47 @@ pub struct EvalSample {
     pub judge: bool,
 }
 
+/// The critical path a tuned variant should fit in.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Budget {
+    Fixed(Duration),
+    /// This share of the hand-written pipeline's critical path as measured in the run
+    /// (a budget that means the same on a quiet host and a busy one).
+    OfHandWritten(f64),
+}
+
+impl Budget {
+    fn resolve(self, hand_written_ms: f64) -> Duration {
+        match self {
+            Self::Fixed(d) => d,
+            Self::OfHandWritten(share) => Duration::from_secs_f64(hand_written_ms * share / 1e3),
+        }
+    }
+}
+
+impl std::str::FromStr for Budget {
+    type Err = String;
+
+    /// `MS`, or `P%` of the hand-written pipeline's measured critical path.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        match s.strip_suffix('%') {
+            Some(percent) => match percent.trim().parse::<f64>() {
+                Ok(p) if p > 0.0 && p.is_finite() => Ok(Self::OfHandWritten(p / 100.0)),
+                _ => Err(format!("`{s}` is not a positive percentage")),
+            },
+            None => s
+                .parse::<u64>()
+                .map(|ms| Self::Fixed(Duration::from_millis(ms)))
+                .map_err(|_| format!("`{s}` is neither milliseconds nor a percentage like 70%")),
+        }
+    }
+}
+
 /// What to tune.
 #[derive(Clone, Debug)]
 pub struct TuneOptions {
-    pub budget: Duration,
+    pub budget: Budget,
     /// Models to place on nodes; empty: the base file's.
     pub models: Vec<String>,
     pub schedules: Vec<ChunkSchedule>,
@@ -483,7 +520,8 @@ pub async fn tune(
     } else {
         1.0
     };
-    let search_budget = options.budget.div_f64(calibration);
+    let budget = options.budget.resolve(base_run.0);
+    let search_budget = budget.div_f64(calibration);
     let search_options = SearchOptions {
         budget: search_budget,
         width: options.width,
@@ -588,7 +626,7 @@ pub async fn tune(
         }
     }
 
-    let budget_ms = millis(options.budget);
+    let budget_ms = millis(budget);
     let tuned: Vec<&Checked> = checked.iter().filter(|c| !c.hand_written).collect();
     let meets = |c: &&Checked| c.measured_critical_path_ms <= budget_ms;
     let by_quality = |a: &&&Checked, b: &&&Checked| {
@@ -635,7 +673,7 @@ pub async fn tune(
         }
         _ => None,
     };
-    let file = written_file(&space, chosen, &tuned, options);
+    let file = written_file(&space, chosen, &tuned, budget, &options.name);
     Ok(TuneReport {
         base: base.name.clone(),
         budget_ms,
@@ -786,15 +824,16 @@ fn written_file(
     space: &Space,
     chosen: &Checked,
     tuned: &[&Checked],
-    options: &TuneOptions,
+    budget: Duration,
+    name: &str,
 ) -> String {
     let Some(genome) = &chosen.genome else {
         return String::new();
     };
-    let mut file = space.toml(genome, &options.name);
+    let mut file = space.toml(genome, name);
     file.insert(
         "latency_budget_ms".into(),
-        toml::Value::Integer(i64::try_from(options.budget.as_millis()).unwrap_or(i64::MAX)),
+        toml::Value::Integer(i64::try_from(budget.as_millis()).unwrap_or(i64::MAX)),
     );
     if let Some(q) = chosen.quality {
         file.insert("quality".into(), toml::Value::Float(q));
@@ -826,7 +865,7 @@ fn written_file(
     let mut header = format!(
         "# Written by `staircase tune {}` for a latency budget of {} ms: {}.\n",
         space.base,
-        options.budget.as_millis(),
+        budget.as_millis(),
         chosen.description
     );
     if !tables.is_empty() {

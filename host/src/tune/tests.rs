@@ -214,7 +214,7 @@ async fn predicted_critical_paths_of_the_shortlist_match_simulated_runs() {
     let (runner, slow) = simulated_runner();
     let base = Pipeline::parse(BASE, "base.toml").unwrap();
     let options = TuneOptions {
-        budget: Duration::from_millis(1200),
+        budget: Budget::Fixed(Duration::from_millis(1200)),
         models: vec!["fast".into()],
         schedules: vec![ChunkSchedule::new(vec![16, 32]).unwrap()],
         prior: Prior::default(),
@@ -259,7 +259,7 @@ async fn variants_are_scored_against_the_hand_written_one_and_the_choice_on_held
         judge: true,
     };
     let options = TuneOptions {
-        budget: Duration::from_millis(1200),
+        budget: Budget::Fixed(Duration::from_millis(1200)),
         models: vec!["fast".into()],
         schedules: vec![ChunkSchedule::new(vec![16, 32]).unwrap()],
         prior: Prior::default(),
@@ -445,4 +445,18 @@ fn a_variant_is_predicted_at_the_mean_drift_of_the_probes_around_its_runs() {
     );
     // A model no probe saw keeps its figures.
     assert_eq!(table.of("fast"), probed.of("fast"));
+}
+
+#[test]
+fn a_budget_is_milliseconds_or_a_share_of_the_hand_written_critical_path() {
+    assert_eq!(
+        "4000".parse::<Budget>(),
+        Ok(Budget::Fixed(Duration::from_millis(4000)))
+    );
+    let share: Budget = "70%".parse().unwrap();
+    assert_eq!(share, Budget::OfHandWritten(0.7));
+    assert_eq!(share.resolve(10_000.0), Duration::from_millis(7000));
+    for bad in ["-5%", "0%", "fast", "4 s"] {
+        assert!(bad.parse::<Budget>().is_err(), "{bad}");
+    }
 }
