@@ -209,11 +209,9 @@ fn simulated_runner() -> (Runner, Arc<dyn Engine>) {
     (Runner::new(models, registry()), slow)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn predicted_critical_paths_of_the_shortlist_match_simulated_runs() {
-    let (runner, slow) = simulated_runner();
-    let base = Pipeline::parse(BASE, "base.toml").unwrap();
-    let options = TuneOptions {
+/// Tuning `BASE` on the simulated runner for a budget of 1.2 s, without `eval`.
+fn simulated_options() -> TuneOptions {
+    TuneOptions {
         budget: Budget::Fixed(Duration::from_millis(1200)),
         models: vec!["fast".into()],
         schedules: vec![ChunkSchedule::new(vec![16, 32]).unwrap()],
@@ -226,7 +224,14 @@ async fn predicted_critical_paths_of_the_shortlist_match_simulated_runs() {
         name: "base-tuned".into(),
         proposer_tokens: None,
         answer_tokens: None,
-    };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn predicted_critical_paths_of_the_shortlist_match_simulated_runs() {
+    let (runner, slow) = simulated_runner();
+    let base = Pipeline::parse(BASE, "base.toml").unwrap();
+    let options = simulated_options();
     let report = tune(&runner, &slow, &base, &options).await.unwrap();
     assert!(report.checked.len() >= 2, "{}", report.table());
     for c in &report.checked {
@@ -259,18 +264,12 @@ async fn variants_are_scored_against_the_hand_written_one_and_the_choice_on_held
         judge: true,
     };
     let options = TuneOptions {
-        budget: Budget::Fixed(Duration::from_millis(1200)),
-        models: vec!["fast".into()],
-        schedules: vec![ChunkSchedule::new(vec![16, 32]).unwrap()],
-        prior: Prior::default(),
-        width: 4,
         shortlist: 2,
-        check_prompts: vec!["Why is the sky blue?".into()],
         eval: Some(sample("Why is the sky blue?")),
         holdout: Some(sample("Why do cats purr?")),
-        name: "base-tuned".into(),
         proposer_tokens: Some(16),
         answer_tokens: Some(16),
+        ..simulated_options()
     };
     let report = tune(&runner, &slow, &base, &options).await.unwrap();
     let table = report.table();
