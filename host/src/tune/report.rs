@@ -12,9 +12,10 @@ fn opt(v: Option<f64>, digits: usize) -> String {
     v.map_or_else(|| "-".to_string(), |v| format!("{v:.digits$}"))
 }
 
-/// `value [low, high]`.
+/// `value [low, high]`, with a third digit: 12.5 of 28 is 0.446, not the 0.45 a target
+/// might read into two.
 pub fn interval(i: Interval) -> String {
-    format!("{:.2} [{:.2}, {:.2}]", i.value, i.low, i.high)
+    format!("{:.3} [{:.3}, {:.3}]", i.value, i.low, i.high)
 }
 
 impl Holdout {
