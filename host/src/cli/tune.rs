@@ -223,48 +223,12 @@ pub fn bench(args: Args) -> anyhow::Result<()> {
         tuned.quality.map_or("-".into(), |q| format!("{q:.2}")),
         hand.quality.map_or("-".into(), |q| format!("{q:.2}")),
     );
-    let interval = crate::tune::report::interval;
     // The hand-written pipeline is eval's baseline here: every figure is tuned against it.
-    if let Some(r) = &tuned.rated {
-        println!(
-            "  rated against the hand-written answers: higher/tie/lower {}/{}/{} (unrated {}), higher + ties/2 {} (equal judged quality: at least 0.45)",
-            r.higher,
-            r.ties,
-            r.lower,
-            r.unrated,
-            interval(r.score)
-        );
-    }
-    if let (Some(t), Some(h)) = (tuned.mean_rating, hand.mean_rating) {
-        println!(
-            "  mean rating (1-9): tuned {}, hand-written {}",
-            interval(t),
-            interval(h)
-        );
-    }
-    // What the pairwise judge could tell: wins and losses come only from pairs whose two
-    // orders agreed; the rest are position-bias ties.
-    if let Some(j) = &tuned.judged {
-        println!(
-            "  pairwise judge: {} pairs, orders agreed {}, win {:.2} tie {:.2} loss {:.2}, win+tie/2 over agreed pairs {:.2}, probability-weighted {}",
-            j.judged,
-            interval(j.consistent),
-            j.win.value,
-            j.tie.value,
-            j.loss.value,
-            j.consistent_score.value,
-            tuned.weighted_score.map_or("-".into(), interval)
-        );
+    if let (Some(t), Some(h)) = (&tuned.eval, &hand.eval) {
+        print!("{}", tune::report::versus(t, h));
     }
     if let Some(check) = &report.judge_check {
-        println!(
-            "  judge check (the hand-written answer vs a looped copy of it): preferred the real one {} of {} pairs (win+tie/2 {:.2}), rated it higher {} of {}",
-            check.tally.wins,
-            check.summary.judged,
-            check.summary.score.value,
-            check.rated_higher,
-            check.rated
-        );
+        print!("{}", tune::report::judge_check_line(check));
     }
     if let Some((low, high)) = report.prediction_range() {
         println!(

@@ -15,11 +15,11 @@ use super::spec::{NodeIndex, NodeKind, Pipeline};
 use crate::engine::Confidence;
 use crate::policy::StreamMode;
 use crate::speculate::SpeculationStats;
+use crate::trace::chrome::ChromeTrace;
 use crate::trace::{EventKind, Timeline};
 
 /// The timeline lane of a run's background compressions (after the nodes' lanes).
 pub const COMPRESSION_LANE: &str = "compression";
-use crate::trace::chrome::ChromeTrace;
 
 fn ms_opt<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
     match d {

@@ -189,16 +189,9 @@ pub struct Checked {
     /// `eval`'s quality figure against the hand-written pipeline as it runs (rated higher
     /// + ties/2, else judged win + tie/2, else the share of answers not degenerate).
     pub quality: Option<f64>,
-    pub degenerate: Option<usize>,
-    /// The judge's figures behind `quality` (how often its two orders agreed), as `eval`
-    /// summarised them.
-    pub judged: Option<eval::stats::TallySummary>,
-    /// The judge's probability-weighted win + tie/2, where its engine reports them.
-    pub weighted_score: Option<eval::stats::Interval>,
-    /// Pointwise ratings against the hand-written pipeline's, prompt by prompt.
-    pub rated: Option<eval::runner::RatedSummary>,
-    /// The judge's mean rating (1-9) of the variant's answers.
-    pub mean_rating: Option<eval::stats::Interval>,
+    /// `eval`'s figures behind `quality` (degenerate answers, ratings, the judge's verdicts
+    /// and how often its two orders agreed).
+    pub eval: Option<eval::runner::VariantSummary>,
     #[serde(skip)]
     pub genome: Option<Genome>,
 }
@@ -587,11 +580,7 @@ pub async fn tune(
                 0.0
             },
             quality: None,
-            degenerate: None,
-            judged: None,
-            weighted_score: None,
-            rated: None,
-            mean_rating: None,
+            eval: None,
             genome: genome.clone(),
         });
     }
@@ -617,11 +606,7 @@ pub async fn tune(
                 } else {
                     eval::report::quality(s).0
                 });
-                c.mean_rating = s.mean_rating;
-                c.degenerate = Some(s.degenerate);
-                c.judged.clone_from(&s.judged);
-                c.weighted_score = s.weighted_score;
-                c.rated.clone_from(&s.rated);
+                c.eval = Some(s.clone());
             }
         }
     }

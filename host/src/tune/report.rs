@@ -5,6 +5,7 @@
 use std::fmt::Write;
 
 use super::{Holdout, TuneReport};
+use crate::eval::runner::{JudgeCheck, VariantSummary};
 use crate::eval::stats::Interval;
 use crate::trace::svg::{escape, x_tick_labels};
 
@@ -18,53 +19,71 @@ pub fn interval(i: Interval) -> String {
     format!("{:.3} [{:.3}, {:.3}]", i.value, i.low, i.high)
 }
 
+/// The quality lines of `tuned` against `hand_written`, the baseline of both summaries.
+pub fn versus(tuned: &VariantSummary, hand_written: &VariantSummary) -> String {
+    let (t, h) = (tuned, hand_written);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "  TTFT / hand-written {}, degenerate {} vs {} of {}",
+        opt(t.ttft_over_layered, 2),
+        t.degenerate,
+        h.degenerate,
+        t.answers
+    );
+    if let Some(r) = &t.rated {
+        let _ = writeln!(
+            out,
+            "  rated higher/tie/lower {}/{}/{} (unrated {}): higher + ties/2 {} (equal judged quality: at least 0.45)",
+            r.higher,
+            r.ties,
+            r.lower,
+            r.unrated,
+            interval(r.score)
+        );
+    }
+    if let (Some(mt), Some(mh)) = (t.mean_rating, h.mean_rating) {
+        let _ = writeln!(
+            out,
+            "  mean rating (1-9) {} vs {}",
+            interval(mt),
+            interval(mh)
+        );
+    }
+    // Wins and losses come only from pairs whose two orders agreed; the rest are
+    // position-bias ties.
+    if let Some(j) = &t.judged {
+        let _ = writeln!(
+            out,
+            "  pairwise judge: {} pairs, orders agreed {}, win+tie/2 over agreed pairs {:.3}, probability-weighted {}",
+            j.judged,
+            interval(j.consistent),
+            j.consistent_score.value,
+            t.weighted_score.map_or("-".into(), interval)
+        );
+    }
+    out
+}
+
+/// The judge check's line: how often the judge preferred the hand-written answer to a
+/// looped copy of it.
+pub fn judge_check_line(check: &JudgeCheck) -> String {
+    format!(
+        "  judge check: the hand-written answer rated above a looped copy of it {} of {}, preferred in pairs {} of {}\n",
+        check.rated_higher, check.rated, check.tally.wins, check.summary.judged
+    )
+}
+
 impl Holdout {
     /// The chosen variant against the hand-written pipeline, prompts the choice never saw.
     fn lines(&self) -> String {
-        let (t, h) = (&self.tuned, &self.hand_written);
         let mut out = format!(
             "\nheld out: {} prompts the choice never saw, {} against the hand-written pipeline:\n",
-            self.prompts, t.variant
+            self.prompts, self.tuned.variant
         );
-        let _ = writeln!(
-            out,
-            "  TTFT / hand-written {}, degenerate {} vs {}",
-            opt(t.ttft_over_layered, 2),
-            t.degenerate,
-            h.degenerate
-        );
-        if let Some(r) = &t.rated {
-            let _ = writeln!(
-                out,
-                "  rated higher/tie/lower {}/{}/{} (unrated {}): higher + ties/2 {}",
-                r.higher,
-                r.ties,
-                r.lower,
-                r.unrated,
-                interval(r.score)
-            );
-        }
-        if let (Some(mt), Some(mh)) = (t.mean_rating, h.mean_rating) {
-            let _ = writeln!(
-                out,
-                "  mean rating (1-9) {} vs {}",
-                interval(mt),
-                interval(mh)
-            );
-        }
-        if let Some(w) = t.weighted_score {
-            let _ = writeln!(
-                out,
-                "  pairwise judge, probability-weighted {}",
-                interval(w)
-            );
-        }
-        if let Some(c) = &self.judge_check {
-            let _ = writeln!(
-                out,
-                "  judge check: the hand-written answer rated above a looped copy of it {} of {}, preferred in pairs {} of {}",
-                c.rated_higher, c.rated, c.tally.wins, c.summary.judged
-            );
+        out.push_str(&versus(&self.tuned, &self.hand_written));
+        if let Some(check) = &self.judge_check {
+            out.push_str(&judge_check_line(check));
         }
         out
     }
@@ -152,7 +171,9 @@ impl TuneReport {
                 opt(c.ttft_ms, 0),
                 c.total_ms,
                 opt(c.quality, 2),
-                c.degenerate.map_or("-".into(), |d| d.to_string()),
+                c.eval
+                    .as_ref()
+                    .map_or("-".into(), |s| s.degenerate.to_string()),
                 if c.hand_written {
                     "(hand-written) "
                 } else {
