@@ -266,6 +266,9 @@ async fn the_first_token_does_not_wait_for_a_compression() {
     let used = report.nodes[0].history.clone().unwrap();
     assert_eq!(used.replaced_messages, conversation.len(), "{used:?}");
     assert_eq!(used.compression_seq, Some(finished));
+    // That turn may have started the next compression: it must not outlive the engine
+    // (exiting under it tears the model down beneath it).
+    assert!(runner.history().wait_idle(Duration::from_secs(120)));
 }
 
 #[tokio::test(flavor = "multi_thread")]

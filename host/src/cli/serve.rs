@@ -91,7 +91,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let app = Arc::new(builder.build()?);
     super::runtime()?.block_on(server::serve(
-        app,
+        app.clone(),
         options,
         |addr| {
             println!("listening on http://{addr}");
@@ -100,5 +100,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let _ = tokio::signal::ctrl_c().await;
         },
     ))?;
+    // A conversation's compression runs on a thread of its own, on the engines; exiting under
+    // it would tear the model down beneath it.
+    if !app.runner().history().wait_idle(SHUTDOWN_HISTORY_WAIT) {
+        tracing::warn!("exiting with a conversation compression still running");
+    }
     Ok(())
 }
+
+/// The longest `serve` waits at shutdown for background compressions to finish.
+const SHUTDOWN_HISTORY_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
