@@ -127,22 +127,32 @@ pub fn status_error(status: StatusCode, retry_after: Option<Duration>, body: &st
 impl Attempt<'_> {
     pub async fn run(&self, events: &EventSender) -> Result<Outcome, Failure> {
         let url = format!("{}{}", self.base_url, self.request.path);
-        let mut http = self.client.post(&url).json(&self.request.body);
-        if let Some(key) = self.api_key {
-            http = http.bearer_auth(key);
-        }
         let first_byte = self.timeouts.first_byte;
-        let response = match tokio::time::timeout(first_byte, http.send()).await {
-            Err(_) => return Err(Failure::before(EngineError::Timeout { after: first_byte })),
-            Ok(Err(error)) => {
-                let limit = if error.is_connect() {
-                    self.timeouts.connect
-                } else {
-                    first_byte
-                };
-                return Err(Failure::before(transport_error(&url, &error, limit)));
+        let mut sends = 0;
+        let response = loop {
+            sends += 1;
+            let mut http = self.client.post(&url).json(&self.request.body);
+            if let Some(key) = self.api_key {
+                http = http.bearer_auth(key);
             }
-            Ok(Ok(response)) => response,
+            match tokio::time::timeout(first_byte, http.send()).await {
+                Err(_) => return Err(Failure::before(EngineError::Timeout { after: first_byte })),
+                // A pooled connection the server closed as the request went out (llama.cpp's
+                // HTTP library ends a connection after so many requests) fails before any
+                // response: sent again at once, on a new connection, it is no replica fault.
+                Ok(Err(error)) if !error.is_connect() && !error.is_timeout() && sends == 1 => {
+                    tracing::debug!(%url, %error, "request on a closed pooled connection; sent again");
+                }
+                Ok(Err(error)) => {
+                    let limit = if error.is_connect() {
+                        self.timeouts.connect
+                    } else {
+                        first_byte
+                    };
+                    return Err(Failure::before(transport_error(&url, &error, limit)));
+                }
+                Ok(Ok(response)) => break response,
+            }
         };
         let status = response.status();
         if !status.is_success() {
