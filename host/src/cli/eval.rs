@@ -20,9 +20,13 @@ pub struct Args {
     /// Only the first N prompts.
     #[arg(long, value_name = "N")]
     limit: Option<usize>,
-    /// The pipeline whose layered run is the baseline (file or built-in name).
+    /// The pipeline whose run is the baseline (file or built-in name).
     #[arg(long, default_value = crate::pipeline::DEFAULT_PIPELINE)]
     pipeline: String,
+    /// How the baseline runs: `layered` (the classic MoA), or `staircase` to compare
+    /// variants with the pipeline as it runs by default (as `tune` does).
+    #[arg(long, default_value = "layered", value_name = "MODE")]
+    baseline_mode: StreamMode,
     /// A variant to evaluate besides the baseline and the single model: `PIPELINE:MODE`
     /// or `PIPELINE:staircase:SIZES` (e.g. `moa:staircase:16,32,64`); repeatable.
     /// Default: the pipeline in staircase mode with its own chunk schedule.
@@ -158,11 +162,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ));
     }
     if variants.is_empty() {
-        variants.push(Variant::pipeline(
-            baseline.clone(),
-            StreamMode::Staircase,
-            None,
-        ));
+        // The pipeline the other way than the baseline runs.
+        let other = match args.baseline_mode {
+            StreamMode::Layered => StreamMode::Staircase,
+            StreamMode::Staircase => StreamMode::Layered,
+        };
+        variants.push(Variant::pipeline(baseline.clone(), other, None));
     }
     // The single model always runs; a `single` variant would only repeat it.
     variants.retain(|v| !matches!(v.kind, eval::VariantKind::Single));
@@ -175,7 +180,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let options = EvalOptions {
         baseline,
-        baseline_mode: StreamMode::Layered,
+        baseline_mode: args.baseline_mode,
         variants,
         prompts,
         proposer_tokens: args.proposer_tokens,

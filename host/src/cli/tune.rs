@@ -30,6 +30,10 @@ pub struct Args {
     /// Chunk schedules to try besides the file's (comma separated); repeatable.
     #[arg(long = "schedule", value_name = "SIZES")]
     schedules: Vec<String>,
+    /// Shares of the proposers' and refiners' token caps to try besides the file's, comma
+    /// separated (default: the `[tune]` table's, else 1,0.5,0.25).
+    #[arg(long, value_name = "SHARES", value_delimiter = ',')]
+    proposer_lengths: Vec<f64>,
     /// Variants the beam keeps per round.
     #[arg(long)]
     beam_width: Option<usize>,
@@ -142,6 +146,14 @@ pub(crate) fn execute(args: &Args) -> anyhow::Result<TuneReport> {
             args.models.clone()
         },
         schedules,
+        lengths: if args.proposer_lengths.is_empty() {
+            table
+                .proposer_lengths
+                .clone()
+                .unwrap_or_else(|| tune::space::DEFAULT_LENGTHS.to_vec())
+        } else {
+            args.proposer_lengths.clone()
+        },
         prior: tune::search::Prior {
             model_quality: table.model_quality.clone(),
         },

@@ -3,9 +3,10 @@
 //! The objective is the best quality whose predicted critical path meets the budget (ties:
 //! the shorter path); while nothing meets it, the shortest path. Quality during the search
 //! is a prior (`Prior`: proposers add with diminishing returns, a second layer adds less,
-//! each node weighted by its model's quality, a staircase or a tiny first chunk costs a
-//! little), because a real score needs real runs; `staircase tune` re-scores the shortlist
-//! with `staircase eval`. Every genome the search touched is kept, for the Pareto front.
+//! each node weighted by its model's quality, a staircase, shorter proposers or a tiny first
+//! chunk cost a little), because a real score needs real runs; `staircase tune` re-scores
+//! the shortlist with `staircase eval`. Every genome the search touched is kept, for the
+//! Pareto front and the shortlist.
 //! The search moves one choice at a time from the base pipeline and from the smallest
 //! variant, keeps half its `width` by the objective and half by quality among variants near
 //! the budget, and stops when a round finds nothing better.
@@ -28,6 +29,10 @@ const ALONE_WEIGHT: f64 = 0.6;
 /// A staircase aggregator relative to a layered one (issue 10: about equal once the first
 /// chunk carries meaning).
 const STAIRCASE_WEIGHT: f64 = 0.98;
+/// Each halving of the proposers' token caps (issue 15's eval: 32-token proposers under a
+/// staircase aggregator were rated as high as 128-token ones; complete edges lose more,
+/// but the prior keeps one figure and the shortlist's eval decides).
+const HALF_LENGTH_WEIGHT: f64 = 0.95;
 /// First chunks below this many tokens invite degenerate starts.
 const SMALL_FIRST_CHUNK: u32 = 8;
 const SMALL_FIRST_CHUNK_WEIGHT: f64 = 0.9;
@@ -70,6 +75,7 @@ impl Prior {
             Some(m) => {
                 let mut q =
                     (proposers + REFINER_WEIGHT * decayed(&g.refiners)) * self.weight(space, m);
+                q *= HALF_LENGTH_WEIGHT.powf(-space.lengths[g.length].log2());
                 if g.staircase {
                     q *= STAIRCASE_WEIGHT;
                     if space.schedules[g.schedule].size(0) < SMALL_FIRST_CHUNK {
@@ -118,8 +124,8 @@ pub struct Outcome {
     pub met_budget: bool,
     /// Non-dominated variants (higher prior, shorter path), fastest first.
     pub front: Vec<Scored>,
-    /// Genomes scored on the model.
-    pub evaluated: usize,
+    /// Every genome scored on the model, fastest first.
+    pub scored: Vec<Scored>,
 }
 
 /// Settings of the search.
@@ -182,6 +188,14 @@ pub fn neighbours(space: &Space, g: &Genome) -> Vec<Genome> {
             });
         }
     }
+    for length in 0..space.lengths.len() {
+        if length != g.length {
+            out.push(Genome {
+                length,
+                ..g.clone()
+            });
+        }
+    }
     let mut out: Vec<Genome> = out
         .into_iter()
         .filter(Genome::valid)
@@ -206,6 +220,7 @@ fn smallest(space: &Space, table: &LatencyTable) -> Genome {
         aggregator: None,
         staircase: true,
         schedule: 0,
+        length: 0,
     }
 }
 
@@ -308,7 +323,7 @@ pub fn search(
         met_budget: best.meets(budget),
         best,
         front,
-        evaluated: all.len(),
+        scored: all,
     })
 }
 
@@ -345,15 +360,18 @@ pub fn enumerate(space: &Space) -> Vec<Genome> {
         for &aggregator in &choices {
             for staircase in [false, true] {
                 for schedule in 0..space.schedules.len() {
-                    let g = Genome {
-                        proposers: p[..space.proposers.len()].to_vec(),
-                        refiners: p[space.proposers.len()..].to_vec(),
-                        aggregator,
-                        staircase,
-                        schedule,
-                    };
-                    if g.valid() && g == g.clone().canonical() {
-                        out.push(g);
+                    for length in 0..space.lengths.len() {
+                        let g = Genome {
+                            proposers: p[..space.proposers.len()].to_vec(),
+                            refiners: p[space.proposers.len()..].to_vec(),
+                            aggregator,
+                            staircase,
+                            schedule,
+                            length,
+                        };
+                        if g.valid() && g == g.clone().canonical() {
+                            out.push(g);
+                        }
                     }
                 }
             }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::predict::{LatencyTable, ModelLatency};
 use super::search::{self, Prior, SearchOptions};
-use super::space::Space;
+use super::space::{Genome, Space};
 use super::*;
 use crate::engine::simulated::{SimulatedEngine, SimulatedLatencies};
 use crate::pipeline::Models;
@@ -34,6 +34,7 @@ plugin = "proposer"
 model = "slow"
 max_tokens = 64
 seed = 2
+temperature = 0.7
 config = { role = "a sceptical critic" }
 [[nodes]]
 id = "aggregator"
@@ -58,7 +59,7 @@ fn synthetic() -> (Space, space::Genome, LatencyTable, Prior) {
         ChunkSchedule::new(vec![16, 32]).unwrap(),
         ChunkSchedule::new(vec![2, 8]).unwrap(),
     ];
-    let (space, genome) = Space::of(&base, vec!["fast".into()], &schedules).unwrap();
+    let (space, genome) = Space::of(&base, vec!["fast".into()], &schedules, &[0.5]).unwrap();
     let table = LatencyTable::uniform(latency(20.0, 1.0))
         .with("slow", latency(20.0, 1.0))
         .with("fast", latency(5.0, 0.25));
@@ -123,9 +124,9 @@ fn the_search_finds_the_known_optimum_for_each_budget() {
         );
         // A real search: it scored a fraction of the space.
         assert!(
-            found.evaluated < enumerated,
+            found.scored.len() < enumerated,
             "{} of {enumerated}",
-            found.evaluated
+            found.scored.len()
         );
         // The front is non-dominated, fastest first.
         for pair in found.front.windows(2) {
@@ -165,6 +166,8 @@ fn a_variant_builds_into_a_file_that_parses_back_with_its_variants() {
         toml::Value::Array(vec![toml::Value::Table(small)]),
     );
     let text = toml::to_string(&table).unwrap();
+    // Written as the file said it, not as the f32 widens (0.699999988079071).
+    assert!(text.contains("temperature = 0.7\n"), "{text}");
     let parsed = Pipeline::parse(&text, "tuned.toml").unwrap();
     assert_eq!(parsed.nodes.len(), 3);
     assert_eq!(
@@ -178,6 +181,74 @@ fn a_variant_builds_into_a_file_that_parses_back_with_its_variants() {
     let broken = text.replace("kind = \"agent\"", "kind = \"wizard\"");
     let e = Pipeline::parse(&broken, "tuned.toml").unwrap_err();
     assert!(e.to_string().starts_with("tuned.toml"), "{e}");
+}
+
+#[test]
+fn a_length_share_cuts_every_proposer_cap_and_its_expected_length_but_not_the_answer() {
+    let (mut space, base, _, _) = synthetic();
+    // The critic was measured to stop after 40 tokens of its 64.
+    space.proposers[1].expected_tokens = Some(40);
+    let half = space.lengths.iter().position(|&l| l == 0.5).unwrap();
+    let g = Genome {
+        length: half,
+        ..base.clone()
+    };
+    let pipeline = space.build(&g, "half").unwrap();
+    let node = |id: &str| pipeline.nodes.iter().find(|n| n.id == id).unwrap();
+    assert_eq!(node("analyst").params.max_tokens, Some(32));
+    assert_eq!(node("critic").params.max_tokens, Some(32));
+    assert_eq!(node("critic").expected_tokens, Some(32));
+    assert_eq!(node("aggregator").params.max_tokens, Some(64));
+    assert!(
+        space.describe(&g).contains("analyst@slow:32"),
+        "{}",
+        space.describe(&g)
+    );
+    // The file's own lengths are written as they were.
+    let full = space.build(&base, "full").unwrap();
+    assert_eq!(full.nodes[1].expected_tokens, Some(40));
+    assert!(!space.describe(&base).contains(':'));
+    // A share outside (0, 1] is refused.
+    let file = Pipeline::parse(BASE, "base.toml").unwrap();
+    assert!(matches!(
+        Space::of(&file, Vec::new(), &[], &[1.5]),
+        Err(SpaceError::Length(_))
+    ));
+}
+
+#[test]
+fn the_shortlist_takes_the_best_of_each_shape_that_meets_the_budget() {
+    let (space, base, table, prior) = synthetic();
+    let budget = Duration::from_millis(3_000);
+    let options = SearchOptions {
+        budget,
+        ..SearchOptions::default()
+    };
+    let found = search::search(&space, &base, &prior, &table, &options).unwrap();
+    let picked = shortlist(&found, budget, 4);
+    assert_eq!(picked.len(), 4);
+    assert_eq!(picked[0], found.best.genome);
+    let shapes: std::collections::BTreeSet<_> = picked.iter().map(Genome::shape).collect();
+    assert_eq!(shapes.len(), picked.len(), "one variant per shape");
+    let scored = |g: &Genome| found.scored.iter().find(|s| &s.genome == g).unwrap();
+    for g in &picked {
+        let s = scored(g);
+        assert!(s.prediction.critical_path <= budget);
+        // No variant of the same shape that meets the budget has a better prior.
+        assert!(
+            found
+                .scored
+                .iter()
+                .filter(|o| o.genome.shape() == g.shape() && o.prediction.critical_path <= budget)
+                .all(|o| o.prior <= s.prior),
+            "{}",
+            space.describe(g)
+        );
+    }
+    // Best first.
+    for pair in picked.windows(2) {
+        assert!(scored(&pair[0]).prior >= scored(&pair[1]).prior);
+    }
 }
 
 fn registry() -> Arc<Registry> {
@@ -215,6 +286,7 @@ fn simulated_options() -> TuneOptions {
         budget: Budget::Fixed(Duration::from_millis(1200)),
         models: vec!["fast".into()],
         schedules: vec![ChunkSchedule::new(vec![16, 32]).unwrap()],
+        lengths: vec![0.5],
         prior: Prior::default(),
         width: 4,
         shortlist: 3,
