@@ -804,11 +804,7 @@ fn rescaled(
 fn shortlist(outcome: &Outcome, budget: Duration, k: usize) -> Vec<Genome> {
     let mut best_of_shape: BTreeMap<Shape, &search::Scored> = BTreeMap::new();
     // `scored` is fastest first, so a later variant replaces one only with a better prior.
-    for s in outcome
-        .scored
-        .iter()
-        .filter(|s| s.prediction.critical_path <= budget)
-    {
+    for s in outcome.scored.iter().filter(|s| s.meets(budget)) {
         let best = best_of_shape.entry(s.genome.shape()).or_insert(s);
         if s.prior > best.prior {
             *best = s;

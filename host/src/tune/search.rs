@@ -97,7 +97,7 @@ pub struct Scored {
 }
 
 impl Scored {
-    fn meets(&self, budget: Duration) -> bool {
+    pub fn meets(&self, budget: Duration) -> bool {
         self.prediction.critical_path <= budget
     }
 }
