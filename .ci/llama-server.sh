@@ -5,7 +5,9 @@
 set -euo pipefail
 
 VERSION=0.3.36
-CACHE="${STAIRCASE_CACHE:-$HOME/.cache/staircase}/llama-server/$VERSION"
+# The cache folder: the version and how it is built (`-noamx`: see the flags below).
+CACHE_KEY=0.3.36-noamx
+CACHE="${STAIRCASE_CACHE:-$HOME/.cache/staircase}/llama-server/$CACHE_KEY"
 BIN="$CACHE/bin/llama-server"
 if [ -x "$BIN" ]; then
   echo "$BIN"
@@ -34,6 +36,13 @@ SRC="$WORK/llama_cpp_python-$VERSION/vendor/llama.cpp"
 [ -d "$SRC" ] || tar -xzf "$WORK/$SDIST" -C "$WORK"
 
 JOBS="${LLAMA_SERVER_JOBS:-2}"
+# Native kernels but no AMX: on an AMX-capable Xeon under a hypervisor that does not grant the
+# tile state, ggml's AMX repacking dies with an illegal instruction at the first matmul (the
+# same flags as the host's build, in .cargo/config.toml).
+if [ "$(uname -m)" = x86_64 ]; then
+  export CFLAGS="${CFLAGS:-} -mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+  export CXXFLAGS="${CXXFLAGS:-} -mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+fi
 # Minimal: no curl (models are local files), no tests/examples, native CPU kernels.
 nice -n 15 cmake -S "$SRC" -B "$WORK/build" -DCMAKE_BUILD_TYPE=Release \
   -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF \

@@ -288,11 +288,11 @@ impl Plan<'_> {
         let fix = format!("bash {LLAMA_SERVER_SCRIPT}");
         let version = std::fs::read_to_string(&script).ok().and_then(|text| {
             text.lines()
-                .find_map(|l| l.strip_prefix("VERSION=").map(|v| v.trim().to_string()))
+                .find_map(|l| l.strip_prefix("CACHE_KEY=").map(|v| v.trim().to_string()))
         });
         let Some(version) = version else {
             let steps = Err(format!(
-                "{} is missing or names no VERSION",
+                "{} is missing or names no CACHE_KEY",
                 script.display()
             ));
             self.missing.push(Missing {

@@ -33,8 +33,11 @@ impl Machine {
             "python3",
             "case \"$*\" in *openai*) echo 3.51.0;; *playwright*) echo 1.63.0;; esac",
         );
-        machine.file("root/.ci/llama-server.sh", "VERSION=0.3.36\n");
-        machine.file(".cache/staircase/llama-server/0.3.36/bin/llama-server", "");
+        machine.file(
+            "root/.ci/llama-server.sh",
+            "VERSION=0.3.36\nCACHE_KEY=0.3.36-noamx\n",
+        );
+        machine.file(".cache/staircase/llama-server/0.3.36-noamx/bin/llama-server", "");
         machine.file("libclang/libclang.so.1", "");
         machine.file("libclang/clang/14.0.6/include/stddef.h", "");
         let js = "root/examples/plugins/js";
@@ -318,7 +321,7 @@ fn the_tests_install_the_openai_client_and_build_llama_server_before_running() {
     std::fs::remove_file(
         machine
             .dir
-            .join(".cache/staircase/llama-server/0.3.36/bin/llama-server"),
+            .join(".cache/staircase/llama-server/0.3.36-noamx/bin/llama-server"),
     )
     .unwrap();
     // A pip that installs the client, and a build script that leaves the binary behind.
@@ -332,7 +335,7 @@ fn the_tests_install_the_openai_client_and_build_llama_server_before_running() {
     );
     let binary = machine
         .dir
-        .join(".cache/staircase/llama-server/0.3.36/bin/llama-server");
+        .join(".cache/staircase/llama-server/0.3.36-noamx/bin/llama-server");
     machine.tool("bash", &format!(": > '{}'", binary.display()));
     let output = machine.xtask(&["test"]);
     assert!(output.status.success(), "{}", stderr(&output));

@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-/// The llama-cpp-python release whose vendored llama.cpp `.ci/llama-server.sh` builds.
-pub const LLAMA_SERVER_VERSION: &str = "0.3.36";
+/// The cache folder of the build `.ci/llama-server.sh` makes (its `CACHE_KEY`): the
+/// llama-cpp-python release whose vendored llama.cpp it builds, and how.
+pub const LLAMA_SERVER_VERSION: &str = "0.3.36-noamx";
 
 /// Longest a server may take to load the model and listen on a busy small machine.
 pub const START_LIMIT: Duration = Duration::from_secs(180);
