@@ -6,11 +6,13 @@
 //! server is started here on port 0, with scratch plugin and pipeline folders, and killed
 //! when the test ends, whatever happens.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod serve_support;
+
+use std::path::Path;
+use std::process::{Child, Command};
 use std::time::Duration;
 
+use serve_support::{path, scratch, start_server};
 use staircase::plugin::builtin::{guest_artifact, guest_manifest};
 
 /// Runs at once and runs waiting: small, so the overload phase fills them quickly.
@@ -18,27 +20,6 @@ const MAX_RUNNING: usize = 4;
 const QUEUE: usize = 4;
 /// A bound on the whole client script (it takes a couple of minutes on two cores).
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(900);
-
-/// Kills the server when dropped, so a failing assertion never leaves it running.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("staircase-serve-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("scratch paths are UTF-8")
-}
 
 #[test]
 fn the_openai_client_works_against_a_real_server() {
@@ -216,29 +197,6 @@ fn python_with(module: &str) -> String {
         "the Python package of `{module}` is missing: cargo xtask test installs it (pinned)"
     );
     python
-}
-
-/// Starts the server `command` describes and reads its address from its first line.
-fn start_server(command: &mut Command) -> (Server, String) {
-    let mut child = command
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("the staircase binary starts");
-    let stdout = child.stdout.take().expect("stdout is piped");
-    let server = Server(child);
-    let mut stdout = BufReader::new(stdout);
-    let mut line = String::new();
-    stdout
-        .read_line(&mut line)
-        .expect("the server prints its address");
-    // Keep reading, so the server never writes into a closed pipe.
-    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
-    let base = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line from the server: {line:?}"))
-        .to_string();
-    (server, base)
 }
 
 /// Every node's output cap in the browser test: long enough that the proposers are still

@@ -87,6 +87,7 @@ fn request(conversation: &[ChatMessage]) -> RunRequest {
     RunRequest {
         conversation: conversation.to_vec(),
         mode: StreamMode::Staircase,
+        namespace: Default::default(),
     }
 }
 

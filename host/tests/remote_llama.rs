@@ -409,7 +409,7 @@ fn failover_before_the_first_token_and_a_clear_error_mid_stream() {
 fn serve(rt: &tokio::runtime::Runtime, app: Arc<App>) -> (SocketAddr, oneshot::Sender<()>) {
     let options = ServeOptions {
         addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        api_key: None,
+        tenants: Vec::new(),
         limits: Limits::default(),
         watch: false,
     };

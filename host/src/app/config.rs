@@ -26,6 +26,7 @@
 //! host = "127.0.0.1"
 //! port = 8080
 //! api_key_env = "STAIRCASE_API_KEY"
+//! api_keys_file = "keys.toml"        # several tenants, one key each (README: Tenants)
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -162,6 +163,33 @@ pub struct Limits {
     pub recent_runs: usize,
     /// Caps every node's output of every pipeline (as `run --max-tokens` does).
     pub max_tokens: Option<u32>,
+    // Per-tenant shares (`server::tenant`); a keys file can set the first two per tenant.
+    /// Requests of one tenant running or queued at once; `None`: half of `max_running +
+    /// queue` ([`tenant_max_requests`]).
+    pub tenant_max_requests: Option<usize>,
+    /// Tokens (prompt + completion) one tenant may spend per minute; `None`: no budget.
+    pub tenant_tokens_per_minute: Option<u64>,
+    /// Live subscribers of one run's events (`/v1/runs/{id}/events`).
+    pub run_subscribers: usize,
+    /// Live run-event subscribers of one tenant, over all its runs.
+    pub tenant_subscribers: usize,
+}
+
+/// Run-event subscribers per run: the live page and a few tools watching one run.
+pub const DEFAULT_RUN_SUBSCRIBERS: usize = 8;
+/// Run-event subscribers per tenant: a few runs watched at once by a few tools.
+pub const DEFAULT_TENANT_SUBSCRIBERS: usize = 32;
+/// A tenant's default share of the queue is `1 / TENANT_SHARE_DIVISOR` of it: with two
+/// tenants or more, none can take the whole queue.
+pub const TENANT_SHARE_DIVISOR: usize = 2;
+
+impl Limits {
+    /// Requests of one tenant running or queued at once, unless its keys-file entry says.
+    pub fn tenant_max_requests(&self) -> usize {
+        self.tenant_max_requests
+            .unwrap_or((self.max_running.max(1) + self.queue) / TENANT_SHARE_DIVISOR)
+            .max(1)
+    }
 }
 
 impl Default for Limits {
@@ -173,6 +201,10 @@ impl Default for Limits {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             recent_runs: DEFAULT_RECENT_RUNS,
             max_tokens: None,
+            tenant_max_requests: None,
+            tenant_tokens_per_minute: None,
+            run_subscribers: DEFAULT_RUN_SUBSCRIBERS,
+            tenant_subscribers: DEFAULT_TENANT_SUBSCRIBERS,
         }
     }
 }
@@ -245,6 +277,8 @@ pub struct ServerConfig {
     pub port: u16,
     /// The environment variable holding the API key; no key, no check.
     pub api_key_env: Option<String>,
+    /// A TOML file of tenants and their keys (`server::tenant` describes it).
+    pub api_keys_file: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -253,6 +287,7 @@ impl Default for ServerConfig {
             host: "127.0.0.1".into(),
             port: 8080,
             api_key_env: None,
+            api_keys_file: None,
         }
     }
 }
@@ -273,6 +308,7 @@ impl Config {
         };
         config.pipelines.dirs.iter_mut().for_each(resolve);
         config.plugins.dirs.iter_mut().for_each(resolve);
+        config.server.api_keys_file.iter_mut().for_each(resolve);
         for model in config.models.values_mut() {
             if let ModelConfig::Local { path: Some(p), .. } = model {
                 resolve(p);

@@ -199,6 +199,7 @@ pub fn run(config: &CompressBenchConfig) -> Result<CompressReport, BenchError> {
             let request = RunRequest {
                 conversation: given.clone(),
                 mode: StreamMode::Staircase,
+                namespace: Default::default(),
             };
             let report = tokio.block_on(session.runner.run(&session.pipeline, request, None))?;
             let ended = Instant::now();

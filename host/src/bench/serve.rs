@@ -106,7 +106,7 @@ pub async fn run(
     let most = options.clients.iter().copied().max().unwrap_or(1);
     let serve_options = ServeOptions {
         addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        api_key: None,
+        tenants: Vec::new(),
         limits: Limits {
             max_running: most,
             queue: most,
@@ -266,6 +266,7 @@ async fn request(
                 let request = RunRequest {
                     conversation,
                     mode: StreamMode::Staircase,
+                    namespace: Default::default(),
                 };
                 let run = runner.run(&pipeline, request, Some(tx));
                 tokio::pin!(run);

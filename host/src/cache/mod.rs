@@ -1,4 +1,5 @@
-//! Radix-tree prefix KV cache shared by every request of the local engine.
+//! Radix-tree prefix KV cache shared by the requests of the local engine that share a
+//! [`CacheNamespace`].
 //!
 //! The tree maps token sequences to *entries*: llama.cpp sequence slots whose KV holds exactly
 //! that token path (positions `0..len`). A new request looks up its longest cached prefix, the
@@ -15,10 +16,30 @@
 //! entry, so the tree's token count is the number of KV cells the cache keeps alive.
 //! A prefix a running request copied from is *locked* until that request ends; eviction never
 //! removes a locked node.
+//!
+//! Namespaces: each [`CacheNamespace`] has its own root, so a lookup only ever matches
+//! prefixes inserted in the same namespace (a server gives each tenant one: how many prompt
+//! tokens were cached must not reveal another tenant's text). The cell budget and LRU
+//! eviction are shared: a namespace's cells can be evicted by another's traffic, which shows
+//! only that the engine is busy, not what it holds.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use crate::token::TokenId;
+
+/// Whose cached text a request may reuse: requests match cached prefixes (and past sessions'
+/// speculation drafts) only within their own namespace. The CLI and the tests use the
+/// default one; `staircase serve` gives each tenant its own. Opaque: nothing reads the name.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CacheNamespace(Arc<str>);
+
+impl CacheNamespace {
+    /// The namespace named `name` (the default one is the empty name).
+    pub fn new(name: &str) -> Self {
+        Self(Arc::from(name))
+    }
+}
 
 /// A llama.cpp sequence id, used as a slot that holds KV for one token path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -82,13 +103,13 @@ impl Node {
     }
 }
 
-const ROOT: usize = 0;
-
 /// The radix tree. See the module docs.
 #[derive(Debug)]
 pub struct PrefixCache {
     nodes: Vec<Option<Node>>,
     free_nodes: Vec<usize>,
+    /// Each namespace's root node (a root has no parent and no edge).
+    roots: HashMap<CacheNamespace, usize>,
     /// Entry slot → its leaf node.
     entries: HashMap<SeqSlot, usize>,
     cells: usize,
@@ -100,8 +121,9 @@ impl PrefixCache {
     /// An empty cache that keeps at most `budget_cells` KV cells of unlocked prefixes.
     pub fn new(budget_cells: usize) -> Self {
         Self {
-            nodes: vec![Some(Node::new(Vec::new(), None, 0))],
+            nodes: Vec::new(),
             free_nodes: Vec::new(),
+            roots: HashMap::new(),
             entries: HashMap::new(),
             cells: 0,
             budget_cells,
@@ -120,8 +142,8 @@ impl PrefixCache {
             locked_nodes: self
                 .nodes
                 .iter()
-                .enumerate()
-                .filter(|(i, n)| *i != ROOT && n.as_ref().is_some_and(|n| n.locks > 0))
+                .filter_map(Option::as_ref)
+                .filter(|n| n.parent.is_some() && n.locks > 0)
                 .count(),
         }
     }
@@ -151,12 +173,28 @@ impl PrefixCache {
         }
     }
 
-    /// The longest cached prefix of `tokens`, at most `max_len` long. Marks the path as used.
-    pub fn lookup(&mut self, tokens: &[TokenId], max_len: usize) -> Option<PrefixMatch> {
+    /// The root of `namespace`, created on first use.
+    fn root(&mut self, namespace: &CacheNamespace) -> usize {
+        if let Some(&root) = self.roots.get(namespace) {
+            return root;
+        }
+        let root = self.alloc(Node::new(Vec::new(), None, self.clock));
+        self.roots.insert(namespace.clone(), root);
+        root
+    }
+
+    /// The longest prefix of `tokens` cached in `namespace`, at most `max_len` long. Marks
+    /// the path as used.
+    pub fn lookup(
+        &mut self,
+        namespace: &CacheNamespace,
+        tokens: &[TokenId],
+        max_len: usize,
+    ) -> Option<PrefixMatch> {
         let tokens = &tokens[..tokens.len().min(max_len)];
         self.clock += 1;
         let now = self.clock;
-        let mut current = ROOT;
+        let mut current = *self.roots.get(namespace)?;
         let mut matched = 0;
         let mut deepest = None;
         while matched < tokens.len() {
@@ -232,10 +270,15 @@ impl PrefixCache {
         }
     }
 
-    /// Records that `slot`'s KV holds exactly `tokens`. The cache takes ownership of the slot.
-    /// Returns the slots to free: entries made redundant by this one, or `slot` itself when
-    /// its path is already cached.
-    pub fn insert(&mut self, tokens: &[TokenId], slot: SeqSlot) -> Released {
+    /// Records that `slot`'s KV holds exactly `tokens`, in `namespace`. The cache takes
+    /// ownership of the slot. Returns the slots to free: entries made redundant by this one,
+    /// or `slot` itself when its path is already cached.
+    pub fn insert(
+        &mut self,
+        namespace: &CacheNamespace,
+        tokens: &[TokenId],
+        slot: SeqSlot,
+    ) -> Released {
         let mut released = Released::default();
         self.clock += 1;
         let now = self.clock;
@@ -245,7 +288,7 @@ impl PrefixCache {
             }
             return released;
         }
-        let mut current = ROOT;
+        let mut current = self.root(namespace);
         let mut matched = 0;
         loop {
             self.node_mut(current).last_used = now;
@@ -324,7 +367,9 @@ impl PrefixCache {
             }
             path.push(index);
             let parent = node.parent?;
-            let shared = parent == ROOT || self.node(parent).children.len() > 1;
+            // A root stays (its namespace's next insert reuses it).
+            let parent_node = self.node(parent);
+            let shared = parent_node.parent.is_none() || parent_node.children.len() > 1;
             if shared {
                 return Some(path);
             }
@@ -388,66 +433,114 @@ mod tests {
 
     #[test]
     fn longest_prefix_and_redundant_entries() {
+        let ns = CacheNamespace::default();
         let mut cache = PrefixCache::new(100);
-        assert!(cache.insert(&t(&[1, 2, 3]), SeqSlot(1)).slots.is_empty());
+        assert!(
+            cache
+                .insert(&ns, &t(&[1, 2, 3]), SeqSlot(1))
+                .slots
+                .is_empty()
+        );
         // Extending an entry makes the shorter one redundant.
         assert_eq!(
-            cache.insert(&t(&[1, 2, 3, 4, 5]), SeqSlot(2)).slots,
+            cache.insert(&ns, &t(&[1, 2, 3, 4, 5]), SeqSlot(2)).slots,
             vec![SeqSlot(1)]
         );
         // A prefix of a cached path is already cached.
         assert_eq!(
-            cache.insert(&t(&[1, 2]), SeqSlot(3)).slots,
+            cache.insert(&ns, &t(&[1, 2]), SeqSlot(3)).slots,
             vec![SeqSlot(3)]
         );
         // A branch splits the edge.
-        assert!(cache.insert(&t(&[1, 2, 9]), SeqSlot(4)).slots.is_empty());
+        assert!(
+            cache
+                .insert(&ns, &t(&[1, 2, 9]), SeqSlot(4))
+                .slots
+                .is_empty()
+        );
         assert_eq!(cache.stats().cells, 6);
         assert_eq!(cache.stats().entries, 2);
 
-        let hit = cache.lookup(&t(&[1, 2, 3, 4, 7]), usize::MAX).unwrap();
+        let hit = cache.lookup(&ns, &t(&[1, 2, 3, 4, 7]), usize::MAX).unwrap();
         assert_eq!((hit.slot, hit.len), (SeqSlot(2), 4));
-        let hit = cache.lookup(&t(&[1, 2, 9, 9]), usize::MAX).unwrap();
+        let hit = cache.lookup(&ns, &t(&[1, 2, 9, 9]), usize::MAX).unwrap();
         assert_eq!((hit.slot, hit.len), (SeqSlot(4), 3));
-        let hit = cache.lookup(&t(&[1, 2, 3, 4, 5]), 4).unwrap();
+        let hit = cache.lookup(&ns, &t(&[1, 2, 3, 4, 5]), 4).unwrap();
         assert_eq!(hit.len, 4);
-        assert!(cache.lookup(&t(&[7]), usize::MAX).is_none());
+        assert!(cache.lookup(&ns, &t(&[7]), usize::MAX).is_none());
     }
 
     #[test]
     fn lru_eviction_frees_only_exclusive_cells() {
+        let ns = CacheNamespace::default();
         let mut cache = PrefixCache::new(100);
-        cache.insert(&t(&[1, 2, 3, 4]), SeqSlot(1));
-        cache.insert(&t(&[1, 2, 5, 6]), SeqSlot(2));
+        cache.insert(&ns, &t(&[1, 2, 3, 4]), SeqSlot(1));
+        cache.insert(&ns, &t(&[1, 2, 5, 6]), SeqSlot(2));
         assert_eq!(cache.stats().cells, 6);
         // Touch entry 1 so entry 2 is the least recently used.
-        cache.lookup(&t(&[1, 2, 3]), usize::MAX);
+        cache.lookup(&ns, &t(&[1, 2, 3]), usize::MAX);
         let released = cache.evict_to(5);
         assert_eq!(released.slots, vec![SeqSlot(2)]);
         assert_eq!(cache.stats().cells, 4);
-        assert_eq!(cache.lookup(&t(&[1, 2, 5]), usize::MAX).unwrap().len, 2);
+        assert_eq!(
+            cache.lookup(&ns, &t(&[1, 2, 5]), usize::MAX).unwrap().len,
+            2
+        );
         cache.evict_to(0);
         assert_eq!(cache.stats(), PrefixCacheStats::default());
     }
 
     #[test]
     fn eviction_under_tiny_budget_never_evicts_a_locked_prefix() {
+        let ns = CacheNamespace::default();
         let mut cache = PrefixCache::new(1);
-        cache.insert(&t(&[1, 2, 3, 4]), SeqSlot(1));
-        cache.insert(&t(&[7, 8, 9]), SeqSlot(2));
-        let hit = cache.lookup(&t(&[1, 2, 3, 0]), usize::MAX).unwrap();
+        cache.insert(&ns, &t(&[1, 2, 3, 4]), SeqSlot(1));
+        cache.insert(&ns, &t(&[7, 8, 9]), SeqSlot(2));
+        let hit = cache.lookup(&ns, &t(&[1, 2, 3, 0]), usize::MAX).unwrap();
         cache.lock(hit.node);
         let released = cache.evict_to_budget();
         assert_eq!(released.slots, vec![SeqSlot(2)]);
         assert!(cache.holds(SeqSlot(1)));
         // Splitting the locked edge keeps the copied prefix locked.
-        cache.insert(&t(&[1, 5]), SeqSlot(3));
+        cache.insert(&ns, &t(&[1, 5]), SeqSlot(3));
         let released = cache.evict_to_budget();
         assert_eq!(released.slots, vec![SeqSlot(3)]);
         assert!(cache.holds(SeqSlot(1)));
-        assert_eq!(cache.lookup(&t(&[1, 2, 3]), usize::MAX).unwrap().len, 3);
+        assert_eq!(
+            cache.lookup(&ns, &t(&[1, 2, 3]), usize::MAX).unwrap().len,
+            3
+        );
         cache.unlock(hit.node);
         assert_eq!(cache.evict_to_budget().slots, vec![SeqSlot(1)]);
         assert_eq!(cache.stats().cells, 0);
+    }
+
+    #[test]
+    fn a_namespace_matches_only_its_own_prefixes() {
+        let (a, b) = (CacheNamespace::new("a"), CacheNamespace::new("b"));
+        let mut cache = PrefixCache::new(100);
+        cache.insert(&a, &t(&[1, 2, 3, 4]), SeqSlot(1));
+        assert!(cache.lookup(&b, &t(&[1, 2, 3, 4]), usize::MAX).is_none());
+        assert_eq!(
+            cache.lookup(&a, &t(&[1, 2, 3, 9]), usize::MAX).unwrap().len,
+            3
+        );
+        // The same path in another namespace is another entry, not redundant with the first.
+        assert!(
+            cache
+                .insert(&b, &t(&[1, 2, 3, 4]), SeqSlot(2))
+                .slots
+                .is_empty()
+        );
+        let hit = cache.lookup(&b, &t(&[1, 2, 3, 4]), usize::MAX).unwrap();
+        assert_eq!((hit.slot, hit.len), (SeqSlot(2), 4));
+        assert_eq!(cache.stats().entries, 2);
+        assert_eq!(cache.stats().cells, 8);
+        // Eviction is shared: the least recently used entry goes, whichever namespace.
+        assert_eq!(cache.evict_to(4).slots, vec![SeqSlot(1)]);
+        assert!(cache.lookup(&a, &t(&[1, 2]), usize::MAX).is_none());
+        assert_eq!(cache.lookup(&b, &t(&[1, 2]), usize::MAX).unwrap().len, 2);
+        cache.clear();
+        assert_eq!(cache.stats(), PrefixCacheStats::default());
     }
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
+use crate::server::tenant::{self, TenantSpec};
 use crate::server::{self, ServeOptions};
 
 /// Arguments of `staircase serve`.
@@ -27,9 +28,14 @@ pub struct Args {
     /// A GGUF model file for the default model.
     #[arg(long, value_name = "PATH.gguf")]
     model: Option<PathBuf>,
-    /// The environment variable holding the API key clients must send.
+    /// The environment variable holding the API key clients must send (one tenant,
+    /// `default`); without it and a keys file, `STAIRCASE_API_KEY` when set.
     #[arg(long, value_name = "VAR")]
     api_key_env: Option<String>,
+    /// A TOML file of tenants and their API keys (README: Tenants); keys never go on the
+    /// command line.
+    #[arg(long, value_name = "FILE")]
+    api_keys_file: Option<PathBuf>,
     /// Cap every node's output at this many tokens.
     #[arg(long)]
     max_tokens: Option<u32>,
@@ -73,19 +79,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         })?,
     };
     let addr = SocketAddr::new(host, args.port.unwrap_or(config.server.port));
-    let key_var = args
-        .api_key_env
-        .or_else(|| config.server.api_key_env.clone());
-    let api_key = match key_var {
-        Some(var) => Some(
-            std::env::var(&var)
-                .with_context(|| format!("--api-key-env {var}: the variable is not set"))?,
-        ),
-        None => None,
-    };
+    let tenants = tenants(&args, &config.server)?;
     let options = ServeOptions {
         addr,
-        api_key,
+        tenants,
         limits: config.limits.clone(),
         watch: !args.no_watch,
     };
@@ -106,6 +103,36 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         tracing::warn!("exiting with a conversation compression still running");
     }
     Ok(())
+}
+
+/// The tenants and their keys: from the keys file, plus one `default` tenant whose key is in
+/// `--api-key-env`'s variable (or `STAIRCASE_API_KEY` when neither names one).
+fn tenants(
+    args: &Args,
+    server: &crate::app::config::ServerConfig,
+) -> anyhow::Result<Vec<TenantSpec>> {
+    let mut tenants = match args
+        .api_keys_file
+        .as_ref()
+        .or(server.api_keys_file.as_ref())
+    {
+        Some(path) => tenant::read_keys_file(path)?,
+        None => Vec::new(),
+    };
+    match args.api_key_env.as_ref().or(server.api_key_env.as_ref()) {
+        Some(var) => {
+            let key = std::env::var(var)
+                .with_context(|| format!("--api-key-env {var}: the variable is not set"))?;
+            tenants.push(TenantSpec::new(tenant::DEFAULT_TENANT, key));
+        }
+        None if tenants.is_empty() => {
+            if let Ok(key) = std::env::var(tenant::API_KEY_ENV) {
+                tenants.push(TenantSpec::new(tenant::DEFAULT_TENANT, key));
+            }
+        }
+        None => {}
+    }
+    Ok(tenants)
 }
 
 /// The longest `serve` waits at shutdown for background compressions to finish.

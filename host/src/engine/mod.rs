@@ -29,6 +29,7 @@ pub use self::stream::{Completion, EventSender, GenerationStream};
 pub use self::tokens::{
     APPROX_BYTES_PER_TOKEN, CountFuture, EstimatedTokens, TokenCount, TokenCounter, estimate_tokens,
 };
+pub use crate::cache::CacheNamespace;
 pub use crate::token::TokenId;
 
 /// Who wrote a chat message.
@@ -138,6 +139,11 @@ pub struct GenerationRequest {
     /// The local engine drafts speculative tokens from a `speculate::DraftFeed` here (an
     /// aggregator's proposers, streamed to it while it runs).
     pub extensions: http::Extensions,
+    /// Whose cached prefixes and past sessions this request may reuse (and add to): the
+    /// server sets its tenant's, so `cached_prompt_tokens` and speculation never reflect
+    /// another tenant's text. A remote engine sends nothing for it (the remote server's own
+    /// cache is outside our control).
+    pub namespace: CacheNamespace,
 }
 
 impl GenerationRequest {
@@ -151,6 +157,7 @@ impl GenerationRequest {
             sampling: SamplingParams::default(),
             priority: Priority::default(),
             extensions: http::Extensions::new(),
+            namespace: CacheNamespace::default(),
         }
     }
 }

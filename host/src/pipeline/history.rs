@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::engine::{ChatMessage, Role};
+use crate::engine::{CacheNamespace, ChatMessage, Role};
 use crate::policy::PolicyProvider;
 
 /// Compressions kept; beyond it the oldest finished ones go (a server's sessions come and
@@ -41,10 +41,12 @@ const MAX_ENTRIES: usize = 256;
 /// keep it byte-identical.
 pub const COMPACT_SHARE: u32 = 2;
 
-/// What identifies one compression: the plugin, the budget, and the hash of the messages
+/// What identifies one compression: whose it is (a server's tenant: no tenant uses, or
+/// learns of, another's compression), the plugin, the budget, and the hash of the messages
 /// it replaces.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct Key {
+    namespace: CacheNamespace,
     plugin: String,
     budget: u32,
     hash: [u8; 32],
@@ -66,6 +68,9 @@ struct Entry {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct HistoryEvent {
     pub seq: u64,
+    /// Whose compression it is (a run reports only its own namespace's).
+    #[serde(skip)]
+    pub namespace: CacheNamespace,
     /// When it happened (a run's timeline places it on its compression lane).
     #[serde(skip)]
     pub at: Instant,
@@ -197,8 +202,10 @@ impl HistoryCache {
     /// `budget / COMPACT_SHARE` starts in the background (unless one of the same history is
     /// running or done), keyed by the whole `conversation`; it begins once the returned gate
     /// opens, and with a `warm` it is offered only once its prompt is cached. Never waits.
+    #[allow(clippy::too_many_arguments)] // one call site, each argument a different concern
     pub fn prepare(
         self: &Arc<Self>,
+        namespace: &CacheNamespace,
         plugin: &str,
         budget: u32,
         conversation: &[ChatMessage],
@@ -208,7 +215,7 @@ impl HistoryCache {
     ) -> (Vec<ChatMessage>, HistoryUse, Option<StartGate>) {
         let tokens_of =
             |messages: &[ChatMessage]| -> u32 { messages.iter().map(|m| count(&m.content)).sum() };
-        let keys = prefix_keys(plugin, budget, conversation);
+        let keys = prefix_keys(namespace, plugin, budget, conversation);
         let mut used = HistoryUse {
             tokens_full: tokens_of(conversation),
             ..HistoryUse::default()
@@ -247,6 +254,7 @@ impl HistoryCache {
         inner.running += 1;
         inner.log.push(HistoryEvent {
             seq,
+            namespace: namespace.clone(),
             at: Instant::now(),
             plugin: plugin.to_string(),
             messages: conversation.len(),
@@ -261,6 +269,7 @@ impl HistoryCache {
         let cache = self.clone();
         let policies = policies.clone();
         let key = whole.clone();
+        let owner = namespace.clone();
         let history = effective.clone();
         let messages = conversation.len();
         let plugin = plugin.to_string();
@@ -308,6 +317,7 @@ impl HistoryCache {
                 };
                 inner.log.push(HistoryEvent {
                     seq,
+                    namespace: owner,
                     at: Instant::now(),
                     plugin,
                     messages,
@@ -348,7 +358,12 @@ fn evict(inner: &mut Inner) {
 
 /// The key of every prefix of `conversation` (index i: its first i + 1 messages), from one
 /// running hash.
-fn prefix_keys(plugin: &str, budget: u32, conversation: &[ChatMessage]) -> Vec<Key> {
+fn prefix_keys(
+    namespace: &CacheNamespace,
+    plugin: &str,
+    budget: u32,
+    conversation: &[ChatMessage],
+) -> Vec<Key> {
     let mut hasher = Sha256::new();
     hasher.update(plugin.as_bytes());
     hasher.update(budget.to_le_bytes());
@@ -364,6 +379,7 @@ fn prefix_keys(plugin: &str, budget: u32, conversation: &[ChatMessage]) -> Vec<K
             hasher.update((message.content.len() as u64).to_le_bytes());
             hasher.update(message.content.as_bytes());
             Key {
+                namespace: namespace.clone(),
                 plugin: plugin.to_string(),
                 budget,
                 hash: hasher.clone().finalize().into(),
@@ -382,11 +398,22 @@ mod tests {
             ChatMessage::new(Role::User, "hi"),
             ChatMessage::new(Role::Assistant, "hello"),
         ];
-        let keys = prefix_keys("p", 8, &a);
-        let longer = prefix_keys("p", 8, &[a[0].clone(), a[1].clone(), a[0].clone()]);
+        let keys = prefix_keys(&CacheNamespace::default(), "p", 8, &a);
+        let longer = prefix_keys(
+            &CacheNamespace::default(),
+            "p",
+            8,
+            &[a[0].clone(), a[1].clone(), a[0].clone()],
+        );
         assert_eq!(keys[..], longer[..2]);
         assert_ne!(keys[0], keys[1]);
-        assert_ne!(prefix_keys("q", 8, &a)[1], keys[1]);
-        assert_ne!(prefix_keys("p", 9, &a)[1], keys[1]);
+        assert_ne!(
+            prefix_keys(&CacheNamespace::default(), "q", 8, &a)[1],
+            keys[1]
+        );
+        assert_ne!(
+            prefix_keys(&CacheNamespace::default(), "p", 9, &a)[1],
+            keys[1]
+        );
     }
 }

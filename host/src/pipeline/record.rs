@@ -3,8 +3,10 @@
 //! The runtime records everything that happens in a run here, once, as a [`RunEvent`]
 //! stamped with its time since the run began. Everything else is derived from that stream:
 //! the report's per-node figures ([`super::report`]), the [`Timeline`] the traces are drawn
-//! from, and live views (the terminal's, the server's run-events SSE), which subscribe to
-//! it. A new kind of event is a new variant here plus, where a derived view needs it, one arm
+//! from, and live views: the terminal's and the server's answer path get every event
+//! ([`Recorder::forward`]); the server's run-events SSE reads the log from where it left off
+//! whenever [`Recorder::watch`] says it grew, so a subscriber that does not read costs the
+//! run nothing (no copy, no channel, no work under the lock). A new kind of event is a new variant here plus, where a derived view needs it, one arm
 //! in that view; consumers that do not care ignore it.
 //!
 //! This room records and fans out; it must not decide anything about the run.
@@ -13,7 +15,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use super::history::HistoryUse;
 use super::spec::NodeIndex;
@@ -145,6 +147,8 @@ struct Log {
 pub struct Recorder {
     start: Instant,
     log: Mutex<Log>,
+    /// Bumped after every event and at close; readers of the log wait on it.
+    grew: watch::Sender<()>,
 }
 
 impl Default for Recorder {
@@ -165,6 +169,7 @@ impl Recorder {
         Self {
             start: Instant::now(),
             log: Mutex::new(Log::default()),
+            grew: watch::Sender::new(()),
         }
     }
 
@@ -189,6 +194,8 @@ impl Recorder {
         let at = recorded.at;
         log.subscribers.retain_mut(|s| s(&recorded));
         log.events.push(recorded);
+        drop(log);
+        self.grew.send_replace(());
         at
     }
 
@@ -197,16 +204,19 @@ impl Recorder {
         self.log().events.clone()
     }
 
-    /// The events so far, and a receiver of every later one until [`Recorder::close`]; no
-    /// event is in both or in neither.
-    pub fn subscribe(&self) -> (Vec<Recorded>, mpsc::UnboundedReceiver<Recorded>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let mut log = self.log();
-        if !log.closed {
-            log.subscribers
-                .push(Box::new(move |event| tx.send(event.clone()).is_ok()));
-        }
-        (log.events.clone(), rx)
+    /// A receiver that changes whenever an event is recorded or the recorder closes. Mark
+    /// it seen, then [`Recorder::read_from`]: an event recorded after the read changes it.
+    pub fn watch(&self) -> watch::Receiver<()> {
+        self.grew.subscribe()
+    }
+
+    /// Up to `max` events from index `from` on, and whether the recorder is closed (then
+    /// nothing follows what the log holds).
+    pub fn read_from(&self, from: usize, max: usize) -> (Vec<Recorded>, bool) {
+        let log = self.log();
+        let from = from.min(log.events.len());
+        let to = from.saturating_add(max).min(log.events.len());
+        (log.events[from..to].to_vec(), log.closed)
     }
 
     /// Sends every later event (without its time) to `tx`.
@@ -224,6 +234,8 @@ impl Recorder {
         let mut log = self.log();
         log.closed = true;
         log.subscribers.clear();
+        drop(log);
+        self.grew.send_replace(());
     }
 }
 
@@ -368,16 +380,34 @@ mod tests {
     }
 
     #[test]
-    fn a_subscriber_gets_the_past_and_the_rest_exactly_once() {
+    fn a_reader_is_told_when_the_log_grows_and_when_it_closes() {
         let recorder = Recorder::new();
         recorder.record(RunEvent::NodeStarted { node: NodeIndex(0) });
-        let (past, mut live) = recorder.subscribe();
+        let mut watch = recorder.watch();
+        watch.mark_unchanged();
+        let (past, closed) = recorder.read_from(0, 16);
+        assert_eq!((past.len(), closed), (1, false));
+        assert!(!watch.has_changed().unwrap());
         recorder.record(delta(0, "a"));
+        assert!(watch.has_changed().unwrap(), "a new event wakes the reader");
+        watch.mark_unchanged();
+        let (next, _) = recorder.read_from(1, 16);
+        assert_eq!(next[0].event, delta(0, "a"));
         recorder.close();
+        assert!(watch.has_changed().unwrap(), "closing wakes the reader");
+        assert!(recorder.read_from(2, 16).1);
+        assert_eq!(
+            recorder.read_from(0, 1).0.len(),
+            1,
+            "at most `max` at a time"
+        );
+        let (tx, mut forwarded) = mpsc::unbounded_channel();
+        recorder.forward(tx);
         recorder.record(delta(0, "late"));
-        assert_eq!(past.len(), 1);
-        assert_eq!(live.try_recv().map(|r| r.event), Ok(delta(0, "a")));
-        assert!(live.try_recv().is_err(), "closed: nothing after close");
+        assert!(
+            forwarded.try_recv().is_err(),
+            "closed: nothing forwarded after close"
+        );
         assert_eq!(recorder.events().len(), 3, "the log keeps everything");
         let times: Vec<_> = recorder.events().iter().map(|r| r.at).collect();
         assert!(times.windows(2).all(|w| w[0] <= w[1]), "in time order");

@@ -29,8 +29,9 @@ use super::role_session::RoleSession;
 use super::spec::{DEFAULT_MODEL, ModelBinding, NodeIndex, NodeKind, Pipeline, SpecError};
 use super::stream::{Chunk, Chunker};
 use crate::engine::{
-    Capability, ChatMessage, Confidence, Engine, EngineError, FinishReason, GenerationEvent,
-    GenerationRequest, GenerationStream, MeasureConfidence, Priority, Prompt, Role, SamplingParams,
+    CacheNamespace, Capability, ChatMessage, Confidence, Engine, EngineError, FinishReason,
+    GenerationEvent, GenerationRequest, GenerationStream, MeasureConfidence, Priority, Prompt,
+    Role, SamplingParams,
 };
 use crate::policy::{
     AggregatorSession, CompressorPolicy, Demand, PolicyError, PolicyProvider, RouteChoice,
@@ -125,6 +126,9 @@ pub enum RunError {
 pub struct RunRequest {
     pub conversation: Vec<ChatMessage>,
     pub mode: StreamMode,
+    /// Whose cached prefixes and past sessions the run's engine requests may reuse (the
+    /// server's tenant; the CLI's one default namespace).
+    pub namespace: CacheNamespace,
 }
 
 impl RunRequest {
@@ -133,6 +137,7 @@ impl RunRequest {
         Self {
             conversation: vec![ChatMessage::new(Role::User, text)],
             mode,
+            namespace: CacheNamespace::default(),
         }
     }
 }
@@ -434,12 +439,13 @@ impl Runner {
         let total = recorder.now();
         let mut report =
             RunReport::from_events(pipeline, request.mode, &estimated, recorder.events(), total);
-        // Background compressions that started or ended while the run went, on their lane.
+        // Background compressions that started or ended while the run went, on their lane:
+        // its own namespace's only (another tenant's are none of its business).
         let history = self
             .history
             .events()
             .into_iter()
-            .filter(|e| e.seq > history_from)
+            .filter(|e| e.seq > history_from && e.namespace == request.namespace)
             .collect();
         report.add_history(history, run_start);
         Ok(report)
@@ -655,6 +661,7 @@ impl<'r> RunCtx<'r> {
                 let models = self.runner.models.clone();
                 let count: TokenCount = Arc::new(move |text: &str| models.count_tokens(text));
                 let (conversation, used, gate) = self.runner.history.prepare(
+                    &self.request.namespace,
                     &policy.compressor,
                     policy.budget_tokens,
                     &self.request.conversation,
@@ -720,6 +727,7 @@ impl<'r> RunCtx<'r> {
         let engine = self.runner.models.get(model)?.clone();
         let policies = self.runner.policies.clone();
         let (plugin, config) = (node.plugin.clone(), node.config.clone());
+        let namespace = self.request.namespace.clone();
         Some(Arc::new(move |conversation: &[ChatMessage]| {
             let input = crate::policy::RoleInput {
                 conversation: conversation.to_vec(),
@@ -738,6 +746,7 @@ impl<'r> RunCtx<'r> {
             let mut request = GenerationRequest::chat(messages);
             request.sampling.max_tokens = 0;
             request.priority = Priority::BACKGROUND;
+            request.namespace = namespace.clone();
             if let Err(error) = engine
                 .submit(request)
                 .and_then(GenerationStream::blocking_collect)
@@ -1100,6 +1109,7 @@ impl<'r> RunCtx<'r> {
             ..sampling.clone()
         };
         request.priority = self.priorities[ix.0];
+        request.namespace = self.request.namespace.clone();
         request.extensions.insert(crate::routing::RouteHint {
             run: self.run_id,
             node: self.pipeline.node(ix).id.clone(),

@@ -183,6 +183,8 @@ impl model::Host for StoreState {
             sampling: sampling_from_wit(params),
             priority: self.model_priority,
             extensions: Default::default(),
+            // The shared namespace: plugin calls carry no tenant (README: Tenants).
+            namespace: Default::default(),
         };
         Ok(complete_before(engine, request, self.deadline))
     }

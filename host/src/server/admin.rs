@@ -1,4 +1,5 @@
-//! Everything but completions: the model list, health, metrics, run traces, and the admin
+//! Everything but completions: the model list, health, metrics, run traces (the caller's
+//! runs only: another tenant's run id answers 404 as an unknown one does), and the admin
 //! endpoints (status and a forced reload, behind the API key when one is set).
 
 use std::sync::Arc;
@@ -86,8 +87,10 @@ fn report_of(
     headers: &HeaderMap,
     id: &str,
 ) -> Result<Arc<crate::pipeline::RunReport>, ApiError> {
-    state.authorize(headers)?;
-    state.run(id).ok_or_else(|| super::runs::unknown(state, id))
+    let tenant = state.authorize(headers)?;
+    state
+        .run(id, &tenant)
+        .ok_or_else(|| super::runs::unknown(state, id))
 }
 
 pub(crate) async fn trace_json(

@@ -23,6 +23,7 @@ use tokio::sync::mpsc;
 use super::error::ApiError;
 use super::openai::{self, Chat, ChunkChoice, Delta, Usage};
 use super::runs::RunGuard;
+use super::tenant::Tenant;
 use super::{RUN_ID_HEADER, ServerState};
 use crate::app::PipelineVersion;
 use crate::engine::{
@@ -56,6 +57,8 @@ struct Meta {
     model: String,
     created: u64,
     fingerprint: String,
+    /// Who asked: owns the run, pays its tokens, and reuses only its own cached text.
+    tenant: Tenant,
 }
 
 pub(crate) async fn completions(
@@ -64,9 +67,9 @@ pub(crate) async fn completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     match prepare(&state, &headers, body) {
-        Ok((chat, target)) => {
+        Ok((chat, target, tenant)) => {
             let model = chat.model.clone();
-            let response = start(state.clone(), chat, target).await;
+            let response = start(state.clone(), chat, target, tenant).await;
             let status = response.status().as_u16().to_string();
             state.metrics.request(&model, &status);
             response
@@ -83,8 +86,8 @@ fn prepare(
     state: &ServerState,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<(Chat, Target), ApiError> {
-    state.authorize(headers)?;
+) -> Result<(Chat, Target, Tenant), ApiError> {
+    let tenant = state.authorize(headers)?;
     let body = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::too_large(state.options.limits.max_body_bytes)
@@ -109,7 +112,7 @@ fn prepare(
         return Err(ApiError::model_not_found(&chat.model, &known));
     };
     check_context(state, &chat, &target)?;
-    Ok((chat, target))
+    Ok((chat, target, tenant))
 }
 
 /// A conversation the model's context cannot hold is refused before it queues.
@@ -134,13 +137,18 @@ fn check_context(state: &ServerState, chat: &Chat, target: &Target) -> Result<()
     Ok(())
 }
 
-async fn start(state: Arc<ServerState>, chat: Chat, target: Target) -> Response {
-    let ticket = match state.admission.admit() {
+async fn start(state: Arc<ServerState>, chat: Chat, target: Target, tenant: Tenant) -> Response {
+    let ticket = match state.admission.admit(tenant.quota()) {
         Ok(ticket) => ticket,
         Err(error) => return error.into_response(),
     };
+    let id = match state.next_id() {
+        Ok(id) => id,
+        Err(error) => return error.into_response(),
+    };
     let meta = Meta {
-        id: state.next_id(),
+        id,
+        tenant,
         model: chat.model.clone(),
         created: SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -161,6 +169,7 @@ async fn start(state: Arc<ServerState>, chat: Chat, target: Target) -> Response 
                 .map_or("", |m| m.content.as_str());
             let run = state.runs.start(
                 &meta.id,
+                &meta.tenant,
                 &chat.model,
                 chat.mode,
                 prompt,
@@ -192,7 +201,7 @@ async fn whole(
     let deadline = state.deadline();
     let work = async {
         let _running = ticket.start().await;
-        execute(&state, &chat, target, &meta.id, text_tx).await
+        execute(&state, &chat, target, &meta.id, &meta.tenant, text_tx).await
     };
     let result = match tokio::time::timeout(deadline, work).await {
         Ok(result) => result,
@@ -265,7 +274,7 @@ fn streamed(
         let deadline = state.deadline();
         let work = tokio::time::timeout(deadline, async {
             let _running = ticket.start().await;
-            execute(&state, &chat, target, &meta.id, text_tx).await
+            execute(&state, &chat, target, &meta.id, &meta.tenant, text_tx).await
         });
         tokio::pin!(work);
         let _ = sse_tx.send(chunk(
@@ -356,6 +365,7 @@ async fn execute(
     chat: &Chat,
     target: Work,
     id: &str,
+    tenant: &Tenant,
     text: mpsc::UnboundedSender<String>,
 ) -> Result<Finish, ApiError> {
     let started = Instant::now();
@@ -368,15 +378,16 @@ async fn execute(
     };
     let result = match target {
         Work::Pipeline(version, run) => {
-            let result = run_pipeline(state, chat, &version, &run, id, &mut send).await;
+            let result = run_pipeline(state, chat, &version, &run, id, tenant, &mut send).await;
             if let Err(error) = &result {
                 run.0.failed(error);
             }
             result
         }
-        Work::Model(engine) => generate(chat, engine.as_ref(), id, &mut send).await,
+        Work::Model(engine) => generate(chat, engine.as_ref(), id, tenant, &mut send).await,
     };
     if let Ok(finish) = &result {
+        tenant.quota().charge(u64::from(finish.usage.total_tokens));
         state
             .metrics
             .finished(&chat.model, first_text, started.elapsed(), &finish.usage);
@@ -412,11 +423,13 @@ async fn run_pipeline(
     version: &PipelineVersion,
     live: &RunGuard,
     id: &str,
+    tenant: &Tenant,
     send: &mut impl FnMut(String),
 ) -> Result<Finish, ApiError> {
     let request = RunRequest {
         conversation: chat.conversation.clone(),
         mode: chat.mode,
+        namespace: tenant.namespace().clone(),
     };
     // A pipeline with declared variants runs the best one that fits the budget under the
     // load its engines report now (runs admitted before this one are on them already).
@@ -512,11 +525,13 @@ async fn generate(
     chat: &Chat,
     engine: &dyn Engine,
     id: &str,
+    tenant: &Tenant,
     send: &mut impl FnMut(String),
 ) -> Result<Finish, ApiError> {
     let defaults = SamplingParams::default();
     let max_tokens = chat.max_tokens.unwrap_or(defaults.max_tokens);
     let mut request = GenerationRequest::chat(chat.conversation.clone());
+    request.namespace = tenant.namespace().clone();
     // A trailing assistant message is continued, as llama.cpp's server does: how another
     // Staircase (or any client) has a model continue a partial answer.
     if let Prompt::Chat {

@@ -116,6 +116,14 @@ impl ApiError {
         }
     }
 
+    /// A tenant over one of its own quotas (429): other tenants are unaffected.
+    pub fn rate_limited(message: impl Into<String>) -> Self {
+        Self {
+            code: Some("rate_limit_exceeded"),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
+        }
+    }
+
     pub fn timeout(secs: u64) -> Self {
         Self {
             code: Some("timeout"),

@@ -4,8 +4,8 @@
 //! `chat` runs completions (streamed as SSE or whole), `runs` keeps recent pipeline runs and
 //! streams their events, `page` serves the live view at `/`, `admin` answers the listing,
 //! health, trace and reload endpoints, `openai` holds the wire format, `error` the error shape,
-//! `metrics` the Prometheus exposition, `admission` the bounded queue (`bench::serve`
-//! measures what HTTP adds). Runs go through the same library calls as `staircase run`; this
+//! `metrics` the Prometheus exposition, `admission` the bounded queue and each tenant's share
+//! of it, `tenant` who a request is from (`bench::serve` measures what HTTP adds). Runs go through the same library calls as `staircase run`; this
 //! room only translates HTTP to them. It must not assemble engines or plugins (that is
 //! `app`'s job).
 
@@ -17,11 +17,11 @@ mod metrics;
 pub mod openai;
 mod page;
 mod runs;
+pub mod tenant;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -33,6 +33,7 @@ use crate::app::config::Limits;
 use crate::pipeline::RunReport;
 use admission::Admission;
 use error::ApiError;
+use tenant::{Tenant, TenantSpec, Tenants};
 
 /// The header that carries a run's id (for `/v1/runs/{id}/trace`).
 pub const RUN_ID_HEADER: &str = "x-staircase-run-id";
@@ -41,9 +42,10 @@ pub const RUN_ID_HEADER: &str = "x-staircase-run-id";
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
     pub addr: SocketAddr,
-    /// Requests must carry `Authorization: Bearer KEY` when set (`/health` and `/metrics`
-    /// stay open for probes and scrapers).
-    pub api_key: Option<String>,
+    /// The tenants and their keys; requests must carry `Authorization: Bearer KEY` of one
+    /// when any is set (`/health` and `/metrics` stay open for probes and scrapers). None:
+    /// one anonymous tenant, no key check.
+    pub tenants: Vec<TenantSpec>,
     pub limits: Limits,
     /// Watch plugin and pipeline folders and swap changes in.
     pub watch: bool,
@@ -63,6 +65,8 @@ pub enum ServerError {
     App(#[from] crate::app::AppError),
     #[error("metrics: {0}")]
     Metrics(String),
+    #[error(transparent)]
+    Tenants(#[from] tenant::TenantError),
 }
 
 /// Everything the handlers share.
@@ -72,9 +76,7 @@ pub(crate) struct ServerState {
     pub(crate) admission: Admission,
     /// Recent pipeline runs: live events, then reports (`runs`).
     pub(crate) runs: runs::Runs,
-    next_id: AtomicU64,
-    /// Distinguishes ids of two server processes started in the same second.
-    id_salt: u64,
+    tenants: Tenants,
     pub(crate) metrics: metrics::Metrics,
     pub(crate) plugin_log: Arc<Mutex<metrics::PluginLog>>,
 }
@@ -84,47 +86,38 @@ impl ServerState {
         let metrics = metrics::Metrics::install().map_err(ServerError::Metrics)?;
         let plugin_log = Arc::new(Mutex::new(metrics::PluginLog::default()));
         metrics::count_plugin_reloads(app.registry(), plugin_log.clone());
-        let id_salt = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64)
-            ^ u64::from(std::process::id());
+        let tenants = Tenants::new(&options.tenants, &options.limits)?;
         Ok(Arc::new(Self {
             admission: Admission::new(options.limits.max_running, options.limits.queue),
+            runs: runs::Runs::new(options.limits.run_subscribers),
             app,
             options,
-            runs: runs::Runs::default(),
-            next_id: AtomicU64::new(0),
-            id_salt,
+            tenants,
             metrics,
             plugin_log,
         }))
     }
 
-    /// A fresh completion id, also the run's id.
-    pub(crate) fn next_id(&self) -> String {
-        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
-        format!("chatcmpl-{:012x}{n:06x}", self.id_salt & 0xffff_ffff_ffff)
+    /// A fresh completion id, also the run's id: `chatcmpl-` and 128 random bits in hex, so
+    /// no id tells another (or how many runs there were).
+    pub(crate) fn next_id(&self) -> Result<String, ApiError> {
+        let mut bits = [0u8; 16];
+        getrandom::fill(&mut bits).map_err(|error| {
+            tracing::error!(%error, "the OS gave no random bytes for a run id");
+            ApiError::run_failed("the server could not make a run id")
+        })?;
+        Ok(format!("chatcmpl-{}", hex::encode(bits)))
     }
 
-    /// A recent run's report, for its trace endpoints.
-    pub(crate) fn run(&self, id: &str) -> Option<Arc<RunReport>> {
-        self.runs.report(id)
+    /// A recent run's report, for its trace endpoints, when `tenant` owns it.
+    pub(crate) fn run(&self, id: &str, tenant: &Tenant) -> Option<Arc<RunReport>> {
+        self.runs.report(id, tenant)
     }
 
-    /// The API key check; `Ok` when no key is set.
-    pub(crate) fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
-        let Some(key) = &self.options.api_key else {
-            return Ok(());
-        };
-        let given = headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if given == Some(key.as_str()) {
-            Ok(())
-        } else {
-            Err(ApiError::unauthorized())
-        }
+    /// The one check of who a request is from: the tenant whose key it carries, or 401
+    /// (the anonymous tenant when the server has no keys).
+    pub(crate) fn authorize(&self, headers: &HeaderMap) -> Result<Tenant, ApiError> {
+        self.tenants.authorize(headers)
     }
 
     pub(crate) fn deadline(&self) -> Duration {

@@ -5,23 +5,35 @@
 //! `GET /v1/runs/{id}/events` before the first event. That endpoint replays what the run has
 //! recorded so far and streams the rest as SSE, then one `run_finished` (with the report) or
 //! `run_failed` (with the error) event, and ends; a finished run replays the same way.
-//! `GET /v1/runs` lists the runs kept (the last `limits.recent_runs`).
+//! `GET /v1/runs` lists the caller's runs kept (the last `limits.recent_runs` of each
+//! tenant), without their prompts unless `?include_prompt=true`.
+//!
+//! A run belongs to the tenant that started it: to anyone else its id answers 404, exactly
+//! as an unknown id does, here and on the trace endpoints. Live subscribers are capped per
+//! run and per tenant (429 beyond); each reads the run's log at its own pace, so one that
+//! never reads costs the run nothing.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures_util::{Stream, StreamExt, stream};
+use serde::Deserialize;
 use serde_json::{Value, json};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::error::ApiError;
+use super::tenant::Tenant;
 use super::{ServerState, lock};
 use crate::pipeline::{Recorded, Recorder, RunReport};
 use crate::policy::StreamMode;
+
+/// Events a subscriber reads from the log at a time: bounds what one subscriber holds.
+const READ_BATCH: usize = 256;
 
 /// How a run ended, as its last event says.
 #[derive(Clone)]
@@ -33,12 +45,15 @@ enum Outcome {
 /// One run: what it is, its recorder, and its outcome once known.
 pub(crate) struct Run {
     id: String,
+    tenant: Tenant,
     model: String,
     mode: StreamMode,
     /// The last user message, shortened, for the list.
     prompt: String,
     recorder: Recorder,
     outcome: Mutex<Option<Outcome>>,
+    /// Live subscriptions to this run's events.
+    subscribers: Arc<Semaphore>,
 }
 
 impl Run {
@@ -66,7 +81,7 @@ impl Run {
         lock(&self.outcome).clone()
     }
 
-    fn summary(&self) -> Value {
+    fn summary(&self, include_prompt: bool) -> Value {
         let (status, ttft, total) = match self.outcome() {
             None => ("running", None, None),
             Some(Outcome::Failed(_)) => ("failed", None, None),
@@ -76,15 +91,18 @@ impl Run {
                 Some(report.total_ms.as_secs_f64() * 1e3),
             ),
         };
-        json!({
+        let mut summary = json!({
             "id": self.id,
             "model": self.model,
             "mode": self.mode,
-            "prompt": self.prompt,
             "status": status,
             "ttft_ms": ttft,
             "total_ms": total,
-        })
+        });
+        if include_prompt {
+            summary["prompt"] = json!(self.prompt);
+        }
+        summary
     }
 }
 
@@ -102,19 +120,30 @@ impl Drop for RunGuard {
 }
 
 /// The runs kept, oldest first.
-#[derive(Default)]
 pub(crate) struct Runs {
     runs: Mutex<VecDeque<Arc<Run>>>,
+    /// Live subscribers allowed per run.
+    per_run_subscribers: usize,
 }
 
 /// Characters of a prompt shown in the list.
 const PROMPT_CHARS: usize = 120;
 
 impl Runs {
-    /// Registers a run about to start, dropping the oldest beyond `keep`.
+    /// No runs yet; each run will take at most `per_run_subscribers` live subscribers.
+    pub(crate) fn new(per_run_subscribers: usize) -> Self {
+        Self {
+            runs: Mutex::new(VecDeque::new()),
+            per_run_subscribers: per_run_subscribers.max(1),
+        }
+    }
+
+    /// Registers a run of `tenant` about to start, dropping the tenant's oldest beyond
+    /// `keep` (one tenant's traffic never pushes out another's runs).
     pub(crate) fn start(
         &self,
         id: &str,
+        tenant: &Tenant,
         model: &str,
         mode: StreamMode,
         prompt: &str,
@@ -122,34 +151,50 @@ impl Runs {
     ) -> Arc<Run> {
         let run = Arc::new(Run {
             id: id.to_string(),
+            tenant: tenant.clone(),
             model: model.to_string(),
             mode,
             prompt: prompt.chars().take(PROMPT_CHARS).collect(),
             recorder: Recorder::new(),
             outcome: Mutex::new(None),
+            subscribers: Arc::new(Semaphore::new(self.per_run_subscribers)),
         });
         let mut runs = lock(&self.runs);
         runs.push_back(run.clone());
-        while runs.len() > keep.max(1) {
-            runs.pop_front();
+        let own = runs.iter().filter(|r| r.tenant == *tenant).count();
+        if own > keep.max(1)
+            && let Some(oldest) = runs.iter().position(|r| r.tenant == *tenant)
+        {
+            runs.remove(oldest);
         }
         run
     }
 
-    pub(crate) fn get(&self, id: &str) -> Option<Arc<Run>> {
-        lock(&self.runs).iter().find(|r| r.id == id).cloned()
+    /// The run `id` when `tenant` started it; another tenant's run is as unknown as a run
+    /// that never was.
+    pub(crate) fn get(&self, id: &str, tenant: &Tenant) -> Option<Arc<Run>> {
+        lock(&self.runs)
+            .iter()
+            .find(|r| r.id == id && r.tenant == *tenant)
+            .cloned()
     }
 
-    /// The report of a finished run.
-    pub(crate) fn report(&self, id: &str) -> Option<Arc<RunReport>> {
-        match self.get(id)?.outcome()? {
+    /// The report of a finished run of `tenant`.
+    pub(crate) fn report(&self, id: &str, tenant: &Tenant) -> Option<Arc<RunReport>> {
+        match self.get(id, tenant)?.outcome()? {
             Outcome::Finished(report, _) => Some(report),
             Outcome::Failed(_) => None,
         }
     }
 
-    fn list(&self) -> Vec<Value> {
-        lock(&self.runs).iter().rev().map(|r| r.summary()).collect()
+    /// `tenant`'s runs, newest first.
+    fn list(&self, tenant: &Tenant, include_prompt: bool) -> Vec<Value> {
+        lock(&self.runs)
+            .iter()
+            .rev()
+            .filter(|r| r.tenant == *tenant)
+            .map(|r| r.summary(include_prompt))
+            .collect()
     }
 }
 
@@ -161,20 +206,30 @@ pub(crate) fn unknown(state: &ServerState, id: &str) -> ApiError {
     ))
 }
 
-/// `GET /v1/runs`: the runs kept, newest first.
+/// The query of `GET /v1/runs`.
+#[derive(Deserialize)]
+pub(crate) struct ListQuery {
+    /// Show each run's prompt (its first 120 characters).
+    #[serde(default)]
+    include_prompt: bool,
+}
+
+/// `GET /v1/runs`: the caller's runs kept, newest first.
 pub(crate) async fn list(
     State(state): State<Arc<ServerState>>,
     headers: HeaderMap,
+    Query(query): Query<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    state.authorize(&headers)?;
-    Ok(Json(json!({ "object": "list", "data": state.runs.list() })))
+    let tenant = state.authorize(&headers)?;
+    let data = state.runs.list(&tenant, query.include_prompt);
+    Ok(Json(json!({ "object": "list", "data": data })))
 }
 
 fn event_of(recorded: &Recorded) -> Event {
     Event::default().data(serde_json::to_string(recorded).unwrap_or_default())
 }
 
-/// The last event: the outcome. Looked up when the live stream has ended, so it is set.
+/// The last event: the outcome. Looked up once the recorder is closed, so it is set.
 fn outcome_event(run: &Run) -> Event {
     let value = match run.outcome() {
         Some(Outcome::Finished(_, report)) => json!({ "type": "run_finished", "report": report }),
@@ -184,21 +239,81 @@ fn outcome_event(run: &Run) -> Event {
     Event::default().data(value.to_string())
 }
 
+/// One live subscription: where it is in the run's log, and its places under the caps
+/// (given back when the client goes away and the stream is dropped).
+struct Subscription {
+    run: Arc<Run>,
+    read: usize,
+    grew: tokio::sync::watch::Receiver<()>,
+    _run_place: OwnedSemaphorePermit,
+    _tenant_place: OwnedSemaphorePermit,
+}
+
+impl Subscription {
+    /// The next events (waiting until there are some), or `None` once the closed log is
+    /// read to its end.
+    async fn next_batch(&mut self) -> Option<Vec<Recorded>> {
+        loop {
+            // Seen before reading: an event recorded after the read changes it again.
+            self.grew.mark_unchanged();
+            let (batch, closed) = self.run.recorder().read_from(self.read, READ_BATCH);
+            if !batch.is_empty() {
+                self.read += batch.len();
+                return Some(batch);
+            }
+            if closed || self.grew.changed().await.is_err() {
+                return None;
+            }
+        }
+    }
+}
+
 /// `GET /v1/runs/{id}/events`: the run's events as SSE, from its first.
 pub(crate) async fn events(
     State(state): State<Arc<ServerState>>,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    state.authorize(&headers)?;
-    let run = state.runs.get(&id).ok_or_else(|| unknown(&state, &id))?;
-    let (past, live) = run.recorder().subscribe();
-    let past = stream::iter(past.iter().map(event_of).collect::<Vec<_>>());
-    let live = stream::unfold(live, |mut rx| async move {
-        rx.recv().await.map(|recorded| (event_of(&recorded), rx))
-    });
-    let end = stream::once(async move { outcome_event(&run) });
-    let events = past.chain(live).chain(end).map(Ok);
+    let tenant = state.authorize(&headers)?;
+    let run = state
+        .runs
+        .get(&id, &tenant)
+        .ok_or_else(|| unknown(&state, &id))?;
+    let run_place = run.subscribers.clone().try_acquire_owned().map_err(|_| {
+        ApiError::rate_limited(format!(
+            "This run has {} live subscribers already, the most it takes",
+            state.options.limits.run_subscribers.max(1)
+        ))
+    })?;
+    let tenant_place = tenant
+        .subscribers()
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| {
+            ApiError::rate_limited(format!(
+                "You have {} live run subscriptions already, the most you may hold",
+                state.options.limits.tenant_subscribers.max(1)
+            ))
+        })?;
+    let subscription = Subscription {
+        grew: run.recorder().watch(),
+        run,
+        read: 0,
+        _run_place: run_place,
+        _tenant_place: tenant_place,
+    };
+    let events = stream::unfold(Some(subscription), |subscription| async move {
+        let mut subscription = subscription?;
+        match subscription.next_batch().await {
+            Some(batch) => {
+                let events: Vec<Event> = batch.iter().map(event_of).collect();
+                Some((events, Some(subscription)))
+            }
+            None => Some((vec![outcome_event(&subscription.run)], None)),
+        }
+    })
+    .flat_map(stream::iter)
+    .map(Ok);
     Ok(Sse::new(events).keep_alive(KeepAlive::default()))
 }
 
@@ -207,29 +322,68 @@ mod tests {
     use super::*;
     use crate::pipeline::{NodeIndex, RunEvent};
 
-    #[test]
-    fn a_run_dropped_before_its_outcome_ends_its_subscribers_as_failed() {
-        let runs = Runs::default();
-        let run = runs.start("r1", "moa", StreamMode::Staircase, "hi", 2);
+    #[tokio::test]
+    async fn a_run_dropped_before_its_outcome_ends_its_subscribers_as_failed() {
+        let runs = Runs::new(2);
+        let alice = Tenant::test("alice");
+        let run = runs.start("r1", &alice, "moa", StreamMode::Staircase, "hi", 2);
         run.recorder()
             .record(RunEvent::NodeStarted { node: NodeIndex(0) });
-        let (past, mut live) = run.recorder().subscribe();
-        assert_eq!(past.len(), 1);
+        let mut subscription = Subscription {
+            grew: run.recorder().watch(),
+            run: run.clone(),
+            read: 0,
+            _run_place: run.subscribers.clone().try_acquire_owned().unwrap(),
+            _tenant_place: alice.subscribers().clone().try_acquire_owned().unwrap(),
+        };
+        assert_eq!(subscription.next_batch().await.unwrap().len(), 1);
         drop(RunGuard(run.clone()));
-        assert!(live.try_recv().is_err(), "the live stream ended");
+        assert!(
+            subscription.next_batch().await.is_none(),
+            "the live stream ended"
+        );
         assert!(matches!(run.outcome(), Some(Outcome::Failed(_))));
-        assert_eq!(runs.list()[0]["status"], "failed");
-        assert!(runs.report("r1").is_none());
+        assert_eq!(runs.list(&alice, false)[0]["status"], "failed");
+        assert!(runs.report("r1", &alice).is_none());
     }
 
     #[test]
-    fn the_oldest_runs_go_first() {
-        let runs = Runs::default();
+    fn the_oldest_runs_of_a_tenant_go_first() {
+        let runs = Runs::new(2);
+        let (alice, bob) = (Tenant::test("alice"), Tenant::test("bob"));
+        runs.start("b1", &bob, "moa", StreamMode::Layered, "hi", 2);
         for id in ["a", "b", "c"] {
-            runs.start(id, "moa", StreamMode::Layered, "hi", 2);
+            runs.start(id, &alice, "moa", StreamMode::Layered, "hi", 2);
         }
-        assert!(runs.get("a").is_none());
-        let ids: Vec<_> = runs.list().iter().map(|r| r["id"].clone()).collect();
+        assert!(runs.get("a", &alice).is_none());
+        let ids: Vec<_> = runs
+            .list(&alice, false)
+            .iter()
+            .map(|r| r["id"].clone())
+            .collect();
         assert_eq!(ids, ["c", "b"], "newest first");
+        assert!(
+            runs.get("b1", &bob).is_some(),
+            "alice's runs never push out bob's"
+        );
+    }
+
+    #[test]
+    fn a_run_is_its_tenants_alone_and_listed_without_its_prompt() {
+        let runs = Runs::new(2);
+        let (alice, bob) = (Tenant::test("alice"), Tenant::test("bob"));
+        runs.start(
+            "r1",
+            &alice,
+            "moa",
+            StreamMode::Layered,
+            "my pin is 4711",
+            8,
+        );
+        assert!(runs.get("r1", &bob).is_none());
+        assert!(runs.list(&bob, false).is_empty());
+        let listed = &runs.list(&alice, false)[0];
+        assert!(listed.get("prompt").is_none());
+        assert_eq!(runs.list(&alice, true)[0]["prompt"], "my pin is 4711");
     }
 }

@@ -29,6 +29,7 @@ pub use stats::{DraftSource, SourceStats, SpeculationStats};
 use serde::{Deserialize, Serialize};
 use sources::PipelineSource;
 
+use crate::cache::CacheNamespace;
 use crate::token::TokenId;
 
 /// Context tokens matched against the pipeline and session automata at each draft. Matches
@@ -83,6 +84,8 @@ pub struct Speculator {
     shadow: Vec<TokenId>,
     /// Match length behind the shadow's next token.
     shadow_match: u32,
+    /// The past sessions this sequence drafts from and joins (its request's namespace).
+    namespace: CacheNamespace,
 }
 
 impl Speculator {
@@ -97,7 +100,15 @@ impl Speculator {
             stats: SpeculationStats::default(),
             shadow: Vec::new(),
             shadow_match: 0,
+            namespace: CacheNamespace::default(),
         }
+    }
+
+    /// Drafts from and joins only the past sessions of `namespace`, so one tenant's drafts
+    /// (and their acceptance counters) never come from another's text.
+    pub fn in_namespace(mut self, namespace: CacheNamespace) -> Self {
+        self.namespace = namespace;
+        self
     }
 
     /// Appends tokens that are now part of the sequence: the prompt, then every accepted
@@ -156,7 +167,8 @@ impl Speculator {
         {
             best = Some((m, tokens, DraftSource::Pipeline));
         }
-        if let Some((m, tokens)) = sessions.and_then(|s| s.best_draft(window, min_match, cap))
+        if let Some((m, tokens)) =
+            sessions.and_then(|s| s.best_draft(&self.namespace, window, min_match, cap))
             && better(&best, &m)
         {
             best = Some((m, tokens, DraftSource::Sessions));
@@ -220,7 +232,7 @@ impl Speculator {
     /// Ends the sequence: its text joins the past sessions; returns its counters.
     pub fn finish(self, sessions: Option<&mut SessionStore>) -> SpeculationStats {
         if let Some(store) = sessions {
-            store.add_session(&self.context);
+            store.add_session(&self.namespace, &self.context);
         }
         self.stats
     }

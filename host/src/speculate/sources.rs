@@ -2,12 +2,15 @@
 //! the pipeline feed (other agents' output handed to a request while it runs).
 //!
 //! Neither touches the model: text from the pipeline is tokenised through a closure the
-//! engine supplies.
+//! engine supplies. Past sessions are kept per [`CacheNamespace`] (a server's tenant): a
+//! sequence drafts only from its own namespace's sessions, so no draft, acceptance or speed
+//! reflects another tenant's text.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::automaton::{Match, SuffixAutomaton};
+use crate::cache::CacheNamespace;
 use crate::token::TokenId;
 
 /// Separates sessions inside one automaton. Real token ids are never negative, so no context
@@ -25,10 +28,12 @@ pub const DEFAULT_SESSION_BUDGET: usize = 131_072;
 
 /// Past requests' prompts and outputs, bounded by a token budget, oldest evicted.
 /// Owned by the engine thread (one per engine); queries take `&mut` because they update the
-/// automata's occurrence trees.
+/// automata's occurrence trees. Each segment belongs to one namespace; the budget is shared
+/// (the oldest segment goes, whoever it belongs to).
 #[derive(Debug)]
 pub struct SessionStore {
-    segments: VecDeque<SuffixAutomaton>,
+    /// Oldest first.
+    segments: VecDeque<(CacheNamespace, SuffixAutomaton)>,
     budget: usize,
 }
 
@@ -49,42 +54,55 @@ impl SessionStore {
 
     /// Tokens held (separators included).
     pub fn tokens(&self) -> usize {
-        self.segments.iter().map(SuffixAutomaton::len).sum()
+        self.segments.iter().map(|(_, a)| a.len()).sum()
     }
 
-    /// Remembers one finished session (its prompt and output).
-    pub fn add_session(&mut self, tokens: &[TokenId]) {
+    /// Remembers one finished session (its prompt and output) of `namespace`.
+    pub fn add_session(&mut self, namespace: &CacheNamespace, tokens: &[TokenId]) {
         if self.budget == 0 || tokens.is_empty() {
             return;
         }
         let tokens = &tokens[tokens.len().saturating_sub(self.budget)..];
         let segment_budget = (self.budget / SESSION_SEGMENTS).max(1);
-        if self
+        // The namespace's newest segment while it has room, else a new one.
+        let open = self
             .segments
-            .back()
-            .is_none_or(|last| last.len() >= segment_budget)
-        {
-            self.segments.push_back(SuffixAutomaton::new());
-        }
-        if let Some(open) = self.segments.back_mut() {
-            open.push(SEPARATOR);
-            open.extend(tokens);
-        }
+            .iter()
+            .rposition(|(ns, _)| ns == namespace)
+            .filter(|&i| self.segments[i].1.len() < segment_budget);
+        let open = match open {
+            Some(i) => i,
+            None => {
+                self.segments
+                    .push_back((namespace.clone(), SuffixAutomaton::new()));
+                self.segments.len() - 1
+            }
+        };
+        let automaton = &mut self.segments[open].1;
+        automaton.push(SEPARATOR);
+        automaton.extend(tokens);
         while self.tokens() > self.budget && self.segments.len() > 1 {
             self.segments.pop_front();
         }
     }
 
-    /// The longest match (at least `min_len`) of a suffix of `window` over all segments, with
-    /// a draft of up to `max_len` tokens from it.
+    /// The longest match (at least `min_len`) of a suffix of `window` over the segments of
+    /// `namespace`, with a draft of up to `max_len` tokens from it.
     pub(super) fn best_draft(
         &mut self,
+        namespace: &CacheNamespace,
         window: &[TokenId],
         min_len: u32,
         max_len: usize,
     ) -> Option<(Match, Vec<TokenId>)> {
         // Newest first, so equal matches prefer recent sessions.
-        best_draft_of(self.segments.iter_mut().rev(), window, min_len, max_len)
+        let own = self
+            .segments
+            .iter_mut()
+            .rev()
+            .filter(|(ns, _)| ns == namespace)
+            .map(|(_, a)| a);
+        best_draft_of(own, window, min_len, max_len)
     }
 }
 
@@ -269,16 +287,19 @@ mod tests {
 
     #[test]
     fn sessions_are_bounded_and_evict_the_oldest() {
+        let ns = CacheNamespace::default();
         let mut store = SessionStore::new(100);
-        store.add_session(&toks("the quick brown fox"));
-        assert!(store.best_draft(&toks("the quick"), 1, 6).is_some());
+        store.add_session(&ns, &toks("the quick brown fox"));
+        assert!(store.best_draft(&ns, &toks("the quick"), 1, 6).is_some());
         for i in 0..20 {
-            store.add_session(&toks(&format!("filler session number {i:03}")));
+            store.add_session(&ns, &toks(&format!("filler session number {i:03}")));
         }
         assert!(store.tokens() <= 100 + 100 / SESSION_SEGMENTS + 30);
-        let m = store.best_draft(&toks("the quick"), 1, 6);
+        let m = store.best_draft(&ns, &toks("the quick"), 1, 6);
         assert!(m.is_none_or(|(m, _)| m.len < 5), "oldest session evicted");
-        let (m, draft) = store.best_draft(&toks("session number 01"), 1, 4).unwrap();
+        let (m, draft) = store
+            .best_draft(&ns, &toks("session number 01"), 1, 4)
+            .unwrap();
         assert_eq!(m.len, 17);
         assert_eq!(
             draft.len(),
@@ -289,17 +310,18 @@ mod tests {
 
     #[test]
     fn drafts_stop_at_session_boundaries() {
+        let ns = CacheNamespace::default();
         let mut store = SessionStore::new(1000);
-        store.add_session(&toks("abc xyz"));
-        store.add_session(&toks("abc def"));
-        let (m, draft) = store.best_draft(&toks("abc"), 1, 8).unwrap();
+        store.add_session(&ns, &toks("abc xyz"));
+        store.add_session(&ns, &toks("abc def"));
+        let (m, draft) = store.best_draft(&ns, &toks("abc"), 1, 8).unwrap();
         assert_eq!(
             (m.len, draft),
             (3, toks(" def")),
             "ties go to the most recent session"
         );
         assert!(
-            store.best_draft(&toks("xyz"), 1, 8).is_none(),
+            store.best_draft(&ns, &toks("xyz"), 1, 8).is_none(),
             "nothing follows xyz but a boundary"
         );
     }
@@ -322,5 +344,35 @@ mod tests {
         let (m, draft) = source.best_draft(&toks("xx world"), 1, 4).unwrap();
         assert_eq!(m.len, 6);
         assert_eq!(draft, toks(" and"));
+    }
+
+    #[test]
+    fn a_namespace_drafts_only_from_its_own_sessions() {
+        let (a, b) = (CacheNamespace::new("a"), CacheNamespace::new("b"));
+        let mut store = SessionStore::new(1000);
+        store.add_session(&a, &toks("the secret pin is 4711"));
+        assert!(
+            store
+                .best_draft(&b, &toks("the secret pin is"), 1, 8)
+                .is_none(),
+            "another namespace's session never drafts"
+        );
+        let (m, draft) = store
+            .best_draft(&a, &toks("the secret pin is"), 1, 8)
+            .unwrap();
+        assert_eq!((m.len, draft), (17, toks(" 4711")));
+        store.add_session(&b, &toks("the secret pin is 0000"));
+        let (_, draft) = store
+            .best_draft(&b, &toks("the secret pin is"), 1, 8)
+            .unwrap();
+        assert_eq!(draft, toks(" 0000"));
+        let (_, draft) = store
+            .best_draft(&a, &toks("the secret pin is"), 1, 8)
+            .unwrap();
+        assert_eq!(
+            draft,
+            toks(" 4711"),
+            "b's newer session does not shadow a's"
+        );
     }
 }

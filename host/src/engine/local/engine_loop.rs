@@ -24,6 +24,7 @@ use super::sampling::{build_sampler, top_logits, top_logprobs};
 use super::scheduler::{self, Demand, Planned, Queue};
 use super::sequence::{Exit, Sequence};
 use super::{EngineSettings, EngineStats};
+use crate::cache::CacheNamespace;
 use crate::engine::{EngineError, EventSender, FinishReason, Priority, SamplingParams};
 use crate::speculate::{DraftFeed, SessionStore, SpeculationStats, Speculator};
 use crate::token::TokenId;
@@ -41,6 +42,8 @@ pub(super) struct Pending {
     pub probe: Option<std::sync::mpsc::Sender<Vec<(TokenId, f32)>>>,
     /// Pipeline streams to draft from (an aggregator's proposers).
     pub draft_feed: Option<DraftFeed>,
+    /// Whose cached prefixes and past sessions the request may reuse.
+    pub namespace: CacheNamespace,
     /// The request asked for [`crate::engine::MeasureConfidence`].
     pub measure_confidence: bool,
     /// How many first-token candidates [`crate::engine::TopFirstTokens`] asked for (0: none).
@@ -190,12 +193,14 @@ impl<'m> EngineLoop<'m> {
             let prefilling = self
                 .running
                 .iter()
-                .filter(|s| s.prefilling())
+                // Only a prefill this request may reuse is worth waiting for (and waiting for
+                // another namespace's would time its text).
+                .filter(|s| s.prefilling() && s.namespace == pending.namespace)
                 .map(|s| &s.tokens[..s.prompt_len]);
             let kv = &mut self.kv;
             if self.settings.prefix_cache
                 && scheduler::waits_for_shared_prefill(prefilling, &pending.tokens, |usable| {
-                    kv.cached_len(&pending.tokens, usable)
+                    kv.cached_len(&pending.namespace, &pending.tokens, usable)
                 })
             {
                 at += 1;
@@ -203,10 +208,13 @@ impl<'m> EngineLoop<'m> {
             }
             let reserved = self.reserved_cells();
             let max_tokens = pending.sampling.max_tokens as usize;
-            let Some(admission) =
-                self.kv
-                    .admit(&mut self.executor, &pending.tokens, max_tokens, reserved)
-            else {
+            let Some(admission) = self.kv.admit(
+                &mut self.executor,
+                &pending.namespace,
+                &pending.tokens,
+                max_tokens,
+                reserved,
+            ) else {
                 // No slot or no room: wait for running sequences to finish, in priority order.
                 return;
             };
@@ -214,7 +222,8 @@ impl<'m> EngineLoop<'m> {
             let sampler = build_sampler(&pending.sampling, self.model.n_vocab(), &pending.tokens);
             let speculator = self.settings.speculation.enabled.then(|| {
                 let mut speculator =
-                    Speculator::new(&self.settings.speculation, pending.draft_feed.clone());
+                    Speculator::new(&self.settings.speculation, pending.draft_feed.clone())
+                        .in_namespace(pending.namespace.clone());
                 speculator.observe(&pending.tokens);
                 speculator
             });
@@ -250,6 +259,7 @@ impl<'m> EngineLoop<'m> {
                     .then(crate::engine::Confidence::default),
                 first_token_candidates: pending.first_token_candidates,
                 first_token_logprobs: None,
+                namespace: pending.namespace,
             });
         }
     }
@@ -489,10 +499,13 @@ impl<'m> EngineLoop<'m> {
         let keep_free = self.settings.max_running - self.running.len();
         let seq = &self.running[index];
         let prompt = &seq.tokens[..seq.prompt_len];
-        if self
-            .kv
-            .cache_prompt(&mut self.executor, seq.slot, prompt, keep_free)
-        {
+        if self.kv.cache_prompt(
+            &mut self.executor,
+            &seq.namespace,
+            seq.slot,
+            prompt,
+            keep_free,
+        ) {
             self.running[index].shared_cells = self.running[index].prompt_len;
         }
     }
@@ -507,8 +520,12 @@ impl<'m> EngineLoop<'m> {
                 }
                 self.finished += 1;
                 // The KV (prompt and output) becomes a cached prefix for later requests.
-                self.kv
-                    .retain(&mut self.executor, seq.slot, &seq.tokens[..seq.n_past]);
+                self.kv.retain(
+                    &mut self.executor,
+                    &seq.namespace,
+                    seq.slot,
+                    &seq.tokens[..seq.n_past],
+                );
             }
             Exit::Cancelled => {
                 tracing::debug!(slot = seq.slot.0, "sequence cancelled");
@@ -516,8 +533,12 @@ impl<'m> EngineLoop<'m> {
                 // aggregator re-issues a longer prompt with the same start and resumes there.
                 // Output of a cancelled request is not kept (nobody will read it).
                 if seq.prefilling() && seq.n_past > seq.cached_prompt {
-                    self.kv
-                        .retain(&mut self.executor, seq.slot, &seq.tokens[..seq.n_past]);
+                    self.kv.retain(
+                        &mut self.executor,
+                        &seq.namespace,
+                        seq.slot,
+                        &seq.tokens[..seq.n_past],
+                    );
                 } else {
                     self.kv.release(&mut self.executor, seq.slot);
                 }

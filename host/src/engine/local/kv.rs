@@ -10,7 +10,7 @@
 
 use std::collections::HashSet;
 
-use crate::cache::{NodeRef, PrefixCache, PrefixCacheStats, Released, SeqSlot};
+use crate::cache::{CacheNamespace, NodeRef, PrefixCache, PrefixCacheStats, Released, SeqSlot};
 use crate::token::TokenId;
 
 /// A KV operation llama.cpp refused.
@@ -74,11 +74,17 @@ impl KvManager {
         self.free.len()
     }
 
-    /// The longest cached prefix of `tokens` up to `max_len` tokens (0 without a cache).
-    pub fn cached_len(&mut self, tokens: &[TokenId], max_len: usize) -> usize {
+    /// The longest prefix of `tokens` cached in `namespace`, up to `max_len` tokens (0
+    /// without a cache).
+    pub fn cached_len(
+        &mut self,
+        namespace: &CacheNamespace,
+        tokens: &[TokenId],
+        max_len: usize,
+    ) -> usize {
         self.cache
             .as_mut()
-            .and_then(|c| c.lookup(tokens, max_len))
+            .and_then(|c| c.lookup(namespace, tokens, max_len))
             .map_or(0, |hit| hit.len)
     }
 
@@ -114,10 +120,12 @@ impl KvManager {
     /// A slot for a prompt of `tokens` that may generate `max_tokens`, with its longest
     /// cached prefix copied in, when a slot is free and the cells fit beside the
     /// `reserved` cells of running sequences (evicting cached prefixes to make room).
-    /// `None` leaves everything as it was, apart from evictions.
+    /// `None` leaves everything as it was, apart from evictions. Only prefixes cached in
+    /// `namespace` are reused.
     pub fn admit(
         &mut self,
         ops: &mut impl KvOps,
+        namespace: &CacheNamespace,
         tokens: &[TokenId],
         max_tokens: usize,
         reserved: usize,
@@ -128,7 +136,7 @@ impl KvManager {
         let hit = self
             .cache
             .as_mut()
-            .and_then(|c| c.lookup(tokens, prompt_len - 1));
+            .and_then(|c| c.lookup(namespace, tokens, prompt_len - 1));
         let mut cached = 0;
         let mut lock = None;
         if let (Some(hit), Some(cache)) = (hit, self.cache.as_mut()) {
@@ -174,6 +182,7 @@ impl KvManager {
     pub fn cache_prompt(
         &mut self,
         ops: &mut impl KvOps,
+        namespace: &CacheNamespace,
         source: SeqSlot,
         prompt: &[TokenId],
         keep_free: usize,
@@ -195,27 +204,39 @@ impl KvManager {
             self.free_slot(ops, slot);
             return false;
         }
-        self.insert(ops, prompt, slot);
+        self.insert(ops, namespace, prompt, slot);
         true
     }
 
-    fn insert(&mut self, ops: &mut impl KvOps, tokens: &[TokenId], slot: SeqSlot) {
+    fn insert(
+        &mut self,
+        ops: &mut impl KvOps,
+        namespace: &CacheNamespace,
+        tokens: &[TokenId],
+        slot: SeqSlot,
+    ) {
         let Some(cache) = self.cache.as_mut() else {
             self.free_slot(ops, slot);
             return;
         };
-        let mut released = cache.insert(tokens, slot);
+        let mut released = cache.insert(namespace, tokens, slot);
         released.slots.extend(cache.evict_to_budget().slots);
         self.free_released(ops, released);
     }
 
     /// A sequence's slot, whose positions `0..tokens.len()` hold `tokens`, becomes a cached
-    /// prefix; without a cache, or when its cells are not trusted, it is freed.
-    pub fn retain(&mut self, ops: &mut impl KvOps, slot: SeqSlot, tokens: &[TokenId]) {
+    /// prefix of `namespace`; without a cache, or when its cells are not trusted, it is freed.
+    pub fn retain(
+        &mut self,
+        ops: &mut impl KvOps,
+        namespace: &CacheNamespace,
+        slot: SeqSlot,
+        tokens: &[TokenId],
+    ) {
         if self.dirty.contains(&slot) {
             self.free_slot(ops, slot);
         } else {
-            self.insert(ops, tokens, slot);
+            self.insert(ops, namespace, tokens, slot);
         }
     }
 
@@ -298,6 +319,10 @@ mod tests {
         }
     }
 
+    fn ns() -> CacheNamespace {
+        CacheNamespace::default()
+    }
+
     fn tokens(n: i32) -> Vec<TokenId> {
         (0..n).map(TokenId).collect()
     }
@@ -308,7 +333,7 @@ mod tests {
 
     /// Admits and "prefills" a prompt: its slot then holds every prompt position.
     fn prefilled(kv: &mut KvManager, ops: &mut FakeKv, prompt: &[TokenId]) -> Admission {
-        let admission = kv.admit(ops, prompt, 8, 0).expect("room");
+        let admission = kv.admit(ops, &ns(), prompt, 8, 0).expect("room");
         ops.held.insert(admission.slot, prompt.len());
         admission
     }
@@ -318,11 +343,11 @@ mod tests {
         let (mut kv, mut ops) = (manager(), FakeKv::default());
         let prompt = tokens(40);
         let first = prefilled(&mut kv, &mut ops, &prompt);
-        assert!(kv.cache_prompt(&mut ops, first.slot, &prompt, 0));
+        assert!(kv.cache_prompt(&mut ops, &ns(), first.slot, &prompt, 0));
         let mut longer = prompt.clone();
         longer.extend(tokens(5));
         let second = kv
-            .admit(&mut ops, &longer, 8, first.reserved_cells)
+            .admit(&mut ops, &ns(), &longer, 8, first.reserved_cells)
             .unwrap();
         assert_eq!(second.cached, 40);
         assert!(second.lock.is_some());
@@ -337,7 +362,7 @@ mod tests {
         let first = prefilled(&mut kv, &mut ops, &prompt);
         let free_before = kv.free_slots();
         ops.fail_copy = true;
-        assert!(!kv.cache_prompt(&mut ops, first.slot, &prompt, 0));
+        assert!(!kv.cache_prompt(&mut ops, &ns(), first.slot, &prompt, 0));
         assert_eq!(
             kv.stats().entries,
             0,
@@ -356,7 +381,7 @@ mod tests {
         // And the next request prefills in full instead of copying cells that are not there.
         ops.fail_copy = false;
         let again = kv
-            .admit(&mut ops, &prompt, 8, first.reserved_cells)
+            .admit(&mut ops, &ns(), &prompt, 8, first.reserved_cells)
             .unwrap();
         assert_eq!(again.cached, 0);
     }
@@ -366,10 +391,10 @@ mod tests {
         let (mut kv, mut ops) = (manager(), FakeKv::default());
         let prompt = tokens(40);
         let first = prefilled(&mut kv, &mut ops, &prompt);
-        assert!(kv.cache_prompt(&mut ops, first.slot, &prompt, 0));
+        assert!(kv.cache_prompt(&mut ops, &ns(), first.slot, &prompt, 0));
         ops.fail_copy = true;
         let second = kv
-            .admit(&mut ops, &prompt, 8, first.reserved_cells)
+            .admit(&mut ops, &ns(), &prompt, 8, first.reserved_cells)
             .unwrap();
         assert_eq!((second.cached, second.lock), (0, None));
         assert!(
@@ -387,7 +412,7 @@ mod tests {
         let seq = prefilled(&mut kv, &mut ops, &prompt);
         ops.fail_truncate = true;
         assert!(kv.truncate(&mut ops, seq.slot, 30).is_err());
-        kv.retain(&mut ops, seq.slot, &prompt[..30]);
+        kv.retain(&mut ops, &ns(), seq.slot, &prompt[..30]);
         assert_eq!(
             kv.stats().entries,
             0,
@@ -403,7 +428,7 @@ mod tests {
         let prompt = tokens(40);
         let seq = prefilled(&mut kv, &mut ops, &prompt);
         kv.truncate(&mut ops, seq.slot, 30).unwrap();
-        kv.retain(&mut ops, seq.slot, &prompt[..30]);
+        kv.retain(&mut ops, &ns(), seq.slot, &prompt[..30]);
         assert_eq!((kv.stats().entries, kv.stats().cells), (1, 30));
     }
 
@@ -411,9 +436,9 @@ mod tests {
     fn admission_waits_when_running_sequences_hold_the_cells() {
         let (mut kv, mut ops) = (KvManager::new(4, Some(100), 200), FakeKv::default());
         let free = kv.free_slots();
-        assert_eq!(kv.admit(&mut ops, &tokens(50), 100, 100), None);
+        assert_eq!(kv.admit(&mut ops, &ns(), &tokens(50), 100, 100), None);
         assert_eq!(kv.free_slots(), free, "the slot it tried went back");
-        assert!(kv.admit(&mut ops, &tokens(50), 50, 100).is_some());
+        assert!(kv.admit(&mut ops, &ns(), &tokens(50), 50, 100).is_some());
     }
 
     #[test]
@@ -421,21 +446,24 @@ mod tests {
         let (mut kv, mut ops) = (KvManager::new(4, Some(1000), 200), FakeKv::default());
         let prompt = tokens(100);
         let first = prefilled(&mut kv, &mut ops, &prompt);
-        kv.retain(&mut ops, first.slot, &prompt);
+        kv.retain(&mut ops, &ns(), first.slot, &prompt);
         assert_eq!(kv.stats().cells, 100);
         // A different prompt that needs 150 cells: the unlocked entry is evicted.
         let other: Vec<TokenId> = (1000..1100).map(TokenId).collect();
         let admitted = kv
-            .admit(&mut ops, &other, 50, 0)
+            .admit(&mut ops, &ns(), &other, 50, 0)
             .expect("room after eviction");
         assert_eq!(kv.stats().cells, 0);
         kv.release(&mut ops, admitted.slot);
         // A locked prefix is kept even when that leaves no room.
         let second = prefilled(&mut kv, &mut ops, &prompt);
-        kv.retain(&mut ops, second.slot, &prompt);
-        let reader = kv.admit(&mut ops, &prompt, 10, 0).expect("room");
+        kv.retain(&mut ops, &ns(), second.slot, &prompt);
+        let reader = kv.admit(&mut ops, &ns(), &prompt, 10, 0).expect("room");
         assert!(reader.lock.is_some());
-        assert_eq!(kv.admit(&mut ops, &other, 90, reader.reserved_cells), None);
+        assert_eq!(
+            kv.admit(&mut ops, &ns(), &other, 90, reader.reserved_cells),
+            None
+        );
         assert_eq!(kv.stats().cells, 100);
     }
 }

@@ -490,6 +490,7 @@ impl LocalEngine {
                 submitted: Instant::now(),
                 probe: Some(probe),
                 draft_feed: None,
+                namespace: Default::default(),
                 measure_confidence: false,
                 first_token_candidates: 0,
             },
@@ -537,6 +538,7 @@ impl Engine for LocalEngine {
                 submitted,
                 probe: None,
                 draft_feed: request.extensions.get::<DraftFeed>().cloned(),
+                namespace: request.namespace.clone(),
                 measure_confidence: request
                     .extensions
                     .get::<crate::engine::MeasureConfidence>()

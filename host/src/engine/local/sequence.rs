@@ -66,6 +66,8 @@ pub(super) struct Sequence {
     /// First-token candidates to report (0: none), and the report once measured.
     pub first_token_candidates: usize,
     pub first_token_logprobs: Option<crate::engine::FirstTokenLogprobs>,
+    /// Whose cached prefixes this sequence reads and joins.
+    pub namespace: crate::cache::CacheNamespace,
 }
 
 impl Sequence {

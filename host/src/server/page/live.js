@@ -380,7 +380,8 @@ async function loadPipelines() {
 }
 
 async function loadRuns() {
-  const response = await fetch("/v1/runs", { headers: authHeaders() });
+  // The caller's own runs; prompts are shown only when asked for.
+  const response = await fetch("/v1/runs?include_prompt=true", { headers: authHeaders() });
   if (!response.ok) throw await apiError(response);
   const { data } = await response.json();
   $("#runs-table tbody").replaceChildren(
