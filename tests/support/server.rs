@@ -1,0 +1,73 @@
+//! Starting a real `staircase serve` for a black-box test: the binary on a loopback port
+//! (port 0, read back from its first line), killed when the test ends, whatever happens.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// Kills the server when dropped, so a failing assertion never leaves it running.
+pub struct Server(pub Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A fresh scratch folder for one test.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("staircase-serve-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// `staircase serve` on a free loopback port with `args` after it.
+pub fn serve(args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_staircase"));
+    command
+        .args(["serve", "--host", "127.0.0.1", "--port", "0", "--no-watch"])
+        .args(args);
+    command
+}
+
+/// Starts the server `command` describes and reads its address from its first line.
+pub fn start_server(command: &mut Command) -> (Server, String) {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("the staircase binary starts");
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let server = Server(child);
+    let mut stdout = BufReader::new(stdout);
+    let mut line = String::new();
+    stdout
+        .read_line(&mut line)
+        .expect("the server prints its address");
+    // Keep reading, so the server never writes into a closed pipe.
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+    let base = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line from the server: {line:?}"))
+        .to_string();
+    (server, base)
+}
+
+/// The child's exit status, or `None` (after killing it) when it outlives `limit`.
+pub fn wait_bounded(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
