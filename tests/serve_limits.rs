@@ -399,3 +399,22 @@ fn sigterm_drains_and_exits() {
     let _: &Server = &server;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `[server] metrics_require_key` puts `/metrics` behind the key; `/health` stays open.
+#[test]
+fn metrics_can_require_the_key() {
+    let dir = scratch("metrics-key");
+    let file = dir.join("staircase.toml");
+    std::fs::write(&file, "[server]\nmetrics_require_key = true\n").unwrap();
+    let (_server, base) = start_server(
+        serve(&["--config", file.to_str().unwrap()])
+            .args(["--api-key-env", "STAIRCASE_LIMITS_KEY"])
+            .env("STAIRCASE_LIMITS_KEY", "secret"),
+    );
+    assert_eq!(request(&base, "GET", "/metrics", &[], "").0, 401);
+    let bearer = ("Authorization", "Bearer secret");
+    let (status, text) = request(&base, "GET", "/metrics", &[bearer], "");
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(request(&base, "GET", "/health", &[], "").0, 200);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -30,7 +30,8 @@ pub struct Args {
     /// The environment variable holding the API key clients must send.
     #[arg(long, value_name = "VAR")]
     api_key_env: Option<String>,
-    /// Cap every node's output at this many tokens.
+    /// The ceiling on every request's output tokens: plain models, every pipeline node,
+    /// plugin calls (a request's own `max_tokens` can only lower it).
     #[arg(long)]
     max_tokens: Option<u32>,
     /// Runs waiting for a slot before the server answers 429.

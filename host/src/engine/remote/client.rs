@@ -75,16 +75,19 @@ pub struct Attempt<'a> {
 /// `url` without the parts that may carry secrets (user and password, query, fragment), for
 /// messages, logs and metric labels.
 pub fn redact_url(url: &str) -> String {
-    match reqwest::Url::parse(url) {
-        Ok(mut parsed) => {
+    match reqwest::Url::parse(url)
+        .ok()
+        .filter(|u| !u.cannot_be_a_base())
+    {
+        Some(mut parsed) => {
             let _ = parsed.set_username("");
             let _ = parsed.set_password(None);
             parsed.set_query(None);
             parsed.set_fragment(None);
             parsed.to_string().trim_end_matches('/').to_string()
         }
-        // Not a URL: keep what cannot hold a secret of the kind above.
-        Err(_) => url
+        // Not a URL with a host: keep what cannot hold a secret of the kind above.
+        None => url
             .rsplit('@')
             .next()
             .unwrap_or(url)
@@ -322,7 +325,17 @@ impl Attempt<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::strip_echo;
+    use super::{redact_url, strip_echo};
+
+    #[test]
+    fn urls_lose_credentials_query_and_fragment() {
+        assert_eq!(
+            redact_url("https://user:secret@replica.example:8443/v1?key=abc#x"),
+            "https://replica.example:8443/v1"
+        );
+        assert_eq!(redact_url("http://10.0.0.2:8080/"), "http://10.0.0.2:8080");
+        assert_eq!(redact_url("user:pw@host/p?token=1"), "host/p");
+    }
 
     #[test]
     fn an_echoed_prefix_is_removed_once_and_other_text_kept() {
