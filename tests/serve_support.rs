@@ -1,10 +1,13 @@
 //! What the server tests share: a `staircase serve` started on a loopback port and killed
-//! when its handle drops, and scratch folders. Included by `serve.rs` and `serve_tenants.rs`
-//! as a module (`mod serve_support;`); it holds no test of its own.
+//! when its handle drops, and scratch folders. Included by every `serve*.rs` test file as a
+//! module (`mod serve_support;`); it holds no test of its own, and not every file uses every
+//! helper.
+#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 /// Kills the server when dropped, so a failing assertion never leaves it running.
 pub struct Server(pub Child);
@@ -16,6 +19,7 @@ impl Drop for Server {
     }
 }
 
+/// A fresh scratch folder for one test.
 pub fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("staircase-serve-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -48,4 +52,29 @@ pub fn start_server(command: &mut Command) -> (Server, String) {
         .unwrap_or_else(|| panic!("unexpected first line from the server: {line:?}"))
         .to_string();
     (server, base)
+}
+
+/// `staircase serve` on a free loopback port with `args` after it.
+pub fn serve(args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_staircase"));
+    command
+        .args(["serve", "--host", "127.0.0.1", "--port", "0", "--no-watch"])
+        .args(args);
+    command
+}
+
+/// The child's exit status, or `None` (after killing it) when it outlives `limit`.
+pub fn wait_bounded(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -412,6 +412,7 @@ fn serve(rt: &tokio::runtime::Runtime, app: Arc<App>) -> (SocketAddr, oneshot::S
         tenants: Vec::new(),
         limits: Limits::default(),
         watch: false,
+        access: Default::default(),
     };
     let (addr_tx, addr_rx) = oneshot::channel();
     let (stop_tx, stop_rx) = oneshot::channel::<()>();

@@ -22,11 +22,22 @@
 //! request_timeout_secs = 300
 //! max_body_bytes = 1048576
 //! recent_runs = 32                   # traces kept for /v1/runs/{id}/trace
+//! max_tokens = 1024                  # ceiling on every request's output (default: none)
+//! max_connections = 256              # open connections; more wait to be accepted
+//! header_timeout_secs = 10           # request headers, and a kept-alive connection's idle wait
+//! body_timeout_secs = 30             # a request body
+//! shutdown_grace_secs = 10           # shutdown drains this long, then cuts
+//! stream_write_timeout_secs = 30     # a streaming client that stops reading is cancelled
+//! max_messages = 256                 # messages per request
+//! max_stop = 4                       # stop strings per request
 //! [server]
 //! host = "127.0.0.1"
 //! port = 8080
 //! api_key_env = "STAIRCASE_API_KEY"
 //! api_keys_file = "keys.toml"        # several tenants, one key each (README: Tenants)
+//! allowed_hosts = ["box.lan"]        # Host names a key-less server answers, beyond loopback
+//! metrics_require_key = false        # /metrics asks for the key too
+//! allow_unauthenticated = false      # let a key-less server bind a non-loopback address
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -151,6 +162,28 @@ pub const DEFAULT_REQUEST_TIMEOUT_SECS: u64 = 300;
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
 /// Finished runs whose traces the server keeps; older ones are dropped.
 pub const DEFAULT_RECENT_RUNS: usize = 32;
+/// Open connections at once; more wait in the kernel's accept queue until one closes. Far
+/// above the runs a CPU server can serve at once (`max_running` + `queue`), so a client is
+/// refused by the queue's 429, not left unaccepted, while idle or slow sockets cannot hold
+/// the process's file descriptors.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+/// A connection has this long to send a request's line and headers, and a kept-alive one
+/// this long to start its next request: a real client sends its headers in one packet, so
+/// this only ends sockets that send nothing or trickle.
+pub const DEFAULT_HEADER_TIMEOUT_SECS: u64 = 10;
+/// A request body (at most `max_body_bytes`) must arrive within this: a megabyte takes well
+/// under a second on any link a client of this server uses.
+pub const DEFAULT_BODY_TIMEOUT_SECS: u64 = 30;
+/// At shutdown, runs in flight get this long to finish; then their connections are cut.
+pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 10;
+/// A streaming client that takes no more of the answer for this long is cancelled and its
+/// run dropped (its engine slot freed): longer than any pause of a client that is reading.
+pub const DEFAULT_STREAM_WRITE_TIMEOUT_SECS: u64 = 30;
+/// Messages in one request: a long conversation is a few dozen; more is a mistake or an
+/// attempt to make the server tokenize and template a flood.
+pub const DEFAULT_MAX_MESSAGES: usize = 256;
+/// Stop strings in one request, OpenAI's own limit (each is matched on every token).
+pub const DEFAULT_MAX_STOP: usize = 4;
 
 /// Server limits.
 #[derive(Clone, Debug, Deserialize)]
@@ -161,7 +194,8 @@ pub struct Limits {
     pub request_timeout_secs: u64,
     pub max_body_bytes: usize,
     pub recent_runs: usize,
-    /// Caps every node's output of every pipeline (as `run --max-tokens` does).
+    /// The ceiling on every request's output: plain models, every pipeline node, what
+    /// plugins ask for; a request's own `max_tokens` can only lower it.
     pub max_tokens: Option<u32>,
     // Per-tenant shares (`server::tenant`); a keys file can set the first two per tenant.
     /// Requests of one tenant running or queued at once; `None`: half of `max_running +
@@ -173,6 +207,13 @@ pub struct Limits {
     pub run_subscribers: usize,
     /// Live run-event subscribers of one tenant, over all its runs.
     pub tenant_subscribers: usize,
+    pub max_connections: usize,
+    pub header_timeout_secs: u64,
+    pub body_timeout_secs: u64,
+    pub shutdown_grace_secs: u64,
+    pub stream_write_timeout_secs: u64,
+    pub max_messages: usize,
+    pub max_stop: usize,
 }
 
 /// Run-event subscribers per run: the live page and a few tools watching one run.
@@ -205,6 +246,13 @@ impl Default for Limits {
             tenant_tokens_per_minute: None,
             run_subscribers: DEFAULT_RUN_SUBSCRIBERS,
             tenant_subscribers: DEFAULT_TENANT_SUBSCRIBERS,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            header_timeout_secs: DEFAULT_HEADER_TIMEOUT_SECS,
+            body_timeout_secs: DEFAULT_BODY_TIMEOUT_SECS,
+            shutdown_grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS,
+            stream_write_timeout_secs: DEFAULT_STREAM_WRITE_TIMEOUT_SECS,
+            max_messages: DEFAULT_MAX_MESSAGES,
+            max_stop: DEFAULT_MAX_STOP,
         }
     }
 }
@@ -279,6 +327,13 @@ pub struct ServerConfig {
     pub api_key_env: Option<String>,
     /// A TOML file of tenants and their keys (`server::tenant` describes it).
     pub api_keys_file: Option<PathBuf>,
+    /// Host names (or addresses) a server without a key answers besides loopback names and
+    /// the address it is bound to; `"*"` answers any (DNS rebinding protection off).
+    pub allowed_hosts: Vec<String>,
+    /// `/metrics` asks for the key too (off: scrapers usually have none).
+    pub metrics_require_key: bool,
+    /// Lets a server without a key listen on a non-loopback address.
+    pub allow_unauthenticated: bool,
 }
 
 impl Default for ServerConfig {
@@ -288,6 +343,9 @@ impl Default for ServerConfig {
             port: 8080,
             api_key_env: None,
             api_keys_file: None,
+            allowed_hosts: Vec::new(),
+            metrics_require_key: false,
+            allow_unauthenticated: false,
         }
     }
 }

@@ -125,7 +125,14 @@ impl AppBuilder {
         let mut config = self.config;
         config.plugins.dirs.extend(self.plugin_dirs);
         config.pipelines.dirs.extend(self.pipeline_dirs);
-        let models = models::load(&config, self.model.as_deref(), self.local.as_deref())?;
+        let mut models = models::load(&config, self.model.as_deref(), self.local.as_deref())?;
+        // `[limits] max_tokens` bounds every request on every engine, whoever sets it (a
+        // client, a pipeline file, a role plugin, `model.complete`).
+        if let Some(cap) = config.limits.max_tokens {
+            for model in &mut models {
+                model.engine = crate::engine::capped(model.engine.clone(), cap);
+            }
+        }
         let default = models
             .iter()
             .find(|m| m.is_default)

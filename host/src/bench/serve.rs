@@ -115,6 +115,7 @@ pub async fn run(
             ..Limits::default()
         },
         watch: false,
+        access: Default::default(),
     };
     let (addr_tx, addr_rx) = oneshot::channel();
     let (stop_tx, stop_rx) = oneshot::channel::<()>();

@@ -36,7 +36,8 @@ pub struct Args {
     /// command line.
     #[arg(long, value_name = "FILE")]
     api_keys_file: Option<PathBuf>,
-    /// Cap every node's output at this many tokens.
+    /// The ceiling on every request's output tokens: plain models, every pipeline node,
+    /// plugin calls (a request's own `max_tokens` can only lower it).
     #[arg(long)]
     max_tokens: Option<u32>,
     /// Runs waiting for a slot before the server answers 429.
@@ -48,6 +49,17 @@ pub struct Args {
     /// Seconds a run may take before it is ended with an error.
     #[arg(long, value_name = "SECS")]
     request_timeout: Option<u64>,
+    /// Open connections at once; more wait to be accepted.
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// A Host name a server without a key answers besides addresses and loopback names
+    /// (DNS-rebinding protection); repeatable, `*` for any.
+    #[arg(long = "allowed-host", value_name = "NAME")]
+    allowed_hosts: Vec<String>,
+    /// Listen on a non-loopback address without an API key (anyone who can reach it can
+    /// use it).
+    #[arg(long)]
+    allow_unauthenticated: bool,
     /// Do not watch the plugin and pipeline folders (`POST /admin/reload` still rescans).
     #[arg(long)]
     no_watch: bool,
@@ -69,6 +81,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     limits.queue = args.queue.unwrap_or(limits.queue);
     limits.max_running = args.max_running.unwrap_or(limits.max_running);
     limits.request_timeout_secs = args.request_timeout.unwrap_or(limits.request_timeout_secs);
+    limits.max_connections = args.max_connections.unwrap_or(limits.max_connections);
     let host = match args.host {
         Some(host) => host,
         None => config.server.host.parse().with_context(|| {
@@ -80,11 +93,27 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let addr = SocketAddr::new(host, args.port.unwrap_or(config.server.port));
     let tenants = tenants(&args, &config.server)?;
+    if tenants.is_empty()
+        && !host.is_loopback()
+        && !(args.allow_unauthenticated || config.server.allow_unauthenticated)
+    {
+        anyhow::bail!(
+            "refusing to listen on {host} without an API key: anyone who can reach it could \
+             run models and reload plugins. Set one with --api-key-env VAR or --api-keys-file \
+             FILE, or pass --allow-unauthenticated if that is what you mean"
+        );
+    }
+    let mut allowed_hosts = config.server.allowed_hosts.clone();
+    allowed_hosts.extend(args.allowed_hosts.iter().cloned());
     let options = ServeOptions {
         addr,
         tenants,
         limits: config.limits.clone(),
         watch: !args.no_watch,
+        access: server::Access {
+            allowed_hosts,
+            metrics_require_key: config.server.metrics_require_key,
+        },
     };
     let app = Arc::new(builder.build()?);
     super::runtime()?.block_on(server::serve(
@@ -93,9 +122,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         |addr| {
             println!("listening on http://{addr}");
         },
-        async {
-            let _ = tokio::signal::ctrl_c().await;
-        },
+        shutdown_signal(),
     ))?;
     // A conversation's compression runs on a thread of its own, on the engines; exiting under
     // it would tear the model down beneath it.
@@ -133,6 +160,31 @@ fn tenants(
         None => {}
     }
     Ok(tenants)
+}
+
+/// Resolves on Ctrl-C or SIGTERM (what `kill`, systemd and container runtimes send).
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; Ctrl-C still stops the server");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!("shutting down: draining connections");
 }
 
 /// The longest `serve` waits at shutdown for background compressions to finish.

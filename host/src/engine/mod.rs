@@ -13,6 +13,7 @@
 //! This module holds only the contract; it must not know about pipelines, plugins or any
 //! one backend (it names no type of `local/` or `speculate/`).
 
+mod capped;
 mod error;
 pub mod local;
 pub mod remote;
@@ -24,6 +25,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use self::capped::capped;
 pub use self::error::EngineError;
 pub use self::stream::{Completion, EventSender, GenerationStream};
 pub use self::tokens::{

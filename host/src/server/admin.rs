@@ -76,7 +76,12 @@ pub(crate) async fn health() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
-pub(crate) async fn metrics(State(state): State<Arc<ServerState>>) -> Response {
+pub(crate) async fn metrics(State(state): State<Arc<ServerState>>, headers: HeaderMap) -> Response {
+    if state.options.access.metrics_require_key
+        && let Err(error) = state.authorize(&headers)
+    {
+        return error.into_response();
+    }
     let (running, waiting) = state.admission.depth();
     let text = state.metrics.render(&state.app, running, waiting);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()

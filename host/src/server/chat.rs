@@ -8,12 +8,11 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::extract::rejection::BytesRejection;
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream;
@@ -64,9 +63,9 @@ struct Meta {
 pub(crate) async fn completions(
     State(state): State<Arc<ServerState>>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Response {
-    match prepare(&state, &headers, body) {
+    match prepare(&state, &headers, body).await {
         Ok((chat, target, tenant)) => {
             let model = chat.model.clone();
             let response = start(state.clone(), chat, target, tenant).await;
@@ -81,21 +80,18 @@ pub(crate) async fn completions(
     }
 }
 
-/// Everything checked before any work: key, body, model, context, queue.
-fn prepare(
+/// Everything checked before any work: key (before a byte of the body is read), body, caps,
+/// model.
+async fn prepare(
     state: &ServerState,
     headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<(Chat, Target, Tenant), ApiError> {
     let tenant = state.authorize(headers)?;
-    let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::too_large(state.options.limits.max_body_bytes)
-        } else {
-            ApiError::invalid(None, rejection.body_text())
-        }
-    })?;
+    let limits = &state.options.limits;
+    let body = read_body(body, limits.max_body_bytes, limits.body_timeout_secs).await?;
     let chat = openai::parse(&body)?;
+    openai::check_caps(&chat, limits.max_messages, limits.max_stop)?;
     let target = if let Some(version) = state.app.pipelines().get(&chat.model) {
         Target::Pipeline(version)
     } else if let Some(engine) = state.app.engine(&chat.model) {
@@ -111,8 +107,28 @@ fn prepare(
         known.extend(state.app.model_names());
         return Err(ApiError::model_not_found(&chat.model, &known));
     };
-    check_context(state, &chat, &target)?;
     Ok((chat, target, tenant))
+}
+
+/// The whole body, at most `limit` bytes, within `timeout_secs`.
+async fn read_body(body: Body, limit: usize, timeout_secs: u64) -> Result<Bytes, ApiError> {
+    let timeout = Duration::from_secs(timeout_secs.max(1));
+    match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
+        Err(_) => Err(ApiError::body_timeout(timeout.as_secs())),
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(error)) => {
+            let too_large = std::error::Error::source(&error)
+                .is_some_and(|e| e.is::<http_body_util::LengthLimitError>());
+            if too_large {
+                Err(ApiError::too_large(limit))
+            } else {
+                Err(ApiError::invalid(
+                    None,
+                    format!("The request body could not be read: {error}"),
+                ))
+            }
+        }
+    }
 }
 
 /// A conversation the model's context cannot hold is refused before it queues.
@@ -142,6 +158,10 @@ async fn start(state: Arc<ServerState>, chat: Chat, target: Target, tenant: Tena
         Ok(ticket) => ticket,
         Err(error) => return error.into_response(),
     };
+    // Tokenized only once the queue took it: a full queue costs a flood nothing.
+    if let Err(error) = check_context(&state, &chat, &target) {
+        return error.into_response();
+    }
     let id = match state.next_id() {
         Ok(id) => id,
         Err(error) => return error.into_response(),
@@ -251,8 +271,13 @@ fn streamed(
     ticket: super::admission::Ticket,
     meta: Meta,
 ) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
-    let (sse_tx, sse_rx) = mpsc::unbounded_channel::<Event>();
+    let (sse_tx, sse_rx) = mpsc::channel::<Event>(SSE_BUFFER);
+    let write_timeout = Duration::from_secs(state.options.limits.stream_write_timeout_secs.max(1));
     tokio::spawn(async move {
+        let sse = Writer {
+            tx: sse_tx,
+            timeout: write_timeout,
+        };
         let chunk = |delta: Delta<'_>, reason: Option<&'static str>, fp: &str| {
             json_event(&openai::Chunk {
                 id: &meta.id,
@@ -270,6 +295,13 @@ fn streamed(
                 staircase: None,
             })
         };
+        // A client that stops reading: the run is dropped (every node cancelled, its engine
+        // sequences freed) and counted.
+        let stalled = || {
+            tracing::info!(id = %meta.id, "a streaming client stopped reading; run cancelled");
+            state.metrics.cancelled(&meta.model);
+            state.metrics.stalled(&meta.model);
+        };
         let (text_tx, mut text_rx) = mpsc::unbounded_channel::<String>();
         let deadline = state.deadline();
         let work = tokio::time::timeout(deadline, async {
@@ -277,42 +309,52 @@ fn streamed(
             execute(&state, &chat, target, &meta.id, &meta.tenant, text_tx).await
         });
         tokio::pin!(work);
-        let _ = sse_tx.send(chunk(
+        let first = chunk(
             Delta {
                 role: Some("assistant"),
                 content: Some(""),
             },
             None,
             &meta.fingerprint,
-        ));
+        );
+        if let Err(gone) = sse.send(first).await {
+            return gone.count(&state, &meta.model, stalled);
+        }
         let result = loop {
             tokio::select! {
                 biased;
                 // The client is gone: dropping `work` drops the run and cancels every node.
-                () = sse_tx.closed() => {
+                () = sse.tx.closed() => {
                     state.metrics.cancelled(&meta.model);
                     return;
                 }
                 Some(text) = text_rx.recv() => {
-                    let _ = sse_tx.send(chunk(Delta { role: None, content: Some(&text) }, None, &meta.fingerprint));
+                    // While the client takes no more, the run is not driven (backpressure).
+                    let event = chunk(Delta { role: None, content: Some(&text) }, None, &meta.fingerprint);
+                    if let Err(gone) = sse.send(event).await {
+                        return gone.count(&state, &meta.model, stalled);
+                    }
                 }
                 result = &mut work => break result,
             }
         };
         while let Ok(text) = text_rx.try_recv() {
-            let _ = sse_tx.send(chunk(
+            let event = chunk(
                 Delta {
                     role: None,
                     content: Some(&text),
                 },
                 None,
                 &meta.fingerprint,
-            ));
+            );
+            if let Err(gone) = sse.send(event).await {
+                return gone.count(&state, &meta.model, stalled);
+            }
         }
         let finish = match result {
             Ok(Ok(finish)) => finish,
-            Ok(Err(error)) => return send_error(&sse_tx, &error),
-            Err(_) => return send_error(&sse_tx, &ApiError::timeout(deadline.as_secs())),
+            Ok(Err(error)) => return sse.error(&error).await,
+            Err(_) => return sse.error(&ApiError::timeout(deadline.as_secs())).await,
         };
         let fp = finish
             .report
@@ -336,13 +378,13 @@ fn streamed(
             staircase: None,
         };
         if chat.include_usage {
-            let _ = sse_tx.send(json_event(&last));
+            let _ = sse.send(json_event(&last)).await;
             last.choices.clear();
             last.usage = Some(finish.usage);
         }
         last.staircase = Some(finish.report);
-        let _ = sse_tx.send(json_event(&last));
-        let _ = sse_tx.send(Event::default().data("[DONE]"));
+        let _ = sse.send(json_event(&last)).await;
+        let _ = sse.send(Event::default().data("[DONE]")).await;
     });
     let events = stream::unfold(sse_rx, |mut rx| async move {
         rx.recv().await.map(|event| (Ok(event), rx))
@@ -350,13 +392,53 @@ fn streamed(
     Sse::new(events).keep_alive(KeepAlive::default())
 }
 
-fn json_event(value: &impl serde::Serialize) -> Event {
-    Event::default().data(serde_json::to_string(value).unwrap_or_default())
+/// Events waiting between a run and the client's socket. Enough to smooth a burst (a
+/// pipeline's answer node streams a chunk at a time); past it the run waits for the client.
+const SSE_BUFFER: usize = 64;
+
+/// The run's side of a stream: each event waits for room at most `timeout`.
+struct Writer {
+    tx: mpsc::Sender<Event>,
+    timeout: Duration,
 }
 
-/// A failure after streaming began: one event with the error object; the stream then ends.
-fn send_error(tx: &mpsc::UnboundedSender<Event>, error: &ApiError) {
-    let _ = tx.send(json_event(&json!({ "error": error.object() })));
+/// Why an event could not be sent.
+enum Gone {
+    /// The client closed the stream.
+    Closed,
+    /// The client stopped reading for the write timeout.
+    Stalled,
+}
+
+impl Gone {
+    fn count(self, state: &ServerState, model: &str, stalled: impl FnOnce()) {
+        match self {
+            Gone::Closed => state.metrics.cancelled(model),
+            Gone::Stalled => stalled(),
+        }
+    }
+}
+
+impl Writer {
+    async fn send(&self, event: Event) -> Result<(), Gone> {
+        match tokio::time::timeout(self.timeout, self.tx.send(event)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(Gone::Closed),
+            Err(_) => Err(Gone::Stalled),
+        }
+    }
+
+    /// A failure after streaming began: one event with the error object; the stream then
+    /// ends.
+    async fn error(&self, error: &ApiError) {
+        let _ = self
+            .send(json_event(&json!({ "error": error.object() })))
+            .await;
+    }
+}
+
+fn json_event(value: &impl serde::Serialize) -> Event {
+    Event::default().data(serde_json::to_string(value).unwrap_or_default())
 }
 
 /// Runs the request, sending answer text to `text` as it is generated.
@@ -384,7 +466,10 @@ async fn execute(
             }
             result
         }
-        Work::Model(engine) => generate(chat, engine.as_ref(), id, tenant, &mut send).await,
+        Work::Model(engine) => {
+            let cap = state.options.limits.max_tokens;
+            generate(chat, cap, engine.as_ref(), id, tenant, &mut send).await
+        }
     };
     if let Ok(finish) = &result {
         tenant.quota().charge(u64::from(finish.usage.total_tokens));
@@ -399,14 +484,15 @@ async fn execute(
 /// request's parameters on the node that gives the answer.
 fn shaped(state: &ServerState, chat: &Chat, pipeline: &Pipeline) -> Pipeline {
     let mut pipeline = pipeline.clone();
-    // The server's cap bounds what the file asks for; the request then sets its answer.
+    // The server's cap bounds what the file asks for; the request may then lower it.
     if let Some(max) = state.options.limits.max_tokens {
         pipeline.limit_tokens(max);
     }
     let output = pipeline.output.0;
     let params = &mut pipeline.nodes[output].params;
+    // A request's own `max_tokens` can only lower the cap.
     if let Some(max) = chat.max_tokens {
-        params.max_tokens = Some(max);
+        params.max_tokens = Some(params.max_tokens.map_or(max, |cap| cap.min(max)));
     }
     params.temperature = chat.temperature.or(params.temperature);
     params.top_p = chat.top_p.or(params.top_p);
@@ -464,7 +550,7 @@ async fn run_pipeline(
     while let Ok(event) = events.try_recv() {
         on_event(event);
     }
-    let mut report = result.map_err(|error| run_error(state, &pipeline, error))?;
+    let mut report = result.map_err(|error| run_error(state, &pipeline, id, error))?;
     report.variant = choice.and_then(|c| serde_json::to_value(c).ok());
     let output = &report.nodes[pipeline.output.0];
     let cap = pipeline.node(pipeline.output).params.max_tokens;
@@ -503,7 +589,30 @@ async fn run_pipeline(
     })
 }
 
-fn run_error(state: &ServerState, pipeline: &Pipeline, error: RunError) -> ApiError {
+/// What a client may read of an engine failure: a remote backend's answer body and its
+/// address (which may carry credentials) go to the log only, under the request id.
+fn backend_failure(
+    id: &str,
+    error: &EngineError,
+    full: &dyn std::fmt::Display,
+) -> Option<ApiError> {
+    let summary = match error {
+        EngineError::Http { status, .. } => format!("the model's backend answered HTTP {status}"),
+        EngineError::Unreachable(_) => "the model's backend is unreachable".to_string(),
+        _ => return None,
+    };
+    tracing::warn!(request_id = id, error = %full, "backend failure");
+    Some(ApiError::run_failed(format!(
+        "{summary} (request {id}; the server log has the details)"
+    )))
+}
+
+fn run_error(state: &ServerState, pipeline: &Pipeline, id: &str, error: RunError) -> ApiError {
+    if let RunError::Engine { source, .. } = &error
+        && let Some(api) = backend_failure(id, source, &error)
+    {
+        return api;
+    }
     match &error {
         RunError::Engine {
             source: EngineError::PromptTooLong { .. },
@@ -521,15 +630,19 @@ fn run_error(state: &ServerState, pipeline: &Pipeline, error: RunError) -> ApiEr
     }
 }
 
+/// One model's answer, at most the server's `cap` tokens (the engine also ends it at the
+/// end of its context).
 async fn generate(
     chat: &Chat,
+    cap: Option<u32>,
     engine: &dyn Engine,
     id: &str,
     tenant: &Tenant,
     send: &mut impl FnMut(String),
 ) -> Result<Finish, ApiError> {
     let defaults = SamplingParams::default();
-    let max_tokens = chat.max_tokens.unwrap_or(defaults.max_tokens);
+    let asked = chat.max_tokens.unwrap_or(defaults.max_tokens);
+    let max_tokens = cap.map_or(asked, |cap| asked.min(cap));
     let mut request = GenerationRequest::chat(chat.conversation.clone());
     request.namespace = tenant.namespace().clone();
     // A trailing assistant message is continued, as llama.cpp's server does: how another
@@ -555,7 +668,8 @@ async fn generate(
     let engine_error = |error: EngineError| match error {
         EngineError::PromptTooLong { .. } => ApiError::context_length(error.to_string()),
         EngineError::InvalidRequest(_) => ApiError::invalid(None, error.to_string()),
-        _ => ApiError::run_failed(error.to_string()),
+        _ => backend_failure(id, &error, &error)
+            .unwrap_or_else(|| ApiError::run_failed(error.to_string())),
     };
     let mut stream = engine.submit(request).map_err(engine_error)?;
     while let Some(event) = stream.next().await {

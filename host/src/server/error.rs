@@ -1,6 +1,7 @@
 //! Errors in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with the
 //! status the official clients map to their exception types (400 `BadRequestError`, 401
-//! `AuthenticationError`, 404 `NotFoundError`, 413, 429 `RateLimitError`, 5xx).
+//! `AuthenticationError`, 403 `PermissionDeniedError`, 404 `NotFoundError`, 408, 413, 415,
+//! 429 `RateLimitError`, 5xx).
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -93,6 +94,35 @@ impl ApiError {
                 StatusCode::UNAUTHORIZED,
                 "invalid_request_error",
                 "Missing or incorrect API key: send `Authorization: Bearer KEY`",
+            )
+        }
+    }
+
+    /// 403: refused for where it came from (a foreign `Origin` or `Host`).
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self {
+            code: Some("forbidden"),
+            ..Self::new(StatusCode::FORBIDDEN, "invalid_request_error", message)
+        }
+    }
+
+    /// 415: a JSON endpoint sent something else.
+    pub fn unsupported_media_type(content_type: &str) -> Self {
+        Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "invalid_request_error",
+            format!("Send the body as `Content-Type: application/json` (got `{content_type}`)"),
+        )
+    }
+
+    /// 408: the body did not arrive in time.
+    pub fn body_timeout(secs: u64) -> Self {
+        Self {
+            code: Some("timeout"),
+            ..Self::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                format!("The request body did not arrive within {secs} s"),
             )
         }
     }

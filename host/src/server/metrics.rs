@@ -11,6 +11,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use super::openai::Usage;
 use crate::app::{App, Rejection};
+use crate::engine::remote::redact_url;
 use crate::plugin::{Registry, RegistryEvent};
 use crate::routing::BreakerState;
 
@@ -79,6 +80,12 @@ impl Metrics {
     }
 
     /// A client that left mid-stream.
+    /// A streaming client stopped reading and its run was cancelled (also counted as
+    /// cancelled).
+    pub(crate) fn stalled(&self, model: &str) {
+        counter!("staircase_requests_stalled_total", "model" => model.to_string()).increment(1);
+    }
+
     pub(crate) fn cancelled(&self, model: &str) {
         counter!("staircase_requests_cancelled_total", "model" => model.to_string()).increment(1);
     }
@@ -124,7 +131,10 @@ impl Metrics {
         }
         for (model, replicas) in app.replica_stats() {
             for replica in replicas {
-                let labels = [("model", model.clone()), ("replica", replica.url)];
+                let labels = [
+                    ("model", model.clone()),
+                    ("replica", redact_url(&replica.url)),
+                ];
                 counter!("staircase_replica_requests_total", &labels).absolute(replica.requests);
                 counter!("staircase_replica_errors_total", &labels).absolute(replica.errors);
                 gauge!("staircase_replica_in_flight", &labels).set(replica.in_flight as f64);

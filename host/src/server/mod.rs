@@ -5,14 +5,18 @@
 //! streams their events, `page` serves the live view at `/`, `admin` answers the listing,
 //! health, trace and reload endpoints, `openai` holds the wire format, `error` the error shape,
 //! `metrics` the Prometheus exposition, `admission` the bounded queue and each tenant's share
-//! of it, `tenant` who a request is from (`bench::serve` measures what HTTP adds). Runs go through the same library calls as `staircase run`; this
-//! room only translates HTTP to them. It must not assemble engines or plugins (that is
+//! of it, `tenant` who a request is from, `guard` the browser-safety checks (`bench::serve`
+//! measures what HTTP adds). This file owns the connections: hyper's HTTP/1 server with a
+//! header-read and keep-alive timeout, a cap on open connections, and a shutdown that drains
+//! within a deadline and then cuts. Runs go through the same library calls as `staircase run`;
+//! this room only translates HTTP to them. It must not assemble engines or plugins (that is
 //! `app`'s job).
 
 mod admin;
 mod admission;
 mod chat;
 pub mod error;
+mod guard;
 mod metrics;
 pub mod openai;
 mod page;
@@ -22,6 +26,11 @@ pub mod tenant;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::sync::Semaphore;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -49,6 +58,18 @@ pub struct ServeOptions {
     pub limits: Limits,
     /// Watch plugin and pipeline folders and swap changes in.
     pub watch: bool,
+    /// Who may reach the server from a browser, and whether `/metrics` asks for the key.
+    pub access: Access,
+}
+
+/// The browser-facing rules (`[server]` in `staircase.toml`).
+#[derive(Clone, Debug, Default)]
+pub struct Access {
+    /// Host names a server without a key answers besides loopback names and its own
+    /// address; `"*"` answers any.
+    pub allowed_hosts: Vec<String>,
+    /// `/metrics` asks for the key too.
+    pub metrics_require_key: bool,
 }
 
 /// Why the server could not start or stopped.
@@ -120,6 +141,11 @@ impl ServerState {
         self.tenants.authorize(headers)
     }
 
+    /// Whether requests must carry a key (the Host allow-list guards servers without one).
+    pub(crate) fn requires_key(&self) -> bool {
+        self.tenants.requires_key()
+    }
+
     pub(crate) fn deadline(&self) -> Duration {
         Duration::from_secs(self.options.limits.request_timeout_secs.max(1))
     }
@@ -143,6 +169,10 @@ fn router(state: Arc<ServerState>) -> Router {
         .route("/admin/reload", post(admin::reload))
         .fallback(admin::no_route)
         .layer(DefaultBodyLimit::max(state.options.limits.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            guard::browser_safety,
+        ))
         .with_state(state)
 }
 
@@ -165,11 +195,68 @@ pub async fn serve(
             error,
         })?;
     on_listening(listener.local_addr()?);
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    let limits = &options.limits;
+    let router = router(state);
+    let mut http = hyper::server::conn::http1::Builder::new();
+    // The header-read timer runs from a connection's start and again from the end of each
+    // response, so it ends both silent or trickling sockets and idle kept-alive ones.
+    http.timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(limits.header_timeout_secs.max(1)));
+    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        // Past the cap, new connections wait in the kernel's accept queue until one closes.
+        let permit = tokio::select! {
+            () = &mut shutdown => break,
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+        };
+        let stream = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    tracing::warn!(%error, "accepting a connection");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    continue;
+                }
+            },
+        };
+        // Streamed tokens go out as they come, not coalesced.
+        let _ = stream.set_nodelay(true);
+        let connection = http.serve_connection(
+            TokioIo::new(stream),
+            TowerToHyperService::new(router.clone()),
+        );
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "connection ended");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    let grace = Duration::from_secs(limits.shutdown_grace_secs);
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            grace_secs = grace.as_secs(),
+            "connections still open at the shutdown deadline are cut"
+        );
+    }
     Ok(())
 }
+
+/// How long accepting pauses after an error (out of file descriptors): long enough for
+/// connections to close, short enough that clients barely notice.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// Poisoning cannot leave these values inconsistent (each update is one push or swap).
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

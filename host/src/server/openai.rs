@@ -96,6 +96,37 @@ pub struct Chat {
     pub latency_budget_ms: Option<u64>,
 }
 
+/// The longest stop string, in bytes: stop strings are matched on every generated token.
+pub const MAX_STOP_BYTES: usize = 256;
+
+/// Refuses (400) a request over the server's per-request caps: more than `max_messages`
+/// messages, more than `max_stop` stop strings or one longer than [`MAX_STOP_BYTES`].
+pub fn check_caps(chat: &Chat, max_messages: usize, max_stop: usize) -> Result<(), ApiError> {
+    if chat.conversation.len() > max_messages {
+        return Err(ApiError::invalid(
+            Some("messages"),
+            format!(
+                "At most {max_messages} messages per request (got {})",
+                chat.conversation.len()
+            ),
+        ));
+    }
+    let stop = chat.stop.as_deref().unwrap_or_default();
+    if stop.len() > max_stop {
+        return Err(ApiError::invalid(
+            Some("stop"),
+            format!("At most {max_stop} stop strings (got {})", stop.len()),
+        ));
+    }
+    if stop.iter().any(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(ApiError::invalid(
+            Some("stop"),
+            format!("A stop string may be at most {MAX_STOP_BYTES} bytes"),
+        ));
+    }
+    Ok(())
+}
+
 /// Parses a body; a malformed one is a 400 whose message (and `param`) names the field.
 pub fn parse(body: &[u8]) -> Result<Chat, ApiError> {
     let mut json = serde_json::Deserializer::from_slice(body);

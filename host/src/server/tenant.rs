@@ -250,6 +250,11 @@ impl Tenants {
         })
     }
 
+    /// Whether requests must carry a key (false only on a server without keys).
+    pub(crate) fn requires_key(&self) -> bool {
+        self.anonymous.is_none()
+    }
+
     /// The tenant whose key the request carries (`Authorization: Bearer KEY`, the scheme in
     /// any case), or 401. Without keys, the anonymous tenant.
     pub(crate) fn authorize(&self, headers: &HeaderMap) -> Result<Tenant, ApiError> {

@@ -175,9 +175,10 @@ impl<'m> EngineLoop<'m> {
     }
 
     fn admit(&mut self) {
-        // Queue position: requests waiting for a shared prefill are skipped, not blocking.
-        let mut at = 0;
-        while let Some(pending) = self.queue.get(at)
+        // Requests waiting for a shared prefill are skipped, not blocking; so are requests
+        // the KV cache has no room for yet, a bounded number of times (`Admitting`).
+        let mut pass = scheduler::Admitting::default();
+        while let Some(pending) = self.queue.get(pass.at)
             && self.running.len() < self.settings.max_running
         {
             // The queue is in priority order: from the first background request on, all are.
@@ -203,11 +204,13 @@ impl<'m> EngineLoop<'m> {
                     kv.cached_len(&pending.namespace, &pending.tokens, usable)
                 })
             {
-                at += 1;
+                pass.skip();
                 continue;
             }
             let reserved = self.reserved_cells();
-            let max_tokens = pending.sampling.max_tokens as usize;
+            // Generation ends at the context's end: more than that is never reserved.
+            let max_tokens = (pending.sampling.max_tokens as usize)
+                .min(self.n_ctx.saturating_sub(pending.tokens.len()));
             let Some(admission) = self.kv.admit(
                 &mut self.executor,
                 &pending.namespace,
@@ -215,10 +218,14 @@ impl<'m> EngineLoop<'m> {
                 max_tokens,
                 reserved,
             ) else {
-                // No slot or no room: wait for running sequences to finish, in priority order.
+                // No slot or no room: later requests that fit may go first, a bounded
+                // number of times; then everything waits for running sequences to finish.
+                if pass.no_room(&self.queue) {
+                    continue;
+                }
                 return;
             };
-            let (order, pending) = self.queue.remove(at);
+            let (order, pending) = pass.take(&mut self.queue);
             let sampler = build_sampler(&pending.sampling, self.model.n_vocab(), &pending.tokens);
             let speculator = self.settings.speculation.enabled.then(|| {
                 let mut speculator =

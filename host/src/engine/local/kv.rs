@@ -154,13 +154,17 @@ impl KvManager {
                 }
             }
         }
-        let need = (prompt_len + max_tokens).min(self.n_ctx) - cached;
-        if reserved + self.cache_cells() + need > self.n_ctx {
-            let target = self.n_ctx.saturating_sub(reserved + need);
-            if let Some(cache) = self.cache.as_mut() {
-                let released = cache.evict_to(target);
-                self.free_released(ops, released);
-            }
+        let mut need = (prompt_len + max_tokens).min(self.n_ctx) - cached;
+        self.make_room(ops, reserved + need);
+        if lock.is_some() && reserved + self.cache_cells() + need > self.n_ctx {
+            // The locked entry may hold more cells than the prefix shared with it, and
+            // those cells can keep a long request out even of an idle engine: prefill in
+            // full rather than wait for room that never comes.
+            self.unlock(lock.take());
+            ops.clear(slot);
+            cached = 0;
+            need = (prompt_len + max_tokens).min(self.n_ctx);
+            self.make_room(ops, reserved + need);
         }
         if reserved + self.cache_cells() + need > self.n_ctx {
             // Wait for running sequences to finish.
@@ -174,6 +178,17 @@ impl KvManager {
             reserved_cells: need,
             lock,
         })
+    }
+
+    /// Evicts unlocked cached prefixes until `cells` more fit beside the cache.
+    fn make_room(&mut self, ops: &mut impl KvOps, cells: usize) {
+        if cells + self.cache_cells() > self.n_ctx {
+            let target = self.n_ctx.saturating_sub(cells);
+            if let Some(cache) = self.cache.as_mut() {
+                let released = cache.evict_to(target);
+                self.free_released(ops, released);
+            }
+        }
     }
 
     /// Caches a just-prefilled prompt in a slot of its own (a copy of `source`'s first
@@ -282,12 +297,12 @@ impl KvManager {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     /// A KV cache that records its positions per slot and fails on request.
     #[derive(Default)]
-    struct FakeKv {
+    pub(in crate::engine::local) struct FakeKv {
         held: std::collections::HashMap<SeqSlot, usize>,
         fail_copy: bool,
         fail_truncate: bool,
@@ -319,11 +334,11 @@ mod tests {
         }
     }
 
-    fn ns() -> CacheNamespace {
+    pub(in crate::engine::local) fn ns() -> CacheNamespace {
         CacheNamespace::default()
     }
 
-    fn tokens(n: i32) -> Vec<TokenId> {
+    pub(in crate::engine::local) fn tokens(n: i32) -> Vec<TokenId> {
         (0..n).map(TokenId).collect()
     }
 
@@ -465,5 +480,21 @@ mod tests {
             None
         );
         assert_eq!(kv.stats().cells, 100);
+    }
+
+    #[test]
+    fn a_long_request_sharing_a_short_prefix_of_a_cached_entry_is_admitted_on_an_idle_engine() {
+        let (mut kv, mut ops) = (KvManager::new(4, Some(1000), 200), FakeKv::default());
+        let prompt = tokens(100);
+        let first = prefilled(&mut kv, &mut ops, &prompt);
+        kv.retain(&mut ops, &ns(), first.slot, &prompt);
+        // Shares 50 tokens with the 100-cell entry and asks for the whole context: with the
+        // entry locked it would never fit, so it prefills in full instead.
+        let admitted = kv
+            .admit(&mut ops, &ns(), &tokens(50), 10_000, 0)
+            .expect("an idle engine admits it");
+        assert_eq!((admitted.cached, admitted.lock), (0, None));
+        assert_eq!(admitted.reserved_cells, 200);
+        assert_eq!(kv.stats().cells, 0, "the entry was evicted to make room");
     }
 }

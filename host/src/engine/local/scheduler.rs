@@ -11,9 +11,22 @@ use crate::token::TokenId;
 /// waits for that prefill instead of repeating it: below this, waiting costs more than it saves.
 pub(super) const MIN_SHARED_PREFILL: usize = 16;
 
+/// Times later requests may be admitted past a queued one the KV cache has no room for yet
+/// before nothing behind it is admitted: small requests keep flowing past a long one (one
+/// `max_tokens` 8192 request must not stall everyone), and the long one still gets the room
+/// once this many have overtaken it (the running ones drain, and none take their place).
+pub(super) const MAX_OVERTAKES: u32 = 16;
+
+/// A queued item with its arrival order and how often later ones were admitted past it.
+struct Entry<T> {
+    order: u64,
+    overtaken: u32,
+    item: T,
+}
+
 /// Requests waiting for admission: higher priority first, then arrival order.
 pub(super) struct Queue<T> {
-    items: Vec<(u64, T)>,
+    items: Vec<Entry<T>>,
     next_order: u64,
 }
 
@@ -38,8 +51,15 @@ impl<T> Queue<T> {
         self.next_order += 1;
         let at = self
             .items
-            .partition_point(|(_, p)| priority_of(p) >= priority);
-        self.items.insert(at, (order, item));
+            .partition_point(|e| priority_of(&e.item) >= priority);
+        self.items.insert(
+            at,
+            Entry {
+                order,
+                overtaken: 0,
+                item,
+            },
+        );
         order
     }
 
@@ -52,16 +72,56 @@ impl<T> Queue<T> {
     }
 
     pub fn get(&self, at: usize) -> Option<&T> {
-        self.items.get(at).map(|(_, item)| item)
+        self.items.get(at).map(|e| &e.item)
     }
 
     /// Takes the item at `at` with its arrival order.
     pub fn remove(&mut self, at: usize) -> (u64, T) {
-        self.items.remove(at)
+        let entry = self.items.remove(at);
+        (entry.order, entry.item)
     }
 
     pub fn retain(&mut self, keep: impl Fn(&T) -> bool) {
-        self.items.retain(|(_, item)| keep(item));
+        self.items.retain(|e| keep(&e.item));
+    }
+}
+
+/// One pass of admission over the queue, front to back. The engine loop asks the KV cache
+/// about the request at [`Admitting::at`] and reports the answer here; this keeps the rule
+/// that a request without room lets smaller ones past it, at most [`MAX_OVERTAKES`] times.
+#[derive(Default)]
+pub(super) struct Admitting {
+    /// The queue position being considered.
+    pub at: usize,
+    /// Positions passed over for lack of room in this pass (all before `at`).
+    no_room: Vec<usize>,
+}
+
+impl Admitting {
+    /// Passes over the request at `at` for a reason other than room (it waits for a
+    /// shared prefill).
+    pub fn skip(&mut self) {
+        self.at += 1;
+    }
+
+    /// The KV cache has no room for the request at `at` now. Returns whether later requests
+    /// may still be admitted in this pass: not once it has been overtaken often enough.
+    pub fn no_room<T>(&mut self, queue: &Queue<T>) -> bool {
+        let overtaken = queue.items.get(self.at).map_or(0, |e| e.overtaken);
+        if overtaken >= MAX_OVERTAKES {
+            return false;
+        }
+        self.no_room.push(self.at);
+        self.at += 1;
+        true
+    }
+
+    /// Takes the request at `at` for admission, counting it against every request it passes.
+    pub fn take<T>(&mut self, queue: &mut Queue<T>) -> (u64, T) {
+        for &i in &self.no_room {
+            queue.items[i].overtaken += 1;
+        }
+        queue.remove(self.at)
     }
 }
 
@@ -218,6 +278,66 @@ mod tests {
         let names: Vec<&str> = (0..queue.len()).map(|i| queue.get(i).unwrap().0).collect();
         assert_eq!(names, ["b", "d", "a", "c"]);
         assert_eq!(queue.remove(0).0, 1, "arrival order is kept with the item");
+    }
+
+    /// The engine loop's admission pass over a queue of `(prompt, max_tokens)` requests, on
+    /// the fake KV cache with `reserved` cells held by running sequences; returns what was
+    /// admitted, in order.
+    fn admit_pass(
+        queue: &mut Queue<(usize, usize)>,
+        kv: &mut super::super::kv::KvManager,
+        ops: &mut super::super::kv::tests::FakeKv,
+        mut reserved: usize,
+    ) -> Vec<(usize, usize)> {
+        let mut admitted = Vec::new();
+        let mut pass = Admitting::default();
+        while let Some(&(prompt, max_tokens)) = queue.get(pass.at) {
+            let tokens = super::super::kv::tests::tokens(prompt as i32);
+            match kv.admit(
+                ops,
+                &super::super::kv::tests::ns(),
+                &tokens,
+                max_tokens,
+                reserved,
+            ) {
+                Some(admission) => {
+                    reserved += admission.reserved_cells;
+                    admitted.push(pass.take(queue).1);
+                }
+                None if pass.no_room(queue) => {}
+                None => break,
+            }
+        }
+        admitted
+    }
+
+    #[test]
+    fn a_request_too_big_for_the_room_now_lets_smaller_ones_past_a_bounded_number_of_times() {
+        use super::super::kv::{KvManager, tests::FakeKv};
+        let (mut kv, mut ops) = (KvManager::new(64, None, 1000), FakeKv::default());
+        let mut queue = Queue::default();
+        let big = (10, 10_000);
+        queue.push(Priority(0), big, |_| Priority(0));
+        queue.push(Priority(0), (10, 20), |_| Priority(0));
+        // 500 cells are held by running sequences: the big one (1000 cells) waits, the
+        // small one behind it is admitted first.
+        assert_eq!(admit_pass(&mut queue, &mut kv, &mut ops, 500), [(10, 20)]);
+        assert_eq!(queue.get(0), Some(&big));
+        // Smaller ones keep passing it, MAX_OVERTAKES times in all (one more was above)...
+        for _ in 1..MAX_OVERTAKES {
+            queue.push(Priority(0), (10, 20), |_| Priority(0));
+            assert_eq!(admit_pass(&mut queue, &mut kv, &mut ops, 500).len(), 1);
+        }
+        // ...then it holds the line until the running ones have freed the room.
+        queue.push(Priority(0), (10, 20), |_| Priority(0));
+        assert!(admit_pass(&mut queue, &mut kv, &mut ops, 500).is_empty());
+        assert_eq!(queue.len(), 2);
+        let mut kv = KvManager::new(64, None, 1000);
+        assert_eq!(
+            admit_pass(&mut queue, &mut kv, &mut ops, 0),
+            [big],
+            "with the room free it goes first; the small one then waits for its room"
+        );
     }
 
     #[test]

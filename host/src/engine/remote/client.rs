@@ -72,19 +72,49 @@ pub struct Attempt<'a> {
     pub tokens: &'a dyn TokenCounter,
 }
 
+/// `url` without the parts that may carry secrets (user and password, query, fragment), for
+/// messages, logs and metric labels.
+pub fn redact_url(url: &str) -> String {
+    match reqwest::Url::parse(url)
+        .ok()
+        .filter(|u| !u.cannot_be_a_base())
+    {
+        Some(mut parsed) => {
+            let _ = parsed.set_username("");
+            let _ = parsed.set_password(None);
+            parsed.set_query(None);
+            parsed.set_fragment(None);
+            parsed.to_string().trim_end_matches('/').to_string()
+        }
+        // Not a URL with a host: keep what cannot hold a secret of the kind above.
+        None => url
+            .rsplit('@')
+            .next()
+            .unwrap_or(url)
+            .split(['?', '#'])
+            .next()
+            .unwrap_or("")
+            .to_string(),
+    }
+}
+
 /// A transport error as ours: timeouts, refused or reset connections.
 pub fn transport_error(url: &str, error: &reqwest::Error, timeout: Duration) -> EngineError {
     if error.is_timeout() {
         return EngineError::Timeout { after: timeout };
     }
-    // The source chain names the cause ("connection refused"); the top level only the URL.
+    // The source chain names the cause ("connection refused"); the top level only the URL,
+    // which reqwest prints whole: redacted here.
     let mut message = error.to_string();
+    if let Some(full) = error.url() {
+        message = message.replace(full.as_str(), &redact_url(full.as_str()));
+    }
     let mut source = std::error::Error::source(error);
     while let Some(cause) = source {
         message = format!("{message}: {cause}");
         source = cause.source();
     }
-    EngineError::Unreachable(format!("{url}: {message}"))
+    EngineError::Unreachable(format!("{}: {message}", redact_url(url)))
 }
 
 /// Removes the continued prefix that llama.cpp's server sends back at the start of the
@@ -113,6 +143,8 @@ fn strip_echo<'t>(echo: &mut Option<&str>, text: &'t str) -> Option<&'t str> {
 /// An error status as ours: 429 and 503 mean "busy", other 5xx may pass on another try, 4xx
 /// are the request's fault.
 pub fn status_error(status: StatusCode, retry_after: Option<Duration>, body: &str) -> EngineError {
+    // The body stays in the engine error for the log and for callers in this process; the
+    // server shows its clients only the status (`server::chat`).
     let message = body.chars().take(500).collect::<String>();
     match status.as_u16() {
         429 | 503 => EngineError::Overloaded { retry_after },
@@ -293,7 +325,17 @@ impl Attempt<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::strip_echo;
+    use super::{redact_url, strip_echo};
+
+    #[test]
+    fn urls_lose_credentials_query_and_fragment() {
+        assert_eq!(
+            redact_url("https://user:secret@replica.example:8443/v1?key=abc#x"),
+            "https://replica.example:8443/v1"
+        );
+        assert_eq!(redact_url("http://10.0.0.2:8080/"), "http://10.0.0.2:8080");
+        assert_eq!(redact_url("user:pw@host/p?token=1"), "host/p");
+    }
 
     #[test]
     fn an_echoed_prefix_is_removed_once_and_other_text_kept() {

@@ -15,6 +15,7 @@
 //! request is served like any other: the server cannot pause it for a foreground one.
 
 mod client;
+pub use client::redact_url;
 pub mod config;
 pub mod launch;
 mod replicas;
