@@ -6,39 +6,20 @@
 //! server is started here on port 0, with scratch plugin and pipeline folders, and killed
 //! when the test ends, whatever happens.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod support;
+
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use staircase::plugin::builtin::{guest_artifact, guest_manifest};
+use support::{path, python_with, scratch, start_server, wait_bounded};
 
 /// Runs at once and runs waiting: small, so the overload phase fills them quickly.
 const MAX_RUNNING: usize = 4;
 const QUEUE: usize = 4;
 /// A bound on the whole client script (it takes a couple of minutes on two cores).
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(900);
-
-/// Kills the server when dropped, so a failing assertion never leaves it running.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("staircase-serve-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("scratch paths are UTF-8")
-}
 
 #[test]
 fn the_openai_client_works_against_a_real_server() {
@@ -204,43 +185,6 @@ fn the_server_reports_and_counts_the_variant_a_budget_chose() {
     let _ = std::fs::remove_dir_all(&pipelines);
 }
 
-/// The Python to run a client script with (`$PYTHON`, else python3), which must have `module`.
-fn python_with(module: &str) -> String {
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    let probe = Command::new(&python)
-        .args(["-c", &format!("import {module}")])
-        .status()
-        .expect("python3 runs (the server tests need it)");
-    assert!(
-        probe.success(),
-        "the Python package of `{module}` is missing: cargo xtask test installs it (pinned)"
-    );
-    python
-}
-
-/// Starts the server `command` describes and reads its address from its first line.
-fn start_server(command: &mut Command) -> (Server, String) {
-    let mut child = command
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("the staircase binary starts");
-    let stdout = child.stdout.take().expect("stdout is piped");
-    let server = Server(child);
-    let mut stdout = BufReader::new(stdout);
-    let mut line = String::new();
-    stdout
-        .read_line(&mut line)
-        .expect("the server prints its address");
-    // Keep reading, so the server never writes into a closed pipe.
-    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
-    let base = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line from the server: {line:?}"))
-        .to_string();
-    (server, base)
-}
-
 /// Every node's output cap in the browser test: long enough that the proposers are still
 /// generating when the aggregator's first step (after their first 8-token chunks) answers.
 const LIVE_VIEW_NODE_TOKENS: &str = "40";
@@ -281,20 +225,4 @@ fn live_view_in_a_browser() {
     );
     assert!(screenshot.exists(), "the screenshot was written");
     eprintln!("screenshot: {}", screenshot.display());
-}
-
-/// The child's exit status, or `None` (after killing it) when it outlives `limit`.
-fn wait_bounded(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
-    let deadline = std::time::Instant::now() + limit;
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Some(status);
-        }
-        if std::time::Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }

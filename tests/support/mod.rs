@@ -1,0 +1,84 @@
+//! What the end-to-end server tests share: starting the real `staircase serve` binary on a
+//! loopback port (killed when the test ends, whatever happens), scratch folders, and bounded
+//! waits for child processes. Each test file uses what it needs.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// Kills the server when dropped, so a failing assertion never leaves it running.
+pub struct Server(pub Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A fresh, empty scratch folder of this test process.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("staircase-serve-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+pub fn path(p: &Path) -> &str {
+    p.to_str().expect("scratch paths are UTF-8")
+}
+
+/// The Python to run a client script with (`$PYTHON`, else python3), which must have `module`.
+pub fn python_with(module: &str) -> String {
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let probe = Command::new(&python)
+        .args(["-c", &format!("import {module}")])
+        .status()
+        .expect("python3 runs (the server tests need it)");
+    assert!(
+        probe.success(),
+        "the Python package of `{module}` is missing: cargo xtask test installs it (pinned)"
+    );
+    python
+}
+
+/// Starts the server `command` describes and reads its address from its first line.
+pub fn start_server(command: &mut Command) -> (Server, String) {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("the staircase binary starts");
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let server = Server(child);
+    let mut stdout = BufReader::new(stdout);
+    let mut line = String::new();
+    stdout
+        .read_line(&mut line)
+        .expect("the server prints its address");
+    // Keep reading, so the server never writes into a closed pipe.
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+    let base = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line from the server: {line:?}"))
+        .to_string();
+    (server, base)
+}
+
+/// The child's exit status, or `None` (after killing it) when it outlives `limit`.
+pub fn wait_bounded(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
