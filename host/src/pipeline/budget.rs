@@ -131,6 +131,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// A run's view of a [`PolicyProvider`]: every instance it hands out charges the run.
+#[derive(Clone)]
 pub(crate) struct MeteredProvider {
     inner: Arc<dyn PolicyProvider>,
     budget: Arc<RunBudget>,
