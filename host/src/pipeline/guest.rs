@@ -155,7 +155,13 @@ mod tests {
     async fn an_instance_goes_to_its_call_and_comes_back() {
         let pool = Arc::new(GuestPool::new(1));
         let mut guest: Guest<Vec<u32>> = Guest::new(pool, Box::new(Vec::new()));
-        guest.call(|v| Ok(v.push(1))).await.unwrap();
+        guest
+            .call(|v| {
+                v.push(1);
+                Ok(())
+            })
+            .await
+            .unwrap();
         let len = guest.call(|v| Ok(v.len())).await.unwrap();
         assert_eq!(len, 1);
     }
