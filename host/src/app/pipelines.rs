@@ -439,6 +439,49 @@ mod tests {
     }
 
     #[test]
+    fn a_file_claiming_a_builtins_or_another_files_name_is_refused_naming_both() {
+        let dir = scratch("claims");
+        std::fs::write(dir.join("a.toml"), ONE_NODE).unwrap();
+        std::fs::write(dir.join("b.toml"), ONE_NODE).unwrap();
+        let squat = ONE_NODE.replace("name = \"solo\"", "name = \"moa\"");
+        std::fs::write(dir.join("moa.toml"), &squat).unwrap();
+        let table = PipelineTable::new(vec![dir.clone()], accept_all()).unwrap();
+        let solo = table.get("solo").unwrap();
+        assert_eq!(solo.path.as_deref(), Some(dir.join("a.toml").as_path()));
+        let error = table
+            .load_file(&dir.join("b.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("b.toml") && error.contains("a.toml"),
+            "{error}"
+        );
+        assert_eq!(
+            table.get("moa").unwrap().path,
+            None,
+            "the built-in keeps its name"
+        );
+        let error = table
+            .load_file(&dir.join("moa.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("pipeline_overrides"), "{error}");
+
+        let allowing = PipelineTable::with_overrides(
+            vec![dir.clone()],
+            accept_all(),
+            ["moa".to_string()].into(),
+        )
+        .unwrap();
+        assert_eq!(
+            allowing.get("moa").unwrap().path.as_deref(),
+            Some(dir.join("moa.toml").as_path()),
+            "a listed override serves"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn a_check_failure_is_a_rejection() {
         let dir = scratch("check");
         std::fs::write(dir.join("solo.toml"), ONE_NODE).unwrap();
