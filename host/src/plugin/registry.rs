@@ -169,7 +169,14 @@ impl Registry {
                         let Some(registry) = registry.upgrade() else {
                             return;
                         };
-                        job(&registry);
+                        // A panicking job fails its own caller (its answer channel drops),
+                        // never the worker every later compile needs.
+                        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            job(&registry)
+                        }));
+                        if ran.is_err() {
+                            tracing::error!("a plugin compile job panicked");
+                        }
                     }
                 })
                 .map_err(|e| PluginError::Runtime(format!("cannot start the compiler: {e}")))?;
