@@ -1260,7 +1260,25 @@ fn a_user_plugin_may_not_take_a_builtins_name_unless_the_host_allows_it() {
     allowing.overrides.insert("moa-aggregator".into());
     let registry = registry_with(allowing);
     registry.load_file(&wasm).unwrap();
-    assert_eq!(serving(&registry), Some(wasm), "an allowed override serves");
+    assert_eq!(
+        serving(&registry),
+        Some(wasm.clone()),
+        "an allowed override serves"
+    );
+
+    // The file renames itself: the built-in it replaced serves again, never dropped.
+    let manifest = dir.0.join("moa-aggregator.toml");
+    let renamed = std::fs::read_to_string(&manifest)
+        .unwrap()
+        .replace("name = \"moa-aggregator\"", "name = \"renamed\"");
+    std::fs::write(&manifest, renamed).unwrap();
+    registry.load_file(&wasm).unwrap();
+    assert_eq!(
+        serving(&registry),
+        None,
+        "the built-in serves its name again"
+    );
+    still_serving_builtin(&registry);
 }
 
 /// A plugin is its file: a second file declaring the name another file serves is refused
