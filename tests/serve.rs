@@ -9,10 +9,10 @@
 mod serve_support;
 
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::Duration;
 
-use serve_support::{path, scratch, start_server};
+use serve_support::{path, python_with, scratch, start_server, wait_bounded};
 use staircase::plugin::builtin::{guest_artifact, guest_manifest};
 
 /// Runs at once and runs waiting: small, so the overload phase fills them quickly.
@@ -185,20 +185,6 @@ fn the_server_reports_and_counts_the_variant_a_budget_chose() {
     let _ = std::fs::remove_dir_all(&pipelines);
 }
 
-/// The Python to run a client script with (`$PYTHON`, else python3), which must have `module`.
-fn python_with(module: &str) -> String {
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    let probe = Command::new(&python)
-        .args(["-c", &format!("import {module}")])
-        .status()
-        .expect("python3 runs (the server tests need it)");
-    assert!(
-        probe.success(),
-        "the Python package of `{module}` is missing: cargo xtask test installs it (pinned)"
-    );
-    python
-}
-
 /// Every node's output cap in the browser test: long enough that the proposers are still
 /// generating when the aggregator's first step (after their first 8-token chunks) answers.
 const LIVE_VIEW_NODE_TOKENS: &str = "40";
@@ -239,20 +225,4 @@ fn live_view_in_a_browser() {
     );
     assert!(screenshot.exists(), "the screenshot was written");
     eprintln!("screenshot: {}", screenshot.display());
-}
-
-/// The child's exit status, or `None` (after killing it) when it outlives `limit`.
-fn wait_bounded(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
-    let deadline = std::time::Instant::now() + limit;
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Some(status);
-        }
-        if std::time::Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }

@@ -31,6 +31,20 @@ pub fn path(p: &Path) -> &str {
     p.to_str().expect("scratch paths are UTF-8")
 }
 
+/// The Python to run a client script with (`$PYTHON`, else python3), which must have `module`.
+pub fn python_with(module: &str) -> String {
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let probe = Command::new(&python)
+        .args(["-c", &format!("import {module}")])
+        .status()
+        .expect("python3 runs (the server tests need it)");
+    assert!(
+        probe.success(),
+        "the Python package of `{module}` is missing: cargo xtask test installs it (pinned)"
+    );
+    python
+}
+
 /// Starts the server `command` describes and reads its address from its first line.
 pub fn start_server(command: &mut Command) -> (Server, String) {
     let mut child = command

@@ -31,6 +31,8 @@ fn runner(call_ms: u64) -> (Runner, Arc<Recording>) {
             cache_dir: Some(Path::new(env!("CARGO_TARGET_TMPDIR")).join("plugin-cache")),
             engine: Some(engine),
             grants: [("model-compressor".to_string(), [Capability::Model].into())].into(),
+            // The compressor summarises with a whole generation inside one call.
+            max_call_ms: 60_000,
             ..HostConfig::default()
         })
         .unwrap(),

@@ -1260,7 +1260,83 @@ fn a_user_plugin_may_not_take_a_builtins_name_unless_the_host_allows_it() {
     allowing.overrides.insert("moa-aggregator".into());
     let registry = registry_with(allowing);
     registry.load_file(&wasm).unwrap();
-    assert_eq!(serving(&registry), Some(wasm), "an allowed override serves");
+    assert_eq!(
+        serving(&registry),
+        Some(wasm.clone()),
+        "an allowed override serves"
+    );
+
+    // The file renames itself: the built-in it replaced serves again, never dropped.
+    let manifest = dir.0.join("moa-aggregator.toml");
+    let renamed = std::fs::read_to_string(&manifest)
+        .unwrap()
+        .replace("name = \"moa-aggregator\"", "name = \"renamed\"");
+    std::fs::write(&manifest, renamed).unwrap();
+    registry.load_file(&wasm).unwrap();
+    assert_eq!(
+        serving(&registry),
+        None,
+        "the built-in serves its name again"
+    );
+    still_serving_builtin(&registry);
+}
+
+/// A plugin is its file: a second file declaring the name another file serves is refused
+/// with a message naming both, and the first keeps the name and its grants; once the first
+/// is gone, a file may take the name.
+#[test]
+fn a_second_file_claiming_a_served_name_is_refused_and_the_first_keeps_its_grants() {
+    let mut granting = config();
+    granting
+        .grants
+        .insert("granted".into(), [Capability::Model].into());
+    let registry = registry_with(granting);
+    let dir = Scratch::new("squat");
+    let install = |file: &str| {
+        let wasm = dir.0.join(format!("{file}.wasm"));
+        std::fs::copy(guest_artifact("model-compressor"), &wasm).unwrap();
+        let manifest = std::fs::read_to_string(guest_manifest("fixtures/model-compressor"))
+            .unwrap()
+            .replace("name = \"model-compressor\"", "name = \"granted\"");
+        std::fs::write(dir.0.join(format!("{file}.toml")), manifest).unwrap();
+        wasm
+    };
+    let original = install("original");
+    let squatter = install("squatter");
+    let first = registry.load_file(&original).unwrap();
+    match registry.load_file(&squatter) {
+        Err(error @ PluginError::NameTaken { .. }) => {
+            let message = error.to_string();
+            assert!(
+                message.contains("squatter.wasm") && message.contains("original.wasm"),
+                "{message}"
+            );
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let serving = registry
+        .list()
+        .into_iter()
+        .find(|p| p.name == "granted")
+        .unwrap();
+    assert_eq!(
+        serving.path,
+        Some(original.clone()),
+        "the first file keeps the name"
+    );
+    assert_eq!(serving.sha256, first.sha256);
+    assert!(
+        registry.open_compressor("granted").is_ok(),
+        "the first file still serves with its grants"
+    );
+    // Registered lazily, the squatter is refused the same way.
+    let lazy = registry.load_dir_lazy(&dir.0).unwrap();
+    let squatted = lazy.iter().find(|(p, _)| *p == squatter).unwrap();
+    assert!(
+        matches!(squatted.1, Err(PluginError::NameTaken { .. })),
+        "{:?}",
+        squatted.1
+    );
 }
 
 #[test]

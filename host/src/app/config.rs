@@ -269,12 +269,20 @@ pub struct SandboxConfig {
     pub max_messages: Option<usize>,
     pub max_stdio_bytes_per_call: Option<u64>,
     pub max_component_bytes: Option<usize>,
+    pub max_model_tokens: Option<u32>,
     /// Built-in plugin names a user plugin may take over.
     #[serde(default)]
     pub overrides: BTreeSet<String>,
+    /// Built-in pipeline names a pipeline file may take over.
+    #[serde(default)]
+    pub pipeline_overrides: BTreeSet<String>,
     pub run_plugin_time_ms: Option<u64>,
     pub run_steps_per_node: Option<u32>,
     pub run_idle_steps: Option<u32>,
+    /// Policy calls running at once, on threads of their own (`pipeline::GuestPool`).
+    pub guest_threads: Option<usize>,
+    /// History compressions running at once, in the background.
+    pub compression_threads: Option<usize>,
 }
 
 impl SandboxConfig {
@@ -298,7 +306,24 @@ impl SandboxConfig {
         if let Some(v) = self.max_component_bytes {
             host.max_component_bytes = v;
         }
+        if let Some(v) = self.max_model_tokens {
+            host.max_model_tokens = v;
+        }
         host.overrides.extend(self.overrides.iter().cloned());
+    }
+
+    /// The pool every policy call runs on: `guest_threads` or its default.
+    pub fn guest_pool(&self) -> crate::pipeline::GuestPool {
+        crate::pipeline::GuestPool::new(
+            self.guest_threads
+                .unwrap_or(crate::pipeline::DEFAULT_GUEST_THREADS),
+        )
+    }
+
+    /// History compressions at once: `compression_threads` or its default.
+    pub fn compression_threads(&self) -> usize {
+        self.compression_threads
+            .unwrap_or(crate::pipeline::history::DEFAULT_COMPRESSION_THREADS)
     }
 
     /// The per-run bounds: the defaults with this table's keys set over them.

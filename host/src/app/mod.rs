@@ -168,12 +168,17 @@ impl AppBuilder {
         for model in &models {
             table.insert(model.name.clone(), model.engine.clone());
         }
-        let runner =
-            Arc::new(Runner::new(table, registry.clone()).with_limits(config.sandbox.run_limits()));
+        let runner = Arc::new(
+            Runner::new(table, registry.clone())
+                .with_limits(config.sandbox.run_limits())
+                .with_guest_pool(Arc::new(config.sandbox.guest_pool()))
+                .with_compression_threads(config.sandbox.compression_threads()),
+        );
         let checker = runner.clone();
-        let pipelines = PipelineTable::new(
+        let pipelines = PipelineTable::with_overrides(
             config.pipelines.dirs.clone(),
             Box::new(move |p: &Pipeline| checker.check(p)),
+            config.sandbox.pipeline_overrides.clone(),
         )?;
         Ok(App {
             config,
@@ -182,6 +187,8 @@ impl AppBuilder {
             registry,
             runner,
             pipelines,
+            reloading: std::sync::Mutex::new(()),
+            reload_queue: tokio::sync::Mutex::new(()),
         })
     }
 }
@@ -217,6 +224,10 @@ pub struct App {
     registry: Arc<Registry>,
     runner: Arc<Runner>,
     pipelines: Arc<PipelineTable>,
+    /// Held by a forced rescan ([`App::reload`]).
+    reloading: std::sync::Mutex<()>,
+    /// Held while a server's rescan waits its turn ([`App::reload_queued`]).
+    reload_queue: tokio::sync::Mutex<()>,
 }
 
 /// What a forced rescan found.
@@ -294,6 +305,16 @@ impl App {
         })
     }
 
+    /// [`App::pinned_runner`] for a server: first waits, without holding a thread, for any
+    /// plugin of `pipeline` still waiting for its first compile (on the registry's compile
+    /// worker), so a request never compiles.
+    pub async fn pinned_runner_ready(&self, pipeline: &Pipeline) -> (Runner, Vec<PinnedPlugin>) {
+        for name in pinned::plugin_names(pipeline) {
+            self.registry.compiled(&name).await;
+        }
+        self.pinned_runner(pipeline)
+    }
+
     /// A runner for one run of `pipeline` whose plugins are fixed to the versions serving
     /// now, and those versions.
     pub fn pinned_runner(&self, pipeline: &Pipeline) -> (Runner, Vec<PinnedPlugin>) {
@@ -343,8 +364,24 @@ impl App {
         })
     }
 
-    /// Reads every plugin and pipeline folder again.
+    /// [`App::reload`] for a server: callers wait their turn without holding a thread, and
+    /// one rescan at a time runs on a blocking thread (a storm of requests costs one
+    /// thread, not one each).
+    pub async fn reload_queued(self: Arc<Self>) -> Result<ReloadSummary, String> {
+        let _turn = self.reload_queue.lock().await;
+        let app = self.clone();
+        tokio::task::spawn_blocking(move || app.reload())
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Reads every plugin and pipeline folder again. Reloads run one at a time (a storm of
+    /// them waits in line), and an unchanged file is not compiled again. Blocking.
     pub fn reload(&self) -> ReloadSummary {
+        let _one_at_a_time = self
+            .reloading
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut summary = ReloadSummary::default();
         for dir in &self.plugin_dirs {
             match self.registry.load_dir(dir) {

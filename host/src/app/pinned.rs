@@ -33,24 +33,56 @@ pub struct PinnedPlugin {
 pub struct Pinned {
     registry: Arc<Registry>,
     plugins: BTreeMap<String, Arc<LoadedPlugin>>,
+    /// Names whose plugin could not be had (a failed compile), with why: a node using one
+    /// fails with this reason.
+    unavailable: BTreeMap<String, String>,
+}
+
+/// Every plugin name `pipeline` uses: its nodes', their routers' and their history
+/// compressors'.
+pub fn plugin_names(pipeline: &Pipeline) -> Vec<String> {
+    let mut names: Vec<String> = pipeline
+        .nodes
+        .iter()
+        .flat_map(|n| {
+            let router = match &n.model {
+                crate::pipeline::spec::ModelBinding::Routed { router, .. } => Some(router),
+                _ => None,
+            };
+            let compressor = n.history.as_ref().map(|h| &h.compressor);
+            std::iter::once(&n.plugin).chain(router).chain(compressor)
+        })
+        .cloned()
+        .collect();
+    names.sort();
+    names.dedup();
+    names
 }
 
 impl Pinned {
-    /// The versions now serving every plugin `pipeline` names (routers and their models
-    /// included). A name with no plugin is left out: the run's check reports it.
+    /// The versions now serving every plugin `pipeline` names (routers and history
+    /// compressors included). A name with no plugin is left out: the run's check reports it.
+    /// A name still waiting for its first compile compiles now (blocking: a server awaits
+    /// [`Registry::compiled`] first, so it never does).
     pub fn new(registry: Arc<Registry>, pipeline: &Pipeline) -> Self {
-        let plugins = pipeline
-            .nodes
-            .iter()
-            .filter_map(|n| registry.get(&n.plugin).map(|p| (n.plugin.clone(), p)))
-            .chain(pipeline.nodes.iter().filter_map(|n| match &n.model {
-                crate::pipeline::spec::ModelBinding::Routed { router, .. } => {
-                    registry.get(router).map(|p| (router.clone(), p))
+        let mut plugins = BTreeMap::new();
+        let mut unavailable = BTreeMap::new();
+        for name in plugin_names(pipeline) {
+            match registry.resolve(&name) {
+                Ok(plugin) => {
+                    plugins.insert(name, plugin);
                 }
-                _ => None,
-            }))
-            .collect();
-        Self { registry, plugins }
+                Err(PluginError::NotFound { .. }) => {}
+                Err(error) => {
+                    unavailable.insert(name, error.to_string());
+                }
+            }
+        }
+        Self {
+            registry,
+            plugins,
+            unavailable,
+        }
     }
 
     /// What this run uses, sorted by name.
@@ -66,9 +98,17 @@ impl Pinned {
     }
 
     fn get(&self, name: &str) -> Result<&Arc<LoadedPlugin>, PluginError> {
-        self.plugins.get(name).ok_or_else(|| PluginError::NotFound {
-            name: name.to_string(),
-        })
+        self.plugins
+            .get(name)
+            .ok_or_else(|| match self.unavailable.get(name) {
+                Some(reason) => PluginError::Unavailable {
+                    name: name.to_string(),
+                    reason: reason.clone(),
+                },
+                None => PluginError::NotFound {
+                    name: name.to_string(),
+                },
+            })
     }
 }
 
@@ -123,6 +163,10 @@ impl PolicyProvider for Pinned {
     }
 
     fn kind_of(&self, plugin: &str) -> Option<PluginKind> {
-        self.plugins.get(plugin).map(|p| p.kind())
+        match self.plugins.get(plugin) {
+            Some(p) => Some(p.kind()),
+            None if self.unavailable.contains_key(plugin) => self.registry.kind_of(plugin),
+            None => None,
+        }
     }
 }

@@ -6,8 +6,14 @@
 //! started on, so a swap never disturbs it. A broken file is rejected with its file-and-line
 //! error, logged and counted, and the version before it keeps serving. This room never runs
 //! a pipeline.
+//!
+//! A file is known by its path, not by the name it declares: a file declaring a built-in's
+//! name is refused unless the operator lists the name in `[sandbox] pipeline_overrides`, and a
+//! file declaring a name another file serves is refused, both with a message naming the two.
+//! Files are read as regular files within [`MAX_PIPELINE_BYTES`] (never through a symlink or
+//! from a FIFO), and a changed file is read only once it stayed the same for [`SETTLE`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -25,6 +31,11 @@ use crate::pipeline::{Pipeline, SpecError};
 /// Quiet time after the last file event before reading a pipeline file again: editors write
 /// a file in several events, and a half-written file must not be judged.
 pub const DEBOUNCE: Duration = Duration::from_millis(20);
+/// How long a changed file must stay unchanged before it is judged: a file written slowly in
+/// place would otherwise be served as the valid prefix on disk at the moment of reading.
+pub const SETTLE: Duration = Duration::from_millis(100);
+/// Largest pipeline file read: the shipped ones are a few KiB.
+pub const MAX_PIPELINE_BYTES: u64 = 1 << 20;
 
 /// Checks a parsed pipeline against what the host has (plugins and models).
 pub type Check = dyn Fn(&Pipeline) -> Result<(), SpecError> + Send + Sync;
@@ -70,12 +81,23 @@ pub struct PipelineTable {
     rejected: AtomicU64,
     last_rejection: Mutex<Option<Rejection>>,
     watcher: Mutex<Option<notify::RecommendedWatcher>>,
+    /// Built-in names a file may take over.
+    overrides: BTreeSet<String>,
 }
 
 impl PipelineTable {
     /// The built-ins, then every `*.toml` of `dirs` (a file wins over a built-in of its name).
     /// Built-ins must pass `check`; a broken file is rejected and logged, not fatal.
     pub fn new(dirs: Vec<PathBuf>, check: Box<Check>) -> Result<Arc<Self>, SpecError> {
+        Self::with_overrides(dirs, check, BTreeSet::new())
+    }
+
+    /// [`PipelineTable::new`] where files may take over the built-ins named in `overrides`.
+    pub fn with_overrides(
+        dirs: Vec<PathBuf>,
+        check: Box<Check>,
+        overrides: BTreeSet<String>,
+    ) -> Result<Arc<Self>, SpecError> {
         let table = Arc::new(Self {
             table: ArcSwap::from_pointee(BTreeMap::new()),
             check,
@@ -86,6 +108,7 @@ impl PipelineTable {
             rejected: AtomicU64::new(0),
             last_rejection: Mutex::new(None),
             watcher: Mutex::new(None),
+            overrides,
         });
         for (name, text) in BUILTIN {
             let pipeline = Pipeline::parse(text, &format!("builtin:{name}"))?;
@@ -126,17 +149,12 @@ impl PipelineTable {
     /// Reads a file, checks it and makes it serve its name; on error the previous version
     /// (if any) keeps serving and the rejection is logged and counted.
     pub fn load_file(&self, path: &Path) -> Result<Arc<PipelineVersion>, SpecError> {
-        let result = std::fs::read_to_string(path)
-            .map_err(|e| SpecError {
-                origin: path.display().to_string(),
-                line: None,
-                kind: crate::pipeline::SpecErrorKind::Io(e.to_string()),
-            })
-            .and_then(|text| {
-                let pipeline = Pipeline::parse(&text, &path.display().to_string())?;
-                (self.check)(&pipeline)?;
-                Ok((pipeline, text))
-            });
+        let result = read_pipeline_file(path).and_then(|text| {
+            let pipeline = Pipeline::parse(&text, &path.display().to_string())?;
+            self.check_claim(&pipeline, path)?;
+            (self.check)(&pipeline)?;
+            Ok((pipeline, text))
+        });
         match result {
             Ok((pipeline, text)) => {
                 let version = self.install(pipeline, Some(path.to_path_buf()), &text);
@@ -155,6 +173,28 @@ impl PipelineTable {
                 });
                 Err(error)
             }
+        }
+    }
+
+    /// Refuses a file declaring a name a built-in (not listed in the overrides) or another
+    /// file serves: a pipeline is its file.
+    fn check_claim(&self, pipeline: &Pipeline, path: &Path) -> Result<(), SpecError> {
+        let name = &pipeline.name;
+        let claimed = |reason: String| SpecError {
+            origin: path.display().to_string(),
+            line: None,
+            kind: crate::pipeline::SpecErrorKind::Io(reason),
+        };
+        let builtin = BUILTIN.iter().any(|(n, _)| n == name);
+        match self.table.load().get(name).map(|v| v.path.clone()) {
+            Some(Some(other)) if other != path => Err(claimed(format!(
+                "declares the name `{name}`, which {} serves; the first file keeps it (rename one of them)",
+                other.display()
+            ))),
+            _ if builtin && !self.overrides.contains(name) => Err(claimed(format!(
+                "declares the name `{name}` of a built-in pipeline; list `{name}` in `[sandbox] pipeline_overrides` to replace the built-in"
+            ))),
+            _ => Ok(()),
         }
     }
 
@@ -216,7 +256,7 @@ impl PipelineTable {
     }
 
     fn unchanged(&self, path: &Path) -> bool {
-        let Ok(text) = std::fs::read_to_string(path) else {
+        let Ok(text) = read_pipeline_file(path) else {
             return false;
         };
         let sha = sha256(&text);
@@ -302,13 +342,31 @@ fn reload_loop(table: Weak<PipelineTable>, rx: mpsc::Receiver<PathBuf>) {
             return;
         };
         for path in touched.into_iter().filter(|p| is_pipeline_file(p)) {
-            if !path.exists() {
+            if path.symlink_metadata().is_err() {
                 table.remove(&path);
-            } else if !table.unchanged(&path) {
+            } else if settled(&path) && !table.unchanged(&path) {
                 let _ = table.load_file(&path);
             }
         }
     }
+}
+
+/// Whether `path` stays the same for [`SETTLE`] (then it is judged; otherwise its writer's
+/// next event brings it back here). Waits on the reload thread, never a request's.
+fn settled(path: &Path) -> bool {
+    let before = read_pipeline_file(path).ok();
+    std::thread::sleep(SETTLE);
+    before.is_some() && read_pipeline_file(path).ok() == before
+}
+
+/// A pipeline file's text: a regular file (no symlink, FIFO or device) within
+/// [`MAX_PIPELINE_BYTES`].
+fn read_pipeline_file(path: &Path) -> Result<String, SpecError> {
+    crate::plugin::folder::read_regular_text(path, MAX_PIPELINE_BYTES).map_err(|e| SpecError {
+        origin: path.display().to_string(),
+        line: None,
+        kind: crate::pipeline::SpecErrorKind::Io(e.to_string()),
+    })
 }
 
 fn is_pipeline_file(path: &Path) -> bool {
@@ -377,6 +435,49 @@ mod tests {
         std::fs::write(&file, format!("{ONE_NODE}# edited\n")).unwrap();
         assert!(table.rescan().is_empty());
         assert!(table.get("solo").unwrap().generation > first.generation);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_file_claiming_a_builtins_or_another_files_name_is_refused_naming_both() {
+        let dir = scratch("claims");
+        std::fs::write(dir.join("a.toml"), ONE_NODE).unwrap();
+        std::fs::write(dir.join("b.toml"), ONE_NODE).unwrap();
+        let squat = ONE_NODE.replace("name = \"solo\"", "name = \"moa\"");
+        std::fs::write(dir.join("moa.toml"), &squat).unwrap();
+        let table = PipelineTable::new(vec![dir.clone()], accept_all()).unwrap();
+        let solo = table.get("solo").unwrap();
+        assert_eq!(solo.path.as_deref(), Some(dir.join("a.toml").as_path()));
+        let error = table
+            .load_file(&dir.join("b.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("b.toml") && error.contains("a.toml"),
+            "{error}"
+        );
+        assert_eq!(
+            table.get("moa").unwrap().path,
+            None,
+            "the built-in keeps its name"
+        );
+        let error = table
+            .load_file(&dir.join("moa.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("pipeline_overrides"), "{error}");
+
+        let allowing = PipelineTable::with_overrides(
+            vec![dir.clone()],
+            accept_all(),
+            ["moa".to_string()].into(),
+        )
+        .unwrap();
+        assert_eq!(
+            allowing.get("moa").unwrap().path.as_deref(),
+            Some(dir.join("moa.toml").as_path()),
+            "a listed override serves"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -21,7 +21,7 @@ use crate::policy::{
 
 /// Time a run's plugins may spend in calls, all together. The built-in policies spend a
 /// few milliseconds per run; a compressor that calls a model spends the generation's time
-/// (up to its own deadline, 60 s at most), so this leaves room for one such call and stops
+/// (up to its own deadline, `[sandbox] max_call_ms` at most), so this leaves room for one such call and stops
 /// a run held by many calls each just under their deadline.
 pub const DEFAULT_MAX_PLUGIN_TIME: Duration = Duration::from_secs(90);
 /// Steps of one node: the built-in aggregator steps about once per 16-token chunk of each
@@ -131,6 +131,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// A run's view of a [`PolicyProvider`]: every instance it hands out charges the run.
+#[derive(Clone)]
 pub(crate) struct MeteredProvider {
     inner: Arc<dyn PolicyProvider>,
     budget: Arc<RunBudget>,

@@ -16,11 +16,15 @@
 //! `Priority::BACKGROUND`), which a local engine steps only while no foreground request
 //! needs it.
 //!
-//! Nothing here is awaited by a run: `prepare` only looks up and spawns. Every step gets a
+//! Compressions run on a few threads of their own ([`DEFAULT_COMPRESSION_THREADS`]; more
+//! wait in a queue), never one thread per conversation, and the log of events keeps the
+//! latest [`MAX_LOG_EVENTS`].
+//!
+//! Nothing here is awaited by a run: `prepare` only looks up and queues. Every step gets a
 //! sequence number from one counter, so tests check what happened before what without
 //! reading a clock. This room must not touch wasmtime or an engine.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -40,6 +44,26 @@ const MAX_ENTRIES: usize = 256;
 /// changes the prompt's beginning once (one prefix-cache miss), and the turns in between
 /// keep it byte-identical.
 pub const COMPACT_SHARE: u32 = 2;
+
+/// Compressions running at once when the operator does not say (`[sandbox]
+/// compression_threads`): each may call a model for a whole generation, as background work
+/// the engine steps only when idle, so more at once only queue inside the engine; two keep
+/// one slow compressor from holding up every other conversation's.
+pub const DEFAULT_COMPRESSION_THREADS: usize = 2;
+
+/// Events the memory keeps for reports and tests; older ones go (a server runs for weeks).
+pub const MAX_LOG_EVENTS: usize = 4096;
+
+/// A queued compression.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The compressions waiting, and the threads running them (at most `max`; a thread ends
+/// when the queue is empty, so an idle memory holds none).
+struct Workers {
+    queue: VecDeque<Job>,
+    threads: usize,
+    max: usize,
+}
 
 /// What identifies one compression: whose it is (a server's tenant: no tenant uses, or
 /// learns of, another's compression), the plugin, the budget, and the hash of the messages
@@ -150,11 +174,11 @@ fn wait_open(shared: &(Mutex<bool>, Condvar)) {
 }
 
 /// The compressed histories of one runner, shared by its runs.
-#[derive(Default)]
 pub struct HistoryCache {
     inner: Mutex<Inner>,
     changed: Condvar,
     seq: AtomicU64,
+    workers: Mutex<Workers>,
 }
 
 #[derive(Default)]
@@ -168,7 +192,58 @@ struct Inner {
 
 impl HistoryCache {
     pub fn new() -> Arc<Self> {
-        Arc::new(Self::default())
+        Self::with_threads(DEFAULT_COMPRESSION_THREADS)
+    }
+
+    /// A memory running at most `threads` compressions at once (at least one).
+    pub fn with_threads(threads: usize) -> Arc<Self> {
+        Arc::new(Self {
+            inner: Mutex::default(),
+            changed: Condvar::new(),
+            seq: AtomicU64::new(0),
+            workers: Mutex::new(Workers {
+                queue: VecDeque::new(),
+                threads: 0,
+                max: threads.max(1),
+            }),
+        })
+    }
+
+    /// Queues `job`, starting a worker thread when fewer than the maximum run.
+    fn submit(self: &Arc<Self>, job: Job) -> std::io::Result<()> {
+        let mut workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+        workers.queue.push_back(job);
+        if workers.threads >= workers.max {
+            return Ok(());
+        }
+        workers.threads += 1;
+        drop(workers);
+        let cache = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("history-compress".into())
+            .spawn(move || {
+                while let Some(job) = cache.upgrade().and_then(|c| c.next_job()) {
+                    job();
+                }
+            });
+        if let Err(error) = spawned {
+            let mut workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+            workers.threads -= 1;
+            // Nobody will run it: take it back (the caller reports the failure).
+            workers.queue.pop_back();
+            return Err(error);
+        }
+        Ok(())
+    }
+
+    /// The next queued job, or `None` (and one worker fewer) when the queue is empty.
+    fn next_job(&self) -> Option<Job> {
+        let mut workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+        let job = workers.queue.pop_front();
+        if job.is_none() {
+            workers.threads -= 1;
+        }
+        job
     }
 
     /// The next number in the memory's order of events (a node's first token takes one).
@@ -252,16 +327,19 @@ impl HistoryCache {
             },
         );
         inner.running += 1;
-        inner.log.push(HistoryEvent {
-            seq,
-            namespace: namespace.clone(),
-            at: Instant::now(),
-            plugin: plugin.to_string(),
-            messages: conversation.len(),
-            kind: HistoryEventKind::Started {
-                tokens: used.tokens_used,
+        push_event(
+            &mut inner,
+            HistoryEvent {
+                seq,
+                namespace: namespace.clone(),
+                at: Instant::now(),
+                plugin: plugin.to_string(),
+                messages: conversation.len(),
+                kind: HistoryEventKind::Started {
+                    tokens: used.tokens_used,
+                },
             },
-        });
+        );
         evict(&mut inner);
         drop(inner);
         used.started = true;
@@ -275,9 +353,7 @@ impl HistoryCache {
         let plugin = plugin.to_string();
         let count = count.clone();
         let (gate, gate_shared) = StartGate::new();
-        let spawned = std::thread::Builder::new()
-            .name("history-compress".into())
-            .spawn(move || {
+        let spawned = self.submit(Box::new(move || {
                 wait_open(&gate_shared);
                 let target = (budget / COMPACT_SHARE).max(1);
                 let result = policies.compressor(&plugin).and_then(|mut compressor| {
@@ -315,7 +391,7 @@ impl HistoryCache {
                         HistoryEventKind::Failed { reason }
                     }
                 };
-                inner.log.push(HistoryEvent {
+                push_event(&mut inner, HistoryEvent {
                     seq,
                     namespace: owner,
                     at: Instant::now(),
@@ -326,7 +402,7 @@ impl HistoryCache {
                 inner.running -= 1;
                 drop(inner);
                 cache.changed.notify_all();
-            });
+            }));
         if let Err(error) = spawned {
             tracing::warn!(%error, "cannot start a history compression");
             let mut inner = self.lock();
@@ -335,6 +411,15 @@ impl HistoryCache {
         }
         (effective, used, Some(gate))
     }
+}
+
+/// Logs `event`, forgetting the oldest beyond [`MAX_LOG_EVENTS`].
+fn push_event(inner: &mut Inner, event: HistoryEvent) {
+    if inner.log.len() >= MAX_LOG_EVENTS {
+        let excess = inner.log.len() + 1 - MAX_LOG_EVENTS;
+        inner.log.drain(..excess);
+    }
+    inner.log.push(event);
 }
 
 /// Drops the oldest finished entries beyond [`MAX_ENTRIES`].

@@ -4,7 +4,8 @@
 //! cuts outputs into chunks per edge, `critical` computes critical paths, `runtime` runs a
 //! pipeline on engines and policies, `record` keeps a run's one event stream and `report`
 //! derives a finished run's figures from it, `role_session` drives agents that read other
-//! nodes, `budget` bounds a run whatever its plugins do, `variants` reads the alternatives a
+//! nodes, `budget` bounds a run whatever its plugins do, `guest` runs every policy call on a
+//! bounded pool off the async runtime, `variants` reads the alternatives a
 //! file declares for load-adaptive runs. Policies come in through the traits of
 //! [`crate::policy`], which the plugin host implements; nothing here touches wasmtime or
 //! llama.cpp directly.
@@ -12,6 +13,7 @@
 pub mod budget;
 pub mod critical;
 pub mod examples;
+pub mod guest;
 pub mod history;
 pub mod record;
 pub mod report;
@@ -23,6 +25,7 @@ pub mod variants;
 
 pub use budget::{RunBound, RunLimits};
 pub use examples::{DEFAULT_PIPELINE, load};
+pub use guest::{DEFAULT_GUEST_THREADS, Guest, GuestPool};
 pub use record::{Recorded, Recorder, RunEvent};
 pub use report::RunReport;
 pub use runtime::{Models, RunError, RunRequest, Runner};

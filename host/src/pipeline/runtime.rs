@@ -23,6 +23,7 @@ use tracing::Instrument;
 
 use super::budget::{MeteredProvider, RunBound, RunBudget, RunLimits};
 use super::critical::{self, CriticalPath, LatencyModel};
+use super::guest::{Guest, GuestPool};
 use super::history::{HistoryCache, StartGate, TokenCount, Warm};
 use super::record::{NodeInfo, Recorder, RunEvent};
 use super::role_session::RoleSession;
@@ -177,6 +178,8 @@ pub struct Runner {
     limits: RunLimits,
     /// Compressed conversations, shared by every run (and pinned copy) of this runner.
     history: Arc<HistoryCache>,
+    /// Where every policy call runs (never on the async runtime).
+    guests: Arc<GuestPool>,
 }
 
 impl Runner {
@@ -187,7 +190,26 @@ impl Runner {
             latencies: Arc::new(LatencyModel::default()),
             limits: RunLimits::default(),
             history: HistoryCache::new(),
+            guests: Arc::new(GuestPool::default()),
         }
+    }
+
+    /// The same runner with its policy calls on `pool` (sized by `[sandbox] guest_threads`).
+    pub fn with_guest_pool(mut self, pool: Arc<GuestPool>) -> Self {
+        self.guests = pool;
+        self
+    }
+
+    /// The same runner with a new conversation memory running at most `threads`
+    /// compressions at once (`[sandbox] compression_threads`).
+    pub fn with_compression_threads(mut self, threads: usize) -> Self {
+        self.history = HistoryCache::with_threads(threads);
+        self
+    }
+
+    /// The pool every policy call of this runner's runs goes through.
+    pub fn guest_pool(&self) -> &Arc<GuestPool> {
+        &self.guests
     }
 
     /// The conversation memory of this runner's nodes.
@@ -219,6 +241,7 @@ impl Runner {
             latencies: self.latencies.clone(),
             limits: self.limits,
             history: self.history.clone(),
+            guests: self.guests.clone(),
         }
     }
 
@@ -590,6 +613,62 @@ impl Emitter<'_> {
     }
 }
 
+/// Ends input `slot` for the session (and the draft feed), once.
+async fn close_input(
+    session: &mut Guest<dyn AggregatorSession>,
+    open: &mut [bool],
+    sources: &[Source],
+    feed: &Option<DraftFeed>,
+    slot: usize,
+) -> Result<(), PolicyError> {
+    if !std::mem::replace(&mut open[slot], false) {
+        return Ok(());
+    }
+    let id = sources[slot].id.clone();
+    if let Some(feed) = feed {
+        feed.finish(&id);
+    }
+    session.call(move |session| session.finish(&id)).await
+}
+
+/// Applies one inbox event to the session (chunks in order, finishes, releases).
+async fn on_input(
+    session: &mut Guest<dyn AggregatorSession>,
+    inputs: &mut InputSide,
+    open: &mut [bool],
+    sources: &[Source],
+    feed: &Option<DraftFeed>,
+    input: Option<Inbound>,
+) -> Result<(), PolicyError> {
+    let Some(Inbound { slot, event }) = input else {
+        // Every producer has ended: whatever is still open is finished.
+        for slot in 0..sources.len() {
+            close_input(session, open, sources, feed, slot).await?;
+        }
+        inputs.rx = None;
+        return Ok(());
+    };
+    match event {
+        EdgeEvent::Chunk(chunk) if open[slot] => {
+            let id = sources[slot].id.clone();
+            if let Some(feed) = feed {
+                feed.push_text(&id, &chunk.text);
+            }
+            let text = chunk.text;
+            let demand = session
+                .call(move |session| session.push(&id, &text))
+                .await?;
+            if demand == Demand::Enough {
+                inputs.release(slot);
+                close_input(session, open, sources, feed, slot).await?;
+            }
+        }
+        EdgeEvent::Chunk(_) => {}
+        EdgeEvent::Finished => close_input(session, open, sources, feed, slot).await?,
+    }
+    Ok(())
+}
+
 /// What woke a node up.
 enum Wake {
     Engine(Option<Result<GenerationEvent, EngineError>>),
@@ -627,6 +706,16 @@ impl<'r> RunCtx<'r> {
                 None => RunError::Policy { node, source },
             }
         }
+    }
+
+    /// Runs `call` with the run's (metered) policies on the guest pool, off the runtime:
+    /// opening an instance runs the plugin's start code.
+    async fn on_pool<R: Send + 'static>(
+        &self,
+        call: impl FnOnce(&MeteredProvider) -> Result<R, PolicyError> + Send + 'static,
+    ) -> Result<R, PolicyError> {
+        let policies = self.policies.clone();
+        self.runner.guests.run(move || call(&policies)).await?
     }
 
     fn sources(&self, node: NodeIndex) -> Vec<Source> {
@@ -677,33 +766,37 @@ impl<'r> RunCtx<'r> {
         };
         match node.kind {
             NodeKind::Compressor { budget_tokens } => {
+                let plugin = node.plugin.clone();
                 let compressor = self
-                    .policies
-                    .compressor(&node.plugin)
+                    .on_pool(move |policies| policies.compressor(&plugin))
+                    .await
                     .map_err(&policy_error)?;
                 self.run_compressor(ix, compressor, budget_tokens, inputs, emitter)
                     .await
             }
             NodeKind::Agent => {
-                let mut role = self
-                    .policies
-                    .role(&node.plugin, &node.config)
+                let (plugin, config) = (node.plugin.clone(), node.config.clone());
+                let (role, params) = self
+                    .on_pool(move |policies| {
+                        let mut role = policies.role(&plugin, &config)?;
+                        let params = role.params()?;
+                        Ok((role, params))
+                    })
+                    .await
                     .map_err(&policy_error)?;
-                let sampling = node.params.apply(role.params().map_err(&policy_error)?);
+                let sampling = node.params.apply(params);
                 let session = RoleSession::new(role, conversation, self.sources(ix), mode);
                 self.run_stepped(ix, Box::new(session), sampling, inputs, emitter, waker)
                     .await
             }
             NodeKind::Aggregator => {
+                let (plugin, config) = (node.plugin.clone(), node.config.clone());
+                let sources = self.sources(ix);
                 let session = self
-                    .policies
-                    .aggregator(
-                        &node.plugin,
-                        &node.config,
-                        &conversation,
-                        &self.sources(ix),
-                        mode,
-                    )
+                    .on_pool(move |policies| {
+                        policies.aggregator(&plugin, &config, &conversation, &sources, mode)
+                    })
+                    .await
                     .map_err(&policy_error)?;
                 let sampling = node.params.apply(SamplingParams::default());
                 self.run_stepped(ix, session, sampling, inputs, emitter, waker)
@@ -758,27 +851,29 @@ impl<'r> RunCtx<'r> {
 
     /// The engine for a step of `node`, asking its router when it has one (then the
     /// router's choice comes back too).
-    fn engine_for(
+    async fn engine_for(
         &self,
         ix: NodeIndex,
-        router: &mut Option<Box<dyn RouterPolicy>>,
+        router: &mut Option<Guest<dyn RouterPolicy>>,
         features: &StepFeatures,
     ) -> Result<(&'r Arc<dyn Engine>, Option<RouteChoice>), RunError> {
         let node = self.pipeline.node(ix);
         let (name, choice) = match (&node.model, router.as_mut()) {
             (ModelBinding::Routed { models, .. }, Some(router)) => {
+                let request = RouteRequest {
+                    node_id: node.id.clone(),
+                    prompt_tokens: features.prompt_tokens,
+                    query: features.query.clone(),
+                    models: models.clone(),
+                    role: node.label.clone(),
+                    answer_tokens: features.answer_tokens,
+                    max_tokens: features.max_tokens,
+                    previous_model: features.previous_model.clone(),
+                    confidence: features.confidence,
+                };
                 let choice = router
-                    .route(&RouteRequest {
-                        node_id: node.id.clone(),
-                        prompt_tokens: features.prompt_tokens,
-                        query: features.query.clone(),
-                        models: models.clone(),
-                        role: node.label.clone(),
-                        answer_tokens: features.answer_tokens,
-                        max_tokens: features.max_tokens,
-                        previous_model: features.previous_model.clone(),
-                        confidence: features.confidence,
-                    })
+                    .call(move |router| router.route(&request))
+                    .await
                     .map_err(self.policy_error(ix))?;
                 if !models.contains(&choice.model) {
                     return Err(RunError::BadRoute {
@@ -807,7 +902,7 @@ impl<'r> RunCtx<'r> {
     async fn run_stepped(
         &'r self,
         ix: NodeIndex,
-        mut session: Box<dyn AggregatorSession>,
+        session: Box<dyn AggregatorSession>,
         sampling: SamplingParams,
         mut inputs: InputSide,
         mut emitter: Emitter<'r>,
@@ -815,12 +910,16 @@ impl<'r> RunCtx<'r> {
     ) -> Result<(), RunError> {
         let node = self.pipeline.node(ix);
         let policy_error = self.policy_error(ix);
+        let mut session = Guest::new(self.runner.guests.clone(), session);
         let mut router = match &node.model {
-            ModelBinding::Routed { router, .. } => Some(
-                self.policies
-                    .router(router, &node.config)
-                    .map_err(&policy_error)?,
-            ),
+            ModelBinding::Routed { router, .. } => {
+                let (plugin, config) = (router.clone(), node.config.clone());
+                let router = self
+                    .on_pool(move |policies| policies.router(&plugin, &config))
+                    .await
+                    .map_err(&policy_error)?;
+                Some(Guest::new(self.runner.guests.clone(), router))
+            }
             _ => None,
         };
         let sources = self.sources(ix);
@@ -843,51 +942,6 @@ impl<'r> RunCtx<'r> {
             ..StepFeatures::default()
         };
 
-        // Ends input `slot` for the session (and the draft feed), once.
-        let close = |session: &mut Box<dyn AggregatorSession>,
-                     open: &mut [bool],
-                     slot: usize|
-         -> Result<(), RunError> {
-            if !std::mem::replace(&mut open[slot], false) {
-                return Ok(());
-            }
-            let id = &sources[slot].id;
-            if let Some(feed) = &feed {
-                feed.finish(id);
-            }
-            session.finish(id).map_err(&policy_error)
-        };
-        // Applies one inbox event to the session (chunks in order, finishes, releases).
-        let mut on_input = |session: &mut Box<dyn AggregatorSession>,
-                            inputs: &mut InputSide,
-                            input: Option<Inbound>|
-         -> Result<(), RunError> {
-            let Some(Inbound { slot, event }) = input else {
-                // Every producer has ended: whatever is still open is finished.
-                for slot in 0..sources.len() {
-                    close(session, &mut open, slot)?;
-                }
-                inputs.rx = None;
-                return Ok(());
-            };
-            match event {
-                EdgeEvent::Chunk(chunk) if open[slot] => {
-                    let id = &sources[slot].id;
-                    if let Some(feed) = &feed {
-                        feed.push_text(id, &chunk.text);
-                    }
-                    let demand = session.push(id, &chunk.text).map_err(&policy_error)?;
-                    if demand == Demand::Enough {
-                        inputs.release(slot);
-                        close(session, &mut open, slot)?;
-                    }
-                }
-                EdgeEvent::Chunk(_) => {}
-                EdgeEvent::Finished => close(session, &mut open, slot)?,
-            }
-            Ok(())
-        };
-
         let engine_error = |source| RunError::Engine {
             node: node.id.clone(),
             source,
@@ -900,13 +954,17 @@ impl<'r> RunCtx<'r> {
                 cancelled = true;
                 break;
             }
-            let step = match session.next_step().map_err(&policy_error)? {
+            let step = match session
+                .call(|session| session.next_step())
+                .await
+                .map_err(&policy_error)?
+            {
                 // A non-final step of zero tokens is a warm-up: its prompt goes into the
                 // prefix cache while the node waits for input. One at a time is enough.
                 Some(step) if !step.is_final && step.max_tokens == 0 => {
                     if warming.is_none() {
                         features.prompt(&step.messages, router.is_some(), self.runner);
-                        let (engine, _) = self.engine_for(ix, &mut router, &features)?;
+                        let (engine, _) = self.engine_for(ix, &mut router, &features).await?;
                         let request = self.step_request(ix, step.messages, &answer, 0, &sampling);
                         let started = self.recorder.now();
                         // A warm-up only saves work; the step after it reports real trouble.
@@ -933,7 +991,9 @@ impl<'r> RunCtx<'r> {
                     _ = waker.notified() => Wake::Released,
                 };
                 if let Wake::Input(input) = wake {
-                    on_input(&mut session, &mut inputs, input)?;
+                    on_input(&mut session, &mut inputs, &mut open, &sources, &feed, input)
+                        .await
+                        .map_err(&policy_error)?;
                 }
                 continue;
             };
@@ -962,7 +1022,7 @@ impl<'r> RunCtx<'r> {
             let reason = loop {
                 let part = route_tokens.map_or(step_left, |n| n.min(step_left));
                 features.answer_tokens = answer_tokens;
-                let (engine, choice) = self.engine_for(ix, &mut router, &features)?;
+                let (engine, choice) = self.engine_for(ix, &mut router, &features).await?;
                 // Latencies are learned per model: the routed one, else the node's.
                 let model_name = match (&choice, &self.pipeline.node(ix).model) {
                     (Some(choice), _) => choice.model.clone(),
@@ -1012,7 +1072,11 @@ impl<'r> RunCtx<'r> {
                         }
                         Wake::Engine(Some(Err(error))) => return Err(engine_error(error)),
                         Wake::Engine(None) => return Err(engine_error(EngineError::Stopped)),
-                        Wake::Input(input) => on_input(&mut session, &mut inputs, input)?,
+                        Wake::Input(input) => {
+                            on_input(&mut session, &mut inputs, &mut open, &sources, &feed, input)
+                                .await
+                                .map_err(&policy_error)?
+                        }
                         Wake::Released => {
                             if !emitter.wanted() {
                                 // Dropping the stream cancels the engine sequence.
@@ -1064,7 +1128,11 @@ impl<'r> RunCtx<'r> {
                     features.confidence = confidence;
                 }
                 steps += 1;
-                session.answered(&step_text).map_err(&policy_error)?;
+                let answered = step_text.clone();
+                session
+                    .call(move |session| session.answered(&answered))
+                    .await
+                    .map_err(&policy_error)?;
                 if last {
                     break reason;
                 }
@@ -1177,14 +1245,14 @@ impl<'r> RunCtx<'r> {
             })
             .collect();
         // A compressor may call a model through its plugin import, which blocks until the
-        // engine answers; on a blocking thread the other nodes of this run keep moving.
-        let compressed =
-            tokio::task::spawn_blocking(move || compressor.compress(&history, budget_tokens))
-                .await
-                .unwrap_or_else(|join| {
-                    Err(PolicyError(format!("the compressor call failed: {join}")))
-                })
-                .map_err(self.policy_error(ix))?;
+        // engine answers; on the guest pool the other nodes and requests keep moving.
+        let compressed = self
+            .runner
+            .guests
+            .run(move || compressor.compress(&history, budget_tokens))
+            .await
+            .and_then(|answer| answer)
+            .map_err(self.policy_error(ix))?;
         let text = compressed
             .iter()
             .map(|m| m.content.as_str())

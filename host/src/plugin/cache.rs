@@ -3,10 +3,13 @@
 //! that changes generated code). It is the only place `.cwasm` files are ever deserialized
 //! from: they are files this host wrote itself, and deserializing anything else would run
 //! arbitrary machine code. Loaded files are memory-mapped, so entries are only ever
-//! replaced by rename, never rewritten.
+//! replaced by rename, never rewritten. The folder is created owner-only (0700) and checked
+//! at start: one another user could write to would let them plant native code, so the
+//! host refuses to use it.
 
 use std::hash::Hasher;
-use std::path::PathBuf;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use sha2::{Digest, Sha256};
@@ -30,6 +33,47 @@ impl Hasher for Sha256Hasher {
     }
 }
 
+/// Owner-only: files in the cache are loaded as native code.
+const CACHE_DIR_MODE: u32 = 0o700;
+
+/// Refuses a cache folder that is a symlink, not ours, or open to others; narrows one of
+/// ours that is merely readable by others (created by an older version) to owner-only.
+fn check_private(dir: &Path) -> Result<(), PluginError> {
+    let refuse = |reason: String| {
+        PluginError::Runtime(format!(
+            "the compiled-plugin cache {} {reason}; fix it or set another cache folder",
+            dir.display()
+        ))
+    };
+    let meta = std::fs::symlink_metadata(dir).map_err(|error| PluginError::Io {
+        path: dir.to_path_buf(),
+        error,
+    })?;
+    if !meta.file_type().is_dir() {
+        return Err(refuse("is not a folder (a symlink is refused too)".into()));
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Err(refuse(format!("belongs to user {}, not {me}", meta.uid())));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(refuse(format!(
+            "is writable by other users (mode {:o})",
+            meta.mode() & 0o777
+        )));
+    }
+    if meta.mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(CACHE_DIR_MODE)).map_err(
+            |error| PluginError::Io {
+                path: dir.to_path_buf(),
+                error,
+            },
+        )?;
+    }
+    Ok(())
+}
+
 pub(crate) struct CodeCache {
     dir: PathBuf,
     engine_hash: String,
@@ -37,10 +81,15 @@ pub(crate) struct CodeCache {
 
 impl CodeCache {
     pub(crate) fn new(dir: PathBuf, engine: &Engine) -> Result<Self, PluginError> {
-        std::fs::create_dir_all(&dir).map_err(|error| PluginError::Io {
-            path: dir.clone(),
-            error,
-        })?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(CACHE_DIR_MODE)
+            .create(&dir)
+            .map_err(|error| PluginError::Io {
+                path: dir.clone(),
+                error,
+            })?;
+        check_private(&dir)?;
         let mut hasher = Sha256Hasher(Sha256::new());
         std::hash::Hash::hash(&engine.precompile_compatibility_hash(), &mut hasher);
         let engine_hash = hex::encode(&hasher.0.finalize()[..8]);

@@ -163,6 +163,19 @@ pub enum PluginError {
     },
     #[error("no plugin named `{name}` is loaded")]
     NotFound { name: String },
+    #[error("plugin `{name}` is not available: {reason}")]
+    Unavailable { name: String, reason: String },
+    #[error(
+        "{path}: declares the name `{name}`, which {other} serves; a plugin is its file, so \
+         the first file keeps the name (rename one of them)"
+    )]
+    NameTaken {
+        name: String,
+        path: PathBuf,
+        other: PathBuf,
+    },
+    #[error("{path}: failed before and has not changed since: {reason}")]
+    KnownBad { path: PathBuf, reason: String },
     #[error("plugin {plugin} is a {actual:?} plugin, not a {expected:?}")]
     WrongKind {
         plugin: PluginRef,

@@ -175,18 +175,27 @@ impl model::Host for StoreState {
         let Some(engine) = self.engine.clone() else {
             return Ok(Err("the host has no model engine".into()));
         };
+        let mut sampling = sampling_from_wit(params);
+        // 0 asks "until the model stops": capped like any other ask.
+        if sampling.max_tokens == 0 || sampling.max_tokens > self.max_model_tokens {
+            sampling.max_tokens = self.max_model_tokens;
+        }
         let request = GenerationRequest {
             prompt: Prompt::Chat {
                 messages: messages.into_iter().map(chat_from_wit).collect(),
                 assistant_prefix: None,
             },
-            sampling: sampling_from_wit(params),
+            sampling,
             priority: self.model_priority,
             extensions: Default::default(),
             // The shared namespace: plugin calls carry no tenant (README: Tenants).
             namespace: Default::default(),
         };
-        Ok(complete_before(engine, request, self.deadline))
+        let tokens = metrics::counter!(
+            "staircase_plugin_model_tokens_total",
+            "plugin" => self.plugin.name.clone()
+        );
+        Ok(complete_before(engine, request, self.deadline, tokens))
     }
 }
 
@@ -197,6 +206,7 @@ fn complete_before(
     engine: Arc<dyn Engine>,
     request: GenerationRequest,
     deadline: Instant,
+    tokens: metrics::Counter,
 ) -> Result<String, String> {
     let mut stream = engine.submit(request).map_err(|e| e.to_string())?;
     let (tx, rx) = std::sync::mpsc::channel();
@@ -211,7 +221,14 @@ fn complete_before(
                     break Err("cancelled".to_string());
                 }
                 match stream.blocking_next() {
-                    Some(Ok(GenerationEvent::Delta { text: delta, .. })) => text.push_str(&delta),
+                    Some(Ok(GenerationEvent::Delta {
+                        text: delta,
+                        token_count,
+                        ..
+                    })) => {
+                        tokens.increment(u64::from(token_count));
+                        text.push_str(&delta);
+                    }
                     Some(Ok(GenerationEvent::Finished { .. })) => break Ok(text),
                     None => break Err("the engine stopped before the answer finished".to_string()),
                     Some(Err(error)) => break Err(error.to_string()),

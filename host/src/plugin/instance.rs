@@ -19,6 +19,9 @@ use super::runtime::{
 
 /// The call name of instantiation in errors.
 const INSTANTIATE: &str = "instantiate";
+/// Entries in one store's resource table (WASI streams, sessions): a policy holds a handful;
+/// wasmtime's default of a million lets a guest make the host allocate for each.
+const MAX_RESOURCES: usize = 1024;
 /// Largest `get-random-bytes` answer: the host allocates it, and a seed or a nonce is tens
 /// of bytes.
 const MAX_RANDOM_BYTES: u64 = 64 << 10;
@@ -45,6 +48,8 @@ pub(crate) struct StoreState {
     /// Largest text `count-tokens` accepts, and largest prompt of `model.complete`.
     pub(crate) max_count_bytes: usize,
     pub(crate) max_messages: usize,
+    /// Most tokens of one `model.complete`.
+    pub(crate) max_model_tokens: u32,
 }
 
 impl StoreState {
@@ -106,7 +111,11 @@ impl PluginInstance {
             .build();
         let state = StoreState {
             wasi,
-            table: ResourceTable::new(),
+            table: {
+                let mut table = ResourceTable::new();
+                table.set_max_capacity(MAX_RESOURCES);
+                table
+            },
             limiter: Limiter::new(plugin.manifest.limits.memory_bytes()),
             plugin: plugin.plugin.clone(),
             config,
@@ -120,6 +129,7 @@ impl PluginInstance {
             max_stdio: inner.config.max_stdio_bytes_per_call,
             max_count_bytes: inner.config.max_output_bytes,
             max_messages: inner.config.max_messages,
+            max_model_tokens: inner.config.max_model_tokens,
         };
         let mut store = Store::new(&inner.engine, state);
         store.limiter(|state| &mut state.limiter);

@@ -11,17 +11,23 @@ const MAX_TABLES: usize = 64;
 const MAX_INSTANCES: usize = 256;
 const MAX_TABLE_ELEMENTS: usize = 1 << 20;
 
-/// wasmtime's `StoreLimits` (memory, table elements, instances, tables, memories), plus a
-/// record of whether a memory growth was refused, so a trap after a refusal is reported as
-/// out-of-memory rather than as the guest's abort.
+/// wasmtime's `StoreLimits` (table elements, instances, tables, memories), one memory cap
+/// over all of an instance's linear memories together (wasmtime's own is per memory, and a
+/// component may have many), and a record of whether a memory growth was refused, so a trap
+/// after a refusal is reported as out-of-memory rather than as the guest's abort.
 pub(crate) struct Limiter {
     limits: wasmtime::StoreLimits,
     pub(crate) memory_refused: bool,
+    /// Bytes of every memory of the store together, and the cap on them.
+    memory_used: usize,
+    memory_cap: usize,
 }
 
 impl Limiter {
     pub(crate) fn new(memory_bytes: usize) -> Self {
         Self {
+            memory_used: 0,
+            memory_cap: memory_bytes,
             limits: wasmtime::StoreLimitsBuilder::new()
                 .memory_size(memory_bytes)
                 .table_elements(MAX_TABLE_ELEMENTS)
@@ -41,7 +47,16 @@ impl wasmtime::ResourceLimiter for Limiter {
         desired: usize,
         maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        let ok = self.limits.memory_growing(current, desired, maximum)?;
+        // A memory is created growing from 0, so the sum counts every memory's whole size.
+        let extra = desired.saturating_sub(current);
+        let fits = self
+            .memory_used
+            .checked_add(extra)
+            .is_some_and(|total| total <= self.memory_cap);
+        let ok = fits && self.limits.memory_growing(current, desired, maximum)?;
+        if ok {
+            self.memory_used += extra;
+        }
         self.memory_refused |= !ok;
         Ok(ok)
     }
@@ -247,6 +262,26 @@ mod tests {
         assert_eq!(budget.dropped_lines(), 2);
         let mut bytes = LogBudget::new(LogLimits::default(), plugin());
         assert!(!bytes.admit(DEFAULT_LOG_BYTES_PER_CALL + 1));
+    }
+
+    #[test]
+    fn the_memory_cap_counts_every_memory_together() {
+        use wasmtime::ResourceLimiter;
+        let mut limiter = Limiter::new(100);
+        assert!(
+            limiter.memory_growing(0, 60, None).unwrap(),
+            "a first memory"
+        );
+        assert!(
+            !limiter.memory_growing(0, 60, None).unwrap(),
+            "a second memory over the shared cap"
+        );
+        assert!(limiter.memory_refused);
+        assert!(
+            limiter.memory_growing(60, 100, None).unwrap(),
+            "up to the cap"
+        );
+        assert!(!limiter.memory_growing(100, 101, None).unwrap());
     }
 
     #[test]

@@ -9,7 +9,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::error::{MAX_ERROR_DETAIL_BYTES, MAX_QUOTED_BYTES, clip};
 use crate::policy::PluginKind;
+
+/// Longest name and version: they appear in every status line, metric label and error.
+pub const MAX_NAME_BYTES: usize = 64;
 
 /// A capability a plugin may ask for; the operator grants it in the host configuration.
 #[derive(
@@ -107,20 +111,26 @@ pub struct ManifestError(pub String);
 impl Manifest {
     /// Parses a manifest from TOML text.
     pub fn parse(text: &str) -> Result<Self, ManifestError> {
-        let manifest: Manifest = toml::from_str(text).map_err(|e| ManifestError(e.to_string()))?;
+        // The parser quotes the offending line, which the file's author chose.
+        let manifest: Manifest = toml::from_str(text).map_err(|e| {
+            ManifestError(clip(&e.to_string(), MAX_ERROR_DETAIL_BYTES).into_owned())
+        })?;
         if manifest.name.is_empty()
+            || manifest.name.len() > MAX_NAME_BYTES
             || !manifest
                 .name
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         {
             return Err(ManifestError(format!(
-                "name {:?} must be non-empty ASCII letters, digits, '-' or '_'",
-                manifest.name
+                "name {:?} must be 1 to {MAX_NAME_BYTES} ASCII letters, digits, '-' or '_'",
+                clip(&manifest.name, MAX_QUOTED_BYTES)
             )));
         }
-        if manifest.version.is_empty() {
-            return Err(ManifestError("version must not be empty".into()));
+        if manifest.version.is_empty() || manifest.version.len() > MAX_NAME_BYTES {
+            return Err(ManifestError(format!(
+                "version must be 1 to {MAX_NAME_BYTES} bytes"
+            )));
         }
         if manifest.limits.memory_mib == 0 || manifest.limits.call_ms == 0 {
             return Err(ManifestError("limits must be positive".into()));

@@ -13,6 +13,7 @@ mod bindings;
 pub mod builtin;
 mod cache;
 mod error;
+pub mod folder;
 mod host_imports;
 mod instance;
 mod limits;

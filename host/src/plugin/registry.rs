@@ -12,18 +12,31 @@
 //! a run never waits on compiling a plugin it does not use. A user plugin may not take a
 //! built-in's name unless the host configuration lists that name in `overrides`; either way
 //! the decision is logged at warn level with both sources.
+//!
+//! A file is identified by its path and the hash of its bytes, never by the name its manifest
+//! declares: a second file declaring a name another file serves is refused (the first keeps
+//! its grants and pipelines), and a built-in is never dropped (it serves again when the file
+//! that replaced it goes or renames itself). Files are read once, as regular files only
+//! (`folder.rs`). Every compile runs on one compile worker thread, so reloads, first uses and
+//! an operator's `/admin/reload` storm never compile in parallel or on a request's thread; an
+//! unchanged file is not compiled again, and a file that failed is not retried until its
+//! bytes change.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, Weak};
+use std::thread::ThreadId;
 use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
 
 use arc_swap::ArcSwap;
 use notify::{RecursiveMode, Watcher};
 
 use super::builtin;
-use super::error::PluginError;
+use super::error::{MAX_ERROR_DETAIL_BYTES, PluginError, clip};
+use super::folder::{FolderReadError, read_regular, read_regular_text};
 use super::manifest::Manifest;
 use super::policies::{AggregatorInstance, CompressorInstance, RoleInstance, RouterInstance};
 use super::runtime::{LoadedPlugin, PluginRuntime};
@@ -37,6 +50,11 @@ use crate::policy::{
 /// several events, and a swap must not start on a half-written file. Small against the
 /// 100 ms swap target.
 pub const DEBOUNCE: Duration = Duration::from_millis(20);
+/// Largest manifest read: a manifest is a dozen lines.
+pub const MAX_MANIFEST_BYTES: u64 = 64 << 10;
+/// Failed files remembered (by the hash of their bytes); beyond it the memory starts over,
+/// so a folder churning out broken files costs a bounded map.
+const MAX_REMEMBERED_FAILURES: usize = 1024;
 
 /// What the registry did, for logs, tests and benchmarks.
 #[derive(Clone, Debug)]
@@ -76,14 +94,28 @@ pub struct PluginSummary {
 struct Entry {
     plugin: Arc<LoadedPlugin>,
     path: Option<PathBuf>,
+    /// The hash of the file's manifest and component, for a file (an unchanged file is not
+    /// loaded again).
+    identity: Option<FileIdentity>,
 }
+
+/// The sha256 of a plugin file's manifest text and component bytes together.
+type FileIdentity = [u8; 32];
 
 /// A plugin registered by its manifest, compiled on first use.
 struct Lazy {
     path: PathBuf,
     kind: PluginKind,
-    /// Held while compiling, so concurrent first users compile once.
-    loading: Mutex<()>,
+}
+
+/// Work for the compile worker.
+type Job = Box<dyn FnOnce(&Registry) + Send>;
+
+/// The compile worker: its queue and its thread's id (a job it runs that needs a compile
+/// compiles in place rather than queueing behind itself).
+struct Compiler {
+    jobs: Sender<Job>,
+    thread: ThreadId,
 }
 
 /// Loaded plugins by name, with hot reload. Implements [`PolicyProvider`].
@@ -97,11 +129,19 @@ pub struct Registry {
     update: Mutex<()>,
     subscribers: Mutex<Vec<Sender<RegistryEvent>>>,
     watchers: Mutex<Vec<notify::RecommendedWatcher>>,
+    /// Started on first use.
+    compiler: Mutex<Option<Compiler>>,
+    /// Files that failed to load, by identity, with the reason: not retried until they change.
+    failures: Mutex<HashMap<FileIdentity, String>>,
+    /// Names registered lazily whose compile failed, with the reason (a run asking for one
+    /// gets it instead of "not found").
+    unavailable: Mutex<HashMap<String, (PluginKind, String)>>,
+    me: Weak<Registry>,
 }
 
 impl Registry {
     pub fn new(runtime: PluginRuntime) -> Arc<Self> {
-        Arc::new(Self {
+        Arc::new_cyclic(|me| Self {
             runtime,
             table: ArcSwap::from_pointee(HashMap::new()),
             lazy: Mutex::new(HashMap::new()),
@@ -109,7 +149,107 @@ impl Registry {
             update: Mutex::new(()),
             subscribers: Mutex::new(Vec::new()),
             watchers: Mutex::new(Vec::new()),
+            compiler: Mutex::new(None),
+            failures: Mutex::new(HashMap::new()),
+            unavailable: Mutex::new(HashMap::new()),
+            me: me.clone(),
         })
+    }
+
+    /// Queues `job` on the compile worker (starting it on first use).
+    fn enqueue(&self, job: Job) -> Result<(), PluginError> {
+        let mut compiler = lock(&self.compiler);
+        if compiler.is_none() {
+            let (tx, rx) = mpsc::channel::<Job>();
+            let registry = self.me.clone();
+            let thread = std::thread::Builder::new()
+                .name("plugin-compiler".into())
+                .spawn(move || {
+                    while let Ok(job) = rx.recv() {
+                        let Some(registry) = registry.upgrade() else {
+                            return;
+                        };
+                        // A panicking job fails its own caller (its answer channel drops),
+                        // never the worker every later compile needs.
+                        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            job(&registry)
+                        }));
+                        if ran.is_err() {
+                            tracing::error!("a plugin compile job panicked");
+                        }
+                    }
+                })
+                .map_err(|e| PluginError::Runtime(format!("cannot start the compiler: {e}")))?;
+            *compiler = Some(Compiler {
+                jobs: tx,
+                thread: thread.thread().id(),
+            });
+        }
+        let stopped = || PluginError::Runtime("the plugin compiler stopped".into());
+        compiler
+            .as_ref()
+            .ok_or_else(stopped)?
+            .jobs
+            .send(job)
+            .map_err(|_| stopped())
+    }
+
+    /// Runs `job` on the compile worker and waits for its answer (in place when called from
+    /// the worker itself). Blocking: never call it on the async runtime.
+    fn on_compiler<R: Send + 'static>(
+        &self,
+        job: impl FnOnce(&Registry) -> R + Send + 'static,
+    ) -> Result<R, PluginError> {
+        let here = std::thread::current().id();
+        if lock(&self.compiler)
+            .as_ref()
+            .is_some_and(|c| c.thread == here)
+        {
+            return Ok(job(self));
+        }
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.enqueue(Box::new(move |registry| {
+            let _ = tx.send(job(registry));
+        }))?;
+        rx.recv()
+            .map_err(|_| PluginError::Runtime("the plugin compiler stopped".into()))
+    }
+
+    /// Waits, without blocking a thread, until `name` no longer waits to be compiled (its
+    /// first compile is queued on the compile worker now if it was not). Returns at once for
+    /// a name that is not registered lazily. What a server awaits before pinning a run's
+    /// plugins, so no request thread ever compiles.
+    pub async fn compiled(&self, name: &str) {
+        if !lock(&self.lazy).contains_key(name) {
+            return;
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let name = name.to_string();
+        let queued = self.enqueue(Box::new(move |registry| {
+            let _ = registry.compile_lazy(&name);
+            let _ = tx.send(());
+        }));
+        if queued.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Compiles `name` if it is still registered lazily (on the compile worker).
+    fn compile_lazy(&self, name: &str) -> Result<(), PluginError> {
+        let Some(lazy) = lock(&self.lazy).get(name).cloned() else {
+            return Ok(());
+        };
+        let result = self.reload_now(&lazy.path, Instant::now());
+        {
+            let mut pending = lock(&self.lazy);
+            if pending.get(name).is_some_and(|l| Arc::ptr_eq(l, &lazy)) {
+                pending.remove(name);
+            }
+        }
+        if let Err(error) = &result {
+            lock(&self.unavailable).insert(name.to_string(), (lazy.kind, error.to_string()));
+        }
+        result.map(|_| ())
     }
 
     pub fn runtime(&self) -> &PluginRuntime {
@@ -155,7 +295,7 @@ impl Registry {
                 })?;
             let loaded = self.runtime.load(builtin.wasm, manifest)?;
             lock(&self.builtins).insert(loaded.manifest.name.clone(), loaded.clone());
-            self.install(loaded.clone(), None);
+            self.install(loaded.clone(), None, None);
             self.emit(RegistryEvent::Loaded {
                 plugin: loaded.plugin.clone(),
                 path: None,
@@ -194,6 +334,7 @@ impl Registry {
                 let result = read_manifest(&manifest_path(&path))
                     .and_then(|manifest| {
                         self.check_name(&manifest, &path)?;
+                        self.check_claim(&manifest, &path)?;
                         Ok(manifest)
                     })
                     .map(|manifest| {
@@ -202,7 +343,6 @@ impl Registry {
                             Arc::new(Lazy {
                                 path: path.clone(),
                                 kind: manifest.kind,
-                                loading: Mutex::new(()),
                             }),
                         );
                     });
@@ -246,15 +386,78 @@ impl Registry {
         })
     }
 
-    /// Loads a file and swaps it in, or reports why not.
+    /// Refuses a file declaring a name another file serves (or is registered to serve): a
+    /// plugin is its file, so the first file keeps the name, its grants and its pipelines.
+    fn check_claim(&self, manifest: &Manifest, path: &Path) -> Result<(), PluginError> {
+        let name = &manifest.name;
+        let served = self
+            .table
+            .load()
+            .get(name)
+            .and_then(|e| e.path.clone())
+            .or_else(|| lock(&self.lazy).get(name).map(|l| l.path.clone()));
+        match served {
+            Some(other) if other != path => Err(PluginError::NameTaken {
+                name: name.clone(),
+                path: path.to_path_buf(),
+                other,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Loads a file and swaps it in, or reports why not, on the compile worker.
     fn reload(&self, wasm_path: &Path, since: Instant) -> Result<Arc<LoadedPlugin>, PluginError> {
-        let loaded = read_manifest(&manifest_path(wasm_path))
-            .and_then(|manifest| self.check_name(&manifest, wasm_path))
-            .and_then(|()| load_from_disk(&self.runtime, wasm_path));
+        let path = wasm_path.to_path_buf();
+        self.on_compiler(move |registry| registry.reload_now(&path, since))?
+    }
+
+    /// [`Self::reload`] on this thread (the compile worker's).
+    fn reload_now(
+        &self,
+        wasm_path: &Path,
+        since: Instant,
+    ) -> Result<Arc<LoadedPlugin>, PluginError> {
+        let files = read_files(&self.runtime, wasm_path, &manifest_path(wasm_path));
+        let loaded = files.and_then(|(manifest, wasm, identity)| {
+            // An unchanged file keeps serving as it is: nothing to compile or announce.
+            if let Some(entry) = self.table.load().get(&manifest.name)
+                && entry.path.as_deref() == Some(wasm_path)
+                && entry.identity == Some(identity)
+            {
+                tracing::debug!(path = %wasm_path.display(), "plugin file unchanged; not reloaded");
+                return Ok((entry.plugin.clone(), identity, false));
+            }
+            if let Some(reason) = lock(&self.failures).get(&identity) {
+                return Err(PluginError::KnownBad {
+                    path: wasm_path.to_path_buf(),
+                    reason: reason.clone(),
+                });
+            }
+            self.check_name(&manifest, wasm_path)?;
+            self.check_claim(&manifest, wasm_path)?;
+            match self.runtime.load(&wasm, manifest) {
+                Ok(loaded) => Ok((loaded, identity, true)),
+                Err(error) => {
+                    let mut failures = lock(&self.failures);
+                    if failures.len() >= MAX_REMEMBERED_FAILURES {
+                        failures.clear();
+                    }
+                    failures.insert(identity, error.to_string());
+                    Err(error)
+                }
+            }
+        });
         match loaded {
-            Ok(loaded) => {
+            Ok((loaded, _, false)) => Ok(loaded),
+            Ok((loaded, identity, true)) => {
                 lock(&self.lazy).remove(&loaded.manifest.name);
-                self.install(loaded.clone(), Some(wasm_path.to_path_buf()));
+                lock(&self.unavailable).remove(&loaded.manifest.name);
+                self.install(
+                    loaded.clone(),
+                    Some(wasm_path.to_path_buf()),
+                    Some(identity),
+                );
                 self.emit(RegistryEvent::Loaded {
                     plugin: loaded.plugin.clone(),
                     path: Some(wasm_path.to_path_buf()),
@@ -274,12 +477,35 @@ impl Registry {
         }
     }
 
-    fn install(&self, plugin: Arc<LoadedPlugin>, path: Option<PathBuf>) {
+    fn install(
+        &self,
+        plugin: Arc<LoadedPlugin>,
+        path: Option<PathBuf>,
+        identity: Option<FileIdentity>,
+    ) {
         let _guard = lock(&self.update);
         let mut table = HashMap::clone(&self.table.load());
-        // A file that now declares another name stops serving its old one.
+        // A file that now declares another name stops serving its old one (and a built-in
+        // it replaced serves again).
         if let Some(path) = &path {
-            table.retain(|name, e| e.path.as_ref() != Some(path) || *name == plugin.manifest.name);
+            let renamed: Vec<String> = table
+                .iter()
+                .filter(|(name, e)| e.path.as_ref() == Some(path) && **name != plugin.manifest.name)
+                .map(|(name, _)| name.clone())
+                .collect();
+            for name in renamed {
+                table.remove(&name);
+                if let Some(builtin) = lock(&self.builtins).get(&name) {
+                    table.insert(
+                        name,
+                        Arc::new(Entry {
+                            plugin: builtin.clone(),
+                            path: None,
+                            identity: None,
+                        }),
+                    );
+                }
+            }
         }
         if let Some(old) = table.get(&plugin.manifest.name)
             && old.path != path
@@ -288,7 +514,11 @@ impl Registry {
         }
         table.insert(
             plugin.manifest.name.clone(),
-            Arc::new(Entry { plugin, path }),
+            Arc::new(Entry {
+                plugin,
+                path,
+                identity,
+            }),
         );
         self.table.store(Arc::new(table));
     }
@@ -312,6 +542,7 @@ impl Registry {
                     Arc::new(Entry {
                         plugin: builtin.clone(),
                         path: None,
+                        identity: None,
                     }),
                 );
             }
@@ -332,27 +563,35 @@ impl Registry {
         self.get_or_err(name).ok()
     }
 
+    /// The version serving `name` (compiling it first, on the compile worker, if it was
+    /// registered lazily), or why there is none. Blocking on a first compile.
+    pub fn resolve(&self, name: &str) -> Result<Arc<LoadedPlugin>, PluginError> {
+        self.get_or_err(name)
+    }
+
     fn get_or_err(&self, name: &str) -> Result<Arc<LoadedPlugin>, PluginError> {
-        let lazy = lock(&self.lazy).get(name).cloned();
-        if let Some(lazy) = lazy {
-            let _compiling = lock(&lazy.loading);
-            // Another caller may have compiled it while this one waited.
-            if lock(&self.lazy)
-                .get(name)
-                .is_some_and(|l| Arc::ptr_eq(l, &lazy))
-            {
-                let loaded = self.reload(&lazy.path, Instant::now());
-                lock(&self.lazy).remove(name);
-                loaded?;
-            }
+        if lock(&self.lazy).contains_key(name) {
+            let owned = name.to_string();
+            self.on_compiler(move |registry| registry.compile_lazy(&owned))??;
         }
-        self.table
-            .load()
-            .get(name)
-            .map(|e| e.plugin.clone())
-            .ok_or_else(|| PluginError::NotFound {
+        if let Some(entry) = self.table.load().get(name) {
+            return Ok(entry.plugin.clone());
+        }
+        match lock(&self.unavailable).get(name).map(|(_, reason)| reason) {
+            Some(reason) => Err(PluginError::Unavailable {
                 name: name.to_string(),
-            })
+                reason: reason.clone(),
+            }),
+            None => Err(PluginError::NotFound {
+                name: name.to_string(),
+            }),
+        }
+    }
+
+    /// The version serving `name` now, without compiling: `None` for a name still waiting
+    /// for its first compile (see [`Self::compiled`]) or not served.
+    pub fn get_ready(&self, name: &str) -> Option<Arc<LoadedPlugin>> {
+        self.table.load().get(name).map(|e| e.plugin.clone())
     }
 
     /// A fresh role instance on the newest version of `name` (typed errors).
@@ -491,7 +730,7 @@ fn reload_loop(registry: Weak<Registry>, rx: Receiver<(PathBuf, Instant)>) {
             return;
         };
         for (wasm, since) in touched {
-            if wasm.exists() {
+            if wasm.symlink_metadata().is_ok() {
                 let _ = registry.reload(&wasm, since);
             } else {
                 registry.unload(&wasm);
@@ -530,28 +769,65 @@ pub fn manifest_path(wasm_path: &Path) -> PathBuf {
 
 /// Reads and parses a manifest file.
 pub fn read_manifest(path: &Path) -> Result<Manifest, PluginError> {
-    let text = std::fs::read_to_string(path).map_err(|error| match error.kind() {
-        std::io::ErrorKind::NotFound => PluginError::Manifest {
+    read_manifest_text(path).and_then(|text| parse_manifest(path, &text))
+}
+
+fn read_manifest_text(path: &Path) -> Result<String, PluginError> {
+    read_regular_text(path, MAX_MANIFEST_BYTES).map_err(|error| {
+        let reason = if error.is_not_found() {
+            "not found (a plugin's manifest sits beside its component: NAME.toml next to NAME.wasm)"
+                .to_string()
+        } else {
+            error.to_string()
+        };
+        PluginError::Manifest {
             path: path.to_path_buf(),
-            reason: "not found (a plugin's manifest sits beside its component: NAME.toml next to NAME.wasm)".into(),
-        },
-        _ => PluginError::Io {
-            path: path.to_path_buf(),
-            error,
-        },
-    })?;
-    Manifest::parse(&text).map_err(|e| PluginError::Manifest {
-        path: path.to_path_buf(),
-        reason: e.0,
+            reason,
+        }
     })
 }
 
-/// Reads a component and the manifest beside it and loads them.
-pub(crate) fn load_from_disk(
+fn parse_manifest(path: &Path, text: &str) -> Result<Manifest, PluginError> {
+    Manifest::parse(text).map_err(|e| PluginError::Manifest {
+        path: path.to_path_buf(),
+        // The parser quotes the file's lines, which the file's author chose.
+        reason: clip(&e.0, MAX_ERROR_DETAIL_BYTES).into_owned(),
+    })
+}
+
+/// The manifest and component of a plugin file, each read once as a regular file within
+/// its size limit, and their identity (the hash of both).
+fn read_files(
     runtime: &PluginRuntime,
     wasm_path: &Path,
-) -> Result<Arc<LoadedPlugin>, PluginError> {
-    load_files(runtime, wasm_path, &manifest_path(wasm_path))
+    manifest_path: &Path,
+) -> Result<(Manifest, Vec<u8>, FileIdentity), PluginError> {
+    let text = read_manifest_text(manifest_path)?;
+    let manifest = parse_manifest(manifest_path, &text)?;
+    let limit = runtime.config().max_component_bytes as u64;
+    let wasm = read_regular(wasm_path, limit).map_err(|error| match error {
+        FolderReadError::TooLarge { bytes, limit } => PluginError::ComponentTooLarge {
+            plugin: super::PluginRef {
+                name: manifest.name.clone(),
+                version: manifest.version.clone(),
+            },
+            bytes: bytes as usize,
+            limit: limit as usize,
+        },
+        FolderReadError::Io(error) => PluginError::Io {
+            path: wasm_path.to_path_buf(),
+            error,
+        },
+        other => PluginError::Io {
+            path: wasm_path.to_path_buf(),
+            error: std::io::Error::other(other.to_string()),
+        },
+    })?;
+    let mut hasher = Sha256::new();
+    hasher.update((text.len() as u64).to_le_bytes());
+    hasher.update(text.as_bytes());
+    hasher.update(&wasm);
+    Ok((manifest, wasm, hasher.finalize().into()))
 }
 
 /// Reads a component and a manifest and loads them (what `staircase plugin check` runs).
@@ -560,11 +836,7 @@ pub fn load_files(
     wasm_path: &Path,
     manifest_path: &Path,
 ) -> Result<Arc<LoadedPlugin>, PluginError> {
-    let manifest = read_manifest(manifest_path)?;
-    let wasm = std::fs::read(wasm_path).map_err(|error| PluginError::Io {
-        path: wasm_path.to_path_buf(),
-        error,
-    })?;
+    let (manifest, wasm, _) = read_files(runtime, wasm_path, manifest_path)?;
     runtime.load(&wasm, manifest)
 }
 
@@ -623,7 +895,12 @@ impl PolicyProvider for Registry {
         if let Some(lazy) = lock(&self.lazy).get(plugin) {
             return Some(lazy.kind);
         }
-        self.table.load().get(plugin).map(|e| e.plugin.kind())
+        // One whose compile failed too: a run then fails at the node with the reason.
+        self.table
+            .load()
+            .get(plugin)
+            .map(|e| e.plugin.kind())
+            .or_else(|| lock(&self.unavailable).get(plugin).map(|(kind, _)| *kind))
     }
 }
 

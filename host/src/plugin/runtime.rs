@@ -29,9 +29,13 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(2);
 /// The operator's default cap on a plugin's memory: a Python or JavaScript component runs
 /// in well under this, a Rust policy in a few MiB.
 pub const DEFAULT_MAX_MEMORY_MIB: u32 = 256;
-/// The operator's default cap on one call's wall time: a compressor granted the `model`
-/// capability waits for a whole generation inside its call.
-pub const DEFAULT_MAX_CALL_MS: u32 = 60_000;
+/// The operator's default cap on one call's wall time (`[sandbox] max_call_ms`). Policies
+/// answer in microseconds to milliseconds (the built-ins ask 50-200 ms, the Python and
+/// JavaScript examples 2 s); a call may hold a thread of the guest pool that long, so a
+/// minute let a few requests occupy the pool for a minute each. 5 s still leaves room for a
+/// compressor's short `model.complete` on the default model; an operator who grants a
+/// slower model raises it.
+pub const DEFAULT_MAX_CALL_MS: u32 = 5_000;
 /// Largest answer accepted from one call (a step prompt, a history): 1 MiB of text is far
 /// beyond any model context, so more is a runaway plugin.
 pub const DEFAULT_MAX_OUTPUT_BYTES: usize = 1 << 20;
@@ -49,6 +53,10 @@ pub const MESSAGE_OVERHEAD_BYTES: usize = 16;
 /// Bytes one call may write to its (discarded) stdout and stderr: a panic message or a
 /// traceback is a few KiB; more is a plugin using the host's CPU and memory as a sink.
 pub const DEFAULT_MAX_STDIO_BYTES_PER_CALL: u64 = 64 << 10;
+/// Most tokens one `model.complete` may generate (`[sandbox] max_model_tokens`; a request
+/// asking 0 or more gets this many): a compressor's summary is a few hundred tokens, and an
+/// uncapped call would hold the engine (and a guest thread) for a whole context.
+pub const DEFAULT_MAX_MODEL_TOKENS: u32 = 512;
 /// Largest component accepted: a Python component (an interpreter and its standard library)
 /// is about 40 MiB.
 pub const DEFAULT_MAX_COMPONENT_BYTES: usize = 64 << 20;
@@ -91,6 +99,8 @@ pub struct HostConfig {
     pub max_messages: usize,
     /// Bytes one call may write to stdout and stderr together (both are discarded).
     pub max_stdio_bytes_per_call: u64,
+    /// Most tokens one `model.complete` generates.
+    pub max_model_tokens: u32,
     /// What a plugin may write to the host's log.
     pub log: LogLimits,
     /// Largest component file accepted.
@@ -116,6 +126,7 @@ impl Default for HostConfig {
             max_output_bytes: DEFAULT_MAX_OUTPUT_BYTES,
             max_messages: DEFAULT_MAX_MESSAGES,
             max_stdio_bytes_per_call: DEFAULT_MAX_STDIO_BYTES_PER_CALL,
+            max_model_tokens: DEFAULT_MAX_MODEL_TOKENS,
             log: LogLimits::default(),
             max_component_bytes: DEFAULT_MAX_COMPONENT_BYTES,
             compile_budget: CompileBudget::default(),
@@ -140,6 +151,7 @@ impl std::fmt::Debug for HostConfig {
             .field("max_output_bytes", &self.max_output_bytes)
             .field("max_messages", &self.max_messages)
             .field("max_stdio_bytes_per_call", &self.max_stdio_bytes_per_call)
+            .field("max_model_tokens", &self.max_model_tokens)
             .field("log", &self.log)
             .field("max_component_bytes", &self.max_component_bytes)
             .field("compile_budget", &self.compile_budget)
@@ -197,6 +209,8 @@ pub(crate) struct RuntimeInner {
     pub(crate) pooling: bool,
     /// The origin of the `now-ns` clock.
     pub(crate) origin: Instant,
+    /// A compile that went over its budget and may still be running.
+    abandoned_compile: std::sync::Mutex<Option<JoinHandle<()>>>,
     _ticker: EpochTicker,
 }
 
@@ -273,6 +287,7 @@ impl PluginRuntime {
                 cache,
                 pooling,
                 origin: Instant::now(),
+                abandoned_compile: std::sync::Mutex::new(None),
                 _ticker: ticker,
             }),
         })
@@ -380,8 +395,10 @@ impl PluginRuntime {
             .as_ref()
             .and_then(|cache| cache.lookup(engine, sha256))
         {
+            metrics::counter!("staircase_plugin_compiles_total", "source" => "cache").increment(1);
             return Ok((component, true));
         }
+        metrics::counter!("staircase_plugin_compiles_total", "source" => "compiler").increment(1);
         let compiled = self.precompile_within_budget(plugin, wasm)?;
         if let Some(cache) = &self.inner.cache {
             cache.store(sha256, &compiled);
@@ -401,16 +418,36 @@ impl PluginRuntime {
         wasm: &[u8],
     ) -> Result<Vec<u8>, PluginError> {
         let budget = self.inner.config.compile_budget.for_size(wasm.len());
+        // A compile abandoned over its budget still runs on every core: the next one waits
+        // for it, so a compile bomb costs one compile's worth of CPU, never a pile of them.
+        let abandoned = self
+            .inner
+            .abandoned_compile
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(abandoned) = abandoned {
+            tracing::info!(%plugin, "waiting for an abandoned compile to end before compiling");
+            let _ = abandoned.join();
+        }
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let engine = self.inner.engine.clone();
         let bytes = wasm.to_vec();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("plugin-compile".into())
             .spawn(move || {
                 let _ = tx.send(engine.precompile_component(&bytes));
             })
             .map_err(|e| PluginError::Runtime(format!("cannot start a compile: {e}")))?;
-        match rx.recv_timeout(budget) {
+        let answer = rx.recv_timeout(budget);
+        if matches!(answer, Err(std::sync::mpsc::RecvTimeoutError::Timeout)) {
+            *self
+                .inner
+                .abandoned_compile
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(thread);
+        }
+        match answer {
             Ok(Ok(compiled)) => Ok(compiled),
             Ok(Err(error)) => Err(invalid_component(plugin, &error)),
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(PluginError::CompileTimeout {

@@ -166,11 +166,13 @@ pub(crate) async fn reload(
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     state.authorize(&headers)?;
-    let app = state.app.clone();
-    // Compiling plugins blocks: off the async threads.
-    let summary = tokio::task::spawn_blocking(move || app.reload())
+    // Compiling plugins blocks: off the async threads, one rescan at a time.
+    let summary = state
+        .app
+        .clone()
+        .reload_queued()
         .await
-        .map_err(|e| ApiError::run_failed(e.to_string()))?;
+        .map_err(ApiError::run_failed)?;
     let mut value = status_value(&state);
     value["reload"] = json!(summary);
     Ok(Json(value))

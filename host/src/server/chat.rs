@@ -528,7 +528,7 @@ async fn run_pipeline(
             .variant(&chat.model, &choice.variant, choice.met_budget);
     }
     let pipeline = shaped(state, chat, &chosen);
-    let (runner, plugins) = state.app.pinned_runner(&pipeline);
+    let (runner, plugins) = state.app.pinned_runner_ready(&pipeline).await;
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let recorder = live.0.recorder();
     recorder.forward(events_tx);
