@@ -496,6 +496,13 @@ fn run_error(state: &ServerState, pipeline: &Pipeline, error: RunError) -> ApiEr
             source: EngineError::PromptTooLong { .. },
             ..
         } => ApiError::context_length(error.to_string()),
+        RunError::Engine {
+            source: EngineError::Unreachable(_),
+            ..
+        } => {
+            tracing::warn!(pipeline = pipeline.name, %error, "a pipeline's model is unreachable");
+            ApiError::unavailable(&pipeline.name)
+        }
         RunError::Policy { node, .. } => {
             if let Some(index) = pipeline.find(node) {
                 state
@@ -540,6 +547,10 @@ async fn generate(
     let engine_error = |error: EngineError| match error {
         EngineError::PromptTooLong { .. } => ApiError::context_length(error.to_string()),
         EngineError::InvalidRequest(_) => ApiError::invalid(None, error.to_string()),
+        EngineError::Unreachable(_) => {
+            tracing::warn!(model = chat.model, %error, "model unreachable");
+            ApiError::unavailable(&chat.model)
+        }
         _ => ApiError::run_failed(error.to_string()),
     };
     let mut stream = engine.submit(request).map_err(engine_error)?;

@@ -65,6 +65,8 @@ pub struct LaunchOptions {
     pub context_tokens: usize,
     /// llama.cpp's flash attention switch; `None` leaves the server's `auto`.
     pub flash_attention: Option<bool>,
+    /// The key clients must send (`--api-key`); none, an open server.
+    pub api_key: Option<String>,
 }
 
 impl Default for LaunchOptions {
@@ -75,6 +77,7 @@ impl Default for LaunchOptions {
             slots: 2,
             context_tokens: 4096,
             flash_attention: None,
+            api_key: None,
         }
     }
 }
@@ -105,6 +108,15 @@ impl LlamaServer {
         Self::launch(model, port, &LaunchOptions::default())
     }
 
+    /// Starts one on `port` with `options`.
+    pub fn start_on_with(
+        model: &Path,
+        port: u16,
+        options: &LaunchOptions,
+    ) -> Result<Self, LaunchError> {
+        Self::launch(model, port, options)
+    }
+
     fn launch(model: &Path, port: u16, options: &LaunchOptions) -> Result<Self, LaunchError> {
         let path = llama_server_path()?;
         let threads = options.threads.max(1).to_string();
@@ -118,6 +130,9 @@ impl LlamaServer {
             .args(["-np", &options.slots.max(1).to_string(), "--no-webui"]);
         if let Some(on) = options.flash_attention {
             command.args(["-fa", if on { "on" } else { "off" }]);
+        }
+        if let Some(key) = &options.api_key {
+            command.args(["--api-key", key]);
         }
         let mut child = command
             .stdin(Stdio::null())
