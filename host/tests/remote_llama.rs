@@ -553,3 +553,92 @@ fn a_staircase_serves_another_staircase_pipelines_and_metrics() {
         assert!(value("staircase_replica_request_duration_seconds_count") > 4.0);
     });
 }
+
+// An operator's keyed llama-server, configured as the OpenAI SDK would name it (`.../v1`),
+// started after the host: the model answers 503 naming itself until the server is up, then
+// serves; every call (probe, health check, `/tokenize`, completions) carries the key.
+
+#[test]
+fn a_keyed_backend_behind_a_v1_url_may_start_after_serve_and_stays_healthy() {
+    let _serial = serial();
+    const KEY_VAR: &str = "STAIRCASE_TEST_LATE_BACKEND_KEY";
+    const KEY: &str = "sk-late-backend";
+    // SAFETY: set before any thread of this test reads it, under the serial lock; no other
+    // test reads this variable.
+    unsafe { std::env::set_var(KEY_VAR, KEY) };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let mut remote = RemoteConfig::new("default", vec![format!("http://127.0.0.1:{port}/v1/")]);
+    remote.api_key_env = Some(KEY_VAR.into());
+    remote.health.interval = Duration::ZERO;
+    // llama-server answers `/health` without a key but `/props` only with it: checking
+    // there shows the checks send it.
+    remote.health.path = "/props".into();
+    let mut config = Config::default();
+    config
+        .models
+        .insert("late".into(), ModelConfig::Remote(Box::new(remote)));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let app = Arc::new(
+        AppBuilder::from_config(config)
+            .build()
+            .expect("serve starts before its backend"),
+    );
+    let (addr, _stop) = serve(&rt, app.clone());
+    let ask = || async {
+        reqwest::Client::new()
+            .post(format!("http://{addr}/v1/chat/completions"))
+            .json(&serde_json::json!({
+                "model": "late",
+                "messages": [{ "role": "user", "content": "Say hello." }],
+                "max_tokens": 4
+            }))
+            .send()
+            .await
+            .unwrap()
+    };
+    rt.block_on(async {
+        let response = ask().await;
+        assert_eq!(response.status(), 503);
+        let body: serde_json::Value = response.json().await.unwrap();
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("`late`"), "{message}");
+        assert!(
+            !message.contains("127.0.0.1"),
+            "addresses stay in the log: {message}"
+        );
+    });
+
+    let options = staircase::engine::remote::launch::LaunchOptions {
+        api_key: Some(KEY.into()),
+        ..Default::default()
+    };
+    let _server =
+        LlamaServer::start_on_with(&model(), port, &options).unwrap_or_else(|e| panic!("{e}"));
+    rt.block_on(async {
+        let response = ask().await;
+        assert_eq!(response.status(), 200, "{:?}", response.text().await);
+        let engine = app.engine("late").unwrap();
+        assert!(engine.model_info().capabilities.assistant_prefix);
+        let count = engine
+            .token_counter()
+            .count_exact("Say hello.")
+            .await
+            .unwrap();
+        assert!(
+            matches!(count, staircase::engine::TokenCount::Exact(_)),
+            "/tokenize with the key: {count:?}"
+        );
+    });
+    let engine = app
+        .models()
+        .iter()
+        .find(|m| m.name == "late")
+        .and_then(|m| m.remote().cloned())
+        .expect("the remote engine of `late`");
+    rt.block_on(engine.check_health());
+    let stats = engine.replica_stats();
+    assert!(stats[0].healthy, "a keyed health check passes: {stats:?}");
+}

@@ -37,7 +37,10 @@ impl Machine {
             "root/.ci/llama-server.sh",
             "VERSION=0.3.36\nCACHE_KEY=0.3.36-noamx\n",
         );
-        machine.file(".cache/staircase/llama-server/0.3.36-noamx/bin/llama-server", "");
+        machine.file(
+            ".cache/staircase/llama-server/0.3.36-noamx/bin/llama-server",
+            "",
+        );
         machine.file("libclang/libclang.so.1", "");
         machine.file("libclang/clang/14.0.6/include/stddef.h", "");
         let js = "root/examples/plugins/js";

@@ -35,6 +35,11 @@ impl ModelEntry {
         self.local.as_ref().map(|l| l.stats())
     }
 
+    /// The same engine when it is remote, for its replicas and health checks.
+    pub fn remote(&self) -> Option<&Arc<RemoteEngine>> {
+        self.remote.as_ref()
+    }
+
     /// A remote engine's per-replica figures (`None` for other kinds).
     pub fn replica_stats(&self) -> Option<Vec<ReplicaStats>> {
         self.remote.as_ref().map(|r| r.replica_stats())

@@ -166,6 +166,7 @@ pub async fn run(config: &AgainstServerConfig) -> Result<AgainstServerReport, Ag
             slots: concurrency,
             context_tokens: concurrency * (config.prompt_tokens + config.max_tokens as usize + 256),
             flash_attention: Some(config.flash_attention),
+            ..LaunchOptions::default()
         },
     )?;
     let mut remote = RemoteConfig::new("bench", vec![server.url()]);

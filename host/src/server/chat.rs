@@ -593,12 +593,16 @@ async fn run_pipeline(
 /// address (which may carry credentials) go to the log only, under the request id.
 fn backend_failure(
     id: &str,
+    model: &str,
     error: &EngineError,
     full: &dyn std::fmt::Display,
 ) -> Option<ApiError> {
     let summary = match error {
         EngineError::Http { status, .. } => format!("the model's backend answered HTTP {status}"),
-        EngineError::Unreachable(_) => "the model's backend is unreachable".to_string(),
+        EngineError::Unreachable(_) => {
+            tracing::warn!(request_id = id, model, error = %full, "model unreachable");
+            return Some(ApiError::unavailable(model));
+        }
         _ => return None,
     };
     tracing::warn!(request_id = id, error = %full, "backend failure");
@@ -609,7 +613,7 @@ fn backend_failure(
 
 fn run_error(state: &ServerState, pipeline: &Pipeline, id: &str, error: RunError) -> ApiError {
     if let RunError::Engine { source, .. } = &error
-        && let Some(api) = backend_failure(id, source, &error)
+        && let Some(api) = backend_failure(id, &pipeline.name, source, &error)
     {
         return api;
     }
@@ -668,7 +672,7 @@ async fn generate(
     let engine_error = |error: EngineError| match error {
         EngineError::PromptTooLong { .. } => ApiError::context_length(error.to_string()),
         EngineError::InvalidRequest(_) => ApiError::invalid(None, error.to_string()),
-        _ => backend_failure(id, &error, &error)
+        _ => backend_failure(id, &chat.model, &error, &error)
             .unwrap_or_else(|| ApiError::run_failed(error.to_string())),
     };
     let mut stream = engine.submit(request).map_err(engine_error)?;

@@ -154,6 +154,21 @@ impl ApiError {
         }
     }
 
+    /// 503: a model's backend cannot be reached (not up yet, or every replica down). The
+    /// client gets the model's name; the replicas' addresses and errors go to the log.
+    pub fn unavailable(model: &str) -> Self {
+        Self {
+            code: Some("model_unavailable"),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                format!(
+                    "The model `{model}` is not available: none of its servers answers; retry later"
+                ),
+            )
+        }
+    }
+
     pub fn timeout(secs: u64) -> Self {
         Self {
             code: Some("timeout"),

@@ -77,12 +77,18 @@ impl RemoteConfig {
         }
     }
 
-    /// Every replica's base URL without a trailing slash: `base_url` first, then `replicas`.
+    /// Every replica's server root: `base_url` first, then `replicas`, each without a trailing
+    /// slash or `/v1`. Both `http://host:8080` and the OpenAI SDK's `http://host:8080/v1` name
+    /// the same server; the engine adds `/v1/...` and the root paths (`/health`, `/props`,
+    /// `/tokenize`) itself.
     pub fn urls(&self) -> Vec<String> {
         self.base_url
             .iter()
             .chain(&self.replicas)
-            .map(|url| url.trim_end_matches('/').to_string())
+            .map(|url| {
+                let url = url.trim_end_matches('/');
+                url.strip_suffix("/v1").unwrap_or(url).to_string()
+            })
             .collect()
     }
 }
@@ -171,13 +177,16 @@ impl RetryConfig {
     }
 }
 
-/// Health checks: `GET {replica}/health` (llama.cpp and vLLM both serve it; 200 when ready).
+/// Health checks: `GET {replica}/health` (llama.cpp and vLLM both serve it; 200 when ready),
+/// sent with the API key, since a keyed llama-server or vLLM may refuse it without one.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HealthConfig {
     /// Seconds between checks; 0 turns the background checks off.
     #[serde(rename = "interval_secs", with = "crate::routing::breaker::secs")]
     pub interval: Duration,
+    /// The path asked; empty for a server without a health endpoint (a replica's health
+    /// then comes from its answers alone).
     pub path: String,
 }
 
@@ -199,14 +208,19 @@ mod tests {
         let config: RemoteConfig = toml::from_str(
             r#"model = "m"
             base_url = "http://127.0.0.1:1/"
-            replicas = ["http://127.0.0.1:2"]
+            replicas = ["http://127.0.0.1:2", "http://127.0.0.1:3/v1", "http://h:4/v1/"]
             routing = { policy = "cache_aware", cache_threshold = 0.5 }
             timeouts = { idle_secs = 0.5 }"#,
         )
         .unwrap();
         assert_eq!(
             config.urls(),
-            vec!["http://127.0.0.1:1", "http://127.0.0.1:2"]
+            vec![
+                "http://127.0.0.1:1",
+                "http://127.0.0.1:2",
+                "http://127.0.0.1:3",
+                "http://h:4"
+            ]
         );
         assert_eq!(config.timeouts.idle, Duration::from_millis(500));
         assert_eq!(config.timeouts.connect, DEFAULT_CONNECT);

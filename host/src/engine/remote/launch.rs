@@ -66,6 +66,8 @@ pub struct LaunchOptions {
     pub context_tokens: usize,
     /// llama.cpp's flash attention switch; `None` leaves the server's `auto`.
     pub flash_attention: Option<bool>,
+    /// The key clients must send (`--api-key`); none, an open server.
+    pub api_key: Option<String>,
 }
 
 impl Default for LaunchOptions {
@@ -76,6 +78,7 @@ impl Default for LaunchOptions {
             slots: 2,
             context_tokens: 4096,
             flash_attention: None,
+            api_key: None,
         }
     }
 }
@@ -106,6 +109,15 @@ impl LlamaServer {
         Self::launch(model, port, &LaunchOptions::default())
     }
 
+    /// Starts one on `port` with `options`.
+    pub fn start_on_with(
+        model: &Path,
+        port: u16,
+        options: &LaunchOptions,
+    ) -> Result<Self, LaunchError> {
+        Self::launch(model, port, options)
+    }
+
     fn launch(model: &Path, port: u16, options: &LaunchOptions) -> Result<Self, LaunchError> {
         let path = llama_server_path()?;
         let threads = options.threads.max(1).to_string();
@@ -119,6 +131,9 @@ impl LlamaServer {
             .args(["-np", &options.slots.max(1).to_string(), "--no-webui"]);
         if let Some(on) = options.flash_attention {
             command.args(["-fa", if on { "on" } else { "off" }]);
+        }
+        if let Some(key) = &options.api_key {
+            command.args(["--api-key", key]);
         }
         let mut child = command
             .stdin(Stdio::null())

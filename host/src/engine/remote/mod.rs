@@ -22,7 +22,7 @@ mod replicas;
 mod tokens;
 mod wire;
 
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -48,7 +48,8 @@ const FALLBACK_CONTEXT_TOKENS: usize = 4096;
 /// See the module documentation.
 pub struct RemoteEngine {
     shared: Arc<Shared>,
-    info: ModelInfo,
+    /// What [`Engine::model_info`] says until a replica has answered.
+    pending_info: ModelInfo,
     runtime: tokio::runtime::Handle,
     health: Option<tokio::task::JoinHandle<()>>,
     /// The runtime [`RemoteEngine::open`] made for it, when it was not built inside one.
@@ -59,14 +60,25 @@ struct Shared {
     /// What pipelines call the model (the `model` label of its metrics).
     name: String,
     config: RemoteConfig,
-    kind: ServerKind,
     tokens: RemoteTokens,
     client: reqwest::Client,
     api_key: Option<String>,
     replicas: Arc<Replicas>,
+    /// What the servers are, from the first replica that answered (or the configuration).
+    /// Unset while none has: the model is unavailable, and each request and health check
+    /// asks again, so a backend may come up after the host.
+    server: OnceLock<Server>,
+    /// One probe at a time while `server` is unset.
+    probing: tokio::sync::Mutex<()>,
+}
+
+/// What is known of the servers once one has answered.
+struct Server {
+    kind: ServerKind,
     continuation: Continuation,
     /// The chat template, for the `completions` continuation.
     template: Option<ChatTemplate>,
+    info: ModelInfo,
 }
 
 /// Which server answers, as far as the probe at connect could tell: what it may be asked
@@ -121,44 +133,6 @@ impl RemoteEngine {
             .build()
             .map_err(|e| EngineError::Internal(format!("HTTP client: {e}")))?;
 
-        let needs_probe = config.continuation == Continuation::Auto
-            || config.continuation == Continuation::Completions
-            || config.context_tokens.is_none();
-        let probe = if needs_probe {
-            probe(&client, api_key.as_deref(), &urls, &config).await?
-        } else {
-            Probe::default()
-        };
-        let continuation = match config.continuation {
-            Continuation::Auto => probe.continuation.unwrap_or(Continuation::None),
-            explicit => explicit,
-        };
-        let template = match continuation {
-            Continuation::Completions => {
-                let (source, bos, eos) = probe.template.ok_or_else(|| {
-                    EngineError::Template(format!(
-                        "remote model `{name}`: the `completions` continuation needs the chat \
-                         template, and no replica reports one at /props"
-                    ))
-                })?;
-                Some(ChatTemplate::new(&source, &bos, &eos)?)
-            }
-            _ => None,
-        };
-        let context_tokens = config
-            .context_tokens
-            .or(probe.context_tokens)
-            .unwrap_or(FALLBACK_CONTEXT_TOKENS);
-        let known_server = continuation != Continuation::None;
-        let info = ModelInfo {
-            name: name.to_string(),
-            context_tokens,
-            capabilities: Capabilities {
-                assistant_prefix: known_server,
-                // llama.cpp and vLLM take token ids as a completions prompt.
-                token_prompts: known_server,
-            },
-        };
         let replicas = Arc::new(Replicas::new(urls, config.routing.build(), &config.breaker));
         let local_tokenizer = match &config.tokenizer {
             Some(path) => Some(LocalTokenizer::load(path)?),
@@ -168,32 +142,54 @@ impl RemoteEngine {
             client.clone(),
             replicas.clone(),
             config.model.clone(),
+            api_key.clone(),
             config.timeouts.first_byte,
             local_tokenizer,
         );
+        let pending_info = ModelInfo {
+            name: name.to_string(),
+            context_tokens: config.context_tokens.unwrap_or(FALLBACK_CONTEXT_TOKENS),
+            // Until a replica says otherwise, what the configuration allows: a request then
+            // waits for the answer of the probe it triggers rather than being refused.
+            capabilities: if config.continuation == Continuation::None {
+                Capabilities {
+                    assistant_prefix: false,
+                    token_prompts: false,
+                }
+            } else {
+                Capabilities::ALL
+            },
+        };
         let shared = Arc::new(Shared {
             name: name.to_string(),
             config,
-            kind: probe.kind,
             tokens,
             client,
             api_key,
             replicas,
-            continuation,
-            template,
+            server: OnceLock::new(),
+            probing: tokio::sync::Mutex::new(()),
         });
-        tracing::info!(
-            model = name,
-            replicas = shared.replicas.count(),
-            policy = shared.replicas.policy_name(),
-            ?continuation,
-            "remote model connected"
-        );
+        match shared.server().await {
+            Ok(server) => tracing::info!(
+                model = name,
+                replicas = shared.replicas.count(),
+                policy = shared.replicas.policy_name(),
+                continuation = ?server.continuation,
+                "remote model connected"
+            ),
+            // Not up yet (a backend started beside the host, or restarting): the model
+            // answers 503 until a replica does.
+            Err(error @ EngineError::Unreachable(_)) => {
+                tracing::warn!(model = name, %error, "remote model not available yet")
+            }
+            Err(error) => return Err(error),
+        }
         let health = (!shared.config.health.interval.is_zero())
             .then(|| tokio::spawn(health_loop(Arc::downgrade(&shared))));
         Ok(Self {
             shared,
-            info,
+            pending_info,
             runtime: tokio::runtime::Handle::current(),
             health,
             own_runtime: None,
@@ -224,9 +220,17 @@ impl RemoteEngine {
         Ok(engine)
     }
 
-    /// How continuations are sent to these servers.
+    /// How continuations are sent to these servers (`None` until a replica has answered).
     pub fn continuation(&self) -> Continuation {
-        self.shared.continuation
+        self.shared
+            .server
+            .get()
+            .map_or(Continuation::None, |server| server.continuation)
+    }
+
+    /// Whether a replica has answered, so the model can serve.
+    pub fn is_available(&self) -> bool {
+        self.shared.server.get().is_some()
     }
 
     /// Per-replica figures: requests, errors, in flight, breaker, cache hits.
@@ -270,38 +274,124 @@ impl Shared {
     }
 
     async fn check_health(&self) {
+        if self.server.get().is_none() {
+            // Still unavailable: asking what the servers are is the health check.
+            let _ = self.server().await;
+            return;
+        }
         replicas::check_health(
             &self.replicas,
             &self.client,
+            self.api_key.as_deref(),
             &self.config.health.path,
             self.config.timeouts.connect,
         )
         .await;
     }
 
+    /// What the servers are: known once one has answered; until then asked again (one probe
+    /// at a time). `Unreachable`, naming the model, while no replica answers.
+    async fn server(&self) -> Result<&Server, EngineError> {
+        if let Some(server) = self.server.get() {
+            return Ok(server);
+        }
+        let _probing = self.probing.lock().await;
+        if let Some(server) = self.server.get() {
+            return Ok(server);
+        }
+        let server = self.ask_server().await?;
+        Ok(self.server.get_or_init(|| server))
+    }
+
+    /// Probes the replicas unless the configuration already says all a probe would.
+    async fn ask_server(&self) -> Result<Server, EngineError> {
+        let config = &self.config;
+        let needs_probe = config.continuation == Continuation::Auto
+            || config.continuation == Continuation::Completions
+            || config.context_tokens.is_none();
+        let probe = if needs_probe {
+            probe(
+                &self.client,
+                self.api_key.as_deref(),
+                &self.replicas.urls(),
+                config,
+            )
+            .await
+            .map_err(|error| match error {
+                EngineError::Unreachable(why) => EngineError::Unreachable(format!(
+                    "model `{}` is not available yet: {why}",
+                    self.name
+                )),
+                other => other,
+            })?
+        } else {
+            Probe::default()
+        };
+        let continuation = match config.continuation {
+            Continuation::Auto => probe.continuation.unwrap_or(Continuation::None),
+            explicit => explicit,
+        };
+        let template = match continuation {
+            Continuation::Completions => {
+                let (source, bos, eos) = probe.template.ok_or_else(|| {
+                    EngineError::Template(format!(
+                        "remote model `{}`: the `completions` continuation needs the chat \
+                         template, and no replica reports one at /props",
+                        self.name
+                    ))
+                })?;
+                Some(ChatTemplate::new(&source, &bos, &eos)?)
+            }
+            _ => None,
+        };
+        let context_tokens = config
+            .context_tokens
+            .or(probe.context_tokens)
+            .unwrap_or(FALLBACK_CONTEXT_TOKENS);
+        let known_server = continuation != Continuation::None;
+        Ok(Server {
+            kind: probe.kind,
+            continuation,
+            template,
+            info: ModelInfo {
+                name: self.name.clone(),
+                context_tokens,
+                capabilities: Capabilities {
+                    assistant_prefix: known_server,
+                    // llama.cpp and vLLM take token ids as a completions prompt.
+                    token_prompts: known_server,
+                },
+            },
+        })
+    }
+
     /// The request as the servers take it.
-    fn wire(&self, request: &GenerationRequest) -> Result<WireRequest, EngineError> {
+    fn wire(
+        &self,
+        server: &Server,
+        request: &GenerationRequest,
+    ) -> Result<WireRequest, EngineError> {
         let prompt = match &request.prompt {
             Prompt::Chat {
                 messages,
                 assistant_prefix,
-            } => match (&self.template, assistant_prefix) {
+            } => match (&server.template, assistant_prefix) {
                 (Some(template), Some(prefix)) => {
                     WirePrompt::Text(template.render(messages, Some(prefix))?)
                 }
                 _ => WirePrompt::Chat {
                     messages,
                     assistant_prefix: assistant_prefix.as_deref(),
-                    continuation: self.continuation,
+                    continuation: server.continuation,
                 },
             },
             Prompt::Tokens(tokens) => WirePrompt::Tokens(tokens),
         };
         // llama.cpp's server streams a continued prefix back before the new text; an
         // unprobed server continued that way is taken to be one.
-        let echoes = self.kind == ServerKind::LlamaCpp
-            || (self.kind == ServerKind::Other
-                && self.continuation == Continuation::TrailingAssistant);
+        let echoes = server.kind == ServerKind::LlamaCpp
+            || (server.kind == ServerKind::Other
+                && server.continuation == Continuation::TrailingAssistant);
         let echoed_prefix = match (&prompt, echoes) {
             (
                 WirePrompt::Chat {
@@ -314,7 +404,7 @@ impl Shared {
         };
         let mut wire = wire::request(&self.config.model, prompt, &request.sampling);
         wire.echoed_prefix = echoed_prefix;
-        server_extras(self.kind, &request.sampling, &mut wire.body);
+        server_extras(server.kind, &request.sampling, &mut wire.body);
         if let Some(k) = request.extensions.get::<TopFirstTokens>() {
             wire::ask_top_logprobs(&mut wire, k.0);
         }
@@ -373,25 +463,40 @@ fn routing_text(prompt: &Prompt) -> String {
 
 impl Engine for RemoteEngine {
     fn submit(&self, request: GenerationRequest) -> Result<GenerationStream, EngineError> {
-        self.info.check_prompt(&request.prompt)?;
-        let wire = self.shared.wire(&request)?;
-        let text = routing_text(&request.prompt);
-        let hint = request.extensions.get::<RouteHint>().cloned();
-        let warm_up = request.sampling.max_tokens == 0;
         let (events, stream) = GenerationStream::channel();
-        let task = self.runtime.spawn(serve(
-            self.shared.clone(),
-            wire,
-            text,
-            hint,
-            warm_up,
-            events,
-        ));
+        let wire = match self.shared.server.get() {
+            Some(server) => {
+                server.info.check_prompt(&request.prompt)?;
+                Some(self.shared.wire(server, &request)?)
+            }
+            // Built once a replica answers, in the task.
+            None => None,
+        };
+        let shared = self.shared.clone();
+        let task = self.runtime.spawn(async move {
+            let wire = match wire {
+                Some(wire) => wire,
+                None => match ready_wire(&shared, &request).await {
+                    Ok(wire) => wire,
+                    Err(error) => {
+                        let _ = events.send(Err(error));
+                        return;
+                    }
+                },
+            };
+            let text = routing_text(&request.prompt);
+            let hint = request.extensions.get::<RouteHint>().cloned();
+            let warm_up = request.sampling.max_tokens == 0;
+            serve(shared, wire, text, hint, warm_up, events).await;
+        });
         Ok(stream.on_cancel(move || task.abort()))
     }
 
     fn model_info(&self) -> &ModelInfo {
-        &self.info
+        self.shared
+            .server
+            .get()
+            .map_or(&self.pending_info, |server| &server.info)
     }
 
     fn token_counter(&self) -> &dyn TokenCounter {
@@ -408,6 +513,16 @@ impl Engine for RemoteEngine {
             parallel: replicas.iter().filter(|r| r.healthy).count().max(1),
         })
     }
+}
+
+/// A request to a model no replica had answered for at submit: asks again now.
+async fn ready_wire(
+    shared: &Shared,
+    request: &GenerationRequest,
+) -> Result<WireRequest, EngineError> {
+    let server = shared.server().await?;
+    server.info.check_prompt(&request.prompt)?;
+    shared.wire(server, request)
 }
 
 /// One request: tries replicas until one answers or the retries run out.
@@ -606,8 +721,8 @@ async fn probe(
         });
     }
     Err(EngineError::Unreachable(format!(
-        "no replica answered at connect, so the server kind is unknown (set `continuation` \
-         and `context_tokens` to connect without asking): {}",
+        "no replica answered, so the server kind is unknown (set `continuation` and \
+         `context_tokens` to serve without asking): {}",
         errors.join("; ")
     )))
 }

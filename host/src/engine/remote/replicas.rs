@@ -120,6 +120,10 @@ impl Replicas {
         self.urls.len()
     }
 
+    pub fn urls(&self) -> &[String] {
+        &self.urls
+    }
+
     pub fn url(&self, index: usize) -> &str {
         &self.urls[index]
     }
@@ -246,18 +250,26 @@ impl Replicas {
     }
 }
 
-/// Checks every replica's health once, concurrently.
+/// Checks every replica's health once, concurrently, with the API key when there is one (a
+/// keyed server may refuse an anonymous `/health`). An empty `path` checks nothing.
 pub async fn check_health(
     replicas: &Replicas,
     client: &reqwest::Client,
+    api_key: Option<&str>,
     path: &str,
     timeout: Duration,
 ) {
+    if path.is_empty() {
+        return;
+    }
     let checks = (0..replicas.count()).map(|index| {
-        let url = format!("{}{}", replicas.url(index), path);
+        let mut request = client.get(format!("{}{}", replicas.url(index), path));
+        if let Some(key) = api_key {
+            request = request.bearer_auth(key);
+        }
         async move {
             let ok = matches!(
-                tokio::time::timeout(timeout, client.get(&url).send()).await,
+                tokio::time::timeout(timeout, request.send()).await,
                 Ok(Ok(response)) if response.status().is_success()
             );
             (index, ok)

@@ -19,6 +19,8 @@ pub struct RemoteTokens {
     pub(super) client: reqwest::Client,
     pub(super) replicas: Arc<Replicas>,
     pub(super) model: String,
+    /// Sent as a bearer token: a keyed server refuses `/tokenize` without it.
+    api_key: Option<String>,
     pub(super) timeout: std::time::Duration,
     /// Whether the server has `/tokenize`, once known: a 404 is not asked again.
     tokenize: AtomicU8,
@@ -58,11 +60,13 @@ impl RemoteTokens {
         client: reqwest::Client,
         replicas: Arc<Replicas>,
         model: String,
+        api_key: Option<String>,
         timeout: std::time::Duration,
         local: Option<LocalTokenizer>,
     ) -> Self {
         Self {
             client,
+            api_key,
             replicas,
             model,
             timeout,
@@ -87,22 +91,23 @@ impl RemoteTokens {
             // llama.cpp reads `content`, vLLM `prompt`; each ignores the other's field.
             let body = json!({ "model": self.model, "content": text, "prompt": text,
                                "add_special": false, "add_special_tokens": false });
-            let response =
-                match tokio::time::timeout(self.timeout, self.client.post(&url).json(&body).send())
-                    .await
-                {
-                    Ok(Ok(response)) => response,
-                    Ok(Err(error)) => {
-                        last = Some(super::client::transport_error(&url, &error, self.timeout));
-                        continue;
-                    }
-                    Err(_) => {
-                        last = Some(EngineError::Timeout {
-                            after: self.timeout,
-                        });
-                        continue;
-                    }
-                };
+            let mut request = self.client.post(&url).json(&body);
+            if let Some(key) = &self.api_key {
+                request = request.bearer_auth(key);
+            }
+            let response = match tokio::time::timeout(self.timeout, request.send()).await {
+                Ok(Ok(response)) => response,
+                Ok(Err(error)) => {
+                    last = Some(super::client::transport_error(&url, &error, self.timeout));
+                    continue;
+                }
+                Err(_) => {
+                    last = Some(EngineError::Timeout {
+                        after: self.timeout,
+                    });
+                    continue;
+                }
+            };
             if matches!(response.status().as_u16(), 404 | 405 | 501) {
                 return Ok(None);
             }
