@@ -19,7 +19,7 @@ const WAIT: Duration = Duration::from_secs(120);
 static SERIAL: Mutex<()> = Mutex::new(());
 
 /// A question whose greedy answer (135M model) says a sentence twice without DRY.
-const DRY_PROMPT: &str = "Why is the sky blue?";
+const DRY_PROMPT: &str = "Write a paragraph about dogs.";
 
 fn serial() -> MutexGuard<'static, ()> {
     SERIAL

