@@ -1264,6 +1264,34 @@ inputs = ["a"]
     }
 
     #[test]
+    fn every_node_samples_with_dry_unless_its_file_turns_it_off() {
+        let text = GOOD.replacen(
+            "max_tokens = 32",
+            "dry_multiplier = 0\ndry_allowed_length = 3",
+            1,
+        );
+        let mut p = Pipeline::parse(&text, "dry.toml").unwrap();
+        let sampling = |p: &Pipeline, id: &str| {
+            p.node(p.find(id).unwrap())
+                .params
+                .apply(SamplingParams::default())
+                .dry
+        };
+        assert_eq!(sampling(&p, "b"), DrySampling::RECOMMENDED);
+        let a = sampling(&p, "a");
+        assert!(!a.is_on());
+        assert_eq!(a.allowed_length, 3);
+        // A request's fields go over the file's.
+        let output = p.output.0;
+        p.nodes[output].params.set_dry(DryOverrides {
+            dry_base: Some(2.0),
+            ..DryOverrides::default()
+        });
+        let answer = sampling(&p, "final");
+        assert_eq!((answer.multiplier, answer.base), (0.8, 2.0));
+    }
+
+    #[test]
     fn routed_nodes_check_the_router_and_every_model() {
         let routed = GOOD.replacen(
             "model = \"default\"\nmax_tokens",
