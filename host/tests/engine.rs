@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use staircase::engine::local::{LocalEngine, LocalEngineConfig};
 use staircase::engine::{
-    ChatMessage, Engine, EngineError, FinishReason, FirstTokenLogprobs, GenerationEvent,
-    GenerationRequest, GenerationStream, Priority, Prompt, Role, TokenId, TopFirstTokens, Usage,
+    ChatMessage, DrySampling, Engine, EngineError, FinishReason, FirstTokenLogprobs,
+    GenerationEvent, GenerationRequest, GenerationStream, Priority, Prompt, Role, TokenId,
+    TopFirstTokens, Usage,
 };
 use staircase::speculate::{DraftSource, SpeculationStats};
 
@@ -16,6 +17,9 @@ use staircase::speculate::{DraftSource, SpeculationStats};
 const WAIT: Duration = Duration::from_secs(120);
 
 static SERIAL: Mutex<()> = Mutex::new(());
+
+/// A question whose greedy answer (135M model) says a sentence twice without DRY.
+const DRY_PROMPT: &str = "Write a paragraph about dogs.";
 
 fn serial() -> MutexGuard<'static, ()> {
     SERIAL
@@ -644,4 +648,52 @@ fn the_first_tokens_log_probabilities_are_reported_on_request() {
     // Not asked: not reported.
     let (_, _, extensions) = finish_of(engine.submit(ask(None, "Hi", 2)).expect("submit"));
     assert!(extensions.get::<FirstTokenLogprobs>().is_none());
+}
+
+/// Tokens of the longest span `tokens` holds twice without overlapping itself.
+fn longest_repeated_span(tokens: &[TokenId]) -> usize {
+    let words: Vec<String> = tokens.iter().map(|t| t.0.to_string()).collect();
+    staircase::eval::metrics::longest_repeated_span(&words)
+}
+
+/// A greedy answer of the 135M model that says a sentence twice without DRY does not with
+/// it (the recommended setting), and DRY off is exactly plain greedy decoding.
+#[test]
+fn dry_stops_a_greedy_answer_repeating_a_sentence() {
+    let _guard = serial();
+    let engine = engine();
+    let request = |dry: DrySampling| {
+        let mut request = ask(None, DRY_PROMPT, 160);
+        request.sampling.dry = dry;
+        request
+    };
+    let off = collect(engine.submit(request(DrySampling::OFF)).expect("submit"));
+    let plain = collect(engine.submit(ask(None, DRY_PROMPT, 160)).expect("submit"));
+    assert_eq!(off.tokens, plain.tokens, "DRY off is plain greedy decoding");
+    let on = collect(
+        engine
+            .submit(request(DrySampling::RECOMMENDED))
+            .expect("submit"),
+    );
+    let (span_off, span_on) = (
+        longest_repeated_span(&off.tokens),
+        longest_repeated_span(&on.tokens),
+    );
+    eprintln!(
+        "off ({span_off}): {}\non ({span_on}): {}",
+        off.text, on.text
+    );
+    assert!(
+        span_off >= 16,
+        "the prompt makes the model repeat itself: {}",
+        off.text
+    );
+    assert!(span_on < 16, "DRY stops the repeat: {}", on.text);
+    // A bad value is a clear error, not a crash.
+    let mut bad = request(DrySampling::RECOMMENDED);
+    bad.sampling.dry.base = 0.5;
+    assert!(matches!(
+        engine.submit(bad),
+        Err(EngineError::InvalidRequest(message)) if message.contains("dry_base")
+    ));
 }

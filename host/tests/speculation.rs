@@ -12,8 +12,8 @@ use staircase::engine::local::{
     DEFAULT_FLASH_ATTENTION, LocalEngine, LocalEngineConfig, backend, context_params, load_model,
 };
 use staircase::engine::{
-    ChatMessage, Engine, GenerationEvent, GenerationRequest, GenerationStream, Prompt, Role,
-    TokenId, Usage,
+    ChatMessage, DrySampling, Engine, GenerationEvent, GenerationRequest, GenerationStream, Prompt,
+    Role, TokenId, Usage,
 };
 use staircase::speculate::{
     ControllerConfig, CostModel, Distribution, DraftFeed, DraftSource, SpeculationConfig,
@@ -540,6 +540,39 @@ fn greedy_with_speculation_is_token_identical_for_a_sequence_alone() {
     assert_eq!(
         spec_kv.kv_sequence_positions, plain_kv.kv_sequence_positions,
         "llama.cpp holds exactly the positions plain decoding left"
+    );
+}
+
+/// With DRY on, speculation still gives exactly the tokens plain decoding gives: the verify
+/// path samples each fed position through the request's sampler chain, which has accepted
+/// exactly the tokens emitted before it (verification stops at the first mismatch).
+#[test]
+fn greedy_with_dry_and_speculation_is_token_identical() {
+    let _guard = serial();
+    let with_dry = || {
+        corpus(64).into_iter().map(|(name, mut r)| {
+            r.sampling.dry = DrySampling::RECOMMENDED;
+            (name, r)
+        })
+    };
+    let plain = plain_engine(true);
+    let expected: Vec<Answer> = with_dry()
+        .map(|(_, r)| collect(plain.submit(r).unwrap()))
+        .collect();
+    drop(plain);
+    let speculative = engine(eager_speculation(), true);
+    let mut accepted = 0;
+    for ((name, request), expected) in with_dry().zip(&expected) {
+        let answer = collect(speculative.submit(request).unwrap());
+        assert_eq!(
+            answer.tokens, expected.tokens,
+            "{name}: speculation changed the output under DRY"
+        );
+        accepted += answer.speculation.map_or(0, |s| s.accepted_tokens);
+    }
+    assert!(
+        accepted > 0,
+        "drafts were accepted, so verification ran under DRY"
     );
 }
 

@@ -9,6 +9,9 @@
 //! kind = "local"                     # the embedded engine; `path` defaults to the default model
 //! path = "models/other.gguf"
 //! threads = 1
+//! [models.coder]
+//! kind = "local"
+//! catalogue = "qwen2.5-coder-1.5b"   # a `staircase model pull` name instead of a path
 //! [pipelines]
 //! dirs = ["pipelines"]               # watched by `staircase serve`
 //! [plugins]
@@ -65,6 +68,12 @@ pub enum ConfigError {
         line: usize,
         message: String,
     },
+    #[error("{path}: [models.{name}]: {reason}")]
+    Model {
+        path: PathBuf,
+        name: String,
+        reason: String,
+    },
     #[error("{path}: `default_model = \"{name}\"` names no model of [models] (known: {known})")]
     UnknownDefault {
         path: PathBuf,
@@ -107,6 +116,8 @@ pub enum ModelConfig {
     Local {
         /// The GGUF; the default model (fetched on first use) when absent.
         path: Option<PathBuf>,
+        /// A catalogue model (`staircase model list`) instead of a path, pulled on first use.
+        catalogue: Option<String>,
         /// llama.cpp threads; the engine's own choice when absent.
         threads: Option<usize>,
         /// Context size in tokens; the engine's default when absent.
@@ -409,6 +420,28 @@ impl Config {
             }),
             message: e.message().to_string(),
         })?;
+        for (name, model) in &config.models {
+            let ModelConfig::Local {
+                path: file,
+                catalogue: Some(catalogue),
+                ..
+            } = model
+            else {
+                continue;
+            };
+            let reason = if file.is_some() {
+                "`path` and `catalogue` both name the model; keep one".to_string()
+            } else if let Err(error) = crate::model::find(catalogue) {
+                error.to_string()
+            } else {
+                continue;
+            };
+            return Err(ConfigError::Model {
+                path: path.to_path_buf(),
+                name: name.clone(),
+                reason,
+            });
+        }
         if let Some(name) = &config.default_model
             && !config.models.contains_key(name)
         {
@@ -531,5 +564,29 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("known: y"), "{error}");
+    }
+
+    #[test]
+    fn a_local_model_may_name_a_catalogue_model_but_not_an_unknown_one_or_a_path_too() {
+        let parse = |body: &str| {
+            Config::parse(
+                &format!("[models.coder]\nkind = \"local\"\n{body}"),
+                Path::new("s.toml"),
+            )
+        };
+        let config = parse("catalogue = \"qwen2.5-coder-1.5b\"\n").unwrap();
+        assert!(matches!(
+            &config.models["coder"],
+            ModelConfig::Local { catalogue: Some(c), .. } if c == "qwen2.5-coder-1.5b"
+        ));
+        let unknown = parse("catalogue = \"gpt-9\"\n").unwrap_err().to_string();
+        assert!(
+            unknown.contains("[models.coder]") && unknown.contains("qwen2.5-coder-0.5b"),
+            "{unknown}"
+        );
+        let both = parse("catalogue = \"qwen2.5-coder-1.5b\"\npath = \"m.gguf\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(both.contains("keep one"), "{both}");
     }
 }

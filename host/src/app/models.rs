@@ -71,6 +71,7 @@ pub(super) fn load(
             DEFAULT_MODEL.to_string(),
             ModelConfig::Local {
                 path: None,
+                catalogue: None,
                 threads: None,
                 context_tokens: None,
             },
@@ -87,13 +88,18 @@ pub(super) fn load(
         let entry = match model {
             ModelConfig::Local {
                 path,
+                catalogue,
                 threads,
                 context_tokens,
             } => {
                 let path = match (is_default.then_some(model_override).flatten(), path) {
                     (Some(over), _) => over.to_path_buf(),
                     (None, Some(path)) => path,
-                    (None, None) => crate::model::default_model_path()?,
+                    // A catalogue model is pulled on first use, as the default model is.
+                    (None, None) => match catalogue {
+                        Some(name) => crate::model::model_path(crate::model::find(&name)?)?,
+                        None => crate::model::default_model_path()?,
+                    },
                 };
                 let mut local_config = LocalEngineConfig::new(path);
                 local_config.threads = threads.or(local_config.threads);

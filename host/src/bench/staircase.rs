@@ -151,12 +151,17 @@ async fn single(
     prompt: &str,
     max_tokens: u32,
 ) -> Result<(Measurement, String), RunError> {
-    let answer = single_answer(engine.as_ref(), prompt, max_tokens)
-        .await
-        .map_err(|source| RunError::Engine {
-            node: "single".into(),
-            source,
-        })?;
+    let answer = single_answer(
+        engine.as_ref(),
+        prompt,
+        max_tokens,
+        crate::engine::DrySampling::RECOMMENDED,
+    )
+    .await
+    .map_err(|source| RunError::Engine {
+        node: "single".into(),
+        source,
+    })?;
     let measurement = Measurement {
         ttft_ms: answer.ttft.map(millis),
         total_ms: millis(answer.total),

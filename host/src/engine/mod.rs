@@ -93,6 +93,116 @@ pub struct SamplingParams {
     pub repeat_penalty: f32,
     /// How many of the latest tokens the penalty looks at.
     pub repeat_last_n: u32,
+    /// DRY, the penalty on repeating a span of the answer verbatim; off by default here
+    /// (plain greedy decoding), on by default for pipeline nodes.
+    pub dry: DrySampling,
+}
+
+/// DRY ("don't repeat yourself", llama.cpp's `dry` sampler): a token that would extend a span
+/// of the answer already said earlier, longer than `allowed_length` tokens, has its logit
+/// lowered by `multiplier * base^(length - allowed_length)`. Unlike the repetition penalty it
+/// catches a repeated sentence or paragraph however far back it was said (within
+/// `penalty_last_n` tokens), and it leaves single repeated words alone. Spans do not run
+/// across the sequence breakers (newline, `:`, `"`, `*`, as llama.cpp's defaults).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DrySampling {
+    /// Strength; 0 turns DRY off.
+    pub multiplier: f32,
+    /// How fast the penalty grows with the repeated span's length (> 1).
+    pub base: f32,
+    /// Repeated spans up to this many tokens go unpenalised (names, common phrases).
+    pub allowed_length: u32,
+    /// How many of the latest answer tokens are searched for repeats; -1 means all of them
+    /// (the context), 0 turns DRY off.
+    pub penalty_last_n: i32,
+}
+
+impl DrySampling {
+    /// Off (llama.cpp's and llama-server's default).
+    pub const OFF: Self = Self {
+        multiplier: 0.0,
+        ..Self::RECOMMENDED
+    };
+    /// The DRY author's recommended setting, llama.cpp's suggested values: strong enough to
+    /// stop a 135M model repeating a paragraph, weak on spans of two or three tokens.
+    pub const RECOMMENDED: Self = Self {
+        multiplier: 0.8,
+        base: 1.75,
+        allowed_length: 2,
+        penalty_last_n: -1,
+    };
+
+    /// Whether the sampler changes anything.
+    pub fn is_on(&self) -> bool {
+        self.multiplier > 0.0 && self.penalty_last_n != 0
+    }
+
+    /// Why these values cannot be used, naming the field as the OpenAI extra fields do.
+    pub fn check(&self) -> Result<(), String> {
+        if !(self.multiplier >= 0.0 && self.multiplier.is_finite()) {
+            return Err(format!(
+                "dry_multiplier must be a finite number >= 0 (0 turns DRY off), got {}",
+                self.multiplier
+            ));
+        }
+        if !(self.base >= 1.0 && self.base.is_finite()) {
+            return Err(format!(
+                "dry_base must be a finite number >= 1, got {}",
+                self.base
+            ));
+        }
+        if self.penalty_last_n < -1 {
+            return Err(format!(
+                "dry_penalty_last_n must be -1 (all), 0 (off) or a count, got {}",
+                self.penalty_last_n
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Default for DrySampling {
+    fn default() -> Self {
+        Self::OFF
+    }
+}
+
+/// DRY fields a pipeline node or a request sets over a [`DrySampling`] (llama-server's
+/// names: `dry_multiplier`, `dry_base`, `dry_allowed_length`, `dry_penalty_last_n`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DryOverrides {
+    pub dry_multiplier: Option<f32>,
+    pub dry_base: Option<f32>,
+    pub dry_allowed_length: Option<u32>,
+    pub dry_penalty_last_n: Option<i32>,
+}
+
+impl DryOverrides {
+    /// `base` with every field set here replaced.
+    pub fn over(&self, base: DrySampling) -> DrySampling {
+        DrySampling {
+            multiplier: self.dry_multiplier.unwrap_or(base.multiplier),
+            base: self.dry_base.unwrap_or(base.base),
+            allowed_length: self.dry_allowed_length.unwrap_or(base.allowed_length),
+            penalty_last_n: self.dry_penalty_last_n.unwrap_or(base.penalty_last_n),
+        }
+    }
+
+    /// Whether no field is set.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// These fields over `other`'s: each one set here wins.
+    pub fn or(self, other: Self) -> Self {
+        Self {
+            dry_multiplier: self.dry_multiplier.or(other.dry_multiplier),
+            dry_base: self.dry_base.or(other.dry_base),
+            dry_allowed_length: self.dry_allowed_length.or(other.dry_allowed_length),
+            dry_penalty_last_n: self.dry_penalty_last_n.or(other.dry_penalty_last_n),
+        }
+    }
 }
 
 impl Default for SamplingParams {
@@ -106,6 +216,7 @@ impl Default for SamplingParams {
             stop: Vec::new(),
             repeat_penalty: 1.0,
             repeat_last_n: 64,
+            dry: DrySampling::OFF,
         }
     }
 }

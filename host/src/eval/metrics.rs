@@ -1,7 +1,8 @@
 //! Reference-free checks of one answer: how varied its words are (distinct-n), the longest
-//! run of one n-gram repeated back to back, its length, how it ended, and its word overlap
-//! (token F1) with another answer. These need no judge and catch degeneration ("1. 1. 1.")
-//! on their own. Words are lowercased runs of letters and digits; punctuation is a word of
+//! run of one n-gram repeated back to back, the longest span said twice verbatim (a repeated
+//! sentence or paragraph, anywhere), its length, how it ended, and its word overlap (token
+//! F1) with another answer. These need no judge and catch degeneration ("1. 1. 1.", a
+//! paragraph said again) on their own. Words are lowercased runs of letters and digits; punctuation is a word of
 //! its own, so "1. 1. 1." repeats the bigram ("1", ".") and a list stays varied.
 
 use std::collections::HashMap;
@@ -14,6 +15,10 @@ pub const DEGENERATE_DISTINCT_2: f64 = 0.5;
 /// (the issue's threshold). The same limit applies to 3- and 4-grams, so a looping phrase
 /// counts too, which makes the check stricter than the issue's, never looser.
 pub const DEGENERATE_RUN: usize = 8;
+/// An answer is degenerate when it says a span of this many words (punctuation counts as a
+/// word) twice verbatim: a repeated sentence. Shorter repeats are set phrases ("the speed
+/// of light", "on the other hand"); a 16-word sentence said twice is not one.
+pub const DEGENERATE_SPAN: usize = 16;
 /// Fewer words than this and the answer is empty for every purpose (nothing was said).
 pub const MIN_WORDS: usize = 2;
 
@@ -69,6 +74,39 @@ pub fn longest_repeat_run(words: &[String], n: usize) -> usize {
                 run = 1;
             }
             i += n;
+        }
+    }
+    best
+}
+
+/// The length of the longest span of words said twice without overlapping itself ("a b c x
+/// a b c" has "a b c" twice: 3), 0 when no word repeats. Quadratic in the words, linear in
+/// memory (longest common suffixes along each diagonal, one row at a time); answers are
+/// hundreds of words.
+pub fn longest_repeated_span(words: &[String]) -> usize {
+    // Compare ids, not strings.
+    let mut ids: HashMap<&str, usize> = HashMap::new();
+    let w: Vec<usize> = words
+        .iter()
+        .map(|word| {
+            let next = ids.len();
+            *ids.entry(word.as_str()).or_insert(next)
+        })
+        .collect();
+    let n = w.len();
+    // row[j]: the longest common suffix of w[..i] and w[..j] no longer than j - i, for the
+    // current i < j. Along a diagonal a suffix reaching j - i is reset; a longer suffix on
+    // it means a non-overlapping repeat of length j - i was already counted.
+    let mut row = vec![0usize; n + 1];
+    let mut best = 0;
+    for i in 1..=n {
+        for j in (i + 1..=n).rev() {
+            row[j] = if w[i - 1] == w[j - 1] && row[j - 1] < j - i {
+                row[j - 1] + 1
+            } else {
+                0
+            };
+            best = best.max(row[j]);
         }
     }
     best
@@ -145,9 +183,13 @@ pub struct Quality {
     pub bigram_run: usize,
     /// Longest back-to-back run of any 2- to 4-gram (a looping phrase).
     pub repeat_run: usize,
+    /// Longest span of words said twice verbatim, anywhere ([`longest_repeated_span`]).
+    #[serde(default)]
+    pub repeated_span: usize,
     pub ending: Ending,
     /// Distinct-2 below [`DEGENERATE_DISTINCT_2`], a 2- to 4-gram run over
-    /// [`DEGENERATE_RUN`], or (next to) nothing said.
+    /// [`DEGENERATE_RUN`], a span of [`DEGENERATE_SPAN`] words said twice, or (next to)
+    /// nothing said.
     pub degenerate: bool,
 }
 
@@ -160,16 +202,19 @@ impl Quality {
             .map(|n| longest_repeat_run(&w, n))
             .max()
             .unwrap_or(0);
+        let repeated_span = longest_repeated_span(&w);
         Self {
             words: w.len(),
             distinct_1: distinct_n(&w, 1),
             distinct_2,
             bigram_run,
             repeat_run,
+            repeated_span,
             ending: Ending::of(text, hit_limit),
             degenerate: w.len() < MIN_WORDS
                 || distinct_2 < DEGENERATE_DISTINCT_2
-                || repeat_run > DEGENERATE_RUN,
+                || repeat_run > DEGENERATE_RUN
+                || repeated_span >= DEGENERATE_SPAN,
         }
     }
 }
@@ -224,6 +269,38 @@ mod tests {
         let q = Quality::of(&text, true);
         assert!(q.repeat_run >= 12);
         assert!(q.degenerate, "{q:?}");
+    }
+
+    #[test]
+    fn a_span_said_twice_is_degenerate_and_a_varied_text_is_not() {
+        // 20 words (punctuation counts), then other words, then the same 20 again.
+        let span = "Blue light is scattered in every direction by the molecules of the air, \
+            so the whole blue sky glows";
+        assert_eq!(words(span).len(), 20);
+        let text = format!("{span}. At noon the sun is high and white. {span}.");
+        let q = Quality::of(&text, false);
+        assert_eq!(q.repeated_span, 21, "the span and its full stop: {q:?}");
+        assert_eq!(
+            q.repeat_run, 1,
+            "not back to back, so the run check misses it"
+        );
+        assert!(q.distinct_2 > DEGENERATE_DISTINCT_2, "nor does distinct-2");
+        assert!(q.degenerate, "{q:?}");
+
+        let varied = Quality::of(PARAGRAPH, false);
+        assert!(varied.repeated_span < 4, "{varied:?}");
+        assert!(!varied.degenerate);
+    }
+
+    #[test]
+    fn repeated_spans_do_not_overlap_themselves() {
+        assert_eq!(longest_repeated_span(&words("a b c x a b c")), 3);
+        // "a a a a": "a a" twice, not "a a a" overlapping.
+        assert_eq!(longest_repeated_span(&words("a a a a")), 2);
+        assert_eq!(longest_repeated_span(&words("a a a a a")), 2);
+        assert_eq!(longest_repeated_span(&words("a b a b a b")), 2);
+        assert_eq!(longest_repeated_span(&words("a b c d")), 0);
+        assert_eq!(longest_repeated_span(&[]), 0);
     }
 
     #[test]

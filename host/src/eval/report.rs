@@ -67,13 +67,14 @@ impl EvalReport {
         );
         let _ = writeln!(
             out,
-            "{:<34} {:>8} {:>8} {:>8} {:>7} {:>6} {:>6} {:>6} {:>7} {:>6} {:>6} {:>6} {:>22}  {}",
+            "{:<34} {:>8} {:>8} {:>8} {:>7} {:>6} {:>6} {:>6} {:>6} {:>7} {:>6} {:>6} {:>6} {:>22}  {}",
             "variant",
             "1st in",
             "1st step",
             "TTFT ms",
             "/layer.",
             "degen.",
+            "said2x",
             "dist-2",
             "words",
             "cut mid",
@@ -101,13 +102,14 @@ impl EvalReport {
             };
             let _ = writeln!(
                 out,
-                "{:<34} {:>8} {:>8} {:>8} {:>7} {:>6} {:>6.2} {:>6.0} {:>7} {:>6} {:>6} {:>6} {:>22}  {}",
+                "{:<34} {:>8} {:>8} {:>8} {:>7} {:>6} {:>6} {:>6.2} {:>6.0} {:>7} {:>6} {:>6} {:>6} {:>22}  {}",
                 s.variant,
                 opt(s.mean_first_input_token_ms, 0),
                 opt(s.mean_first_step_ms, 0),
                 opt(s.mean_ttft_ms, 0),
                 opt(s.ttft_over_layered, 3),
                 format!("{}/{}", s.degenerate, s.answers),
+                format!("{}/{}", s.repeated_span, s.answers),
                 s.mean_distinct_2,
                 s.mean_words,
                 s.limit_mid_sentence,
@@ -132,7 +134,9 @@ impl EvalReport {
         let _ = writeln!(
             out,
             "1st in: first token of any proposer; 1st step: the answering node's first step \
-             starts; both ms since the run began{}",
+             starts; both ms since the run began; said2x: answers saying a span of {} words \
+             twice verbatim (counted in degen.){}",
+            crate::eval::metrics::DEGENERATE_SPAN,
             self.judge
                 .as_ref()
                 .map_or_else(String::new, |j| format!(". Judge: {j}")),

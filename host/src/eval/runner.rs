@@ -18,7 +18,8 @@ use super::stats::{
     Interval, Tally, TallySummary, Z_95, bootstrap_mean, wilson, win_tie_loss_scores,
 };
 use crate::engine::{
-    ChatMessage, Engine, EngineError, FinishReason, GenerationEvent, GenerationRequest, Role,
+    ChatMessage, DryOverrides, DrySampling, Engine, EngineError, FinishReason, GenerationEvent,
+    GenerationRequest, Role,
 };
 use crate::pipeline::stream::ChunkSchedule;
 use crate::pipeline::{Pipeline, RunError, RunRequest, Runner};
@@ -116,6 +117,10 @@ pub struct EvalOptions {
     pub judge: bool,
     /// Also run the baseline with shifted seeds (the noise floor).
     pub noise_floor: bool,
+    /// DRY fields set on every node of every pipeline and on the single model, over each
+    /// one's own (the node default, [`DrySampling::RECOMMENDED`], for the single model);
+    /// `dry_multiplier: 0` measures without DRY.
+    pub dry: DryOverrides,
 }
 
 /// One answer with its checks.
@@ -167,6 +172,9 @@ pub struct VariantSummary {
     pub variant: String,
     pub answers: usize,
     pub degenerate: usize,
+    /// Answers that say a span of [`metrics::DEGENERATE_SPAN`] words twice verbatim (also
+    /// counted in `degenerate`).
+    pub repeated_span: usize,
     pub mean_distinct_2: f64,
     pub mean_words: f64,
     /// Answers the token limit cut mid-sentence.
@@ -301,14 +309,17 @@ pub struct SingleAnswer {
     pub reason: FinishReason,
 }
 
-/// `engine` answering `prompt` alone, greedy, with at most `max_tokens`.
+/// `engine` answering `prompt` alone, greedy, with at most `max_tokens`, with `dry` (as a
+/// pipeline node samples, [`DrySampling::RECOMMENDED`], for a fair comparison).
 pub async fn single_answer(
     engine: &dyn Engine,
     prompt: &str,
     max_tokens: u32,
+    dry: DrySampling,
 ) -> Result<SingleAnswer, EngineError> {
     let mut request = GenerationRequest::chat(vec![ChatMessage::new(Role::User, prompt)]);
     request.sampling.max_tokens = max_tokens;
+    request.sampling.dry = dry;
     let start = Instant::now();
     let mut stream = engine.submit(request)?;
     let (mut text, mut ttft) = (String::new(), None);
@@ -354,6 +365,9 @@ fn sized(pipeline: &Pipeline, options: &EvalOptions) -> Pipeline {
     }
     let output = pipeline.output.0;
     pipeline.nodes[output].params.max_tokens = Some(options.answer_tokens);
+    for node in &mut pipeline.nodes {
+        node.params.set_dry(options.dry);
+    }
     pipeline
 }
 
@@ -377,7 +391,8 @@ async fn answer(
 ) -> Result<Run, EvalError> {
     match &variant.kind {
         VariantKind::Single => {
-            let a = single_answer(engine, prompt, options.answer_tokens)
+            let dry = options.dry.over(DrySampling::RECOMMENDED);
+            let a = single_answer(engine, prompt, options.answer_tokens, dry)
                 .await
                 .map_err(|source| EvalError::Engine {
                     variant: variant.name.clone(),
@@ -654,6 +669,10 @@ pub fn summarize(
         variant: name.to_string(),
         answers: answers.len(),
         degenerate: answers.iter().filter(|a| a.quality.degenerate).count(),
+        repeated_span: answers
+            .iter()
+            .filter(|a| a.quality.repeated_span >= metrics::DEGENERATE_SPAN)
+            .count(),
         mean_distinct_2: mean(answers.iter().map(|a| a.quality.distinct_2)).unwrap_or(0.0),
         mean_words: mean(answers.iter().map(|a| a.quality.words as f64)).unwrap_or(0.0),
         limit_mid_sentence: answers

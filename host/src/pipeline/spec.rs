@@ -41,7 +41,7 @@ use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 use super::stream::{ChunkSchedule, StreamPolicy};
-use crate::engine::SamplingParams;
+use crate::engine::{DryOverrides, DrySampling, SamplingParams};
 use crate::policy::{PluginConfig, PluginKind};
 
 /// The model name pipelines use for the embedded default model.
@@ -193,11 +193,38 @@ pub struct ParamOverrides {
     pub stop: Option<Vec<String>>,
     pub repeat_penalty: Option<f32>,
     pub repeat_last_n: Option<u32>,
+    /// DRY over [`DrySampling::RECOMMENDED`] (`dry_multiplier = 0` turns it off).
+    pub dry_multiplier: Option<f32>,
+    pub dry_base: Option<f32>,
+    pub dry_allowed_length: Option<u32>,
+    pub dry_penalty_last_n: Option<i32>,
 }
 
 impl ParamOverrides {
-    /// `base` with every field this file sets replaced.
+    /// The DRY fields this file sets.
+    pub fn dry(&self) -> DryOverrides {
+        DryOverrides {
+            dry_multiplier: self.dry_multiplier,
+            dry_base: self.dry_base,
+            dry_allowed_length: self.dry_allowed_length,
+            dry_penalty_last_n: self.dry_penalty_last_n,
+        }
+    }
+
+    /// Sets the DRY fields of `dry` that are set, keeping the others.
+    pub fn set_dry(&mut self, dry: DryOverrides) {
+        let merged = dry.or(self.dry());
+        self.dry_multiplier = merged.dry_multiplier;
+        self.dry_base = merged.dry_base;
+        self.dry_allowed_length = merged.dry_allowed_length;
+        self.dry_penalty_last_n = merged.dry_penalty_last_n;
+    }
+
+    /// `base` with every field this file sets replaced. Every generating node samples with
+    /// DRY: [`DrySampling::RECOMMENDED`] with the file's DRY fields over it (plugins cannot
+    /// set DRY, so `base`'s is not used).
     pub fn apply(&self, mut base: SamplingParams) -> SamplingParams {
+        base.dry = self.dry().over(DrySampling::RECOMMENDED);
         if let Some(v) = self.max_tokens {
             base.max_tokens = v;
         }
@@ -356,6 +383,10 @@ struct RawNode {
     stop: Option<Vec<String>>,
     repeat_penalty: Option<f32>,
     repeat_last_n: Option<u32>,
+    dry_multiplier: Option<f32>,
+    dry_base: Option<f32>,
+    dry_allowed_length: Option<u32>,
+    dry_penalty_last_n: Option<i32>,
     expected_tokens: Option<u32>,
     budget_tokens: Option<u32>,
     #[serde(default)]
@@ -878,6 +909,10 @@ fn build_node(
             stop: raw.stop.clone(),
             repeat_penalty: raw.repeat_penalty,
             repeat_last_n: raw.repeat_last_n,
+            dry_multiplier: raw.dry_multiplier,
+            dry_base: raw.dry_base,
+            dry_allowed_length: raw.dry_allowed_length,
+            dry_penalty_last_n: raw.dry_penalty_last_n,
         },
         expected_tokens: raw.expected_tokens,
         config: raw.config.clone(),
@@ -1226,6 +1261,34 @@ inputs = ["a"]
             (a.params.max_tokens, a.expected_tokens),
             (Some(512), Some(512))
         );
+    }
+
+    #[test]
+    fn every_node_samples_with_dry_unless_its_file_turns_it_off() {
+        let text = GOOD.replacen(
+            "max_tokens = 32",
+            "dry_multiplier = 0\ndry_allowed_length = 3",
+            1,
+        );
+        let mut p = Pipeline::parse(&text, "dry.toml").unwrap();
+        let sampling = |p: &Pipeline, id: &str| {
+            p.node(p.find(id).unwrap())
+                .params
+                .apply(SamplingParams::default())
+                .dry
+        };
+        assert_eq!(sampling(&p, "b"), DrySampling::RECOMMENDED);
+        let a = sampling(&p, "a");
+        assert!(!a.is_on());
+        assert_eq!(a.allowed_length, 3);
+        // A request's fields go over the file's.
+        let output = p.output.0;
+        p.nodes[output].params.set_dry(DryOverrides {
+            dry_base: Some(2.0),
+            ..DryOverrides::default()
+        });
+        let answer = sampling(&p, "final");
+        assert_eq!((answer.multiplier, answer.base), (0.8, 2.0));
     }
 
     #[test]

@@ -497,6 +497,7 @@ fn shaped(state: &ServerState, chat: &Chat, pipeline: &Pipeline) -> Pipeline {
     params.temperature = chat.temperature.or(params.temperature);
     params.top_p = chat.top_p.or(params.top_p);
     params.seed = chat.seed.or(params.seed);
+    params.set_dry(chat.dry);
     if let Some(stop) = &chat.stop {
         params.stop = Some(stop.clone());
     }
@@ -665,6 +666,8 @@ async fn generate(
         top_p: chat.top_p.unwrap_or(defaults.top_p),
         seed: chat.seed.unwrap_or(defaults.seed),
         stop: chat.stop.clone().unwrap_or_default(),
+        // A model answers without DRY unless asked, as llama-server does.
+        dry: chat.dry.over(defaults.dry),
         // 0 would be a warm-up; a client asking for no tokens gets one.
         max_tokens: max_tokens.max(1),
         ..defaults

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::error::ApiError;
-use crate::engine::{ChatMessage, Role};
+use crate::engine::{ChatMessage, DryOverrides, DrySampling, Role};
 use crate::policy::StreamMode;
 
 /// `POST /v1/chat/completions` as sent.
@@ -25,6 +25,12 @@ pub struct ChatRequest {
     pub seed: Option<i64>,
     pub stop: Option<Stop>,
     pub n: Option<u32>,
+    /// DRY under llama-server's names (send them with `extra_body`); a pipeline's default
+    /// is on, a model's off; `dry_multiplier: 0` turns it off.
+    pub dry_multiplier: Option<f32>,
+    pub dry_base: Option<f32>,
+    pub dry_allowed_length: Option<u32>,
+    pub dry_penalty_last_n: Option<i32>,
     /// Staircase's own field (send it with `extra_body`): `staircase` or `layered`.
     pub mode: Option<StreamMode>,
     /// Staircase's own field: the critical path this answer should fit in, for pipelines
@@ -92,6 +98,8 @@ pub struct Chat {
     pub top_p: Option<f32>,
     pub seed: Option<u64>,
     pub stop: Option<Vec<String>>,
+    /// The DRY fields the request set.
+    pub dry: DryOverrides,
     pub mode: StreamMode,
     pub latency_budget_ms: Option<u64>,
 }
@@ -237,6 +245,16 @@ impl ChatRequest {
                 "`top_p` must be in (0, 1]",
             ));
         }
+        let dry = DryOverrides {
+            dry_multiplier: self.dry_multiplier,
+            dry_base: self.dry_base,
+            dry_allowed_length: self.dry_allowed_length,
+            dry_penalty_last_n: self.dry_penalty_last_n,
+        };
+        if let Err(message) = dry.over(DrySampling::RECOMMENDED).check() {
+            let field = message.split(' ').next().unwrap_or("dry").to_string();
+            return Err(ApiError::invalid(Some(&field), message));
+        }
         let stream = self.stream.unwrap_or(false);
         Ok(Chat {
             model: self.model,
@@ -252,6 +270,7 @@ impl ChatRequest {
                 Stop::One(s) => vec![s],
                 Stop::Many(v) => v,
             }),
+            dry,
             mode: self.mode.unwrap_or(StreamMode::Staircase),
             latency_budget_ms: self.latency_budget_ms,
         })
@@ -402,5 +421,21 @@ mod tests {
         assert_eq!(chat.stop, Some(vec!["END".to_string()]));
         assert_eq!(chat.conversation.len(), 4);
         assert_eq!(chat.conversation[2].role, Role::Assistant);
+    }
+
+    #[test]
+    fn dry_fields_are_kept_and_bad_ones_named() {
+        let base = r#""model": "m", "messages": [{"role": "user", "content": "hi"}]"#;
+        let chat = parse(
+            format!(r#"{{{base}, "dry_multiplier": 0, "dry_allowed_length": 3}}"#).as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(chat.dry.dry_multiplier, Some(0.0));
+        assert_eq!(chat.dry.dry_allowed_length, Some(3));
+        assert_eq!(chat.dry.dry_base, None);
+        let e = error_of(&format!(r#"{{{base}, "dry_base": 0.5}}"#));
+        assert_eq!(e.param.as_deref(), Some("dry_base"), "{}", e.message);
+        let e = error_of(&format!(r#"{{{base}, "dry_multiplier": -1}}"#));
+        assert_eq!(e.param.as_deref(), Some("dry_multiplier"), "{}", e.message);
     }
 }

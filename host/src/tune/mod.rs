@@ -722,6 +722,7 @@ async fn against_hand_written(
         answer_tokens: sample.answer_tokens,
         judge: sample.judge,
         noise_floor: false,
+        dry: Default::default(),
     };
     eval::runner::run(runner, judge_engine, &options)
         .await

@@ -34,6 +34,8 @@ pub(super) struct Pending {
     /// Names the request in a later `Command::Cancel`.
     pub id: u64,
     pub tokens: Vec<TokenId>,
+    /// How many of the last `tokens` are an assistant prefix being continued (DRY's history).
+    pub answer_prefix: usize,
     pub sampling: SamplingParams,
     pub priority: Priority,
     pub events: EventSender,
@@ -226,7 +228,13 @@ impl<'m> EngineLoop<'m> {
                 return;
             };
             let (order, pending) = pass.take(&mut self.queue);
-            let sampler = build_sampler(&pending.sampling, self.model.n_vocab(), &pending.tokens);
+            let sampler = build_sampler(
+                &pending.sampling,
+                self.model,
+                self.n_ctx,
+                &pending.tokens,
+                pending.answer_prefix,
+            );
             let speculator = self.settings.speculation.enabled.then(|| {
                 let mut speculator =
                     Speculator::new(&self.settings.speculation, pending.draft_feed.clone())

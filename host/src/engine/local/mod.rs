@@ -484,6 +484,7 @@ impl LocalEngine {
             Pending {
                 id: self.request_id(),
                 tokens,
+                answer_prefix: 0,
                 sampling: Default::default(),
                 priority: Default::default(),
                 events,
@@ -524,7 +525,15 @@ impl Engine for LocalEngine {
                 sampling.repeat_penalty
             )));
         }
+        sampling.dry.check().map_err(EngineError::InvalidRequest)?;
         let tokens = self.prompt_tokens(&request.prompt)?;
+        let answer_prefix = match &request.prompt {
+            Prompt::Chat {
+                assistant_prefix: Some(prefix),
+                ..
+            } if sampling.dry.is_on() => self.tokenize(prefix).len().min(tokens.len()),
+            _ => 0,
+        };
         let (events, stream) = GenerationStream::channel();
         let span = tracing::debug_span!("submit", prompt_tokens = tokens.len());
         let _entered = span.enter();
@@ -532,6 +541,7 @@ impl Engine for LocalEngine {
             Pending {
                 id: self.request_id(),
                 tokens,
+                answer_prefix,
                 sampling,
                 priority: request.priority,
                 events,

@@ -1,37 +1,67 @@
-//! Choosing tokens from logits: llama.cpp's sampler chain for temperature sampling and
-//! repetition penalties, our own argmax for plain greedy decoding (the lowest id wins a tie,
-//! as in llama.cpp's greedy sampler).
+//! Choosing tokens from logits: llama.cpp's sampler chain for temperature sampling,
+//! repetition penalties and DRY, our own argmax for plain greedy decoding (the lowest id wins
+//! a tie, as in llama.cpp's greedy sampler). A request with none of them gets no sampler, so
+//! greedy decoding with DRY off is exactly the argmax it always was.
 
+use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 
 use crate::engine::SamplingParams;
 use crate::token::TokenId;
 
+/// llama.cpp's default DRY sequence breakers: a repeated span does not run across a newline,
+/// a colon, a quote or an asterisk (list items and headings may share their openings).
+const DRY_SEQUENCE_BREAKERS: [&str; 4] = ["\n", ":", "\"", "*"];
+
 /// The sampler chain of a request; `None` for plain greedy decoding (argmax, no state).
 /// A repetition penalty sees the prompt's last tokens first, so a continued answer (an
-/// assistant prefix) counts against repeats too.
+/// assistant prefix) counts against repeats too. DRY sees only the answer: the last
+/// `answer_prefix` prompt tokens (the assistant prefix being continued) and what is
+/// generated, never the rest of the prompt, since an aggregator quoting its proposers is its
+/// job (and what speculation drafts from). `n_ctx` bounds DRY's "all tokens" (-1).
 pub(super) fn build_sampler(
     sampling: &SamplingParams,
-    n_vocab: i32,
+    model: &LlamaModel,
+    n_ctx: usize,
     prompt: &[TokenId],
+    answer_prefix: usize,
 ) -> Option<LlamaSampler> {
     let last_n = sampling.repeat_last_n as usize;
     let penalised = sampling.repeat_penalty != 1.0 && last_n > 0;
+    let dry = sampling.dry.is_on();
     let greedy = sampling.temperature <= 0.0;
-    if greedy && !penalised {
+    if greedy && !penalised && !dry {
         return None;
     }
+    let tokens = |slice: &[TokenId]| slice.iter().map(|t| LlamaToken(t.0)).collect::<Vec<_>>();
     let mut chain = Vec::new();
     if penalised {
         let window = i32::try_from(last_n).unwrap_or(i32::MAX);
-        chain.push(LlamaSampler::penalties(
-            n_vocab,
+        let mut penalties =
+            LlamaSampler::penalties(model.n_vocab(), window, sampling.repeat_penalty, 0.0, 0.0);
+        penalties.accept_many(tokens(&prompt[prompt.len().saturating_sub(last_n)..]));
+        chain.push(penalties);
+    }
+    if dry {
+        let all = i32::try_from(n_ctx).unwrap_or(i32::MAX);
+        let window = match sampling.dry.penalty_last_n {
+            -1 => all,
+            n => n.min(all),
+        };
+        let allowed = i32::try_from(sampling.dry.allowed_length).unwrap_or(i32::MAX);
+        let mut dry = LlamaSampler::dry(
+            model,
+            sampling.dry.multiplier,
+            sampling.dry.base,
+            allowed,
             window,
-            sampling.repeat_penalty,
-            0.0,
-            0.0,
+            DRY_SEQUENCE_BREAKERS,
+        );
+        dry.accept_many(tokens(
+            &prompt[prompt.len().saturating_sub(answer_prefix)..],
         ));
+        chain.push(dry);
     }
     if greedy {
         chain.push(LlamaSampler::greedy());
@@ -47,12 +77,7 @@ pub(super) fn build_sampler(
         let seed = (sampling.seed ^ (sampling.seed >> 32)) as u32;
         chain.push(LlamaSampler::dist(seed));
     }
-    let mut sampler = LlamaSampler::chain_simple(chain);
-    if penalised {
-        let tail = &prompt[prompt.len().saturating_sub(last_n)..];
-        sampler.accept_many(tail.iter().map(|t| LlamaToken(t.0)));
-    }
-    Some(sampler)
+    Some(LlamaSampler::chain_simple(chain))
 }
 
 /// Greedy choice; the lowest id wins a tie, as in llama.cpp's greedy sampler.

@@ -414,7 +414,8 @@ impl Shared {
 
 /// What a known server is asked beyond the OpenAI API: running token counts in every chunk,
 /// so the chunker cuts by real counts ([`ChunkTokens`]), and the repetition penalty
-/// (aggregators use it) under the server's own name, since the OpenAI API has none.
+/// (aggregators use it) and DRY (every pipeline node) under the server's own names, since
+/// the OpenAI API has neither. (llama-server's DRY also sees the prompt; ours only the answer.)
 fn server_extras(kind: ServerKind, sampling: &super::SamplingParams, body: &mut Value) {
     let penalty = sampling.repeat_penalty != 1.0;
     match kind {
@@ -424,6 +425,7 @@ fn server_extras(kind: ServerKind, sampling: &super::SamplingParams, body: &mut 
                 body["repeat_penalty"] = serde_json::json!(sampling.repeat_penalty);
                 body["repeat_last_n"] = serde_json::json!(sampling.repeat_last_n);
             }
+            wire::ask_dry(body, &sampling.dry);
         }
         ServerKind::Vllm => {
             body["stream_options"]["continuous_usage_stats"] = Value::Bool(true);
@@ -431,7 +433,8 @@ fn server_extras(kind: ServerKind, sampling: &super::SamplingParams, body: &mut 
                 body["repetition_penalty"] = serde_json::json!(sampling.repeat_penalty);
             }
         }
-        ServerKind::Staircase | ServerKind::Other => {}
+        ServerKind::Staircase => wire::ask_dry(body, &sampling.dry),
+        ServerKind::Other => {}
     }
 }
 
@@ -760,5 +763,28 @@ mod tests {
         let mut plain = serde_json::json!({});
         server_extras(ServerKind::LlamaCpp, &SamplingParams::default(), &mut plain);
         assert!(plain.get("repeat_penalty").is_none());
+        assert!(
+            plain.get("dry_multiplier").is_none(),
+            "DRY off sends nothing"
+        );
+    }
+
+    #[test]
+    fn dry_goes_to_servers_that_know_it_under_llama_servers_names() {
+        let sampling = SamplingParams {
+            dry: crate::engine::DrySampling::RECOMMENDED,
+            ..SamplingParams::default()
+        };
+        for kind in [ServerKind::LlamaCpp, ServerKind::Staircase] {
+            let mut body = serde_json::json!({});
+            server_extras(kind, &sampling, &mut body);
+            assert!((body["dry_multiplier"].as_f64().unwrap() - 0.8).abs() < 1e-6);
+            assert!((body["dry_base"].as_f64().unwrap() - 1.75).abs() < 1e-6);
+            assert_eq!(body["dry_allowed_length"], 2);
+            assert_eq!(body["dry_penalty_last_n"], -1);
+        }
+        let mut body = serde_json::json!({});
+        server_extras(ServerKind::Other, &sampling, &mut body);
+        assert!(body.get("dry_multiplier").is_none());
     }
 }
