@@ -106,13 +106,16 @@ pub fn ask_top_logprobs(wire: &mut WireRequest, k: usize) {
 }
 
 /// Asks for DRY under llama-server's names when it is on (off is every server's default, so
-/// nothing is sent for it).
+/// nothing is sent for it). A negative window ("the whole answer") is left out: it is
+/// llama-server's default, and its request check refuses a negative value.
 pub fn ask_dry(body: &mut Value, dry: &crate::engine::DrySampling) {
     if dry.is_on() {
         body["dry_multiplier"] = json!(dry.multiplier);
         body["dry_base"] = json!(dry.base);
         body["dry_allowed_length"] = json!(dry.allowed_length);
-        body["dry_penalty_last_n"] = json!(dry.penalty_last_n);
+        if dry.penalty_last_n >= 0 {
+            body["dry_penalty_last_n"] = json!(dry.penalty_last_n);
+        }
     }
 }
 
