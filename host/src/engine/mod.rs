@@ -70,6 +70,9 @@ pub enum Prompt {
     },
     /// Tokens fed to the model as they are.
     Tokens(Vec<TokenId>),
+    /// Text continued as it is, without the chat template (the legacy `/v1/completions`):
+    /// tokenized by the model's tokenizer, with its BOS token where the model wants one.
+    Text(String),
 }
 
 /// How tokens are chosen. A temperature of 0 means greedy decoding.
@@ -81,6 +84,8 @@ pub struct SamplingParams {
     pub top_p: f32,
     /// Keep only the k most likely tokens; 0 disables it.
     pub top_k: u32,
+    /// Drop tokens less likely than `min_p` times the most likely one; 0 disables it.
+    pub min_p: f32,
     pub seed: u64,
     /// 0 asks for a warm-up: the prompt is prefilled into the prefix cache and nothing is
     /// generated, so a later request that extends it prefills only what it adds.
@@ -211,6 +216,7 @@ impl Default for SamplingParams {
             temperature: 0.0,
             top_p: 1.0,
             top_k: 0,
+            min_p: 0.0,
             seed: 0,
             max_tokens: 256,
             stop: Vec::new(),
@@ -464,7 +470,7 @@ impl ModelInfo {
                 assistant_prefix: Some(_),
                 ..
             } => self.require(Capability::AssistantPrefix),
-            Prompt::Chat { .. } => Ok(()),
+            Prompt::Chat { .. } | Prompt::Text(_) => Ok(()),
             Prompt::Tokens(_) => self.require(Capability::TokenPrompts),
         }
     }

@@ -189,6 +189,7 @@ pub struct ParamOverrides {
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
     pub top_k: Option<u32>,
+    pub min_p: Option<f32>,
     pub seed: Option<u64>,
     pub stop: Option<Vec<String>>,
     pub repeat_penalty: Option<f32>,
@@ -209,6 +210,25 @@ impl ParamOverrides {
             dry_allowed_length: self.dry_allowed_length,
             dry_penalty_last_n: self.dry_penalty_last_n,
         }
+    }
+
+    /// These fields over `other`'s: each one set here wins.
+    pub fn or(self, other: Self) -> Self {
+        let dry = self.dry().or(other.dry());
+        let mut merged = Self {
+            max_tokens: self.max_tokens.or(other.max_tokens),
+            temperature: self.temperature.or(other.temperature),
+            top_p: self.top_p.or(other.top_p),
+            top_k: self.top_k.or(other.top_k),
+            min_p: self.min_p.or(other.min_p),
+            seed: self.seed.or(other.seed),
+            stop: self.stop.or(other.stop),
+            repeat_penalty: self.repeat_penalty.or(other.repeat_penalty),
+            repeat_last_n: self.repeat_last_n.or(other.repeat_last_n),
+            ..Self::default()
+        };
+        merged.set_dry(dry);
+        merged
     }
 
     /// Sets the DRY fields of `dry` that are set, keeping the others.
@@ -236,6 +256,9 @@ impl ParamOverrides {
         }
         if let Some(v) = self.top_k {
             base.top_k = v;
+        }
+        if let Some(v) = self.min_p {
+            base.min_p = v;
         }
         if let Some(v) = self.seed {
             base.seed = v;
@@ -379,6 +402,7 @@ struct RawNode {
     temperature: Option<f32>,
     top_p: Option<f32>,
     top_k: Option<u32>,
+    min_p: Option<f32>,
     seed: Option<u64>,
     stop: Option<Vec<String>>,
     repeat_penalty: Option<f32>,
@@ -905,6 +929,7 @@ fn build_node(
             temperature: raw.temperature,
             top_p: raw.top_p,
             top_k: raw.top_k,
+            min_p: raw.min_p,
             seed: raw.seed,
             stop: raw.stop.clone(),
             repeat_penalty: raw.repeat_penalty,

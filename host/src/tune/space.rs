@@ -402,11 +402,12 @@ impl Space {
         let int = |v: u32| Value::Integer(i64::from(v));
         // The f32's shortest decimal (0.7, not 0.699999988079071), as the file said it.
         let float = |v: f32| Value::Float(v.to_string().parse().unwrap_or(f64::from(v)));
-        let fields: [(&str, Option<Value>); 12] = [
+        let fields: [(&str, Option<Value>); 13] = [
             ("max_tokens", max_tokens.map(int)),
             ("temperature", p.temperature.map(float)),
             ("top_p", p.top_p.map(float)),
             ("top_k", p.top_k.map(int)),
+            ("min_p", p.min_p.map(float)),
             (
                 "seed",
                 p.seed

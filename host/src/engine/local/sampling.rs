@@ -1,5 +1,5 @@
-//! Choosing tokens from logits: llama.cpp's sampler chain for temperature sampling,
-//! repetition penalties and DRY, our own argmax for plain greedy decoding (the lowest id wins
+//! Choosing tokens from logits: llama.cpp's sampler chain for temperature sampling (top-k,
+//! top-p and min-p in llama.cpp's default order), repetition penalties and DRY, our own argmax for plain greedy decoding (the lowest id wins
 //! a tie, as in llama.cpp's greedy sampler). A request with none of them gets no sampler, so
 //! greedy decoding with DRY off is exactly the argmax it always was.
 
@@ -71,6 +71,9 @@ pub(super) fn build_sampler(
         }
         if sampling.top_p < 1.0 {
             chain.push(LlamaSampler::top_p(sampling.top_p, 1));
+        }
+        if sampling.min_p > 0.0 {
+            chain.push(LlamaSampler::min_p(sampling.min_p, 1));
         }
         chain.push(LlamaSampler::temp(sampling.temperature));
         // llama.cpp seeds are 32-bit; fold the high half in so every bit of ours matters.
