@@ -313,7 +313,7 @@ impl Shared {
             probe(
                 &self.client,
                 self.api_key.as_deref(),
-                &self.replicas.urls(),
+                self.replicas.urls(),
                 config,
             )
             .await
@@ -788,7 +788,10 @@ mod tests {
             repeat_penalty: 1.3,
             ..SamplingParams::default()
         };
-        let messages = [crate::engine::ChatMessage::new(crate::engine::Role::User, "hi")];
+        let messages = [crate::engine::ChatMessage::new(
+            crate::engine::Role::User,
+            "hi",
+        )];
         for (kind, penalty) in [
             (ServerKind::LlamaCpp, "repeat_penalty"),
             (ServerKind::Vllm, "repetition_penalty"),
@@ -803,8 +806,14 @@ mod tests {
             server_extras(kind, &sampling, &mut wire.body);
             let body = &wire.body;
             assert_eq!(body["top_k"], 5, "{kind:?}");
-            assert!((body["min_p"].as_f64().unwrap() - 0.1).abs() < 1e-6, "{kind:?}");
-            assert!((body[penalty].as_f64().unwrap() - 1.3).abs() < 1e-6, "{kind:?}");
+            assert!(
+                (body["min_p"].as_f64().unwrap() - 0.1).abs() < 1e-6,
+                "{kind:?}"
+            );
+            assert!(
+                (body[penalty].as_f64().unwrap() - 1.3).abs() < 1e-6,
+                "{kind:?}"
+            );
         }
     }
 
