@@ -699,10 +699,11 @@ fn dry_stops_a_greedy_answer_repeating_a_sentence() {
 }
 
 /// `top_k = 1` and `min_p = 1` each leave only the most likely token, so a high temperature
-/// gives the greedy answer (which it does not without them); a repetition penalty changes a
-/// greedy answer that repeats itself. The fields reach llama.cpp's sampler chain.
+/// gives the greedy answer (which it does not without them); the repetition, frequency and
+/// presence penalties each change a greedy answer that repeats itself. The fields reach
+/// llama.cpp's sampler chain.
 #[test]
-fn top_k_min_p_and_the_repetition_penalty_reach_the_sampler() {
+fn top_k_min_p_and_the_penalties_reach_the_sampler() {
     let _guard = serial();
     let engine = engine();
     let request = |seed: u64, set: &dyn Fn(&mut staircase::engine::SamplingParams)| {
@@ -732,14 +733,20 @@ fn top_k_min_p_and_the_repetition_penalty_reach_the_sampler() {
             "min_p = 1 is greedy (seed {seed})"
         );
     }
-    let mut penalised = ask(None, DRY_PROMPT, 80);
-    penalised.sampling.repeat_penalty = 1.5;
     let plain = run(&engine, ask(None, DRY_PROMPT, 80));
-    let penalised = run(&engine, penalised);
-    assert_ne!(
-        penalised.tokens, plain.tokens,
-        "the penalty changes the answer"
-    );
+    // (name, repeat, frequency, presence)
+    for (name, repeat, frequency, presence) in [
+        ("repeat_penalty", 1.5, 0.0, 0.0),
+        ("frequency_penalty", 1.0, 1.5, 0.0),
+        ("presence_penalty", 1.0, 0.0, 1.5),
+    ] {
+        let mut penalised = ask(None, DRY_PROMPT, 80);
+        penalised.sampling.repeat_penalty = repeat;
+        penalised.sampling.frequency_penalty = frequency;
+        penalised.sampling.presence_penalty = presence;
+        let penalised = run(&engine, penalised);
+        assert_ne!(penalised.tokens, plain.tokens, "{name} changes the answer");
+    }
     let mut bad = ask(None, "hi", 4);
     bad.sampling.min_p = 1.5;
     assert!(matches!(

@@ -698,6 +698,10 @@ fn extra_sampling_fields_and_text_prompts_reach_a_llama_server() {
             penalised, greedy,
             "the repetition penalty changes the answer"
         );
+        let (penalised, _) = collect(&engine, ask(&|s| s.presence_penalty = 1.5))
+            .await
+            .unwrap();
+        assert_ne!(penalised, greedy, "the presence penalty changes the answer");
 
         let mut text = GenerationRequest::chat(Vec::new());
         text.prompt = Prompt::Text("The capital of France is".into());

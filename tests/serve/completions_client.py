@@ -1,6 +1,6 @@
 """The API surface operators of vLLM and llama-server expect, through the official `openai`
 Python client: `/v1/completions` (whole and streamed), the extra sampling fields (`top_k`,
-`min_p`, `repetition_penalty`) and vLLM's metric names on `/metrics`.
+`min_p`, `repetition_penalty`, OpenAI's penalties) and vLLM's metric names on `/metrics`.
 
 Driven by `tests/serve_api.rs`, which starts a real server (no key) on a loopback port and
 stops it after. Nothing else talks to that server, so the metrics must add up exactly to
@@ -130,6 +130,12 @@ def sampling_fields(client, tally):
     for extra in ({"repetition_penalty": 1.2}, {"repeat_penalty": 1.2, "top_k": 40, "min_p": 0.05}):
         ok = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4, extra_body=extra)
         tally.add(ok.usage)
+    # OpenAI's own penalties (llama.cpp's, over llama-server's `repeat_last_n` window).
+    ok = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=4, presence_penalty=0.5, frequency_penalty=0.5,
+        extra_body={"repeat_last_n": 128},
+    )
+    tally.add(ok.usage)
     # A pipeline takes them too (on its answering node).
     moa = client.chat.completions.create(
         model="moa", messages=QUESTION, max_tokens=4, extra_body={"top_k": 1, "repetition_penalty": 1.1}
@@ -139,6 +145,8 @@ def sampling_fields(client, tally):
         ({"top_k": -3}, "top_k"),
         ({"min_p": 2}, "min_p"),
         ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"presence_penalty": 3}, "presence_penalty"),
+        ({"repeat_last_n": -5}, "repeat_last_n"),
     ):
         expect_400(
             lambda: client.chat.completions.create(model=MODEL, messages=QUESTION, extra_body=extra), param

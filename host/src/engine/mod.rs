@@ -96,12 +96,22 @@ pub struct SamplingParams {
     /// prompt and output are divided by it when positive, multiplied when negative); 1.0
     /// disables it. Keeps a small model's greedy continuation out of loops.
     pub repeat_penalty: f32,
-    /// How many of the latest tokens the penalty looks at.
+    /// OpenAI's penalties, as llama.cpp applies them over the same window: a token's logit
+    /// loses `frequency_penalty` per time it occurs there, and `presence_penalty` once if it
+    /// does; 0 disables each.
+    pub frequency_penalty: f32,
+    pub presence_penalty: f32,
+    /// How many of the latest tokens the penalties look at.
     pub repeat_last_n: u32,
     /// DRY, the penalty on repeating a span of the answer verbatim; off by default here
     /// (plain greedy decoding), on by default for pipeline nodes.
     pub dry: DrySampling,
 }
+
+/// The widest penalty window (`repeat_last_n`) a request may ask for: past the context of any
+/// model served here, and bounded because llama.cpp keeps a buffer of that many tokens per
+/// sequence (an unbounded window would let one request allocate gigabytes).
+pub const MAX_REPEAT_LAST_N: u32 = 1 << 16;
 
 /// DRY ("don't repeat yourself", llama.cpp's `dry` sampler): a token that would extend a span
 /// of the answer already said earlier, longer than `allowed_length` tokens, has its logit
@@ -221,6 +231,8 @@ impl Default for SamplingParams {
             max_tokens: 256,
             stop: Vec::new(),
             repeat_penalty: 1.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
             repeat_last_n: 64,
             dry: DrySampling::OFF,
         }

@@ -193,6 +193,8 @@ pub struct ParamOverrides {
     pub seed: Option<u64>,
     pub stop: Option<Vec<String>>,
     pub repeat_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub presence_penalty: Option<f32>,
     pub repeat_last_n: Option<u32>,
     /// DRY over [`DrySampling::RECOMMENDED`] (`dry_multiplier = 0` turns it off).
     pub dry_multiplier: Option<f32>,
@@ -224,6 +226,8 @@ impl ParamOverrides {
             seed: self.seed.or(other.seed),
             stop: self.stop.or(other.stop),
             repeat_penalty: self.repeat_penalty.or(other.repeat_penalty),
+            frequency_penalty: self.frequency_penalty.or(other.frequency_penalty),
+            presence_penalty: self.presence_penalty.or(other.presence_penalty),
             repeat_last_n: self.repeat_last_n.or(other.repeat_last_n),
             ..Self::default()
         };
@@ -268,6 +272,12 @@ impl ParamOverrides {
         }
         if let Some(v) = self.repeat_penalty {
             base.repeat_penalty = v;
+        }
+        if let Some(v) = self.frequency_penalty {
+            base.frequency_penalty = v;
+        }
+        if let Some(v) = self.presence_penalty {
+            base.presence_penalty = v;
         }
         if let Some(v) = self.repeat_last_n {
             base.repeat_last_n = v;
@@ -406,6 +416,8 @@ struct RawNode {
     seed: Option<u64>,
     stop: Option<Vec<String>>,
     repeat_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    presence_penalty: Option<f32>,
     repeat_last_n: Option<u32>,
     dry_multiplier: Option<f32>,
     dry_base: Option<f32>,
@@ -933,6 +945,8 @@ fn build_node(
             seed: raw.seed,
             stop: raw.stop.clone(),
             repeat_penalty: raw.repeat_penalty,
+            frequency_penalty: raw.frequency_penalty,
+            presence_penalty: raw.presence_penalty,
             repeat_last_n: raw.repeat_last_n,
             dry_multiplier: raw.dry_multiplier,
             dry_base: raw.dry_base,

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::error::ApiError;
-use crate::engine::{ChatMessage, DryOverrides, DrySampling, Role};
+use crate::engine::{ChatMessage, DryOverrides, DrySampling, MAX_REPEAT_LAST_N, Role};
 use crate::pipeline::spec::ParamOverrides;
 use crate::policy::StreamMode;
 
@@ -46,6 +46,10 @@ pub struct ChatRequest {
     /// vLLM's name; llama-server's `repeat_penalty` is taken as the same field.
     pub repetition_penalty: Option<f32>,
     pub repeat_penalty: Option<f32>,
+    /// The penalties' window (llama-server's name; -1: the largest).
+    pub repeat_last_n: Option<i64>,
+    pub frequency_penalty: Option<f32>,
+    pub presence_penalty: Option<f32>,
     pub seed: Option<i64>,
     pub stop: Option<Stop>,
     pub n: Option<u32>,
@@ -265,7 +269,6 @@ impl ChatRequest {
                 continue;
             }
             let harmless = match field.as_str() {
-                "frequency_penalty" | "presence_penalty" => value.as_f64() == Some(0.0),
                 "logprobs" => value.as_bool() == Some(false),
                 "logit_bias" => value.as_object().is_some_and(|o| o.is_empty()),
                 "response_format" => value.get("type").and_then(Value::as_str) == Some("text"),
@@ -378,6 +381,28 @@ impl ChatRequest {
                 &format!("`{field}` must be a number > 0 (1 turns it off)"),
             );
         }
+        for (field, value) in [
+            ("frequency_penalty", self.frequency_penalty),
+            ("presence_penalty", self.presence_penalty),
+        ] {
+            if let Some(v) = value
+                && !(-2.0..=2.0).contains(&v)
+            {
+                return bad(field, &format!("`{field}` must be between -2 and 2"));
+            }
+        }
+        let max_window = i64::from(MAX_REPEAT_LAST_N);
+        let repeat_last_n = match self.repeat_last_n {
+            None => None,
+            Some(-1) => Some(MAX_REPEAT_LAST_N),
+            Some(n) if (0..=max_window).contains(&n) => u32::try_from(n).ok(),
+            Some(_) => {
+                return bad(
+                    "repeat_last_n",
+                    &format!("`repeat_last_n` must be -1 (all) or 0 to {max_window}"),
+                );
+            }
+        };
         let dry = DryOverrides {
             dry_multiplier: self.dry_multiplier,
             dry_base: self.dry_base,
@@ -401,6 +426,9 @@ impl ChatRequest {
                 Stop::Many(v) => v.clone(),
             }),
             repeat_penalty,
+            frequency_penalty: self.frequency_penalty,
+            presence_penalty: self.presence_penalty,
+            repeat_last_n,
             ..ParamOverrides::default()
         };
         params.set_dry(dry);
@@ -593,7 +621,7 @@ mod tests {
         for (extra, field) in [
             (r#""n": 2"#, "n"),
             (r#""tools": []"#, "tools"),
-            (r#""presence_penalty": 1.0"#, "presence_penalty"),
+            (r#""logprobs": true"#, "logprobs"),
         ] {
             let e = error_of(&format!("{{{base}, {extra}}}"));
             assert_eq!(e.param.as_deref(), Some(field), "{}", e.message);
@@ -667,6 +695,19 @@ mod tests {
         .unwrap();
         assert_eq!(chat.params.repeat_penalty, Some(1.3));
         assert_eq!(chat.params.top_k, Some(0));
+        // OpenAI's penalties, and the window llama-server's clients send with them.
+        let chat = parse(
+            format!(
+                r#"{{{base}, "presence_penalty": 0.5, "frequency_penalty": -0.5,
+                "repeat_last_n": -1}}"#
+            )
+            .as_bytes(),
+            Endpoint::Chat,
+        )
+        .unwrap();
+        assert_eq!(chat.params.presence_penalty, Some(0.5));
+        assert_eq!(chat.params.frequency_penalty, Some(-0.5));
+        assert_eq!(chat.params.repeat_last_n, Some(MAX_REPEAT_LAST_N));
         for (extra, field) in [
             (r#""top_k": -2"#, "top_k"),
             (r#""top_k": 1.5"#, "top_k"),
@@ -674,6 +715,10 @@ mod tests {
             (r#""min_p": -0.1"#, "min_p"),
             (r#""repetition_penalty": 0"#, "repetition_penalty"),
             (r#""repeat_penalty": -1"#, "repeat_penalty"),
+            (r#""presence_penalty": 2.5"#, "presence_penalty"),
+            (r#""frequency_penalty": -3"#, "frequency_penalty"),
+            (r#""repeat_last_n": -2"#, "repeat_last_n"),
+            (r#""repeat_last_n": 100000"#, "repeat_last_n"),
             (
                 r#""repetition_penalty": 1.1, "repeat_penalty": 1.2"#,
                 "repeat_penalty",

@@ -534,6 +534,23 @@ impl Engine for LocalEngine {
                 sampling.repeat_penalty
             )));
         }
+        for (name, value) in [
+            ("frequency_penalty", sampling.frequency_penalty),
+            ("presence_penalty", sampling.presence_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&value) {
+                return Err(EngineError::InvalidRequest(format!(
+                    "{name} must be between -2 and 2 (0 disables it), got {value}"
+                )));
+            }
+        }
+        if sampling.repeat_last_n > crate::engine::MAX_REPEAT_LAST_N {
+            return Err(EngineError::InvalidRequest(format!(
+                "repeat_last_n must be at most {}, got {}",
+                crate::engine::MAX_REPEAT_LAST_N,
+                sampling.repeat_last_n
+            )));
+        }
         sampling.dry.check().map_err(EngineError::InvalidRequest)?;
         let tokens = self.prompt_tokens(&request.prompt)?;
         let answer_prefix = match &request.prompt {

@@ -28,7 +28,10 @@ pub(super) fn build_sampler(
     answer_prefix: usize,
 ) -> Option<LlamaSampler> {
     let last_n = sampling.repeat_last_n as usize;
-    let penalised = sampling.repeat_penalty != 1.0 && last_n > 0;
+    let penalised = (sampling.repeat_penalty != 1.0
+        || sampling.frequency_penalty != 0.0
+        || sampling.presence_penalty != 0.0)
+        && last_n > 0;
     let dry = sampling.dry.is_on();
     let greedy = sampling.temperature <= 0.0;
     if greedy && !penalised && !dry {
@@ -38,8 +41,13 @@ pub(super) fn build_sampler(
     let mut chain = Vec::new();
     if penalised {
         let window = i32::try_from(last_n).unwrap_or(i32::MAX);
-        let mut penalties =
-            LlamaSampler::penalties(model.n_vocab(), window, sampling.repeat_penalty, 0.0, 0.0);
+        let mut penalties = LlamaSampler::penalties(
+            model.n_vocab(),
+            window,
+            sampling.repeat_penalty,
+            sampling.frequency_penalty,
+            sampling.presence_penalty,
+        );
         penalties.accept_many(tokens(&prompt[prompt.len().saturating_sub(last_n)..]));
         chain.push(penalties);
     }

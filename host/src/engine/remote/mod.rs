@@ -420,11 +420,15 @@ impl Shared {
 /// An unknown server gets neither: OpenAI refuses fields it does not know.
 fn server_extras(kind: ServerKind, sampling: &super::SamplingParams, body: &mut Value) {
     let penalty = sampling.repeat_penalty != 1.0;
+    // llama-server applies OpenAI's penalties over the same window.
+    let windowed = penalty || sampling.frequency_penalty != 0.0 || sampling.presence_penalty != 0.0;
     match kind {
         ServerKind::LlamaCpp => {
             body["timings_per_token"] = Value::Bool(true);
             if penalty {
                 body["repeat_penalty"] = serde_json::json!(sampling.repeat_penalty);
+            }
+            if windowed {
                 body["repeat_last_n"] = serde_json::json!(sampling.repeat_last_n);
             }
             wire::ask_dry(body, &sampling.dry);

@@ -58,6 +58,13 @@ pub fn request(model: &str, prompt: WirePrompt<'_>, sampling: &SamplingParams) -
     if sampling.min_p > 0.0 {
         body["min_p"] = json!(sampling.min_p);
     }
+    // OpenAI's own fields: every server takes them.
+    if sampling.frequency_penalty != 0.0 {
+        body["frequency_penalty"] = json!(sampling.frequency_penalty);
+    }
+    if sampling.presence_penalty != 0.0 {
+        body["presence_penalty"] = json!(sampling.presence_penalty);
+    }
     if !sampling.stop.is_empty() {
         body["stop"] = json!(sampling.stop);
     }
@@ -257,11 +264,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_body_carries_top_k_and_min_p_when_set() {
+    fn the_body_carries_top_k_min_p_and_openais_penalties_when_set() {
         let sampling = SamplingParams {
             top_k: 1,
             min_p: 0.05,
             temperature: 1.5,
+            frequency_penalty: 0.5,
+            presence_penalty: -0.5,
             ..SamplingParams::default()
         };
         let wire = request("m", WirePrompt::Text("Once".into()), &sampling);
@@ -269,12 +278,16 @@ mod tests {
         assert_eq!(wire.body["prompt"], "Once");
         assert_eq!(wire.body["top_k"], 1);
         assert!((wire.body["min_p"].as_f64().unwrap() - 0.05).abs() < 1e-6);
+        assert_eq!(wire.body["frequency_penalty"], 0.5);
+        assert_eq!(wire.body["presence_penalty"], -0.5);
         let plain = request(
             "m",
             WirePrompt::Text("Once".into()),
             &SamplingParams::default(),
         );
-        assert!(plain.body.get("top_k").is_none() && plain.body.get("min_p").is_none());
+        for field in ["top_k", "min_p", "frequency_penalty", "presence_penalty"] {
+            assert!(plain.body.get(field).is_none(), "{field}");
+        }
     }
 
     #[test]
