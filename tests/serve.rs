@@ -27,10 +27,20 @@ fn the_openai_client_works_against_a_real_server() {
 
     let plugins = scratch("plugins");
     let pipelines = scratch("pipelines");
+    // The one tenant may fill the whole queue (the overload phase does; by default a
+    // tenant's share is half of it).
+    let config = scratch("config").join("staircase.toml");
+    let capacity = MAX_RUNNING + QUEUE;
+    std::fs::write(
+        &config,
+        format!("[limits]\ntenant_max_requests = {capacity}\n"),
+    )
+    .unwrap();
     let key = "test-key";
     let (server, base) = start_server(
         Command::new(env!("CARGO_BIN_EXE_staircase"))
             .args(["serve", "--host", "127.0.0.1", "--port", "0"])
+            .args(["--config", path(&config)])
             .args(["--plugins", path(&plugins), "--pipelines", path(&pipelines)])
             .args(["--max-tokens", "16", "--api-key-env", "STAIRCASE_TEST_KEY"])
             .args(["--max-running", &MAX_RUNNING.to_string()])
@@ -55,13 +65,16 @@ fn the_openai_client_works_against_a_real_server() {
             "--hostile-manifest",
             path(&guest_manifest("fixtures/hostile-role")),
         ])
-        .args(["--capacity", &(MAX_RUNNING + QUEUE).to_string()])
+        .args(["--capacity", &capacity.to_string()])
         .spawn()
         .expect("the client script starts");
     let status = wait_bounded(&mut client, CLIENT_TIMEOUT);
     drop(server);
     let _ = std::fs::remove_dir_all(&plugins);
     let _ = std::fs::remove_dir_all(&pipelines);
+    if let Some(dir) = config.parent() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
     assert!(
         status.is_some_and(|s| s.success()),
         "the openai client checks failed (see the output above): {status:?}"

@@ -697,3 +697,80 @@ fn dry_stops_a_greedy_answer_repeating_a_sentence() {
         Err(EngineError::InvalidRequest(message)) if message.contains("dry_base")
     ));
 }
+
+/// `top_k = 1` and `min_p = 1` each leave only the most likely token, so a high temperature
+/// gives the greedy answer (which it does not without them); the repetition, frequency and
+/// presence penalties each change a greedy answer that repeats itself. The fields reach
+/// llama.cpp's sampler chain.
+#[test]
+fn top_k_min_p_and_the_penalties_reach_the_sampler() {
+    let _guard = serial();
+    let engine = engine();
+    let request = |seed: u64, set: &dyn Fn(&mut staircase::engine::SamplingParams)| {
+        let mut request = ask(None, "Tell me a story about a fox.", 24);
+        request.sampling.temperature = 2.0;
+        request.sampling.seed = seed;
+        set(&mut request.sampling);
+        request
+    };
+    let greedy = run(&engine, ask(None, "Tell me a story about a fox.", 24));
+    let hot: Vec<Answer> = (1..=3)
+        .map(|seed| run(&engine, request(seed, &|_| {})))
+        .collect();
+    assert!(
+        hot.iter().any(|a| a.tokens != greedy.tokens),
+        "a temperature of 2 alone leaves the greedy answer"
+    );
+    for seed in 1..=3 {
+        let top_k = run(&engine, request(seed, &|s| s.top_k = 1));
+        assert_eq!(
+            top_k.tokens, greedy.tokens,
+            "top_k = 1 is greedy (seed {seed})"
+        );
+        let min_p = run(&engine, request(seed, &|s| s.min_p = 1.0));
+        assert_eq!(
+            min_p.tokens, greedy.tokens,
+            "min_p = 1 is greedy (seed {seed})"
+        );
+    }
+    let plain = run(&engine, ask(None, DRY_PROMPT, 80));
+    // (name, repeat, frequency, presence)
+    for (name, repeat, frequency, presence) in [
+        ("repeat_penalty", 1.5, 0.0, 0.0),
+        ("frequency_penalty", 1.0, 1.5, 0.0),
+        ("presence_penalty", 1.0, 0.0, 1.5),
+    ] {
+        let mut penalised = ask(None, DRY_PROMPT, 80);
+        penalised.sampling.repeat_penalty = repeat;
+        penalised.sampling.frequency_penalty = frequency;
+        penalised.sampling.presence_penalty = presence;
+        let penalised = run(&engine, penalised);
+        assert_ne!(penalised.tokens, plain.tokens, "{name} changes the answer");
+    }
+    let mut bad = ask(None, "hi", 4);
+    bad.sampling.min_p = 1.5;
+    assert!(matches!(
+        engine.submit(bad),
+        Err(EngineError::InvalidRequest(message)) if message.contains("min_p")
+    ));
+}
+
+/// A text prompt is continued as it is: no chat template around it (fewer prompt tokens than
+/// the same words as a user message), and an answer comes back.
+#[test]
+fn a_text_prompt_is_continued_without_the_chat_template() {
+    let _guard = serial();
+    let engine = engine();
+    let mut text = GenerationRequest::chat(Vec::new());
+    text.prompt = Prompt::Text("The capital of France is".into());
+    text.sampling.max_tokens = 8;
+    let text = run(&engine, text);
+    let chat = run(&engine, ask(None, "The capital of France is", 8));
+    assert!(text.usage.completion_tokens > 0 && !text.text.is_empty());
+    assert!(
+        text.usage.prompt_tokens + 4 < chat.usage.prompt_tokens,
+        "raw text {} tokens, as chat {}",
+        text.usage.prompt_tokens,
+        chat.usage.prompt_tokens
+    );
+}

@@ -96,7 +96,7 @@ fn tag_of(request: &GenerationRequest) -> String {
                     .to_string()
             })
             .unwrap_or_default(),
-        Prompt::Tokens(_) => String::new(),
+        Prompt::Tokens(_) | Prompt::Text(_) => String::new(),
     }
 }
 

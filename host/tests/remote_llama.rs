@@ -642,3 +642,75 @@ fn a_keyed_backend_behind_a_v1_url_may_start_after_serve_and_stays_healthy() {
     let stats = engine.replica_stats();
     assert!(stats[0].healthy, "a keyed health check passes: {stats:?}");
 }
+
+/// A request's `top_k`, `min_p` and repetition penalty reach a real llama-server: `top_k = 1`
+/// or `min_p = 1` at a temperature of 2 is its greedy answer (which the temperature alone
+/// leaves), and the penalty changes a greedy answer. A text prompt goes to its
+/// `/v1/completions` and comes back continued.
+#[test]
+fn extra_sampling_fields_and_text_prompts_reach_a_llama_server() {
+    let _serial = serial();
+    let server = server();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let engine = RemoteEngine::connect("default", remote_config(vec![server.url()]))
+            .await
+            .unwrap();
+        let ask = |set: &dyn Fn(&mut staircase::engine::SamplingParams)| {
+            let mut request = GenerationRequest::chat(vec![ChatMessage::new(
+                Role::User,
+                "Tell me a story about a fox.",
+            )]);
+            request.sampling.max_tokens = 16;
+            set(&mut request.sampling);
+            request
+        };
+        let (greedy, _) = collect(&engine, ask(&|_| {})).await.unwrap();
+        let mut hot_differs = false;
+        for seed in 1..=3u64 {
+            let hot = |s: &mut staircase::engine::SamplingParams| {
+                s.temperature = 2.0;
+                s.seed = seed;
+            };
+            let (alone, _) = collect(&engine, ask(&hot)).await.unwrap();
+            hot_differs |= alone != greedy;
+            let top_k = |s: &mut staircase::engine::SamplingParams| {
+                hot(s);
+                s.top_k = 1;
+            };
+            let (text, _) = collect(&engine, ask(&top_k)).await.unwrap();
+            assert_eq!(text, greedy, "top_k = 1 at seed {seed}");
+            let min_p = |s: &mut staircase::engine::SamplingParams| {
+                hot(s);
+                s.min_p = 1.0;
+            };
+            let (text, _) = collect(&engine, ask(&min_p)).await.unwrap();
+            assert_eq!(text, greedy, "min_p = 1 at seed {seed}");
+        }
+        assert!(
+            hot_differs,
+            "a temperature of 2 alone leaves the greedy answer"
+        );
+        let (penalised, _) = collect(&engine, ask(&|s| s.repeat_penalty = 1.8))
+            .await
+            .unwrap();
+        assert_ne!(
+            penalised, greedy,
+            "the repetition penalty changes the answer"
+        );
+        let (penalised, _) = collect(&engine, ask(&|s| s.presence_penalty = 1.5))
+            .await
+            .unwrap();
+        assert_ne!(penalised, greedy, "the presence penalty changes the answer");
+
+        let mut text = GenerationRequest::chat(Vec::new());
+        text.prompt = Prompt::Text("The capital of France is".into());
+        text.sampling.max_tokens = 6;
+        let (continued, usage) = collect(&engine, text).await.unwrap();
+        assert!(!continued.is_empty(), "{usage:?}");
+        assert!(
+            usage.prompt_tokens > 0 && usage.prompt_tokens < 12,
+            "raw text, no template: {usage:?}"
+        );
+    });
+}

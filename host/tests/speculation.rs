@@ -404,7 +404,9 @@ fn corpus(max_tokens: u32) -> Vec<(&'static str, GenerationRequest)> {
         request.prompt = Prompt::Chat {
             messages: match request.prompt {
                 Prompt::Chat { messages, .. } => messages,
-                Prompt::Tokens(_) => unreachable!("chat() builds a chat prompt"),
+                Prompt::Tokens(_) | Prompt::Text(_) => {
+                    unreachable!("chat() builds a chat prompt")
+                }
             },
             assistant_prefix: prefix.map(str::to_owned),
         };

@@ -221,6 +221,7 @@ def errors(server):
     # Malformed JSON.
     request = urllib.request.Request(server.base + "/v1/chat/completions", data=b"{oops", method="POST")
     request.add_header("Authorization", "Bearer " + server.key)
+    request.add_header("Content-Type", "application/json")
     try:
         urllib.request.urlopen(request, timeout=60)
         raise AssertionError("no 400")

@@ -70,6 +70,9 @@ pub enum Prompt {
     },
     /// Tokens fed to the model as they are.
     Tokens(Vec<TokenId>),
+    /// Text continued as it is, without the chat template (the legacy `/v1/completions`):
+    /// tokenized by the model's tokenizer, with its BOS token where the model wants one.
+    Text(String),
 }
 
 /// How tokens are chosen. A temperature of 0 means greedy decoding.
@@ -81,6 +84,8 @@ pub struct SamplingParams {
     pub top_p: f32,
     /// Keep only the k most likely tokens; 0 disables it.
     pub top_k: u32,
+    /// Drop tokens less likely than `min_p` times the most likely one; 0 disables it.
+    pub min_p: f32,
     pub seed: u64,
     /// 0 asks for a warm-up: the prompt is prefilled into the prefix cache and nothing is
     /// generated, so a later request that extends it prefills only what it adds.
@@ -91,12 +96,22 @@ pub struct SamplingParams {
     /// prompt and output are divided by it when positive, multiplied when negative); 1.0
     /// disables it. Keeps a small model's greedy continuation out of loops.
     pub repeat_penalty: f32,
-    /// How many of the latest tokens the penalty looks at.
+    /// OpenAI's penalties, as llama.cpp applies them over the same window: a token's logit
+    /// loses `frequency_penalty` per time it occurs there, and `presence_penalty` once if it
+    /// does; 0 disables each.
+    pub frequency_penalty: f32,
+    pub presence_penalty: f32,
+    /// How many of the latest tokens the penalties look at.
     pub repeat_last_n: u32,
     /// DRY, the penalty on repeating a span of the answer verbatim; off by default here
     /// (plain greedy decoding), on by default for pipeline nodes.
     pub dry: DrySampling,
 }
+
+/// The widest penalty window (`repeat_last_n`) a request may ask for: past the context of any
+/// model served here, and bounded because llama.cpp keeps a buffer of that many tokens per
+/// sequence (an unbounded window would let one request allocate gigabytes).
+pub const MAX_REPEAT_LAST_N: u32 = 1 << 16;
 
 /// DRY ("don't repeat yourself", llama.cpp's `dry` sampler): a token that would extend a span
 /// of the answer already said earlier, longer than `allowed_length` tokens, has its logit
@@ -211,10 +226,13 @@ impl Default for SamplingParams {
             temperature: 0.0,
             top_p: 1.0,
             top_k: 0,
+            min_p: 0.0,
             seed: 0,
             max_tokens: 256,
             stop: Vec::new(),
             repeat_penalty: 1.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
             repeat_last_n: 64,
             dry: DrySampling::OFF,
         }
@@ -464,7 +482,7 @@ impl ModelInfo {
                 assistant_prefix: Some(_),
                 ..
             } => self.require(Capability::AssistantPrefix),
-            Prompt::Chat { .. } => Ok(()),
+            Prompt::Chat { .. } | Prompt::Text(_) => Ok(()),
             Prompt::Tokens(_) => self.require(Capability::TokenPrompts),
         }
     }

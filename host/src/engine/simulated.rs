@@ -90,6 +90,7 @@ impl SimulatedEngine {
                 .chain(assistant_prefix.iter().flat_map(|p| words(p)))
                 .collect(),
             Prompt::Tokens(tokens) => tokens.iter().map(|t| t.0.to_string()).collect(),
+            Prompt::Text(text) => words(text).collect(),
         };
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         let cached = seen

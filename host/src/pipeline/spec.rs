@@ -189,9 +189,12 @@ pub struct ParamOverrides {
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
     pub top_k: Option<u32>,
+    pub min_p: Option<f32>,
     pub seed: Option<u64>,
     pub stop: Option<Vec<String>>,
     pub repeat_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub presence_penalty: Option<f32>,
     pub repeat_last_n: Option<u32>,
     /// DRY over [`DrySampling::RECOMMENDED`] (`dry_multiplier = 0` turns it off).
     pub dry_multiplier: Option<f32>,
@@ -209,6 +212,27 @@ impl ParamOverrides {
             dry_allowed_length: self.dry_allowed_length,
             dry_penalty_last_n: self.dry_penalty_last_n,
         }
+    }
+
+    /// These fields over `other`'s: each one set here wins.
+    pub fn or(self, other: Self) -> Self {
+        let dry = self.dry().or(other.dry());
+        let mut merged = Self {
+            max_tokens: self.max_tokens.or(other.max_tokens),
+            temperature: self.temperature.or(other.temperature),
+            top_p: self.top_p.or(other.top_p),
+            top_k: self.top_k.or(other.top_k),
+            min_p: self.min_p.or(other.min_p),
+            seed: self.seed.or(other.seed),
+            stop: self.stop.or(other.stop),
+            repeat_penalty: self.repeat_penalty.or(other.repeat_penalty),
+            frequency_penalty: self.frequency_penalty.or(other.frequency_penalty),
+            presence_penalty: self.presence_penalty.or(other.presence_penalty),
+            repeat_last_n: self.repeat_last_n.or(other.repeat_last_n),
+            ..Self::default()
+        };
+        merged.set_dry(dry);
+        merged
     }
 
     /// Sets the DRY fields of `dry` that are set, keeping the others.
@@ -237,6 +261,9 @@ impl ParamOverrides {
         if let Some(v) = self.top_k {
             base.top_k = v;
         }
+        if let Some(v) = self.min_p {
+            base.min_p = v;
+        }
         if let Some(v) = self.seed {
             base.seed = v;
         }
@@ -245,6 +272,12 @@ impl ParamOverrides {
         }
         if let Some(v) = self.repeat_penalty {
             base.repeat_penalty = v;
+        }
+        if let Some(v) = self.frequency_penalty {
+            base.frequency_penalty = v;
+        }
+        if let Some(v) = self.presence_penalty {
+            base.presence_penalty = v;
         }
         if let Some(v) = self.repeat_last_n {
             base.repeat_last_n = v;
@@ -379,9 +412,12 @@ struct RawNode {
     temperature: Option<f32>,
     top_p: Option<f32>,
     top_k: Option<u32>,
+    min_p: Option<f32>,
     seed: Option<u64>,
     stop: Option<Vec<String>>,
     repeat_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    presence_penalty: Option<f32>,
     repeat_last_n: Option<u32>,
     dry_multiplier: Option<f32>,
     dry_base: Option<f32>,
@@ -905,9 +941,12 @@ fn build_node(
             temperature: raw.temperature,
             top_p: raw.top_p,
             top_k: raw.top_k,
+            min_p: raw.min_p,
             seed: raw.seed,
             stop: raw.stop.clone(),
             repeat_penalty: raw.repeat_penalty,
+            frequency_penalty: raw.frequency_penalty,
+            presence_penalty: raw.presence_penalty,
             repeat_last_n: raw.repeat_last_n,
             dry_multiplier: raw.dry_multiplier,
             dry_base: raw.dry_base,

@@ -1,4 +1,7 @@
-//! `POST /v1/chat/completions`: a pipeline run or one model's generation, whole or as SSE.
+//! `POST /v1/chat/completions`: a pipeline run or one model's generation, whole or as SSE;
+//! and `POST /v1/completions`, raw text continued by one model, through the same checks,
+//! queue, caps and streaming (only the response shapes differ). A pipeline answers chat, not
+//! raw text: a text completion naming one is refused (400).
 //!
 //! A run lives inside its request: the non-streaming handler awaits it, the streaming one
 //! drives it from a task that stops the moment the client's stream is dropped. Either way a
@@ -20,7 +23,9 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use super::error::ApiError;
-use super::openai::{self, Chat, ChunkChoice, Delta, Usage};
+use super::openai::{
+    self, AnyChoice, AnyChunkChoice, Chat, ChunkChoice, Delta, Endpoint, Input, TextChoice, Usage,
+};
 use super::runs::RunGuard;
 use super::tenant::Tenant;
 use super::{RUN_ID_HEADER, ServerState};
@@ -52,6 +57,7 @@ struct Finish {
 
 /// Identity of one response, shared by all of its chunks.
 struct Meta {
+    endpoint: Endpoint,
     id: String,
     model: String,
     created: u64,
@@ -60,12 +66,85 @@ struct Meta {
     tenant: Tenant,
 }
 
+impl Meta {
+    /// The `object` of a whole answer and of a stream chunk.
+    fn objects(&self) -> (&'static str, &'static str) {
+        match self.endpoint {
+            Endpoint::Chat => ("chat.completion", "chat.completion.chunk"),
+            Endpoint::Text => ("text_completion", "text_completion"),
+        }
+    }
+
+    /// A stream chunk's choice: `text` (a chat's first chunk names the role instead), or the
+    /// end with its `reason`.
+    fn chunk_choice<'a>(
+        &self,
+        text: Option<&'a str>,
+        reason: Option<&'static str>,
+    ) -> AnyChunkChoice<'a> {
+        match self.endpoint {
+            Endpoint::Chat => AnyChunkChoice::Chat(ChunkChoice {
+                index: 0,
+                delta: Delta {
+                    role: None,
+                    content: text,
+                },
+                finish_reason: reason,
+                logprobs: None,
+            }),
+            Endpoint::Text => AnyChunkChoice::Text(TextChoice {
+                index: 0,
+                text: text.unwrap_or_default(),
+                finish_reason: reason,
+                logprobs: None,
+            }),
+        }
+    }
+
+    /// One stream chunk with `choices`.
+    fn chunk<'a>(
+        &'a self,
+        fingerprint: &'a str,
+        choices: Vec<AnyChunkChoice<'a>>,
+    ) -> openai::Chunk<'a> {
+        openai::Chunk {
+            id: &self.id,
+            object: self.objects().1,
+            created: self.created,
+            model: &self.model,
+            system_fingerprint: fingerprint,
+            choices,
+            usage: None,
+            staircase: None,
+        }
+    }
+}
+
+/// `POST /v1/chat/completions`.
 pub(crate) async fn completions(
     State(state): State<Arc<ServerState>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    match prepare(&state, &headers, body).await {
+    respond(state, headers, body, Endpoint::Chat).await
+}
+
+/// `POST /v1/completions`.
+pub(crate) async fn text_completions(
+    State(state): State<Arc<ServerState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    respond(state, headers, body, Endpoint::Text).await
+}
+
+async fn respond(
+    state: Arc<ServerState>,
+    headers: HeaderMap,
+    body: Body,
+    endpoint: Endpoint,
+) -> Response {
+    match prepare(&state, &headers, body, endpoint).await {
         Ok((chat, target, tenant)) => {
             let model = chat.model.clone();
             let response = start(state.clone(), chat, target, tenant).await;
@@ -86,11 +165,12 @@ async fn prepare(
     state: &ServerState,
     headers: &HeaderMap,
     body: Body,
+    endpoint: Endpoint,
 ) -> Result<(Chat, Target, Tenant), ApiError> {
     let tenant = state.authorize(headers)?;
     let limits = &state.options.limits;
     let body = read_body(body, limits.max_body_bytes, limits.body_timeout_secs).await?;
-    let chat = openai::parse(&body)?;
+    let chat = openai::parse(&body, endpoint)?;
     openai::check_caps(&chat, limits.max_messages, limits.max_stop)?;
     let target = if let Some(version) = state.app.pipelines().get(&chat.model) {
         Target::Pipeline(version)
@@ -107,6 +187,17 @@ async fn prepare(
         known.extend(state.app.model_names());
         return Err(ApiError::model_not_found(&chat.model, &known));
     };
+    if let (Target::Pipeline(_), Input::Text(_)) = (&target, &chat.input) {
+        return Err(ApiError::invalid(
+            Some("model"),
+            format!(
+                "`{}` is a pipeline, which answers chat: send it to /v1/chat/completions \
+                 (/v1/completions continues raw text on a plain model: {})",
+                chat.model,
+                state.app.model_names().join(", ")
+            ),
+        ));
+    }
     Ok((chat, target, tenant))
 }
 
@@ -137,13 +228,7 @@ fn check_context(state: &ServerState, chat: &Chat, target: &Target) -> Result<()
         Target::Model(engine) => engine.clone(),
         Target::Pipeline(_) => state.app.default_engine(),
     };
-    let text: String = chat
-        .conversation
-        .iter()
-        .map(|m| m.content.as_str())
-        .collect::<Vec<_>>()
-        .join("\n");
-    let tokens = engine.token_counter().count(&text).get() as usize;
+    let tokens = engine.token_counter().count(&chat.input.text()).get() as usize;
     let context = engine.model_info().context_tokens;
     if tokens >= context {
         return Err(ApiError::context_length(format!(
@@ -158,15 +243,19 @@ async fn start(state: Arc<ServerState>, chat: Chat, target: Target, tenant: Tena
         Ok(ticket) => ticket,
         Err(error) => return error.into_response(),
     };
+    let in_flight = state.metrics.admitted(&chat.model);
     // Tokenized only once the queue took it: a full queue costs a flood nothing.
     if let Err(error) = check_context(&state, &chat, &target) {
         return error.into_response();
     }
     let id = match state.next_id() {
+        // vLLM's and OpenAI's prefix of a text completion's id.
+        Ok(id) if chat.endpoint == Endpoint::Text => id.replacen("chatcmpl-", "cmpl-", 1),
         Ok(id) => id,
         Err(error) => return error.into_response(),
     };
     let meta = Meta {
+        endpoint: chat.endpoint,
         id,
         tenant,
         model: chat.model.clone(),
@@ -181,8 +270,11 @@ async fn start(state: Arc<ServerState>, chat: Chat, target: Target, tenant: Tena
     let run_id = HeaderValue::from_str(&meta.id).ok();
     let target = match target {
         Target::Pipeline(version) => {
-            let prompt = chat
-                .conversation
+            let conversation = match &chat.input {
+                Input::Conversation(messages) => messages.as_slice(),
+                Input::Text(_) => &[],
+            };
+            let prompt = conversation
                 .iter()
                 .rev()
                 .find(|m| m.role == Role::User)
@@ -199,10 +291,11 @@ async fn start(state: Arc<ServerState>, chat: Chat, target: Target, tenant: Tena
         }
         Target::Model(engine) => Work::Model(engine),
     };
+    let admitted = Admitted { ticket, in_flight };
     let mut response = if chat.stream {
-        streamed(state, chat, target, ticket, meta).into_response()
+        streamed(state, chat, target, admitted, meta).into_response()
     } else {
-        whole(state, chat, target, ticket, meta).await
+        whole(state, chat, target, admitted, meta).await
     };
     if let Some(id) = run_id {
         response.headers_mut().insert(RUN_ID_HEADER, id);
@@ -210,17 +303,28 @@ async fn start(state: Arc<ServerState>, chat: Chat, target: Target, tenant: Tena
     response
 }
 
+/// A request the queue took: its place, and its count in the waiting and running gauges.
+struct Admitted {
+    ticket: super::admission::Ticket,
+    in_flight: super::metrics::InFlight,
+}
+
 async fn whole(
     state: Arc<ServerState>,
     chat: Chat,
     target: Work,
-    ticket: super::admission::Ticket,
+    admitted: Admitted,
     mut meta: Meta,
 ) -> Response {
     let (text_tx, mut text_rx) = mpsc::unbounded_channel();
     let deadline = state.deadline();
+    let Admitted {
+        ticket,
+        mut in_flight,
+    } = admitted;
     let work = async {
         let _running = ticket.start().await;
+        in_flight.running();
         execute(&state, &chat, target, &meta.id, &meta.tenant, text_tx).await
     };
     let result = match tokio::time::timeout(deadline, work).await {
@@ -240,13 +344,8 @@ async fn whole(
             {
                 meta.fingerprint = fp.to_string();
             }
-            axum::Json(openai::Completion {
-                id: &meta.id,
-                object: "chat.completion",
-                created: meta.created,
-                model: &meta.model,
-                system_fingerprint: &meta.fingerprint,
-                choices: [openai::Choice {
+            let choice = match meta.endpoint {
+                Endpoint::Chat => AnyChoice::Chat(openai::Choice {
                     index: 0,
                     message: openai::OutMessage {
                         role: "assistant",
@@ -254,7 +353,21 @@ async fn whole(
                     },
                     finish_reason: finish.reason,
                     logprobs: None,
-                }],
+                }),
+                Endpoint::Text => AnyChoice::Text(TextChoice {
+                    index: 0,
+                    text: &answer,
+                    finish_reason: Some(finish.reason),
+                    logprobs: None,
+                }),
+            };
+            axum::Json(openai::Completion {
+                id: &meta.id,
+                object: meta.objects().0,
+                created: meta.created,
+                model: &meta.model,
+                system_fingerprint: &meta.fingerprint,
+                choices: [choice],
                 usage: finish.usage,
                 staircase: finish.report,
             })
@@ -268,7 +381,7 @@ fn streamed(
     state: Arc<ServerState>,
     chat: Chat,
     target: Work,
-    ticket: super::admission::Ticket,
+    admitted: Admitted,
     meta: Meta,
 ) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
     let (sse_tx, sse_rx) = mpsc::channel::<Event>(SSE_BUFFER);
@@ -278,22 +391,8 @@ fn streamed(
             tx: sse_tx,
             timeout: write_timeout,
         };
-        let chunk = |delta: Delta<'_>, reason: Option<&'static str>, fp: &str| {
-            json_event(&openai::Chunk {
-                id: &meta.id,
-                object: "chat.completion.chunk",
-                created: meta.created,
-                model: &meta.model,
-                system_fingerprint: fp,
-                choices: vec![ChunkChoice {
-                    index: 0,
-                    delta,
-                    finish_reason: reason,
-                    logprobs: None,
-                }],
-                usage: None,
-                staircase: None,
-            })
+        let text_event = |text: &str| {
+            json_event(&meta.chunk(&meta.fingerprint, vec![meta.chunk_choice(Some(text), None)]))
         };
         // A client that stops reading: the run is dropped (every node cancelled, its engine
         // sequences freed) and counted.
@@ -304,21 +403,31 @@ fn streamed(
         };
         let (text_tx, mut text_rx) = mpsc::unbounded_channel::<String>();
         let deadline = state.deadline();
+        let Admitted {
+            ticket,
+            mut in_flight,
+        } = admitted;
         let work = tokio::time::timeout(deadline, async {
             let _running = ticket.start().await;
+            in_flight.running();
             execute(&state, &chat, target, &meta.id, &meta.tenant, text_tx).await
         });
         tokio::pin!(work);
-        let first = chunk(
-            Delta {
-                role: Some("assistant"),
-                content: Some(""),
-            },
-            None,
-            &meta.fingerprint,
-        );
-        if let Err(gone) = sse.send(first).await {
-            return gone.count(&state, &meta.model, stalled);
+        // A chat stream names the role first, as OpenAI's does; a text stream has none.
+        if meta.endpoint == Endpoint::Chat {
+            let role = AnyChunkChoice::Chat(ChunkChoice {
+                index: 0,
+                delta: Delta {
+                    role: Some("assistant"),
+                    content: Some(""),
+                },
+                finish_reason: None,
+                logprobs: None,
+            });
+            let first = json_event(&meta.chunk(&meta.fingerprint, vec![role]));
+            if let Err(gone) = sse.send(first).await {
+                return gone.count(&state, &meta.model, stalled);
+            }
         }
         let result = loop {
             tokio::select! {
@@ -330,8 +439,7 @@ fn streamed(
                 }
                 Some(text) = text_rx.recv() => {
                     // While the client takes no more, the run is not driven (backpressure).
-                    let event = chunk(Delta { role: None, content: Some(&text) }, None, &meta.fingerprint);
-                    if let Err(gone) = sse.send(event).await {
+                    if let Err(gone) = sse.send(text_event(&text)).await {
                         return gone.count(&state, &meta.model, stalled);
                     }
                 }
@@ -339,15 +447,7 @@ fn streamed(
             }
         };
         while let Ok(text) = text_rx.try_recv() {
-            let event = chunk(
-                Delta {
-                    role: None,
-                    content: Some(&text),
-                },
-                None,
-                &meta.fingerprint,
-            );
-            if let Err(gone) = sse.send(event).await {
+            if let Err(gone) = sse.send(text_event(&text)).await {
                 return gone.count(&state, &meta.model, stalled);
             }
         }
@@ -362,21 +462,7 @@ fn streamed(
             .and_then(Value::as_str)
             .unwrap_or(&meta.fingerprint)
             .to_string();
-        let mut last = openai::Chunk {
-            id: &meta.id,
-            object: "chat.completion.chunk",
-            created: meta.created,
-            model: &meta.model,
-            system_fingerprint: &fp,
-            choices: vec![ChunkChoice {
-                index: 0,
-                delta: Delta::default(),
-                finish_reason: Some(finish.reason),
-                logprobs: None,
-            }],
-            usage: None,
-            staircase: None,
-        };
+        let mut last = meta.chunk(&fp, vec![meta.chunk_choice(None, Some(finish.reason))]);
         if chat.include_usage {
             let _ = sse.send(json_event(&last)).await;
             last.choices.clear();
@@ -473,9 +559,13 @@ async fn execute(
     };
     if let Ok(finish) = &result {
         tenant.quota().charge(u64::from(finish.usage.total_tokens));
-        state
-            .metrics
-            .finished(&chat.model, first_text, started.elapsed(), &finish.usage);
+        state.metrics.finished(
+            &chat.model,
+            finish.reason,
+            first_text,
+            started.elapsed(),
+            &finish.usage,
+        );
     }
     result
 }
@@ -491,16 +581,12 @@ fn shaped(state: &ServerState, chat: &Chat, pipeline: &Pipeline) -> Pipeline {
     let output = pipeline.output.0;
     let params = &mut pipeline.nodes[output].params;
     // A request's own `max_tokens` can only lower the cap.
-    if let Some(max) = chat.max_tokens {
-        params.max_tokens = Some(params.max_tokens.map_or(max, |cap| cap.min(max)));
-    }
-    params.temperature = chat.temperature.or(params.temperature);
-    params.top_p = chat.top_p.or(params.top_p);
-    params.seed = chat.seed.or(params.seed);
-    params.set_dry(chat.dry);
-    if let Some(stop) = &chat.stop {
-        params.stop = Some(stop.clone());
-    }
+    let max_tokens = match (chat.params.max_tokens, params.max_tokens) {
+        (Some(max), cap) => Some(cap.map_or(max, |cap| cap.min(max))),
+        (None, cap) => cap,
+    };
+    *params = chat.params.clone().or(params.clone());
+    params.max_tokens = max_tokens;
     pipeline
 }
 
@@ -513,8 +599,14 @@ async fn run_pipeline(
     tenant: &Tenant,
     send: &mut impl FnMut(String),
 ) -> Result<Finish, ApiError> {
+    let Input::Conversation(conversation) = &chat.input else {
+        return Err(ApiError::invalid(
+            Some("prompt"),
+            "a pipeline answers chat only",
+        ));
+    };
     let request = RunRequest {
-        conversation: chat.conversation.clone(),
+        conversation: conversation.clone(),
         mode: chat.mode,
         namespace: tenant.namespace().clone(),
     };
@@ -646,9 +738,15 @@ async fn generate(
     send: &mut impl FnMut(String),
 ) -> Result<Finish, ApiError> {
     let defaults = SamplingParams::default();
-    let asked = chat.max_tokens.unwrap_or(defaults.max_tokens);
+    let asked = chat.params.max_tokens.unwrap_or(defaults.max_tokens);
     let max_tokens = cap.map_or(asked, |cap| asked.min(cap));
-    let mut request = GenerationRequest::chat(chat.conversation.clone());
+    let mut request = match &chat.input {
+        Input::Conversation(messages) => GenerationRequest::chat(messages.clone()),
+        Input::Text(text) => GenerationRequest {
+            prompt: Prompt::Text(text.clone()),
+            ..GenerationRequest::chat(Vec::new())
+        },
+    };
     request.namespace = tenant.namespace().clone();
     // A trailing assistant message is continued, as llama.cpp's server does: how another
     // Staircase (or any client) has a model continue a partial answer.
@@ -662,15 +760,11 @@ async fn generate(
         *assistant_prefix = messages.pop().map(|m| m.content);
     }
     request.sampling = SamplingParams {
-        temperature: chat.temperature.unwrap_or(defaults.temperature),
-        top_p: chat.top_p.unwrap_or(defaults.top_p),
-        seed: chat.seed.unwrap_or(defaults.seed),
-        stop: chat.stop.clone().unwrap_or_default(),
         // A model answers without DRY unless asked, as llama-server does.
-        dry: chat.dry.over(defaults.dry),
+        dry: chat.params.dry().over(defaults.dry),
         // 0 would be a warm-up; a client asking for no tokens gets one.
         max_tokens: max_tokens.max(1),
-        ..defaults
+        ..chat.params.apply(defaults)
     };
     let engine_error = |error: EngineError| match error {
         EngineError::PromptTooLong { .. } => ApiError::context_length(error.to_string()),

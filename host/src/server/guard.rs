@@ -18,7 +18,7 @@ use super::ServerState;
 use super::error::ApiError;
 
 /// POST endpoints whose body is JSON: anything else is refused before the body is read.
-const JSON_POSTS: &[&str] = &["/v1/chat/completions"];
+const JSON_POSTS: &[&str] = &["/v1/chat/completions", "/v1/completions"];
 
 /// Host names every key-less server answers: the loopback names.
 const LOOPBACK_NAMES: &[&str] = &["localhost", "localhost.localdomain"];

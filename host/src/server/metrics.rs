@@ -2,6 +2,10 @@
 //! are recorded as requests finish (a remote model's per-replica latencies by the remote
 //! engine itself); engine, replica, queue and reload figures are read from their owners when
 //! `/metrics` is scraped, so they are never stale.
+//!
+//! Beside our own names, the figures a vLLM Grafana dashboard reads are exported under vLLM's
+//! names and label (`vllm:*`, `model_name`: the pipeline or model a request named), so an
+//! operator's dashboards and alerts work unchanged.
 
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
@@ -20,6 +24,47 @@ use crate::routing::BreakerState;
 const LATENCY_BUCKETS: &[f64] = &[
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 ];
+
+/// vLLM's names (v1 engine, `vllm/v1/metrics/loggers.py`), labelled `model_name`.
+mod vllm {
+    pub(super) const RUNNING: &str = "vllm:num_requests_running";
+    pub(super) const WAITING: &str = "vllm:num_requests_waiting";
+    pub(super) const TTFT: &str = "vllm:time_to_first_token_seconds";
+    pub(super) const E2E: &str = "vllm:e2e_request_latency_seconds";
+    pub(super) const PROMPT_TOKENS: &str = "vllm:prompt_tokens_total";
+    pub(super) const GENERATION_TOKENS: &str = "vllm:generation_tokens_total";
+    pub(super) const SUCCESS: &str = "vllm:request_success_total";
+    pub(super) const LABEL: &str = "model_name";
+}
+
+/// One admitted request in vLLM's gauges: waiting until [`InFlight::running`], then running,
+/// until dropped (whatever ended it: an answer, an error, a client that left).
+pub(crate) struct InFlight {
+    model: String,
+    running: bool,
+}
+
+impl InFlight {
+    /// It left the queue and runs.
+    pub(crate) fn running(&mut self) {
+        if !self.running {
+            gauge!(vllm::WAITING, vllm::LABEL => self.model.clone()).decrement(1.0);
+            gauge!(vllm::RUNNING, vllm::LABEL => self.model.clone()).increment(1.0);
+            self.running = true;
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let name = if self.running {
+            vllm::RUNNING
+        } else {
+            vllm::WAITING
+        };
+        gauge!(name, vllm::LABEL => self.model.clone()).decrement(1.0);
+    }
+}
 
 /// The process's recorder: installed once, shared by every server of the process.
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -50,21 +95,39 @@ impl Metrics {
             .increment(1);
     }
 
-    /// A run that finished: its latencies and tokens.
+    /// A request admitted to the queue (vLLM's waiting and running gauges).
+    pub(crate) fn admitted(&self, model: &str) -> InFlight {
+        gauge!(vllm::WAITING, vllm::LABEL => model.to_string()).increment(1.0);
+        InFlight {
+            model: model.to_string(),
+            running: false,
+        }
+    }
+
+    /// A run that finished (`reason`: `stop` or `length`): its latencies and tokens.
     pub(crate) fn finished(
         &self,
         model: &str,
+        reason: &'static str,
         ttft: Option<Duration>,
         total: Duration,
         usage: &Usage,
     ) {
         let model = model.to_string();
+        let vllm_label = [(vllm::LABEL, model.clone())];
         if let Some(ttft) = ttft {
             histogram!("staircase_ttft_seconds", "model" => model.clone())
                 .record(ttft.as_secs_f64());
+            histogram!(vllm::TTFT, &vllm_label).record(ttft.as_secs_f64());
         }
         histogram!("staircase_request_duration_seconds", "model" => model.clone())
             .record(total.as_secs_f64());
+        histogram!(vllm::E2E, &vllm_label).record(total.as_secs_f64());
+        counter!(vllm::PROMPT_TOKENS, &vllm_label).increment(u64::from(usage.prompt_tokens));
+        counter!(vllm::GENERATION_TOKENS, &vllm_label)
+            .increment(u64::from(usage.completion_tokens));
+        counter!(vllm::SUCCESS, vllm::LABEL => model.clone(), "finished_reason" => reason)
+            .increment(1);
         counter!("staircase_prompt_tokens_total", "model" => model.clone())
             .increment(u64::from(usage.prompt_tokens));
         counter!("staircase_completion_tokens_total", "model" => model.clone())
@@ -107,6 +170,18 @@ impl Metrics {
     pub(crate) fn render(&self, app: &App, running: usize, waiting: usize) -> String {
         gauge!("staircase_runs_running").set(running as f64);
         gauge!("staircase_queue_depth").set(waiting as f64);
+        // Every served name shows vLLM's gauges, at 0 before its first request.
+        let names = app
+            .pipelines()
+            .list()
+            .iter()
+            .map(|v| v.name.clone())
+            .collect::<Vec<_>>();
+        for name in names.into_iter().chain(app.model_names()) {
+            for gauge in [vllm::RUNNING, vllm::WAITING] {
+                gauge!(gauge, vllm::LABEL => name.clone()).increment(0.0);
+            }
+        }
         for (model, stats) in app.engine_stats() {
             let g = |name: &'static str, v: usize| {
                 gauge!(name, "model" => model.clone()).set(v as f64);

@@ -155,6 +155,7 @@ impl ServerState {
 fn router(state: Arc<ServerState>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat::completions))
+        .route("/v1/completions", post(chat::text_completions))
         .route("/v1/models", get(admin::models))
         .route("/v1/models/{id}", get(admin::model))
         .route("/", get(page::index))

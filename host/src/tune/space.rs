@@ -402,11 +402,12 @@ impl Space {
         let int = |v: u32| Value::Integer(i64::from(v));
         // The f32's shortest decimal (0.7, not 0.699999988079071), as the file said it.
         let float = |v: f32| Value::Float(v.to_string().parse().unwrap_or(f64::from(v)));
-        let fields: [(&str, Option<Value>); 12] = [
+        let fields: [(&str, Option<Value>); 15] = [
             ("max_tokens", max_tokens.map(int)),
             ("temperature", p.temperature.map(float)),
             ("top_p", p.top_p.map(float)),
             ("top_k", p.top_k.map(int)),
+            ("min_p", p.min_p.map(float)),
             (
                 "seed",
                 p.seed
@@ -420,6 +421,8 @@ impl Space {
                     .map(|s| Value::Array(s.into_iter().map(Value::String).collect())),
             ),
             ("repeat_penalty", p.repeat_penalty.map(float)),
+            ("frequency_penalty", p.frequency_penalty.map(float)),
+            ("presence_penalty", p.presence_penalty.map(float)),
             ("repeat_last_n", p.repeat_last_n.map(int)),
             ("dry_multiplier", p.dry_multiplier.map(float)),
             ("dry_base", p.dry_base.map(float)),

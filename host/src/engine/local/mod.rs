@@ -405,8 +405,20 @@ impl LocalEngine {
 
     /// The prompt tokens a request turns into (template rendered, special tokens parsed).
     pub fn prompt_tokens(&self, prompt: &Prompt) -> Result<Vec<TokenId>, EngineError> {
+        let tokenize = |text: &str| -> Vec<TokenId> {
+            let vocab = self.model.vocab();
+            // Templates (and texts) that write the BOS text themselves must not get a second.
+            let bos_text = vocab.token_to_piece(vocab.bos(), true, None);
+            let add_bos = self.add_bos && !text.as_bytes().starts_with(&bos_text);
+            vocab
+                .tokenize(text.as_bytes(), add_bos, true)
+                .into_iter()
+                .map(|t| TokenId(t.0))
+                .collect()
+        };
         let tokens = match prompt {
             Prompt::Tokens(tokens) => tokens.clone(),
+            Prompt::Text(text) => tokenize(text),
             Prompt::Chat {
                 messages,
                 assistant_prefix,
@@ -414,16 +426,7 @@ impl LocalEngine {
                 let template = self.template.as_ref().map_err(|reason| {
                     EngineError::Template(format!("{}: {reason}", self.info.name))
                 })?;
-                let text = template.render(messages, assistant_prefix.as_deref())?;
-                let vocab = self.model.vocab();
-                // Templates that write the BOS text themselves must not get a second one.
-                let bos_text = vocab.token_to_piece(vocab.bos(), true, None);
-                let add_bos = self.add_bos && !text.as_bytes().starts_with(&bos_text);
-                vocab
-                    .tokenize(text.as_bytes(), add_bos, true)
-                    .into_iter()
-                    .map(|t| TokenId(t.0))
-                    .collect()
+                tokenize(&template.render(messages, assistant_prefix.as_deref())?)
             }
         };
         if tokens.is_empty() {
@@ -519,10 +522,33 @@ impl Engine for LocalEngine {
                 sampling.top_p
             )));
         }
+        if !(0.0..=1.0).contains(&sampling.min_p) {
+            return Err(EngineError::InvalidRequest(format!(
+                "min_p must be in [0, 1] (0 disables it), got {}",
+                sampling.min_p
+            )));
+        }
         if !(sampling.repeat_penalty > 0.0 && sampling.repeat_penalty.is_finite()) {
             return Err(EngineError::InvalidRequest(format!(
                 "repeat_penalty must be a finite number > 0 (1 disables it), got {}",
                 sampling.repeat_penalty
+            )));
+        }
+        for (name, value) in [
+            ("frequency_penalty", sampling.frequency_penalty),
+            ("presence_penalty", sampling.presence_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&value) {
+                return Err(EngineError::InvalidRequest(format!(
+                    "{name} must be between -2 and 2 (0 disables it), got {value}"
+                )));
+            }
+        }
+        if sampling.repeat_last_n > crate::engine::MAX_REPEAT_LAST_N {
+            return Err(EngineError::InvalidRequest(format!(
+                "repeat_last_n must be at most {}, got {}",
+                crate::engine::MAX_REPEAT_LAST_N,
+                sampling.repeat_last_n
             )));
         }
         sampling.dry.check().map_err(EngineError::InvalidRequest)?;

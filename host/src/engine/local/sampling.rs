@@ -1,5 +1,5 @@
-//! Choosing tokens from logits: llama.cpp's sampler chain for temperature sampling,
-//! repetition penalties and DRY, our own argmax for plain greedy decoding (the lowest id wins
+//! Choosing tokens from logits: llama.cpp's sampler chain for temperature sampling (top-k,
+//! top-p and min-p in llama.cpp's default order), repetition penalties and DRY, our own argmax for plain greedy decoding (the lowest id wins
 //! a tie, as in llama.cpp's greedy sampler). A request with none of them gets no sampler, so
 //! greedy decoding with DRY off is exactly the argmax it always was.
 
@@ -28,7 +28,10 @@ pub(super) fn build_sampler(
     answer_prefix: usize,
 ) -> Option<LlamaSampler> {
     let last_n = sampling.repeat_last_n as usize;
-    let penalised = sampling.repeat_penalty != 1.0 && last_n > 0;
+    let penalised = (sampling.repeat_penalty != 1.0
+        || sampling.frequency_penalty != 0.0
+        || sampling.presence_penalty != 0.0)
+        && last_n > 0;
     let dry = sampling.dry.is_on();
     let greedy = sampling.temperature <= 0.0;
     if greedy && !penalised && !dry {
@@ -38,8 +41,13 @@ pub(super) fn build_sampler(
     let mut chain = Vec::new();
     if penalised {
         let window = i32::try_from(last_n).unwrap_or(i32::MAX);
-        let mut penalties =
-            LlamaSampler::penalties(model.n_vocab(), window, sampling.repeat_penalty, 0.0, 0.0);
+        let mut penalties = LlamaSampler::penalties(
+            model.n_vocab(),
+            window,
+            sampling.repeat_penalty,
+            sampling.frequency_penalty,
+            sampling.presence_penalty,
+        );
         penalties.accept_many(tokens(&prompt[prompt.len().saturating_sub(last_n)..]));
         chain.push(penalties);
     }
@@ -71,6 +79,9 @@ pub(super) fn build_sampler(
         }
         if sampling.top_p < 1.0 {
             chain.push(LlamaSampler::top_p(sampling.top_p, 1));
+        }
+        if sampling.min_p > 0.0 {
+            chain.push(LlamaSampler::min_p(sampling.min_p, 1));
         }
         chain.push(LlamaSampler::temp(sampling.temperature));
         // llama.cpp seeds are 32-bit; fold the high half in so every bit of ours matters.

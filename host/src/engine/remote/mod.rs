@@ -313,7 +313,7 @@ impl Shared {
             probe(
                 &self.client,
                 self.api_key.as_deref(),
-                &self.replicas.urls(),
+                self.replicas.urls(),
                 config,
             )
             .await
@@ -386,6 +386,7 @@ impl Shared {
                 },
             },
             Prompt::Tokens(tokens) => WirePrompt::Tokens(tokens),
+            Prompt::Text(text) => WirePrompt::Text(text.clone()),
         };
         // llama.cpp's server streams a continued prefix back before the new text; an
         // unprobed server continued that way is taken to be one.
@@ -416,13 +417,18 @@ impl Shared {
 /// so the chunker cuts by real counts ([`ChunkTokens`]), and the repetition penalty
 /// (aggregators use it) and DRY (every pipeline node) under the server's own names, since
 /// the OpenAI API has neither. (llama-server's DRY also sees the prompt; ours only the answer.)
+/// An unknown server gets neither: OpenAI refuses fields it does not know.
 fn server_extras(kind: ServerKind, sampling: &super::SamplingParams, body: &mut Value) {
     let penalty = sampling.repeat_penalty != 1.0;
+    // llama-server applies OpenAI's penalties over the same window.
+    let windowed = penalty || sampling.frequency_penalty != 0.0 || sampling.presence_penalty != 0.0;
     match kind {
         ServerKind::LlamaCpp => {
             body["timings_per_token"] = Value::Bool(true);
             if penalty {
                 body["repeat_penalty"] = serde_json::json!(sampling.repeat_penalty);
+            }
+            if windowed {
                 body["repeat_last_n"] = serde_json::json!(sampling.repeat_last_n);
             }
             wire::ask_dry(body, &sampling.dry);
@@ -433,7 +439,12 @@ fn server_extras(kind: ServerKind, sampling: &super::SamplingParams, body: &mut 
                 body["repetition_penalty"] = serde_json::json!(sampling.repeat_penalty);
             }
         }
-        ServerKind::Staircase => wire::ask_dry(body, &sampling.dry),
+        ServerKind::Staircase => {
+            if penalty {
+                body["repetition_penalty"] = serde_json::json!(sampling.repeat_penalty);
+            }
+            wire::ask_dry(body, &sampling.dry);
+        }
         ServerKind::Other => {}
     }
 }
@@ -461,6 +472,7 @@ fn routing_text(prompt: &Prompt) -> String {
             text
         }
         Prompt::Tokens(tokens) => tokens.iter().map(|t| format!("{} ", t.0)).collect(),
+        Prompt::Text(text) => text.clone(),
     }
 }
 
@@ -753,13 +765,13 @@ mod tests {
         let vllm = body(ServerKind::Vllm);
         assert_eq!(vllm["stream_options"]["continuous_usage_stats"], true);
         assert!(vllm["repetition_penalty"].as_f64().is_some());
+        let staircase = body(ServerKind::Staircase);
+        assert!((staircase["repetition_penalty"].as_f64().unwrap() - 1.2).abs() < 1e-6);
         // Others get the OpenAI API only (OpenAI refuses fields it does not know).
-        for kind in [ServerKind::Staircase, ServerKind::Other] {
-            assert_eq!(
-                body(kind),
-                serde_json::json!({ "stream_options": { "include_usage": true } })
-            );
-        }
+        assert_eq!(
+            body(ServerKind::Other),
+            serde_json::json!({ "stream_options": { "include_usage": true } })
+        );
         let mut plain = serde_json::json!({});
         server_extras(ServerKind::LlamaCpp, &SamplingParams::default(), &mut plain);
         assert!(plain.get("repeat_penalty").is_none());
@@ -767,6 +779,46 @@ mod tests {
             plain.get("dry_multiplier").is_none(),
             "DRY off sends nothing"
         );
+    }
+
+    /// A request's top-k, min-p and repetition penalty are in the body a known server gets,
+    /// the penalty under that server's name.
+    #[test]
+    fn a_requests_extra_sampling_fields_are_in_the_wire_body() {
+        let sampling = SamplingParams {
+            temperature: 0.7,
+            top_k: 5,
+            min_p: 0.1,
+            repeat_penalty: 1.3,
+            ..SamplingParams::default()
+        };
+        let messages = [crate::engine::ChatMessage::new(
+            crate::engine::Role::User,
+            "hi",
+        )];
+        for (kind, penalty) in [
+            (ServerKind::LlamaCpp, "repeat_penalty"),
+            (ServerKind::Vllm, "repetition_penalty"),
+            (ServerKind::Staircase, "repetition_penalty"),
+        ] {
+            let prompt = WirePrompt::Chat {
+                messages: &messages,
+                assistant_prefix: None,
+                continuation: Continuation::TrailingAssistant,
+            };
+            let mut wire = wire::request("m", prompt, &sampling);
+            server_extras(kind, &sampling, &mut wire.body);
+            let body = &wire.body;
+            assert_eq!(body["top_k"], 5, "{kind:?}");
+            assert!(
+                (body["min_p"].as_f64().unwrap() - 0.1).abs() < 1e-6,
+                "{kind:?}"
+            );
+            assert!(
+                (body[penalty].as_f64().unwrap() - 1.3).abs() < 1e-6,
+                "{kind:?}"
+            );
+        }
     }
 
     #[test]

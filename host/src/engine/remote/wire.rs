@@ -39,7 +39,8 @@ fn role(role: Role) -> &'static str {
 }
 
 /// The request body: streaming with usage, the sampling parameters OpenAI servers share, and
-/// top-k and seed, which llama.cpp and vLLM accept beside them.
+/// seed, top-k and min-p, which llama.cpp, vLLM and SGLang accept beside them (top-k and min-p
+/// only when set, so a server that knows neither sees them only when a request asked).
 pub fn request(model: &str, prompt: WirePrompt<'_>, sampling: &SamplingParams) -> WireRequest {
     let mut body = json!({
         "model": model,
@@ -53,6 +54,16 @@ pub fn request(model: &str, prompt: WirePrompt<'_>, sampling: &SamplingParams) -
     });
     if sampling.top_k > 0 {
         body["top_k"] = json!(sampling.top_k);
+    }
+    if sampling.min_p > 0.0 {
+        body["min_p"] = json!(sampling.min_p);
+    }
+    // OpenAI's own fields: every server takes them.
+    if sampling.frequency_penalty != 0.0 {
+        body["frequency_penalty"] = json!(sampling.frequency_penalty);
+    }
+    if sampling.presence_penalty != 0.0 {
+        body["presence_penalty"] = json!(sampling.presence_penalty);
     }
     if !sampling.stop.is_empty() {
         body["stop"] = json!(sampling.stop);
@@ -254,6 +265,33 @@ pub fn finish_reason(reason: &str) -> FinishReason {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_body_carries_top_k_min_p_and_openais_penalties_when_set() {
+        let sampling = SamplingParams {
+            top_k: 1,
+            min_p: 0.05,
+            temperature: 1.5,
+            frequency_penalty: 0.5,
+            presence_penalty: -0.5,
+            ..SamplingParams::default()
+        };
+        let wire = request("m", WirePrompt::Text("Once".into()), &sampling);
+        assert_eq!(wire.path, "/v1/completions");
+        assert_eq!(wire.body["prompt"], "Once");
+        assert_eq!(wire.body["top_k"], 1);
+        assert!((wire.body["min_p"].as_f64().unwrap() - 0.05).abs() < 1e-6);
+        assert_eq!(wire.body["frequency_penalty"], 0.5);
+        assert_eq!(wire.body["presence_penalty"], -0.5);
+        let plain = request(
+            "m",
+            WirePrompt::Text("Once".into()),
+            &SamplingParams::default(),
+        );
+        for field in ["top_k", "min_p", "frequency_penalty", "presence_penalty"] {
+            assert!(plain.body.get(field).is_none(), "{field}");
+        }
+    }
 
     #[test]
     fn first_token_candidates_are_read_from_both_endpoints() {

@@ -1,0 +1,35 @@
+//! The API surface operators of vLLM and llama-server expect, end to end: the real binary on
+//! a loopback port, the real default model, and the official `openai` Python client
+//! (`tests/serve/completions_client.py`): `/v1/completions` whole and streamed, the extra
+//! sampling fields reaching the sampler, and vLLM's metric names adding up on `/metrics`.
+
+mod serve_support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use serve_support::{python_with, serve, start_server, wait_bounded};
+
+/// A bound on the client script (a few dozen short answers on two cores).
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(600);
+
+#[test]
+fn completions_sampling_fields_and_vllm_metrics_through_the_openai_client() {
+    let python = python_with("openai");
+    let (server, base) = start_server(&mut serve(&["--max-tokens", "16"]));
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/serve/completions_client.py"
+    );
+    let mut client = Command::new(&python)
+        .arg(script)
+        .args(["--base-url", &base])
+        .spawn()
+        .expect("the client script starts");
+    let status = wait_bounded(&mut client, CLIENT_TIMEOUT);
+    drop(server);
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the completions client checks failed (see the output above): {status:?}"
+    );
+}
