@@ -604,6 +604,10 @@ fn backend_failure(
             tracing::warn!(request_id = id, model, error = %full, "model unreachable");
             return Some(ApiError::unavailable(model));
         }
+        EngineError::Crashed { .. } => {
+            tracing::error!(request_id = id, model, error = %full, "model engine crashed");
+            return Some(ApiError::engine_crashed(model));
+        }
         _ => return None,
     };
     tracing::warn!(request_id = id, error = %full, "backend failure");

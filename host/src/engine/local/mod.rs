@@ -16,6 +16,7 @@ mod backend;
 mod engine_loop;
 mod executor;
 mod kv;
+mod liveness;
 mod output;
 pub mod probe;
 pub mod quantize;
@@ -159,6 +160,8 @@ pub struct EngineStats {
 /// Settings the engine thread needs.
 #[derive(Clone, Debug)]
 struct EngineSettings {
+    /// The model's name, for the error requests get if the engine thread crashes.
+    model_name: String,
     batch_tokens: usize,
     prefill_chunk: usize,
     max_running: usize,
@@ -260,7 +263,12 @@ impl LocalEngine {
             .unwrap_or(train.min(DEFAULT_CONTEXT_TOKENS));
         let threads = config.threads.unwrap_or_else(default_threads).max(1);
         let max_running = config.max_running.max(1);
+        let name = config
+            .model_path
+            .file_stem()
+            .map_or_else(|| "local".to_owned(), |s| s.to_string_lossy().into_owned());
         let settings = EngineSettings {
+            model_name: name.clone(),
             batch_tokens: config.batch_tokens.max(1),
             prefill_chunk: config.prefill_chunk.max(1),
             max_running,
@@ -288,10 +296,6 @@ impl LocalEngine {
         if let Err(reason) = &template {
             tracing::warn!(%reason, "chat requests will fail; token prompts still work");
         }
-        let name = config
-            .model_path
-            .file_stem()
-            .map_or_else(|| "local".to_owned(), |s| s.to_string_lossy().into_owned());
         let info = ModelInfo {
             name,
             context_tokens: n_ctx as usize,
@@ -331,7 +335,11 @@ impl LocalEngine {
                 };
                 let _ = ready_tx.send(Ok(()));
                 let executor = Executor::new(ctx, settings.batch_tokens);
-                EngineLoop::new(&thread_model, executor, settings, thread_shared).run(receiver);
+                let model_name = settings.model_name.clone();
+                liveness::serve_guarded(&model_name, &thread_shared, receiver, |receiver| {
+                    EngineLoop::new(&thread_model, executor, settings, thread_shared.clone())
+                        .run(receiver);
+                });
             })
             .map_err(|error| {
                 EngineError::Internal(format!("cannot start the engine thread: {error}"))
@@ -358,6 +366,21 @@ impl LocalEngine {
     /// Threads llama.cpp runs with.
     pub fn threads(&self) -> usize {
         self.threads
+    }
+
+    /// Whether the engine thread panicked: it serves nothing more, and every request gets
+    /// [`EngineError::Crashed`] (`liveness`).
+    pub fn crashed(&self) -> bool {
+        self.shared.crashed.load(Ordering::SeqCst)
+    }
+
+    /// Why a request cannot reach the engine thread: crashed, or stopped.
+    fn gone(&self) -> EngineError {
+        if self.crashed() {
+            liveness::crashed(&self.info.name)
+        } else {
+            EngineError::Stopped
+        }
     }
 
     /// The latest stats (published after every engine step).
@@ -453,11 +476,15 @@ impl LocalEngine {
         pending: Pending,
         stream: GenerationStream,
     ) -> Result<GenerationStream, EngineError> {
+        if self.crashed() {
+            return Err(self.gone());
+        }
         let commands = self.commands.as_ref().ok_or(EngineError::Stopped)?;
         let id = pending.id;
+        // The crash flag is set before the inbox closes, so a refused send sees it.
         commands
             .send(Command::Submit(pending))
-            .map_err(|_| EngineError::Stopped)?;
+            .map_err(|_| self.gone())?;
         let commands: Weak<mpsc::Sender<Command>> = Arc::downgrade(commands);
         Ok(stream.on_cancel(move || {
             if let Some(commands) = commands.upgrade() {
@@ -497,7 +524,7 @@ impl LocalEngine {
             },
             stream,
         )?;
-        let mut top = answer.recv().map_err(|_| EngineError::Stopped)?;
+        let mut top = answer.recv().map_err(|_| self.gone())?;
         top.truncate(k);
         Ok(top)
     }
@@ -602,7 +629,8 @@ impl Drop for LocalEngine {
         if let Some(thread) = self.thread.take()
             && thread.join().is_err()
         {
-            tracing::error!("the engine thread panicked");
+            // The loop's own panics are caught (`liveness`); this is one while it started.
+            tracing::error!(model = %self.info.name, "the engine thread panicked");
         }
     }
 }
