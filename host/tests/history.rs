@@ -90,6 +90,7 @@ fn request(conversation: &[ChatMessage]) -> RunRequest {
         conversation: conversation.to_vec(),
         mode: StreamMode::Staircase,
         namespace: Default::default(),
+        late_charge: None,
     }
 }
 
