@@ -745,7 +745,7 @@ mod tests {
         // A span that ends inside a control text (the rest written by the template) counts.
         let rendered = RenderedPrompt {
             text: text.clone(),
-            content: vec![17..40],
+            content: std::iter::once(17..40).collect(),
         };
         assert_eq!(forged_ranges(&matcher, &rendered), vec![20..32, 38..48]);
     }

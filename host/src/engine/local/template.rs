@@ -271,7 +271,7 @@ mod tests {
             .render_marked(&[ChatMessage::new(Role::User, "  x y \n")], None)
             .unwrap();
         assert_eq!(rendered.text, "[x y]");
-        assert_eq!(rendered.content, vec![1..4]);
+        assert_eq!(rendered.content, [Range { start: 1, end: 4 }]);
     }
 
     #[test]
