@@ -847,7 +847,8 @@ impl<'r> RunCtx<'r> {
         let engine = self.runner.models.get(model)?.clone();
         let policies = self.runner.policies.clone();
         let (plugin, config) = (node.plugin.clone(), node.config.clone());
-        let namespace = self.request.namespace.clone();
+        // Background work for the run's tenant: its namespace, its meter.
+        let account = self.model_account();
         Some(Arc::new(move |conversation: &[ChatMessage]| {
             let input = crate::policy::RoleInput {
                 conversation: conversation.to_vec(),
@@ -866,12 +867,13 @@ impl<'r> RunCtx<'r> {
             let mut request = GenerationRequest::chat(messages);
             request.sampling.max_tokens = 0;
             request.priority = Priority::BACKGROUND;
-            request.namespace = namespace.clone();
-            if let Err(error) = engine
+            request.namespace = account.namespace.clone();
+            match engine
                 .submit(request)
                 .and_then(GenerationStream::blocking_collect)
             {
-                tracing::debug!(%error, "warm-up of a compressed history failed");
+                Ok(done) => account.meter.record(&done.usage),
+                Err(error) => tracing::debug!(%error, "warm-up of a compressed history failed"),
             }
         }))
     }

@@ -432,7 +432,8 @@ impl LocalEngine {
         String::from_utf8_lossy(&self.model.vocab().detokenize(&tokens, false, false)).into_owned()
     }
 
-    /// The prompt tokens a request turns into (template rendered, special tokens parsed).
+    /// The prompt tokens a request turns into (template rendered; special tokens parsed in
+    /// the template's own text, never in the messages': `tokenize_rendered`).
     pub fn prompt_tokens(&self, prompt: &Prompt) -> Result<Vec<TokenId>, EngineError> {
         let tokens = match prompt {
             Prompt::Tokens(tokens) => tokens.clone(),
