@@ -7,10 +7,11 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{ChatMessage, Confidence, SamplingParams};
+use crate::engine::{CacheNamespace, ChatMessage, Confidence, SamplingParams, Usage};
 
 /// An error a policy returned or caused (a trap, a timeout, a refused call), with the
 /// plugin it came from already named in the message.
@@ -119,6 +120,86 @@ pub trait AggregatorSession: Send {
     fn next_step(&mut self) -> Result<Option<Step>, PolicyError>;
 }
 
+/// Who pays for the model calls a plugin makes (WIT `model.complete`): the calls reuse only
+/// `namespace`'s cached prefixes and past sessions (a server's tenant; the CLI's one default
+/// namespace), and their tokens are counted on `meter`.
+#[derive(Clone, Debug, Default)]
+pub struct ModelAccount {
+    pub namespace: CacheNamespace,
+    pub meter: UsageMeter,
+}
+
+/// Where tokens go that their run can no longer report: a server charges them to the run's
+/// tenant's quota.
+#[derive(Clone)]
+pub struct LateCharge(Arc<dyn Fn(u64) + Send + Sync>);
+
+impl LateCharge {
+    pub fn new(charge: impl Fn(u64) + Send + Sync + 'static) -> Self {
+        Self(Arc::new(charge))
+    }
+}
+
+impl fmt::Debug for LateCharge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("LateCharge")
+    }
+}
+
+/// Counts the tokens of the model calls a run's plugins make: into the run's usage while the
+/// run goes; once it has ended ([`Self::close`]; a background compression outlives its run),
+/// straight to its [`LateCharge`]. Every token is counted once, in one of the two. Clones
+/// share the count.
+#[derive(Clone, Debug, Default)]
+pub struct UsageMeter(Arc<Mutex<MeterState>>);
+
+#[derive(Debug, Default)]
+struct MeterState {
+    run: Usage,
+    closed: bool,
+    late: Option<LateCharge>,
+}
+
+impl UsageMeter {
+    /// A meter whose tokens after [`Self::close`] go to `late` (none: they are not counted).
+    pub fn new(late: Option<LateCharge>) -> Self {
+        Self(Arc::new(Mutex::new(MeterState {
+            late,
+            ..MeterState::default()
+        })))
+    }
+
+    /// Counts one model call.
+    pub fn record(&self, usage: &Usage) {
+        let late = {
+            let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            if !state.closed {
+                let run = &mut state.run;
+                run.prompt_tokens = run.prompt_tokens.saturating_add(usage.prompt_tokens);
+                run.cached_prompt_tokens = run
+                    .cached_prompt_tokens
+                    .saturating_add(usage.cached_prompt_tokens);
+                run.completion_tokens = run
+                    .completion_tokens
+                    .saturating_add(usage.completion_tokens);
+                return;
+            }
+            state.late.clone()
+        };
+        // Outside the lock: the charge takes the owner's own lock.
+        if let Some(LateCharge(charge)) = late {
+            charge(u64::from(usage.prompt_tokens) + u64::from(usage.completion_tokens));
+        }
+    }
+
+    /// Ends the run's share and returns it; later calls go to the late charge.
+    pub fn close(&self) -> Usage {
+        let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        state.closed = true;
+        state.run.clone()
+    }
+}
+
 /// Shortens a history to a token budget (WIT `compressor-policy`).
 pub trait CompressorPolicy: Send {
     fn compress(
@@ -131,6 +212,11 @@ pub trait CompressorPolicy: Send {
     /// requests (`Priority::BACKGROUND`): a conversation's memory compresses for a later
     /// turn, so nobody waits for it. A compressor that calls no model ignores it.
     fn run_in_background(&mut self) {}
+
+    /// From now on, the model calls this compressor makes are paid by `account`: the run
+    /// (and tenant) whose conversation it compresses. A compressor that calls no model
+    /// ignores it.
+    fn bill_to(&mut self, _account: &ModelAccount) {}
 }
 
 /// What a router knows about a step (WIT 0.2.0 `router-policy.route-request`; a 0.1.0
@@ -282,6 +368,31 @@ fn parse_in<T: Copy>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_meter_counts_each_call_once_in_the_run_or_after_it_to_the_late_charge() {
+        let late = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let charged = late.clone();
+        let meter = UsageMeter::new(Some(LateCharge::new(move |tokens| {
+            charged.fetch_add(tokens, std::sync::atomic::Ordering::SeqCst);
+        })));
+        let call = Usage {
+            prompt_tokens: 10,
+            cached_prompt_tokens: 4,
+            completion_tokens: 5,
+        };
+        meter.clone().record(&call);
+        meter.record(&call);
+        let run = meter.close();
+        assert_eq!(run.prompt_tokens, 20);
+        assert_eq!(run.cached_prompt_tokens, 8);
+        assert_eq!(run.completion_tokens, 10);
+        assert_eq!(late.load(std::sync::atomic::Ordering::SeqCst), 0);
+        // After the run: the owner is charged, the run's share stays as reported.
+        meter.record(&call);
+        assert_eq!(late.load(std::sync::atomic::Ordering::SeqCst), 15);
+        assert_eq!(meter.close(), run);
+    }
 
     #[test]
     fn every_name_round_trips_and_matches_serde() {

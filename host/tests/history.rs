@@ -4,6 +4,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 mod common;
@@ -38,9 +39,12 @@ fn runner(call_ms: u64) -> (Runner, Arc<Recording>) {
         .unwrap(),
     );
     registry.load_builtins().unwrap();
+    // One folder per runner: tests running at once must not rewrite each other's files.
+    static RUNNERS: AtomicUsize = AtomicUsize::new(0);
     let dir = std::env::temp_dir().join(format!(
-        "staircase-history-{}-{call_ms}",
-        std::process::id()
+        "staircase-history-{}-{call_ms}-{}",
+        std::process::id(),
+        RUNNERS.fetch_add(1, Ordering::Relaxed)
     ));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::copy(
@@ -90,6 +94,7 @@ fn request(conversation: &[ChatMessage]) -> RunRequest {
         conversation: conversation.to_vec(),
         mode: StreamMode::Staircase,
         namespace: Default::default(),
+        late_charge: None,
     }
 }
 

@@ -200,6 +200,7 @@ pub fn run(config: &CompressBenchConfig) -> Result<CompressReport, BenchError> {
                 conversation: given.clone(),
                 mode: StreamMode::Staircase,
                 namespace: Default::default(),
+                late_charge: None,
             };
             let report = tokio.block_on(session.runner.run(&session.pipeline, request, None))?;
             let ended = Instant::now();

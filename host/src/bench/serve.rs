@@ -268,6 +268,7 @@ async fn request(
                     conversation,
                     mode: StreamMode::Staircase,
                     namespace: Default::default(),
+                    late_charge: None,
                 };
                 let run = runner.run(&pipeline, request, Some(tx));
                 tokio::pin!(run);

@@ -29,6 +29,12 @@ pub enum EngineError {
     /// last event.
     #[error("the engine has stopped")]
     Stopped,
+    /// The engine failed inside and serves nothing more (a local engine thread that
+    /// panicked): every later request gets this until the process is restarted.
+    #[error(
+        "the engine of model `{model}` stopped after an internal failure and serves nothing until the server restarts"
+    )]
+    Crashed { model: String },
     /// A remote backend answered with an error status.
     #[error("HTTP {status}: {message}")]
     Http {
@@ -66,6 +72,7 @@ impl EngineError {
             | Self::InvalidRequest(_)
             | Self::Unsupported { .. }
             | Self::Stopped
+            | Self::Crashed { .. }
             | Self::Internal(_) => false,
         }
     }

@@ -259,6 +259,10 @@ impl CompressorPolicy for MeteredCompressor {
     fn run_in_background(&mut self) {
         self.inner.run_in_background();
     }
+
+    fn bill_to(&mut self, account: &crate::policy::ModelAccount) {
+        self.inner.bill_to(account);
+    }
 }
 
 struct MeteredRouter {

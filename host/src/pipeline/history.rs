@@ -14,7 +14,8 @@
 //! prefills its prompt into the engine's prefix cache (a [`Warm`]). Compressors and warm-ups
 //! run as background-class engine work (`CompressorPolicy::run_in_background`,
 //! `Priority::BACKGROUND`), which a local engine steps only while no foreground request
-//! needs it.
+//! needs it, and are billed to the run that started them (`CompressorPolicy::bill_to`): its
+//! tenant's namespace, and its usage (or, once the run has ended, its tenant's quota).
 //!
 //! Compressions run on a few threads of their own ([`DEFAULT_COMPRESSION_THREADS`]; more
 //! wait in a queue), never one thread per conversation, and the log of events keeps the
@@ -33,7 +34,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::engine::{CacheNamespace, ChatMessage, Role};
-use crate::policy::PolicyProvider;
+use crate::policy::{ModelAccount, PolicyProvider};
 
 /// Compressions kept; beyond it the oldest finished ones go (a server's sessions come and
 /// go, and a compressed history is worth one later turn).
@@ -280,7 +281,7 @@ impl HistoryCache {
     #[allow(clippy::too_many_arguments)] // one call site, each argument a different concern
     pub fn prepare(
         self: &Arc<Self>,
-        namespace: &CacheNamespace,
+        account: &ModelAccount,
         plugin: &str,
         budget: u32,
         conversation: &[ChatMessage],
@@ -288,6 +289,7 @@ impl HistoryCache {
         policies: &Arc<dyn PolicyProvider>,
         warm: Option<Warm>,
     ) -> (Vec<ChatMessage>, HistoryUse, Option<StartGate>) {
+        let namespace = &account.namespace;
         let tokens_of =
             |messages: &[ChatMessage]| -> u32 { messages.iter().map(|m| count(&m.content)).sum() };
         let keys = prefix_keys(namespace, plugin, budget, conversation);
@@ -348,6 +350,7 @@ impl HistoryCache {
         let policies = policies.clone();
         let key = whole.clone();
         let owner = namespace.clone();
+        let account = account.clone();
         let history = effective.clone();
         let messages = conversation.len();
         let plugin = plugin.to_string();
@@ -358,6 +361,8 @@ impl HistoryCache {
                 let target = (budget / COMPACT_SHARE).max(1);
                 let result = policies.compressor(&plugin).and_then(|mut compressor| {
                     compressor.run_in_background();
+                    // The tenant whose conversation it is pays, in its own namespace.
+                    compressor.bill_to(&account);
                     compressor.compress(&history, target)
                 });
                 if let (Ok(compressed), Some(warm)) = (&result, &warm) {
@@ -476,6 +481,104 @@ fn prefix_keys(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::Usage;
+    use crate::policy::{
+        AggregatorSession, CompressorPolicy, LateCharge, PluginConfig, PluginKind, PolicyError,
+        RolePolicy, RouterPolicy, Source, StreamMode, UsageMeter,
+    };
+
+    /// A compressor that "calls a model" of 15 tokens on whatever account it was billed to,
+    /// and notes that account's namespace.
+    struct Billed {
+        seen: Arc<Mutex<Option<CacheNamespace>>>,
+    }
+
+    struct BilledCompressor {
+        account: ModelAccount,
+        seen: Arc<Mutex<Option<CacheNamespace>>>,
+    }
+
+    impl CompressorPolicy for BilledCompressor {
+        fn compress(
+            &mut self,
+            _history: &[ChatMessage],
+            _budget_tokens: u32,
+        ) -> Result<Vec<ChatMessage>, PolicyError> {
+            self.account.meter.record(&Usage {
+                prompt_tokens: 10,
+                cached_prompt_tokens: 0,
+                completion_tokens: 5,
+            });
+            *self.seen.lock().unwrap() = Some(self.account.namespace.clone());
+            Ok(vec![ChatMessage::new(Role::System, "short")])
+        }
+
+        fn bill_to(&mut self, account: &ModelAccount) {
+            self.account = account.clone();
+        }
+    }
+
+    impl PolicyProvider for Billed {
+        fn role(&self, _: &str, _: &PluginConfig) -> Result<Box<dyn RolePolicy>, PolicyError> {
+            Err(PolicyError("no roles".into()))
+        }
+        fn aggregator(
+            &self,
+            _: &str,
+            _: &PluginConfig,
+            _: &[ChatMessage],
+            _: &[Source],
+            _: StreamMode,
+        ) -> Result<Box<dyn AggregatorSession>, PolicyError> {
+            Err(PolicyError("no aggregators".into()))
+        }
+        fn compressor(&self, _: &str) -> Result<Box<dyn CompressorPolicy>, PolicyError> {
+            Ok(Box::new(BilledCompressor {
+                account: ModelAccount::default(),
+                seen: self.seen.clone(),
+            }))
+        }
+        fn router(&self, _: &str, _: &PluginConfig) -> Result<Box<dyn RouterPolicy>, PolicyError> {
+            Err(PolicyError("no routers".into()))
+        }
+        fn kind_of(&self, _: &str) -> Option<PluginKind> {
+            Some(PluginKind::Compressor)
+        }
+    }
+
+    #[test]
+    fn a_background_compression_is_billed_to_the_tenant_that_started_it() {
+        let seen = Arc::new(Mutex::new(None));
+        let policies: Arc<dyn PolicyProvider> = Arc::new(Billed { seen: seen.clone() });
+        let charged = Arc::new(AtomicU64::new(0));
+        let quota = charged.clone();
+        let meter = UsageMeter::new(Some(LateCharge::new(move |tokens| {
+            quota.fetch_add(tokens, Ordering::SeqCst);
+        })));
+        let account = ModelAccount {
+            namespace: CacheNamespace::new("tenant-a"),
+            meter: meter.clone(),
+        };
+        let count: TokenCount = Arc::new(|text: &str| text.len() as u32);
+        let conversation = [
+            ChatMessage::new(Role::User, "a long first question"),
+            ChatMessage::new(Role::Assistant, "a long first answer"),
+        ];
+        let cache = HistoryCache::new();
+        let (_, used, gate) =
+            cache.prepare(&account, "c", 10, &conversation, &count, &policies, None);
+        assert!(used.started);
+        // The run ends before its compression begins: the compression outlives it.
+        assert_eq!(meter.close(), Usage::default());
+        drop(gate);
+        assert!(cache.wait_idle(Duration::from_secs(60)));
+        assert_eq!(*seen.lock().unwrap(), Some(CacheNamespace::new("tenant-a")));
+        assert_eq!(
+            charged.load(Ordering::SeqCst),
+            15,
+            "the tenant's quota pays"
+        );
+    }
 
     #[test]
     fn prefixes_hash_apart_and_a_longer_conversation_extends_them() {

@@ -120,6 +120,9 @@ pub struct RunReport {
     /// ([`critical::measured_path`]).
     pub critical_path_measured: PathReport,
     pub cache: CacheStats,
+    /// The model calls the run's plugins made while it went (a compressor's
+    /// `model.complete`), counted apart from the nodes' own.
+    pub model_calls: crate::engine::Usage,
     /// Which declared variant ran and why, when the pipeline has variants
     /// (`tune::adaptive::Choice`); the caller that chose sets it.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -353,6 +356,7 @@ impl RunReport {
             critical_path_measured: path_report(&measured),
             measured_lanes: measured.nodes.iter().map(|i| i.0).collect(),
             cache,
+            model_calls: Default::default(),
             variant: None,
             history: Vec::new(),
             nodes,

@@ -35,8 +35,8 @@ use crate::engine::{
     Role, SamplingParams,
 };
 use crate::policy::{
-    AggregatorSession, CompressorPolicy, Demand, PolicyError, PolicyProvider, RouteChoice,
-    RouteRequest, RouterPolicy, Source, StreamMode,
+    AggregatorSession, CompressorPolicy, Demand, LateCharge, ModelAccount, PolicyError,
+    PolicyProvider, RouteChoice, RouteRequest, RouterPolicy, Source, StreamMode, UsageMeter,
 };
 // Re-exported where callers found it before the report had its own room.
 pub use super::report::RunReport;
@@ -130,6 +130,10 @@ pub struct RunRequest {
     /// Whose cached prefixes and past sessions the run's engine requests may reuse (the
     /// server's tenant; the CLI's one default namespace).
     pub namespace: CacheNamespace,
+    /// Where the tokens of the run's plugin model calls go once the run has ended (a
+    /// background compression that outlives it): a server's tenant quota. While the run
+    /// goes they are in its report (`RunReport::model_calls`).
+    pub late_charge: Option<LateCharge>,
 }
 
 impl RunRequest {
@@ -139,6 +143,7 @@ impl RunRequest {
             conversation: vec![ChatMessage::new(Role::User, text)],
             mode,
             namespace: CacheNamespace::default(),
+            late_charge: None,
         }
     }
 }
@@ -387,6 +392,7 @@ impl Runner {
             priorities,
             run_id: NEXT_RUN_ID.fetch_add(1, Ordering::Relaxed),
             policies: MeteredProvider::new(self.policies.clone(), RunBudget::new(self.limits)),
+            model_calls: ClosingMeter(UsageMeter::new(request.late_charge.clone())),
         };
 
         // Wiring: one inbox per node with inputs, a wake-up per producer, a flag per edge.
@@ -471,6 +477,7 @@ impl Runner {
             .filter(|e| e.seq > history_from && e.namespace == request.namespace)
             .collect();
         report.add_history(history, run_start);
+        report.model_calls = ctx.model_calls.0.close();
         Ok(report)
     }
 }
@@ -687,12 +694,32 @@ struct RunCtx<'r> {
     run_id: u64,
     /// The runner's policies, metered against this run's bounds.
     policies: MeteredProvider,
+    /// The tokens of the run's plugin model calls (compressors'); closed when the run ends
+    /// or is dropped, so what comes later goes to the request's late charge.
+    model_calls: ClosingMeter,
+}
+
+/// Closes its meter when dropped: a cancelled run's later model calls are charged, too.
+struct ClosingMeter(UsageMeter);
+
+impl Drop for ClosingMeter {
+    fn drop(&mut self) {
+        self.0.close();
+    }
 }
 
 /// Run ids for routing hints: unique within the process.
 static NEXT_RUN_ID: AtomicU64 = AtomicU64::new(0);
 
 impl<'r> RunCtx<'r> {
+    /// Who pays for the model calls of this run's plugins: its namespace, its meter.
+    fn model_account(&self) -> ModelAccount {
+        ModelAccount {
+            namespace: self.request.namespace.clone(),
+            meter: self.model_calls.0.clone(),
+        }
+    }
+
     /// A policy's failure as the run's error: the bound it went over, when it did.
     fn policy_error(&self, node: NodeIndex) -> impl Fn(PolicyError) -> RunError + '_ {
         move |source| {
@@ -750,7 +777,7 @@ impl<'r> RunCtx<'r> {
                 let models = self.runner.models.clone();
                 let count: TokenCount = Arc::new(move |text: &str| models.count_tokens(text));
                 let (conversation, used, gate) = self.runner.history.prepare(
-                    &self.request.namespace,
+                    &self.model_account(),
                     &policy.compressor,
                     policy.budget_tokens,
                     &self.request.conversation,
@@ -820,7 +847,8 @@ impl<'r> RunCtx<'r> {
         let engine = self.runner.models.get(model)?.clone();
         let policies = self.runner.policies.clone();
         let (plugin, config) = (node.plugin.clone(), node.config.clone());
-        let namespace = self.request.namespace.clone();
+        // Background work for the run's tenant: its namespace, its meter.
+        let account = self.model_account();
         Some(Arc::new(move |conversation: &[ChatMessage]| {
             let input = crate::policy::RoleInput {
                 conversation: conversation.to_vec(),
@@ -839,12 +867,13 @@ impl<'r> RunCtx<'r> {
             let mut request = GenerationRequest::chat(messages);
             request.sampling.max_tokens = 0;
             request.priority = Priority::BACKGROUND;
-            request.namespace = namespace.clone();
-            if let Err(error) = engine
+            request.namespace = account.namespace.clone();
+            match engine
                 .submit(request)
                 .and_then(GenerationStream::blocking_collect)
             {
-                tracing::debug!(%error, "warm-up of a compressed history failed");
+                Ok(done) => account.meter.record(&done.usage),
+                Err(error) => tracing::debug!(%error, "warm-up of a compressed history failed"),
             }
         }))
     }
@@ -1246,6 +1275,7 @@ impl<'r> RunCtx<'r> {
             .collect();
         // A compressor may call a model through its plugin import, which blocks until the
         // engine answers; on the guest pool the other nodes and requests keep moving.
+        compressor.bill_to(&self.model_account());
         let compressed = self
             .runner
             .guests

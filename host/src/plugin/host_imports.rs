@@ -14,8 +14,9 @@ use super::error::{LimitExceeded, clip};
 use super::instance::StoreState;
 use super::runtime::MESSAGE_OVERHEAD_BYTES;
 use crate::engine::{
-    ChatMessage, Engine, GenerationEvent, GenerationRequest, Prompt, Role, SamplingParams,
+    ChatMessage, Engine, GenerationEvent, GenerationRequest, Prompt, Role, SamplingParams, Usage,
 };
+use crate::policy::UsageMeter;
 
 /// Text `count-tokens` tokenizes between two looks at the deadline: about 5 ms of
 /// tokenizing on the default model, small against a 100 ms call deadline.
@@ -188,25 +189,35 @@ impl model::Host for StoreState {
             sampling,
             priority: self.model_priority,
             extensions: Default::default(),
-            // The shared namespace: plugin calls carry no tenant (README: Tenants).
-            namespace: Default::default(),
+            // The caller's namespace: a tenant's compression reuses and leaves only its own
+            // cached prefixes (the shared one until a run bills the instance).
+            namespace: self.model_account.namespace.clone(),
         };
         let tokens = metrics::counter!(
             "staircase_plugin_model_tokens_total",
             "plugin" => self.plugin.name.clone()
         );
-        Ok(complete_before(engine, request, self.deadline, tokens))
+        Ok(complete_before(
+            engine,
+            request,
+            self.deadline,
+            tokens,
+            self.model_account.meter.clone(),
+        ))
     }
 }
 
 /// Runs a request to completion, waiting at most until `deadline`. The stream is read on a
 /// helper thread, so this works from inside or outside an async runtime; when the deadline
-/// passes, the helper drops the stream (cancelling the request) at its next event.
+/// passes, the helper drops the stream (cancelling the request) at its next event. The
+/// tokens go on `meter` (the caller's run, or its tenant): the engine's usage when the
+/// answer finished, else the tokens generated before it stopped.
 fn complete_before(
     engine: Arc<dyn Engine>,
     request: GenerationRequest,
     deadline: Instant,
     tokens: metrics::Counter,
+    meter: UsageMeter,
 ) -> Result<String, String> {
     let mut stream = engine.submit(request).map_err(|e| e.to_string())?;
     let (tx, rx) = std::sync::mpsc::channel();
@@ -216,6 +227,7 @@ fn complete_before(
         .name("plugin-model-call".into())
         .spawn(move || {
             let mut text = String::new();
+            let mut generated = 0u32;
             let outcome = loop {
                 if stop.load(Ordering::Relaxed) {
                     break Err("cancelled".to_string());
@@ -227,13 +239,24 @@ fn complete_before(
                         ..
                     })) => {
                         tokens.increment(u64::from(token_count));
+                        generated = generated.saturating_add(token_count);
                         text.push_str(&delta);
                     }
-                    Some(Ok(GenerationEvent::Finished { .. })) => break Ok(text),
+                    Some(Ok(GenerationEvent::Finished { usage, .. })) => {
+                        meter.record(&usage);
+                        generated = 0;
+                        break Ok(text);
+                    }
                     None => break Err("the engine stopped before the answer finished".to_string()),
                     Some(Err(error)) => break Err(error.to_string()),
                 }
             };
+            if generated > 0 {
+                meter.record(&Usage {
+                    completion_tokens: generated,
+                    ..Usage::default()
+                });
+            }
             let _ = tx.send(outcome);
         })
         .map_err(|e| format!("cannot start the model call: {e}"))?;
@@ -283,6 +306,92 @@ pub(crate) fn sampling_from_wit(params: types::GenerationParams) -> SamplingPara
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::{
+        Capabilities, EngineError, FinishReason, GenerationStream, ModelInfo, TokenCount,
+        TokenCounter,
+    };
+
+    /// Answers every request with two tokens, then (when `finishes`) its usage.
+    struct Canned {
+        info: ModelInfo,
+        finishes: bool,
+    }
+
+    impl TokenCounter for Canned {
+        fn count(&self, text: &str) -> TokenCount {
+            crate::engine::estimate_tokens(text)
+        }
+    }
+
+    impl Engine for Canned {
+        fn submit(&self, _request: GenerationRequest) -> Result<GenerationStream, EngineError> {
+            let (events, stream) = GenerationStream::channel();
+            let _ = events.send(Ok(GenerationEvent::Delta {
+                text: "two words".into(),
+                token_count: 2,
+                token_ids: None,
+            }));
+            if self.finishes {
+                let _ = events.send(Ok(GenerationEvent::Finished {
+                    reason: FinishReason::Stop,
+                    usage: Usage {
+                        prompt_tokens: 7,
+                        cached_prompt_tokens: 3,
+                        completion_tokens: 2,
+                    },
+                    timings: Default::default(),
+                    extensions: Default::default(),
+                }));
+            }
+            Ok(stream)
+        }
+
+        fn model_info(&self) -> &ModelInfo {
+            &self.info
+        }
+
+        fn token_counter(&self) -> &dyn TokenCounter {
+            self
+        }
+    }
+
+    fn call(finishes: bool) -> (Result<String, String>, Usage) {
+        let engine = Arc::new(Canned {
+            info: ModelInfo {
+                name: "canned".into(),
+                context_tokens: 64,
+                capabilities: Capabilities::ALL,
+            },
+            finishes,
+        });
+        let meter = UsageMeter::new(None);
+        let answer = complete_before(
+            engine,
+            GenerationRequest::chat(vec![ChatMessage::new(Role::User, "hi")]),
+            Instant::now() + std::time::Duration::from_secs(60),
+            metrics::counter!("test_plugin_model_tokens_total"),
+            meter.clone(),
+        );
+        (answer, meter.close())
+    }
+
+    #[test]
+    fn a_model_call_counts_its_tokens_on_the_callers_meter() {
+        let (answer, usage) = call(true);
+        assert_eq!(answer.as_deref(), Ok("two words"));
+        assert_eq!(
+            usage,
+            Usage {
+                prompt_tokens: 7,
+                cached_prompt_tokens: 3,
+                completion_tokens: 2,
+            }
+        );
+        // An answer cut short still counts what it generated.
+        let (answer, usage) = call(false);
+        assert!(answer.is_err());
+        assert_eq!(usage.completion_tokens, 2);
+    }
 
     #[test]
     fn the_estimate_rounds_up_to_whole_tokens() {

@@ -38,6 +38,9 @@ pub(crate) struct StoreState {
     /// The engine priority of `model.complete` requests (background for a history
     /// compression nobody waits for).
     pub(crate) model_priority: crate::engine::Priority,
+    /// Who pays for `model.complete`: its namespace and token meter (the shared namespace,
+    /// counted nowhere, until a caller bills the instance to its run).
+    pub(crate) model_account: crate::policy::ModelAccount,
     pub(crate) origin: Instant,
     /// When the current call must end (the `model` import waits at most until then).
     pub(crate) deadline: Instant,
@@ -122,6 +125,7 @@ impl PluginInstance {
             model_granted: plugin.model_granted,
             engine: inner.config.engine.clone(),
             model_priority: crate::engine::Priority::default(),
+            model_account: Default::default(),
             origin: inner.origin,
             deadline: Instant::now(),
             log: LogBudget::new(inner.config.log, plugin.plugin.clone()),
@@ -152,6 +156,13 @@ impl PluginInstance {
     pub(crate) fn set_model_priority(&mut self, priority: crate::engine::Priority) {
         if let Some(store) = self.store.as_mut() {
             store.data_mut().model_priority = priority;
+        }
+    }
+
+    /// Who pays for this instance's later `model.complete` calls.
+    pub(crate) fn set_model_account(&mut self, account: crate::policy::ModelAccount) {
+        if let Some(store) = self.store.as_mut() {
+            store.data_mut().model_account = account;
         }
     }
 

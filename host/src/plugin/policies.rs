@@ -301,6 +301,10 @@ impl CompressorPolicy for CompressorInstance {
         self.instance
             .set_model_priority(crate::engine::Priority::BACKGROUND);
     }
+
+    fn bill_to(&mut self, account: &crate::policy::ModelAccount) {
+        self.instance.set_model_account(account.clone());
+    }
 }
 
 /// A router plugin instance, of either WIT version.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
@@ -72,8 +72,42 @@ pub(crate) async fn model(
         .ok_or_else(|| ApiError::model_not_found(&id, &state.app.model_names()))
 }
 
-pub(crate) async fn health() -> Json<Value> {
-    Json(json!({ "status": "ok" }))
+/// 200 while every local engine serves; 503 naming the models whose engine thread crashed
+/// (`engine::local::liveness`): the signal for the operator's supervisor to restart the
+/// server. Open without a key, as probes are.
+pub(crate) async fn health(State(state): State<Arc<ServerState>>) -> Response {
+    let crashed: Vec<String> = state
+        .app
+        .models()
+        .iter()
+        .filter(|m| m.local().is_some_and(|engine| engine.crashed()))
+        .map(|m| m.name.clone())
+        .collect();
+    let (status, body) = health_of(&crashed);
+    (status, Json(body)).into_response()
+}
+
+/// The answer of `/health` when the engines of `crashed` models have stopped.
+fn health_of(crashed: &[String]) -> (StatusCode, Value) {
+    if crashed.is_empty() {
+        return (StatusCode::OK, json!({ "status": "ok" }));
+    }
+    let names = crashed
+        .iter()
+        .map(|m| format!("`{m}`"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        json!({
+            "status": "error",
+            "crashed_models": crashed,
+            "message": format!(
+                "the engine of model {names} stopped after an internal failure and serves \
+                 nothing until the server restarts (the server log has the panic)"
+            ),
+        }),
+    )
 }
 
 pub(crate) async fn metrics(State(state): State<Arc<ServerState>>, headers: HeaderMap) -> Response {
@@ -180,4 +214,26 @@ pub(crate) async fn reload(
 
 pub(crate) async fn no_route() -> ApiError {
     ApiError::not_found("No such endpoint")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_is_ok_while_engines_serve_and_503_naming_a_crashed_one() {
+        let (status, body) = health_of(&[]);
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["status"], "ok");
+        let (status, body) = health_of(&["default".to_string()]);
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["status"], "error");
+        assert_eq!(body["crashed_models"], json!(["default"]));
+        assert!(
+            body["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("`default`") && m.contains("restarts")),
+            "{body}"
+        );
+    }
 }

@@ -35,6 +35,7 @@ use crate::engine::{
     SamplingParams,
 };
 use crate::pipeline::{Pipeline, RunError, RunEvent, RunRequest};
+use crate::policy::LateCharge;
 
 /// What a request runs on.
 enum Target {
@@ -609,6 +610,12 @@ async fn run_pipeline(
         conversation: conversation.clone(),
         mode: chat.mode,
         namespace: tenant.namespace().clone(),
+        // Plugin model calls that end after the run (a background compression): the
+        // tenant's quota; those during the run are in its usage, charged below.
+        late_charge: Some({
+            let tenant = tenant.clone();
+            LateCharge::new(move |tokens| tenant.quota().charge(tokens))
+        }),
     };
     // A pipeline with declared variants runs the best one that fits the budget under the
     // load its engines report now (runs admitted before this one are on them already).
@@ -652,11 +659,19 @@ async fn run_pipeline(
     } else {
         "stop"
     };
+    // The nodes' tokens and those of the plugins' own model calls (a compressor's).
+    let calls = &report.model_calls;
     let completion: u32 = report.nodes.iter().map(|n| n.output_tokens).sum();
     let usage = Usage::new(
-        report.cache.prompt_tokens,
-        report.cache.cached_prompt_tokens,
-        completion,
+        report
+            .cache
+            .prompt_tokens
+            .saturating_add(calls.prompt_tokens),
+        report
+            .cache
+            .cached_prompt_tokens
+            .saturating_add(calls.cached_prompt_tokens),
+        completion.saturating_add(calls.completion_tokens),
     );
     let fingerprint = std::iter::once(version.label())
         .chain(
@@ -695,6 +710,10 @@ fn backend_failure(
         EngineError::Unreachable(_) => {
             tracing::warn!(request_id = id, model, error = %full, "model unreachable");
             return Some(ApiError::unavailable(model));
+        }
+        EngineError::Crashed { .. } => {
+            tracing::error!(request_id = id, model, error = %full, "model engine crashed");
+            return Some(ApiError::engine_crashed(model));
         }
         _ => return None,
     };

@@ -169,6 +169,22 @@ impl ApiError {
         }
     }
 
+    /// 503: the model's engine failed inside (a local engine thread panicked) and serves
+    /// nothing until the server restarts; the panic goes to the log.
+    pub fn engine_crashed(model: &str) -> Self {
+        Self {
+            code: Some("model_unavailable"),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                format!(
+                    "The model `{model}` is not available: its engine stopped after an internal \
+                     failure and serves nothing until the server restarts"
+                ),
+            )
+        }
+    }
+
     pub fn timeout(secs: u64) -> Self {
         Self {
             code: Some("timeout"),

@@ -204,6 +204,13 @@ impl Metrics {
             counter!("staircase_speculation_accepted_tokens_total", "model" => model.clone())
                 .absolute(stats.speculation.accepted_tokens);
         }
+        // 0 once a local engine's thread crashed (`/health` answers 503 then).
+        for entry in app.models() {
+            if let Some(engine) = entry.local() {
+                gauge!("staircase_engine_up", "model" => entry.name.clone())
+                    .set(if engine.crashed() { 0.0 } else { 1.0 });
+            }
+        }
         for (model, replicas) in app.replica_stats() {
             for replica in replicas {
                 let labels = [

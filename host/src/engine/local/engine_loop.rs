@@ -10,6 +10,7 @@
 //! draft tokens) and [`EngineLoop::verify`] (sample at each fed position, keep drafts while
 //! they match, remove the rest from KV), so speculation plugs in by proposing drafts.
 
+use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
@@ -67,6 +68,8 @@ pub(super) enum Command {
 pub(super) struct Shared {
     pub stats: Mutex<EngineStats>,
     pub changed: Condvar,
+    /// The engine thread panicked and serves nothing more (`super::liveness`).
+    pub crashed: AtomicBool,
 }
 
 pub(super) struct EngineLoop<'m> {
@@ -83,6 +86,25 @@ pub(super) struct EngineLoop<'m> {
     /// Past requests' text, a draft source shared by all sequences of this engine.
     sessions: SessionStore,
     speculation: SpeculationStats,
+}
+
+/// A loop unwinding from a panic answers every request it holds: each client gets the
+/// crash as its stream's last event instead of a stream that just ends (`super::liveness`).
+impl Drop for EngineLoop<'_> {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let model = &self.settings.model_name;
+        for sequence in &self.running {
+            let _ = sequence.events.send(Err(super::liveness::crashed(model)));
+        }
+        for at in 0..self.queue.len() {
+            if let Some(pending) = self.queue.get(at) {
+                let _ = pending.events.send(Err(super::liveness::crashed(model)));
+            }
+        }
+    }
 }
 
 impl<'m> EngineLoop<'m> {
@@ -116,7 +138,7 @@ impl<'m> EngineLoop<'m> {
     }
 
     /// Serves until every engine handle is gone and the remaining work is done.
-    pub(super) fn run(mut self, commands: Receiver<Command>) {
+    pub(super) fn run(mut self, commands: &Receiver<Command>) {
         let mut open = true;
         loop {
             if self.running.is_empty() && self.queue.is_empty() {
