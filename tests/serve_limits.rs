@@ -325,7 +325,12 @@ fn counter(base: &str, name: &str, model: &str) -> f64 {
 #[test]
 fn a_streaming_client_that_stops_reading_is_cancelled() {
     let dir = scratch("stall");
-    let config = config_with(&dir, "stream_write_timeout_secs = 1");
+    // A small send buffer: the kernel's own grows to megabytes, which a whole answer of the
+    // 135M model (about 50 KB of events) fits in, so the stream would never back up.
+    let config = config_with(
+        &dir,
+        "stream_write_timeout_secs = 1\nsend_buffer_bytes = 4096",
+    );
     let (_server, base) = start_server(&mut serve(&["--config", &config]));
     let body = json!({
         "model": "default",

@@ -31,6 +31,7 @@
 //! body_timeout_secs = 30             # a request body
 //! shutdown_grace_secs = 10           # shutdown drains this long, then cuts
 //! stream_write_timeout_secs = 30     # a streaming client that stops reading is cancelled
+//! send_buffer_bytes = 65536          # each connection's kernel send buffer (default: the kernel's)
 //! max_messages = 256                 # messages per request
 //! max_stop = 4                       # stop strings per request
 //! [server]
@@ -223,6 +224,9 @@ pub struct Limits {
     pub body_timeout_secs: u64,
     pub shutdown_grace_secs: u64,
     pub stream_write_timeout_secs: u64,
+    /// Each connection's kernel send buffer; `None`: the kernel's, autotuned (up to
+    /// `net.ipv4.tcp_wmem`'s maximum, 4 MiB on Linux by default).
+    pub send_buffer_bytes: Option<usize>,
     pub max_messages: usize,
     pub max_stop: usize,
 }
@@ -262,6 +266,7 @@ impl Default for Limits {
             body_timeout_secs: DEFAULT_BODY_TIMEOUT_SECS,
             shutdown_grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS,
             stream_write_timeout_secs: DEFAULT_STREAM_WRITE_TIMEOUT_SECS,
+            send_buffer_bytes: None,
             max_messages: DEFAULT_MAX_MESSAGES,
             max_stop: DEFAULT_MAX_STOP,
         }

@@ -229,6 +229,13 @@ pub async fn serve(
         };
         // Streamed tokens go out as they come, not coalesced.
         let _ = stream.set_nodelay(true);
+        if let Some(bytes) = limits.send_buffer_bytes {
+            // Bounds the kernel memory a client that stops reading holds, and how soon its
+            // stream backs up into the write timeout.
+            if let Err(error) = socket2::SockRef::from(&stream).set_send_buffer_size(bytes) {
+                tracing::warn!(%error, bytes, "setting a connection's send buffer");
+            }
+        }
         let connection = http.serve_connection(
             TokioIo::new(stream),
             TowerToHyperService::new(router.clone()),
