@@ -53,6 +53,10 @@ pub struct Args {
     /// Default: the default model.
     #[arg(long, value_name = "MODEL")]
     judge: Option<String>,
+    /// Tokens the pairwise judge compares the two answers in before its verdict (MT-Bench's
+    /// explanation; 0: the verdict alone, faster, and a small judge then names a position).
+    #[arg(long, value_name = "N", default_value_t = crate::eval::judge::DEFAULT_EXPLAIN_TOKENS)]
+    judge_explain_tokens: u32,
     /// A `staircase.toml` (models, plugin and pipeline folders); the flags above override it.
     #[arg(long, value_name = "staircase.toml")]
     config: Option<PathBuf>,
@@ -130,7 +134,11 @@ fn rescore(args: &Args, path: &std::path::Path) -> anyhow::Result<()> {
     .build()?;
     let judge = judge_engine(&app, args.judge.as_deref())?;
     let judge = (!args.no_judge).then_some(judge.as_ref());
-    let report = super::runtime()?.block_on(eval::runner::score(answered, judge))?;
+    let report = super::runtime()?.block_on(eval::runner::score(
+        answered,
+        judge,
+        args.judge_explain_tokens,
+    ))?;
     print!("{}", report.table());
     write_json_and_svg(&args.out, "eval", &report, &report.svg())
 }
@@ -190,6 +198,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         proposer_tokens: args.proposer_tokens,
         answer_tokens: args.answer_tokens,
         judge: !args.no_judge,
+        judge_explain_tokens: args.judge_explain_tokens,
         noise_floor: !args.no_noise_floor,
         dry: crate::engine::DryOverrides {
             dry_multiplier: args.dry_multiplier,

@@ -115,6 +115,8 @@ pub struct EvalOptions {
     pub answer_tokens: u32,
     /// Judge every variant against the baseline (two judge calls per variant and prompt).
     pub judge: bool,
+    /// Tokens the pairwise judge compares the answers in before each verdict (0: none).
+    pub judge_explain_tokens: u32,
     /// Also run the baseline with shifted seeds (the noise floor).
     pub noise_floor: bool,
     /// DRY fields set on every node of every pipeline and on the single model, over each
@@ -533,7 +535,12 @@ pub async fn run_judged_by(
         answer_tokens: options.answer_tokens,
         prompts: records,
     };
-    score(answered, options.judge.then_some(judge_engine)).await
+    score(
+        answered,
+        options.judge.then_some(judge_engine),
+        options.judge_explain_tokens,
+    )
+    .await
 }
 
 /// The answers of an evaluation, as generated or read back from its `eval.json` (whose
@@ -554,9 +561,10 @@ pub struct Answered {
 pub async fn score(
     mut answered: Answered,
     judge_engine: Option<&dyn Engine>,
+    explain_tokens: u32,
 ) -> Result<EvalReport, EvalError> {
     let baseline = answered.baseline.clone();
-    let judge = judge_engine.map(Judge::new);
+    let judge = judge_engine.map(|engine| Judge::new(engine).explaining(explain_tokens));
     let rater = judge_engine.map(|engine| Rater { engine });
     for (index, record) in answered.prompts.iter_mut().enumerate() {
         let prompt = record.prompt.as_str();

@@ -721,6 +721,8 @@ async fn against_hand_written(
         proposer_tokens: None,
         answer_tokens: sample.answer_tokens,
         judge: sample.judge,
+        // Tune ranks by the judge's ratings; its pairwise verdicts are reported only.
+        judge_explain_tokens: 0,
         noise_floor: false,
         dry: Default::default(),
     };
