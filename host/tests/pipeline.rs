@@ -1364,3 +1364,42 @@ fn a_tight_budget_runs_the_small_variant_while_the_engine_is_busy_and_the_full_o
         .unwrap();
     assert_eq!(report.nodes.len(), 3);
 }
+
+/// The heterogeneous pipelines of `examples/mixed/` parse, and every model they name is in
+/// the models table beside them (catalogue models, pulled on first use).
+#[test]
+fn the_mixed_pipelines_name_models_of_the_table_beside_them() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/mixed");
+    let config = staircase::app::config::Config::load(&dir.join("staircase.toml")).unwrap();
+    let models: Vec<String> = config.models.keys().cloned().collect();
+    assert_eq!(models, ["large", "medium", "small"]);
+    let kind_of = |plugin: &str| match plugin {
+        "proposer" => Some(PluginKind::Role),
+        "moa-aggregator" => Some(PluginKind::Aggregator),
+        _ => None,
+    };
+    for (file, named) in [
+        ("moa-mixed.toml", vec!["large", "medium", "small"]),
+        ("self-moa.toml", vec!["large"]),
+    ] {
+        let text = std::fs::read_to_string(dir.join(file)).unwrap();
+        let pipeline = Pipeline::parse(&text, file).unwrap();
+        pipeline.check_bindings(&kind_of, &models).unwrap();
+        let mut used: Vec<String> = pipeline
+            .nodes
+            .iter()
+            .filter_map(|node| match &node.model {
+                staircase::pipeline::spec::ModelBinding::Fixed(model) => Some(model.clone()),
+                _ => None,
+            })
+            .collect();
+        used.sort();
+        used.dedup();
+        assert_eq!(used, named, "{file}");
+        // Narrower tables are refused, naming the missing model.
+        let error = pipeline
+            .check_bindings(&kind_of, &["small".to_string()])
+            .unwrap_err();
+        assert!(error.to_string().contains("large"), "{error}");
+    }
+}
