@@ -1,0 +1,221 @@
+//! `staircase serve` as an operator who runs vLLM or llama-server configures and watches it,
+//! black-box: the real binary on a loopback port with the real default model, configured
+//! only by `STAIRCASE_*` environment variables (as a container or a systemd unit does);
+//! contradictory key settings refused before anything loads.
+
+mod serve_support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use serve_support::{Server, path, scratch, wait_bounded};
+
+/// Far beyond anything the server takes here; only ends a test that already failed.
+const STUCK: Duration = Duration::from_secs(300);
+
+const KEY: &str = "operator-key-0123456789";
+
+/// A pipeline of one agent, so the pipeline folder's setting shows in `/v1/models`.
+const SOLO: &str = r#"name = "env-solo"
+[[nodes]]
+id = "only"
+kind = "agent"
+plugin = "proposer"
+model = "default"
+"#;
+
+/// `staircase serve` with no flags and an environment cleared of every `STAIRCASE_*`
+/// variable the caller may have, so only what a test sets configures it.
+fn bare_serve() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_staircase"));
+    command.arg("serve");
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("STAIRCASE_") {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
+/// The server's stdout (its address line) and stderr (its log), line by line.
+struct Output {
+    _server: Server,
+    base: String,
+    log: mpsc::Receiver<String>,
+}
+
+impl Output {
+    fn start(command: &mut Command) -> Self {
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the staircase binary starts");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let server = Server(child);
+        let (tx, log) = mpsc::channel();
+        // Every log line is kept, so the server never writes into a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("server: {line}");
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut stdout = BufReader::new(stdout);
+        let mut line = String::new();
+        stdout
+            .read_line(&mut line)
+            .expect("the server prints its address");
+        std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+        let base = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line from the server: {line:?}"))
+            .to_string();
+        Self {
+            _server: server,
+            base,
+            log,
+        }
+    }
+
+    /// The first log line (from now on, or already logged) that satisfies `wanted`.
+    fn log_line(&self, wanted: impl Fn(&str) -> bool) -> String {
+        loop {
+            match self.log.recv_timeout(STUCK) {
+                Ok(line) if wanted(&line) => return line,
+                Ok(_) => {}
+                Err(error) => panic!("no such log line ({error})"),
+            }
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder().timeout(STUCK).build().unwrap()
+}
+
+/// A port nobody listens on now (the system's choice, released again).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Every setting an operator passes through the environment takes effect: the host name
+/// (resolved, still loopback), the port, the key (from a key file), the output cap, the
+/// pipeline folder, and the local engine's threads and context size.
+#[test]
+fn serve_takes_its_settings_from_the_environment() {
+    let dir = scratch("operator-env");
+    let pipelines = dir.join("pipelines");
+    std::fs::create_dir_all(&pipelines).unwrap();
+    std::fs::write(pipelines.join("env-solo.toml"), SOLO).unwrap();
+    let key_file = dir.join("key");
+    std::fs::write(&key_file, format!("{KEY}\n")).unwrap();
+    let port = free_port();
+    let output = Output::start(
+        bare_serve()
+            .env("STAIRCASE_HOST", "localhost")
+            .env("STAIRCASE_PORT", port.to_string())
+            .env("STAIRCASE_API_KEY_FILE", path(&key_file))
+            .env("STAIRCASE_MAX_TOKENS", "3")
+            .env("STAIRCASE_PIPELINES", path(&pipelines))
+            .env("STAIRCASE_NO_WATCH", "true")
+            .env("STAIRCASE_THREADS", "1")
+            .env("STAIRCASE_CTX_SIZE", "1024")
+            .env("RUST_LOG", "info"),
+    );
+    assert_eq!(output.base, format!("http://127.0.0.1:{port}"));
+    let engine = output.log_line(|l| l.contains("local engine ready"));
+    assert!(
+        engine.contains("n_ctx=1024") && engine.contains("threads=1"),
+        "{engine}"
+    );
+    let base = &output.base;
+    runtime().block_on(async {
+        let client = client();
+        let models = format!("{base}/v1/models");
+        let refused = client.get(&models).send().await.unwrap();
+        assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+        let listed: Value = client
+            .get(&models)
+            .bearer_auth(KEY)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let ids: Vec<&str> = listed["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|m| m["id"].as_str())
+            .collect();
+        assert!(ids.contains(&"env-solo"), "{ids:?}");
+        let answer: Value = client
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(KEY)
+            .json(&json!({
+                "model": "default",
+                "messages": [{"role": "user", "content": "Tell me a long story about the sea."}],
+                "max_tokens": 50,
+            }))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(answer["usage"]["completion_tokens"], 3, "{answer}");
+        assert_eq!(answer["choices"][0]["finish_reason"], "length", "{answer}");
+    });
+    drop(output);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Two single keys (the environment's `STAIRCASE_API_KEY` and a key file on the command
+/// line) are a contradiction: the server refuses to start and names both, before it loads a
+/// model.
+#[test]
+fn two_single_keys_stop_serve_naming_both() {
+    let dir = scratch("operator-two-keys");
+    let key_file = dir.join("key");
+    std::fs::write(&key_file, "file-key\n").unwrap();
+    let mut child = bare_serve()
+        .args(["--port", "0", "--api-key-file", path(&key_file)])
+        .env("STAIRCASE_API_KEY", "env-key")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the staircase binary starts");
+    let mut stderr = child.stderr.take().unwrap();
+    let status = wait_bounded(&mut child, STUCK).expect("serve exits");
+    assert!(!status.success());
+    let mut message = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut message).unwrap();
+    assert!(
+        message.contains("--api-key (STAIRCASE_API_KEY)")
+            && message.contains("--api-key-file (STAIRCASE_API_KEY_FILE)"),
+        "{message}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
