@@ -155,15 +155,9 @@ fn serve_takes_its_settings_from_the_environment() {
         let models = format!("{base}/v1/models");
         let refused = client.get(&models).send().await.unwrap();
         assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
-        let listed: Value = client
-            .get(&models)
-            .bearer_auth(KEY)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let listed = client.get(&models).bearer_auth(KEY).send().await.unwrap();
+        let id = request_id(&listed);
+        let listed: Value = listed.json().await.unwrap();
         let ids: Vec<&str> = listed["data"]
             .as_array()
             .unwrap()
@@ -171,6 +165,15 @@ fn serve_takes_its_settings_from_the_environment() {
             .filter_map(|m| m["id"].as_str())
             .collect();
         assert!(ids.contains(&"env-solo"), "{ids:?}");
+        // The access log (text by default): this request's line, with its id and status.
+        let access = output.log_line(|l| l.contains(&format!("id={id}")));
+        assert!(
+            access.contains("staircase::access")
+                && access.contains("method=GET")
+                && access.contains("path=/v1/models")
+                && access.contains("status=200"),
+            "{access}"
+        );
         let answer: Value = client
             .post(format!("{base}/v1/chat/completions"))
             .bearer_auth(KEY)
@@ -190,6 +193,117 @@ fn serve_takes_its_settings_from_the_environment() {
     });
     drop(output);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The request id a response carries.
+fn request_id(response: &reqwest::Response) -> String {
+    response
+        .headers()
+        .get("x-request-id")
+        .expect("every response carries x-request-id")
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+/// The log's JSON object for request `id` (every line of a JSON log is an object).
+fn access_object(output: &Output, id: &str) -> Value {
+    let line = output.log_line(|line| {
+        let value: Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("a JSON log line is an object ({e}): {line}"));
+        value["target"] == "staircase::access" && value["id"] == id
+    });
+    serde_json::from_str(&line).unwrap()
+}
+
+/// With `--log-format json` (here from `STAIRCASE_LOG_FORMAT`), every log line is a JSON
+/// object and every request has one access line: the request id it was answered with (a
+/// completion's is its run id), method, path, status, and a completion's tokens, whole or
+/// streamed; a refused request is logged too.
+#[test]
+fn every_request_has_an_access_line_in_the_json_log() {
+    let output = Output::start(
+        bare_serve()
+            .args(["--host", "127.0.0.1", "--port", "0", "--no-watch"])
+            .env("STAIRCASE_LOG_FORMAT", "json")
+            .env_remove("RUST_LOG"),
+    );
+    let base = &output.base;
+    runtime().block_on(async {
+        let client = client();
+        let missing = client
+            .get(format!("{base}/no-such-path"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+        let line = access_object(&output, &request_id(&missing));
+        assert_eq!(
+            (&line["method"], &line["path"], &line["status"]),
+            (&json!("GET"), &json!("/no-such-path"), &json!(404)),
+            "{line}"
+        );
+        assert!(line["latency_ms"].is_number(), "{line}");
+        assert!(line.get("completion_tokens").is_none(), "{line}");
+
+        let whole = client
+            .post(format!("{base}/v1/chat/completions"))
+            .json(&json!({
+                "model": "default",
+                "messages": [{"role": "user", "content": "Say hello."}],
+                "max_tokens": 4,
+            }))
+            .send()
+            .await
+            .unwrap();
+        let id = request_id(&whole);
+        assert_eq!(
+            whole.headers()["x-staircase-run-id"].to_str().unwrap(),
+            id,
+            "a completion's request id is its run id"
+        );
+        let answer: Value = whole.json().await.unwrap();
+        let line = access_object(&output, &id);
+        assert_eq!(line["status"], 200, "{line}");
+        assert_eq!(line["path"], "/v1/chat/completions", "{line}");
+        assert_eq!(line["complete"], true, "{line}");
+        assert_eq!(
+            line["prompt_tokens"], answer["usage"]["prompt_tokens"],
+            "{line}"
+        );
+        assert_eq!(
+            line["completion_tokens"], answer["usage"]["completion_tokens"],
+            "{line}"
+        );
+
+        let streamed = client
+            .post(format!("{base}/v1/chat/completions"))
+            .json(&json!({
+                "model": "default",
+                "messages": [{"role": "user", "content": "Say goodbye."}],
+                "max_tokens": 4,
+                "stream": true,
+                "stream_options": {"include_usage": true},
+            }))
+            .send()
+            .await
+            .unwrap();
+        let id = request_id(&streamed);
+        let text = streamed.text().await.unwrap();
+        let usage = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter_map(|data| serde_json::from_str::<Value>(data).ok())
+            .find_map(|chunk| chunk.get("usage").filter(|u| !u.is_null()).cloned())
+            .expect("the stream carries its usage");
+        let line = access_object(&output, &id);
+        assert_eq!(line["status"], 200, "{line}");
+        assert_eq!(
+            line["completion_tokens"], usage["completion_tokens"],
+            "{line}"
+        );
+        assert_eq!(line["prompt_tokens"], usage["prompt_tokens"], "{line}");
+    });
 }
 
 /// Two single keys (the environment's `STAIRCASE_API_KEY` and a key file on the command

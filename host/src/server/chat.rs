@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -19,6 +19,7 @@ use futures_util::stream;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
+use super::access::AccessNote;
 use super::error::ApiError;
 use super::openai::{self, Chat, ChunkChoice, Delta, Usage};
 use super::runs::RunGuard;
@@ -58,17 +59,20 @@ struct Meta {
     fingerprint: String,
     /// Who asked: owns the run, pays its tokens, and reuses only its own cached text.
     tenant: Tenant,
+    /// Where the run's tokens go for the access log.
+    note: AccessNote,
 }
 
 pub(crate) async fn completions(
     State(state): State<Arc<ServerState>>,
+    Extension(note): Extension<AccessNote>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
     match prepare(&state, &headers, body).await {
         Ok((chat, target, tenant)) => {
             let model = chat.model.clone();
-            let response = start(state.clone(), chat, target, tenant).await;
+            let response = start(state.clone(), chat, target, tenant, note).await;
             let status = response.status().as_u16().to_string();
             state.metrics.request(&model, &status);
             response
@@ -153,7 +157,13 @@ fn check_context(state: &ServerState, chat: &Chat, target: &Target) -> Result<()
     Ok(())
 }
 
-async fn start(state: Arc<ServerState>, chat: Chat, target: Target, tenant: Tenant) -> Response {
+async fn start(
+    state: Arc<ServerState>,
+    chat: Chat,
+    target: Target,
+    tenant: Tenant,
+    note: AccessNote,
+) -> Response {
     let ticket = match state.admission.admit(tenant.quota()) {
         Ok(ticket) => ticket,
         Err(error) => return error.into_response(),
@@ -169,6 +179,7 @@ async fn start(state: Arc<ServerState>, chat: Chat, target: Target, tenant: Tena
     let meta = Meta {
         id,
         tenant,
+        note,
         model: chat.model.clone(),
         created: SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -233,6 +244,7 @@ async fn whole(
     }
     match result {
         Ok(finish) => {
+            meta.note.tokens(&finish.usage);
             if let Some(fp) = finish
                 .report
                 .get("system_fingerprint")
@@ -356,6 +368,7 @@ fn streamed(
             Ok(Err(error)) => return sse.error(&error).await,
             Err(_) => return sse.error(&ApiError::timeout(deadline.as_secs())).await,
         };
+        meta.note.tokens(&finish.usage);
         let fp = finish
             .report
             .get("system_fingerprint")
