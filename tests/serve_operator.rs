@@ -333,3 +333,24 @@ fn two_single_keys_stop_serve_naming_both() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `staircase completions bash` writes a script that completes the subcommands and their
+/// flags (`serve`, `--api-key`); zsh and fish scripts come from the same definition.
+#[test]
+fn completions_name_the_subcommands_and_flags() {
+    for shell in ["bash", "zsh", "fish"] {
+        let output = Command::new(env!("CARGO_BIN_EXE_staircase"))
+            .args(["completions", shell])
+            .output()
+            .expect("the staircase binary runs");
+        assert!(output.status.success(), "{shell}");
+        let script = String::from_utf8(output.stdout).unwrap();
+        assert!(script.contains("serve"), "{shell}: {script}");
+        // fish lists a long flag by its name (`-l api-key`), the others as `--api-key`.
+        assert!(script.contains("api-key"), "{shell}");
+        if shell == "bash" {
+            assert!(script.contains("--api-key"), "{script}");
+            assert!(script.contains("--log-format"), "{script}");
+        }
+    }
+}

@@ -2,6 +2,7 @@
 //! functions the server and the tests use; nothing here does work of its own.
 
 mod bench;
+mod completions;
 mod eval;
 mod generate;
 mod model;
@@ -57,6 +58,8 @@ enum Command {
     /// Work with run traces.
     #[command(subcommand)]
     Trace(trace::Command),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(completions::Args),
 }
 
 /// Entry point of the binary.
@@ -73,6 +76,7 @@ pub fn main() -> ExitCode {
         Command::Tune(args) => tune::run(args),
         Command::Bench(command) => bench::run(command),
         Command::Trace(command) => trace::run(command),
+        Command::Completions(args) => completions::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
