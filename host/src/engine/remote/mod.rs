@@ -313,7 +313,7 @@ impl Shared {
             probe(
                 &self.client,
                 self.api_key.as_deref(),
-                &self.replicas.urls(),
+                self.replicas.urls(),
                 config,
             )
             .await
