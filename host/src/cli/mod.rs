@@ -2,6 +2,7 @@
 //! functions the server and the tests use; nothing here does work of its own.
 
 mod bench;
+mod completions;
 mod eval;
 mod generate;
 mod model;
@@ -21,6 +22,16 @@ use clap::{Parser, Subcommand};
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines on stderr as text or as one JSON object each (for log collectors).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "STAIRCASE_LOG_FORMAT")]
+    log_format: LogFormat,
+}
+
+/// `--log-format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -47,12 +58,14 @@ enum Command {
     /// Work with run traces.
     #[command(subcommand)]
     Trace(trace::Command),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(completions::Args),
 }
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
-    init_tracing();
     let cli = Cli::parse();
+    init_tracing(cli.log_format);
     let result = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Serve(args) => serve::run(args),
@@ -63,6 +76,7 @@ pub fn main() -> ExitCode {
         Command::Tune(args) => tune::run(args),
         Command::Bench(command) => bench::run(command),
         Command::Trace(command) => trace::run(command),
+        Command::Completions(args) => completions::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -73,14 +87,24 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// Logs go to stderr, filtered by `RUST_LOG` (default: warnings).
-fn init_tracing() {
+/// What is logged when `RUST_LOG` does not say: warnings, and the server's access log.
+const DEFAULT_LOG_FILTER: &str = "warn,staircase::access=info";
+
+/// Logs go to stderr, filtered by `RUST_LOG` (default: [`DEFAULT_LOG_FILTER`]); text is in
+/// colour only on a terminal (a journal or a log file gets plain text).
+fn init_tracing(format: LogFormat) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        // Fields at the top level of each object, beside `timestamp`, `level` and `target`.
+        LogFormat::Json => logs.json().flatten_event(true).with_span_list(false).init(),
+    }
 }
 
 /// A multi-threaded tokio runtime for commands that need one.

@@ -56,6 +56,36 @@ pub struct Args {
     /// (OpenAI's shape); the prompt is the next user message.
     #[arg(long, value_name = "FILE.json")]
     history: Option<PathBuf>,
+    #[command(flatten)]
+    engine: LocalEngineArgs,
+}
+
+/// `--threads` and `--ctx-size`: llama-server's names for the local engine's two knobs an
+/// operator sets, over every local model of `staircase.toml` (remote models ignore them).
+#[derive(Debug, Default, clap::Args)]
+pub(crate) struct LocalEngineArgs {
+    /// llama.cpp threads of every local model (default: `[models.*] threads`, else measured
+    /// per machine, see the README).
+    #[arg(long, env = "STAIRCASE_THREADS")]
+    threads: Option<usize>,
+    /// Context size in tokens of every local model (default: `[models.*] context_tokens`,
+    /// else the engine's default).
+    #[arg(long, value_name = "TOKENS", env = "STAIRCASE_CTX_SIZE")]
+    ctx_size: Option<u32>,
+}
+
+impl LocalEngineArgs {
+    /// The builder with these overrides on every local engine.
+    pub(crate) fn apply(&self, builder: crate::app::AppBuilder) -> crate::app::AppBuilder {
+        let (threads, ctx_size) = (self.threads, self.ctx_size);
+        if threads.is_none() && ctx_size.is_none() {
+            return builder;
+        }
+        builder.local_engine(move |config| {
+            config.threads = threads.or(config.threads);
+            config.context_tokens = ctx_size.or(config.context_tokens);
+        })
+    }
 }
 
 /// The host every pipeline command runs on: `staircase.toml` when `--config` names one,
@@ -88,12 +118,14 @@ pub(crate) fn pipeline_of(
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let app = open_app(
-        args.config.as_deref(),
-        args.model.as_deref(),
-        &args.plugin_dirs,
-    )?
-    .build()?;
+    let app = args
+        .engine
+        .apply(open_app(
+            args.config.as_deref(),
+            args.model.as_deref(),
+            &args.plugin_dirs,
+        )?)
+        .build()?;
     let declared = pipeline_of(&app, &args.pipeline, None)?;
     let runner = app.runner();
     // Every declared variant is checked up front, so a broken one is named before any run.

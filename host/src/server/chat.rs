@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -22,6 +22,7 @@ use futures_util::stream;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
+use super::access::AccessNote;
 use super::error::ApiError;
 use super::openai::{
     self, AnyChoice, AnyChunkChoice, Chat, ChunkChoice, Delta, Endpoint, Input, TextChoice, Usage,
@@ -65,6 +66,8 @@ struct Meta {
     fingerprint: String,
     /// Who asked: owns the run, pays its tokens, and reuses only its own cached text.
     tenant: Tenant,
+    /// Where the run's tokens go for the access log.
+    note: AccessNote,
 }
 
 impl Meta {
@@ -124,23 +127,26 @@ impl Meta {
 /// `POST /v1/chat/completions`.
 pub(crate) async fn completions(
     State(state): State<Arc<ServerState>>,
+    Extension(note): Extension<AccessNote>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    respond(state, headers, body, Endpoint::Chat).await
+    respond(state, note, headers, body, Endpoint::Chat).await
 }
 
 /// `POST /v1/completions`.
 pub(crate) async fn text_completions(
     State(state): State<Arc<ServerState>>,
+    Extension(note): Extension<AccessNote>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    respond(state, headers, body, Endpoint::Text).await
+    respond(state, note, headers, body, Endpoint::Text).await
 }
 
 async fn respond(
     state: Arc<ServerState>,
+    note: AccessNote,
     headers: HeaderMap,
     body: Body,
     endpoint: Endpoint,
@@ -148,7 +154,7 @@ async fn respond(
     match prepare(&state, &headers, body, endpoint).await {
         Ok((chat, target, tenant)) => {
             let model = chat.model.clone();
-            let response = start(state.clone(), chat, target, tenant).await;
+            let response = start(state.clone(), chat, target, tenant, note).await;
             let status = response.status().as_u16().to_string();
             state.metrics.request(&model, &status);
             response
@@ -239,7 +245,13 @@ fn check_context(state: &ServerState, chat: &Chat, target: &Target) -> Result<()
     Ok(())
 }
 
-async fn start(state: Arc<ServerState>, chat: Chat, target: Target, tenant: Tenant) -> Response {
+async fn start(
+    state: Arc<ServerState>,
+    chat: Chat,
+    target: Target,
+    tenant: Tenant,
+    note: AccessNote,
+) -> Response {
     let ticket = match state.admission.admit(tenant.quota()) {
         Ok(ticket) => ticket,
         Err(error) => return error.into_response(),
@@ -259,6 +271,7 @@ async fn start(state: Arc<ServerState>, chat: Chat, target: Target, tenant: Tena
         endpoint: chat.endpoint,
         id,
         tenant,
+        note,
         model: chat.model.clone(),
         created: SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -338,6 +351,7 @@ async fn whole(
     }
     match result {
         Ok(finish) => {
+            meta.note.tokens(&finish.usage);
             if let Some(fp) = finish
                 .report
                 .get("system_fingerprint")
@@ -457,6 +471,7 @@ fn streamed(
             Ok(Err(error)) => return sse.error(&error).await,
             Err(_) => return sse.error(&ApiError::timeout(deadline.as_secs())).await,
         };
+        meta.note.tokens(&finish.usage);
         let fp = finish
             .report
             .get("system_fingerprint")

@@ -6,12 +6,13 @@
 //! health, trace and reload endpoints, `openai` holds the wire format, `error` the error shape,
 //! `metrics` the Prometheus exposition, `admission` the bounded queue and each tenant's share
 //! of it, `tenant` who a request is from, `guard` the browser-safety checks (`bench::serve`
-//! measures what HTTP adds). This file owns the connections: hyper's HTTP/1 server with a
+//! measures what HTTP adds), `access` the access log and request ids. This file owns the connections: hyper's HTTP/1 server with a
 //! header-read and keep-alive timeout, a cap on open connections, and a shutdown that drains
 //! within a deadline and then cuts. Runs go through the same library calls as `staircase run`;
 //! this room only translates HTTP to them. It must not assemble engines or plugins (that is
 //! `app`'s job).
 
+mod access;
 mod admin;
 mod admission;
 mod chat;
@@ -46,6 +47,7 @@ use tenant::{Tenant, TenantSpec, Tenants};
 
 /// The header that carries a run's id (for `/v1/runs/{id}/trace`).
 pub const RUN_ID_HEADER: &str = "x-staircase-run-id";
+pub use access::REQUEST_ID_HEADER;
 
 /// How the server runs; from `staircase.toml` `[server]`/`[limits]` and the flags.
 #[derive(Clone, Debug)]
@@ -174,6 +176,8 @@ fn router(state: Arc<ServerState>) -> Router {
             state.clone(),
             guard::browser_safety,
         ))
+        // Outermost, so refused requests are logged too.
+        .layer(axum::middleware::from_fn(access::log))
         .with_state(state)
 }
 

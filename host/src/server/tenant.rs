@@ -5,8 +5,9 @@
 //! tenant.
 //!
 //! Keys come from a TOML file (`--api-keys-file`, `[server] api_keys_file`), one table per
-//! tenant, or from one environment variable (one tenant named `default`); never from the
-//! command line, where any local user could read them:
+//! tenant, and at most one single key (one tenant named `default`: `--api-key`, whose
+//! command line any local user can read in `ps`, `STAIRCASE_API_KEY`, a file holding just
+//! the key, or a named environment variable):
 //!
 //! ```toml
 //! [tenants.alice]
@@ -37,12 +38,10 @@ use super::error::ApiError;
 use crate::app::config::Limits;
 use crate::cache::CacheNamespace;
 
-/// The tenant a single key (`--api-key-env`, `STAIRCASE_API_KEY`) names.
+/// The tenant a single key (`--api-key`, `--api-key-file`, `--api-key-env`) names.
 pub const DEFAULT_TENANT: &str = "default";
 /// The one tenant of a server without keys.
 const ANONYMOUS_TENANT: &str = "anonymous";
-/// The environment variable read for a single key when nothing else names one.
-pub const API_KEY_ENV: &str = "STAIRCASE_API_KEY";
 
 /// One tenant as configured: its name, its key, and its quotas where they differ from
 /// `[limits]`. `Debug` never shows the key.
@@ -97,6 +96,8 @@ pub enum TenantError {
     SameKey(String, String),
     #[error("tenant `{0}` is defined twice")]
     SameName(String),
+    #[error("API key file {path}: {reason}")]
+    KeyFile { path: PathBuf, reason: &'static str },
 }
 
 #[derive(Deserialize)]
@@ -124,13 +125,36 @@ pub fn read_keys_file(path: &Path) -> Result<Vec<TenantSpec>, TenantError> {
         .collect())
 }
 
+/// Reads a file holding one key (`--api-key-file`, as llama-server's): the file's one
+/// non-empty line, surrounding whitespace and the final newline dropped.
+pub fn read_key_file(path: &Path) -> Result<String, TenantError> {
+    let text = std::fs::read_to_string(path).map_err(|error| TenantError::Io {
+        path: path.to_path_buf(),
+        error,
+    })?;
+    warn_if_readable_by_others(path);
+    let key_file = |reason| TenantError::KeyFile {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut lines = text.lines().map(str::trim).filter(|line| !line.is_empty());
+    let key = lines.next().ok_or_else(|| key_file("the file is empty"))?;
+    if lines.next().is_some() {
+        return Err(key_file(
+            "the file holds more than one line; it takes one key (several tenants: \
+             --api-keys-file)",
+        ));
+    }
+    Ok(key.to_string())
+}
+
 #[cfg(unix)]
 fn warn_if_readable_by_others(path: &Path) {
     use std::os::unix::fs::PermissionsExt;
     if let Ok(meta) = std::fs::metadata(path)
         && meta.permissions().mode() & 0o077 != 0
     {
-        tracing::warn!(path = %path.display(), "the API keys file is readable by other users; chmod 600 it");
+        tracing::warn!(path = %path.display(), "the API key file is readable by other users; chmod 600 it");
     }
 }
 
@@ -374,6 +398,23 @@ mod tests {
             read_keys_file(&path),
             Err(TenantError::Syntax { .. })
         ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_key_file_holds_one_key() {
+        let dir = std::env::temp_dir().join(format!("staircase-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("key");
+        std::fs::write(&path, "  sk-one \n").unwrap();
+        assert_eq!(read_key_file(&path).unwrap(), "sk-one");
+        for bad in ["", "\n \n", "sk-one\nsk-two\n"] {
+            std::fs::write(&path, bad).unwrap();
+            assert!(
+                matches!(read_key_file(&path), Err(TenantError::KeyFile { .. })),
+                "{bad:?}"
+            );
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
