@@ -40,7 +40,7 @@ const SYSTEM_FORMAT: &str = "strictly in this format: \"[[A]]\" if assistant A i
 /// Tokens the judge spends comparing the two answers before it names one. Asked for a
 /// verdict first, Qwen2.5-Coder-1.5B named the second position in 7 of 8 orders of a real
 /// answer against its looped copy (so the two orders almost never agreed); comparing first,
-/// it named the real answer in 7 of 8 (`README`, "What the judge can tell").
+/// it named the real answer in all 8 (README, the pairwise judge table under "Quality").
 pub const DEFAULT_EXPLAIN_TOKENS: u32 = 128;
 /// What the comparison starts with: a judge that may open with anything opens with a verdict.
 const EXPLAIN_PREFIX: &str = "Comparison:";
