@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use serve_support::{Server, path, scratch, wait_bounded};
+use serve_support::{Server, path, read_address, scratch, wait_bounded};
 
 /// Far beyond anything the server takes here; only ends a test that already failed.
 const STUCK: Duration = Duration::from_secs(300);
@@ -69,20 +69,9 @@ impl Output {
                 }
             }
         });
-        let mut stdout = BufReader::new(stdout);
-        let mut line = String::new();
-        stdout
-            .read_line(&mut line)
-            .expect("the server prints its address");
-        std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
-        let base = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line from the server: {line:?}"))
-            .to_string();
         Self {
             _server: server,
-            base,
+            base: read_address(stdout),
             log,
         }
     }

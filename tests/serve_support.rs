@@ -6,7 +6,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
 /// Kills the server when dropped, so a failing assertion never leaves it running.
@@ -53,19 +53,22 @@ pub fn start_server(command: &mut Command) -> (Server, String) {
         .expect("the staircase binary starts");
     let stdout = child.stdout.take().expect("stdout is piped");
     let server = Server(child);
+    (server, read_address(stdout))
+}
+
+/// The server's address from its first line of `stdout`; the rest is drained, so the
+/// server never writes into a closed pipe.
+pub fn read_address(stdout: ChildStdout) -> String {
     let mut stdout = BufReader::new(stdout);
     let mut line = String::new();
     stdout
         .read_line(&mut line)
         .expect("the server prints its address");
-    // Keep reading, so the server never writes into a closed pipe.
     std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
-    let base = line
-        .trim()
+    line.trim()
         .strip_prefix("listening on ")
         .unwrap_or_else(|| panic!("unexpected first line from the server: {line:?}"))
-        .to_string();
-    (server, base)
+        .to_string()
 }
 
 /// `staircase serve` on a free loopback port with `args` after it.

@@ -38,6 +38,7 @@
 //! host = "127.0.0.1"
 //! port = 8080
 //! api_key_env = "STAIRCASE_API_KEY"
+//! api_key_file = "api-key"           # or: the key alone in a file (llama-server's --api-key-file)
 //! api_keys_file = "keys.toml"        # several tenants, one key each (README: Tenants)
 //! allowed_hosts = ["box.lan"]        # Host names a key-less server answers, beyond loopback
 //! metrics_require_key = false        # /metrics asks for the key too
@@ -368,6 +369,8 @@ pub struct ServerConfig {
     pub api_key_env: Option<String>,
     /// A TOML file of tenants and their keys (`server::tenant` describes it).
     pub api_keys_file: Option<PathBuf>,
+    /// A file holding the `default` tenant's key alone (as `--api-key-file`).
+    pub api_key_file: Option<PathBuf>,
     /// Host names (or addresses) a server without a key answers besides loopback names and
     /// the address it is bound to; `"*"` answers any (DNS rebinding protection off).
     pub allowed_hosts: Vec<String>,
@@ -384,6 +387,7 @@ impl Default for ServerConfig {
             port: 8080,
             api_key_env: None,
             api_keys_file: None,
+            api_key_file: None,
             allowed_hosts: Vec::new(),
             metrics_require_key: false,
             allow_unauthenticated: false,
@@ -408,6 +412,7 @@ impl Config {
         config.pipelines.dirs.iter_mut().for_each(resolve);
         config.plugins.dirs.iter_mut().for_each(resolve);
         config.server.api_keys_file.iter_mut().for_each(resolve);
+        config.server.api_key_file.iter_mut().for_each(resolve);
         for model in config.models.values_mut() {
             if let ModelConfig::Local { path: Some(p), .. } = model {
                 resolve(p);

@@ -27,8 +27,9 @@ pub enum Command {
     /// List the built-in plugins and those in plugin folders.
     List {
         /// A folder of `NAME.wasm` + `NAME.toml` pairs (repeatable; default: the user's
-        /// plugin folder, if it exists).
-        #[arg(long = "dir")]
+        /// plugin folder, if it exists). `--plugins` as on every other command; `--dir` is
+        /// the older spelling.
+        #[arg(long = "plugins", alias = "dir", value_name = "DIR")]
         dirs: Vec<PathBuf>,
     },
 }

@@ -241,7 +241,15 @@ fn tenants(
         Some(key.clone())
     } else if let Some(path) = &args.api_key_file {
         Some(tenant::read_key_file(path)?)
-    } else if let Some(var) = args.api_key_env.as_ref().or(server.api_key_env.as_ref()) {
+    } else if let Some(var) = &args.api_key_env {
+        Some(from_var(var)?)
+    } else if server.api_key_file.is_some() && server.api_key_env.is_some() {
+        anyhow::bail!(
+            "[server] api_key_file and api_key_env both give the `default` tenant's key; keep one"
+        );
+    } else if let Some(path) = &server.api_key_file {
+        Some(tenant::read_key_file(path)?)
+    } else if let Some(var) = &server.api_key_env {
         Some(from_var(var)?)
     } else {
         None
@@ -354,5 +362,28 @@ mod tests {
         assert_eq!(specs.len(), 1);
         assert_eq!(specs[0].name, tenant::DEFAULT_TENANT);
         assert_eq!(specs[0].key, "k1");
+    }
+
+    #[test]
+    fn the_config_may_name_a_key_file_and_a_flag_goes_over_it() {
+        let dir = std::env::temp_dir().join(format!("staircase-keyfile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("api-key");
+        std::fs::write(&file, "from-config\n").unwrap();
+        let server = crate::app::config::ServerConfig {
+            api_key_file: Some(file),
+            ..Default::default()
+        };
+        let specs = tenants(&parse(&[]), &server).unwrap();
+        assert_eq!(specs[0].key, "from-config");
+        let specs = tenants(&parse(&["--api-key", "k1"]), &server).unwrap();
+        assert_eq!((specs.len(), specs[0].key.as_str()), (1, "k1"));
+        let both = crate::app::config::ServerConfig {
+            api_key_env: Some("SOME_VAR".into()),
+            ..server
+        };
+        let error = tenants(&parse(&[]), &both).unwrap_err().to_string();
+        assert!(error.contains("api_key_file and api_key_env"), "{error}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
