@@ -37,6 +37,9 @@ fn eval_on_three_prompts_writes_the_table_json_and_chart() {
             "--proposer-tokens",
             "24",
             "--no-noise-floor",
+            // The 135M model judges, whatever catalogue models this machine has pulled.
+            "--judge",
+            "default",
             "--out",
             out_dir.to_str().unwrap(),
         ])

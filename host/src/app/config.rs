@@ -478,11 +478,71 @@ impl Config {
             _ => None,
         }
     }
+
+    /// The table's name for catalogue model `catalogue`: an entry that already names it, else
+    /// a new local entry called `catalogue`. Which model pipelines call `default` stays as it
+    /// was (an empty table gets its implicit `default` entry first).
+    pub fn add_catalogue_model(&mut self, catalogue: &str) -> String {
+        let existing = self.models.iter().find_map(|(name, model)| match model {
+            ModelConfig::Local {
+                catalogue: Some(c), ..
+            } if c == catalogue => Some(name.clone()),
+            _ => None,
+        });
+        if let Some(name) = existing {
+            return name;
+        }
+        let local = |catalogue: Option<String>| ModelConfig::Local {
+            path: None,
+            catalogue,
+            threads: None,
+            context_tokens: None,
+        };
+        if self.models.is_empty() {
+            self.models.insert(DEFAULT_MODEL.to_string(), local(None));
+        }
+        if self.default_model.is_none() {
+            self.default_model = self
+                .default_model_name()
+                .or_else(|| self.models.keys().next().map(String::as_str))
+                .map(str::to_string);
+        }
+        self.models
+            .insert(catalogue.to_string(), local(Some(catalogue.to_string())));
+        catalogue.to_string()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_catalogue_model_added_for_a_job_leaves_the_default_where_it_was() {
+        let mut empty = Config::parse("", Path::new("staircase.toml")).unwrap();
+        assert_eq!(
+            empty.add_catalogue_model("qwen2.5-coder-1.5b"),
+            "qwen2.5-coder-1.5b"
+        );
+        assert_eq!(empty.default_model_name(), Some(DEFAULT_MODEL));
+        assert_eq!(empty.models.len(), 2);
+        // "a" sorts before the new name and would become the first key; it stays the default.
+        let mut two = Config::parse(
+            "[models.a]\nkind = \"local\"\n[models.z]\nkind = \"local\"\n",
+            Path::new("staircase.toml"),
+        )
+        .unwrap();
+        two.add_catalogue_model("qwen2.5-coder-0.5b");
+        assert_eq!(two.default_model_name(), Some("a"));
+        // An entry that already names the catalogue model is reused, not loaded twice.
+        let mut named = Config::parse(
+            "[models.big]\nkind = \"local\"\ncatalogue = \"qwen2.5-coder-1.5b\"\n",
+            Path::new("staircase.toml"),
+        )
+        .unwrap();
+        assert_eq!(named.add_catalogue_model("qwen2.5-coder-1.5b"), "big");
+        assert_eq!(named.models.len(), 1);
+    }
 
     #[test]
     fn an_empty_file_is_the_defaults() {

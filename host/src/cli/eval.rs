@@ -49,8 +49,8 @@ pub struct Args {
     /// Skip the pairwise judge (reference-free checks and agreement only).
     #[arg(long)]
     no_judge: bool,
-    /// The judge: a model of the models table in `--config` (local or remote).
-    /// Default: the default model.
+    /// The judge: a model of the models table in `--config` (local or remote). Default: the
+    /// strongest catalogue model on disk (`staircase model list`), else the default model.
     #[arg(long, value_name = "MODEL")]
     judge: Option<String>,
     /// Tokens the pairwise judge compares the two answers in before its verdict (MT-Bench's
@@ -104,6 +104,40 @@ fn variant(app: &crate::app::App, spec: &str) -> anyhow::Result<Variant> {
     Ok(Variant::pipeline(pipeline, mode, sizes.as_ref()))
 }
 
+/// Without `--judge`: the strongest catalogue model on disk (the catalogue lists models
+/// weakest first) when it is not the default model, added to the models table; says which.
+fn strongest_judge(builder: &mut crate::app::AppBuilder) -> anyhow::Result<Option<String>> {
+    let status = crate::model::catalogue_status()?;
+    let Some(strongest) = status.iter().rev().find(|m| m.installed.is_some()) else {
+        return Ok(None);
+    };
+    if strongest.name == crate::model::catalogue::DEFAULT.name {
+        return Ok(None);
+    }
+    let name = builder.config_mut().add_catalogue_model(&strongest.name);
+    eprintln!(
+        "eval: the judge is {} (the strongest catalogue model installed; --judge MODEL to choose)",
+        strongest.name
+    );
+    Ok(Some(name))
+}
+
+/// The app, with the judge `args` asks for (or the strongest installed) in its models table,
+/// and that judge's name (`None`: the default model).
+fn app_and_judge(args: &Args) -> anyhow::Result<(crate::app::App, Option<String>)> {
+    let mut builder = super::run::open_app(
+        args.config.as_deref(),
+        args.model.as_deref(),
+        &args.plugin_dirs,
+    )?;
+    let judge = match &args.judge {
+        Some(name) => Some(name.clone()),
+        None if args.no_judge => None,
+        None => strongest_judge(&mut builder)?,
+    };
+    Ok((builder.build()?, judge))
+}
+
 /// The judge engine: `--judge` from the models table, else the default model.
 fn judge_engine(
     app: &crate::app::App,
@@ -126,13 +160,8 @@ fn rescore(args: &Args, path: &std::path::Path) -> anyhow::Result<()> {
         &std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?,
     )
     .with_context(|| format!("{} is not an eval.json", path.display()))?;
-    let app = super::run::open_app(
-        args.config.as_deref(),
-        args.model.as_deref(),
-        &args.plugin_dirs,
-    )?
-    .build()?;
-    let judge = judge_engine(&app, args.judge.as_deref())?;
+    let (app, judge) = app_and_judge(args)?;
+    let judge = judge_engine(&app, judge.as_deref())?;
     let judge = (!args.no_judge).then_some(judge.as_ref());
     let report = super::runtime()?.block_on(eval::runner::score(
         answered,
@@ -154,12 +183,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(limit) = args.limit {
         prompts.truncate(limit.max(1));
     }
-    let app = super::run::open_app(
-        args.config.as_deref(),
-        args.model.as_deref(),
-        &args.plugin_dirs,
-    )?
-    .build()?;
+    let (app, judge) = app_and_judge(&args)?;
     let baseline = super::run::pipeline_of(&app, &args.pipeline, None)?;
     let mut variants = args
         .variants
@@ -184,7 +208,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // The single model always runs; a `single` variant would only repeat it.
     variants.retain(|v| !matches!(v.kind, eval::VariantKind::Single));
     let (runner, engine) = (app.runner(), app.default_engine());
-    let judge = judge_engine(&app, args.judge.as_deref())?;
+    let judge = judge_engine(&app, judge.as_deref())?;
     for v in &variants {
         if let eval::VariantKind::Pipeline { pipeline, .. } = &v.kind {
             runner.check(pipeline)?;
