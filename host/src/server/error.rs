@@ -157,30 +157,27 @@ impl ApiError {
     /// 503: a model's backend cannot be reached (not up yet, or every replica down). The
     /// client gets the model's name; the replicas' addresses and errors go to the log.
     pub fn unavailable(model: &str) -> Self {
-        Self {
-            code: Some("model_unavailable"),
-            ..Self::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server_error",
-                format!(
-                    "The model `{model}` is not available: none of its servers answers; retry later"
-                ),
-            )
-        }
+        Self::model_unavailable(model, "none of its servers answers; retry later")
     }
 
     /// 503: the model's engine failed inside (a local engine thread panicked) and serves
     /// nothing until the server restarts; the panic goes to the log.
     pub fn engine_crashed(model: &str) -> Self {
+        Self::model_unavailable(
+            model,
+            "its engine stopped after an internal failure and serves nothing until the server \
+             restarts",
+        )
+    }
+
+    /// 503 `model_unavailable`: `model` cannot answer, for `why`.
+    fn model_unavailable(model: &str, why: &str) -> Self {
         Self {
             code: Some("model_unavailable"),
             ..Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",
-                format!(
-                    "The model `{model}` is not available: its engine stopped after an internal \
-                     failure and serves nothing until the server restarts"
-                ),
+                format!("The model `{model}` is not available: {why}"),
             )
         }
     }
