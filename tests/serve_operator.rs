@@ -207,8 +207,8 @@ fn access_object(output: &Output, id: &str) -> Value {
 
 /// With `--log-format json` (here from `STAIRCASE_LOG_FORMAT`), every log line is a JSON
 /// object and every request has one access line: the request id it was answered with (a
-/// completion's is its run id), method, path, status, and a completion's tokens, whole or
-/// streamed; a refused request is logged too.
+/// completion's is its run id, a client's own id wins), method, path, status, and a
+/// completion's tokens, whole or streamed; a refused request is logged too.
 #[test]
 fn every_request_has_an_access_line_in_the_json_log() {
     let output = Output::start(
@@ -292,6 +292,37 @@ fn every_request_has_an_access_line_in_the_json_log() {
             "{line}"
         );
         assert_eq!(line["prompt_tokens"], usage["prompt_tokens"], "{line}");
+
+        // A client's own id is echoed and logged, with the run beside it; one that could
+        // split a log line is replaced.
+        let traced = client
+            .post(format!("{base}/v1/chat/completions"))
+            .header("x-request-id", "client-trace-7")
+            .json(&json!({
+                "model": "default",
+                "messages": [{"role": "user", "content": "Say yes."}],
+                "max_tokens": 2,
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(request_id(&traced), "client-trace-7");
+        let run = traced.headers()["x-staircase-run-id"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert_eq!(traced.status(), StatusCode::OK);
+        let line = access_object(&output, "client-trace-7");
+        assert_eq!(line["run_id"], run.as_str(), "{line}");
+        let forged = client
+            .get(format!("{base}/health"))
+            .header("x-request-id", "a\tb")
+            .send()
+            .await
+            .unwrap();
+        let id = request_id(&forged);
+        assert!(id.starts_with("req-"), "{id}");
+        assert_eq!(access_object(&output, &id)["path"], "/health");
     });
 }
 
