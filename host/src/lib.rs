@@ -14,6 +14,7 @@ pub mod cache;
 pub mod cli;
 pub mod engine;
 pub mod eval;
+pub mod guard;
 pub mod model;
 pub mod pipeline;
 pub mod plugin;
