@@ -282,7 +282,7 @@ pub trait PolicyProvider: Send + Sync {
     fn kind_of(&self, plugin: &str) -> Option<PluginKind>;
 }
 
-/// The four plugin kinds, one WIT world each.
+/// The plugin kinds, one WIT world each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PluginKind {
@@ -290,14 +290,17 @@ pub enum PluginKind {
     Aggregator,
     Compressor,
     Router,
+    /// An output guard (WIT 0.3.0): sees a stream's text before it leaves.
+    Guard,
 }
 
 impl PluginKind {
-    pub const ALL: [PluginKind; 4] = [
+    pub const ALL: [PluginKind; 5] = [
         PluginKind::Role,
         PluginKind::Aggregator,
         PluginKind::Compressor,
         PluginKind::Router,
+        PluginKind::Guard,
     ];
 
     /// The name manifests, messages and the WIT worlds use: the one table of kind names.
@@ -307,6 +310,7 @@ impl PluginKind {
             PluginKind::Aggregator => "aggregator",
             PluginKind::Compressor => "compressor",
             PluginKind::Router => "router",
+            PluginKind::Guard => "guard",
         }
     }
 

@@ -1,4 +1,5 @@
-//! Host bindings of the four worlds of `staircase:agent@0.1.0` and the router of 0.2.0. The compressor world is the
+//! Host bindings of the four worlds of `staircase:agent@0.1.0`, the router of 0.2.0 and the
+//! guard of 0.3.0. The compressor world is the
 //! only one importing everything (`types`, `host`, `model`), so it generates those
 //! interfaces and the other worlds reuse them: one `Host` implementation serves all kinds.
 
@@ -51,6 +52,16 @@ pub(crate) mod router_v2 {
     wasmtime::component::bindgen!({
         path: "../wit/v0.2.0",
         world: "router",
+        imports: { default: trappable },
+    });
+}
+
+/// The output guard of `staircase:agent@0.3.0`; its `host` interface is 0.1.0's functions
+/// under the new version, served by the same code.
+pub(crate) mod guard {
+    wasmtime::component::bindgen!({
+        path: "../wit/v0.3.0",
+        world: "guard",
         imports: { default: trappable },
     });
 }

@@ -80,36 +80,44 @@ impl host::Host for StoreState {
     }
 }
 
-/// The same imports under `staircase:agent@0.2.0` (a 0.2.0 router's `host`).
-impl super::bindings::router_v2::staircase::agent::host::Host for StoreState {
-    fn log(
-        &mut self,
-        level: super::bindings::router_v2::staircase::agent::host::LogLevel,
-        message: String,
-    ) -> wasmtime::Result<()> {
-        use super::bindings::router_v2::staircase::agent::host::LogLevel as V2;
-        let level = match level {
-            V2::Trace => host::LogLevel::Trace,
-            V2::Debug => host::LogLevel::Debug,
-            V2::Info => host::LogLevel::Info,
-            V2::Warn => host::LogLevel::Warn,
-            V2::Error => host::LogLevel::Error,
-        };
-        host::Host::log(self, level, message)
-    }
+/// The same imports under a later package version (0.2.0's router, 0.3.0's guard): the
+/// same functions, delegating to 0.1.0's.
+macro_rules! host_imports_of_version {
+    ($host:ident in $($module:ident)::+) => {
+        impl $($module)::+::$host::Host for StoreState {
+            fn log(
+                &mut self,
+                level: $($module)::+::$host::LogLevel,
+                message: String,
+            ) -> wasmtime::Result<()> {
+                use $($module)::+::$host::LogLevel as Later;
+                let level = match level {
+                    Later::Trace => host::LogLevel::Trace,
+                    Later::Debug => host::LogLevel::Debug,
+                    Later::Info => host::LogLevel::Info,
+                    Later::Warn => host::LogLevel::Warn,
+                    Later::Error => host::LogLevel::Error,
+                };
+                host::Host::log(self, level, message)
+            }
 
-    fn now_ns(&mut self) -> wasmtime::Result<u64> {
-        host::Host::now_ns(self)
-    }
+            fn now_ns(&mut self) -> wasmtime::Result<u64> {
+                host::Host::now_ns(self)
+            }
 
-    fn config(&mut self, key: String) -> wasmtime::Result<Option<String>> {
-        host::Host::config(self, key)
-    }
+            fn config(&mut self, key: String) -> wasmtime::Result<Option<String>> {
+                host::Host::config(self, key)
+            }
 
-    fn count_tokens(&mut self, text: String) -> wasmtime::Result<u32> {
-        host::Host::count_tokens(self, text)
-    }
+            fn count_tokens(&mut self, text: String) -> wasmtime::Result<u32> {
+                host::Host::count_tokens(self, text)
+            }
+        }
+    };
 }
+
+host_imports_of_version!(host in super::bindings::router_v2::staircase::agent);
+host_imports_of_version!(host in super::bindings::guard::staircase::agent);
 
 /// `text` in pieces of at most about `size` bytes, each cut before a whitespace character
 /// where there is one: BPE vocabularies attach a space to the word after it, so the counts

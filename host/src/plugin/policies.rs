@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use wasmtime::component::ResourceAny;
 
-use super::bindings::{aggregator, compressor, role, router, router_v2};
+use super::bindings::{aggregator, compressor, guard, role, router, router_v2};
 use super::error::{MAX_QUOTED_BYTES, PluginError, clip};
 use super::host_imports::{chat_from_wit, chat_to_wit, sampling_from_wit};
 use super::instance::PluginInstance;
@@ -481,6 +481,138 @@ pub(crate) fn self_test(
                 })
                 .map_err(fail)?;
         }
+        PluginKind::Guard => {
+            let info = GuardStreamInfo {
+                node_id: "canary".into(),
+                model: "canary".into(),
+                to_client: true,
+                window_bytes: crate::guard::DEFAULT_WINDOW_BYTES,
+            };
+            let mut guard = GuardInstance::new(runtime, plugin, &info).map_err(fail)?;
+            guard.try_push("The answer is", 13, 3).map_err(fail)?;
+            guard.try_finish("The answer is 4.").map_err(fail)?;
+        }
     }
     Ok(())
+}
+
+/// Where a guarded stream comes from and goes to (WIT 0.3.0 `stream-info`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuardStreamInfo {
+    pub node_id: String,
+    pub model: String,
+    pub to_client: bool,
+    pub window_bytes: usize,
+}
+
+/// A guard plugin's stream (WIT 0.3.0 `guard-stream`).
+pub struct GuardInstance {
+    instance: PluginInstance,
+    bindings: guard::Guard,
+    stream: ResourceAny,
+}
+
+impl GuardInstance {
+    pub fn new(
+        runtime: &PluginRuntime,
+        plugin: &Arc<LoadedPlugin>,
+        info: &GuardStreamInfo,
+    ) -> Result<Self, PluginError> {
+        if !matches!(plugin.pre, KindPre::Guard(_)) {
+            return Err(wrong_kind(plugin, PluginKind::Guard));
+        }
+        let mut instance = PluginInstance::store(runtime, plugin);
+        let bindings = instance.instantiate(|store, pre| match pre {
+            KindPre::Guard(pre) => pre.instantiate(store),
+            _ => Err(wasmtime::format_err!("not a guard")),
+        })?;
+        let wit_info = guard::exports::staircase::agent::guard_policy::StreamInfo {
+            node_id: info.node_id.clone(),
+            model: info.model.clone(),
+            to_client: info.to_client,
+            window_bytes: u32::try_from(info.window_bytes).unwrap_or(u32::MAX),
+        };
+        let api = bindings.staircase_agent_guard_policy().guard_stream();
+        let stream = instance.call("guard-stream.constructor", |s| {
+            api.call_constructor(s, &wit_info)
+        })?;
+        Ok(Self {
+            instance,
+            bindings,
+            stream,
+        })
+    }
+
+    pub fn try_push(
+        &mut self,
+        window: &str,
+        new_bytes: usize,
+        tokens: u32,
+    ) -> Result<crate::guard::Verdict, PluginError> {
+        let api = self.bindings.staircase_agent_guard_policy().guard_stream();
+        let stream = self.stream;
+        let new_bytes = u32::try_from(new_bytes).unwrap_or(u32::MAX);
+        let verdict = self.instance.call("guard-stream.push", |s| {
+            api.call_push(s, stream, window, new_bytes, tokens)
+        })?;
+        self.verdict_from_wit("guard-stream.push", verdict)
+    }
+
+    pub fn try_finish(&mut self, window: &str) -> Result<crate::guard::Verdict, PluginError> {
+        let api = self.bindings.staircase_agent_guard_policy().guard_stream();
+        let stream = self.stream;
+        let verdict = self
+            .instance
+            .call("guard-stream.finish", |s| api.call_finish(s, stream, window))?;
+        self.verdict_from_wit("guard-stream.finish", verdict)
+    }
+
+    /// The host's verdict, after checking its size (the window's own rules are checked by
+    /// the chain, which knows the window).
+    fn verdict_from_wit(
+        &mut self,
+        call: &'static str,
+        verdict: guard::exports::staircase::agent::guard_policy::Verdict,
+    ) -> Result<crate::guard::Verdict, PluginError> {
+        use crate::guard::{Edit, Verdict};
+        use guard::exports::staircase::agent::guard_policy::Verdict as Wit;
+        let bytes = match &verdict {
+            Wit::Release(_) => 0,
+            Wit::Redact(redaction) => redaction.edits.iter().map(|e| e.text.len()).sum(),
+            Wit::Stop(reason) => reason.len(),
+        };
+        self.instance.check_output(call, bytes)?;
+        Ok(match verdict {
+            Wit::Release(n) => Verdict::Release(n as usize),
+            Wit::Redact(redaction) => Verdict::Redact {
+                edits: redaction
+                    .edits
+                    .into_iter()
+                    .map(|e| Edit {
+                        start: e.start as usize,
+                        end: e.end as usize,
+                        text: e.text,
+                    })
+                    .collect(),
+                release: redaction.release as usize,
+            },
+            // A reason is for the client and the log: a line, not a document.
+            Wit::Stop(reason) => Verdict::Stop(clip(&reason, MAX_QUOTED_BYTES).into_owned()),
+        })
+    }
+}
+
+impl crate::guard::GuardSession for GuardInstance {
+    fn push(
+        &mut self,
+        window: &str,
+        new_bytes: usize,
+        tokens: u32,
+    ) -> Result<crate::guard::Verdict, PolicyError> {
+        Ok(self.try_push(window, new_bytes, tokens)?)
+    }
+
+    fn finish(&mut self, window: &str) -> Result<crate::guard::Verdict, PolicyError> {
+        Ok(self.try_finish(window)?)
+    }
 }

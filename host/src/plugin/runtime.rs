@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
-use super::bindings::{aggregator, compressor, role, router, router_v2};
+use super::bindings::{aggregator, compressor, guard, role, router, router_v2};
 use super::cache::CodeCache;
 use super::error::{PluginError, PluginRef};
 use super::instance::StoreState;
@@ -274,6 +274,11 @@ impl PluginRuntime {
             |state| state,
         )
         .map_err(|e| PluginError::Runtime(format!("host imports 0.2.0: {e}")))?;
+        guard::Guard::add_to_linker::<StoreState, wasmtime::component::HasSelf<StoreState>>(
+            &mut linker,
+            |state| state,
+        )
+        .map_err(|e| PluginError::Runtime(format!("host imports 0.3.0: {e}")))?;
         let cache = match &config.cache_dir {
             Some(dir) => Some(CodeCache::new(dir.clone(), &engine)?),
             None => None,
@@ -485,6 +490,7 @@ pub(crate) enum KindPre {
     Router(router::RouterPre<StoreState>),
     /// A router exporting `staircase:agent@0.2.0`.
     RouterV2(router_v2::RouterPre<StoreState>),
+    Guard(guard::GuardPre<StoreState>),
 }
 
 impl KindPre {
@@ -502,6 +508,7 @@ impl KindPre {
             PluginKind::Role => role::RolePre::new(pre).map(KindPre::Role),
             PluginKind::Aggregator => aggregator::AggregatorPre::new(pre).map(KindPre::Aggregator),
             PluginKind::Compressor => compressor::CompressorPre::new(pre).map(KindPre::Compressor),
+            PluginKind::Guard => guard::GuardPre::new(pre).map(KindPre::Guard),
             // The newest version first; a router exporting neither gets both reasons.
             PluginKind::Router => match router_v2::RouterPre::new(pre.clone()) {
                 Ok(pre) => Ok(KindPre::RouterV2(pre)),
