@@ -32,12 +32,17 @@ compile_error!(
     "staircase-sdk: enable exactly one of the features role, aggregator, compressor, router"
 );
 
-#[cfg(not(any(
-    feature = "role",
-    feature = "aggregator",
-    feature = "compressor",
-    feature = "router"
-)))]
+// A component needs a kind; a native build without one (`cargo package`'s verification,
+// `cargo doc`) compiles to an empty crate instead.
+#[cfg(all(
+    target_family = "wasm",
+    not(any(
+        feature = "role",
+        feature = "aggregator",
+        feature = "compressor",
+        feature = "router"
+    ))
+))]
 compile_error!("staircase-sdk: enable one of the features role, aggregator, compressor, router");
 
 /// The generated bindings of the world this plugin exports. Not part of the stable API: the
@@ -46,7 +51,7 @@ compile_error!("staircase-sdk: enable one of the features role, aggregator, comp
 pub mod bindings {
     #[cfg(feature = "role")]
     wit_bindgen::generate!({
-        path: "../wit/v0.1.0",
+        path: "wit/v0.1.0",
         world: "role",
         pub_export_macro: true,
         export_macro_name: "__export_world",
@@ -54,7 +59,7 @@ pub mod bindings {
     });
     #[cfg(feature = "aggregator")]
     wit_bindgen::generate!({
-        path: "../wit/v0.1.0",
+        path: "wit/v0.1.0",
         world: "aggregator",
         pub_export_macro: true,
         export_macro_name: "__export_world",
@@ -62,7 +67,7 @@ pub mod bindings {
     });
     #[cfg(feature = "compressor")]
     wit_bindgen::generate!({
-        path: "../wit/v0.1.0",
+        path: "wit/v0.1.0",
         world: "compressor",
         pub_export_macro: true,
         export_macro_name: "__export_world",
@@ -71,7 +76,7 @@ pub mod bindings {
     // Routers export 0.2.0 (the step's features and a reason); the host loads 0.1.0 ones too.
     #[cfg(feature = "router")]
     wit_bindgen::generate!({
-        path: "../wit/v0.2.0",
+        path: "wit/v0.2.0",
         world: "router",
         pub_export_macro: true,
         export_macro_name: "__export_world",
@@ -79,12 +84,12 @@ pub mod bindings {
     });
 }
 
-#[cfg(not(feature = "router"))]
+#[cfg(any(feature = "role", feature = "aggregator", feature = "compressor"))]
 pub use bindings::staircase::agent::types::{
     ChatMessage, GenerationParams, Role as Speaker, Source, UpstreamOutput,
 };
 
-#[cfg(not(feature = "router"))]
+#[cfg(any(feature = "role", feature = "aggregator", feature = "compressor"))]
 impl ChatMessage {
     /// A message from `role` with this content.
     pub fn new(role: Speaker, content: impl Into<String>) -> Self {
@@ -95,7 +100,7 @@ impl ChatMessage {
     }
 }
 
-#[cfg(not(feature = "router"))]
+#[cfg(any(feature = "role", feature = "aggregator", feature = "compressor"))]
 impl Default for GenerationParams {
     /// Greedy decoding of up to 256 tokens: the host's own default.
     fn default() -> Self {
@@ -110,6 +115,12 @@ impl Default for GenerationParams {
 }
 
 /// The host imports every plugin may use.
+#[cfg(any(
+    feature = "role",
+    feature = "aggregator",
+    feature = "compressor",
+    feature = "router"
+))]
 pub mod host {
     use crate::bindings::staircase::agent::host as raw;
     pub use crate::bindings::staircase::agent::host::LogLevel;
