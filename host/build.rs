@@ -19,6 +19,7 @@ const BUILTINS: &[&str] = &[
     "moa-aggregator",
     "truncate-compressor",
     "rule-router",
+    "pattern-guard",
 ];
 
 /// The target the guest crates compile to.

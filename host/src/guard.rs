@@ -38,8 +38,24 @@ pub enum Verdict {
     Stop(String),
 }
 
+/// Where a guarded stream's text comes from and goes to (WIT `stream-info`, whose window
+/// size the guard's manifest adds).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamInfo {
+    /// The node generating it (a plain model's answer: "answer").
+    pub node_id: String,
+    pub model: String,
+    /// True when the text goes to the client; false on an inner edge.
+    pub to_client: bool,
+}
+
 /// One stream's guard (WIT `guard-policy.guard-stream`).
 pub trait GuardSession: Send {
+    /// The most text to hold back for this guard (its manifest's `window-bytes`).
+    fn window_bytes(&self) -> usize {
+        DEFAULT_WINDOW_BYTES
+    }
+
     /// `window` is the text not yet released, ending with the `new_bytes` just generated
     /// (`tokens` tokens of the model).
     fn push(&mut self, window: &str, new_bytes: usize, tokens: u32)
@@ -93,13 +109,13 @@ pub struct Stage {
 }
 
 impl Stage {
-    /// `window_bytes` is clamped to `1..=MAX_WINDOW_BYTES`.
+    /// The window is the session's, clamped to `1..=MAX_WINDOW_BYTES`.
     pub fn new(
         name: impl Into<String>,
         session: Box<dyn GuardSession>,
-        window_bytes: usize,
         on_failure: OnFailure,
     ) -> Self {
+        let window_bytes = session.window_bytes();
         Self {
             name: name.into(),
             session,
@@ -380,8 +396,32 @@ mod tests {
         }
     }
 
-    /// Answers with a fixed verdict or error on every push, counting pushes.
+    /// Answers with a fixed verdict or error on every push.
     struct Scripted(Result<Verdict, &'static str>);
+
+    /// A session with a window of its own size.
+    struct Windowed<G>(G, usize);
+
+    impl<G: GuardSession> GuardSession for Windowed<G> {
+        fn window_bytes(&self) -> usize {
+            self.1
+        }
+        fn push(&mut self, window: &str, new: usize, tokens: u32) -> Result<Verdict, PolicyError> {
+            self.0.push(window, new, tokens)
+        }
+        fn finish(&mut self, window: &str) -> Result<Verdict, PolicyError> {
+            self.0.finish(window)
+        }
+    }
+
+    fn stage(
+        name: &str,
+        session: impl GuardSession + 'static,
+        window: usize,
+        on_failure: OnFailure,
+    ) -> Stage {
+        Stage::new(name, Box::new(Windowed(session, window)), on_failure)
+    }
 
     impl GuardSession for Scripted {
         fn push(&mut self, _: &str, _: usize, _: u32) -> Result<Verdict, PolicyError> {
@@ -393,11 +433,11 @@ mod tests {
     }
 
     fn redactor_chain(window: usize) -> GuardChain {
-        GuardChain::new(vec![Stage::new(
+        GuardChain::new(vec![stage(
             "redactor",
-            Box::new(Redactor {
+            Redactor {
                 secret: "sk-SECRET42",
-            }),
+            },
             window,
             OnFailure::Close,
         )])
@@ -448,9 +488,9 @@ mod tests {
 
     #[test]
     fn a_holding_guard_cannot_stall_its_stream_beyond_its_window() {
-        let mut chain = GuardChain::new(vec![Stage::new(
+        let mut chain = GuardChain::new(vec![stage(
             "hold",
-            Box::new(Scripted(Ok(Verdict::Release(0)))),
+            Scripted(Ok(Verdict::Release(0))),
             8,
             OnFailure::Close,
         )]);
@@ -470,10 +510,10 @@ mod tests {
 
     #[test]
     fn the_window_releases_whole_characters_only() {
-        let mut chain = GuardChain::new(vec![Stage::new(
+        // 2 falls inside "é" (bytes 1..3).
+        let mut chain = GuardChain::new(vec![stage(
             "mid-char",
-            // 2 falls inside "é" (bytes 1..3).
-            Box::new(Scripted(Ok(Verdict::Release(2)))),
+            Scripted(Ok(Verdict::Release(2))),
             64,
             OnFailure::Close,
         )]);
@@ -483,9 +523,9 @@ mod tests {
 
     #[test]
     fn a_stop_ends_the_stream_and_nothing_more_leaves() {
-        let mut chain = GuardChain::new(vec![Stage::new(
+        let mut chain = GuardChain::new(vec![stage(
             "stopper",
-            Box::new(Scripted(Ok(Verdict::Stop("banned topic".into())))),
+            Scripted(Ok(Verdict::Stop("banned topic".into()))),
             64,
             OnFailure::Close,
         )]);
@@ -500,9 +540,9 @@ mod tests {
     #[test]
     fn a_failing_guard_fails_closed_unless_opened() {
         for (on_failure, leaves) in [(OnFailure::Close, ""), (OnFailure::Open, "text")] {
-            let mut chain = GuardChain::new(vec![Stage::new(
+            let mut chain = GuardChain::new(vec![stage(
                 "broken",
-                Box::new(Scripted(Err("trapped"))),
+                Scripted(Err("trapped")),
                 64,
                 on_failure,
             )]);
@@ -552,9 +592,9 @@ mod tests {
                 text: String::new(),
             }],
         ] {
-            let mut chain = GuardChain::new(vec![Stage::new(
+            let mut chain = GuardChain::new(vec![stage(
                 "sloppy",
-                Box::new(Scripted(Ok(Verdict::Redact { edits, release: 0 }))),
+                Scripted(Ok(Verdict::Redact { edits, release: 0 })),
                 64,
                 OnFailure::Close,
             )]);
@@ -566,18 +606,18 @@ mod tests {
     #[test]
     fn chained_guards_see_only_what_the_guard_before_released() {
         let mut chain = GuardChain::new(vec![
-            Stage::new(
+            stage(
                 "first",
-                Box::new(Redactor {
+                Redactor {
                     secret: "sk-SECRET42",
-                }),
+                },
                 64,
                 OnFailure::Close,
             ),
             // Had the second seen the raw secret, "sk-[redacted]42" would leave.
-            Stage::new(
+            stage(
                 "second",
-                Box::new(Redactor { secret: "SECRET" }),
+                Redactor { secret: "SECRET" },
                 64,
                 OnFailure::Close,
             ),

@@ -278,6 +278,13 @@ pub trait PolicyProvider: Send + Sync {
         plugin: &str,
         config: &PluginConfig,
     ) -> Result<Box<dyn RouterPolicy>, PolicyError>;
+    /// A guard on one stream, whose `config` import sees `config`.
+    fn guard(
+        &self,
+        plugin: &str,
+        config: &PluginConfig,
+        info: &crate::guard::StreamInfo,
+    ) -> Result<Box<dyn crate::guard::GuardSession>, PolicyError>;
     /// Whether a plugin of that name exists, and of which kind (for validation).
     fn kind_of(&self, plugin: &str) -> Option<PluginKind>;
 }

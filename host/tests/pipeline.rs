@@ -355,6 +355,15 @@ impl PolicyProvider for TestPolicies {
         Ok(Box::new(LastModel))
     }
 
+    fn guard(
+        &self,
+        plugin: &str,
+        _config: &PluginConfig,
+        _info: &staircase::guard::StreamInfo,
+    ) -> Result<Box<dyn staircase::guard::GuardSession>, PolicyError> {
+        Err(PolicyError(format!("no guard `{plugin}` in these tests")))
+    }
+
     fn kind_of(&self, plugin: &str) -> Option<PluginKind> {
         match plugin {
             "proposer" | "broken" => Some(PluginKind::Role),

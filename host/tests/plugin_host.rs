@@ -1585,3 +1585,87 @@ fn count_tokens_is_bounded_in_size_and_by_the_call_deadline() {
         },
     );
 }
+
+/// The pattern guard's chain over `chunks`: all that left, and whether it stopped.
+fn guarded(registry: &Registry, config: &PluginConfig, chunks: &[&str]) -> (String, bool) {
+    use staircase::guard::{GuardChain, OnFailure, Stage, StreamInfo};
+    let info = StreamInfo {
+        node_id: "answer".into(),
+        model: "default".into(),
+        to_client: true,
+    };
+    let session = registry.guard("pattern-guard", config, &info).unwrap();
+    let mut chain = GuardChain::new(vec![Stage::new("pattern-guard", session, OnFailure::Close)]);
+    let mut out = String::new();
+    let mut stopped = false;
+    for chunk in chunks {
+        let outcome = chain.push(chunk, 1);
+        out.push_str(&outcome.released);
+        stopped |= outcome.stopped.is_some();
+    }
+    let outcome = chain.finish();
+    out.push_str(&outcome.released);
+    (out, stopped || outcome.stopped.is_some())
+}
+
+/// `text` cut into chunks of `size` bytes (on character boundaries).
+fn chunks_of(text: &str, size: usize) -> Vec<&str> {
+    let mut chunks = Vec::new();
+    let mut rest = text;
+    while !rest.is_empty() {
+        let mut at = size.min(rest.len());
+        while !rest.is_char_boundary(at) {
+            at += 1;
+        }
+        let (chunk, tail) = rest.split_at(at);
+        chunks.push(chunk);
+        rest = tail;
+    }
+    chunks
+}
+
+#[test]
+fn the_pattern_guard_redacts_secrets_split_across_any_chunks() {
+    let registry = registry_with(config());
+    assert_eq!(registry.kind_of("pattern-guard"), Some(PluginKind::Guard));
+    let text = "Mail ada@example.org, key sk-proj-4fGh8Jk2Lm9Np3Qr7St, card 4111 1111 1111 1111 \
+                (not 4111 1111 1111 1112), AWS AKIAIOSFODNN7EXAMPLE. Done — ok.";
+    let redacted = "Mail [redacted], key [redacted], card [redacted] \
+                    (not 4111 1111 1111 1112), AWS [redacted]. Done — ok.";
+    // One chunk, two, three, and every size down to one byte a chunk.
+    for size in [text.len(), text.len() / 2 + 1, text.len() / 3 + 1, 7, 3, 1] {
+        let (out, stopped) = guarded(&registry, &PluginConfig::new(), &chunks_of(text, size));
+        assert!(!stopped);
+        assert_eq!(out, redacted, "chunks of {size} bytes");
+    }
+    // An operator pattern and replacement, from the node's config.
+    let config: PluginConfig = [
+        ("kinds".to_string(), "email".to_string()),
+        ("patterns".to_string(), r"PIN \d{4}".to_string()),
+        ("replacement".to_string(), "***".to_string()),
+    ]
+    .into();
+    let (out, _) = guarded(&registry, &config, &chunks_of("a@b.co said PIN 1234.", 2));
+    assert_eq!(out, "*** said ***.");
+}
+
+#[test]
+fn a_guard_with_a_broken_pattern_does_not_start() {
+    let registry = registry_with(config());
+    let config: PluginConfig = [("patterns".to_string(), "(unclosed".to_string())].into();
+    let info = staircase::guard::StreamInfo {
+        node_id: "answer".into(),
+        model: "default".into(),
+        to_client: true,
+    };
+    // The constructor traps (saying why in the log): no session, so no text can pass
+    // unguarded.
+    let error = registry
+        .guard("pattern-guard", &config, &info)
+        .err()
+        .expect("a guard that cannot compile its pattern does not start");
+    assert!(
+        error.to_string().contains("guard-stream.constructor"),
+        "{error}"
+    );
+}

@@ -1,8 +1,8 @@
 //! `staircase-sdk`: write a Staircase agent plugin in plain Rust.
 //!
-//! Enable exactly one of the features `role`, `aggregator`, `compressor` or `router`, implement
-//! the matching trait ([`Role`], [`Aggregator`], [`Compressor`], [`Router`]) and export it with
-//! the matching macro. The generated WIT bindings stay behind these traits; the host imports
+//! Enable exactly one of the features `role`, `aggregator`, `compressor`, `router` or `guard`,
+//! implement the matching trait ([`Role`], [`Aggregator`], [`Compressor`], [`Router`],
+//! [`Guard`]) and export it with the matching macro. The generated WIT bindings stay behind these traits; the host imports
 //! (logging, clock, configuration, token counting, and the `model` import for compressors)
 //! are plain functions in [`host`] and [`model`].
 //!
@@ -20,16 +20,22 @@
 #[cfg(any(
     all(
         feature = "role",
-        any(feature = "aggregator", feature = "compressor", feature = "router")
+        any(
+            feature = "aggregator",
+            feature = "compressor",
+            feature = "router",
+            feature = "guard"
+        )
     ),
     all(
         feature = "aggregator",
-        any(feature = "compressor", feature = "router")
+        any(feature = "compressor", feature = "router", feature = "guard")
     ),
-    all(feature = "compressor", feature = "router"),
+    all(feature = "compressor", any(feature = "router", feature = "guard")),
+    all(feature = "router", feature = "guard"),
 ))]
 compile_error!(
-    "staircase-sdk: enable exactly one of the features role, aggregator, compressor, router"
+    "staircase-sdk: enable exactly one of the features role, aggregator, compressor, router, guard"
 );
 
 // A component needs a kind; a native build without one (`cargo package`'s verification,
@@ -40,10 +46,13 @@ compile_error!(
         feature = "role",
         feature = "aggregator",
         feature = "compressor",
-        feature = "router"
+        feature = "router",
+        feature = "guard"
     ))
 ))]
-compile_error!("staircase-sdk: enable one of the features role, aggregator, compressor, router");
+compile_error!(
+    "staircase-sdk: enable one of the features role, aggregator, compressor, router, guard"
+);
 
 /// The generated bindings of the world this plugin exports. Not part of the stable API: the
 /// export macros use it.
@@ -78,6 +87,15 @@ pub mod bindings {
     wit_bindgen::generate!({
         path: "wit/v0.2.0",
         world: "router",
+        pub_export_macro: true,
+        export_macro_name: "__export_world",
+        default_bindings_module: "staircase_sdk::bindings",
+    });
+    // Guards are new in 0.3.0.
+    #[cfg(feature = "guard")]
+    wit_bindgen::generate!({
+        path: "wit/v0.3.0",
+        world: "guard",
         pub_export_macro: true,
         export_macro_name: "__export_world",
         default_bindings_module: "staircase_sdk::bindings",
@@ -119,7 +137,8 @@ impl Default for GenerationParams {
     feature = "role",
     feature = "aggregator",
     feature = "compressor",
-    feature = "router"
+    feature = "router",
+    feature = "guard"
 ))]
 pub mod host {
     use crate::bindings::staircase::agent::host as raw;
@@ -348,5 +367,87 @@ macro_rules! export_router {
             }
         }
         $crate::bindings::__export_world!(__StaircaseRouter with_types_in $crate::bindings);
+    };
+}
+
+// ---------------------------------------------------------------------------------------
+// guard
+
+#[cfg(feature = "guard")]
+pub use bindings::exports::staircase::agent::guard_policy::{Edit, Redaction, StreamInfo, Verdict};
+
+#[cfg(feature = "guard")]
+impl Edit {
+    /// Replace the window's bytes `start..end` with `text`.
+    pub fn new(start: usize, end: usize, text: impl Into<String>) -> Self {
+        Self {
+            start: start as u32,
+            end: end as u32,
+            text: text.into(),
+        }
+    }
+}
+
+#[cfg(feature = "guard")]
+impl Verdict {
+    /// Release the window's first `bytes` bytes unchanged (0: hold everything).
+    pub fn release(bytes: usize) -> Self {
+        Verdict::Release(bytes as u32)
+    }
+
+    /// Apply `edits` (in order, not overlapping), then release the edited window's first
+    /// `release` bytes.
+    pub fn redact(edits: Vec<Edit>, release: usize) -> Self {
+        Verdict::Redact(Redaction {
+            edits,
+            release: release as u32,
+        })
+    }
+}
+
+/// An output guard: one value per stream. `push` sees the whole window (the text not yet
+/// released, ending with the new chunk), so a pattern split across chunks is seen whole.
+#[cfg(feature = "guard")]
+pub trait Guard: 'static {
+    fn new(info: StreamInfo) -> Self;
+    fn push(&mut self, window: &str, new_bytes: usize, tokens: u32) -> Verdict;
+    /// The end of the stream; releases whatever it does not stop or redact.
+    fn finish(&mut self, window: &str) -> Verdict {
+        self.push(window, 0, 0)
+    }
+}
+
+/// Exports a type implementing [`Guard`] as this component's `guard-policy`.
+#[cfg(feature = "guard")]
+#[macro_export]
+macro_rules! export_guard {
+    ($t:ty) => {
+        #[doc(hidden)]
+        pub struct __StaircaseGuard;
+        /// Adapts the guard to the generated resource, whose methods take `&self`.
+        #[doc(hidden)]
+        pub struct __StaircaseGuardStream(core::cell::RefCell<$t>);
+        impl $crate::bindings::exports::staircase::agent::guard_policy::Guest for __StaircaseGuard {
+            type GuardStream = __StaircaseGuardStream;
+        }
+        impl $crate::bindings::exports::staircase::agent::guard_policy::GuestGuardStream
+            for __StaircaseGuardStream
+        {
+            fn new(info: $crate::StreamInfo) -> Self {
+                __StaircaseGuardStream(core::cell::RefCell::new(<$t as $crate::Guard>::new(info)))
+            }
+            fn push(&self, window: String, new_bytes: u32, tokens: u32) -> $crate::Verdict {
+                <$t as $crate::Guard>::push(
+                    &mut self.0.borrow_mut(),
+                    &window,
+                    new_bytes as usize,
+                    tokens,
+                )
+            }
+            fn finish(&self, window: String) -> $crate::Verdict {
+                <$t as $crate::Guard>::finish(&mut self.0.borrow_mut(), &window)
+            }
+        }
+        $crate::bindings::__export_world!(__StaircaseGuard with_types_in $crate::bindings);
     };
 }

@@ -13,8 +13,8 @@ use serde::Serialize;
 use crate::engine::ChatMessage;
 use crate::pipeline::Pipeline;
 use crate::plugin::{
-    AggregatorInstance, CompressorInstance, LoadedPlugin, PluginError, Registry, RoleInstance,
-    RouterInstance,
+    AggregatorInstance, CompressorInstance, GuardInstance, LoadedPlugin, PluginError, Registry,
+    RoleInstance, RouterInstance,
 };
 use crate::policy::{
     AggregatorSession, CompressorPolicy, PluginConfig, PluginKind, PolicyError, PolicyProvider,
@@ -159,6 +159,20 @@ impl PolicyProvider for Pinned {
             self.registry.runtime(),
             self.get(plugin)?,
             config,
+        )?))
+    }
+
+    fn guard(
+        &self,
+        plugin: &str,
+        config: &PluginConfig,
+        info: &crate::guard::StreamInfo,
+    ) -> Result<Box<dyn crate::guard::GuardSession>, PolicyError> {
+        Ok(Box::new(GuardInstance::with_config(
+            self.registry.runtime(),
+            self.get(plugin)?,
+            config,
+            info,
         )?))
     }
 

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::engine::{ChatMessage, SamplingParams};
+use crate::guard::{GuardSession, Verdict};
 use crate::policy::{
     AggregatorSession, CompressorPolicy, Demand, PluginConfig, PluginKind, PolicyError,
     PolicyProvider, RoleInput, RolePolicy, RouteChoice, RouteRequest, RouterPolicy, Source, Step,
@@ -214,8 +215,45 @@ impl PolicyProvider for MeteredProvider {
         Ok(Box::new(MeteredRouter { inner, meter }))
     }
 
+    fn guard(
+        &self,
+        plugin: &str,
+        config: &PluginConfig,
+        info: &crate::guard::StreamInfo,
+    ) -> Result<Box<dyn GuardSession>, PolicyError> {
+        let meter = self.metered(plugin);
+        let inner = meter.call(|| self.inner.guard(plugin, config, info))?;
+        Ok(Box::new(MeteredGuard { inner, meter }))
+    }
+
     fn kind_of(&self, plugin: &str) -> Option<PluginKind> {
         self.inner.kind_of(plugin)
+    }
+}
+
+struct MeteredGuard {
+    inner: Box<dyn GuardSession>,
+    meter: Meter,
+}
+
+impl GuardSession for MeteredGuard {
+    fn window_bytes(&self) -> usize {
+        self.inner.window_bytes()
+    }
+
+    fn push(
+        &mut self,
+        window: &str,
+        new_bytes: usize,
+        tokens: u32,
+    ) -> Result<Verdict, PolicyError> {
+        let inner = &mut self.inner;
+        self.meter.call(|| inner.push(window, new_bytes, tokens))
+    }
+
+    fn finish(&mut self, window: &str) -> Result<Verdict, PolicyError> {
+        let inner = &mut self.inner;
+        self.meter.call(|| inner.finish(window))
     }
 }
 

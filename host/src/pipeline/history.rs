@@ -541,6 +541,14 @@ mod tests {
         fn router(&self, _: &str, _: &PluginConfig) -> Result<Box<dyn RouterPolicy>, PolicyError> {
             Err(PolicyError("no routers".into()))
         }
+        fn guard(
+            &self,
+            _: &str,
+            _: &PluginConfig,
+            _: &crate::guard::StreamInfo,
+        ) -> Result<Box<dyn crate::guard::GuardSession>, PolicyError> {
+            Err(PolicyError("no guards".into()))
+        }
         fn kind_of(&self, _: &str) -> Option<PluginKind> {
             Some(PluginKind::Compressor)
         }

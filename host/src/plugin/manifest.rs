@@ -59,6 +59,10 @@ pub struct Limits {
     /// Wall time of one call into the plugin, in milliseconds.
     #[serde(default = "default_call_ms")]
     pub call_ms: u32,
+    /// A guard's hold-back window, in bytes (other kinds ignore it): the most text the host
+    /// holds for it, up to [`crate::guard::MAX_WINDOW_BYTES`].
+    #[serde(default = "default_window_bytes")]
+    pub window_bytes: u32,
 }
 
 fn default_memory_mib() -> u32 {
@@ -69,11 +73,16 @@ fn default_call_ms() -> u32 {
     DEFAULT_CALL_MS
 }
 
+fn default_window_bytes() -> u32 {
+    crate::guard::DEFAULT_WINDOW_BYTES as u32
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Self {
             memory_mib: DEFAULT_MEMORY_MIB,
             call_ms: DEFAULT_CALL_MS,
+            window_bytes: default_window_bytes(),
         }
     }
 }
@@ -132,8 +141,16 @@ impl Manifest {
                 "version must be 1 to {MAX_NAME_BYTES} bytes"
             )));
         }
-        if manifest.limits.memory_mib == 0 || manifest.limits.call_ms == 0 {
+        let limits = manifest.limits;
+        if limits.memory_mib == 0 || limits.call_ms == 0 || limits.window_bytes == 0 {
             return Err(ManifestError("limits must be positive".into()));
+        }
+        if limits.window_bytes as usize > crate::guard::MAX_WINDOW_BYTES {
+            return Err(ManifestError(format!(
+                "window-bytes {} is over the host's maximum of {}",
+                limits.window_bytes,
+                crate::guard::MAX_WINDOW_BYTES
+            )));
         }
         Ok(manifest)
     }

@@ -482,13 +482,13 @@ pub(crate) fn self_test(
                 .map_err(fail)?;
         }
         PluginKind::Guard => {
-            let info = GuardStreamInfo {
+            let info = crate::guard::StreamInfo {
                 node_id: "canary".into(),
                 model: "canary".into(),
                 to_client: true,
-                window_bytes: crate::guard::DEFAULT_WINDOW_BYTES,
             };
-            let mut guard = GuardInstance::new(runtime, plugin, &info).map_err(fail)?;
+            let mut guard = GuardInstance::with_config(runtime, plugin, &BTreeMap::new(), &info)
+                .map_err(fail)?;
             guard.try_push("The answer is", 13, 3).map_err(fail)?;
             guard.try_finish("The answer is 4.").map_err(fail)?;
         }
@@ -496,32 +496,28 @@ pub(crate) fn self_test(
     Ok(())
 }
 
-/// Where a guarded stream comes from and goes to (WIT 0.3.0 `stream-info`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct GuardStreamInfo {
-    pub node_id: String,
-    pub model: String,
-    pub to_client: bool,
-    pub window_bytes: usize,
-}
-
 /// A guard plugin's stream (WIT 0.3.0 `guard-stream`).
 pub struct GuardInstance {
     instance: PluginInstance,
     bindings: guard::Guard,
     stream: ResourceAny,
+    window_bytes: usize,
 }
 
 impl GuardInstance {
-    pub fn new(
+    /// A guard on the stream `info` describes, whose `config` import also sees `config`
+    /// (the guarding pipeline's or model's settings, which win over the operator's).
+    pub fn with_config(
         runtime: &PluginRuntime,
         plugin: &Arc<LoadedPlugin>,
-        info: &GuardStreamInfo,
+        config: &BTreeMap<String, String>,
+        info: &crate::guard::StreamInfo,
     ) -> Result<Self, PluginError> {
         if !matches!(plugin.pre, KindPre::Guard(_)) {
             return Err(wrong_kind(plugin, PluginKind::Guard));
         }
-        let mut instance = PluginInstance::store(runtime, plugin);
+        let window_bytes = plugin.manifest.limits.window_bytes as usize;
+        let mut instance = PluginInstance::store_with(runtime, plugin, Some(config));
         let bindings = instance.instantiate(|store, pre| match pre {
             KindPre::Guard(pre) => pre.instantiate(store),
             _ => Err(wasmtime::format_err!("not a guard")),
@@ -530,7 +526,7 @@ impl GuardInstance {
             node_id: info.node_id.clone(),
             model: info.model.clone(),
             to_client: info.to_client,
-            window_bytes: u32::try_from(info.window_bytes).unwrap_or(u32::MAX),
+            window_bytes: plugin.manifest.limits.window_bytes,
         };
         let api = bindings.staircase_agent_guard_policy().guard_stream();
         let stream = instance.call("guard-stream.constructor", |s| {
@@ -540,6 +536,7 @@ impl GuardInstance {
             instance,
             bindings,
             stream,
+            window_bytes,
         })
     }
 
@@ -561,9 +558,9 @@ impl GuardInstance {
     pub fn try_finish(&mut self, window: &str) -> Result<crate::guard::Verdict, PluginError> {
         let api = self.bindings.staircase_agent_guard_policy().guard_stream();
         let stream = self.stream;
-        let verdict = self
-            .instance
-            .call("guard-stream.finish", |s| api.call_finish(s, stream, window))?;
+        let verdict = self.instance.call("guard-stream.finish", |s| {
+            api.call_finish(s, stream, window)
+        })?;
         self.verdict_from_wit("guard-stream.finish", verdict)
     }
 
@@ -603,6 +600,10 @@ impl GuardInstance {
 }
 
 impl crate::guard::GuardSession for GuardInstance {
+    fn window_bytes(&self) -> usize {
+        self.window_bytes
+    }
+
     fn push(
         &mut self,
         window: &str,

@@ -38,7 +38,9 @@ use super::builtin;
 use super::error::{MAX_ERROR_DETAIL_BYTES, PluginError, clip};
 use super::folder::{FolderReadError, read_regular, read_regular_text};
 use super::manifest::Manifest;
-use super::policies::{AggregatorInstance, CompressorInstance, RoleInstance, RouterInstance};
+use super::policies::{
+    AggregatorInstance, CompressorInstance, GuardInstance, RoleInstance, RouterInstance,
+};
 use super::runtime::{LoadedPlugin, PluginRuntime};
 use crate::engine::ChatMessage;
 use crate::policy::{
@@ -887,6 +889,20 @@ impl PolicyProvider for Registry {
             &self.runtime,
             &self.get_or_err(plugin)?,
             config,
+        )?))
+    }
+
+    fn guard(
+        &self,
+        plugin: &str,
+        config: &PluginConfig,
+        info: &crate::guard::StreamInfo,
+    ) -> Result<Box<dyn crate::guard::GuardSession>, PolicyError> {
+        Ok(Box::new(GuardInstance::with_config(
+            &self.runtime,
+            &self.get_or_err(plugin)?,
+            config,
+            info,
         )?))
     }
 
