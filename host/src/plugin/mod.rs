@@ -1,6 +1,6 @@
 //! The WebAssembly plugin host: sandbox, loading, compiled-code cache and hot reload.
 //!
-//! Every agent policy (role, aggregator, compressor, router) is a component exporting one
+//! Every agent policy (role, aggregator, compressor, router, guard) is a component exporting one
 //! world of `wit/v0.1.0/agent.wit`. This room owns wasmtime: one [`PluginRuntime`] (one
 //! `wasmtime::Engine`, pooling allocator, epoch ticker, linker with the host imports), the
 //! on-disk compiled-code cache, and the [`Registry`] that loads, type-checks, canaries and
