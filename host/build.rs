@@ -20,6 +20,7 @@ const BUILTINS: &[&str] = &[
     "truncate-compressor",
     "rule-router",
     "pattern-guard",
+    "phrase-guard",
 ];
 
 /// The target the guest crates compile to.

@@ -7,9 +7,9 @@
 //! guard means (fail closed by default). It never touches wasmtime, HTTP or the engine: a
 //! guard is a [`GuardSession`], and the caller feeds chunks and sends what comes out.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::policy::PolicyError;
+use crate::policy::{PluginConfig, PolicyError, PolicyProvider};
 
 /// The hold-back window when a guard's manifest names none: long enough for an API key, a
 /// card number or an e-mail address split over many chunks, short enough that the client
@@ -18,6 +18,67 @@ pub const DEFAULT_WINDOW_BYTES: usize = 256;
 
 /// The largest window a guard may ask for: beyond it a stream stops being a stream.
 pub const MAX_WINDOW_BYTES: usize = 64 * 1024;
+
+/// One guard as a pipeline file or `staircase.toml` names it (`[[guards]]`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuardSpec {
+    /// The guard plugin's name.
+    pub plugin: String,
+    /// What its `config` import sees, over the operator's `[plugins.config]`.
+    #[serde(default)]
+    pub config: PluginConfig,
+    /// A guard that fails (trap, deadline, limits) lets its stream go on unguarded by it
+    /// instead of stopping it. Off by default: a broken guard must not leak.
+    #[serde(default)]
+    pub fail_open: bool,
+    /// In `staircase.toml`: only the answers of these served models and pipelines (all
+    /// when empty). Not allowed in a pipeline file, whose guards guard it alone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<String>,
+}
+
+impl GuardSpec {
+    /// Whether this guard guards the served model or pipeline `name`.
+    pub fn covers(&self, name: &str) -> bool {
+        self.models.is_empty() || self.models.iter().any(|m| m == name)
+    }
+}
+
+/// The chain of `specs`, in order, for the stream `info` describes. A guard that cannot
+/// start fails the stream (its error names it) unless it is `fail_open`, when it is left out.
+pub fn open_chain(
+    policies: &dyn PolicyProvider,
+    specs: &[GuardSpec],
+    info: &StreamInfo,
+) -> Result<(GuardChain, Vec<GuardEvent>), PolicyError> {
+    let mut stages = Vec::with_capacity(specs.len());
+    let mut events = Vec::new();
+    for spec in specs {
+        match policies.guard(&spec.plugin, &spec.config, info) {
+            Ok(session) => {
+                let on_failure = if spec.fail_open {
+                    OnFailure::Open
+                } else {
+                    OnFailure::Close
+                };
+                stages.push(Stage::new(spec.plugin.clone(), session, on_failure));
+            }
+            Err(error) if spec.fail_open => events.push(GuardEvent::Failed {
+                guard: spec.plugin.clone(),
+                error: error.to_string(),
+                open: true,
+            }),
+            Err(error) => {
+                return Err(PolicyError(format!(
+                    "guard {} did not start: {error}",
+                    spec.plugin
+                )));
+            }
+        }
+    }
+    Ok((GuardChain::new(stages), events))
+}
 
 /// Replace `start..end` (bytes of the window) with `text`.
 #[derive(Clone, Debug, PartialEq, Eq)]

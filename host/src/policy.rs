@@ -430,7 +430,9 @@ mod tests {
         let err = "judge".parse::<PluginKind>().err().map(|e| e.to_string());
         assert_eq!(
             err.as_deref(),
-            Some("unknown plugin kind `judge` (known: role, aggregator, compressor, router, guard)")
+            Some(
+                "unknown plugin kind `judge` (known: role, aggregator, compressor, router, guard)"
+            )
         );
         assert_eq!(PluginKind::Aggregator.with_article(), "an aggregator");
         assert_eq!(PluginKind::Router.with_article(), "a router");

@@ -43,6 +43,11 @@
 //! allowed_hosts = ["box.lan"]        # Host names a key-less server answers, beyond loopback
 //! metrics_require_key = false        # /metrics asks for the key too
 //! allow_unauthenticated = false      # let a key-less server bind a non-loopback address
+//! [[guards]]                         # output guards on every answer (README: Output guards)
+//! plugin = "pattern-guard"
+//! models = ["default"]               # only these served models and pipelines (default: all)
+//! fail_open = false                  # a failing guard stops its stream (default)
+//! config = { kinds = "email,card" }
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -107,6 +112,10 @@ pub struct Config {
     pub sandbox: SandboxConfig,
     #[serde(default)]
     pub server: ServerConfig,
+    /// Output guards on the server's answers (`[[guards]]`, each optionally limited to some
+    /// served `models`), after a pipeline's own.
+    #[serde(default)]
+    pub guards: Vec<crate::guard::GuardSpec>,
 }
 
 /// One named model. `kind` selects the backend (`local` or `remote`); any other kind is a

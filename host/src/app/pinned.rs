@@ -39,7 +39,7 @@ pub struct Pinned {
 }
 
 /// Every plugin name `pipeline` uses: its nodes', their routers' and their history
-/// compressors'.
+/// compressors', and its output guards'.
 pub fn plugin_names(pipeline: &Pipeline) -> Vec<String> {
     let mut names: Vec<String> = pipeline
         .nodes
@@ -52,6 +52,7 @@ pub fn plugin_names(pipeline: &Pipeline) -> Vec<String> {
             let compressor = n.history.as_ref().map(|h| &h.compressor);
             std::iter::once(&n.plugin).chain(router).chain(compressor)
         })
+        .chain(pipeline.guards.iter().map(|g| &g.plugin))
         .cloned()
         .collect();
     names.sort();

@@ -348,6 +348,9 @@ pub struct Pipeline {
     /// The `[tune]` table, read by `staircase tune`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tune: Option<toml::Table>,
+    /// Output guards on the answer (`[[guards]]`), in order, before the server's own.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub guards: Vec<crate::guard::GuardSpec>,
 }
 
 // ---- the file as written -------------------------------------------------------------
@@ -368,6 +371,8 @@ struct RawFile {
     #[serde(default)]
     variants: Vec<toml::Table>,
     tune: Option<toml::Table>,
+    #[serde(default)]
+    guards: Vec<crate::guard::GuardSpec>,
 }
 
 #[derive(Deserialize)]
@@ -603,9 +608,21 @@ impl Pipeline {
             quality: raw.quality,
             variants: super::variants::parse(&raw.variants, origin)?,
         };
+        if let Some(guard) = raw.guards.iter().find(|g| !g.models.is_empty()) {
+            return Err(err(
+                None,
+                SpecErrorKind::BadField {
+                    node: format!("guards ({})", guard.plugin),
+                    reason:
+                        "`models` belongs in staircase.toml; a pipeline's guards guard it alone"
+                            .into(),
+                },
+            ));
+        }
         Ok(Pipeline {
             adaptive,
             tune: raw.tune,
+            guards: raw.guards,
             name: raw.name.unwrap_or_else(|| {
                 Path::new(origin)
                     .file_stem()
@@ -692,6 +709,10 @@ impl Pipeline {
                     node.lines.node,
                 )?;
             }
+        }
+        let answering = self.node(self.output);
+        for guard in &self.guards {
+            check_plugin(answering, &guard.plugin, PluginKind::Guard, None)?;
         }
         for variant in &self.adaptive.variants {
             variant.pipeline.check_bindings(kind_of, models)?;

@@ -55,6 +55,8 @@ struct Finish {
     reason: &'static str,
     usage: Usage,
     report: Value,
+    /// Why an output guard stopped the answer (`finish_reason` is then `content_filter`).
+    refusal: Option<String>,
 }
 
 /// Identity of one response, shared by all of its chunks.
@@ -92,6 +94,7 @@ impl Meta {
                 delta: Delta {
                     role: None,
                     content: text,
+                    refusal: None,
                 },
                 finish_reason: reason,
                 logprobs: None,
@@ -365,6 +368,7 @@ async fn whole(
                     message: openai::OutMessage {
                         role: "assistant",
                         content: &answer,
+                        refusal: finish.refusal.as_deref(),
                     },
                     finish_reason: finish.reason,
                     logprobs: None,
@@ -435,6 +439,7 @@ fn streamed(
                 delta: Delta {
                     role: Some("assistant"),
                     content: Some(""),
+                    refusal: None,
                 },
                 finish_reason: None,
                 logprobs: None,
@@ -478,7 +483,11 @@ fn streamed(
             .and_then(Value::as_str)
             .unwrap_or(&meta.fingerprint)
             .to_string();
-        let mut last = meta.chunk(&fp, vec![meta.chunk_choice(None, Some(finish.reason))]);
+        let mut end = meta.chunk_choice(None, Some(finish.reason));
+        if let AnyChunkChoice::Chat(choice) = &mut end {
+            choice.delta.refusal = finish.refusal.as_deref();
+        }
+        let mut last = meta.chunk(&fp, vec![end]);
         if chat.include_usage {
             let _ = sse.send(json_event(&last)).await;
             last.choices.clear();
@@ -543,8 +552,82 @@ fn json_event(value: &impl serde::Serialize) -> Event {
     Event::default().data(serde_json::to_string(value).unwrap_or_default())
 }
 
-/// Runs the request, sending answer text to `text` as it is generated.
+/// Runs the request, sending answer text to `text` as it is generated, through the output
+/// guards that cover it: the pipeline's own, then `staircase.toml`'s.
 async fn execute(
+    state: &ServerState,
+    chat: &Chat,
+    target: Work,
+    id: &str,
+    tenant: &Tenant,
+    text: mpsc::UnboundedSender<String>,
+) -> Result<Finish, ApiError> {
+    let (mut specs, answering) = match &target {
+        Work::Pipeline(version, _) => {
+            let pipeline = &version.pipeline;
+            (
+                pipeline.guards.clone(),
+                pipeline.node(pipeline.output).id.clone(),
+            )
+        }
+        Work::Model(_) => (Vec::new(), "answer".to_string()),
+    };
+    let config = state.app.config();
+    specs.extend(
+        config
+            .guards
+            .iter()
+            .filter(|g| g.covers(&chat.model))
+            .cloned(),
+    );
+    if specs.is_empty() {
+        return execute_unguarded(state, chat, target, id, tenant, text).await;
+    }
+    let info = crate::guard::StreamInfo {
+        node_id: answering,
+        model: chat.model.clone(),
+        to_client: true,
+    };
+    let (chain, unopened) = crate::guard::open_chain(state.app.registry().as_ref(), &specs, &info)
+        .map_err(|error| {
+            tracing::error!(request_id = id, %error, "an output guard did not start");
+            ApiError::run_failed(error.to_string())
+        })?;
+    let (raw_tx, raw_rx) = mpsc::unbounded_channel();
+    let work = execute_unguarded(state, chat, target, id, tenant, raw_tx);
+    let pool = state.app.runner().guest_pool().clone();
+    let (result, mut report) = super::output_guard::relay(chain, pool, work, raw_rx, text).await;
+    report.events.splice(0..0, unopened);
+    for event in &report.events {
+        state.metrics.guard_event(&chat.model, event);
+    }
+    let guards = json!({
+        "events": report.events,
+        "withheld_bytes": report.withheld_bytes,
+        "stopped": report.stopped,
+    });
+    let mut finish = match result {
+        Some(result) => result?,
+        // Stopped mid-answer: the run was cancelled; its usage counts the chunks it sent.
+        None => Finish {
+            reason: "content_filter",
+            usage: Usage::new(0, 0, report.chunks),
+            report: json!({ "run_id": id }),
+            refusal: None,
+        },
+    };
+    if let Some(reason) = report.stopped {
+        finish.reason = "content_filter";
+        finish.refusal = Some(reason);
+    }
+    if let Value::Object(map) = &mut finish.report {
+        map.insert("guards".into(), guards);
+    }
+    Ok(finish)
+}
+
+/// [`execute`] without guards.
+async fn execute_unguarded(
     state: &ServerState,
     chat: &Chat,
     target: Work,
@@ -709,6 +792,7 @@ async fn run_pipeline(
         reason,
         usage,
         report: value,
+        refusal: None,
     })
 }
 
@@ -837,6 +921,7 @@ async fn generate(
                             "finished": timings.finished.as_secs_f64() * 1e3,
                         },
                     }),
+                    refusal: None,
                 });
             }
         }

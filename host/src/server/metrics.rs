@@ -153,6 +153,28 @@ impl Metrics {
         counter!("staircase_requests_cancelled_total", "model" => model.to_string()).increment(1);
     }
 
+    /// An output guard's verdict on an answer of `model` (not every release: only what
+    /// changed the text or the stream).
+    pub(crate) fn guard_event(&self, model: &str, event: &crate::guard::GuardEvent) {
+        use crate::guard::GuardEvent;
+        let (guard, verdict) = match event {
+            GuardEvent::Redacted { guard, .. } => (guard, "redacted"),
+            GuardEvent::Stopped { guard, .. } => (guard, "stopped"),
+            GuardEvent::Failed {
+                guard, open: true, ..
+            } => (guard, "failed_open"),
+            GuardEvent::Failed { guard, .. } => (guard, "failed_closed"),
+            GuardEvent::Overflowed { guard, .. } => (guard, "overflowed"),
+        };
+        counter!(
+            "staircase_guard_verdicts_total",
+            "model" => model.to_string(),
+            "guard" => guard.clone(),
+            "verdict" => verdict
+        )
+        .increment(1);
+    }
+
     /// A run failed in a plugin.
     pub(crate) fn plugin_failure(&self, plugin: &str, message: &str) {
         let cause = if message.contains("deadline") || message.contains("timed out") {

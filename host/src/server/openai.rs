@@ -559,6 +559,9 @@ pub struct Choice<'a> {
 pub struct OutMessage<'a> {
     pub role: &'static str,
     pub content: &'a str,
+    /// Why an output guard stopped the answer (OpenAI's field for a refusal).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<&'a str>,
 }
 
 /// One `chat.completion.chunk` or streamed `text_completion`.
@@ -590,6 +593,8 @@ pub struct Delta<'a> {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<&'a str>,
 }
 
 #[cfg(test)]

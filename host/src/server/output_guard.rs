@@ -1,0 +1,89 @@
+//! Output guards between a run and its client: the answer's text passes the request's
+//! [`GuardChain`] before it reaches the response, identically for a stream and a whole
+//! answer. Guard calls run on the policy pool, off the async runtime, while the model keeps
+//! generating; a stop cancels the run. This room only relays: the window's rules live in
+//! [`crate::guard`], the wire format in `chat`.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use crate::guard::{GuardChain, GuardEvent, Outcome};
+use crate::pipeline::{Guest, GuestPool};
+
+/// What the guards did to one answer.
+#[derive(Debug, Default)]
+pub(crate) struct GuardReport {
+    /// Why the stream stopped (a guard's stop, or a guard that failed closed).
+    pub stopped: Option<String>,
+    pub events: Vec<GuardEvent>,
+    /// Bytes generated that the client never saw (held, redacted or cut off).
+    pub withheld_bytes: usize,
+    /// Chunks the run generated (about one token each).
+    pub chunks: u32,
+}
+
+/// Runs `work`, which sends its answer's text to `raw`, and relays to `client` only what
+/// `chain` releases. `work`'s result is `None` when a guard stopped the stream first (the
+/// run is dropped, cancelling it).
+pub(crate) async fn relay<R>(
+    chain: GuardChain,
+    pool: Arc<GuestPool>,
+    work: impl Future<Output = R>,
+    mut raw: mpsc::UnboundedReceiver<String>,
+    client: mpsc::UnboundedSender<String>,
+) -> (Option<R>, GuardReport) {
+    let mut chain = Guest::new(pool, Box::new(chain));
+    let mut report = GuardReport::default();
+    let mut result = None;
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            // The run's text first: a stop seen in it cancels the run before it goes on.
+            biased;
+            text = raw.recv() => match text {
+                Some(text) => {
+                    report.chunks += 1;
+                    let outcome = chain.call(move |c| Ok(c.push(&text, 1))).await;
+                    if !take(outcome, &client, &mut report) {
+                        return (None, finish(chain, report).await);
+                    }
+                }
+                // `work` finished and dropped its sender: the whole answer went through.
+                None => break,
+            },
+            done = &mut work, if result.is_none() => result = Some(done),
+        }
+    }
+    let outcome = chain.call(|c| Ok(c.finish())).await;
+    take(outcome, &client, &mut report);
+    (result, finish(chain, report).await)
+}
+
+/// Sends what an outcome released and records it; false once the stream stopped.
+fn take(
+    outcome: Result<Outcome, crate::policy::PolicyError>,
+    client: &mpsc::UnboundedSender<String>,
+    report: &mut GuardReport,
+) -> bool {
+    let outcome = outcome.unwrap_or_else(|error| Outcome {
+        // The pool lost the chain (a panic on its thread): nothing more may pass.
+        stopped: Some(format!("the guards failed: {error}")),
+        ..Outcome::default()
+    });
+    if !outcome.released.is_empty() {
+        let _ = client.send(outcome.released);
+    }
+    report.events.extend(outcome.events);
+    if let Some(reason) = outcome.stopped {
+        report.stopped = Some(reason);
+        return false;
+    }
+    true
+}
+
+async fn finish(mut chain: Guest<GuardChain>, mut report: GuardReport) -> GuardReport {
+    report.withheld_bytes = chain.call(|c| Ok(c.withheld_bytes())).await.unwrap_or(0);
+    report
+}
