@@ -131,7 +131,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // Every declared variant is checked up front, so a broken one is named before any run.
     runner.check(&declared)?;
     // One-shot: the load is what the engines report (a remote one may be shared).
-    let (mut pipeline, choice) = crate::tune::adaptive::choose(
+    let (mut pipeline, choice) = crate::pipeline::adaptive::choose(
         runner,
         &declared,
         &RunRequest::prompt(args.prompt.clone(), args.mode),
@@ -153,7 +153,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         View::Plain
     };
     let mut report = super::runtime()?.block_on(drive(runner, &pipeline, &args, view))?;
-    report.variant = choice.and_then(|c| serde_json::to_value(c).ok());
+    report.variant = choice;
     if let Some(path) = &args.trace {
         std::fs::write(path, report.trace().to_json())
             .with_context(|| format!("cannot write {}", path.display()))?;

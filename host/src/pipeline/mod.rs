@@ -6,15 +6,18 @@
 //! derives a finished run's figures from it, `role_session` drives agents that read other
 //! nodes, `budget` bounds a run whatever its plugins do, `guest` runs every policy call on a
 //! bounded pool off the async runtime, `variants` reads the alternatives a
-//! file declares for load-adaptive runs. Policies come in through the traits of
+//! file declares for load-adaptive runs, `predict` models a pipeline's critical path before it
+//! runs and `adaptive` chooses which declared variant a request runs under the load now. Policies come in through the traits of
 //! [`crate::policy`], which the plugin host implements; nothing here touches wasmtime or
 //! llama.cpp directly.
 
+pub mod adaptive;
 pub mod budget;
 pub mod critical;
 pub mod examples;
 pub mod guest;
 pub mod history;
+pub mod predict;
 pub mod record;
 pub mod report;
 pub mod role_session;

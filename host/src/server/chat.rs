@@ -636,7 +636,7 @@ async fn run_pipeline(
     // load its engines report now (runs admitted before this one are on them already).
     let budget = chat.latency_budget_ms.map(std::time::Duration::from_millis);
     let (chosen, choice) =
-        crate::tune::adaptive::choose(state.app.runner(), &version.pipeline, &request, budget);
+        crate::pipeline::adaptive::choose(state.app.runner(), &version.pipeline, &request, budget);
     if let Some(choice) = &choice {
         state
             .metrics
@@ -666,7 +666,7 @@ async fn run_pipeline(
         on_event(event);
     }
     let mut report = result.map_err(|error| run_error(state, &pipeline, id, error))?;
-    report.variant = choice.and_then(|c| serde_json::to_value(c).ok());
+    report.variant = choice;
     let output = &report.nodes[pipeline.output.0];
     let cap = pipeline.node(pipeline.output).params.max_tokens;
     let reason = if cap.is_some_and(|cap| output.output_tokens >= cap) {

@@ -12,8 +12,9 @@
 //! faster runners-up. Like `eval`, this room works through public APIs (the runner, the
 //! engine trait, the eval runner); printing and files are the CLI's.
 
-pub mod adaptive;
-pub mod predict;
+// Run-time variant choice and the critical-path model it shares with the search live beside
+// the pipeline (a server chooses per request); re-exported where the tuner's callers found them.
+pub use crate::pipeline::{adaptive, predict};
 pub mod probe;
 pub mod report;
 pub mod search;
