@@ -121,17 +121,6 @@ impl ServerState {
         }))
     }
 
-    /// A fresh completion id, also the run's id: `chatcmpl-` and 128 random bits in hex, so
-    /// no id tells another (or how many runs there were).
-    pub(crate) fn next_id(&self) -> Result<String, ApiError> {
-        let mut bits = [0u8; 16];
-        getrandom::fill(&mut bits).map_err(|error| {
-            tracing::error!(%error, "the OS gave no random bytes for a run id");
-            ApiError::run_failed("the server could not make a run id")
-        })?;
-        Ok(format!("chatcmpl-{}", hex::encode(bits)))
-    }
-
     /// A recent run's report, for its trace endpoints, when `tenant` owns it.
     pub(crate) fn run(&self, id: &str, tenant: &Tenant) -> Option<Arc<RunReport>> {
         self.runs.report(id, tenant)

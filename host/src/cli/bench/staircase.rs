@@ -10,7 +10,6 @@ use anyhow::Context;
 use crate::bench::staircase::{self as bench, BenchOptions, RemoteBackend};
 use crate::engine::Engine;
 use crate::engine::simulated::{SimulatedEngine, SimulatedLatencies};
-use crate::pipeline::{Models, Runner};
 
 /// Arguments of `staircase bench staircase`.
 #[derive(Debug, clap::Args)]
@@ -93,8 +92,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         };
         let engine: Arc<dyn Engine> =
             Arc::new(SimulatedEngine::new(latencies, runtime.handle().clone()));
-        let runner = Runner::new(Models::with_default(engine.clone()), app.registry().clone());
-        let report = runtime.block_on(bench::run(&runner, &engine, &options))?;
+        let launcher = app.launcher_on(engine.clone());
+        let report = runtime.block_on(bench::run(launcher.runner(), &engine, &options))?;
         return write(&args, "bench-staircase", &report);
     }
     let mut summaries = Vec::new();
@@ -116,9 +115,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                         .await
                         .context("starting the llama-server replicas")?;
                     let engine: Arc<dyn Engine> = remote.engine.clone();
-                    let runner =
-                        Runner::new(Models::with_default(engine.clone()), app.registry().clone());
-                    let report = bench::run(&runner, &engine, &options).await?;
+                    let launcher = app.launcher_on(engine.clone());
+                    let report = bench::run(launcher.runner(), &engine, &options).await?;
                     anyhow::Ok(report)
                 })?;
                 write(&args, "bench-staircase-remote", &report)?;
