@@ -338,3 +338,49 @@ fn run_serve_and_eval_give_the_same_report() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `tune` and `bench staircase` build their runners through the app, so the configured run
+/// limits hold on the simulated backend as on the models: a `[sandbox]` bound of one step per
+/// node ends the staircase aggregator's run (it steps once per chunk) with the bound's error.
+#[test]
+fn tune_and_bench_staircase_keep_the_configured_run_limits() {
+    let dir = serve_support::scratch("run-limits");
+    let config = dir.join("staircase.toml");
+    std::fs::write(&config, "[sandbox]\nrun_steps_per_node = 1\n").unwrap();
+    let (config, out) = (
+        serve_support::path(&config),
+        serve_support::path(&dir).to_string(),
+    );
+    let tokens = ["--proposer-tokens", "32", "--answer-tokens", "48"];
+    let bench = staircase(
+        &[
+            &["bench", "staircase", "--simulated", "--prompts", "1"][..],
+            &tokens,
+            &["--config", config, "--out", &out],
+        ]
+        .concat(),
+    );
+    let tune = staircase(
+        &[
+            &[
+                "tune",
+                "--simulated",
+                "--no-eval",
+                "--latency-budget",
+                "1000",
+            ][..],
+            &tokens,
+            &["--config", config, "--out", &out],
+        ]
+        .concat(),
+    );
+    for (command, output) in [("bench staircase", bench), ("tune", tune)] {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{command} ran past the bound");
+        assert!(
+            stderr.contains("over the limit of 1 per node"),
+            "{command}: {stderr}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -35,6 +35,10 @@ pub struct Args {
     /// Also load the plugins in this folder; repeatable.
     #[arg(long = "plugins", value_name = "DIR")]
     plugin_dirs: Vec<PathBuf>,
+    /// A `staircase.toml` (models, plugins, the `[limits]` and `[sandbox]` bounds every run
+    /// keeps, on every backend); the flags above override it.
+    #[arg(long, value_name = "staircase.toml")]
+    config: Option<PathBuf>,
     /// Where the nodes run; give both (`--backend local --backend remote`) for the two
     /// tables and their ratios side by side from one run.
     #[arg(long, value_enum, default_values_t = [Backend::Local])]
@@ -70,9 +74,13 @@ pub enum Backend {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let flash_attention = !args.no_flash_attention;
-    let app = super::super::run::open_app(None, args.model.as_deref(), &args.plugin_dirs)?
-        .local_engine(move |config| config.flash_attention = flash_attention)
-        .build()?;
+    let app = super::super::run::open_app(
+        args.config.as_deref(),
+        args.model.as_deref(),
+        &args.plugin_dirs,
+    )?
+    .local_engine(move |config| config.flash_attention = flash_attention)
+    .build()?;
     let pipeline = super::super::run::pipeline_of(&app, &args.pipeline, None)?;
     let runtime = super::super::runtime()?;
     let options = BenchOptions {
