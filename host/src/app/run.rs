@@ -303,6 +303,24 @@ pub struct OutcomeReport<'a> {
 }
 
 impl RunOutcome {
+    /// Everything the run cost: its nodes' tokens and those of its plugins' own model calls
+    /// (a compressor's), the prompt tokens the prefix cache served among them.
+    pub fn usage(&self) -> crate::engine::Usage {
+        let (report, calls) = (&self.report, &self.report.model_calls);
+        let completion: u32 = report.nodes.iter().map(|n| n.output_tokens).sum();
+        crate::engine::Usage {
+            prompt_tokens: report
+                .cache
+                .prompt_tokens
+                .saturating_add(calls.prompt_tokens),
+            cached_prompt_tokens: report
+                .cache
+                .cached_prompt_tokens
+                .saturating_add(calls.cached_prompt_tokens),
+            completion_tokens: completion.saturating_add(calls.completion_tokens),
+        }
+    }
+
     /// The report with the run's id (`prefix` before it: a server's `chatcmpl-`), its
     /// pipeline version, plugins and fingerprint.
     pub fn full_report(&self, prefix: &str) -> OutcomeReport<'_> {

@@ -643,20 +643,11 @@ async fn run_pipeline(
         })
         .await
         .map_err(|error| run_error(state, &pipeline, &meta.id, error))?;
-    let report = &outcome.report;
-    // The nodes' tokens and those of the plugins' own model calls (a compressor's).
-    let calls = &report.model_calls;
-    let completion: u32 = report.nodes.iter().map(|n| n.output_tokens).sum();
+    let usage = outcome.usage();
     let usage = Usage::new(
-        report
-            .cache
-            .prompt_tokens
-            .saturating_add(calls.prompt_tokens),
-        report
-            .cache
-            .cached_prompt_tokens
-            .saturating_add(calls.cached_prompt_tokens),
-        completion.saturating_add(calls.completion_tokens),
+        usage.prompt_tokens,
+        usage.cached_prompt_tokens,
+        usage.completion_tokens,
     );
     let mut value =
         serde_json::to_value(outcome.full_report(CHAT_ID_PREFIX)).unwrap_or(Value::Null);
