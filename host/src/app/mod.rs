@@ -400,10 +400,7 @@ impl App {
     /// Reads every plugin and pipeline folder again. Reloads run one at a time (a storm of
     /// them waits in line), and an unchanged file is not compiled again. Blocking.
     pub fn reload(&self) -> ReloadSummary {
-        let _one_at_a_time = self
-            .reloading
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _one_at_a_time = crate::sync::lock(&self.reloading);
         let mut summary = ReloadSummary::default();
         for dir in &self.plugin_dirs {
             match self.registry.load_dir(dir) {

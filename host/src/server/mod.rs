@@ -41,6 +41,7 @@ use axum::routing::{get, post};
 use crate::app::App;
 use crate::app::config::Limits;
 use crate::pipeline::RunReport;
+pub(crate) use crate::sync::lock;
 use admission::Admission;
 use error::ApiError;
 use tenant::{Tenant, TenantSpec, Tenants};
@@ -258,10 +259,3 @@ pub async fn serve(
 /// How long accepting pauses after an error (out of file descriptors): long enough for
 /// connections to close, short enough that clients barely notice.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
-
-/// Poisoning cannot leave these values inconsistent (each update is one push or swap).
-pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
