@@ -1,5 +1,5 @@
-//! The one way in: every front end (`run`, `serve`, `eval`, `tune`, the benchmarks) turns a
-//! request into a run here, the same way. [`Launcher::prepare`] chooses the declared variant
+//! The one way in: `run`, `serve`, `eval` and `tune` turn a request into a run here, the same
+//! way, and the benchmarks get their runners here ([`super::App::launcher_on`]). [`Launcher::prepare`] chooses the declared variant
 //! that fits the budget under the load now, shapes the pipeline (the configured and asked
 //! token caps on every node, a client's sampling fields on the answering node), pins the
 //! plugin versions serving now and names them in the fingerprint; [`PreparedRun::run`] runs
@@ -161,7 +161,7 @@ impl Launcher {
     }
 }
 
-/// What one run is: its pipeline, with which plugin versions and why that variant.
+/// What one run ran: its pipeline (the table's version of it) and its plugins' versions.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(transparent)]
 pub struct Fingerprint(String);
