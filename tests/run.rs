@@ -166,3 +166,221 @@ fn a_plugin_folder_cannot_take_a_builtins_name_and_its_unused_plugins_never_comp
         "no folder plugin was compiled: {stderr}"
     );
 }
+
+mod serve_support;
+
+/// A chain of two nodes, seeded and greedy, edges complete: one run has one answer whatever
+/// the timing (no batch of concurrent sequences whose composition could move a near-tie).
+const CHAIN: &str = r#"
+name = "chain"
+[stream]
+policy = "complete"
+
+[[nodes]]
+id = "analyst"
+kind = "agent"
+plugin = "proposer"
+model = "default"
+max_tokens = 20
+temperature = 0.7
+seed = 7
+config = { role = "a careful analyst who explains the facts step by step" }
+
+[[nodes]]
+id = "writer"
+kind = "aggregator"
+plugin = "moa-aggregator"
+model = "default"
+max_tokens = 20
+inputs = ["analyst"]
+"#;
+
+/// `run`, `serve` and `eval` run a request through the one way in (`App::prepare`): for the
+/// same request and seed they give the same answer, and `run` and `serve` the same nodes,
+/// fingerprint and report shape.
+#[test]
+fn run_serve_and_eval_give_the_same_report() {
+    use serde_json::{Value, json};
+    use serve_support::{path, scratch, serve, start_server};
+
+    let dir = scratch("one-way");
+    std::fs::create_dir_all(dir.join("pipelines")).unwrap();
+    std::fs::write(dir.join("pipelines/chain.toml"), CHAIN).unwrap();
+    let config = dir.join("staircase.toml");
+    std::fs::write(
+        &config,
+        "[models.default]\nkind = \"local\"\nthreads = 1\n[pipelines]\ndirs = [\"pipelines\"]\n",
+    )
+    .unwrap();
+    let config = path(&config);
+    let prompt = "Why is the sky blue?";
+
+    let out = staircase(&[
+        "run",
+        "--config",
+        config,
+        "--pipeline",
+        "chain",
+        "--mode",
+        "layered",
+        "--json",
+        prompt,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run: Value = serde_json::from_slice(&out.stdout).unwrap();
+
+    let served = {
+        let (_server, base) = start_server(&mut serve(&["--config", config]));
+        let body = json!({
+            "model": "chain",
+            "mode": "layered",
+            "messages": [{"role": "user", "content": prompt}],
+        })
+        .to_string();
+        let url = format!("{base}/v1/chat/completions");
+        let response = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async {
+                let response = reqwest::Client::new()
+                    .post(url)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), 200);
+                let header = response.headers()["x-staircase-run-id"]
+                    .to_str()
+                    .unwrap()
+                    .to_string();
+                (header, response.json::<Value>().await.unwrap())
+            });
+        let (header, completion) = response;
+        // One id: the response's, its header's and its report's.
+        assert_eq!(completion["id"], header.as_str());
+        assert_eq!(completion["staircase"]["run_id"], header.as_str());
+        completion
+    };
+
+    let prompts = dir.join("prompts.jsonl");
+    std::fs::write(&prompts, format!("{}\n", json!({ "instruction": prompt }))).unwrap();
+    let out_dir = dir.join("eval");
+    let out = staircase(&[
+        "eval",
+        "--config",
+        config,
+        "--prompts",
+        path(&prompts),
+        "--pipeline",
+        "chain",
+        "--baseline-mode",
+        "layered",
+        "--variant",
+        "chain:layered",
+        "--answer-tokens",
+        "20",
+        "--no-judge",
+        "--no-noise-floor",
+        "--out",
+        path(&out_dir),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let evaluated: Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("eval.json")).unwrap()).unwrap();
+    let eval_answer = evaluated["prompts"][0]["answers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["variant"] == "chain/layered")
+        .expect("the pipeline's answer in eval.json")["text"]
+        .clone();
+
+    let answer = run["answer"].as_str().unwrap();
+    assert!(!answer.trim().is_empty(), "{run}");
+    assert_eq!(served["choices"][0]["message"]["content"], answer);
+    assert_eq!(eval_answer, answer);
+    let report = &served["staircase"];
+    let nodes = |report: &Value| -> Vec<(Value, Value, Value)> {
+        report["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| {
+                (
+                    n["id"].clone(),
+                    n["text"].clone(),
+                    n["output_tokens"].clone(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(nodes(&run).len(), 2);
+    assert_eq!(nodes(&run), nodes(report));
+    // The same pipeline version and plugin versions, named the same way.
+    assert_eq!(run["system_fingerprint"], report["system_fingerprint"]);
+    assert_eq!(run["plugins"], report["plugins"]);
+    assert!(
+        report["system_fingerprint"]
+            .as_str()
+            .unwrap()
+            .contains(";moa-aggregator@"),
+        "{report}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `tune` and `bench staircase` build their runners through the app, so the configured run
+/// limits hold on the simulated backend as on the models: a `[sandbox]` bound of one step per
+/// node ends the staircase aggregator's run (it steps once per chunk) with the bound's error.
+#[test]
+fn tune_and_bench_staircase_keep_the_configured_run_limits() {
+    let dir = serve_support::scratch("run-limits");
+    let config = dir.join("staircase.toml");
+    std::fs::write(&config, "[sandbox]\nrun_steps_per_node = 1\n").unwrap();
+    let (config, out) = (
+        serve_support::path(&config),
+        serve_support::path(&dir).to_string(),
+    );
+    let tokens = ["--proposer-tokens", "32", "--answer-tokens", "48"];
+    let bench = staircase(
+        &[
+            &["bench", "staircase", "--simulated", "--prompts", "1"][..],
+            &tokens,
+            &["--config", config, "--out", &out],
+        ]
+        .concat(),
+    );
+    let tune = staircase(
+        &[
+            &[
+                "tune",
+                "--simulated",
+                "--no-eval",
+                "--latency-budget",
+                "1000",
+            ][..],
+            &tokens,
+            &["--config", config, "--out", &out],
+        ]
+        .concat(),
+    );
+    for (command, output) in [("bench staircase", bench), ("tune", tune)] {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{command} ran past the bound");
+        assert!(
+            stderr.contains("over the limit of 1 per node"),
+            "{command}: {stderr}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -7,6 +7,7 @@ pub mod config;
 mod models;
 pub mod pinned;
 pub mod pipelines;
+pub mod run;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,6 +17,7 @@ pub use config::{Config, ConfigError, ModelConfig, SandboxConfig};
 pub use models::ModelEntry;
 pub use pinned::{Pinned, PinnedPlugin};
 pub use pipelines::{PipelineTable, PipelineVersion, Rejection};
+pub use run::{Fingerprint, Launcher, OutcomeReport, PreparedRun, Progress, RunOutcome, RunSpec};
 
 use crate::engine::local::{EngineStats, LocalEngineConfig};
 use crate::engine::remote::ReplicaStats;
@@ -180,12 +182,14 @@ impl AppBuilder {
             Box::new(move |p: &Pipeline| checker.check(p)),
             config.sandbox.pipeline_overrides.clone(),
         )?;
+        let launcher = Launcher::new(runner.clone(), registry.clone(), config.limits.max_tokens);
         Ok(App {
             config,
             models,
             plugin_dirs,
             registry,
             runner,
+            launcher,
             pipelines,
             reloading: std::sync::Mutex::new(()),
             reload_queue: tokio::sync::Mutex::new(()),
@@ -223,6 +227,8 @@ pub struct App {
     plugin_dirs: Vec<PathBuf>,
     registry: Arc<Registry>,
     runner: Arc<Runner>,
+    /// Every run of [`App::runner`] starts here.
+    launcher: Launcher,
     pipelines: Arc<PipelineTable>,
     /// Held by a forced rescan ([`App::reload`]).
     reloading: std::sync::Mutex<()>,
@@ -305,18 +311,34 @@ impl App {
         })
     }
 
-    /// [`App::pinned_runner`] for a server: first waits, without holding a thread, for any
-    /// plugin of `pipeline` still waiting for its first compile (on the registry's compile
-    /// worker), so a request never compiles.
-    pub async fn pinned_runner_ready(&self, pipeline: &Pipeline) -> (Runner, Vec<PinnedPlugin>) {
-        for name in pinned::plugin_names(pipeline) {
-            self.registry.compiled(&name).await;
-        }
-        self.pinned_runner(pipeline)
+    /// The one way in: prepares a run of the app's models ([`Launcher::prepare`]).
+    pub async fn prepare(&self, spec: RunSpec) -> PreparedRun {
+        self.launcher.prepare(spec).await
+    }
+
+    /// Where every run on the app's models starts.
+    pub fn launcher(&self) -> &Launcher {
+        &self.launcher
+    }
+
+    /// Runs on `engine` alone (a simulated backend, `llama-server` replicas) with
+    /// everything the configuration bounds a run by: `[limits] max_tokens` on the engine and
+    /// every node, the `[sandbox]` run limits, the policy pool and the compression threads.
+    pub fn launcher_on(&self, engine: Arc<dyn Engine>) -> Launcher {
+        let limits = &self.config.limits;
+        let engine = match limits.max_tokens {
+            Some(cap) => crate::engine::capped(engine, cap),
+            None => engine,
+        };
+        let runner = Runner::new(Models::with_default(engine), self.registry.clone())
+            .with_limits(self.config.sandbox.run_limits())
+            .with_guest_pool(self.runner.guest_pool().clone())
+            .with_compression_threads(self.config.sandbox.compression_threads());
+        Launcher::new(Arc::new(runner), self.registry.clone(), limits.max_tokens)
     }
 
     /// A runner for one run of `pipeline` whose plugins are fixed to the versions serving
-    /// now, and those versions.
+    /// now, and those versions (a benchmark that drives the runner itself).
     pub fn pinned_runner(&self, pipeline: &Pipeline) -> (Runner, Vec<PinnedPlugin>) {
         let pinned = Pinned::new(self.registry.clone(), pipeline);
         let versions = pinned.versions();
@@ -378,10 +400,7 @@ impl App {
     /// Reads every plugin and pipeline folder again. Reloads run one at a time (a storm of
     /// them waits in line), and an unchanged file is not compiled again. Blocking.
     pub fn reload(&self) -> ReloadSummary {
-        let _one_at_a_time = self
-            .reloading
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _one_at_a_time = crate::sync::lock(&self.reloading);
         let mut summary = ReloadSummary::default();
         for dir in &self.plugin_dirs {
             match self.registry.load_dir(dir) {

@@ -27,6 +27,7 @@ use sha2::{Digest, Sha256};
 
 use crate::pipeline::examples::BUILTIN;
 use crate::pipeline::{Pipeline, SpecError};
+use crate::sync::lock;
 
 /// Quiet time after the last file event before reading a pipeline file again: editors write
 /// a file in several events, and a half-written file must not be judged.
@@ -375,13 +376,6 @@ fn is_pipeline_file(path: &Path) -> bool {
 
 fn sha256(text: &str) -> String {
     hex::encode(Sha256::digest(text.as_bytes()))
-}
-
-/// Poisoning cannot leave these values inconsistent (each update is a whole-value swap).
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

@@ -48,6 +48,18 @@ fn secs(d: Duration) -> f64 {
     d.as_secs_f64().max(1e-9)
 }
 
+/// The `q` quantile of `values` by nearest rank (0 for none): the smallest value with at
+/// least `q` of them at or below it, so a p99 is a value some request really had. The one
+/// definition every benchmark's percentiles use. Sorts them.
+fn percentile(values: &mut [f64], q: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    let rank = ((q * values.len() as f64).ceil() as usize).clamp(1, values.len());
+    values[rank - 1]
+}
+
 /// The median of `values` (0 for none); sorts them.
 fn median(values: &mut [f64]) -> f64 {
     if values.is_empty() {
@@ -59,5 +71,21 @@ fn median(values: &mut [f64]) -> f64 {
         values[mid]
     } else {
         (values[mid - 1] + values[mid]) / 2.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let mut v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&mut v, 0.5), 50.0);
+        assert_eq!(percentile(&mut v, 0.99), 99.0);
+        assert_eq!(percentile(&mut [3.0], 0.99), 3.0);
+        assert_eq!(percentile(&mut [], 0.5), 0.0);
+        // Not the other definition `bench routing` had (index round((n - 1) q)), which gave 3.
+        assert_eq!(percentile(&mut [4.0, 1.0, 3.0, 2.0], 0.5), 2.0);
     }
 }

@@ -239,14 +239,6 @@ async fn session(
     Ok(())
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = ((sorted.len() - 1) as f64 * p).round() as usize;
-    sorted[rank.min(sorted.len() - 1)].as_secs_f64() * 1e3
-}
-
 /// Runs the trace once per policy. Call from a tokio runtime.
 pub async fn run(config: &RoutingBenchConfig) -> Result<Vec<PolicyFigures>, RoutingBenchError> {
     let mut out = Vec::new();
@@ -288,8 +280,11 @@ pub async fn run(config: &RoutingBenchConfig) -> Result<Vec<PolicyFigures>, Rout
         }
         let total = started.elapsed();
         let stats = engine.replica_stats();
-        let mut ttft = recorder.ttft.lock().map(|t| t.clone()).unwrap_or_default();
-        ttft.sort();
+        let mut ttft: Vec<f64> = recorder
+            .ttft
+            .lock()
+            .map(|t| t.iter().map(|d| d.as_secs_f64() * 1e3).collect())
+            .unwrap_or_default();
         let prompt: u64 = stats.iter().map(|s| s.prompt_tokens).sum();
         let cached: u64 = stats.iter().map(|s| s.cached_prompt_tokens).sum();
         out.push(PolicyFigures {
@@ -302,8 +297,8 @@ pub async fn run(config: &RoutingBenchConfig) -> Result<Vec<PolicyFigures>, Rout
             } else {
                 cached as f64 / prompt as f64
             },
-            ttft_p50_ms: percentile(&ttft, 0.5),
-            ttft_p99_ms: percentile(&ttft, 0.99),
+            ttft_p50_ms: super::percentile(&mut ttft, 0.5),
+            ttft_p99_ms: super::percentile(&mut ttft, 0.99),
             total_ms: total.as_secs_f64() * 1e3,
             spread: stats.iter().map(|s| s.requests).collect(),
         });

@@ -330,20 +330,10 @@ fn summarise(
         },
         requests: samples.len(),
         requests_per_s: samples.len() as f64 / elapsed_s.max(1e-9),
-        ttft_p50_ms: percentile(&mut ttft, 0.50),
-        ttft_p99_ms: percentile(&mut ttft, 0.99),
-        total_p50_ms: percentile(&mut total, 0.50),
+        ttft_p50_ms: super::percentile(&mut ttft, 0.50),
+        ttft_p99_ms: super::percentile(&mut ttft, 0.99),
+        total_p50_ms: super::percentile(&mut total, 0.50),
     }
-}
-
-/// Nearest-rank percentile (`q` in 0..=1); 0 for no values.
-fn percentile(values: &mut [f64], q: f64) -> f64 {
-    if values.is_empty() {
-        return 0.0;
-    }
-    values.sort_by(f64::total_cmp);
-    let rank = ((q * values.len() as f64).ceil() as usize).clamp(1, values.len());
-    values[rank - 1]
 }
 
 impl ServeBenchReport {
@@ -388,19 +378,5 @@ impl ServeBenchReport {
             );
         }
         out
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::percentile;
-
-    #[test]
-    fn percentiles_are_nearest_rank() {
-        let mut v: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(percentile(&mut v, 0.5), 50.0);
-        assert_eq!(percentile(&mut v, 0.99), 99.0);
-        assert_eq!(percentile(&mut [3.0], 0.99), 3.0);
-        assert_eq!(percentile(&mut [], 0.5), 0.0);
     }
 }

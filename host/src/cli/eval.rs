@@ -208,6 +208,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // The single model always runs; a `single` variant would only repeat it.
     variants.retain(|v| !matches!(v.kind, eval::VariantKind::Single));
     let (runner, engine) = (app.runner(), app.default_engine());
+    let launcher = app.launcher();
     let judge = judge_engine(&app, judge.as_deref())?;
     for v in &variants {
         if let eval::VariantKind::Pipeline { pipeline, .. } = &v.kind {
@@ -230,7 +231,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         },
     };
     let report = super::runtime()?.block_on(eval::runner::run_judged_by(
-        runner,
+        launcher,
         &engine,
         judge.as_ref(),
         &options,

@@ -9,9 +9,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 
-use crate::pipeline::{self, NodeIndex, Pipeline, RunEvent, RunReport, RunRequest, Runner};
+use crate::app::{PreparedRun, Progress, RunOutcome, RunSpec};
+use crate::pipeline::{
+    self, NodeIndex, Pipeline, Recorder, RunEvent, RunId, RunReport, RunRequest,
+};
 use crate::policy::StreamMode;
 
 /// Arguments of `staircase run`.
@@ -126,52 +129,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             &args.plugin_dirs,
         )?)
         .build()?;
-    let declared = pipeline_of(&app, &args.pipeline, None)?;
-    let runner = app.runner();
+    let declared = app.pipeline(&args.pipeline)?;
     // Every declared variant is checked up front, so a broken one is named before any run.
-    runner.check(&declared)?;
-    // One-shot: the load is what the engines report (a remote one may be shared).
-    let (mut pipeline, choice) = crate::tune::adaptive::choose(
-        runner,
-        &declared,
-        &RunRequest::prompt(args.prompt.clone(), args.mode),
-        args.latency_budget.map(Duration::from_millis),
-    );
-    if let Some(max) = args.max_tokens {
-        pipeline.limit_tokens(max);
-    }
-    if let Some(choice) = &choice
-        && !args.json
-    {
-        eprintln!("variant `{}`: {}", choice.variant, choice.reason);
-    }
-    let view = if args.json {
-        View::Quiet
-    } else if std::io::stdout().is_terminal() {
-        View::Live(Live::new(&pipeline))
-    } else {
-        View::Plain
-    };
-    let mut report = super::runtime()?.block_on(drive(runner, &pipeline, &args, view))?;
-    report.variant = choice.and_then(|c| serde_json::to_value(c).ok());
-    if let Some(path) = &args.trace {
-        std::fs::write(path, report.trace().to_json())
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        eprintln!("trace written to {}", path.display());
-    }
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    }
-    Ok(())
-}
-
-async fn drive(
-    runner: &Runner,
-    pipeline: &Pipeline,
-    args: &Args,
-    mut view: View,
-) -> anyhow::Result<RunReport> {
-    let (tx, mut events) = mpsc::unbounded_channel();
+    app.runner().check(&declared.pipeline)?;
     let mut request = RunRequest::prompt(args.prompt.clone(), args.mode);
     if let Some(path) = &args.history {
         let text =
@@ -181,29 +141,72 @@ async fn drive(
         conversation.append(&mut request.conversation);
         request.conversation = conversation;
     }
-    let run = runner.run(pipeline, request, Some(tx));
-    tokio::pin!(run);
-    // One listener for the whole run, so a Ctrl-C during a redraw is not missed.
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
-    let result = loop {
-        tokio::select! {
-            result = &mut run => break result,
-            Some(event) = events.recv() => view.on_event(pipeline, &event)?,
-            _ = &mut ctrl_c => {
-                view.abandon();
-                anyhow::bail!("interrupted; every node was cancelled");
+    let mut spec = RunSpec::served(RunId::random()?, declared, request);
+    spec.max_tokens = args.max_tokens;
+    spec.latency_budget = args.latency_budget.map(Duration::from_millis);
+    let outcome = super::runtime()?.block_on(async {
+        // One-shot: the load is what the engines report (a remote one may be shared).
+        let prepared = app.prepare(spec).await;
+        if let Some(choice) = prepared.variant()
+            && !args.json
+        {
+            eprintln!("variant `{}`: {}", choice.variant, choice.reason);
+        }
+        let view = if args.json {
+            View::Quiet
+        } else if std::io::stdout().is_terminal() {
+            View::Live(Live::new(prepared.pipeline()))
+        } else {
+            View::Plain
+        };
+        drive(prepared, view).await
+    })?;
+    if let Some(path) = &args.trace {
+        std::fs::write(path, outcome.report.trace().to_json())
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!("trace written to {}", path.display());
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&outcome.full_report(""))?
+        );
+    }
+    Ok(())
+}
+
+/// Runs `prepared`, showing it in `view`; Ctrl-C (or a view that cannot write) drops the run.
+async fn drive(prepared: PreparedRun, mut view: View) -> anyhow::Result<RunOutcome> {
+    let pipeline = prepared.pipeline().clone();
+    let mut shown: anyhow::Result<()> = Ok(());
+    let view_failed = Notify::new();
+    let recorder = Recorder::new();
+    let result = {
+        let run = prepared.run(&recorder, |progress| {
+            if shown.is_ok() {
+                shown = view.on_progress(&pipeline, progress);
+                if shown.is_err() {
+                    view_failed.notify_one();
+                }
             }
+        });
+        // One listener for the whole run, so a Ctrl-C during a redraw is not missed.
+        let ctrl_c = tokio::signal::ctrl_c();
+        tokio::select! {
+            result = run => Some(result),
+            _ = ctrl_c => None,
+            () = view_failed.notified() => None,
         }
     };
-    // Events sent just before the run returned.
-    while let Ok(event) = events.try_recv() {
-        view.on_event(pipeline, &event)?;
-    }
+    shown?;
+    let Some(result) = result else {
+        view.abandon();
+        anyhow::bail!("interrupted; every node was cancelled");
+    };
     match result {
-        Ok(report) => {
-            view.done(pipeline, &report)?;
-            Ok(report)
+        Ok(outcome) => {
+            view.done(&pipeline, &outcome.report)?;
+            Ok(outcome)
         }
         Err(error) => {
             view.abandon();
@@ -221,19 +224,16 @@ enum View {
 }
 
 impl View {
-    fn on_event(&mut self, pipeline: &Pipeline, event: &RunEvent) -> anyhow::Result<()> {
-        match self {
-            View::Quiet => {}
-            View::Plain => {
-                if let RunEvent::NodeDelta { node, text, .. } = event
-                    && *node == pipeline.output
-                {
-                    let mut out = std::io::stdout().lock();
-                    out.write_all(text.as_bytes())?;
-                    out.flush()?;
-                }
+    fn on_progress(&mut self, pipeline: &Pipeline, progress: Progress<'_>) -> anyhow::Result<()> {
+        match (self, progress) {
+            (View::Plain, Progress::Answer(text)) => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(text.as_bytes())?;
+                out.flush()?;
             }
-            View::Live(live) => live.on_event(pipeline, event)?,
+            (View::Live(live), Progress::Event(event)) => live.on_event(pipeline, event)?,
+            (View::Live(live), Progress::Answer(text)) => live.answer.push_str(text),
+            _ => {}
         }
         Ok(())
     }
@@ -299,22 +299,17 @@ impl Live {
     }
 
     fn on_event(&mut self, pipeline: &Pipeline, event: &RunEvent) -> anyhow::Result<()> {
-        self.update(pipeline, event);
+        self.update(event);
         if self.last_draw.is_none_or(|t| t.elapsed() >= REDRAW_EVERY) {
             self.draw(pipeline, false)?;
         }
         Ok(())
     }
 
-    fn update(&mut self, pipeline: &Pipeline, event: &RunEvent) {
+    fn update(&mut self, event: &RunEvent) {
         match event {
             RunEvent::NodeStarted { node } => self.agents[node.0].started = Some(Instant::now()),
-            RunEvent::NodeDelta { node, text, tokens } => {
-                self.agents[node.0].tokens += tokens;
-                if *node == pipeline.output {
-                    self.answer.push_str(text);
-                }
-            }
+            RunEvent::NodeDelta { node, tokens, .. } => self.agents[node.0].tokens += tokens,
             RunEvent::NodeFinished { node, cancelled } => {
                 let line = &mut self.agents[node.0];
                 line.finished = Some(Instant::now());
@@ -468,25 +463,19 @@ mod tests {
         let (pipeline, mut live) = live(40);
         let analyst = pipeline.find("analyst").unwrap();
         assert!(live.agent_line(&pipeline, analyst).contains("waiting"));
-        live.update(&pipeline, &RunEvent::NodeStarted { node: analyst });
-        live.update(
-            &pipeline,
-            &RunEvent::NodeDelta {
-                node: analyst,
-                text: "Hello".into(),
-                tokens: 3,
-            },
-        );
+        live.update(&RunEvent::NodeStarted { node: analyst });
+        live.update(&RunEvent::NodeDelta {
+            node: analyst,
+            text: "Hello".into(),
+            tokens: 3,
+        });
         let line = live.agent_line(&pipeline, analyst);
         assert!(line.contains("3 tok"), "{line}");
         assert!(line.chars().count() < 40, "{line}");
-        live.update(
-            &pipeline,
-            &RunEvent::NodeFinished {
-                node: analyst,
-                cancelled: true,
-            },
-        );
+        live.update(&RunEvent::NodeFinished {
+            node: analyst,
+            cancelled: true,
+        });
         assert!(live.agent_line(&pipeline, analyst).contains("cancelled"));
         // Only the output node's text is the answer.
         assert!(live.answer.is_empty());

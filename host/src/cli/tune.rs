@@ -10,7 +10,6 @@ use anyhow::Context;
 
 use crate::engine::Engine;
 use crate::engine::simulated::{SimulatedEngine, SimulatedLatencies};
-use crate::pipeline::{Models, Runner};
 use crate::tune::{self, EvalSample, TuneOptions, TuneReport, TuneTable};
 
 /// Arguments of `staircase tune` (and `staircase bench tune`).
@@ -175,21 +174,20 @@ pub(crate) fn execute(args: &Args) -> anyhow::Result<TuneReport> {
         answer_tokens: Some(args.answer_tokens),
     };
     let runtime = super::runtime()?;
-    let simulated;
-    let (runner, engine): (&Runner, Arc<dyn Engine>) = if args.simulated {
+    // The simulated backend runs with the configuration's limits, as the models do.
+    let (launcher, engine) = if args.simulated {
         let latencies = SimulatedLatencies {
             decode_per_token: Duration::from_millis(20),
             prefill_per_token: Duration::from_micros(200),
         };
         let engine: Arc<dyn Engine> =
             Arc::new(SimulatedEngine::new(latencies, runtime.handle().clone()));
-        simulated = Runner::new(Models::with_default(engine.clone()), app.registry().clone());
-        (&simulated, engine)
+        (app.launcher_on(engine.clone()), engine)
     } else {
-        (app.runner(), app.default_engine())
+        (app.launcher().clone(), app.default_engine())
     };
-    runner.check(&base)?;
-    let report = runtime.block_on(tune::tune(runner, &engine, &base, &options))?;
+    launcher.runner().check(&base)?;
+    let report = runtime.block_on(tune::tune(&launcher, &engine, &base, &options))?;
     super::eval::write_json_and_svg(&args.out, "tune", &report, &report.svg())?;
     if !report.file.is_empty() {
         let path = args.out.join(format!("{name}.toml"));

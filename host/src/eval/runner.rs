@@ -17,12 +17,13 @@ use super::rating::{self, Compared, Rater};
 use super::stats::{
     Interval, Tally, TallySummary, Z_95, bootstrap_mean, wilson, win_tie_loss_scores,
 };
+use crate::app::{Launcher, RunSpec};
 use crate::engine::{
     ChatMessage, DryOverrides, DrySampling, Engine, EngineError, FinishReason, GenerationEvent,
     GenerationRequest, Role,
 };
 use crate::pipeline::stream::ChunkSchedule;
-use crate::pipeline::{Pipeline, RunError, RunRequest, Runner};
+use crate::pipeline::{Pipeline, RunError, RunRequest};
 use crate::policy::StreamMode;
 
 /// Seed shift of the noise-floor run: any non-zero value gives other proposals.
@@ -385,7 +386,7 @@ struct Run {
 
 /// Runs one variant on one prompt.
 async fn answer(
-    runner: &Runner,
+    launcher: &Launcher,
     engine: &dyn Engine,
     variant: &Variant,
     prompt: &str,
@@ -410,14 +411,20 @@ async fn answer(
             })
         }
         VariantKind::Pipeline { pipeline, mode } => {
-            let pipeline = sized(pipeline, options);
-            let report = runner
-                .run(&pipeline, RunRequest::prompt(prompt, *mode), None)
+            let failed = |source| EvalError::Run {
+                variant: variant.name.clone(),
+                source,
+            };
+            let spec =
+                RunSpec::measured(sized(pipeline, options), RunRequest::prompt(prompt, *mode))
+                    .map_err(failed)?;
+            let outcome = launcher
+                .prepare(spec)
                 .await
-                .map_err(|source| EvalError::Run {
-                    variant: variant.name.clone(),
-                    source,
-                })?;
+                .run_alone()
+                .await
+                .map_err(failed)?;
+            let (pipeline, report) = (outcome.pipeline, outcome.report);
             let output = &report.nodes[pipeline.output.0];
             let first_input_token_ms = report
                 .nodes
@@ -441,17 +448,17 @@ async fn answer(
 
 /// Runs the evaluation. `engine` answers as the single model and judges.
 pub async fn run(
-    runner: &Runner,
+    launcher: &Launcher,
     engine: &Arc<dyn Engine>,
     options: &EvalOptions,
 ) -> Result<EvalReport, EvalError> {
-    run_judged_by(runner, engine, engine.as_ref(), options).await
+    run_judged_by(launcher, engine, engine.as_ref(), options).await
 }
 
 /// Runs the evaluation with `judge` (any model of the models table, a remote one
 /// included) judging; `engine` answers as the single model.
 pub async fn run_judged_by(
-    runner: &Runner,
+    launcher: &Launcher,
     engine: &Arc<dyn Engine>,
     judge_engine: &dyn Engine,
     options: &EvalOptions,
@@ -482,14 +489,15 @@ pub async fn run_judged_by(
                 VariantKind::Single => None,
                 VariantKind::Pipeline { pipeline, mode } => Some((pipeline.as_ref(), *mode)),
             };
-            runner
+            launcher
+                .runner()
                 .start_fresh(pipeline)
                 .await
                 .map_err(|source| EvalError::Run {
                     variant: variant.name.clone(),
                     source,
                 })?;
-            let run = answer(runner, engine.as_ref(), variant, prompt, options).await?;
+            let run = answer(launcher, engine.as_ref(), variant, prompt, options).await?;
             answers.push(Answer {
                 variant: variant.name.clone(),
                 quality: Quality::of(&run.text, run.hit_limit),

@@ -19,6 +19,7 @@ use crate::policy::{
     PolicyProvider, RoleInput, RolePolicy, RouteChoice, RouteRequest, RouterPolicy, Source, Step,
     StreamMode,
 };
+use crate::sync::lock;
 
 /// Time a run's plugins may spend in calls, all together. The built-in policies spend a
 /// few milliseconds per run; a compressor that calls a model spends the generation's time
@@ -122,13 +123,6 @@ impl RunBudget {
         }
         result
     }
-}
-
-/// Poisoning leaves the slot consistent (one whole-value write).
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A run's view of a [`PolicyProvider`]: every instance it hands out charges the run.

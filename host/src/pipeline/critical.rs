@@ -89,7 +89,7 @@ impl LatencyModel {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Measured> {
-        self.current.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.current)
     }
 
     /// Folds in what one finished request of `model` measured.

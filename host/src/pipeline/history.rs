@@ -154,7 +154,7 @@ impl StartGate {
 
     pub fn open(&self) {
         let (open, changed) = &*self.0;
-        *open.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        *crate::sync::lock(open) = true;
         changed.notify_all();
     }
 }
@@ -168,7 +168,7 @@ impl Drop for StartGate {
 /// Waits until the gate of `shared` is open.
 fn wait_open(shared: &(Mutex<bool>, Condvar)) {
     let (open, changed) = shared;
-    let guard = open.lock().unwrap_or_else(|p| p.into_inner());
+    let guard = crate::sync::lock(open);
     let _open = changed
         .wait_while(guard, |open| !*open)
         .unwrap_or_else(|p| p.into_inner());
@@ -212,7 +212,7 @@ impl HistoryCache {
 
     /// Queues `job`, starting a worker thread when fewer than the maximum run.
     fn submit(self: &Arc<Self>, job: Job) -> std::io::Result<()> {
-        let mut workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut workers = crate::sync::lock(&self.workers);
         workers.queue.push_back(job);
         if workers.threads >= workers.max {
             return Ok(());
@@ -228,7 +228,7 @@ impl HistoryCache {
                 }
             });
         if let Err(error) = spawned {
-            let mut workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+            let mut workers = crate::sync::lock(&self.workers);
             workers.threads -= 1;
             // Nobody will run it: take it back (the caller reports the failure).
             workers.queue.pop_back();
@@ -239,7 +239,7 @@ impl HistoryCache {
 
     /// The next queued job, or `None` (and one worker fewer) when the queue is empty.
     fn next_job(&self) -> Option<Job> {
-        let mut workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut workers = crate::sync::lock(&self.workers);
         let job = workers.queue.pop_front();
         if job.is_none() {
             workers.threads -= 1;
@@ -253,7 +253,7 @@ impl HistoryCache {
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.inner)
     }
 
     /// Everything the memory did, in order.

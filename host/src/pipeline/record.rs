@@ -175,7 +175,7 @@ impl Recorder {
 
     fn log(&self) -> std::sync::MutexGuard<'_, Log> {
         // A poisoned lock only means a subscriber panicked; the events are still valid.
-        self.log.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.log)
     }
 
     /// Time since the recorder began.

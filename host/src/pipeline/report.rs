@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use super::adaptive::Choice;
 use super::critical::{self, CriticalPath};
 use super::history::{HistoryEvent, HistoryEventKind, HistoryUse};
 use super::record::{self, Recorded, RunEvent, ms};
@@ -123,10 +124,10 @@ pub struct RunReport {
     /// The model calls the run's plugins made while it went (a compressor's
     /// `model.complete`), counted apart from the nodes' own.
     pub model_calls: crate::engine::Usage,
-    /// Which declared variant ran and why, when the pipeline has variants
-    /// (`tune::adaptive::Choice`); the caller that chose sets it.
+    /// Which declared variant ran and why, when the pipeline has variants; the caller that
+    /// chose sets it.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub variant: Option<serde_json::Value>,
+    pub variant: Option<Choice>,
     /// Background compressions of conversations that started, finished or failed while the
     /// run went (in the memory's order).
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -210,7 +211,7 @@ impl RunReport {
                 pid: 1,
                 tid: 0,
                 s: None,
-                args: variant.clone(),
+                args: serde_json::to_value(variant).unwrap_or_default(),
             });
         }
         trace

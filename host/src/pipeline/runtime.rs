@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::future::try_join_all;
@@ -27,6 +27,7 @@ use super::guest::{Guest, GuestPool};
 use super::history::{HistoryCache, StartGate, TokenCount, Warm};
 use super::record::{NodeInfo, Recorder, RunEvent};
 use super::role_session::RoleSession;
+use super::run_id::RunId;
 use super::spec::{DEFAULT_MODEL, ModelBinding, NodeIndex, NodeKind, Pipeline, SpecError};
 use super::stream::{Chunk, Chunker};
 use crate::engine::{
@@ -98,6 +99,8 @@ impl Models {
 pub enum RunError {
     #[error(transparent)]
     Spec(#[from] SpecError),
+    #[error(transparent)]
+    Id(#[from] super::run_id::RunIdError),
     #[error("node `{node}`: {source}")]
     Policy { node: String, source: PolicyError },
     #[error("node `{node}`: {source}")]
@@ -345,9 +348,21 @@ impl Runner {
 
     /// Runs `pipeline` on `request`, recording every event on `recorder` (whose subscribers
     /// watch it live); the report is derived from those events. The caller closes the
-    /// recorder when it is done with the outcome.
+    /// recorder when it is done with the outcome. The run gets a new id.
     pub async fn run_recorded(
         &self,
+        pipeline: &Pipeline,
+        request: RunRequest,
+        recorder: &Recorder,
+    ) -> Result<RunReport, RunError> {
+        self.run_as(RunId::random()?, pipeline, request, recorder)
+            .await
+    }
+
+    /// [`Runner::run_recorded`] as run `id` (the id its caller already gave out).
+    pub async fn run_as(
+        &self,
+        id: RunId,
         pipeline: &Pipeline,
         request: RunRequest,
         recorder: &Recorder,
@@ -390,7 +405,7 @@ impl Runner {
             request: &request,
             recorder,
             priorities,
-            run_id: NEXT_RUN_ID.fetch_add(1, Ordering::Relaxed),
+            run_id: id,
             policies: MeteredProvider::new(self.policies.clone(), RunBudget::new(self.limits)),
             model_calls: ClosingMeter(UsageMeter::new(request.late_charge.clone())),
         };
@@ -691,7 +706,7 @@ struct RunCtx<'r> {
     recorder: &'r Recorder,
     priorities: Vec<Priority>,
     /// Tells a replicated remote model which requests are one run's (see `routing`).
-    run_id: u64,
+    run_id: RunId,
     /// The runner's policies, metered against this run's bounds.
     policies: MeteredProvider,
     /// The tokens of the run's plugin model calls (compressors'); closed when the run ends
@@ -707,9 +722,6 @@ impl Drop for ClosingMeter {
         self.0.close();
     }
 }
-
-/// Run ids for routing hints: unique within the process.
-static NEXT_RUN_ID: AtomicU64 = AtomicU64::new(0);
 
 impl<'r> RunCtx<'r> {
     /// Who pays for the model calls of this run's plugins: its namespace, its meter.
@@ -1208,7 +1220,7 @@ impl<'r> RunCtx<'r> {
         request.priority = self.priorities[ix.0];
         request.namespace = self.request.namespace.clone();
         request.extensions.insert(crate::routing::RouteHint {
-            run: self.run_id,
+            run: self.run_id.routing_key(),
             node: self.pipeline.node(ix).id.clone(),
         });
         request

@@ -65,9 +65,7 @@ impl CacheAware {
 
     fn tree(&self) -> std::sync::MutexGuard<'_, Tree> {
         // A panic elsewhere cannot leave the tree unusable for routing: it only holds hints.
-        self.tree
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::sync::lock(&self.tree)
     }
 }
 

@@ -64,9 +64,7 @@ impl PipelineAware {
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         // Only routing hints live here; a panic elsewhere does not make them wrong.
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::sync::lock(&self.state)
     }
 
     /// The estimated cost of `text` on each replica, `None` where it is unavailable.

@@ -30,12 +30,12 @@ use super::openai::{
 use super::runs::RunGuard;
 use super::tenant::Tenant;
 use super::{RUN_ID_HEADER, ServerState};
-use crate::app::PipelineVersion;
+use crate::app::{PipelineVersion, Progress, RunSpec};
 use crate::engine::{
     Engine, EngineError, FinishReason, GenerationEvent, GenerationRequest, Prompt, Role,
     SamplingParams,
 };
-use crate::pipeline::{Pipeline, RunError, RunEvent, RunRequest};
+use crate::pipeline::{Pipeline, RunError, RunId, RunRequest};
 use crate::policy::LateCharge;
 
 /// What a request runs on.
@@ -55,13 +55,22 @@ struct Finish {
     reason: &'static str,
     usage: Usage,
     report: Value,
+    /// A pipeline run's fingerprint with its plugin versions (a plain model's is its name).
+    fingerprint: Option<String>,
     /// Why an output guard stopped the answer (`finish_reason` is then `content_filter`).
     refusal: Option<String>,
 }
 
+/// OpenAI's prefix of a chat completion's id, and vLLM's and OpenAI's of a text
+/// completion's: the run's id follows.
+const CHAT_ID_PREFIX: &str = "chatcmpl-";
+const TEXT_ID_PREFIX: &str = "cmpl-";
+
 /// Identity of one response, shared by all of its chunks.
 struct Meta {
     endpoint: Endpoint,
+    /// The run's one id, and as the response names it (with its prefix).
+    run: RunId,
     id: String,
     model: String,
     created: u64,
@@ -264,15 +273,21 @@ async fn start(
     if let Err(error) = check_context(&state, &chat, &target) {
         return error.into_response();
     }
-    let id = match state.next_id() {
-        // vLLM's and OpenAI's prefix of a text completion's id.
-        Ok(id) if chat.endpoint == Endpoint::Text => id.replacen("chatcmpl-", "cmpl-", 1),
-        Ok(id) => id,
-        Err(error) => return error.into_response(),
+    let run = match RunId::random() {
+        Ok(run) => run,
+        Err(error) => {
+            tracing::error!(%error, "no run id");
+            return ApiError::run_failed("the server could not make a run id").into_response();
+        }
+    };
+    let prefix = match chat.endpoint {
+        Endpoint::Chat => CHAT_ID_PREFIX,
+        Endpoint::Text => TEXT_ID_PREFIX,
     };
     let meta = Meta {
         endpoint: chat.endpoint,
-        id,
+        run,
+        id: format!("{prefix}{run}"),
         tenant,
         note,
         model: chat.model.clone(),
@@ -342,7 +357,7 @@ async fn whole(
     let work = async {
         let _running = ticket.start().await;
         in_flight.running();
-        execute(&state, &chat, target, &meta.id, &meta.tenant, text_tx).await
+        execute(&state, &chat, target, &meta, text_tx).await
     };
     let result = match tokio::time::timeout(deadline, work).await {
         Ok(result) => result,
@@ -355,12 +370,8 @@ async fn whole(
     match result {
         Ok(finish) => {
             meta.note.tokens(&finish.usage);
-            if let Some(fp) = finish
-                .report
-                .get("system_fingerprint")
-                .and_then(Value::as_str)
-            {
-                meta.fingerprint = fp.to_string();
+            if let Some(fp) = finish.fingerprint {
+                meta.fingerprint = fp;
             }
             let choice = match meta.endpoint {
                 Endpoint::Chat => AnyChoice::Chat(openai::Choice {
@@ -429,7 +440,7 @@ fn streamed(
         let work = tokio::time::timeout(deadline, async {
             let _running = ticket.start().await;
             in_flight.running();
-            execute(&state, &chat, target, &meta.id, &meta.tenant, text_tx).await
+            execute(&state, &chat, target, &meta, text_tx).await
         });
         tokio::pin!(work);
         // A chat stream names the role first, as OpenAI's does; a text stream has none.
@@ -478,11 +489,9 @@ fn streamed(
         };
         meta.note.tokens(&finish.usage);
         let fp = finish
-            .report
-            .get("system_fingerprint")
-            .and_then(Value::as_str)
-            .unwrap_or(&meta.fingerprint)
-            .to_string();
+            .fingerprint
+            .clone()
+            .unwrap_or_else(|| meta.fingerprint.clone());
         let mut end = meta.chunk_choice(None, Some(finish.reason));
         if let AnyChunkChoice::Chat(choice) = &mut end {
             choice.delta.refusal = finish.refusal.as_deref();
@@ -558,8 +567,7 @@ async fn execute(
     state: &ServerState,
     chat: &Chat,
     target: Work,
-    id: &str,
-    tenant: &Tenant,
+    meta: &Meta,
     text: mpsc::UnboundedSender<String>,
 ) -> Result<Finish, ApiError> {
     let (mut specs, answering) = match &target {
@@ -581,7 +589,7 @@ async fn execute(
             .cloned(),
     );
     if specs.is_empty() {
-        return execute_unguarded(state, chat, target, id, tenant, text).await;
+        return execute_unguarded(state, chat, target, meta, text).await;
     }
     let info = crate::guard::StreamInfo {
         node_id: answering,
@@ -590,11 +598,11 @@ async fn execute(
     };
     let (chain, unopened) = crate::guard::open_chain(state.app.registry().as_ref(), &specs, &info)
         .map_err(|error| {
-            tracing::error!(request_id = id, %error, "an output guard did not start");
+            tracing::error!(request_id = %meta.id, %error, "an output guard did not start");
             ApiError::run_failed(error.to_string())
         })?;
     let (raw_tx, raw_rx) = mpsc::unbounded_channel();
-    let work = execute_unguarded(state, chat, target, id, tenant, raw_tx);
+    let work = execute_unguarded(state, chat, target, meta, raw_tx);
     let pool = state.app.runner().guest_pool().clone();
     let (result, mut report) = super::output_guard::relay(chain, pool, work, raw_rx, text).await;
     report.events.splice(0..0, unopened);
@@ -612,7 +620,8 @@ async fn execute(
         None => Finish {
             reason: "content_filter",
             usage: Usage::new(0, 0, report.chunks),
-            report: json!({ "run_id": id }),
+            report: json!({ "run_id": meta.id }),
+            fingerprint: None,
             refusal: None,
         },
     };
@@ -631,10 +640,10 @@ async fn execute_unguarded(
     state: &ServerState,
     chat: &Chat,
     target: Work,
-    id: &str,
-    tenant: &Tenant,
+    meta: &Meta,
     text: mpsc::UnboundedSender<String>,
 ) -> Result<Finish, ApiError> {
+    let (id, tenant) = (meta.id.as_str(), &meta.tenant);
     let started = Instant::now();
     let mut first_text = None;
     let mut send = |t: String| {
@@ -645,7 +654,7 @@ async fn execute_unguarded(
     };
     let result = match target {
         Work::Pipeline(version, run) => {
-            let result = run_pipeline(state, chat, &version, &run, id, tenant, &mut send).await;
+            let result = run_pipeline(state, chat, version, &run, meta, &mut send).await;
             if let Err(error) = &result {
                 run.0.failed(error);
             }
@@ -669,33 +678,15 @@ async fn execute_unguarded(
     result
 }
 
-/// The request's pipeline: the served version with the server's cap on every node, then the
-/// request's parameters on the node that gives the answer.
-fn shaped(state: &ServerState, chat: &Chat, pipeline: &Pipeline) -> Pipeline {
-    let mut pipeline = pipeline.clone();
-    // The server's cap bounds what the file asks for; the request may then lower it.
-    if let Some(max) = state.options.limits.max_tokens {
-        pipeline.limit_tokens(max);
-    }
-    let output = pipeline.output.0;
-    let params = &mut pipeline.nodes[output].params;
-    // A request's own `max_tokens` can only lower the cap.
-    let max_tokens = match (chat.params.max_tokens, params.max_tokens) {
-        (Some(max), cap) => Some(cap.map_or(max, |cap| cap.min(max))),
-        (None, cap) => cap,
-    };
-    *params = chat.params.clone().or(params.clone());
-    params.max_tokens = max_tokens;
-    pipeline
-}
-
+/// A chat request through the one way in ([`crate::app::App::prepare`]): the served
+/// version with the server's cap on every node and the request's parameters on the node
+/// that gives the answer.
 async fn run_pipeline(
     state: &ServerState,
     chat: &Chat,
-    version: &PipelineVersion,
+    version: Arc<PipelineVersion>,
     live: &RunGuard,
-    id: &str,
-    tenant: &Tenant,
+    meta: &Meta,
     send: &mut impl FnMut(String),
 ) -> Result<Finish, ApiError> {
     let Input::Conversation(conversation) = &chat.input else {
@@ -707,91 +698,55 @@ async fn run_pipeline(
     let request = RunRequest {
         conversation: conversation.clone(),
         mode: chat.mode,
-        namespace: tenant.namespace().clone(),
+        namespace: meta.tenant.namespace().clone(),
         // Plugin model calls that end after the run (a background compression): the
         // tenant's quota; those during the run are in its usage, charged below.
         late_charge: Some({
-            let tenant = tenant.clone();
+            let tenant = meta.tenant.clone();
             LateCharge::new(move |tokens| tenant.quota().charge(tokens))
         }),
     };
-    // A pipeline with declared variants runs the best one that fits the budget under the
-    // load its engines report now (runs admitted before this one are on them already).
-    let budget = chat.latency_budget_ms.map(std::time::Duration::from_millis);
-    let (chosen, choice) =
-        crate::tune::adaptive::choose(state.app.runner(), &version.pipeline, &request, budget);
-    if let Some(choice) = &choice {
+    let mut spec = RunSpec::served(meta.run, version, request);
+    spec.answer_params = Some(chat.params.clone());
+    spec.max_tokens = state.options.limits.max_tokens;
+    spec.latency_budget = chat.latency_budget_ms.map(Duration::from_millis);
+    // The variant is chosen under the load its engines report now: runs admitted before
+    // this one are on them already.
+    let prepared = state.app.prepare(spec).await;
+    if let Some(choice) = prepared.variant() {
         state
             .metrics
             .variant(&chat.model, &choice.variant, choice.met_budget);
     }
-    let pipeline = shaped(state, chat, &chosen);
-    let (runner, plugins) = state.app.pinned_runner_ready(&pipeline).await;
-    let (events_tx, mut events) = mpsc::unbounded_channel();
-    let recorder = live.0.recorder();
-    recorder.forward(events_tx);
-    let run = runner.run_recorded(&pipeline, request, recorder);
-    tokio::pin!(run);
-    let mut on_event = |event: RunEvent| {
-        if let RunEvent::NodeDelta { node, text, .. } = event
-            && node == pipeline.output
-        {
-            send(text);
-        }
-    };
-    let result = loop {
-        tokio::select! {
-            result = &mut run => break result,
-            Some(event) = events.recv() => on_event(event),
-        }
-    };
-    while let Ok(event) = events.try_recv() {
-        on_event(event);
-    }
-    let mut report = result.map_err(|error| run_error(state, &pipeline, id, error))?;
-    report.variant = choice.and_then(|c| serde_json::to_value(c).ok());
-    let output = &report.nodes[pipeline.output.0];
-    let cap = pipeline.node(pipeline.output).params.max_tokens;
-    let reason = if cap.is_some_and(|cap| output.output_tokens >= cap) {
-        "length"
-    } else {
-        "stop"
-    };
-    // The nodes' tokens and those of the plugins' own model calls (a compressor's).
-    let calls = &report.model_calls;
-    let completion: u32 = report.nodes.iter().map(|n| n.output_tokens).sum();
+    let pipeline = prepared.pipeline().clone();
+    let outcome = prepared
+        .run(live.0.recorder(), |progress| {
+            if let Progress::Answer(text) = progress {
+                send(text.to_string());
+            }
+        })
+        .await
+        .map_err(|error| run_error(state, &pipeline, &meta.id, error))?;
+    let usage = outcome.usage();
     let usage = Usage::new(
-        report
-            .cache
-            .prompt_tokens
-            .saturating_add(calls.prompt_tokens),
-        report
-            .cache
-            .cached_prompt_tokens
-            .saturating_add(calls.cached_prompt_tokens),
-        completion.saturating_add(calls.completion_tokens),
+        usage.prompt_tokens,
+        usage.cached_prompt_tokens,
+        usage.completion_tokens,
     );
-    let fingerprint = std::iter::once(version.label())
-        .chain(
-            plugins
-                .iter()
-                .map(|p| format!("{}@{}:{}", p.name, p.version, &p.sha256[..12])),
-        )
-        .collect::<Vec<_>>()
-        .join(";");
-    let mut value = serde_json::to_value(&report).unwrap_or(Value::Null);
+    let mut value =
+        serde_json::to_value(outcome.full_report(CHAT_ID_PREFIX)).unwrap_or(Value::Null);
+    // The answer is the completion's message.
     if let Value::Object(map) = &mut value {
         map.remove("answer");
-        map.insert("run_id".into(), json!(id));
-        map.insert("pipeline_version".into(), json!(version));
-        map.insert("plugins".into(), json!(plugins));
-        map.insert("system_fingerprint".into(), json!(fingerprint));
     }
-    live.0.finished(Arc::new(report), value.clone());
+    let fingerprint = outcome.fingerprint.as_str().to_string();
+    let reason = if outcome.hit_cap { "length" } else { "stop" };
+    live.0.finished(Arc::new(outcome.report), value.clone());
     Ok(Finish {
         reason,
         usage,
         report: value,
+        fingerprint: Some(fingerprint),
         refusal: None,
     })
 }
@@ -910,6 +865,8 @@ async fn generate(
                         usage.cached_prompt_tokens,
                         usage.completion_tokens,
                     ),
+                    fingerprint: None,
+                    refusal: None,
                     report: json!({
                         "run_id": id,
                         "model": engine.model_info().name,
@@ -921,7 +878,6 @@ async fn generate(
                             "finished": timings.finished.as_secs_f64() * 1e3,
                         },
                     }),
-                    refusal: None,
                 });
             }
         }

@@ -42,6 +42,7 @@ use axum::routing::{get, post};
 use crate::app::App;
 use crate::app::config::Limits;
 use crate::pipeline::RunReport;
+pub(crate) use crate::sync::lock;
 use admission::Admission;
 use error::ApiError;
 use tenant::{Tenant, TenantSpec, Tenants};
@@ -120,17 +121,6 @@ impl ServerState {
             metrics,
             plugin_log,
         }))
-    }
-
-    /// A fresh completion id, also the run's id: `chatcmpl-` and 128 random bits in hex, so
-    /// no id tells another (or how many runs there were).
-    pub(crate) fn next_id(&self) -> Result<String, ApiError> {
-        let mut bits = [0u8; 16];
-        getrandom::fill(&mut bits).map_err(|error| {
-            tracing::error!(%error, "the OS gave no random bytes for a run id");
-            ApiError::run_failed("the server could not make a run id")
-        })?;
-        Ok(format!("chatcmpl-{}", hex::encode(bits)))
     }
 
     /// A recent run's report, for its trace endpoints, when `tenant` owns it.
@@ -270,10 +260,3 @@ pub async fn serve(
 /// How long accepting pauses after an error (out of file descriptors): long enough for
 /// connections to close, short enough that clients barely notice.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
-
-/// Poisoning cannot leave these values inconsistent (each update is one push or swap).
-pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}

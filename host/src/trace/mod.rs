@@ -101,10 +101,7 @@ impl Timeline {
 
     pub fn record_at(&self, at: Duration, lane: usize, kind: EventKind) {
         // A poisoned lock only means another recorder panicked; the events are still valid.
-        self.events
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(Event { at, lane, kind });
+        crate::sync::lock(&self.events).push(Event { at, lane, kind });
     }
 
     pub fn lanes(&self) -> &[String] {
@@ -113,11 +110,7 @@ impl Timeline {
 
     /// The events so far, in time order.
     pub fn events(&self) -> Vec<Event> {
-        let mut events = self
-            .events
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let mut events = crate::sync::lock(&self.events).clone();
         events.sort_by_key(|e| e.at);
         events
     }

@@ -12,8 +12,9 @@
 //! faster runners-up. Like `eval`, this room works through public APIs (the runner, the
 //! engine trait, the eval runner); printing and files are the CLI's.
 
-pub mod adaptive;
-pub mod predict;
+// Run-time variant choice and the critical-path model it shares with the search live beside
+// the pipeline (a server chooses per request); re-exported where the tuner's callers found them.
+pub use crate::pipeline::{adaptive, predict};
 pub mod probe;
 pub mod report;
 pub mod search;
@@ -27,6 +28,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::app::{Launcher, RunSpec};
 use crate::engine::{Engine, EngineError};
 use crate::eval::{self, EvalOptions, Variant};
 use crate::pipeline::report::NodeReport;
@@ -311,10 +313,11 @@ type RunFigures = (f64, Option<f64>, f64);
 
 /// Runs `pipeline` on each prompt: the mean figures, and the reports.
 pub async fn measure_runs(
-    runner: &Runner,
+    launcher: &Launcher,
     pipeline: &Pipeline,
     prompts: &[String],
 ) -> Result<(RunFigures, Vec<RunReport>), RunError> {
+    let runner = launcher.runner();
     let (mut paths, mut ttfts, mut totals) = (Vec::new(), Vec::new(), Vec::new());
     let mut reports = Vec::new();
     for prompt in prompts {
@@ -323,13 +326,11 @@ pub async fn measure_runs(
         runner
             .start_fresh(Some((pipeline, StreamMode::Staircase)))
             .await?;
-        let report = runner
-            .run(
-                pipeline,
-                RunRequest::prompt(prompt, StreamMode::Staircase),
-                None,
-            )
-            .await?;
+        let spec = RunSpec::measured(
+            pipeline.clone(),
+            RunRequest::prompt(prompt, StreamMode::Staircase),
+        )?;
+        let report = launcher.prepare(spec).await.run_alone().await?.report;
         paths.push(millis(report.critical_path_measured.length_ms));
         ttfts.extend(report.ttft_ms.map(millis));
         totals.push(millis(report.total_ms));
@@ -476,11 +477,12 @@ fn sized(
 /// Searches the variants of `base`, checks the shortlist against real runs, scores it with
 /// `eval` (answers and judge on `judge_engine`), and picks the best that meets the budget.
 pub async fn tune(
-    runner: &Runner,
+    launcher: &Launcher,
     judge_engine: &Arc<dyn Engine>,
     base: &Pipeline,
     options: &TuneOptions,
 ) -> Result<TuneReport, TuneError> {
+    let runner = launcher.runner();
     let answer_tokens = options
         .answer_tokens
         .or(options.eval.as_ref().map(|e| e.answer_tokens));
@@ -507,7 +509,7 @@ pub async fn tune(
             source: Box::new(source),
         }
     };
-    let (base_run, base_reports) = measure_runs(runner, &base, &options.check_prompts)
+    let (base_run, base_reports) = measure_runs(launcher, &base, &options.check_prompts)
         .await
         .map_err(run_error(&base))?;
     // The probes alone under-predict a real run (0.2-0.7x on a busy host): the run's own
@@ -562,7 +564,7 @@ pub async fn tune(
             None => (table.clone(), base_run),
             Some(_) => {
                 let before = probe_models(runner, pipeline).await?;
-                let (figures, _) = measure_runs(runner, pipeline, &options.check_prompts)
+                let (figures, _) = measure_runs(launcher, pipeline, &options.check_prompts)
                     .await
                     .map_err(run_error(pipeline))?;
                 let after = probe_models(runner, pipeline).await?;
@@ -603,7 +605,7 @@ pub async fn tune(
             .iter()
             .filter(|(genome, _)| genome.is_some())
             .map(|(_, p)| p);
-        let report = against_hand_written(runner, judge_engine, &base, tuned, sample).await?;
+        let report = against_hand_written(launcher, judge_engine, &base, tuned, sample).await?;
         judge_check.clone_from(&report.judge_check);
         for c in &mut checked {
             let name = if c.hand_written {
@@ -657,7 +659,7 @@ pub async fn tune(
                 .map(|(_, p)| p)
                 .filter(|p| p.name == chosen.name);
             let report =
-                against_hand_written(runner, judge_engine, &base, pipeline, sample).await?;
+                against_hand_written(launcher, judge_engine, &base, pipeline, sample).await?;
             let summary = |name: &str| report.summaries.iter().find(|s| s.variant == name);
             summary(&chosen.name)
                 .zip(summary(&report.baseline))
@@ -700,7 +702,7 @@ pub async fn tune(
 
 /// `eval` of `tuned` against `base`, the hand-written pipeline as it runs (the baseline).
 async fn against_hand_written(
-    runner: &Runner,
+    launcher: &Launcher,
     judge_engine: &Arc<dyn Engine>,
     base: &Pipeline,
     tuned: impl Iterator<Item = &Pipeline>,
@@ -726,7 +728,7 @@ async fn against_hand_written(
         noise_floor: false,
         dry: Default::default(),
     };
-    eval::runner::run(runner, judge_engine, &options)
+    eval::runner::run(launcher, judge_engine, &options)
         .await
         .map_err(|e| TuneError::Eval(Box::new(e)))
 }

@@ -10,6 +10,7 @@ use super::predict::{LatencyTable, ModelLatency};
 use super::search::{self, Prior, SearchOptions};
 use super::space::{Genome, Space};
 use super::*;
+use crate::app::Launcher;
 use crate::engine::simulated::{SimulatedEngine, SimulatedLatencies};
 use crate::pipeline::Models;
 use crate::pipeline::critical::Latencies;
@@ -271,13 +272,15 @@ fn simulated(decode_ms: f64, prefill_ms: f64) -> Arc<dyn Engine> {
 /// ratio on the simulated backend (the model ignores the plugin's exact step boundaries).
 const PREDICTION_TOLERANCE: (f64, f64) = (0.75, 1.33);
 
-/// A runner with the two simulated models `slow` (also the default) and `fast`.
-fn simulated_runner() -> (Runner, Arc<dyn Engine>) {
+/// Runs on the two simulated models `slow` (also the default) and `fast`.
+fn simulated_runner() -> (Launcher, Arc<dyn Engine>) {
     let slow = simulated(8.0, 0.2);
     let mut models = Models::with_default(slow.clone());
     models.insert("slow".into(), slow.clone());
     models.insert("fast".into(), simulated(3.0, 0.1));
-    (Runner::new(models, registry()), slow)
+    let registry = registry();
+    let runner = Arc::new(Runner::new(models, registry.clone()));
+    (Launcher::new(runner, registry, None), slow)
 }
 
 /// Tuning `BASE` on the simulated runner for a budget of 1.2 s, without `eval`.
@@ -319,7 +322,7 @@ async fn predicted_critical_paths_of_the_shortlist_match_simulated_runs() {
     }
     // The written file loads, with the budget it was tuned for.
     let written = Pipeline::parse(&report.file, "written.toml").unwrap();
-    runner.check(&written).unwrap();
+    runner.runner().check(&written).unwrap();
     assert_eq!(
         written.adaptive.latency_budget,
         Some(Duration::from_millis(1200))

@@ -10,7 +10,6 @@ use anyhow::Context;
 use crate::bench::staircase::{self as bench, BenchOptions, RemoteBackend};
 use crate::engine::Engine;
 use crate::engine::simulated::{SimulatedEngine, SimulatedLatencies};
-use crate::pipeline::{Models, Runner};
 
 /// Arguments of `staircase bench staircase`.
 #[derive(Debug, clap::Args)]
@@ -36,6 +35,10 @@ pub struct Args {
     /// Also load the plugins in this folder; repeatable.
     #[arg(long = "plugins", value_name = "DIR")]
     plugin_dirs: Vec<PathBuf>,
+    /// A `staircase.toml` (models, plugins, the `[limits]` and `[sandbox]` bounds every run
+    /// keeps, on every backend); the flags above override it.
+    #[arg(long, value_name = "staircase.toml")]
+    config: Option<PathBuf>,
     /// Where the nodes run; give both (`--backend local --backend remote`) for the two
     /// tables and their ratios side by side from one run.
     #[arg(long, value_enum, default_values_t = [Backend::Local])]
@@ -71,9 +74,13 @@ pub enum Backend {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let flash_attention = !args.no_flash_attention;
-    let app = super::super::run::open_app(None, args.model.as_deref(), &args.plugin_dirs)?
-        .local_engine(move |config| config.flash_attention = flash_attention)
-        .build()?;
+    let app = super::super::run::open_app(
+        args.config.as_deref(),
+        args.model.as_deref(),
+        &args.plugin_dirs,
+    )?
+    .local_engine(move |config| config.flash_attention = flash_attention)
+    .build()?;
     let pipeline = super::super::run::pipeline_of(&app, &args.pipeline, None)?;
     let runtime = super::super::runtime()?;
     let options = BenchOptions {
@@ -93,8 +100,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         };
         let engine: Arc<dyn Engine> =
             Arc::new(SimulatedEngine::new(latencies, runtime.handle().clone()));
-        let runner = Runner::new(Models::with_default(engine.clone()), app.registry().clone());
-        let report = runtime.block_on(bench::run(&runner, &engine, &options))?;
+        let launcher = app.launcher_on(engine.clone());
+        let report = runtime.block_on(bench::run(launcher.runner(), &engine, &options))?;
         return write(&args, "bench-staircase", &report);
     }
     let mut summaries = Vec::new();
@@ -116,9 +123,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                         .await
                         .context("starting the llama-server replicas")?;
                     let engine: Arc<dyn Engine> = remote.engine.clone();
-                    let runner =
-                        Runner::new(Models::with_default(engine.clone()), app.registry().clone());
-                    let report = bench::run(&runner, &engine, &options).await?;
+                    let launcher = app.launcher_on(engine.clone());
+                    let report = bench::run(launcher.runner(), &engine, &options).await?;
                     anyhow::Ok(report)
                 })?;
                 write(&args, "bench-staircase-remote", &report)?;

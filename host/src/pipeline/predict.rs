@@ -1,4 +1,5 @@
-//! The critical-path model the tuner searches on: a pipeline's predicted critical path and
+//! The critical-path model the tuner searches on and the run-time variant choice
+//! ([`super::adaptive`]) predicts with: a pipeline's predicted critical path and
 //! time to first token from per-model token latencies, before anything runs.
 //!
 //! Like [`crate::pipeline::critical`] (LAMaS-style), a node costs its prompt times the
