@@ -42,7 +42,7 @@ enum Command {
     Serve(serve::Args),
     /// Generate with one model, no pipeline.
     Generate(generate::Args),
-    /// Build, check and list plugins.
+    /// Create, build, check and list plugins.
     #[command(subcommand)]
     Plugin(plugin::Command),
     /// Fetch and list models.
