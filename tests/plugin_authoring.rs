@@ -188,7 +188,64 @@ fn a_rust_role_plugin_goes_from_new_to_a_served_answer() {
         folder.join("staircase-sdk/wit/v0.1.0/agent.wit").is_file(),
         "the SDK and its WIT are written beside the plugin"
     );
+    // Alone, before any server: each call, its result, and the plugin's own log line.
+    let called = run(plugin(
+        &parent,
+        &[
+            "call",
+            "my-rust-role/my-rust-role.wasm",
+            "--prompt",
+            "Hello there",
+        ],
+    ));
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&called.stdout),
+        String::from_utf8_lossy(&called.stderr),
+    );
+    for call in ["system-prompt", "params", "build-messages"] {
+        assert!(
+            stdout.contains(&format!("call          {call}")),
+            "{stdout}"
+        );
+    }
+    assert!(
+        stdout.contains("\"Hello there\""),
+        "the prompt reached the role: {stdout}"
+    );
+    assert!(
+        stderr.contains("1 messages in"),
+        "the plugin's host.log line is shown: {stderr}"
+    );
     assert_served(&folder, "my-rust-role");
+    let _ = std::fs::remove_dir_all(&parent);
+}
+
+/// `plugin call` on a role that spins past its deadline ends with the limit it hit.
+#[test]
+fn plugin_call_reports_the_limit_a_looping_role_hits() {
+    let parent = outside("looping");
+    std::fs::copy(
+        staircase::plugin::builtin::guest_artifact("hostile-role"),
+        parent.join("hostile-role.wasm"),
+    )
+    .unwrap();
+    std::fs::copy(
+        staircase::plugin::builtin::guest_manifest("fixtures/hostile-role"),
+        parent.join("hostile-role.toml"),
+    )
+    .unwrap();
+    let output = plugin(
+        &parent,
+        &["call", "hostile-role.wasm", "--prompt", "attack:loop"],
+    )
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "a looping call fails");
+    assert!(
+        stderr.contains("build-messages failed") && stderr.contains("deadline"),
+        "the error names the call and the deadline it hit: {stderr}"
+    );
     let _ = std::fs::remove_dir_all(&parent);
 }
 
@@ -313,5 +370,35 @@ fn a_plugin_builds_against_the_packaged_sdk() {
     .unwrap();
     let built = run(plugin(&parent, &["build", "packaged-role"]));
     assert!(String::from_utf8_lossy(&built.stdout).contains("type-checked and self-tested"));
+    let _ = std::fs::remove_dir_all(&parent);
+}
+
+/// Any other language plugs in with the manifest's `[build] command`: it runs in the
+/// plugin's folder with the kind's WIT and the output path in its environment, and its
+/// component is checked like any other.
+#[test]
+fn a_manifest_build_command_builds_any_language() {
+    let parent = outside("command");
+    let folder = parent.join("other");
+    std::fs::create_dir_all(&folder).unwrap();
+    // A "toolchain" that needs the WIT it was given and copies a real role component.
+    let role = staircase::plugin::builtin::guest_artifact("proposer");
+    std::fs::write(
+        folder.join("other.toml"),
+        format!(
+            "name = \"other\"\nversion = \"0.1.0\"\nkind = \"role\"\n\n[build]\n\
+             command = \"grep -q 'world role' \\\"$STAIRCASE_WIT/agent.wit\\\" && \
+             test \\\"$STAIRCASE_WORLD\\\" = role && cp {} \\\"$STAIRCASE_OUT\\\"\"\n",
+            path(&role)
+        ),
+    )
+    .unwrap();
+    let built = run(plugin(&parent, &["build", "other"]));
+    let stdout = String::from_utf8_lossy(&built.stdout);
+    assert!(
+        stdout.contains("[build] command") && stdout.contains("type-checked and self-tested"),
+        "{stdout}"
+    );
+    assert!(folder.join("other.wasm").is_file());
     let _ = std::fs::remove_dir_all(&parent);
 }

@@ -4,7 +4,6 @@
 //! does. A missing tool is named with the command that installs it before anything runs.
 //! It never edits the plugin's sources; its scratch files live in the folder's `target/`.
 
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -159,7 +158,7 @@ fn recipe(folder: &Path, manifest: &Manifest) -> anyhow::Result<Recipe> {
 
 /// `program` on the search path.
 fn which(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_else(OsString::new);
+    let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .map(|dir| dir.join(program))
         .find(|candidate| {
