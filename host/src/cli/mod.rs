@@ -42,7 +42,7 @@ enum Command {
     Serve(serve::Args),
     /// Generate with one model, no pipeline.
     Generate(generate::Args),
-    /// Build, check and list plugins.
+    /// Create, build, run alone, check and list plugins.
     #[command(subcommand)]
     Plugin(plugin::Command),
     /// Fetch and list models.
@@ -65,7 +65,11 @@ enum Command {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    let filter = match &cli.command {
+        Command::Plugin(command) => command.log_filter(),
+        _ => None,
+    };
+    init_tracing(cli.log_format, filter.unwrap_or(DEFAULT_LOG_FILTER));
     let result = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Serve(args) => serve::run(args),
@@ -90,13 +94,14 @@ pub fn main() -> ExitCode {
 /// What is logged when `RUST_LOG` does not say: warnings, and the server's access log.
 const DEFAULT_LOG_FILTER: &str = "warn,staircase::access=info";
 
-/// Logs go to stderr, filtered by `RUST_LOG` (default: [`DEFAULT_LOG_FILTER`]); text is in
-/// colour only on a terminal (a journal or a log file gets plain text).
-fn init_tracing(format: LogFormat) {
+/// Logs go to stderr, filtered by `RUST_LOG` (default: `default_filter`, the command's or
+/// [`DEFAULT_LOG_FILTER`]); text is in colour only on a terminal (a journal or a log file
+/// gets plain text).
+fn init_tracing(format: LogFormat, default_filter: &str) {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -110,6 +110,18 @@ pub struct Manifest {
     pub capabilities: BTreeSet<Capability>,
     #[serde(default)]
     pub limits: Limits,
+    /// How `staircase plugin build` makes the component, when not from a known language's
+    /// files; the host itself never runs it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<BuildRecipe>,
+}
+
+/// A manifest's `[build]` table (Spin's way): any toolchain that writes a component.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct BuildRecipe {
+    /// A shell command run in the manifest's folder; it must write `NAME.wasm` there.
+    pub command: String,
 }
 
 /// Why a manifest was not accepted.

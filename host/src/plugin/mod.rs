@@ -25,7 +25,7 @@ mod wasi_io;
 
 pub use error::{LimitExceeded, MAX_QUOTED_BYTES, PluginError, PluginRef, clip};
 pub use limits::{CompileBudget, LogLimits};
-pub use manifest::{Capability, Limits, Manifest};
+pub use manifest::{BuildRecipe, Capability, Limits, Manifest};
 pub use policies::{
     AggregatorInstance, CompressorInstance, GuardInstance, RoleInstance, RouterInstance,
 };

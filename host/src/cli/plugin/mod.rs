@@ -1,4 +1,11 @@
-//! `staircase plugin`: check a component and list plugins.
+//! `staircase plugin`: scaffold a plugin from the templates in the binary (`new`), build it
+//! with its language's toolchain (`build`), check a component and list plugins. Each verb
+//! is one file here; the loading and checking is the plugin host's (`crate::plugin`).
+
+mod build;
+mod call;
+mod new;
+mod templates;
 
 use std::path::PathBuf;
 
@@ -9,6 +16,15 @@ use crate::plugin::{Capability, HostConfig, PluginRuntime, Registry};
 /// Subcommands of `staircase plugin`.
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
+    /// Create a plugin folder: source, manifest, build recipe and a sample pipeline that
+    /// uses it. Needs no checkout of the repository.
+    New(new::Args),
+    /// Build a plugin folder into NAME.wasm beside its manifest (cargo, componentize-py,
+    /// componentize-js, or the manifest's `[build] command`), then check it.
+    Build(build::Args),
+    /// Run a role alone on a prompt: prints each call, what it returned and its time, the
+    /// plugin's log lines (stderr) and any limit it hit.
+    Call(call::Args),
     /// Load a component with its manifest, type-check it against its kind's world, run its
     /// self-test, and print what it is. Exits non-zero on any problem.
     Check {
@@ -34,8 +50,19 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// The log filter this command wants when `RUST_LOG` does not say: `call` shows the
+    /// plugin's own log lines.
+    pub fn log_filter(&self) -> Option<&'static str> {
+        matches!(self, Command::Call(_)).then_some(call::LOG_FILTER)
+    }
+}
+
 pub fn run(command: Command) -> anyhow::Result<()> {
     match command {
+        Command::New(args) => new::run(args),
+        Command::Build(args) => build::run(args),
+        Command::Call(args) => call::run(args),
         Command::Check {
             file,
             manifest,
@@ -50,7 +77,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
-fn check(
+pub(super) fn check(
     file: PathBuf,
     manifest: Option<PathBuf>,
     grants: Option<Vec<Capability>>,

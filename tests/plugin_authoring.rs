@@ -1,0 +1,489 @@
+//! A plugin author's three commands, end to end, outside the repository: `staircase plugin
+//! new` scaffolds a role plugin into a folder under the system's temporary folder, `plugin
+//! build` compiles it with the real toolchain (cargo for Rust, componentize-py for Python,
+//! componentize-js for JavaScript) and checks it, and a running `serve` takes it from its
+//! plugin folder and answers a chat request through the scaffold's sample pipeline. A
+//! missing toolchain is named with its install command, and nothing is built. The Rust SDK
+//! also builds a plugin from its `cargo package`d crate.
+//!
+//! Rust plugin builds share one cargo target folder (`CARGO_TARGET_TMPDIR`), so only the
+//! first compiles the SDK's dependencies.
+
+mod serve_support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use serve_support::{path, start_server};
+
+/// A bound on any one HTTP exchange of these tests.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The repository (the scaffolds must not need it; only the tests find things here).
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A fresh folder outside the repository tree.
+fn outside(name: &str) -> PathBuf {
+    let dir =
+        std::env::temp_dir().join(format!("staircase-authoring-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    assert!(
+        !dir.starts_with(repo().canonicalize().unwrap()),
+        "the scaffold must live outside the repository"
+    );
+    dir
+}
+
+/// The cargo target folder every Rust plugin build of these tests shares.
+fn shared_cargo_target() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("plugin-authoring-cargo")
+}
+
+/// `staircase plugin ARGS...` in `cwd`, with the shared cargo target folder.
+fn plugin(cwd: &Path, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_staircase"));
+    command
+        .current_dir(cwd)
+        .arg("plugin")
+        .args(args)
+        .env("CARGO_TARGET_DIR", shared_cargo_target());
+    command
+}
+
+fn run(mut command: Command) -> Output {
+    let output = command.output().expect("the staircase binary runs");
+    assert!(
+        output.status.success(),
+        "{command:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+/// Scaffolds a role plugin `name` in `lang` into `parent` and builds it; returns its folder.
+fn new_and_build(parent: &Path, name: &str, lang: &str, prepare: impl Fn(&Path)) -> PathBuf {
+    new_and_build_kind(parent, name, "role", lang, prepare)
+}
+
+/// Scaffolds a plugin `name` of `kind` in `lang` into `parent` and builds it.
+fn new_and_build_kind(
+    parent: &Path,
+    name: &str,
+    kind: &str,
+    lang: &str,
+    prepare: impl Fn(&Path),
+) -> PathBuf {
+    run(plugin(
+        parent,
+        &["new", name, "--kind", kind, "--lang", lang],
+    ));
+    let folder = parent.join(name);
+    prepare(&folder);
+    let built = run(plugin(parent, &["build", name]));
+    let stdout = String::from_utf8_lossy(&built.stdout);
+    assert!(
+        stdout.contains(&format!("plugin        {name} 0.1.0"))
+            && stdout.contains(&format!("kind          {kind}"))
+            && stdout.contains("type-checked and self-tested"),
+        "the build ends with the check of the component:\n{stdout}"
+    );
+    assert!(folder.join(format!("{name}.wasm")).is_file());
+    folder
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Starts `serve` on empty plugin and pipeline folders, then drops the built plugin and its
+/// sample pipeline into them, reloads, and asks the pipeline a question. Returns the answer
+/// and how many calls the plugin served, from `/metrics`.
+fn serve_the_scaffold(folder: &Path, name: &str) -> (String, u64) {
+    let served = outside(&format!("{name}-served"));
+    let (plugins, pipelines) = (served.join("plugins"), served.join("pipelines"));
+    std::fs::create_dir_all(&plugins).unwrap();
+    std::fs::create_dir_all(&pipelines).unwrap();
+    let (server, base) = start_server(
+        Command::new(env!("CARGO_BIN_EXE_staircase"))
+            .args(["serve", "--host", "127.0.0.1", "--port", "0", "--no-watch"])
+            .args(["--plugins", path(&plugins), "--pipelines", path(&pipelines)]),
+    );
+    let manifest = format!("{name}.toml");
+    std::fs::copy(folder.join(&manifest), plugins.join(&manifest)).unwrap();
+    std::fs::copy(
+        folder.join(format!("{name}.wasm")),
+        plugins.join(format!("{name}.wasm")),
+    )
+    .unwrap();
+    std::fs::copy(
+        folder.join("pipelines").join(&manifest),
+        pipelines.join(&manifest),
+    )
+    .unwrap();
+    let result = runtime().block_on(async {
+        let client = reqwest::Client::builder()
+            .timeout(HTTP_TIMEOUT)
+            .build()
+            .unwrap();
+        let reload = client
+            .post(format!("{base}/admin/reload"))
+            .send()
+            .await
+            .expect("a reload answers");
+        let status = reload.status();
+        let body: serde_json::Value = reload.json().await.unwrap_or_default();
+        assert!(status.is_success(), "{status} {body}");
+        assert!(
+            body["plugins"].to_string().contains(name),
+            "the running server took the plugin: {body}"
+        );
+        let response = client
+            .post(format!("{base}/v1/chat/completions"))
+            .json(&serde_json::json!({
+                "model": name,
+                "messages": [{"role": "user", "content": "Say hi."}],
+            }))
+            .send()
+            .await
+            .expect("the server answers");
+        let status = response.status();
+        let body: serde_json::Value = response.json().await.unwrap_or_default();
+        assert_eq!(status, 200, "{body}");
+        let answer = body["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let metrics = client
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let calls = metrics
+            .lines()
+            .filter(|l| l.starts_with("staircase_plugin_calls_total{"))
+            .filter(|l| l.contains(&format!("plugin=\"{name}\"")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64;
+        (answer, calls)
+    });
+    drop(server);
+    let _ = std::fs::remove_dir_all(&served);
+    result
+}
+
+fn assert_served(folder: &Path, name: &str) {
+    let (answer, calls) = serve_the_scaffold(folder, name);
+    assert!(!answer.trim().is_empty(), "the pipeline answered");
+    assert!(
+        calls >= 2,
+        "the scaffold's role was called (system prompt, messages, parameters): {calls}"
+    );
+}
+
+#[test]
+fn a_rust_role_plugin_goes_from_new_to_a_served_answer() {
+    let parent = outside("rust");
+    let folder = new_and_build(&parent, "my-rust-role", "rust", |_| {});
+    assert!(
+        folder.join("staircase-sdk/wit/v0.1.0/agent.wit").is_file(),
+        "the SDK and its WIT are written beside the plugin"
+    );
+    // Alone, before any server: each call, its result, and the plugin's own log line.
+    let called = run(plugin(
+        &parent,
+        &[
+            "call",
+            "my-rust-role/my-rust-role.wasm",
+            "--prompt",
+            "Hello there",
+        ],
+    ));
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&called.stdout),
+        String::from_utf8_lossy(&called.stderr),
+    );
+    for call in ["system-prompt", "params", "build-messages"] {
+        assert!(
+            stdout.contains(&format!("call          {call}")),
+            "{stdout}"
+        );
+    }
+    assert!(
+        stdout.contains("\"Hello there\""),
+        "the prompt reached the role: {stdout}"
+    );
+    assert!(
+        stderr.contains("1 messages in"),
+        "the plugin's host.log line is shown: {stderr}"
+    );
+    assert_served(&folder, "my-rust-role");
+    let _ = std::fs::remove_dir_all(&parent);
+}
+
+/// `plugin call` on a role that spins past its deadline ends with the limit it hit.
+#[test]
+fn plugin_call_reports_the_limit_a_looping_role_hits() {
+    let parent = outside("looping");
+    std::fs::copy(
+        staircase::plugin::builtin::guest_artifact("hostile-role"),
+        parent.join("hostile-role.wasm"),
+    )
+    .unwrap();
+    std::fs::copy(
+        staircase::plugin::builtin::guest_manifest("fixtures/hostile-role"),
+        parent.join("hostile-role.toml"),
+    )
+    .unwrap();
+    let output = plugin(
+        &parent,
+        &["call", "hostile-role.wasm", "--prompt", "attack:loop"],
+    )
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "a looping call fails");
+    assert!(
+        stderr.contains("build-messages failed") && stderr.contains("deadline"),
+        "the error names the call and the deadline it hit: {stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&parent);
+}
+
+#[test]
+fn a_python_role_plugin_goes_from_new_to_a_served_answer() {
+    let parent = outside("python");
+    let folder = new_and_build(&parent, "my-python-role", "python", |_| {});
+    let manifest = std::fs::read_to_string(folder.join("my-python-role.toml")).unwrap();
+    assert!(
+        manifest.contains("call-ms = 2000"),
+        "an interpreter's first call gets time: {manifest}"
+    );
+    assert_served(&folder, "my-python-role");
+    let _ = std::fs::remove_dir_all(&parent);
+}
+
+#[test]
+fn a_javascript_role_plugin_goes_from_new_to_a_served_answer() {
+    let parent = outside("js");
+    let folder = new_and_build(&parent, "my-js-role", "js", link_node_modules);
+    assert_served(&folder, "my-js-role");
+    let _ = std::fs::remove_dir_all(&parent);
+}
+
+/// With a search path that lacks the toolchain, `plugin build` names the missing tool and
+/// the command that installs it, and writes no component.
+#[test]
+fn a_missing_toolchain_is_named_with_its_install_command() {
+    let parent = outside("missing");
+    let empty_path = parent.join("empty-bin");
+    std::fs::create_dir_all(&empty_path).unwrap();
+    for (lang, tool, install) in [
+        (
+            "python",
+            "componentize-py",
+            "python3 -m pip install componentize-py==0.25.1",
+        ),
+        ("js", "node", "nodejs"),
+        ("rust", "cargo", "rustup.rs"),
+    ] {
+        let name = format!("no-{lang}");
+        run(plugin(
+            &parent,
+            &["new", &name, "--kind", "role", "--lang", lang],
+        ));
+        let output = plugin(&parent, &["build", &name])
+            .env("PATH", &empty_path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{lang}: the build fails");
+        assert!(
+            stderr.contains(&format!("{tool} is not installed")) && stderr.contains(install),
+            "{lang}: the error names {tool} and how to install it: {stderr}"
+        );
+        assert!(
+            !parent.join(&name).join(format!("{name}.wasm")).exists(),
+            "{lang}: nothing was built"
+        );
+    }
+    // JavaScript with node but without the plugin's packages: `npm install` is the fix.
+    let output = plugin(&parent, &["build", "no-js"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && stderr.contains("npm install --prefix"),
+        "the error says to install the plugin's packages: {stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&parent);
+}
+
+/// `cargo package` of the SDK passes, and a plugin outside the workspace builds against the
+/// packaged crate (the scaffold's SDK copy replaced by it).
+#[test]
+fn a_plugin_builds_against_the_packaged_sdk() {
+    let target = shared_cargo_target();
+    let packaged = Command::new(env!("CARGO"))
+        .current_dir(repo().join("sdk"))
+        .args(["package", "--allow-dirty", "--target-dir"])
+        .arg(&target)
+        .output()
+        .unwrap();
+    assert!(
+        packaged.status.success(),
+        "cargo package of the SDK: {}",
+        String::from_utf8_lossy(&packaged.stderr)
+    );
+    let crate_file = target.join("package/staircase-sdk-0.1.0.crate");
+    let parent = outside("packaged");
+    let unpacked = parent.join("sdk");
+    std::fs::create_dir_all(&unpacked).unwrap();
+    let untar = Command::new("tar")
+        .arg("-xzf")
+        .arg(&crate_file)
+        .arg("-C")
+        .arg(&unpacked)
+        .status()
+        .unwrap();
+    assert!(untar.success(), "the packaged crate unpacks");
+    run(plugin(
+        &parent,
+        &["new", "packaged-role", "--kind", "role", "--lang", "rust"],
+    ));
+    let folder = parent.join("packaged-role");
+    std::fs::remove_dir_all(folder.join("staircase-sdk")).unwrap();
+    let cargo_toml = std::fs::read_to_string(folder.join("Cargo.toml")).unwrap();
+    let sdk = unpacked.join("staircase-sdk-0.1.0");
+    std::fs::write(
+        folder.join("Cargo.toml"),
+        cargo_toml.replace(
+            "path = \"staircase-sdk\"",
+            &format!("path = {:?}", path(&sdk)),
+        ),
+    )
+    .unwrap();
+    let built = run(plugin(&parent, &["build", "packaged-role"]));
+    assert!(String::from_utf8_lossy(&built.stdout).contains("type-checked and self-tested"));
+    let _ = std::fs::remove_dir_all(&parent);
+}
+
+/// Any other language plugs in with the manifest's `[build] command`: it runs in the
+/// plugin's folder with the kind's WIT and the output path in its environment, and its
+/// component is checked like any other.
+#[test]
+fn a_manifest_build_command_builds_any_language() {
+    let parent = outside("command");
+    let folder = parent.join("other");
+    std::fs::create_dir_all(&folder).unwrap();
+    // A "toolchain" that needs the WIT it was given and copies a real role component.
+    let role = staircase::plugin::builtin::guest_artifact("proposer");
+    std::fs::write(
+        folder.join("other.toml"),
+        format!(
+            "name = \"other\"\nversion = \"0.1.0\"\nkind = \"role\"\n\n[build]\n\
+             command = \"grep -q 'world role' \\\"$STAIRCASE_WIT/agent.wit\\\" && \
+             test \\\"$STAIRCASE_WORLD\\\" = role && cp {} \\\"$STAIRCASE_OUT\\\"\"\n",
+            path(&role)
+        ),
+    )
+    .unwrap();
+    let built = run(plugin(&parent, &["build", "other"]));
+    let stdout = String::from_utf8_lossy(&built.stdout);
+    assert!(
+        stdout.contains("[build] command") && stdout.contains("type-checked and self-tested"),
+        "{stdout}"
+    );
+    assert!(folder.join("other.wasm").is_file());
+    let _ = std::fs::remove_dir_all(&parent);
+}
+
+/// The JavaScript example's pinned componentize-js in `folder`: what `npm install` would
+/// fetch (the tests run without the npm registry).
+fn link_node_modules(folder: &Path) {
+    std::os::unix::fs::symlink(
+        repo().join("examples/plugins/js/node_modules"),
+        folder.join("node_modules"),
+    )
+    .unwrap();
+}
+
+/// A guard scaffolded in each language masks the word its template masks, through its
+/// sample pipeline in one running server: the same host code for all three.
+#[test]
+fn guard_plugins_in_rust_python_and_javascript_mask_a_served_answer() {
+    let parent = outside("guards");
+    let served = parent.join("served");
+    let (plugins, pipelines) = (served.join("plugins"), served.join("pipelines"));
+    std::fs::create_dir_all(&plugins).unwrap();
+    std::fs::create_dir_all(&pipelines).unwrap();
+    let names = ["guard-rust", "guard-python", "guard-js"];
+    for (name, lang) in names.into_iter().zip(["rust", "python", "js"]) {
+        let folder = new_and_build_kind(&parent, name, "guard", lang, |folder| {
+            if lang == "js" {
+                link_node_modules(folder);
+            }
+        });
+        for (from, to) in [
+            (
+                folder.join(format!("{name}.wasm")),
+                plugins.join(format!("{name}.wasm")),
+            ),
+            (
+                folder.join(format!("{name}.toml")),
+                plugins.join(format!("{name}.toml")),
+            ),
+            (
+                folder.join("pipelines").join(format!("{name}.toml")),
+                pipelines.join(format!("{name}.toml")),
+            ),
+        ] {
+            std::fs::copy(from, to).unwrap();
+        }
+    }
+    let (server, base) = start_server(
+        Command::new(env!("CARGO_BIN_EXE_staircase"))
+            .args(["serve", "--host", "127.0.0.1", "--port", "0", "--no-watch"])
+            .args(["--plugins", path(&plugins), "--pipelines", path(&pipelines)]),
+    );
+    runtime().block_on(async {
+        let client = reqwest::Client::builder()
+            .timeout(HTTP_TIMEOUT)
+            .build()
+            .unwrap();
+        for name in names {
+            // The model copies the conversation's pattern, saying the masked word twice.
+            let response = client
+                .post(format!("{base}/v1/chat/completions"))
+                .json(&serde_json::json!({
+                    "model": name,
+                    "messages": [
+                        {"role": "user", "content": "Say: the password"},
+                        {"role": "assistant", "content": "the password"},
+                        {"role": "user", "content": "Say: my password is a password"},
+                    ],
+                    "max_tokens": 20,
+                    "temperature": 0,
+                }))
+                .send()
+                .await
+                .expect("the server answers");
+            let body: serde_json::Value = response.json().await.unwrap_or_default();
+            let answer = body["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap_or_default();
+            assert!(answer.contains("[hidden]"), "{name}: {body}");
+            assert!(!answer.contains("password"), "{name}: {body}");
+        }
+    });
+    drop(server);
+    let _ = std::fs::remove_dir_all(&parent);
+}
