@@ -1,7 +1,7 @@
 //! `staircase bench engine --against-server`: our local engine against llama.cpp's
-//! `llama-server` on the same GGUF, thread count and flash-attention setting, one request at
-//! a time and several at once: time to first token and decode rate, as ratios (ours over the
-//! server's) measured within one run. The server is reached through the remote engine, so
+//! `llama-server` on the same GGUF, thread count and flash-attention setting, at each of a
+//! sweep of request counts (one at a time, several at once): time to first token and decode
+//! rate, as ratios (ours over the server's) measured within one run. The server is reached through the remote engine, so
 //! its side includes HTTP and SSE on loopback, as a user of it would have. Prompts are
 //! unique per request, so neither side answers from its prefix cache beyond the chat
 //! template's head, which both cache.
@@ -20,6 +20,10 @@ use crate::engine::remote::launch::{LaunchError, LaunchOptions, LlamaServer};
 use crate::engine::remote::{RemoteConfig, RemoteEngine};
 use crate::engine::{ChatMessage, Engine, GenerationEvent, GenerationRequest, Role};
 
+/// How long the server may take to its first byte and between bytes: far beyond the remote
+/// engine's defaults, since the server prefills a whole burst of prompts before answering.
+const SERVER_FIRST_BYTE: Duration = Duration::from_secs(900);
+
 #[derive(Clone, Debug)]
 pub struct AgainstServerConfig {
     pub model: PathBuf,
@@ -28,8 +32,8 @@ pub struct AgainstServerConfig {
     /// Prompt length of each request, in tokens (roughly).
     pub prompt_tokens: usize,
     pub max_tokens: u32,
-    /// Requests at once in the concurrent measurement.
-    pub concurrency: usize,
+    /// Requests at once in each measurement, in order (e.g. 1, 4, 16).
+    pub concurrency: Vec<usize>,
     /// Rounds of each measurement, the two sides alternating.
     pub repeats: usize,
     pub flash_attention: bool,
@@ -42,7 +46,7 @@ impl AgainstServerConfig {
             threads: None,
             prompt_tokens: 200,
             max_tokens: 64,
-            concurrency: 4,
+            concurrency: vec![1, 4],
             repeats: 3,
             flash_attention: crate::engine::local::DEFAULT_FLASH_ATTENTION,
         }
@@ -154,7 +158,11 @@ fn medians(sides: &[Side]) -> Side {
 /// Runs both measurements. Call from a tokio runtime.
 pub async fn run(config: &AgainstServerConfig) -> Result<AgainstServerReport, AgainstServerError> {
     let threads = config.threads.unwrap_or_else(default_threads);
-    let concurrency = config.concurrency.max(1);
+    let mut levels: Vec<usize> = config.concurrency.iter().map(|&n| n.max(1)).collect();
+    if levels.is_empty() {
+        levels.push(1);
+    }
+    let concurrency = levels.iter().copied().max().unwrap_or(1);
     let mut local_config = LocalEngineConfig::new(&config.model);
     local_config.threads = Some(threads);
     local_config.flash_attention = config.flash_attention;
@@ -171,6 +179,11 @@ pub async fn run(config: &AgainstServerConfig) -> Result<AgainstServerReport, Ag
     )?;
     let mut remote = RemoteConfig::new("bench", vec![server.url()]);
     remote.health.interval = Duration::ZERO;
+    // Sixteen prompts on one busy core can take the server minutes before its first byte;
+    // a retry would submit the request again and time something else.
+    remote.timeouts.first_byte = SERVER_FIRST_BYTE;
+    remote.timeouts.idle = SERVER_FIRST_BYTE;
+    remote.retry.attempts = 1;
     let theirs = RemoteEngine::connect("bench", remote)
         .await
         .map_err(BenchError::from)?;
@@ -193,7 +206,7 @@ pub async fn run(config: &AgainstServerConfig) -> Result<AgainstServerReport, Ag
     round(&theirs, prompts(1), 4).await?;
 
     let mut scenarios = Vec::new();
-    for requests in [1, concurrency] {
+    for requests in levels {
         let (mut our_rounds, mut their_rounds) = (Vec::new(), Vec::new());
         for _ in 0..config.repeats.max(1) {
             tracing::info!(requests, "bench: ours");

@@ -91,12 +91,13 @@ pub struct EngineArgs {
     #[arg(long)]
     no_flash_attention: bool,
     /// Instead: our engine against llama.cpp's `llama-server` (started here on loopback) on
-    /// the same GGUF and threads, one request and `--concurrency` at once: TTFT and decode.
+    /// the same GGUF and threads, at each `--concurrency` level: TTFT and decode.
     #[arg(long)]
     against_server: bool,
-    /// Requests at once in `--against-server`'s concurrent measurement.
-    #[arg(long, default_value_t = 4)]
-    concurrency: usize,
+    /// Requests at once in `--against-server`'s measurements, a sweep in one run
+    /// (e.g. `--concurrency 1,4,16`).
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 4])]
+    concurrency: Vec<usize>,
     /// Write the report as JSON to this file too.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -278,7 +279,7 @@ fn against_server(args: &EngineArgs) -> anyhow::Result<()> {
     let mut config = AgainstServerConfig::new(model);
     config.threads = args.threads;
     config.repeats = args.repeats;
-    config.concurrency = args.concurrency;
+    config.concurrency.clone_from(&args.concurrency);
     config.flash_attention = !args.no_flash_attention;
     let report = super::runtime()?
         .block_on(run(&config))

@@ -7,9 +7,15 @@
 //! (accepted prefix plus the model's own token). In a step that already holds `b` tokens the
 //! draft turns `b` tokens per `cost(b)` into `b - 1 + yield` per `cost(b + k)`; we draft the k
 //! that maximises that ratio, and nothing unless it beats plain decoding by a margin. `a` is
-//! estimated per match-length bucket from recent outcomes, starting from a cautious prior, and
-//! the estimates drift back to that prior while speculation is off, so a request that stopped
-//! drafting on novel text probes again later. This file only decides; it does no I/O.
+//! estimated per match-length bucket from recent outcomes, starting from a cautious prior.
+//! Evidence ages only as new evidence arrives (a verified draft, or a shadow check of a
+//! declined one on a plain step), never while speculation is off: a sequence that stopped
+//! drafting stays stopped until the free shadow checks show the text being copied again,
+//! instead of drifting back to an optimistic prior and paying for probes. On top, a ledger of
+//! what recent drafts actually won against plain decoding (on the cost curve) switches
+//! drafting off for a cooldown that doubles with every loss in a row, so acceptance that is
+//! worse than its estimate (correlated misses, a sampler that penalises repeats) cannot keep
+//! a workload below plain speed. This file only decides; it does no I/O and reads no clock.
 
 use serde::{Deserialize, Serialize};
 
@@ -107,9 +113,13 @@ pub struct ControllerConfig {
     /// Weight (in observed tokens) of the prior acceptance, so a couple of outcomes do not
     /// swing the estimate to 0 or 1.
     pub prior_weight: f64,
-    /// Per-decision decay of the evidence towards the prior (half-life ~14 decisions):
+    /// Per-observation decay of the evidence towards the prior (half-life ~14 drafts or
+    /// shadow checks; nothing ages while nothing is observed):
     /// agent text alternates between copying and writing, and the estimate must follow.
     pub decay: f64,
+    /// Plain decisions a sequence waits after its drafts lost against plain decoding, before
+    /// it may draft again; doubled for every further loss in a row.
+    pub cooldown: usize,
 }
 
 impl Default for ControllerConfig {
@@ -120,6 +130,7 @@ impl Default for ControllerConfig {
             min_gain: 1.05,
             prior_weight: 2.0,
             decay: 0.95,
+            cooldown: 16,
         }
     }
 }
@@ -142,6 +153,23 @@ fn bucket(match_len: u32) -> usize {
     BUCKET_EDGES.iter().take_while(|&&e| match_len >= e).count()
 }
 
+/// Weight of the earlier drafts in the ledger of what drafts won, per verified draft: the
+/// last ~5 drafts count, so one lucky copy does not hide a run of losses.
+const LEDGER_DECAY: f64 = 0.8;
+
+/// Plain-decoding tokens' worth of time the ledger must have seen spent on drafts before it
+/// judges them (about one failed 4-token draft on the default curve), so one short unlucky
+/// draft does not stop a sequence.
+const LEDGER_MIN_SPENT: f64 = 3.0;
+
+/// Ratio of tokens won to plain-decoding tokens' worth spent above which a sequence that
+/// lost before counts as paying again (its next loss restarts the cooldown at its base).
+const LEDGER_RECOVERED: f64 = 1.1;
+
+/// Cap on the doublings of the cooldown (16 << 6 = 1024 decisions: a request that keeps
+/// losing drafts decodes plainly for most of its length).
+const MAX_COOLDOWN_DOUBLINGS: u32 = 6;
+
 /// Decayed evidence of per-token acceptance for matches of one length bucket.
 #[derive(Clone, Copy, Debug, Default)]
 struct Evidence {
@@ -157,6 +185,20 @@ pub struct DraftController {
     cost: CostModel,
     /// Per match-length bucket: short matches fail often even while long ones copy well.
     evidence: [Evidence; 4],
+    /// Decayed sums over recent drafts of this sequence's tokens they emitted and of what
+    /// plain decoding would have emitted in the time they took (on the cost curve).
+    ledger_won: f64,
+    ledger_spent: f64,
+    /// Losses in a row (drafts emitting less than plain decoding would); each doubles the
+    /// next cooldown.
+    losses: u32,
+    /// Decisions left before drafting may resume.
+    cooling: usize,
+    /// Width of the step the last draft was chosen for (this sequence's token included).
+    last_width: usize,
+    /// Decisions that chose a draft, and losses that started a cooldown (for tests and traces).
+    drafts_chosen: u64,
+    cooldowns: u64,
 }
 
 impl DraftController {
@@ -165,6 +207,13 @@ impl DraftController {
             config,
             cost,
             evidence: [Evidence::default(); 4],
+            ledger_won: 0.0,
+            ledger_spent: 0.0,
+            losses: 0,
+            cooling: 0,
+            last_width: 1,
+            drafts_chosen: 0,
+            cooldowns: 0,
         }
     }
 
@@ -184,9 +233,9 @@ impl DraftController {
     /// in a step that already holds `batch_tokens` tokens (this sequence's own included).
     /// 0 means decode plainly.
     pub fn choose(&mut self, match_len: u32, available: usize, batch_tokens: usize) -> usize {
-        for e in &mut self.evidence {
-            e.accepted *= self.config.decay;
-            e.rejected *= self.config.decay;
+        if self.cooling > 0 {
+            self.cooling -= 1;
+            return 0;
         }
         if match_len < self.config.min_match {
             return 0;
@@ -202,16 +251,74 @@ impl DraftController {
                 best = (k, rate);
             }
         }
+        if best.0 > 0 {
+            self.last_width = b;
+            self.drafts_chosen += 1;
+        }
         best.0
+    }
+
+    /// Whether drafting is switched off by recent losses.
+    pub fn cooling_down(&self) -> bool {
+        self.cooling > 0
+    }
+
+    /// Decisions that chose to draft, over this controller's life.
+    pub fn drafts_chosen(&self) -> u64 {
+        self.drafts_chosen
+    }
+
+    /// Cooldowns started because drafts lost against plain decoding.
+    pub fn cooldowns(&self) -> u64 {
+        self.cooldowns
+    }
+
+    /// Adds the outcome of one draft (or shadow check), first ageing the old evidence by
+    /// one `decay`. Only new evidence ages it: while nothing is checked, it stays put.
+    fn observe(&mut self, match_len: u32, accepted: usize, rejected: bool) {
+        for e in &mut self.evidence {
+            e.accepted *= self.config.decay;
+            e.rejected *= self.config.decay;
+        }
+        let e = &mut self.evidence[bucket(match_len)];
+        e.accepted += accepted as f64;
+        if rejected {
+            e.rejected += 1.0;
+        }
+    }
+
+    /// What plain decoding would have emitted in the time a draft of `drafted` tokens took:
+    /// this sequence's own token, plus the draft's extra width `cost(b + k) - cost(b)` at
+    /// the plain rate `b / cost(b)` of a step `b` tokens wide (the other sequences' tokens
+    /// are emitted either way).
+    fn plain_equivalent(&self, drafted: usize) -> f64 {
+        let b = self.last_width.max(1);
+        let plain_rate = b as f64 / self.cost.cost(b).max(f64::MIN_POSITIVE);
+        1.0 + (self.cost.cost(b + drafted) - self.cost.cost(b)).max(0.0) * plain_rate
     }
 
     /// Records the outcome of verifying a draft of `drafted` tokens from a match of
     /// `match_len`, of which the first `accepted` were accepted.
+    /// Recent drafts that emitted fewer tokens than plain decoding would have in their time
+    /// start a cooldown.
     pub fn record(&mut self, match_len: u32, drafted: usize, accepted: usize) {
-        let e = &mut self.evidence[bucket(match_len)];
-        e.accepted += accepted as f64;
-        if accepted < drafted {
-            e.rejected += 1.0;
+        self.observe(match_len, accepted, accepted < drafted);
+        self.ledger_won = self.ledger_won * LEDGER_DECAY + (accepted + 1) as f64;
+        self.ledger_spent = self.ledger_spent * LEDGER_DECAY + self.plain_equivalent(drafted);
+        if self.ledger_spent >= LEDGER_MIN_SPENT && self.ledger_won < self.ledger_spent {
+            let doublings = self.losses.min(MAX_COOLDOWN_DOUBLINGS);
+            self.cooling = self.config.cooldown << doublings;
+            self.losses += 1;
+            self.cooldowns += 1;
+            self.ledger_won = 0.0;
+            self.ledger_spent = 0.0;
+            tracing::trace!(
+                cooling = self.cooling,
+                losses = self.losses,
+                "drafts lost against plain decoding; drafting off"
+            );
+        } else if self.ledger_won > self.ledger_spent * LEDGER_RECOVERED {
+            self.losses = 0;
         }
     }
 
@@ -221,7 +328,7 @@ impl DraftController {
     /// that entered a copying stretch starts drafting without paying for a probe, and one on
     /// novel text stays off.
     pub fn record_shadow(&mut self, match_len: u32, hit: bool) {
-        self.record(match_len, 1, usize::from(hit));
+        self.observe(match_len, usize::from(hit), !hit);
     }
 }
 
@@ -269,13 +376,94 @@ mod tests {
             0,
             "repeated rejections switch drafting off"
         );
-        for _ in 0..200 {
+        for _ in 0..2000 {
             c.choose(0, 0, 1);
+        }
+        assert_eq!(
+            c.choose(32, 16, 1),
+            0,
+            "evidence does not age without new evidence, so drafting stays off"
+        );
+        for _ in 0..40 {
+            c.record_shadow(32, true);
         }
         assert!(
             c.choose(32, 16, 1) > 0,
-            "evidence decays, so drafting is probed again"
+            "free shadow hits switch drafting back on"
         );
+    }
+
+    /// A sequence whose drafts stop being accepted (a sampler penalising repeats, text that
+    /// paraphrases what it matches) after a long run of full acceptance, which keeps the
+    /// estimate high: the ledger stops it after a few losing drafts, and the probes that
+    /// follow come ever more rarely.
+    #[test]
+    fn collapsed_acceptance_backs_off_to_no_drafting() {
+        let mut c = DraftController::new(ControllerConfig::default(), CostModel::default());
+        for _ in 0..40 {
+            let k = c.choose(32, 16, 1);
+            assert!(k > 0, "a copying sequence drafts");
+            c.record(32, k, k);
+        }
+        let before = c.drafts_chosen();
+        let mut late_drafts = 0;
+        for decision in 0..1000 {
+            let k = c.choose(32, 16, 1);
+            if k > 0 {
+                c.record(32, k, 0);
+                late_drafts += usize::from(decision >= 500);
+            }
+        }
+        let after_collapse = c.drafts_chosen() - before;
+        assert!(
+            after_collapse <= 10,
+            "{after_collapse} drafts after the collapse"
+        );
+        // Each losing probe doubles the wait for the next one.
+        assert!(
+            late_drafts <= 1,
+            "{late_drafts} drafts in the last 500 decisions"
+        );
+    }
+
+    /// Drafts that lose against plain decoding even though the acceptance estimate says they
+    /// pay (misses correlated with match length): the ledger stops drafting for a cooldown
+    /// that doubles with every further loss, so the losing probes thin out.
+    #[test]
+    fn losing_drafts_start_a_doubling_cooldown() {
+        let mut c = DraftController::new(ControllerConfig::default(), CostModel::default());
+        let mut drafts_at = Vec::new();
+        for decision in 0..2000 {
+            let k = c.choose(32, 16, 1);
+            if k > 0 {
+                drafts_at.push(decision);
+                // One token accepted and, as shadow checks between drafts keep finding,
+                // the estimate stays high: on its own it would keep drafting.
+                c.record(32, k, 1);
+                for _ in 0..4 {
+                    c.record_shadow(32, true);
+                }
+            }
+        }
+        assert!(c.cooldowns() >= 4, "{} cooldowns", c.cooldowns());
+        let gaps: Vec<usize> = drafts_at.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(
+            gaps.iter().any(|&g| g >= 256),
+            "later probes come ever more rarely: {gaps:?}"
+        );
+        assert!(drafts_at.len() < 16, "{} drafts", drafts_at.len());
+    }
+
+    #[test]
+    fn winning_drafts_never_cool_down() {
+        let mut c = DraftController::new(ControllerConfig::default(), CostModel::default());
+        for _ in 0..500 {
+            let k = c.choose(32, 16, 1);
+            assert!(k > 0);
+            c.record(32, k, k);
+        }
+        assert_eq!(c.cooldowns(), 0);
+        assert!(!c.cooling_down());
     }
 
     #[test]

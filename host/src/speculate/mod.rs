@@ -295,6 +295,41 @@ mod tests {
         assert!(at < 12, "a few free hits suffice (drafted at {at})");
     }
 
+    /// Free writing over a small vocabulary: short chance matches everywhere, longer ones now
+    /// and then, and none continues. Each step drafts only if the controller says so, and
+    /// a draft is checked against what the text really does next.
+    #[test]
+    fn never_drafts_on_text_that_never_repeats() {
+        let mut rng = SplitMix64::new(0x0dd5_eed5);
+        let mut text = |n: usize| -> Vec<TokenId> {
+            (0..n)
+                .map(|_| TokenId((rng.next_u64() % 40) as i32))
+                .collect()
+        };
+        let prompt = text(300);
+        let output = text(3000);
+        let mut spec = Speculator::new(&SpeculationConfig::default(), None);
+        spec.observe(&prompt);
+        let mut at = 0;
+        let mut decisions = 0;
+        while at < output.len() {
+            decisions += 1;
+            let draft = spec.draft(None, 1, 32);
+            let accepted = draft.as_ref().map_or(0, |d| {
+                d.tokens
+                    .iter()
+                    .zip(&output[at..])
+                    .take_while(|(a, b)| a == b)
+                    .count()
+            });
+            let end = (at + accepted + 1).min(output.len());
+            spec.record(draft.as_ref(), accepted, &output[at..end]);
+            at = end;
+        }
+        assert_eq!(decisions, output.len());
+        assert_eq!(spec.stats().drafted_tokens, 0, "{:?}", spec.stats());
+    }
+
     #[test]
     fn disabled_never_drafts() {
         let config = SpeculationConfig {

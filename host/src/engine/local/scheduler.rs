@@ -181,8 +181,10 @@ pub(super) fn admits_background(foreground_running: bool, foreground_queued: boo
 }
 
 /// The step's batch, in priority order: the decode inputs of every decoding sequence that
-/// fits, then prefill. While others decode a prefill takes at most `prefill_chunk` tokens
-/// in all, so their token rate stays steady; a prompt that outranks every decoding sequence
+/// fits, then prefill. While others decode, prefill takes at most `prefill_chunk` tokens per
+/// waiting prompt, so their token rate stays steady while one prompt is absorbed, and a
+/// burst of prompts is absorbed in a few wide steps instead of trickling in one chunk a
+/// step behind every decode; a prompt that outranks every decoding sequence
 /// (the critical path) takes the whole rest of the batch instead. Background sequences
 /// ([`Priority::BACKGROUND`]) are left out of any step that has foreground work: paused,
 /// their KV kept, they go on once the foreground is done.
@@ -214,13 +216,21 @@ pub(super) fn plan_step(
         first += demand.decode_inputs as i32;
     }
     let top_decoding = plan.iter().map(|p| demands[p.index].priority).max();
-    let mut chunk_left = prefill_chunk;
+    let outranks = |demand: &Demand| top_decoding.is_none_or(|top| demand.priority > top);
+    // A chunk per waiting prompt: sixteen requests arriving together must not trickle in
+    // one chunk a step behind the first few decoders (every decode step then carries a
+    // chunk, and the last prompt waits for all the others).
+    let waiting = order
+        .iter()
+        .filter(|&&i| demands[i].prefill_left > 0 && !outranks(&demands[i]))
+        .count();
+    let mut chunk_left = prefill_chunk.saturating_mul(waiting);
     for &index in &order {
         let demand = &demands[index];
         if demand.prefill_left == 0 {
             continue;
         }
-        let outranks = top_decoding.is_none_or(|top| demand.priority > top);
+        let outranks = outranks(demand);
         let allowance = if outranks {
             budget
         } else {
@@ -367,6 +377,27 @@ mod tests {
                 },
             ]
         );
+    }
+
+    /// Sixteen requests at once: after the first prompts, the rest must not come in one
+    /// chunk a step (each step of the first decoders would carry a chunk for ~50 steps).
+    #[test]
+    fn a_burst_of_prompts_gets_a_chunk_each_beside_the_decodes() {
+        let mut demands = vec![decoding(0, 0, 1), decoding(0, 1, 1)];
+        demands.extend((2..16).map(|order| prefilling(0, order, 200)));
+        let plan = plan_step(&demands, 512, 64);
+        let prefill: usize = plan.iter().filter(|p| p.prefill).map(|p| p.inputs).sum();
+        assert_eq!(prefill, 510, "the batch is filled: {plan:?}");
+        assert_eq!(plan.iter().filter(|p| p.prefill).count(), 3);
+        // Two prompts waiting beside a decode: a chunk each, no more.
+        let demands = [
+            decoding(0, 0, 1),
+            prefilling(0, 1, 500),
+            prefilling(0, 2, 500),
+        ];
+        let plan = plan_step(&demands, 512, 64);
+        let prefill: usize = plan.iter().filter(|p| p.prefill).map(|p| p.inputs).sum();
+        assert_eq!(prefill, 128);
     }
 
     #[test]
