@@ -37,8 +37,20 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// The answer's text (streamed chunks joined), its finish reason and its `staircase` report.
-async fn ask(base: &str, model: &str, stream: bool) -> (u16, String, String, Value) {
+/// What a test reads of one answer.
+struct Answer {
+    status: u16,
+    /// The answer's text (streamed chunks joined).
+    text: String,
+    finish_reason: String,
+    /// The `staircase` report (the error body when the status is not 200).
+    report: Value,
+    /// The whole response body: every byte the client got.
+    body: String,
+    run_id: String,
+}
+
+async fn ask(base: &str, model: &str, stream: bool) -> Answer {
     let client = reqwest::Client::builder()
         .timeout(HTTP_TIMEOUT)
         .build()
@@ -56,42 +68,49 @@ async fn ask(base: &str, model: &str, stream: bool) -> (u16, String, String, Val
         .await
         .expect("the server answers");
     let status = response.status().as_u16();
+    let run_id = response
+        .headers()
+        .get("x-staircase-run-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let body = response.text().await.unwrap();
+    let mut answer = Answer {
+        status,
+        text: String::new(),
+        finish_reason: String::new(),
+        report: Value::Null,
+        body: String::new(),
+        run_id,
+    };
     if !stream {
-        let body: Value = response.json().await.unwrap_or_default();
-        let choice = &body["choices"][0];
-        return (
-            status,
-            choice["message"]["content"].as_str().unwrap_or("").into(),
-            choice["finish_reason"].as_str().unwrap_or("").into(),
-            if status == 200 {
-                body["staircase"].clone()
-            } else {
-                body
-            },
-        );
+        let whole: Value = serde_json::from_str(&body).unwrap_or_default();
+        let choice = &whole["choices"][0];
+        answer.text = choice["message"]["content"].as_str().unwrap_or("").into();
+        answer.finish_reason = choice["finish_reason"].as_str().unwrap_or("").into();
+        answer.report = match status {
+            200 => whole["staircase"].clone(),
+            _ => whole,
+        };
     }
-    let (mut text, mut reason, mut report) = (String::new(), String::new(), Value::Null);
-    for data in response
-        .text()
-        .await
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-    {
+    for data in body.lines().filter_map(|l| l.strip_prefix("data: ")) {
         let Ok(chunk) = serde_json::from_str::<Value>(data) else {
             continue;
         };
         if let Some(choice) = chunk["choices"].get(0) {
-            text.push_str(choice["delta"]["content"].as_str().unwrap_or(""));
-            if let Some(r) = choice["finish_reason"].as_str() {
-                reason = r.into();
+            answer
+                .text
+                .push_str(choice["delta"]["content"].as_str().unwrap_or(""));
+            if let Some(reason) = choice["finish_reason"].as_str() {
+                answer.finish_reason = reason.into();
             }
         }
         if !chunk["staircase"].is_null() {
-            report = chunk["staircase"].clone();
+            answer.report = chunk["staircase"].clone();
         }
     }
-    (status, text, reason, report)
+    answer.body = body;
+    answer
 }
 
 #[test]
@@ -129,22 +148,29 @@ plugin = "pattern-guard"
     let (server, base) = start_server(&mut serve(&["--config", path(&config)]));
     runtime().block_on(async {
         // The model says it where no guard covers it: what follows is the guards' doing.
-        let (status, said, _, _) = ask(&base, UNGUARDED, false).await;
-        assert_eq!(status, 200);
+        let said = ask(&base, UNGUARDED, false).await;
+        assert_eq!(said.status, 200);
         assert!(
-            said.contains(SECRET),
-            "the unguarded model says it: {said:?}"
+            said.text.contains(SECRET),
+            "the unguarded model says it: {}",
+            said.body
         );
         for model in ["default", "guarded"] {
             for stream in [false, true] {
-                let (status, text, reason, report) = ask(&base, model, stream).await;
-                let case = format!("{model}, stream {stream}: {text:?} {report}");
-                assert_eq!(status, 200, "{case}");
-                assert!(!text.contains(SECRET), "{case}");
-                assert!(!text.contains("example.org"), "{case}");
-                assert!(text.contains("[redacted]"), "{case}");
-                assert_ne!(reason, "content_filter", "{case}");
-                let events = report["guards"]["events"]
+                let answer = ask(&base, model, stream).await;
+                let case = format!("{model}, stream {stream}: {}", answer.body);
+                assert_eq!(answer.status, 200, "{case}");
+                // Not in the answer, nor anywhere else in the response (the report's texts).
+                assert!(!answer.body.contains(SECRET), "{case}");
+                assert!(!answer.text.contains("example.org"), "{case}");
+                assert!(answer.text.contains("[redacted]"), "{case}");
+                assert_ne!(answer.finish_reason, "content_filter", "{case}");
+                // A guarded pipeline's events (the text before the guards) are not replayed.
+                let events = reqwest::get(format!("{base}/v1/runs/{}/events", answer.run_id))
+                    .await
+                    .unwrap();
+                assert_eq!(events.status().as_u16(), 404, "{case}");
+                let events = answer.report["guards"]["events"]
                     .as_array()
                     .cloned()
                     .unwrap_or_default();
@@ -228,21 +254,30 @@ config = {{ patterns = "(unclosed" }}
     let (server, base) = start_server(&mut serve(&["--config", path(&config)]));
     runtime().block_on(async {
         for stream in [false, true] {
-            let (status, text, _, body) = ask(&base, "default", stream).await;
-            assert!(!text.contains(SECRET), "stream {stream}: {text:?}");
+            let answer = ask(&base, "default", stream).await;
+            assert!(
+                !answer.body.contains(SECRET),
+                "stream {stream}: {}",
+                answer.body
+            );
+            assert!(
+                answer.body.contains("pattern-guard"),
+                "stream {stream}: {}",
+                answer.body
+            );
             if !stream {
-                assert_eq!(status, 500, "{body}");
-                let message = body["error"]["message"].as_str().unwrap_or("");
-                assert!(message.contains("pattern-guard"), "{body}");
+                assert_eq!(answer.status, 500, "{}", answer.body);
             }
         }
-        let (status, text, _, report) = ask(&base, UNGUARDED, false).await;
-        assert_eq!(status, 200, "{report}");
-        assert!(text.contains(SECRET), "fail-open passes the text: {text:?}");
-        assert_eq!(
-            report["guards"]["events"][0]["verdict"], "failed",
-            "{report}"
+        let open = ask(&base, UNGUARDED, false).await;
+        assert_eq!(open.status, 200, "{}", open.body);
+        assert!(
+            open.text.contains(SECRET),
+            "fail-open passes it: {}",
+            open.body
         );
+        let verdict = &open.report["guards"]["events"][0]["verdict"];
+        assert_eq!(verdict, "failed", "{}", open.body);
         // The server still answers.
         let health = reqwest::get(format!("{base}/health")).await.unwrap();
         assert!(health.status().is_success());

@@ -311,6 +311,7 @@ async fn start(
                 .rev()
                 .find(|m| m.role == Role::User)
                 .map_or("", |m| m.content.as_str());
+            let guarded = !guard_specs(&state, &chat.model, Some(&version.pipeline)).is_empty();
             let run = state.runs.start(
                 &meta.id,
                 &meta.tenant,
@@ -318,6 +319,7 @@ async fn start(
                 chat.mode,
                 prompt,
                 state.options.limits.recent_runs,
+                !guarded,
             );
             Work::Pipeline(version, RunGuard(run))
         }
@@ -570,24 +572,16 @@ async fn execute(
     meta: &Meta,
     text: mpsc::UnboundedSender<String>,
 ) -> Result<Finish, ApiError> {
-    let (mut specs, answering) = match &target {
+    let (specs, answering) = match &target {
         Work::Pipeline(version, _) => {
             let pipeline = &version.pipeline;
             (
-                pipeline.guards.clone(),
+                guard_specs(state, &chat.model, Some(pipeline)),
                 pipeline.node(pipeline.output).id.clone(),
             )
         }
-        Work::Model(_) => (Vec::new(), "answer".to_string()),
+        Work::Model(_) => (guard_specs(state, &chat.model, None), "answer".into()),
     };
-    let config = state.app.config();
-    specs.extend(
-        config
-            .guards
-            .iter()
-            .filter(|g| g.covers(&chat.model))
-            .cloned(),
-    );
     if specs.is_empty() {
         return execute_unguarded(state, chat, target, meta, text).await;
     }
@@ -629,10 +623,37 @@ async fn execute(
         finish.reason = "content_filter";
         finish.refusal = Some(reason);
     }
+    // The report's texts are the run's, before the guards: only what they released leaves.
+    strip_texts(&mut finish.report);
     if let Value::Object(map) = &mut finish.report {
         map.insert("guards".into(), guards);
     }
     Ok(finish)
+}
+
+/// The output guards on an answer of the served name `model`: `pipeline`'s own, then
+/// `staircase.toml`'s that cover the name.
+fn guard_specs(
+    state: &ServerState,
+    model: &str,
+    pipeline: Option<&Pipeline>,
+) -> Vec<crate::guard::GuardSpec> {
+    let own = pipeline.map(|p| p.guards.as_slice()).unwrap_or_default();
+    let served = state.app.config().guards.iter().filter(|g| g.covers(model));
+    own.iter().chain(served).cloned().collect()
+}
+
+/// Removes every `text` and `answer` field of a report, at any depth.
+fn strip_texts(value: &mut Value) {
+    match value {
+        Value::Object(map) => {
+            map.remove("text");
+            map.remove("answer");
+            map.values_mut().for_each(strip_texts);
+        }
+        Value::Array(items) => items.iter_mut().for_each(strip_texts),
+        _ => {}
+    }
 }
 
 /// [`execute`] without guards.

@@ -139,7 +139,10 @@ impl Runs {
     }
 
     /// Registers a run of `tenant` about to start, dropping the tenant's oldest beyond
-    /// `keep` (one tenant's traffic never pushes out another's runs).
+    /// `keep` (one tenant's traffic never pushes out another's runs). An unlisted run (one
+    /// whose answer output guards watch: its events carry the text before the guards) is
+    /// never kept, so its events and trace cannot be replayed.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn start(
         &self,
         id: &str,
@@ -148,6 +151,7 @@ impl Runs {
         mode: StreamMode,
         prompt: &str,
         keep: usize,
+        listed: bool,
     ) -> Arc<Run> {
         let run = Arc::new(Run {
             id: id.to_string(),
@@ -159,6 +163,9 @@ impl Runs {
             outcome: Mutex::new(None),
             subscribers: Arc::new(Semaphore::new(self.per_run_subscribers)),
         });
+        if !listed {
+            return run;
+        }
         let mut runs = lock(&self.runs);
         runs.push_back(run.clone());
         let own = runs.iter().filter(|r| r.tenant == *tenant).count();
@@ -326,7 +333,7 @@ mod tests {
     async fn a_run_dropped_before_its_outcome_ends_its_subscribers_as_failed() {
         let runs = Runs::new(2);
         let alice = Tenant::test("alice");
-        let run = runs.start("r1", &alice, "moa", StreamMode::Staircase, "hi", 2);
+        let run = runs.start("r1", &alice, "moa", StreamMode::Staircase, "hi", 2, true);
         run.recorder()
             .record(RunEvent::NodeStarted { node: NodeIndex(0) });
         let mut subscription = Subscription {
@@ -351,9 +358,9 @@ mod tests {
     fn the_oldest_runs_of_a_tenant_go_first() {
         let runs = Runs::new(2);
         let (alice, bob) = (Tenant::test("alice"), Tenant::test("bob"));
-        runs.start("b1", &bob, "moa", StreamMode::Layered, "hi", 2);
+        runs.start("b1", &bob, "moa", StreamMode::Layered, "hi", 2, true);
         for id in ["a", "b", "c"] {
-            runs.start(id, &alice, "moa", StreamMode::Layered, "hi", 2);
+            runs.start(id, &alice, "moa", StreamMode::Layered, "hi", 2, true);
         }
         assert!(runs.get("a", &alice).is_none());
         let ids: Vec<_> = runs
@@ -379,11 +386,23 @@ mod tests {
             StreamMode::Layered,
             "my pin is 4711",
             8,
+            true,
         );
         assert!(runs.get("r1", &bob).is_none());
         assert!(runs.list(&bob, false).is_empty());
         let listed = &runs.list(&alice, false)[0];
         assert!(listed.get("prompt").is_none());
         assert_eq!(runs.list(&alice, true)[0]["prompt"], "my pin is 4711");
+    }
+
+    #[test]
+    fn an_unlisted_run_is_not_kept_for_replay() {
+        let runs = Runs::new(2);
+        let alice = Tenant::test("alice");
+        let run = runs.start("g1", &alice, "moa", StreamMode::Layered, "hi", 8, false);
+        assert!(runs.get("g1", &alice).is_none());
+        assert!(runs.list(&alice, false).is_empty());
+        // It still records for its own request.
+        assert_eq!(run.id, "g1");
     }
 }
