@@ -1,14 +1,16 @@
 //! The pattern guard: redacts e-mail addresses, API-key shapes, Luhn-valid card numbers and
-//! any operator pattern from a stream before it leaves. A match still growing at the end of
-//! the window (and the last `hold-bytes` of text, where one may be starting) is held, so a
-//! secret split across chunks is redacted whole, never in part.
+//! any operator pattern from a stream before it leaves. What may still grow into a match is
+//! held: the window's last word (addresses and keys hold no whitespace), its trailing run of
+//! digits and separators (a card number), a match reaching the end, and with operator
+//! patterns (which may span words) the last `hold-bytes`. So a secret split across chunks is
+//! redacted whole, never in part, while prose leaves a word at a time.
 
 use regex_lite::Regex;
 use staircase_sdk::{Edit, Guard, StreamInfo, Verdict, host};
 
-/// Text held back at the end of the window: longer than a card number with separators or
-/// the part of a key before its pattern can match.
-const DEFAULT_HOLD_BYTES: usize = 64;
+/// Text held back at the end of the window when operator patterns are set: they may span
+/// words, so the last word is not enough.
+const PATTERN_HOLD_BYTES: usize = 64;
 
 const EMAIL: &str = r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}";
 const API_KEY: &str = r"\b(?:(?:sk|pk|rk)-[A-Za-z0-9_-]{16,}|AKIA[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{30,}|xox[abprs]-[A-Za-z0-9-]{10,})";
@@ -19,6 +21,8 @@ struct Pattern {
     regex: Regex,
     /// Keep a match only when its digits pass the Luhn check.
     luhn: bool,
+    /// One of the built-in kinds (which never span whitespace, but for a card's spaces).
+    builtin: bool,
 }
 
 struct PatternGuard {
@@ -82,6 +86,7 @@ impl Guard for PatternGuard {
             patterns.push(Pattern {
                 regex: Regex::new(source).expect("the built-in patterns compile"),
                 luhn,
+                builtin: true,
             });
         }
         for line in host::config("patterns").unwrap_or_default().lines() {
@@ -90,14 +95,20 @@ impl Guard for PatternGuard {
                 continue;
             }
             let regex = Regex::new(line).unwrap_or_else(|e| refuse(&format!("pattern `{line}`: {e}")));
-            patterns.push(Pattern { regex, luhn: false });
+            patterns.push(Pattern {
+                regex,
+                luhn: false,
+                builtin: false,
+            });
         }
+        let custom = patterns.iter().any(|p| !p.builtin);
         let hold_bytes = match host::config("hold-bytes") {
             Some(value) => value
                 .trim()
                 .parse()
                 .unwrap_or_else(|e| refuse(&format!("hold-bytes `{value}`: {e}"))),
-            None => DEFAULT_HOLD_BYTES,
+            None if custom => PATTERN_HOLD_BYTES,
+            None => 0,
         };
         Self {
             patterns,
@@ -107,7 +118,8 @@ impl Guard for PatternGuard {
     }
 
     fn push(&mut self, window: &str, _new_bytes: usize, _tokens: u32) -> Verdict {
-        let held_from = floor_boundary(window, window.len().saturating_sub(self.hold_bytes));
+        let tail = floor_boundary(window, window.len().saturating_sub(self.hold_bytes));
+        let held_from = tail.min(growing_from(window));
         // A match reaching into the held tail may still grow: hold all of it.
         let release = self
             .matches(window)
@@ -128,6 +140,23 @@ impl Guard for PatternGuard {
 fn refuse(why: &str) -> ! {
     host::log(host::LogLevel::Error, why);
     panic!("{why}")
+}
+
+/// Where the window's last word, or its trailing run of digits and separators, starts: text
+/// a built-in pattern's match may still be growing into.
+fn growing_from(window: &str) -> usize {
+    let word = window
+        .char_indices()
+        .rev()
+        .find(|(_, c)| c.is_whitespace())
+        .map_or(0, |(at, c)| at + c.len_utf8());
+    let run = window
+        .trim_end_matches(|c: char| c.is_ascii_digit() || c == ' ' || c == '-')
+        .len();
+    match window[run..].bytes().any(|b| b.is_ascii_digit()) {
+        true => word.min(run),
+        false => word,
+    }
 }
 
 /// The largest character boundary of `text` at or below `at`.

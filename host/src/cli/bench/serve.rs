@@ -25,13 +25,18 @@ pub struct Args {
     /// A GGUF model file to run instead of the default model.
     #[arg(long, value_name = "PATH.gguf")]
     model: Option<PathBuf>,
+    /// A `staircase.toml` to serve with (its pipeline folders, models, limits and guards).
+    #[arg(long, value_name = "staircase.toml")]
+    config: Option<PathBuf>,
     /// Write the report as JSON to this file too.
     #[arg(long)]
     json: Option<PathBuf>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let app = Arc::new(super::super::run::open_app(None, args.model.as_deref(), &[])?.build()?);
+    let app = Arc::new(
+        super::super::run::open_app(args.config.as_deref(), args.model.as_deref(), &[])?.build()?,
+    );
     let options = ServeBenchOptions {
         targets: args.targets,
         clients: args.clients,
