@@ -3,7 +3,7 @@
 //!
 //! One folder per concept: `engine/` generates tokens (the local GGUF engine and OpenAI-compatible remote servers),
 //! `cache/` holds the prefix KV cache, `token` is the token id they share, `speculate/` drafts tokens, `pipeline/` runs DAGs of
-//! agents, `policy` is the contract between pipelines and their policies, `plugin/` hosts the WebAssembly policies, `trace/` records timelines, `eval/` scores answers, `tune/` picks pipeline variants for a latency budget, `routing/` chooses replicas, `sync` is the one poison-tolerant lock, `model/`
+//! agents, `policy` is the contract between pipelines and their policies, `plugin/` hosts the WebAssembly policies, `guard` holds back and judges streamed text for output guards, `trace/` records timelines, `eval/` scores answers, `tune/` picks pipeline variants for a latency budget, `routing/` chooses replicas, `sync` is the one poison-tolerant lock, `model/`
 //! fetches and lists models, `app/` assembles them from `staircase.toml` (the one composition
 //! root), `server/` serves them over an OpenAI-compatible API, and `cli/` is the command line
 //! over all of them.
