@@ -5,10 +5,9 @@
 
 mod serve_support;
 
-use std::process::Command;
 use std::time::Duration;
 
-use serve_support::{python_with, serve, start_server, wait_bounded};
+use serve_support::{python_with, run_client_script, serve, start_server};
 
 /// A bound on the client script (a few dozen short answers on two cores).
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -17,16 +16,7 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(600);
 fn completions_sampling_fields_and_vllm_metrics_through_the_openai_client() {
     let python = python_with("openai");
     let (server, base) = start_server(&mut serve(&["--max-tokens", "16"]));
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../tests/serve/completions_client.py"
-    );
-    let mut client = Command::new(&python)
-        .arg(script)
-        .args(["--base-url", &base])
-        .spawn()
-        .expect("the client script starts");
-    let status = wait_bounded(&mut client, CLIENT_TIMEOUT);
+    let status = run_client_script(&python, "completions_client.py", &base, CLIENT_TIMEOUT);
     drop(server);
     assert!(
         status.is_some_and(|s| s.success()),

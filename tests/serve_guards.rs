@@ -7,11 +7,10 @@
 
 mod serve_support;
 
-use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use serve_support::{path, python_with, scratch, serve, start_server, wait_bounded};
+use serve_support::{path, python_with, run_client_script, scratch, serve, start_server};
 
 /// A bound on any one HTTP exchange of these tests.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(300);
@@ -211,16 +210,7 @@ fn a_stop_ends_the_answer_with_content_filter_through_the_openai_client() {
     )
     .unwrap();
     let (server, base) = start_server(&mut serve(&["--config", path(&config)]));
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../tests/serve/guard_client.py"
-    );
-    let mut client = Command::new(&python)
-        .arg(script)
-        .args(["--base-url", &base])
-        .spawn()
-        .expect("the client script starts");
-    let status = wait_bounded(&mut client, CLIENT_TIMEOUT);
+    let status = run_client_script(&python, "guard_client.py", &base, CLIENT_TIMEOUT);
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
     assert!(

@@ -80,6 +80,25 @@ pub fn serve(args: &[&str]) -> Command {
     command
 }
 
+/// Runs the Python client script `tests/serve/NAME` with `python` against the server at
+/// `base`: its exit status, or `None` (after killing it) when it outlives `limit`.
+pub fn run_client_script(
+    python: &str,
+    name: &str,
+    base: &str,
+    limit: Duration,
+) -> Option<std::process::ExitStatus> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/serve")
+        .join(name);
+    let mut client = Command::new(python)
+        .arg(script)
+        .args(["--base-url", base])
+        .spawn()
+        .expect("the client script starts");
+    wait_bounded(&mut client, limit)
+}
+
 /// The child's exit status, or `None` (after killing it) when it outlives `limit`.
 pub fn wait_bounded(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
     let deadline = std::time::Instant::now() + limit;
