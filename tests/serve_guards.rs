@@ -3,14 +3,23 @@
 //! and the built-in guard components. The address never reaches the client, whole or
 //! streamed, from a plain model or a pipeline; the same model under a name no guard covers
 //! says it (so the guard is what removed it); a stop ends the answer with `content_filter`
-//! through the official OpenAI client; a guard that cannot start fails closed unless opened.
+//! through the official OpenAI client; a guard that cannot start fails closed unless opened;
+//! a guard that spins, hoards memory or traps fails its own stream closed (open where the
+//! operator says so) while an answer asked beside it comes back whole; a guard swapped under
+//! load fails no request and guards each answer with exactly one version.
 
 mod serve_support;
 
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use serve_support::{path, python_with, run_client_script, scratch, serve, start_server};
+use serve_support::{
+    install_plugin, path, python_with, run_client_script, scratch, serve, start_server,
+};
+use staircase::plugin::builtin::guest_manifest;
 
 /// A bound on any one HTTP exchange of these tests.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(300);
@@ -47,6 +56,8 @@ struct Answer {
     /// The whole response body: every byte the client got.
     body: String,
     run_id: String,
+    /// `system_fingerprint` (a stream's last).
+    fingerprint: String,
 }
 
 async fn ask(base: &str, model: &str, stream: bool) -> Answer {
@@ -81,10 +92,12 @@ async fn ask(base: &str, model: &str, stream: bool) -> Answer {
         report: Value::Null,
         body: String::new(),
         run_id,
+        fingerprint: String::new(),
     };
     if !stream {
         let whole: Value = serde_json::from_str(&body).unwrap_or_default();
         let choice = &whole["choices"][0];
+        answer.fingerprint = whole["system_fingerprint"].as_str().unwrap_or("").into();
         answer.text = choice["message"]["content"].as_str().unwrap_or("").into();
         answer.finish_reason = choice["finish_reason"].as_str().unwrap_or("").into();
         answer.report = match status {
@@ -96,6 +109,9 @@ async fn ask(base: &str, model: &str, stream: bool) -> Answer {
         let Ok(chunk) = serde_json::from_str::<Value>(data) else {
             continue;
         };
+        if let Some(fingerprint) = chunk["system_fingerprint"].as_str() {
+            answer.fingerprint = fingerprint.into();
+        }
         if let Some(choice) = chunk["choices"].get(0) {
             answer
                 .text
@@ -274,4 +290,197 @@ config = {{ patterns = "(unclosed" }}
     });
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A pipeline answering with the default model under the hostile guard fixture, which attacks
+/// with `attack` on its first chunk.
+fn hostile_pipeline(name: &str, attack: &str, fail_open: bool) -> String {
+    format!(
+        r#"
+name = "{name}"
+[[nodes]]
+id = "answer"
+kind = "agent"
+plugin = "proposer"
+model = "default"
+max_tokens = 8
+[[guards]]
+plugin = "hostile-guard"
+fail_open = {fail_open}
+config = {{ attack = "{attack}" }}
+"#
+    )
+}
+
+/// Guards that spin to their deadline, allocate to their memory limit or trap, each on the
+/// first chunk of its stream, asked at once with an unguarded answer: each hostile stream
+/// stops (`content_filter`, the refusal naming the guard, a `failed` event) with none of the
+/// model's text after the failure, streamed or whole; the fail-open one passes the answer on;
+/// the unguarded answer and `/health` are unharmed.
+#[test]
+fn a_looping_hungry_or_trapping_guard_fails_its_stream_closed_and_harms_no_other() {
+    let dir = scratch("guards-hostile");
+    let plugins = dir.join("plugins");
+    let pipelines = dir.join("pipelines");
+    std::fs::create_dir_all(&plugins).unwrap();
+    std::fs::create_dir_all(&pipelines).unwrap();
+    let manifest = std::fs::read_to_string(guest_manifest("fixtures/hostile-guard")).unwrap();
+    install_plugin(&plugins, "hostile-guard", "hostile-guard", &manifest);
+    let attacks = ["loop", "grow", "trap"];
+    for attack in attacks {
+        std::fs::write(
+            pipelines.join(format!("{attack}.toml")),
+            hostile_pipeline(attack, attack, false),
+        )
+        .unwrap();
+    }
+    std::fs::write(
+        pipelines.join("open.toml"),
+        hostile_pipeline("open", "trap", true),
+    )
+    .unwrap();
+    let (server, base) = start_server(&mut serve(&[
+        "--plugins",
+        path(&plugins),
+        "--pipelines",
+        path(&pipelines),
+    ]));
+    runtime().block_on(async {
+        for stream in [false, true] {
+            let (hostile, open, unguarded) = tokio::join!(
+                futures_util::future::join_all(attacks.map(|attack| ask(&base, attack, stream))),
+                ask(&base, "open", stream),
+                ask(&base, UNGUARDED, stream),
+            );
+            for (attack, answer) in attacks.iter().zip(hostile) {
+                let case = format!("{attack}, stream {stream}: {}", answer.body);
+                assert_eq!(answer.status, 200, "{case}");
+                assert_eq!(answer.finish_reason, "content_filter", "{case}");
+                assert!(answer.text.is_empty(), "{case}");
+                assert!(answer.body.contains("guard hostile-guard failed"), "{case}");
+                let events = &answer.report["guards"]["events"];
+                assert_eq!(events[0]["verdict"], "failed", "{case}");
+                assert_eq!(events[0]["open"], false, "{case}");
+            }
+            let case = format!("open, stream {stream}: {}", open.body);
+            assert_eq!(open.status, 200, "{case}");
+            assert_ne!(open.finish_reason, "content_filter", "{case}");
+            assert!(!open.text.is_empty(), "{case}");
+            assert_eq!(open.report["guards"]["events"][0]["open"], true, "{case}");
+            let case = format!("unguarded, stream {stream}: {}", unguarded.body);
+            assert_eq!(unguarded.status, 200, "{case}");
+            assert!(unguarded.text.contains(SECRET), "{case}");
+        }
+        let health = reqwest::get(format!("{base}/health")).await.unwrap();
+        assert!(health.status().is_success());
+    });
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Answers each client asks for at most in the swap test (a bound, should the new version
+/// never arrive).
+const SWAP_MAX_ANSWERS: usize = 150;
+/// Answers stopped by the new version the swap test waits for.
+const SWAP_NEW_ANSWERS: usize = 6;
+
+/// The built-in guard `artifact` as the user plugin `swap-guard` at `version`.
+fn swap_guard(plugins: &std::path::Path, artifact: &str, version: &str) {
+    let manifest = std::fs::read_to_string(guest_manifest(artifact))
+        .unwrap()
+        .replace(&format!("name = \"{artifact}\""), "name = \"swap-guard\"")
+        .replace("version = \"0.1.0\"", &format!("version = \"{version}\""));
+    install_plugin(plugins, "swap-guard", artifact, &manifest);
+}
+
+/// Three clients ask for the secret, streamed and whole, while `swap-guard` 1.0.0 (the
+/// pattern guard: redacts) is replaced by 2.0.0 (the phrase guard: stops) in the watched
+/// plugin folder. No request fails; each answer's fingerprint names exactly one version, and
+/// the answer is that version's doing alone (redacted and finished, or stopped); both
+/// versions served.
+#[test]
+fn a_guard_swapped_under_load_fails_no_request_and_guards_each_answer_with_one_version() {
+    let dir = scratch("guards-swap");
+    let plugins = dir.join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    swap_guard(&plugins, "pattern-guard", "1.0.0");
+    let config = dir.join("staircase.toml");
+    std::fs::write(
+        &config,
+        "[[guards]]\nplugin = \"swap-guard\"\nmodels = [\"default\"]\nconfig = { phrases = \"example.org\" }\n",
+    )
+    .unwrap();
+    // Watching: no `--no-watch`.
+    let (server, base) = start_server(
+        Command::new(env!("CARGO_BIN_EXE_staircase"))
+            .args(["serve", "--host", "127.0.0.1", "--port", "0"])
+            .args(["--plugins", path(&plugins), "--config", path(&config)]),
+    );
+    let answers = runtime().block_on(async {
+        let new_answers = Arc::new(AtomicUsize::new(0));
+        let clients = (0..3).map(|client| {
+            let (base, plugins) = (base.clone(), plugins.clone());
+            let new_answers = new_answers.clone();
+            tokio::spawn(async move {
+                let mut answers = Vec::new();
+                while answers.len() < SWAP_MAX_ANSWERS
+                    && new_answers.load(Ordering::SeqCst) < SWAP_NEW_ANSWERS
+                {
+                    let answer = ask(&base, "default", answers.len() % 2 == 1).await;
+                    if answer.finish_reason == "content_filter" {
+                        new_answers.fetch_add(1, Ordering::SeqCst);
+                    }
+                    answers.push(answer);
+                    // The swap, once every client is under way.
+                    if client == 0 && answers.len() == 3 {
+                        swap_guard(&plugins, "phrase-guard", "2.0.0");
+                    }
+                }
+                answers
+            })
+        });
+        let mut answers = Vec::new();
+        for client in futures_util::future::join_all(clients).await {
+            answers.extend(client.unwrap());
+        }
+        answers
+    });
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+    // Each answer names one version of the guard (a name, version and hash: a version
+    // caught between its manifest and its component counts as its own), and every answer
+    // of one version was treated alike.
+    let mut behaviour_by_version = std::collections::BTreeMap::new();
+    for answer in &answers {
+        let case = format!("{}: {}", answer.fingerprint, answer.body);
+        assert_eq!(answer.status, 200, "{case}");
+        assert!(!answer.body.contains(SECRET), "{case}");
+        let versions: Vec<&str> = answer
+            .fingerprint
+            .split(';')
+            .filter(|part| part.starts_with("swap-guard@"))
+            .collect();
+        assert_eq!(versions.len(), 1, "{case}");
+        let redacted = answer.text.contains("[redacted]");
+        let stopped = answer.finish_reason == "content_filter";
+        assert!(redacted != stopped, "one guard's doing: {case}");
+        let behaviour = if redacted { "redacts" } else { "stops" };
+        let first = behaviour_by_version
+            .entry(versions[0].to_string())
+            .or_insert(behaviour);
+        assert_eq!(*first, behaviour, "{case}");
+    }
+    let old = behaviour_by_version
+        .iter()
+        .filter(|(v, _)| v.starts_with("swap-guard@1.0.0"));
+    assert!(
+        old.clone().count() == 1 && old.clone().all(|(_, b)| *b == "redacts"),
+        "{behaviour_by_version:?}"
+    );
+    assert!(
+        behaviour_by_version
+            .iter()
+            .any(|(v, b)| v.starts_with("swap-guard@2.0.0") && *b == "stops"),
+        "{behaviour_by_version:?}"
+    );
 }

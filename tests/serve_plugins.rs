@@ -12,8 +12,8 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serve_support::{path, scratch, start_server};
-use staircase::plugin::builtin::{guest_artifact, guest_manifest};
+use serve_support::{install_plugin, path, scratch, start_server};
+use staircase::plugin::builtin::guest_manifest;
 
 /// The looping plugin's call deadline, and the server's maximum: long enough that every
 /// other request of the test is answered well within it on a loaded two-core machine.
@@ -91,14 +91,6 @@ async fn counter(client: &reqwest::Client, base: &str, name: &str, labels: &[&st
         .filter(|l| labels.iter().all(|label| l.contains(label)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as u64
-}
-
-fn install_plugin(dir: &Path, name: &str, artifact: &str, manifest: &str) {
-    std::fs::write(dir.join(format!("{name}.toml")), manifest).unwrap();
-    // A temporary name the watcher ignores, then a rename: the server never sees half a file.
-    let tmp = dir.join(format!("{name}.partial"));
-    std::fs::copy(guest_artifact(artifact), &tmp).unwrap();
-    std::fs::rename(&tmp, dir.join(format!("{name}.wasm"))).unwrap();
 }
 
 /// Requests whose role plugin spins until its deadline, more of them than the machine has

@@ -71,6 +71,16 @@ pub fn read_address(stdout: ChildStdout) -> String {
         .to_string()
 }
 
+/// Installs the guest component `artifact` in the plugin folder `dir` as `name`, with
+/// `manifest`: the manifest first, then the component under a temporary name the watcher
+/// ignores and a rename, so a watching server never sees half a file.
+pub fn install_plugin(dir: &Path, name: &str, artifact: &str, manifest: &str) {
+    std::fs::write(dir.join(format!("{name}.toml")), manifest).unwrap();
+    let tmp = dir.join(format!("{name}.partial"));
+    std::fs::copy(staircase::plugin::builtin::guest_artifact(artifact), &tmp).unwrap();
+    std::fs::rename(&tmp, dir.join(format!("{name}.wasm"))).unwrap();
+}
+
 /// `staircase serve` on a free loopback port with `args` after it.
 pub fn serve(args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_staircase"));

@@ -8,6 +8,7 @@
 //! built. Plain `cargo build`, `cargo run` and `cargo test` are unchanged for machines that
 //! have the prerequisites.
 
+mod dist;
 mod machine;
 mod prereq;
 
@@ -22,6 +23,9 @@ usage: cargo xtask <command> [args]
 
   run [ARGS]    install what building needs, then `cargo run -- run ARGS` (a staircase answer)
   test [ARGS]   install what the tests need, pull the model, then `cargo test --workspace ARGS`
+  dist [--check] [--target-dir DIR]
+                a portable release bundle in dist/ (any x86-64; llama.cpp picks its CPU
+                kernels at start); --check runs the bundled binary from elsewhere
   setup         install what the tests need; build nothing
   check         say what is missing and the command that gets it; change nothing";
 
@@ -42,6 +46,9 @@ fn main() -> ExitCode {
             cargo_args.extend(rest.iter().map(String::as_str));
             cargo(&machine, &cargo_args)
         }),
+        "dist" => {
+            prepare(Scope::Build, "dist", true).and_then(|machine| dist::run(&machine, &rest))
+        }
         "setup" => prepare(Scope::Test, "setup", true).map(|_| ()),
         "check" => prepare(Scope::Test, "check", false).map(|_| ()),
         "" | "help" | "-h" | "--help" => {
@@ -153,6 +160,11 @@ fn run_step(machine: &Machine, step: &Step) -> Result<(), String> {
 /// Runs cargo (the one running this xtask) in the repository root with the checked search
 /// path; fails with cargo's status.
 fn cargo(machine: &Machine, args: &[&str]) -> Result<(), String> {
+    cargo_with_env(machine, args, &[])
+}
+
+/// [`cargo`] with extra environment variables.
+fn cargo_with_env(machine: &Machine, args: &[&str], env: &[(&str, &str)]) -> Result<(), String> {
     let program = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cargo = Command::new(&program);
     cargo
@@ -174,7 +186,12 @@ fn cargo(machine: &Machine, args: &[&str]) -> Result<(), String> {
             cargo.env_remove(key.as_ref());
         }
     }
+    if env.iter().any(|(key, _)| *key == "RUSTFLAGS") {
+        // Cargo prefers this one; an explicit RUSTFLAGS must win.
+        cargo.env_remove("CARGO_ENCODED_RUSTFLAGS");
+    }
     let status = cargo
+        .envs(env.iter().copied())
         .status()
         .map_err(|e| format!("cannot run cargo ({}): {e}", program.to_string_lossy()))?;
     if status.success() {

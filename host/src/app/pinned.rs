@@ -29,6 +29,13 @@ pub struct PinnedPlugin {
     pub sha256: String,
 }
 
+impl PinnedPlugin {
+    /// `name@version:sha-prefix`, as fingerprints name a plugin.
+    pub fn label(&self) -> String {
+        format!("{}@{}:{}", self.name, self.version, &self.sha256[..12])
+    }
+}
+
 /// The plugins of one run, by name.
 pub struct Pinned {
     registry: Arc<Registry>,
@@ -38,8 +45,9 @@ pub struct Pinned {
     unavailable: BTreeMap<String, String>,
 }
 
-/// Every plugin name `pipeline` uses: its nodes', their routers' and their history
-/// compressors', and its output guards'.
+/// Every plugin name a run of `pipeline` uses: its nodes', their routers' and their history
+/// compressors'. Its output guards are the front end's, pinned with the other guards on the
+/// answer ([`Pinned::of`]).
 pub fn plugin_names(pipeline: &Pipeline) -> Vec<String> {
     let mut names: Vec<String> = pipeline
         .nodes
@@ -52,7 +60,6 @@ pub fn plugin_names(pipeline: &Pipeline) -> Vec<String> {
             let compressor = n.history.as_ref().map(|h| &h.compressor);
             std::iter::once(&n.plugin).chain(router).chain(compressor)
         })
-        .chain(pipeline.guards.iter().map(|g| &g.plugin))
         .cloned()
         .collect();
     names.sort();
@@ -66,9 +73,14 @@ impl Pinned {
     /// A name still waiting for its first compile compiles now (blocking: a server awaits
     /// [`Registry::compiled`] first, so it never does).
     pub fn new(registry: Arc<Registry>, pipeline: &Pipeline) -> Self {
+        Self::of(registry, plugin_names(pipeline))
+    }
+
+    /// The versions now serving the plugins `names`.
+    pub fn of(registry: Arc<Registry>, names: impl IntoIterator<Item = String>) -> Self {
         let mut plugins = BTreeMap::new();
         let mut unavailable = BTreeMap::new();
-        for name in plugin_names(pipeline) {
+        for name in names {
             match registry.resolve(&name) {
                 Ok(plugin) => {
                     plugins.insert(name, plugin);
@@ -178,10 +190,11 @@ impl PolicyProvider for Pinned {
     }
 
     fn kind_of(&self, plugin: &str) -> Option<PluginKind> {
+        // Names this run did not pin (its failed compiles, and the answer's output guards,
+        // which the front end pins with the chain) answer from the registry.
         match self.plugins.get(plugin) {
             Some(p) => Some(p.kind()),
-            None if self.unavailable.contains_key(plugin) => self.registry.kind_of(plugin),
-            None => None,
+            None => self.registry.kind_of(plugin),
         }
     }
 }

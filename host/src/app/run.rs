@@ -170,11 +170,7 @@ impl Fingerprint {
     /// `pipeline` (its table label, or its name), then each plugin as
     /// `name@version:sha-prefix`, joined by `;`.
     fn of(pipeline: String, plugins: &[PinnedPlugin]) -> Self {
-        let parts = std::iter::once(pipeline).chain(
-            plugins
-                .iter()
-                .map(|p| format!("{}@{}:{}", p.name, p.version, &p.sha256[..12])),
-        );
+        let parts = std::iter::once(pipeline).chain(plugins.iter().map(PinnedPlugin::label));
         Self(parts.collect::<Vec<_>>().join(";"))
     }
 

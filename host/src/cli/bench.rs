@@ -24,7 +24,7 @@ pub enum Command {
     /// What the plugin host costs: per-chunk calls, instantiation, cached loading, hot reload.
     Plugins {
         /// Also save the figures as JSON here.
-        #[arg(long)]
+        #[arg(long = "json-out", value_name = "FILE")]
         json: Option<PathBuf>,
         /// Also measure compile vs cached load of these components (`NAME.wasm` with its
         /// manifest `NAME.toml` beside it), e.g. the Python and JavaScript examples.
@@ -64,7 +64,7 @@ pub struct SpeculationArgs {
     #[arg(long)]
     no_flash_attention: bool,
     /// Write the report as JSON to this file too.
-    #[arg(long)]
+    #[arg(long = "json-out", value_name = "FILE")]
     json: Option<PathBuf>,
 }
 
@@ -99,7 +99,7 @@ pub struct EngineArgs {
     #[arg(long, value_delimiter = ',', default_values_t = [1, 4])]
     concurrency: Vec<usize>,
     /// Write the report as JSON to this file too.
-    #[arg(long)]
+    #[arg(long = "json-out", value_name = "FILE")]
     json: Option<PathBuf>,
 }
 

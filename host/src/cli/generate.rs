@@ -44,7 +44,8 @@ pub struct Args {
     /// llama.cpp threads (default: measured per machine, see the README).
     #[arg(long)]
     threads: Option<usize>,
-    /// Print one JSON object with the text, timings and usage instead of streaming.
+    /// Print one JSON object with the text, timings, usage and llama.cpp's `system_info` (the
+    /// CPU kernels it runs) instead of streaming.
     #[arg(long)]
     json: bool,
 }
@@ -117,6 +118,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                             "finished": timings.finished.as_secs_f64() * 1e3,
                         },
                         "decode_tok_s": decode_rate(usage.completion_tokens, &timings),
+                        "system_info": crate::engine::local::system_info(),
                     });
                     writeln!(stdout, "{}", serde_json::to_string_pretty(&report)?)?;
                 } else {

@@ -590,11 +590,21 @@ async fn execute(
         model: chat.model.clone(),
         to_client: true,
     };
-    let (chain, unopened) = crate::guard::open_chain(state.app.registry().as_ref(), &specs, &info)
-        .map_err(|error| {
-            tracing::error!(request_id = %meta.id, %error, "an output guard did not start");
-            ApiError::run_failed(error.to_string())
-        })?;
+    // Each guard's version now serving guards this whole answer, even if a new one is
+    // swapped in meanwhile, and the fingerprint names it.
+    let mut names: Vec<String> = specs.iter().map(|spec| spec.plugin.clone()).collect();
+    names.sort();
+    names.dedup();
+    let registry = state.app.registry();
+    for name in &names {
+        registry.compiled(name).await;
+    }
+    let pinned = crate::app::Pinned::of(registry.clone(), names);
+    let versions = pinned.versions();
+    let (chain, unopened) = crate::guard::open_chain(&pinned, &specs, &info).map_err(|error| {
+        tracing::error!(request_id = %meta.id, %error, "an output guard did not start");
+        ApiError::run_failed(error.to_string())
+    })?;
     let (raw_tx, raw_rx) = mpsc::unbounded_channel();
     let work = execute_unguarded(state, chat, target, meta, raw_tx);
     let pool = state.app.runner().guest_pool().clone();
@@ -623,6 +633,17 @@ async fn execute(
         finish.reason = "content_filter";
         finish.refusal = Some(reason);
     }
+    let run = finish
+        .fingerprint
+        .take()
+        .unwrap_or_else(|| meta.fingerprint.clone());
+    let labels = versions.iter().map(crate::app::PinnedPlugin::label);
+    finish.fingerprint = Some(
+        std::iter::once(run)
+            .chain(labels)
+            .collect::<Vec<_>>()
+            .join(";"),
+    );
     // The report's texts are the run's, before the guards: only what they released leaves.
     strip_texts(&mut finish.report);
     if let Value::Object(map) = &mut finish.report {

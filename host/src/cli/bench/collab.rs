@@ -37,7 +37,7 @@ pub struct Args {
     #[arg(long)]
     threads: Option<usize>,
     /// Write the report as JSON to this file too.
-    #[arg(long)]
+    #[arg(long = "json-out", value_name = "FILE")]
     json: Option<PathBuf>,
 }
 

@@ -27,7 +27,7 @@ pub struct Args {
     #[arg(long, default_value = "truncate-compressor")]
     compressor: String,
     /// Write the report as JSON to this file too.
-    #[arg(long)]
+    #[arg(long = "json-out", value_name = "FILE")]
     json: Option<PathBuf>,
 }
 

@@ -26,7 +26,7 @@ pub struct Args {
     #[arg(long, value_name = "PATH.gguf")]
     model: Option<PathBuf>,
     /// Also save the figures as JSON here.
-    #[arg(long)]
+    #[arg(long = "json-out", value_name = "FILE")]
     json: Option<PathBuf>,
 }
 

@@ -29,7 +29,7 @@ pub struct Args {
     #[arg(long, value_name = "staircase.toml")]
     config: Option<PathBuf>,
     /// Write the report as JSON to this file too.
-    #[arg(long)]
+    #[arg(long = "json-out", value_name = "FILE")]
     json: Option<PathBuf>,
 }
 

@@ -39,7 +39,7 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::token::LlamaToken;
 
-pub use backend::backend;
+pub use backend::{backend, system_info};
 pub use template::{ChatTemplate, RenderedPrompt};
 
 use self::engine_loop::{Command, EngineLoop, Pending, Shared};
