@@ -384,3 +384,103 @@ fn tune_and_bench_staircase_keep_the_configured_run_limits() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A pipeline answering exactly as told (the default model copies the history's pattern, so
+/// it says the address it is asked to say), under `guards` (TOML `[[guards]]` tables).
+fn say_pipeline(name: &str, guards: &str) -> PathBuf {
+    let file = scratch(&format!("{name}.toml"));
+    std::fs::write(
+        &file,
+        format!(
+            r#"
+name = "{name}"
+[[nodes]]
+id = "answer"
+kind = "agent"
+plugin = "proposer"
+model = "default"
+max_tokens = 20
+[nodes.config]
+system-prompt = "Do exactly as the user says."
+{guards}
+"#
+        ),
+    )
+    .unwrap();
+    file
+}
+
+/// `staircase run` of `pipeline` asked to say `ada@example.org` after saying another address.
+fn say_secret(pipeline: &std::path::Path, json: bool) -> Output {
+    let history = scratch("say-history.json");
+    std::fs::write(
+        &history,
+        r#"[{"role": "user", "content": "Say: bob@example.org"},
+            {"role": "assistant", "content": "bob@example.org"}]"#,
+    )
+    .unwrap();
+    let mut args = vec!["run", "--pipeline", pipeline.to_str().unwrap()];
+    args.extend(["--history", history.to_str().unwrap()]);
+    if json {
+        args.push("--json");
+    }
+    args.push("Say: ada@example.org");
+    staircase(&args)
+}
+
+/// `run` applies a pipeline's output guards as `serve` does: unguarded the model says the
+/// address; with the pattern guard it never reaches stdout (plain or `--json`, whose report
+/// keeps no pre-guard text and lists the redaction); a stop ends the run with an error naming
+/// the reason, and the address is not printed.
+#[test]
+fn run_applies_the_pipelines_output_guards() {
+    const SECRET: &str = "ada@example.org";
+    let said = say_secret(&say_pipeline("say-plain", ""), false);
+    assert!(said.status.success());
+    assert!(
+        String::from_utf8_lossy(&said.stdout).contains(SECRET),
+        "the unguarded pipeline says it: {}",
+        String::from_utf8_lossy(&said.stdout)
+    );
+
+    let redacting = say_pipeline("say-redacted", "[[guards]]\nplugin = \"pattern-guard\"\n");
+    let plain = say_secret(&redacting, false);
+    let stdout = String::from_utf8_lossy(&plain.stdout);
+    assert!(
+        plain.status.success(),
+        "{}",
+        String::from_utf8_lossy(&plain.stderr)
+    );
+    assert!(!stdout.contains(SECRET), "{stdout}");
+    assert!(stdout.contains("[redacted]"), "{stdout}");
+    let json = say_secret(&redacting, true);
+    let stdout = String::from_utf8_lossy(&json.stdout);
+    assert!(
+        json.status.success(),
+        "{}",
+        String::from_utf8_lossy(&json.stderr)
+    );
+    assert!(!stdout.contains(SECRET), "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert!(
+        report["answer"].as_str().unwrap().contains("[redacted]"),
+        "{stdout}"
+    );
+    assert_eq!(
+        report["guards"]["events"][0]["verdict"], "redacted",
+        "{stdout}"
+    );
+
+    let stopping = say_pipeline(
+        "say-stopped",
+        "[[guards]]\nplugin = \"phrase-guard\"\nconfig = { phrases = \"example.org\" }\n",
+    );
+    let stopped = say_secret(&stopping, false);
+    assert!(!stopped.status.success());
+    assert!(!String::from_utf8_lossy(&stopped.stdout).contains(SECRET));
+    let stderr = String::from_utf8_lossy(&stopped.stderr);
+    assert!(
+        stderr.contains("an output guard stopped the answer") && stderr.contains("example.org"),
+        "{stderr}"
+    );
+}

@@ -4,6 +4,7 @@
 //! concrete engine or plugin types to assemble them. This room wires; it runs nothing.
 
 pub mod config;
+mod guards;
 mod models;
 pub mod pinned;
 pub mod pipelines;
@@ -14,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use config::{Config, ConfigError, ModelConfig, SandboxConfig};
+pub use guards::AnswerGuards;
 pub use models::ModelEntry;
 pub use pinned::{Pinned, PinnedPlugin};
 pub use pipelines::{PipelineTable, PipelineVersion, Rejection};

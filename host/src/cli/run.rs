@@ -8,10 +8,13 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
-use tokio::sync::Notify;
+use std::cell::RefCell;
 
-use crate::app::{PreparedRun, Progress, RunOutcome, RunSpec};
+use anyhow::Context;
+use tokio::sync::{Notify, mpsc};
+
+use crate::app::{AnswerGuards, App, PreparedRun, Progress, RunOutcome, RunSpec};
+use crate::guard::GuardReport;
 use crate::pipeline::{
     self, NodeIndex, Pipeline, Recorder, RunEvent, RunId, RunReport, RunRequest,
 };
@@ -141,10 +144,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         conversation.append(&mut request.conversation);
         request.conversation = conversation;
     }
+    // The answer's output guards: the pipeline's own, then `staircase.toml`'s that cover it.
+    let guard_specs = app.answer_guard_specs(&declared.pipeline.name, Some(&declared.pipeline));
     let mut spec = RunSpec::served(RunId::random()?, declared, request);
     spec.max_tokens = args.max_tokens;
     spec.latency_budget = args.latency_budget.map(Duration::from_millis);
-    let outcome = super::runtime()?.block_on(async {
+    let driven = super::runtime()?.block_on(async {
         // One-shot: the load is what the engines report (a remote one may be shared).
         let prepared = app.prepare(spec).await;
         if let Some(choice) = prepared.variant()
@@ -152,6 +157,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         {
             eprintln!("variant `{}`: {}", choice.variant, choice.reason);
         }
+        let guards = if guard_specs.is_empty() {
+            None
+        } else {
+            let pipeline = prepared.pipeline();
+            let info = crate::guard::StreamInfo {
+                node_id: pipeline.node(pipeline.output).id.clone(),
+                model: pipeline.name.clone(),
+                to_client: true,
+            };
+            Some(app.open_guards(&guard_specs, &info).await?)
+        };
         let view = if args.json {
             View::Quiet
         } else if std::io::stdout().is_terminal() {
@@ -159,60 +175,145 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         } else {
             View::Plain
         };
-        drive(prepared, view).await
+        drive(prepared, view, guards.map(|g| (&app, g))).await
     })?;
-    if let Some(path) = &args.trace {
+    let Driven {
+        outcome,
+        guards,
+        released,
+    } = driven;
+    let stopped = guards.as_ref().and_then(|g| g.stopped.clone());
+    if let Some(outcome) = &outcome
+        && let Some(path) = &args.trace
+    {
+        // The run as it was generated, before any guard: the operator's own debugging.
         std::fs::write(path, outcome.report.trace().to_json())
             .with_context(|| format!("cannot write {}", path.display()))?;
         eprintln!("trace written to {}", path.display());
     }
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&outcome.full_report(""))?
-        );
+        let mut report = match &outcome {
+            Some(outcome) => serde_json::to_value(outcome.full_report(""))?,
+            None => serde_json::json!({}),
+        };
+        if let Some(guards) = &guards {
+            // Only what the guards released leaves, as with the server.
+            crate::guard::strip_texts(&mut report);
+            if let serde_json::Value::Object(map) = &mut report {
+                map.insert("answer".into(), released.into());
+                map.insert("guards".into(), serde_json::to_value(guards)?);
+            }
+        }
+        println!("{}", serde_json::to_string_pretty(&report)?);
     }
-    Ok(())
+    match stopped {
+        Some(reason) => anyhow::bail!("an output guard stopped the answer: {reason}"),
+        None => Ok(()),
+    }
 }
 
-/// Runs `prepared`, showing it in `view`; Ctrl-C (or a view that cannot write) drops the run.
-async fn drive(prepared: PreparedRun, mut view: View) -> anyhow::Result<RunOutcome> {
+/// What [`drive`] gives back: the run's outcome (`None` when a guard stopped it first), what
+/// its guards did, and the answer as they released it.
+struct Driven {
+    outcome: Option<RunOutcome>,
+    guards: Option<GuardReport>,
+    released: String,
+}
+
+/// Runs `prepared`, showing it in `view`, its answer through `guards` when there are any;
+/// Ctrl-C (or a view that cannot write) drops the run.
+async fn drive(
+    prepared: PreparedRun,
+    view: View,
+    guards: Option<(&App, AnswerGuards)>,
+) -> anyhow::Result<Driven> {
     let pipeline = prepared.pipeline().clone();
-    let mut shown: anyhow::Result<()> = Ok(());
+    let view = RefCell::new(view);
+    let shown: RefCell<anyhow::Result<()>> = RefCell::new(Ok(()));
     let view_failed = Notify::new();
-    let recorder = Recorder::new();
-    let result = {
-        let run = prepared.run(&recorder, |progress| {
-            if shown.is_ok() {
-                shown = view.on_progress(&pipeline, progress);
-                if shown.is_err() {
-                    view_failed.notify_one();
-                }
+    let show = |progress: Progress<'_>| {
+        let mut shown = shown.borrow_mut();
+        if shown.is_ok() {
+            *shown = view.borrow_mut().on_progress(&pipeline, progress);
+            if shown.is_err() {
+                view_failed.notify_one();
             }
-        });
-        // One listener for the whole run, so a Ctrl-C during a redraw is not missed.
-        let ctrl_c = tokio::signal::ctrl_c();
-        tokio::select! {
-            result = run => Some(result),
-            _ = ctrl_c => None,
-            () = view_failed.notified() => None,
         }
     };
-    shown?;
-    let Some(result) = result else {
+    let guarded = guards.is_some();
+    let (raw_tx, raw_rx) = mpsc::unbounded_channel();
+    let (released_tx, mut released_rx) = mpsc::unbounded_channel();
+    let show_ref = &show;
+    let run = async move {
+        // Dropped when the run ends, which tells the guards the answer is whole.
+        let raw = raw_tx;
+        let recorder = Recorder::new();
+        prepared
+            .run(&recorder, |progress| match progress {
+                Progress::Answer(text) if guarded => {
+                    let _ = raw.send(text.to_owned());
+                }
+                progress => show_ref(progress),
+            })
+            .await
+    };
+    let work = async move {
+        match guards {
+            Some((app, guards)) => {
+                let (result, report) = guards.relay(app, run, raw_rx, released_tx).await;
+                (result, Some(report))
+            }
+            None => (Some(run.await), None),
+        }
+    };
+    let mut work = Box::pin(work);
+    // One listener for the whole run, so a Ctrl-C during a redraw is not missed.
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let mut released = String::new();
+    let finished = loop {
+        tokio::select! {
+            Some(text) = released_rx.recv() => {
+                show(Progress::Answer(&text));
+                released.push_str(&text);
+            }
+            done = &mut work => break Some(done),
+            _ = &mut ctrl_c => break None,
+            () = view_failed.notified() => break None,
+        }
+    };
+    while let Ok(text) = released_rx.try_recv() {
+        show(Progress::Answer(&text));
+        released.push_str(&text);
+    }
+    // The run (and the views' borrows in it) ends here.
+    drop(work);
+    shown.into_inner()?;
+    let mut view = view.into_inner();
+    let Some((result, guards)) = finished else {
         view.abandon();
         anyhow::bail!("interrupted; every node was cancelled");
     };
-    match result {
-        Ok(outcome) => {
-            view.done(&pipeline, &outcome.report)?;
-            Ok(outcome)
+    let outcome = match result {
+        Some(Ok(outcome)) => {
+            view.done(&pipeline, Some(&outcome.report))?;
+            Some(outcome)
         }
-        Err(error) => {
+        Some(Err(error)) => {
             view.abandon();
-            Err(error.into())
+            return Err(error.into());
         }
-    }
+        // A guard stopped the answer: what it released stays on screen.
+        None => {
+            view.done(&pipeline, None)?;
+            None
+        }
+    };
+    Ok(Driven {
+        outcome,
+        guards,
+        released,
+    })
 }
 
 enum View {
@@ -238,11 +339,13 @@ impl View {
         Ok(())
     }
 
-    fn done(&mut self, pipeline: &Pipeline, report: &RunReport) -> anyhow::Result<()> {
-        match self {
-            View::Quiet => {}
-            View::Plain => println!(),
-            View::Live(live) => live.done(pipeline, report)?,
+    /// The run ended; `report` is `None` when a guard stopped it.
+    fn done(&mut self, pipeline: &Pipeline, report: Option<&RunReport>) -> anyhow::Result<()> {
+        match (self, report) {
+            (View::Quiet, _) => {}
+            (View::Plain, _) => println!(),
+            (View::Live(live), Some(report)) => live.done(pipeline, report)?,
+            (View::Live(live), None) => live.draw(pipeline, true)?,
         }
         Ok(())
     }

@@ -311,7 +311,10 @@ async fn start(
                 .rev()
                 .find(|m| m.role == Role::User)
                 .map_or("", |m| m.content.as_str());
-            let guarded = !guard_specs(&state, &chat.model, Some(&version.pipeline)).is_empty();
+            let guarded = !state
+                .app
+                .answer_guard_specs(&chat.model, Some(&version.pipeline))
+                .is_empty();
             let run = state.runs.start(
                 &meta.id,
                 &meta.tenant,
@@ -576,11 +579,14 @@ async fn execute(
         Work::Pipeline(version, _) => {
             let pipeline = &version.pipeline;
             (
-                guard_specs(state, &chat.model, Some(pipeline)),
+                state.app.answer_guard_specs(&chat.model, Some(pipeline)),
                 pipeline.node(pipeline.output).id.clone(),
             )
         }
-        Work::Model(_) => (guard_specs(state, &chat.model, None), "answer".into()),
+        Work::Model(_) => (
+            state.app.answer_guard_specs(&chat.model, None),
+            "answer".into(),
+        ),
     };
     if specs.is_empty() {
         return execute_unguarded(state, chat, target, meta, text).await;
@@ -590,34 +596,21 @@ async fn execute(
         model: chat.model.clone(),
         to_client: true,
     };
-    // Each guard's version now serving guards this whole answer, even if a new one is
-    // swapped in meanwhile, and the fingerprint names it.
-    let mut names: Vec<String> = specs.iter().map(|spec| spec.plugin.clone()).collect();
-    names.sort();
-    names.dedup();
-    let registry = state.app.registry();
-    for name in &names {
-        registry.compiled(name).await;
-    }
-    let pinned = crate::app::Pinned::of(registry.clone(), names);
-    let versions = pinned.versions();
-    let (chain, unopened) = crate::guard::open_chain(&pinned, &specs, &info).map_err(|error| {
-        tracing::error!(request_id = %meta.id, %error, "an output guard did not start");
-        ApiError::run_failed(error.to_string())
-    })?;
+    let guards = state
+        .app
+        .open_guards(&specs, &info)
+        .await
+        .map_err(|error| {
+            tracing::error!(request_id = %meta.id, %error, "an output guard did not start");
+            ApiError::run_failed(error.to_string())
+        })?;
+    let labels = guards.labels();
     let (raw_tx, raw_rx) = mpsc::unbounded_channel();
     let work = execute_unguarded(state, chat, target, meta, raw_tx);
-    let pool = state.app.runner().guest_pool().clone();
-    let (result, mut report) = super::output_guard::relay(chain, pool, work, raw_rx, text).await;
-    report.events.splice(0..0, unopened);
+    let (result, report) = guards.relay(&state.app, work, raw_rx, text).await;
     for event in &report.events {
         state.metrics.guard_event(&chat.model, event);
     }
-    let guards = json!({
-        "events": report.events,
-        "withheld_bytes": report.withheld_bytes,
-        "stopped": report.stopped,
-    });
     let mut finish = match result {
         Some(result) => result?,
         // Stopped mid-answer: the run was cancelled; its usage counts the chunks it sent.
@@ -629,52 +622,29 @@ async fn execute(
             refusal: None,
         },
     };
-    if let Some(reason) = report.stopped {
+    if let Some(reason) = &report.stopped {
         finish.reason = "content_filter";
-        finish.refusal = Some(reason);
+        finish.refusal = Some(reason.clone());
     }
+    // The guards' versions served this answer whole, even if new ones came meanwhile.
     let run = finish
         .fingerprint
         .take()
         .unwrap_or_else(|| meta.fingerprint.clone());
-    let labels = versions.iter().map(crate::app::PinnedPlugin::label);
     finish.fingerprint = Some(
         std::iter::once(run)
             .chain(labels)
             .collect::<Vec<_>>()
             .join(";"),
     );
-    // The report's texts are the run's, before the guards: only what they released leaves.
-    strip_texts(&mut finish.report);
+    crate::guard::strip_texts(&mut finish.report);
     if let Value::Object(map) = &mut finish.report {
-        map.insert("guards".into(), guards);
+        map.insert(
+            "guards".into(),
+            serde_json::to_value(&report).unwrap_or_default(),
+        );
     }
     Ok(finish)
-}
-
-/// The output guards on an answer of the served name `model`: `pipeline`'s own, then
-/// `staircase.toml`'s that cover the name.
-fn guard_specs(
-    state: &ServerState,
-    model: &str,
-    pipeline: Option<&Pipeline>,
-) -> Vec<crate::guard::GuardSpec> {
-    let own = pipeline.map(|p| p.guards.as_slice()).unwrap_or_default();
-    let served = state.app.config().guards.iter().filter(|g| g.covers(model));
-    own.iter().chain(served).cloned().collect()
-}
-
-/// Removes every `text` and `answer` field of a report, at any depth.
-fn strip_texts(value: &mut Value) {
-    match value {
-        Value::Object(map) => {
-            map.remove("text");
-            map.remove("answer");
-            map.values_mut().for_each(strip_texts);
-        }
-        Value::Array(items) => items.iter_mut().for_each(strip_texts),
-        _ => {}
-    }
 }
 
 /// [`execute`] without guards.

@@ -20,7 +20,6 @@ pub mod error;
 mod guard;
 mod metrics;
 pub mod openai;
-mod output_guard;
 mod page;
 mod runs;
 pub mod tenant;

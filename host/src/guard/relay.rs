@@ -1,33 +1,36 @@
-//! Output guards between a run and its client: the answer's text passes the request's
-//! [`GuardChain`] before it reaches the response, identically for a stream and a whole
-//! answer. Guard calls run on the policy pool, off the async runtime, while the model keeps
-//! generating; a stop cancels the run. This room only relays: the window's rules live in
-//! [`crate::guard`], the wire format in `chat`.
+//! Output guards between a run and its reader (an HTTP client, `staircase run`'s terminal):
+//! the answer's text passes a [`GuardChain`] before it goes out, identically for a stream and
+//! a whole answer. Guard calls run on the policy pool, off the async runtime, while the model
+//! keeps generating; a stop cancels the run. This room only relays: the window's rules live in
+//! [`crate::guard`], the wire formats with the front ends.
 
 use std::future::Future;
 use std::sync::Arc;
 
+use serde::Serialize;
+use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::guard::{GuardChain, GuardEvent, Outcome};
 use crate::pipeline::{Guest, GuestPool};
 
-/// What the guards did to one answer.
-#[derive(Debug, Default)]
-pub(crate) struct GuardReport {
+/// What the guards did to one answer (a report's `guards` object).
+#[derive(Debug, Default, Serialize)]
+pub struct GuardReport {
+    pub events: Vec<GuardEvent>,
+    /// Bytes generated that the reader never saw (held, redacted or cut off).
+    pub withheld_bytes: usize,
     /// Why the stream stopped (a guard's stop, or a guard that failed closed).
     pub stopped: Option<String>,
-    pub events: Vec<GuardEvent>,
-    /// Bytes generated that the client never saw (held, redacted or cut off).
-    pub withheld_bytes: usize,
     /// Chunks the run generated (about one token each).
+    #[serde(skip)]
     pub chunks: u32,
 }
 
 /// Runs `work`, which sends its answer's text to `raw`, and relays to `client` only what
 /// `chain` releases. `work`'s result is `None` when a guard stopped the stream first (the
 /// run is dropped, cancelling it).
-pub(crate) async fn relay<R>(
+pub async fn relay<R>(
     chain: GuardChain,
     pool: Arc<GuestPool>,
     work: impl Future<Output = R>,
@@ -86,4 +89,18 @@ fn take(
 async fn finish(mut chain: Guest<GuardChain>, mut report: GuardReport) -> GuardReport {
     report.withheld_bytes = chain.call(|c| Ok(c.withheld_bytes())).await.unwrap_or(0);
     report
+}
+
+/// Removes every `text` and `answer` field of a guarded answer's report, at any depth: they
+/// are the run's texts before the guards, and only what the guards released may leave.
+pub fn strip_texts(value: &mut Value) {
+    match value {
+        Value::Object(map) => {
+            map.remove("text");
+            map.remove("answer");
+            map.values_mut().for_each(strip_texts);
+        }
+        Value::Array(items) => items.iter_mut().for_each(strip_texts),
+        _ => {}
+    }
 }

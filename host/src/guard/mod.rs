@@ -7,6 +7,10 @@
 //! guard means (fail closed by default). It never touches wasmtime, HTTP or the engine: a
 //! guard is a [`GuardSession`], and the caller feeds chunks and sends what comes out.
 
+mod relay;
+
+pub use relay::{GuardReport, relay, strip_texts};
+
 use serde::{Deserialize, Serialize};
 
 use crate::policy::{PluginConfig, PolicyError, PolicyProvider};
