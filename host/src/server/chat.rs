@@ -613,14 +613,18 @@ async fn execute(
     }
     let mut finish = match result {
         Some(result) => result?,
-        // Stopped mid-answer: the run was cancelled; its usage counts the chunks it sent.
-        None => Finish {
-            reason: "content_filter",
-            usage: Usage::new(0, 0, report.chunks),
-            report: json!({ "run_id": meta.id }),
-            fingerprint: None,
-            refusal: None,
-        },
+        // Stopped mid-answer: the run was cancelled before its usage came; the chunks it sent
+        // are its usage, and the tenant's quota is charged for them.
+        None => {
+            meta.tenant.quota().charge(u64::from(report.chunks));
+            Finish {
+                reason: "content_filter",
+                usage: Usage::new(0, 0, report.chunks),
+                report: json!({ "run_id": meta.id }),
+                fingerprint: None,
+                refusal: None,
+            }
+        }
     };
     if let Some(reason) = &report.stopped {
         finish.reason = "content_filter";
