@@ -301,6 +301,42 @@ impl RouterPolicy for LastModel {
     }
 }
 
+/// A guard that masks `word` with `[x]`, or stops at it. The scripted engine's deltas are
+/// whole words, so a window never ends inside one.
+struct WordGuard {
+    word: String,
+    stop: bool,
+}
+
+impl staircase::guard::GuardSession for WordGuard {
+    fn push(
+        &mut self,
+        window: &str,
+        _new_bytes: usize,
+        _tokens: u32,
+    ) -> Result<staircase::guard::Verdict, PolicyError> {
+        self.finish(window)
+    }
+
+    fn finish(&mut self, window: &str) -> Result<staircase::guard::Verdict, PolicyError> {
+        use staircase::guard::{Edit, Verdict};
+        Ok(match window.find(&self.word) {
+            None => Verdict::Release(window.len()),
+            Some(_) if self.stop => {
+                Verdict::Stop(format!("`{}` is not for the aggregator", self.word))
+            }
+            Some(start) => Verdict::Redact {
+                edits: vec![Edit {
+                    start,
+                    end: start + self.word.len(),
+                    text: "[x]".into(),
+                }],
+                release: window.len() - self.word.len() + "[x]".len(),
+            },
+        })
+    }
+}
+
 #[derive(Default)]
 struct TestPolicies {
     log: Arc<Mutex<Vec<Seen>>>,
@@ -358,10 +394,15 @@ impl PolicyProvider for TestPolicies {
     fn guard(
         &self,
         plugin: &str,
-        _config: &PluginConfig,
+        config: &PluginConfig,
         _info: &staircase::guard::StreamInfo,
     ) -> Result<Box<dyn staircase::guard::GuardSession>, PolicyError> {
-        Err(PolicyError(format!("no guard `{plugin}` in these tests")))
+        let word = config.get("word").cloned().unwrap_or_default();
+        match plugin {
+            "mask" => Ok(Box::new(WordGuard { word, stop: false })),
+            "stop" => Ok(Box::new(WordGuard { word, stop: true })),
+            _ => Err(PolicyError(format!("no guard `{plugin}` in these tests"))),
+        }
     }
 
     fn kind_of(&self, plugin: &str) -> Option<PluginKind> {
@@ -370,6 +411,7 @@ impl PolicyProvider for TestPolicies {
             "moa" => Some(PluginKind::Aggregator),
             "truncate" => Some(PluginKind::Compressor),
             "router" => Some(PluginKind::Router),
+            "mask" | "stop" => Some(PluginKind::Guard),
             _ => None,
         }
     }
@@ -1415,4 +1457,64 @@ fn the_mixed_pipelines_name_models_of_the_table_beside_them() {
             "{error}"
         );
     }
+}
+
+/// Inner-edge guards (`[[nodes.guards]]`): the aggregator gets proposer `a`'s text with `a3`
+/// masked and proposer `b`'s only up to the word its guard stops at (then `b`'s end), while
+/// `c` is untouched; the verdicts are run events and trace notes.
+#[tokio::test]
+async fn inner_edge_guards_keep_a_proposers_text_out_of_the_aggregator() {
+    let engine = ScriptedEngine::new(&[("a", plain(100)), ("b", plain(100)), ("c", plain(100))]);
+    let policies = TestPolicies::default();
+    let log = policies.log.clone();
+    let runner = runner(&engine, policies);
+    let guarded = MOA
+        .replace(
+            "config = { role = \"a\" }",
+            "config = { role = \"a\" }\n[[nodes.guards]]\nplugin = \"mask\"\nconfig = { word = \"a3\" }",
+        )
+        .replace(
+            "config = { role = \"b\" }",
+            "config = { role = \"b\" }\n[[nodes.guards]]\nplugin = \"stop\"\nconfig = { word = \"b4\" }",
+        );
+    let pipeline = Pipeline::parse(&guarded, "moa.toml").unwrap();
+    let (events_tx, mut events_rx) = mpsc::unbounded_channel();
+    let report = runner
+        .run(
+            &pipeline,
+            RunRequest::prompt("q", StreamMode::Staircase),
+            Some(events_tx),
+        )
+        .await
+        .unwrap();
+
+    let seen = per_source(&log.lock().unwrap());
+    let a = seen["a"].0.concat();
+    assert_eq!(a, expected_output("a", 12).replace("a3 ", "[x] "));
+    let (b_chunks, b_finish) = &seen["b"];
+    let b = b_chunks.concat();
+    assert!(!b.contains("b4"), "{b}");
+    assert!(expected_output("b", 7).starts_with(&b), "{b}");
+    assert!(b_finish.is_some(), "b's edge was ended");
+    assert_eq!(seen["c"].0.concat(), expected_output("c", 9));
+    assert!(!report.answer.is_empty());
+
+    let mut verdicts = Vec::new();
+    while let Ok(event) = events_rx.try_recv() {
+        if let RunEvent::Guard { node, event } = event {
+            verdicts.push((pipeline.node(node).id.clone(), event));
+        }
+    }
+    assert!(
+        verdicts.iter().any(|(node, e)| node == "a"
+            && matches!(e, staircase::guard::GuardEvent::Redacted { guard, .. } if guard == "mask")),
+        "{verdicts:?}"
+    );
+    assert!(
+        verdicts.iter().any(|(node, e)| node == "b"
+            && matches!(e, staircase::guard::GuardEvent::Stopped { guard, .. } if guard == "stop")),
+        "{verdicts:?}"
+    );
+    let trace = report.trace().to_json();
+    assert!(trace.contains("mask redacted 1 span(s)"), "{trace}");
 }

@@ -19,6 +19,10 @@ const PLATFORM: &str = "x86_64-linux";
 /// bundle is unpacked (and the libraries beside it in cargo's own target folder).
 const RUSTFLAGS: &str = "-C target-cpu=x86-64 -C link-arg=-Wl,-rpath,$ORIGIN/lib:$ORIGIN";
 
+/// llama.cpp's libraries the binary links (`libllama-common`, for llama.cpp's own tools, is
+/// left out).
+const LIBRARIES: &[&str] = &["libllama", "libggml", "libggml-base"];
+
 /// Kernel modules left out of the bundle. ggml ranks modules by CPUID alone, and a hypervisor
 /// that advertises AMX without granting it (this project's CI machines) kills the AMX module's
 /// first matmul with SIGILL; the AVX-512 modules serve those CPUs instead.
@@ -54,9 +58,13 @@ pub fn run(machine: &Machine, args: &[String]) -> Result<(), String> {
     let options = Options::parse(args)?;
     // Its own target folder: the flags differ from the everyday build's, and sharing one would
     // rebuild everything each time either is built.
+    let root = machine
+        .root
+        .canonicalize()
+        .map_err(|e| io_error("finding", &machine.root, e))?;
     let target_dir = options
         .target_dir
-        .unwrap_or_else(|| machine.root.join("target").join("dist"));
+        .unwrap_or_else(|| root.join("target").join("dist"));
     let target = target_dir.to_string_lossy();
     crate::cargo_with_env(
         machine,
@@ -70,11 +78,14 @@ pub fn run(machine: &Machine, args: &[String]) -> Result<(), String> {
             "--target-dir",
             &target,
         ],
-        &[("RUSTFLAGS", RUSTFLAGS)],
+        // llama.cpp optimised, without the debug info the release profile's line tables
+        // would otherwise add to it (RelWithDebInfo: -O2 -g, and a 60 MB libllama).
+        &[("RUSTFLAGS", RUSTFLAGS), ("LLAMA_LIB_PROFILE", "Release")],
     )?;
     let release = target_dir.join("release");
-    let name = format!("staircase-{}-{PLATFORM}", version(&machine.root)?);
-    let out = machine.root.join("dist");
+    let llama = llama_install_dir(&release)?;
+    let name = format!("staircase-{}-{PLATFORM}", version(&root)?);
+    let out = root.join("dist");
     let bundle = out.join(&name);
     if bundle.exists() {
         std::fs::remove_dir_all(&bundle).map_err(|e| io_error("clearing", &bundle, e))?;
@@ -82,11 +93,15 @@ pub fn run(machine: &Machine, args: &[String]) -> Result<(), String> {
     let lib = bundle.join("lib");
     std::fs::create_dir_all(&lib).map_err(|e| io_error("creating", &lib, e))?;
     copy(&release.join("staircase"), &bundle.join("staircase"))?;
-    for library in shared_libraries(&release)? {
-        copy(&library, &lib.join(file_name(&library)))?;
+    for library in shared_libraries(&llama.join("lib"))? {
+        let library_name = file_name(&library);
+        let stem = library_name.split(".so").next().unwrap_or_default();
+        if LIBRARIES.contains(&stem) {
+            copy(&library, &lib.join(&library_name))?;
+        }
     }
     let mut modules = Vec::new();
-    for module in shared_libraries(&kernel_modules_dir(&release)?)? {
+    for module in shared_libraries(&llama.join("backends"))? {
         let module_name = file_name(&module);
         if LEFT_OUT.iter().any(|left| module_name.contains(left)) {
             continue;
@@ -148,6 +163,7 @@ fn check(tarball: &Path, name: &str) -> Result<(), String> {
         let system_info = stdout
             .lines()
             .find_map(|line| line.trim().strip_prefix("\"system_info\": "))
+            .map(|info| info.trim_end_matches(',').trim_matches('"'))
             .ok_or_else(|| format!("no system_info in the answer:\n{stdout}"))?;
         if !system_info.contains("CPU :") {
             return Err(format!(
@@ -176,37 +192,41 @@ fn version(root: &Path) -> Result<String, String> {
         .ok_or_else(|| format!("no version in {}", manifest.display()))
 }
 
-/// The `lib*.so*` files directly in `dir`.
+/// The `lib*.so*` files and links directly in `dir`.
 fn shared_libraries(dir: &Path) -> Result<Vec<PathBuf>, String> {
     let entries = std::fs::read_dir(dir).map_err(|e| io_error("reading", dir, e))?;
     let mut libraries = Vec::new();
     for entry in entries.flatten() {
         let path = entry.path();
         let name = file_name(&path);
-        if name.starts_with("lib") && name.contains(".so") && path.is_file() {
+        if name.starts_with("lib") && name.contains(".so") {
             libraries.push(path);
         }
     }
     Ok(libraries)
 }
 
-/// Where llama-cpp-sys-2's build installed the kernel modules: its newest `out/backends`.
-fn kernel_modules_dir(release: &Path) -> Result<PathBuf, String> {
+/// Where llama-cpp-sys-2's build installed llama.cpp (`lib/`, `backends/`): its newest
+/// `out` folder with kernel modules.
+fn llama_install_dir(release: &Path) -> Result<PathBuf, String> {
     let build = release.join("build");
     let entries = std::fs::read_dir(&build).map_err(|e| io_error("reading", &build, e))?;
     entries
         .flatten()
         .filter(|entry| file_name(&entry.path()).starts_with("llama-cpp-sys-2-"))
-        .map(|entry| entry.path().join("out").join("backends"))
-        .filter(|dir| dir.is_dir())
-        .max_by_key(|dir| dir.metadata().and_then(|m| m.modified()).ok())
+        .map(|entry| entry.path().join("out"))
+        .filter(|out| out.join("backends").is_dir())
+        .max_by_key(|out| out.metadata().and_then(|m| m.modified()).ok())
         .ok_or_else(|| format!("no llama.cpp kernel modules under {}", build.display()))
 }
 
+/// Copies a file, or recreates a symbolic link (the libraries' version links) as it is.
 fn copy(from: &Path, to: &Path) -> Result<(), String> {
-    std::fs::copy(from, to)
-        .map(|_| ())
-        .map_err(|e| io_error("copying", from, e))
+    let copied = match std::fs::read_link(from) {
+        Ok(target) => std::os::unix::fs::symlink(target, to),
+        Err(_) => std::fs::copy(from, to).map(|_| ()),
+    };
+    copied.map_err(|e| io_error("copying", from, e))
 }
 
 fn file_name(path: &Path) -> String {

@@ -45,8 +45,8 @@ pub struct Pinned {
     unavailable: BTreeMap<String, String>,
 }
 
-/// Every plugin name a run of `pipeline` uses: its nodes', their routers' and their history
-/// compressors'. Its output guards are the front end's, pinned with the other guards on the
+/// Every plugin name a run of `pipeline` uses: its nodes', their routers', their history
+/// compressors' and their inner-edge guards'. Its output guards are the front end's, pinned with the other guards on the
 /// answer ([`Pinned::of`]).
 pub fn plugin_names(pipeline: &Pipeline) -> Vec<String> {
     let mut names: Vec<String> = pipeline
@@ -58,7 +58,11 @@ pub fn plugin_names(pipeline: &Pipeline) -> Vec<String> {
                 _ => None,
             };
             let compressor = n.history.as_ref().map(|h| &h.compressor);
-            std::iter::once(&n.plugin).chain(router).chain(compressor)
+            let guards = n.guards.iter().map(|g| &g.plugin);
+            std::iter::once(&n.plugin)
+                .chain(router)
+                .chain(compressor)
+                .chain(guards)
         })
         .cloned()
         .collect();

@@ -152,6 +152,24 @@ pub enum GuardEvent {
     Overflowed { guard: String, bytes: usize },
 }
 
+impl GuardEvent {
+    /// One line for a trace or a log: the guard and its verdict.
+    pub fn summary(&self) -> String {
+        match self {
+            GuardEvent::Redacted { guard, spans, .. } => {
+                format!("{guard} redacted {spans} span(s)")
+            }
+            GuardEvent::Stopped { guard, reason } => format!("{guard} stopped: {reason}"),
+            GuardEvent::Failed { guard, open, .. } => {
+                format!("{guard} failed {}", if *open { "open" } else { "closed" })
+            }
+            GuardEvent::Overflowed { guard, bytes } => {
+                format!("{guard} overflowed by {bytes} bytes")
+            }
+        }
+    }
+}
+
 /// How a failing guard ends: closed (the stream stops) unless its operator opened it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum OnFailure {

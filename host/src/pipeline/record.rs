@@ -60,6 +60,12 @@ pub enum RunEvent {
         text: String,
         tokens: u32,
     },
+    /// An inner-edge guard of `node` (`[[nodes.guards]]`) redacted, stopped, failed or
+    /// overflowed on what the node hands to other nodes.
+    Guard {
+        node: NodeIndex,
+        event: crate::guard::GuardEvent,
+    },
     /// A chunk of `node`'s output went to `to`; `total_tokens` counts its output so far.
     ChunkHanded {
         node: NodeIndex,
@@ -344,6 +350,14 @@ pub fn timeline(lanes: Vec<String>, events: &[Recorded]) -> Timeline {
                         "tokens": tokens,
                         "confidence": confidence,
                     }),
+                },
+            ),
+            RunEvent::Guard { node, event } => (
+                *node,
+                EventKind::Note {
+                    category: "guard",
+                    name: event.summary(),
+                    args: serde_json::to_value(event).unwrap_or_default(),
                 },
             ),
             RunEvent::History { node, used } => (

@@ -41,6 +41,7 @@ use crate::policy::{
 };
 // Re-exported where callers found it before the report had its own room.
 pub use super::report::RunReport;
+use crate::guard::GuardChain;
 use crate::speculate::{DraftFeed, SpeculationStats};
 
 /// Engine priority of nodes on the estimated critical path; others keep the default (0), so
@@ -469,6 +470,8 @@ impl Runner {
                 tokens: 0,
                 history_seq: pipeline.nodes[i].history.as_ref().map(|_| None),
                 history_gate: None,
+                guard: None,
+                edges_ended: false,
             };
             let span = tracing::debug_span!("node", id = %pipeline.nodes[i].id);
             nodes.push(
@@ -566,15 +569,20 @@ struct Emitter<'r> {
     history_seq: Option<Option<u64>>,
     /// Opened at the first token: the compression this node's turn started may begin.
     history_gate: Option<StartGate>,
+    /// The node's inner-edge guards (`[[nodes.guards]]`): other nodes get only what they
+    /// release.
+    guard: Option<Guest<GuardChain>>,
+    /// Every edge got its end (the output ended, or a guard stopped it).
+    edges_ended: bool,
 }
 
 impl Emitter<'_> {
     /// Whether anyone still reads this node.
     fn wanted(&self) -> bool {
-        self.is_output || self.edges.iter().any(OutEdge::open)
+        self.is_output || (!self.edges_ended && self.edges.iter().any(OutEdge::open))
     }
 
-    fn delta(&mut self, text: &str, tokens: u32) {
+    async fn delta(&mut self, text: &str, tokens: u32) {
         if text.is_empty() && tokens == 0 {
             return;
         }
@@ -595,6 +603,23 @@ impl Emitter<'_> {
             text: text.to_string(),
             tokens,
         });
+        if self.edges_ended {
+            return;
+        }
+        match self.guard.as_mut() {
+            None => self.hand(text, tokens),
+            Some(guard) => {
+                let pushed = text.to_owned();
+                let outcome = guard
+                    .call(move |chain| Ok(chain.push(&pushed, tokens)))
+                    .await;
+                self.take_guarded(outcome, tokens);
+            }
+        }
+    }
+
+    /// Chunks `text` onto every open edge.
+    fn hand(&mut self, text: &str, tokens: u32) {
         for edge in &mut self.edges {
             if !edge.open() {
                 continue;
@@ -602,6 +627,29 @@ impl Emitter<'_> {
             if let Some(chunk) = edge.chunker.push(text, tokens) {
                 Self::send_chunk(self.ctx, self.node, self.tokens, edge, chunk);
             }
+        }
+    }
+
+    /// Hands on what the guards released and records their verdicts; a stop (or a guard
+    /// failing closed) ends every edge here.
+    fn take_guarded(&mut self, outcome: Result<crate::guard::Outcome, PolicyError>, tokens: u32) {
+        let outcome = outcome.unwrap_or_else(|error| crate::guard::Outcome {
+            // The pool lost the chain (a panic on its thread): nothing more may pass.
+            stopped: Some(format!("the guards failed: {error}")),
+            ..Default::default()
+        });
+        if !outcome.released.is_empty() {
+            self.hand(&outcome.released, tokens);
+        }
+        for event in outcome.events {
+            self.ctx.recorder.record(RunEvent::Guard {
+                node: self.node,
+                event,
+            });
+        }
+        if let Some(reason) = outcome.stopped {
+            tracing::info!(node = %self.ctx.pipeline.node(self.node).id, %reason, "an inner-edge guard stopped the output");
+            self.end_edges();
         }
     }
 
@@ -619,8 +667,23 @@ impl Emitter<'_> {
         });
     }
 
-    /// The output is over: the rest of every chunker, then the end of every edge.
-    fn finish(&mut self) {
+    /// The output is over: what the guards still held, the rest of every chunker, then the
+    /// end of every edge.
+    async fn finish(&mut self) {
+        if !self.edges_ended
+            && let Some(guard) = self.guard.as_mut()
+        {
+            let outcome = guard.call(|chain| Ok(chain.finish())).await;
+            self.take_guarded(outcome, 0);
+        }
+        self.end_edges();
+    }
+
+    /// The rest of every chunker, then the end of every edge; once.
+    fn end_edges(&mut self) {
+        if std::mem::replace(&mut self.edges_ended, true) {
+            return;
+        }
         for edge in &mut self.edges {
             if edge.open()
                 && let Some(chunk) = edge.chunker.finish()
@@ -782,6 +845,26 @@ impl<'r> RunCtx<'r> {
         let node = self.pipeline.node(ix);
         let policy_error = self.policy_error(ix);
         let mode = self.request.mode;
+        if !node.guards.is_empty() && !emitter.edges.is_empty() {
+            let specs = node.guards.clone();
+            let info = crate::guard::StreamInfo {
+                node_id: node.id.clone(),
+                model: match &node.model {
+                    ModelBinding::Fixed(model) => model.clone(),
+                    ModelBinding::Routed { .. } => "routed".into(),
+                    ModelBinding::None => String::new(),
+                },
+                to_client: false,
+            };
+            let (chain, unopened) = self
+                .on_pool(move |policies| crate::guard::open_chain(policies, &specs, &info))
+                .await
+                .map_err(&policy_error)?;
+            for event in unopened {
+                self.recorder.record(RunEvent::Guard { node: ix, event });
+            }
+            emitter.guard = Some(Guest::new(self.runner.guests.clone(), Box::new(chain)));
+        }
         // A long conversation: the compressed form when one is ready, else the full one
         // (its compression starts in the background, for the next turn). Never waits.
         let conversation = match &node.history {
@@ -1100,7 +1183,7 @@ impl<'r> RunCtx<'r> {
                         }))) => {
                             step_text.push_str(&text);
                             step_tokens += count;
-                            emitter.delta(&text, count);
+                            emitter.delta(&text, count).await;
                         }
                         Wake::Engine(Some(Ok(GenerationEvent::Finished {
                             reason,
@@ -1190,7 +1273,7 @@ impl<'r> RunCtx<'r> {
         }
 
         inputs.release_all();
-        emitter.finish();
+        emitter.finish().await;
         self.recorder.record(RunEvent::NodeFinished {
             node: ix,
             cancelled,
@@ -1301,7 +1384,7 @@ impl<'r> RunCtx<'r> {
             .collect::<Vec<_>>()
             .join("\n\n");
         let tokens = self.runner.models.count_tokens(&text);
-        emitter.delta(&text, tokens);
+        emitter.delta(&text, tokens).await;
         self.recorder.record(RunEvent::StepFinished {
             node: ix,
             index: 0,
@@ -1312,7 +1395,7 @@ impl<'r> RunCtx<'r> {
             is_final: true,
             speculation: None,
         });
-        emitter.finish();
+        emitter.finish().await;
         self.recorder.record(RunEvent::NodeFinished {
             node: ix,
             cancelled: false,

@@ -312,6 +312,10 @@ pub struct Node {
     /// `history_tokens`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub history: Option<HistoryPolicy>,
+    /// Guards on what this node hands to other nodes (`[[nodes.guards]]`), in order: the
+    /// inner edges. The answer's own guards are the pipeline's `[[guards]]`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub guards: Vec<crate::guard::GuardSpec>,
     #[serde(skip)]
     lines: NodeLines,
 }
@@ -432,6 +436,8 @@ struct RawNode {
     budget_tokens: Option<u32>,
     #[serde(default)]
     config: BTreeMap<String, String>,
+    #[serde(default)]
+    guards: Vec<crate::guard::GuardSpec>,
 }
 
 #[derive(Deserialize)]
@@ -710,6 +716,11 @@ impl Pipeline {
                 )?;
             }
         }
+        for node in &self.nodes {
+            for guard in &node.guards {
+                check_plugin(node, &guard.plugin, PluginKind::Guard, node.lines.node)?;
+            }
+        }
         let answering = self.node(self.output);
         for guard in &self.guards {
             check_plugin(answering, &guard.plugin, PluginKind::Guard, None)?;
@@ -949,6 +960,19 @@ fn build_node(
             },
         ));
     }
+    if let Some(guard) = raw.guards.iter().find(|g| !g.models.is_empty()) {
+        return Err((
+            node_line,
+            SpecErrorKind::BadField {
+                node: id.clone(),
+                reason: format!(
+                    "guard {}: `models` belongs in staircase.toml; a node's guards guard its \
+                     output alone",
+                    guard.plugin
+                ),
+            },
+        ));
+    }
 
     Ok(Node {
         label: raw.label.clone().unwrap_or_else(|| id.clone()),
@@ -977,6 +1001,7 @@ fn build_node(
         expected_tokens: raw.expected_tokens,
         config: raw.config.clone(),
         history,
+        guards: raw.guards.clone(),
         lines: NodeLines {
             node: node_line,
             plugin: Some(lines.of(plugin)),
