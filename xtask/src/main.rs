@@ -9,6 +9,7 @@
 //! have the prerequisites.
 
 mod dist;
+mod docs;
 mod machine;
 mod prereq;
 
@@ -26,6 +27,9 @@ usage: cargo xtask <command> [args]
   dist [--check] [--target-dir DIR]
                 a portable release bundle in dist/ (any x86-64; llama.cpp picks its CPU
                 kernels at start); --check runs the bundled binary from elsewhere
+  docs          check README.md, docs/*.md and sdk/README.md: relative links and anchors exist,
+                and `staircase ...` commands in code blocks use only flags their --help lists
+                (runs $STAIRCASE_BIN, else target/debug/staircase: build it first)
   setup         install what the tests need; build nothing
   check         say what is missing and the command that gets it; change nothing";
 
@@ -49,6 +53,7 @@ fn main() -> ExitCode {
         "dist" => {
             prepare(Scope::Build, "dist", true).and_then(|machine| dist::run(&machine, &rest))
         }
+        "docs" => docs::run(&Machine::current().root),
         "setup" => prepare(Scope::Test, "setup", true).map(|_| ()),
         "check" => prepare(Scope::Test, "check", false).map(|_| ()),
         "" | "help" | "-h" | "--help" => {
