@@ -285,7 +285,7 @@ impl Default for Limits {
 
 /// The `[sandbox]` table: the plugin host's maxima ([`crate::plugin::HostConfig`]) and the
 /// bounds of every run ([`crate::pipeline::RunLimits`]). Each key left out keeps its default
-/// (the README's sandbox table lists them).
+/// (docs/plugins.md, "Sandbox limits", lists them).
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SandboxConfig {

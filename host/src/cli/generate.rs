@@ -41,7 +41,7 @@ pub struct Args {
     /// Stop before this string (repeatable).
     #[arg(long)]
     stop: Vec<String>,
-    /// llama.cpp threads (default: measured per machine, see the README).
+    /// llama.cpp threads (default: measured per machine, see docs/models.md).
     #[arg(long)]
     threads: Option<usize>,
     /// Print one JSON object with the text, timings, usage and llama.cpp's `system_info` (the

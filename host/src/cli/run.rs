@@ -71,7 +71,7 @@ pub struct Args {
 #[derive(Debug, Default, clap::Args)]
 pub(crate) struct LocalEngineArgs {
     /// llama.cpp threads of every local model (default: `[models.*] threads`, else measured
-    /// per machine, see the README).
+    /// per machine, see docs/models.md).
     #[arg(long, env = "STAIRCASE_THREADS")]
     threads: Option<usize>,
     /// Context size in tokens of every local model (default: `[models.*] context_tokens`,

@@ -29,7 +29,7 @@ pub const MAX_WINDOW_BYTES: usize = 64 * 1024;
 pub struct GuardSpec {
     /// The guard plugin's name.
     pub plugin: String,
-    /// What its `config` import sees, over the operator's `[plugins.config]`.
+    /// What its `config` import sees.
     #[serde(default)]
     pub config: PluginConfig,
     /// A guard that fails (trap, deadline, limits) lets its stream go on unguarded by it
