@@ -216,10 +216,29 @@ fn live_view_in_a_browser() {
         "no Chromium at {chromium}: apt-get install chromium (cargo xtask test does)"
     );
 
+    // `moa` with an inner-edge guard on its analyst that masks every word it hands on.
+    let pipelines = scratch("live-pipelines");
+    let moa = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/pipelines/moa.toml"),
+    )
+    .unwrap();
+    // TOML puts `[[nodes.guards]]` under the latest `[[nodes]]`: the guard goes before the
+    // node after the analyst.
+    let critic = "[[nodes]]\nid = \"critic\"";
+    assert!(moa.contains(critic), "moa's critic follows its analyst");
+    let guard =
+        "[[nodes.guards]]\nplugin = \"pattern-guard\"\nconfig = { patterns = '[A-Za-z]+' }\n\n";
+    std::fs::write(
+        pipelines.join("guarded-moa.toml"),
+        moa.replace("name = \"moa\"", "name = \"guarded-moa\"")
+            .replace(critic, &format!("{guard}{critic}")),
+    )
+    .unwrap();
     let (server, base) = start_server(
         Command::new(env!("CARGO_BIN_EXE_staircase"))
             .args(["serve", "--host", "127.0.0.1", "--port", "0"])
-            .args(["--max-tokens", LIVE_VIEW_NODE_TOKENS]),
+            .args(["--max-tokens", LIVE_VIEW_NODE_TOKENS])
+            .args(["--pipelines", path(&pipelines)]),
     );
     let screenshot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("live-view.png");
     let _ = std::fs::remove_file(&screenshot);
@@ -228,6 +247,7 @@ fn live_view_in_a_browser() {
         .arg(script)
         .args(["--base-url", &base, "--chromium", &chromium])
         .args(["--screenshot", path(&screenshot)])
+        .args(["--guarded-pipeline", "guarded-moa"])
         .spawn()
         .expect("the browser script starts");
     let status = wait_bounded(&mut client, BROWSER_TIMEOUT);

@@ -5,8 +5,9 @@ page shows. Started by tests/serve.rs (`live_view_in_a_browser`) against a serve
 Asserts: every node's lane received text; the answer began while a proposer was still
 generating (the page notes which nodes were running when the first answer text arrived);
 the report shows a TTFT; the recent-runs view lists and replays the run; the comparison view runs both modes;
-no console errors
-and no error banner. Writes a screenshot of the finished run.
+with --guarded-pipeline, a run of that pipeline shows its inner-edge guard's verdicts on the
+guarded node's lane; no console errors and no error banner. Writes a screenshot of the
+finished run.
 """
 
 import argparse
@@ -30,6 +31,7 @@ def main():
     parser.add_argument("--screenshot", required=True)
     parser.add_argument("--answer-tokens", default="16")
     parser.add_argument("--mode", default="staircase", help="layered shows the check failing")
+    parser.add_argument("--guarded-pipeline", help="a pipeline whose node `analyst` has an inner-edge guard that acts")
     args = parser.parse_args()
 
     with sync_playwright() as p:
@@ -98,6 +100,22 @@ def main():
             check(state == "finished", f"the {side} run of the comparison finished")
         print(headline)
         page.screenshot(path=args.screenshot.replace(".png", "-compare.png"), full_page=True)
+
+        if args.guarded_pipeline:
+            page.click(".tab[data-view=live]")
+            page.select_option("#pipeline", args.guarded_pipeline)
+            page.select_option("#mode", "staircase")
+            page.click("#run")
+            page.wait_for_function(
+                f"() => {{ const r = document.querySelector('#live-run'); return r.dataset.runId && r.dataset.runId !== '{run_id}' && r.dataset.state; }}",
+                timeout=RUN_TIMEOUT_MS,
+            )
+            check(run.get_attribute("data-state") == "finished", f"the guarded run finished: {run.inner_text()[:1500]}")
+            guarded = page.locator("#live-run .lane[data-node=analyst]")
+            check(guarded.get_attribute("data-guard") == "redacted", f"the guard's verdict on the lane: {guarded.inner_text()[:500]}")
+            verdicts = guarded.locator(".guards").inner_text()
+            check("pattern-guard redacted" in verdicts, f"the lane names the guard: {verdicts!r}")
+            print(f"guarded lane: {verdicts}")
 
         check(page.locator("#errors").is_hidden(), f"no error banner: {page.locator('#errors').inner_text()}")
         check(not problems, f"no console errors: {problems}")

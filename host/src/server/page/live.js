@@ -72,6 +72,9 @@ async function readSse(response, onData) {
 class RunView {
   constructor(root, title) {
     this.root = root;
+    // A view reused for a new run says nothing of the last one.
+    delete root.dataset.state;
+    delete root.dataset.runId;
     root.replaceChildren();
     root.classList.add("run");
     this.title = el("h2", {}, title || "Run");
@@ -125,6 +128,9 @@ class RunView {
       }
       case "warm_up":
         break;
+      case "guard":
+        this.guardVerdict(node, event.event);
+        break;
       case "node_finished":
         node.finished = event.at_ms;
         node.cancelled = event.cancelled;
@@ -153,20 +159,30 @@ class RunView {
       const state = el("span", { class: "state" }, "waiting");
       const tokens = el("span", { class: "tokens" }, "0 tokens");
       const stepsLabel = el("span", { class: "steps" }, "");
+      const guardsLabel = el("span", { class: "guards" }, "");
       const lane = el(
         "div",
         { class: "lane", "data-node": info.id, "data-kind": info.kind },
-        el("div", { class: "lane-head" }, el("b", {}, info.id), " ", el("span", { class: "kind" }, info.kind), " ", state, " ", tokens, " ", stepsLabel),
+        el("div", { class: "lane-head" }, el("b", {}, info.id), " ", el("span", { class: "kind" }, info.kind), " ", state, " ", tokens, " ", stepsLabel, " ", guardsLabel),
         text,
       );
       if (index === event.output) lane.classList.add("output");
       this.lanes.append(lane);
       return {
-        info, lane, text, state, tokens, stepsLabel,
+        info, lane, text, state, tokens, stepsLabel, guardsLabel,
         started: null, first: null, finished: null, cancelled: false,
-        count: 0, chunks: [], steps: [],
+        count: 0, chunks: [], steps: [], verdicts: new Map(),
       };
     });
+  }
+
+  // What the node's inner-edge guards did to the text it hands on (its lane shows the text
+  // as generated): each guard's verdicts, counted.
+  guardVerdict(node, verdict) {
+    const key = verdict.guard + " " + verdict.verdict;
+    node.verdicts.set(key, (node.verdicts.get(key) || 0) + 1);
+    node.guardsLabel.textContent = "guards: " + [...node.verdicts].map(([k, n]) => (n > 1 ? `${k} ×${n}` : k)).join(", ");
+    node.lane.dataset.guard = verdict.verdict;
   }
 
   setState(node, state) {
