@@ -2,13 +2,13 @@
 //!
 //! On a terminal it shows one live line per agent (tokens so far, tokens/s) above the
 //! answer as it grows; otherwise it prints the answer as plain text; `--json` prints the
-//! whole report instead. Ctrl-C drops the run, which cancels every node.
+//! whole report instead. The answer passes the pipeline's output guards first, as the
+//! server's does. Ctrl-C drops the run, which cancels every node.
 
+use std::cell::RefCell;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-
-use std::cell::RefCell;
 
 use anyhow::Context;
 use tokio::sync::{Notify, mpsc};
