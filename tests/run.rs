@@ -484,3 +484,73 @@ fn run_applies_the_pipelines_output_guards() {
         "{stderr}"
     );
 }
+
+/// Log lines carry the run they happened in: an inner-edge guard's stop, logged inside a
+/// node, names in its JSON `spans` the run (with the id the report gives) and the node.
+#[test]
+fn a_nodes_log_line_names_its_run_and_node() {
+    let pipeline = scratch("say-then-answer.toml");
+    std::fs::write(
+        &pipeline,
+        r#"
+name = "say-then-answer"
+[[nodes]]
+id = "say"
+kind = "agent"
+plugin = "proposer"
+model = "default"
+max_tokens = 20
+[nodes.config]
+system-prompt = "Do exactly as the user says."
+[[nodes.guards]]
+plugin = "phrase-guard"
+config = { phrases = "example.org" }
+
+[[nodes]]
+id = "answer"
+kind = "agent"
+plugin = "proposer"
+model = "default"
+inputs = ["say"]
+max_tokens = 4
+"#,
+    )
+    .unwrap();
+    let history = scratch("say-then-answer-history.json");
+    std::fs::write(
+        &history,
+        r#"[{"role": "user", "content": "Say: bob@example.org"},
+            {"role": "assistant", "content": "bob@example.org"}]"#,
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_staircase"))
+        .args(["--log-format", "json", "run", "--json"])
+        .args(["--pipeline", pipeline.to_str().unwrap()])
+        .args(["--history", history.to_str().unwrap()])
+        .arg("Say: ada@example.org")
+        .env("RUST_LOG", "staircase=info")
+        .output()
+        .expect("the staircase binary runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let run_id = report["run_id"].as_str().unwrap();
+    let line: serde_json::Value = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["message"] == "an inner-edge guard stopped the output")
+        .unwrap_or_else(|| panic!("no guard stop logged: {stderr}"));
+    let spans = line["spans"].as_array().unwrap();
+    assert!(
+        spans
+            .iter()
+            .any(|s| s["name"] == "run" && s["run_id"] == run_id),
+        "{line}"
+    );
+    assert!(
+        spans
+            .iter()
+            .any(|s| s["name"] == "node" && s["id"] == "say"),
+        "{line}"
+    );
+}

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use super::pinned::{self, Pinned, PinnedPlugin};
 use super::pipelines::PipelineVersion;
@@ -233,9 +234,13 @@ impl PreparedRun {
             }
         };
         let result = {
+            // Every log line of the run (its nodes', its plugins') carries its id.
+            let span =
+                tracing::info_span!("run", run_id = %self.id, pipeline = %self.pipeline.name);
             let run = self
                 .runner
-                .run_as(self.id, &self.pipeline, self.request, recorder);
+                .run_as(self.id, &self.pipeline, self.request, recorder)
+                .instrument(span);
             tokio::pin!(run);
             loop {
                 tokio::select! {

@@ -107,8 +107,9 @@ fn init_tracing(format: LogFormat, default_filter: &str) {
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
-        // Fields at the top level of each object, beside `timestamp`, `level` and `target`.
-        LogFormat::Json => logs.json().flatten_event(true).with_span_list(false).init(),
+        // Fields at the top level of each object, beside `timestamp`, `level` and `target`;
+        // `spans` holds the request, run and node it happened in (their ids).
+        LogFormat::Json => logs.json().flatten_event(true).with_span_list(true).init(),
     }
 }
 

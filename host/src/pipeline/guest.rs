@@ -66,8 +66,11 @@ impl GuestPool {
             .acquire_owned()
             .await
             .map_err(|_| PolicyError("the policy call pool is closed".into()))?;
+        // The caller's span (request, run, node) goes with the call to its thread.
+        let span = tracing::Span::current();
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
+            let _entered = span.enter();
             call()
         })
         .await

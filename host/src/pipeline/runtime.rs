@@ -473,7 +473,7 @@ impl Runner {
                 guard: None,
                 edges_ended: false,
             };
-            let span = tracing::debug_span!("node", id = %pipeline.nodes[i].id);
+            let span = tracing::info_span!("node", id = %pipeline.nodes[i].id);
             nodes.push(
                 ctx.run_node(ix, inputs, emitter, wakers[i].clone())
                     .instrument(span),
@@ -648,7 +648,8 @@ impl Emitter<'_> {
             });
         }
         if let Some(reason) = outcome.stopped {
-            tracing::info!(node = %self.ctx.pipeline.node(self.node).id, %reason, "an inner-edge guard stopped the output");
+            // In the node's span, which names it and its run.
+            tracing::info!(%reason, "an inner-edge guard stopped the output");
             self.end_edges();
         }
     }

@@ -182,6 +182,10 @@ impl PluginInstance {
                 plugin: self.plugin.plugin.clone(),
             });
         };
+        // Inside the caller's run and node spans (the pool carries them over), so a plugin's
+        // `host.log` lines and any failure name the run.
+        let _span =
+            tracing::debug_span!("plugin_call", plugin = %self.plugin.plugin, call).entered();
         store.set_epoch_deadline(self.deadline_ticks);
         let state = store.data_mut();
         state.deadline = Instant::now() + self.deadline;

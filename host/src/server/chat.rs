@@ -21,6 +21,7 @@ use axum::response::{IntoResponse, Response};
 use futures_util::stream;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use super::access::AccessNote;
 use super::error::ApiError;
@@ -566,9 +567,24 @@ fn json_event(value: &impl serde::Serialize) -> Event {
     Event::default().data(serde_json::to_string(value).unwrap_or_default())
 }
 
-/// Runs the request, sending answer text to `text` as it is generated, through the output
-/// guards that cover it: the pipeline's own, then `staircase.toml`'s.
+/// Runs the request in its span (every log line of it, its run's and its plugins' carries
+/// the request id), sending answer text to `text` as it is generated.
 async fn execute(
+    state: &ServerState,
+    chat: &Chat,
+    target: Work,
+    meta: &Meta,
+    text: mpsc::UnboundedSender<String>,
+) -> Result<Finish, ApiError> {
+    let span = tracing::info_span!("request", id = %meta.id, model = %chat.model);
+    execute_guarded(state, chat, target, meta, text)
+        .instrument(span)
+        .await
+}
+
+/// [`execute`], through the output guards that cover the answer: the pipeline's own, then
+/// `staircase.toml`'s.
+async fn execute_guarded(
     state: &ServerState,
     chat: &Chat,
     target: Work,
@@ -651,7 +667,7 @@ async fn execute(
     Ok(finish)
 }
 
-/// [`execute`] without guards.
+/// [`execute_guarded`] without guards.
 async fn execute_unguarded(
     state: &ServerState,
     chat: &Chat,
