@@ -15,6 +15,7 @@ pub mod cli;
 pub mod engine;
 pub mod eval;
 pub mod guard;
+pub mod millis;
 pub mod model;
 pub mod pipeline;
 pub mod plugin;

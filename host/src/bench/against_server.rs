@@ -139,7 +139,7 @@ async fn round(
     Ok(Side {
         ttft_ms: results
             .iter()
-            .map(|t| t.ttft.as_secs_f64() * 1e3)
+            .map(|t| crate::millis::millis(t.ttft))
             .sum::<f64>()
             / n,
         decode_tok_s: results.iter().map(|t| t.decode_tok_s).sum(),

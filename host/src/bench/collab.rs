@@ -7,7 +7,6 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use serde::Serialize;
 
@@ -15,6 +14,7 @@ use super::{BenchError, median};
 use crate::engine::Engine;
 use crate::engine::local::{LocalEngine, LocalEngineConfig};
 use crate::eval::metrics::{token_f1, words};
+use crate::millis::millis;
 use crate::pipeline::{Models, Pipeline, RunRequest, Runner};
 use crate::plugin::{HostConfig, PluginRuntime, Registry};
 use crate::policy::StreamMode;
@@ -171,8 +171,8 @@ pub fn run(config: &CollabBenchConfig) -> Result<CollabReport, BenchError> {
         for prompt in &config.prompts {
             let request = RunRequest::prompt(prompt.clone(), StreamMode::Staircase);
             let report = tokio.block_on(runner.run(&pipeline, request, None))?;
-            figures.total_ms += ms(report.total_ms);
-            ttfts.push(report.ttft_ms.map_or(0.0, ms));
+            figures.total_ms += millis(report.total_ms);
+            ttfts.push(report.ttft_ms.map_or(0.0, millis));
             let node = &report.nodes[0];
             if node.routes.is_empty() {
                 let (steps, tokens) = if name == "small" {
@@ -230,8 +230,4 @@ pub fn run(config: &CollabBenchConfig) -> Result<CollabReport, BenchError> {
         reasons: reasons.into_iter().collect(),
         variants,
     })
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }

@@ -21,6 +21,7 @@ use super::BenchError;
 use crate::engine::local::{LocalEngine, LocalEngineConfig};
 use crate::engine::{ChatMessage, Engine, Role};
 use crate::eval::metrics::{distinct_n, token_f1, words};
+use crate::millis::millis;
 use crate::pipeline::{Models, Pipeline, RunRequest, Runner};
 use crate::plugin::{HostConfig, PluginRuntime, Registry};
 use crate::policy::{PolicyProvider, StreamMode};
@@ -125,10 +126,6 @@ fn pipeline(config: &CompressBenchConfig, background: bool) -> Result<Pipeline, 
 /// The longest the bench waits for a session's background work between turns.
 const IDLE_WAIT: Duration = Duration::from_secs(120);
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
 /// Runs the session three ways.
 pub fn run(config: &CompressBenchConfig) -> Result<CompressReport, BenchError> {
     let tokio = tokio::runtime::Builder::new_multi_thread()
@@ -192,7 +189,7 @@ pub fn run(config: &CompressBenchConfig) -> Result<CompressReport, BenchError> {
                 let compressed = compressor
                     .compress(&session.conversation, config.budget_tokens)
                     .map_err(|e| BenchError::Compressor(e.to_string()))?;
-                (compressed, ms(started.elapsed()))
+                (compressed, millis(started.elapsed()))
             } else {
                 (session.conversation.clone(), 0.0)
             };
@@ -205,7 +202,7 @@ pub fn run(config: &CompressBenchConfig) -> Result<CompressReport, BenchError> {
             let report = tokio.block_on(session.runner.run(&session.pipeline, request, None))?;
             let ended = Instant::now();
             session.runner.history().wait_idle(IDLE_WAIT);
-            let idle_ms = ms(ended.elapsed());
+            let idle_ms = millis(ended.elapsed());
             let history_tokens = match &report.nodes[0].history {
                 Some(used) => {
                     if used.replaced_messages > 0 {
@@ -216,7 +213,7 @@ pub fn run(config: &CompressBenchConfig) -> Result<CompressReport, BenchError> {
                 None => count(&given),
             };
             session.turns.push(Turn {
-                ttft_ms: compress_ms + report.ttft_ms.map_or(0.0, ms),
+                ttft_ms: compress_ms + report.ttft_ms.map_or(0.0, millis),
                 history_tokens,
                 over_budget,
                 compress_ms,

@@ -303,8 +303,8 @@ pub fn run(config: &EngineBenchConfig) -> Result<EngineBenchReport, BenchError> 
     let ttft = TtftPoint {
         prompt_tokens: ttft_usage.prompt_tokens,
         cached_prompt_tokens: ttft_usage.cached_prompt_tokens,
-        cold_ms: best_cold.as_secs_f64() * 1e3,
-        warm_ms: best_warm.as_secs_f64() * 1e3,
+        cold_ms: crate::millis::millis(best_cold),
+        warm_ms: crate::millis::millis(best_warm),
         speedup: secs(best_cold) / secs(best_warm),
     };
     Ok(EngineBenchReport {
@@ -487,7 +487,7 @@ pub fn kv_width_costs(
         for round in 0..ROUNDS {
             best = best.min(probe.forward(0, &[TokenId(42)], 16 + round)?);
         }
-        let step_ms = best.as_secs_f64() * 1e3;
+        let step_ms = crate::millis::millis(best);
         let base = points.first().map_or(step_ms, |p| p.step_ms);
         points.push(WidthPoint {
             other_cells: width,

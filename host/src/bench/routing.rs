@@ -283,7 +283,7 @@ pub async fn run(config: &RoutingBenchConfig) -> Result<Vec<PolicyFigures>, Rout
         let mut ttft: Vec<f64> = recorder
             .ttft
             .lock()
-            .map(|t| t.iter().map(|d| d.as_secs_f64() * 1e3).collect())
+            .map(|t| t.iter().copied().map(crate::millis::millis).collect())
             .unwrap_or_default();
         let prompt: u64 = stats.iter().map(|s| s.prompt_tokens).sum();
         let cached: u64 = stats.iter().map(|s| s.cached_prompt_tokens).sum();
@@ -299,7 +299,7 @@ pub async fn run(config: &RoutingBenchConfig) -> Result<Vec<PolicyFigures>, Rout
             },
             ttft_p50_ms: super::percentile(&mut ttft, 0.5),
             ttft_p99_ms: super::percentile(&mut ttft, 0.99),
-            total_ms: total.as_secs_f64() * 1e3,
+            total_ms: crate::millis::millis(total),
             spread: stats.iter().map(|s| s.requests).collect(),
         });
         drop(servers);

@@ -318,7 +318,7 @@ fn summarise(
     samples: &[Sample],
     elapsed_s: f64,
 ) -> Row {
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let ms = crate::millis::millis;
     let mut ttft: Vec<f64> = samples.iter().map(|s| ms(s.ttft)).collect();
     let mut total: Vec<f64> = samples.iter().map(|s| ms(s.total)).collect();
     Row {

@@ -162,7 +162,7 @@ pub fn measure_cost_curve(
         let floor = points.last().map_or(0.0, |p| p.ms);
         points.push(CostPoint {
             tokens: k,
-            ms: (time.as_secs_f64() * 1e3).max(floor),
+            ms: crate::millis::millis(time).max(floor),
             relative: 0.0,
         });
     }

@@ -12,7 +12,6 @@
 
 use std::fmt::Write;
 use std::sync::Arc;
-use std::time::Duration;
 
 use serde::Serialize;
 
@@ -21,6 +20,7 @@ use crate::engine::remote::{RemoteConfig, RemoteEngine};
 use crate::engine::{Engine, EngineError, FinishReason};
 use crate::eval::metrics::{self, Quality};
 use crate::eval::runner::{pipeline_hit_limit, single_answer};
+use crate::millis::millis;
 use crate::pipeline::{Pipeline, RunError, RunReport, RunRequest, Runner};
 use crate::policy::StreamMode;
 use crate::trace::EventKind;
@@ -67,10 +67,6 @@ pub struct Measurement {
     pub quality: Option<Quality>,
     /// Token F1 with the layered answer to the same prompt.
     pub f1_layered: Option<f64>,
-}
-
-fn millis(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 impl Measurement {

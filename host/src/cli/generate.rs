@@ -111,12 +111,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                         "text": text,
                         "finish_reason": reason,
                         "usage": usage_json,
-                        "timings_ms": {
-                            "queued": timings.queued.as_secs_f64() * 1e3,
-                            "prefill_done": timings.prefill_done.as_secs_f64() * 1e3,
-                            "first_token": timings.first_token.map(|t| t.as_secs_f64() * 1e3),
-                            "finished": timings.finished.as_secs_f64() * 1e3,
-                        },
+                        "timings_ms": timings.millis_json(),
                         "decode_tok_s": decode_rate(usage.completion_tokens, &timings),
                         "system_info": crate::engine::local::system_info(),
                     });

@@ -517,7 +517,7 @@ impl Live {
 
     fn done(&mut self, pipeline: &Pipeline, report: &RunReport) -> anyhow::Result<()> {
         self.draw(pipeline, true)?;
-        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let ms = crate::millis::millis;
         eprintln!(
             "\n{} ({:?}): first token {} ms, total {:.0} ms, critical path {} ({:.0} ms of node time)",
             report.pipeline,

@@ -324,6 +324,19 @@ pub struct Timings {
     pub finished: Duration,
 }
 
+impl Timings {
+    /// In milliseconds, as `generate --json` and the server's `timings_ms` show them.
+    pub fn millis_json(&self) -> serde_json::Value {
+        use crate::millis::millis;
+        serde_json::json!({
+            "queued": millis(self.queued),
+            "prefill_done": millis(self.prefill_done),
+            "first_token": self.first_token.map(millis),
+            "finished": millis(self.finished),
+        })
+    }
+}
+
 /// What a [`GenerationStream`] yields.
 #[derive(Clone, Debug)]
 pub enum GenerationEvent {

@@ -22,6 +22,7 @@ use crate::engine::{
     ChatMessage, DryOverrides, DrySampling, Engine, EngineError, FinishReason, GenerationEvent,
     GenerationRequest, Role,
 };
+use crate::millis::millis;
 use crate::pipeline::stream::ChunkSchedule;
 use crate::pipeline::{Pipeline, RunError, RunRequest};
 use crate::policy::StreamMode;
@@ -354,10 +355,6 @@ pub fn pipeline_hit_limit(pipeline: &Pipeline, output_tokens: u32) -> bool {
         .max_tokens
         .unwrap_or(crate::engine::SamplingParams::default().max_tokens);
     output_tokens >= budget
-}
-
-fn millis(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 /// The variant's pipeline with the evaluation's token limits.

@@ -16,6 +16,7 @@ use serde::Serialize;
 
 use super::predict::{LatencyTable, ModelLatency, model_of, predict};
 use crate::engine::EngineLoad;
+use crate::millis::millis;
 use crate::pipeline::critical::Latencies;
 use crate::pipeline::{Pipeline, RunRequest, Runner};
 
@@ -28,7 +29,7 @@ pub struct ModelNow {
     /// How much slower than alone its tokens are predicted under that load.
     pub stretch: f64,
     /// Its per-token decode latency as last measured, before the stretch.
-    #[serde(serialize_with = "as_millis")]
+    #[serde(serialize_with = "crate::millis::serialize")]
     pub decode_per_token_ms: Duration,
 }
 
@@ -48,16 +49,8 @@ pub struct Choice {
     pub reason: String,
 }
 
-fn as_millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_f64(d.as_secs_f64() * 1e3)
-}
-
 /// The name the file's own nodes go by among its variants.
 pub const OWN_VARIANT: &str = "main";
-
-fn millis(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
 
 /// Chooses the variant of `pipeline` to run under the load its models' engines report now.
 /// `budget` is the request's (else the file's). Returns the pipeline to run (the chosen

@@ -38,9 +38,9 @@ pub const DEFAULT_EXPECTED_TOKENS: u32 = 256;
 /// Per-token costs of one model.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct Latencies {
-    #[serde(serialize_with = "as_millis")]
+    #[serde(serialize_with = "crate::millis::serialize")]
     pub decode_per_token: Duration,
-    #[serde(serialize_with = "as_millis")]
+    #[serde(serialize_with = "crate::millis::serialize")]
     pub prefill_per_token: Duration,
 }
 
@@ -125,16 +125,12 @@ fn blend(old: Duration, new: Duration) -> Duration {
     old.mul_f64(1.0 - SMOOTHING) + new.mul_f64(SMOOTHING)
 }
 
-fn as_millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_f64(d.as_secs_f64() * 1e3)
-}
-
 /// The longest path of a DAG by node cost.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct CriticalPath {
     /// From a source to the end.
     pub nodes: Vec<NodeIndex>,
-    #[serde(serialize_with = "as_millis")]
+    #[serde(serialize_with = "crate::millis::serialize")]
     pub length: Duration,
 }
 

@@ -40,12 +40,8 @@ pub struct ModelLatency {
     pub solo: Latencies,
     /// What each other sequence decoding at the same time adds to a token (zero on a
     /// backend that serves requests in parallel; most of a token on one CPU).
-    #[serde(serialize_with = "as_millis")]
+    #[serde(serialize_with = "crate::millis::serialize")]
     pub per_extra_sequence: Duration,
-}
-
-fn as_millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_f64(d.as_secs_f64() * 1e3)
 }
 
 impl ModelLatency {
@@ -91,9 +87,9 @@ impl LatencyTable {
 /// What the model predicts for one pipeline and prompt.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Prediction {
-    #[serde(serialize_with = "as_millis")]
+    #[serde(serialize_with = "crate::millis::serialize")]
     pub critical_path: Duration,
-    #[serde(serialize_with = "as_millis")]
+    #[serde(serialize_with = "crate::millis::serialize")]
     pub ttft: Duration,
     /// The chain that bounds the answer, from a source to the output.
     #[serde(skip)]

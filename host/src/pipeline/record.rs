@@ -125,15 +125,11 @@ pub enum RunEvent {
     HistoryFirstToken { node: NodeIndex, seq: u64 },
 }
 
-pub(crate) fn ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_f64(d.as_secs_f64() * 1e3)
-}
-
 /// An event and when it happened.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Recorded {
     /// Since the run began; `at_ms` when serialized.
-    #[serde(rename = "at_ms", serialize_with = "ms")]
+    #[serde(rename = "at_ms", serialize_with = "crate::millis::serialize")]
     pub at: Duration,
     #[serde(flatten)]
     pub event: RunEvent,

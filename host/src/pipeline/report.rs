@@ -11,7 +11,7 @@ use serde::Serialize;
 use super::adaptive::Choice;
 use super::critical::{self, CriticalPath};
 use super::history::{HistoryEvent, HistoryEventKind, HistoryUse};
-use super::record::{self, Recorded, RunEvent, ms};
+use super::record::{self, Recorded, RunEvent};
 use super::spec::{NodeIndex, NodeKind, Pipeline};
 use crate::engine::Confidence;
 use crate::policy::StreamMode;
@@ -22,23 +22,16 @@ use crate::trace::{EventKind, Timeline};
 /// The timeline lane of a run's background compressions (after the nodes' lanes).
 pub const COMPRESSION_LANE: &str = "compression";
 
-fn ms_opt<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-    match d {
-        Some(d) => s.serialize_some(&(d.as_secs_f64() * 1e3)),
-        None => s.serialize_none(),
-    }
-}
-
 /// What one node did; times are since the run began, in milliseconds when serialized.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct NodeReport {
     pub id: String,
     pub kind: &'static str,
-    #[serde(serialize_with = "ms_opt")]
+    #[serde(serialize_with = "crate::millis::serialize_opt")]
     pub started_ms: Option<Duration>,
-    #[serde(serialize_with = "ms_opt")]
+    #[serde(serialize_with = "crate::millis::serialize_opt")]
     pub first_token_ms: Option<Duration>,
-    #[serde(serialize_with = "ms_opt")]
+    #[serde(serialize_with = "crate::millis::serialize_opt")]
     pub finished_ms: Option<Duration>,
     pub output_tokens: u32,
     pub prompt_tokens: u32,
@@ -78,7 +71,7 @@ pub struct RoutedStep {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct PathReport {
     pub nodes: Vec<String>,
-    #[serde(serialize_with = "ms")]
+    #[serde(serialize_with = "crate::millis::serialize")]
     pub length_ms: Duration,
 }
 
@@ -110,9 +103,9 @@ pub struct RunReport {
     pub mode: StreamMode,
     pub answer: String,
     /// From the start of the run to the first answer token.
-    #[serde(serialize_with = "ms_opt")]
+    #[serde(serialize_with = "crate::millis::serialize_opt")]
     pub ttft_ms: Option<Duration>,
-    #[serde(serialize_with = "ms")]
+    #[serde(serialize_with = "crate::millis::serialize")]
     pub total_ms: Duration,
     pub nodes: Vec<NodeReport>,
     /// Before the run, from estimated costs.

@@ -903,12 +903,7 @@ async fn generate(
                         "run_id": id,
                         "model": engine.model_info().name,
                         "usage": usage,
-                        "timings_ms": {
-                            "queued": timings.queued.as_secs_f64() * 1e3,
-                            "prefill_done": timings.prefill_done.as_secs_f64() * 1e3,
-                            "first_token": timings.first_token.map(|t| t.as_secs_f64() * 1e3),
-                            "finished": timings.finished.as_secs_f64() * 1e3,
-                        },
+                        "timings_ms": timings.millis_json(),
                     }),
                 });
             }

@@ -87,8 +87,8 @@ impl Run {
             Some(Outcome::Failed(_)) => ("failed", None, None),
             Some(Outcome::Finished(report, _)) => (
                 "finished",
-                report.ttft_ms.map(|d| d.as_secs_f64() * 1e3),
-                Some(report.total_ms.as_secs_f64() * 1e3),
+                report.ttft_ms.map(crate::millis::millis),
+                Some(crate::millis::millis(report.total_ms)),
             ),
         };
         let mut summary = json!({

@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use crate::app::{Launcher, RunSpec};
 use crate::engine::{Engine, EngineError};
 use crate::eval::{self, EvalOptions, Variant};
+use crate::millis::millis;
 use crate::pipeline::report::NodeReport;
 use crate::pipeline::stream::ChunkSchedule;
 use crate::pipeline::{Pipeline, RunError, RunReport, RunRequest, Runner};
@@ -245,10 +246,6 @@ pub struct FrontPoint {
     pub prior: f64,
     pub predicted_critical_path_ms: f64,
     pub predicted_ttft_ms: f64,
-}
-
-fn millis(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 fn mean(values: &[f64]) -> f64 {

@@ -98,9 +98,9 @@ impl TuneReport {
             let _ = writeln!(
                 out,
                 "  {model:<12} decode {:.2}, prefill {:.2}, +{:.2} per other sequence",
-                l.solo.decode_per_token.as_secs_f64() * 1e3,
-                l.solo.prefill_per_token.as_secs_f64() * 1e3,
-                l.per_extra_sequence.as_secs_f64() * 1e3
+                crate::millis::millis(l.solo.decode_per_token),
+                crate::millis::millis(l.solo.prefill_per_token),
+                crate::millis::millis(l.per_extra_sequence)
             );
         }
         let scales: Vec<String> = self

@@ -474,7 +474,7 @@ fn calibration_takes_the_runs_sharing_cost_and_the_lengths_of_nodes_that_stopped
     );
     assert_eq!(calibration.lengths, [("critic".to_string(), 20)].into());
     let table = calibration.table(&base, &probed);
-    let extra_ms = table.of("slow").per_extra_sequence.as_secs_f64() * 1e3;
+    let extra_ms = crate::millis::millis(table.of("slow").per_extra_sequence);
     assert!((extra_ms - 10.0).abs() < 1e-6, "{extra_ms}");
     assert_eq!(
         table.of("slow").solo.decode_per_token,
@@ -502,7 +502,7 @@ fn a_variant_is_predicted_at_the_mean_drift_of_the_probes_around_its_runs() {
     let before = vec![("slow".to_string(), latency(15.0, 1.0))];
     let after = vec![("slow".to_string(), latency(25.0, 3.0))];
     let table = rescaled(&probed, &probed, &[before, after]);
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let ms = crate::millis::millis;
     let slow = table.of("slow");
     assert!(
         (ms(slow.solo.decode_per_token) - 20.0).abs() < 1e-6,

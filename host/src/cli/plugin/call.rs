@@ -107,7 +107,7 @@ fn timed<T, E: std::error::Error + Send + Sync + 'static>(
 }
 
 fn millis(elapsed: Duration) -> String {
-    format!("{:.2} ms", elapsed.as_secs_f64() * 1e3)
+    format!("{:.2} ms", crate::millis::millis(elapsed))
 }
 
 fn split_pair(pair: &str, flag: &str) -> anyhow::Result<(String, String)> {

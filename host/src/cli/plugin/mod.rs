@@ -117,7 +117,7 @@ pub(super) fn check(
         } else {
             "compiled"
         },
-        loaded.compile_time.as_secs_f64() * 1e3
+        crate::millis::millis(loaded.compile_time)
     );
     Ok(())
 }
