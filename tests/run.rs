@@ -410,8 +410,9 @@ system-prompt = "Do exactly as the user says."
     file
 }
 
-/// `staircase run` of `pipeline` asked to say `ada@example.org` after saying another address.
-fn say_secret(pipeline: &std::path::Path, json: bool) -> Output {
+/// A conversation in which the model said the address it was asked to say: it then says
+/// the next one it is asked for.
+fn say_history() -> PathBuf {
     let history = scratch("say-history.json");
     std::fs::write(
         &history,
@@ -419,6 +420,12 @@ fn say_secret(pipeline: &std::path::Path, json: bool) -> Output {
             {"role": "assistant", "content": "bob@example.org"}]"#,
     )
     .unwrap();
+    history
+}
+
+/// `staircase run` of `pipeline` asked to say `ada@example.org` after saying another address.
+fn say_secret(pipeline: &std::path::Path, json: bool) -> Output {
+    let history = say_history();
     let mut args = vec!["run", "--pipeline", pipeline.to_str().unwrap()];
     args.extend(["--history", history.to_str().unwrap()]);
     if json {
@@ -516,13 +523,7 @@ max_tokens = 4
 "#,
     )
     .unwrap();
-    let history = scratch("say-then-answer-history.json");
-    std::fs::write(
-        &history,
-        r#"[{"role": "user", "content": "Say: bob@example.org"},
-            {"role": "assistant", "content": "bob@example.org"}]"#,
-    )
-    .unwrap();
+    let history = say_history();
     let out = Command::new(env!("CARGO_BIN_EXE_staircase"))
         .args(["--log-format", "json", "run", "--json"])
         .args(["--pipeline", pipeline.to_str().unwrap()])
