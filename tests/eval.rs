@@ -240,3 +240,61 @@ fn the_repetition_penalty_breaks_a_greedy_loop() {
     );
     assert!(run(0.0).is_err(), "a zero penalty is an invalid request");
 }
+
+/// A pipeline's own output guards hold in `eval`: what is scored is what its client would
+/// read. The guard masks every word, so a guarded answer has no letters but its masks, while
+/// the single model's (unguarded) answer is plain text.
+#[test]
+fn eval_scores_a_guarded_pipeline_by_what_its_guards_release() {
+    let moa = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/pipelines/moa.toml"),
+    )
+    .unwrap();
+    let pipeline = scratch("guarded-moa.toml");
+    std::fs::write(
+        &pipeline,
+        moa.replace("name = \"moa\"", "name = \"guarded-moa\"")
+            + "\n[[guards]]\nplugin = \"pattern-guard\"\nconfig = { patterns = '[A-Za-z]+' }\n",
+    )
+    .unwrap();
+    let prompts = scratch("guarded-prompts.jsonl");
+    std::fs::write(&prompts, "{\"instruction\": \"Why is the sky blue?\"}\n").unwrap();
+    let out_dir = scratch("guarded-out");
+    let out = Command::new(env!("CARGO_BIN_EXE_staircase"))
+        .args(["eval", "--prompts", prompts.to_str().unwrap()])
+        .args(["--pipeline", pipeline.to_str().unwrap()])
+        .args(["--answer-tokens", "16", "--proposer-tokens", "16"])
+        .args(["--no-judge", "--no-noise-floor"])
+        .args(["--out", out_dir.to_str().unwrap()])
+        .output()
+        .expect("the staircase binary runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("eval.json")).unwrap()).unwrap();
+    let answers = json["prompts"][0]["answers"].as_array().unwrap();
+    let letters = |text: &str| {
+        text.replace("[redacted]", "")
+            .chars()
+            .filter(char::is_ascii_alphabetic)
+            .count()
+    };
+    let mut guarded = 0;
+    for answer in answers {
+        let (variant, text) = (
+            answer["variant"].as_str().unwrap(),
+            answer["text"].as_str().unwrap(),
+        );
+        if variant.starts_with("guarded-moa/") {
+            guarded += 1;
+            assert!(text.contains("[redacted]"), "{variant}: {text:?}");
+            assert_eq!(letters(text), 0, "{variant} leaked a word: {text:?}");
+        } else if variant == "single" {
+            assert!(letters(text) > 0, "the single model is unguarded: {text:?}");
+        }
+    }
+    assert_eq!(guarded, 2, "layered and staircase: {json}");
+}

@@ -216,7 +216,8 @@ fn live_view_in_a_browser() {
         "no Chromium at {chromium}: apt-get install chromium (cargo xtask test does)"
     );
 
-    // `moa` with an inner-edge guard on its analyst that masks every word it hands on.
+    // `moa` with an inner-edge guard on its analyst that masks every word it hands on, and
+    // an output guard on its answer that masks every word the client would see.
     let pipelines = scratch("live-pipelines");
     let moa = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/pipelines/moa.toml"),
@@ -231,7 +232,8 @@ fn live_view_in_a_browser() {
     std::fs::write(
         pipelines.join("guarded-moa.toml"),
         moa.replace("name = \"moa\"", "name = \"guarded-moa\"")
-            .replace(critic, &format!("{guard}{critic}")),
+            .replace(critic, &format!("{guard}{critic}"))
+            + &guard.replace("nodes.guards", "guards"),
     )
     .unwrap();
     let (server, base) = start_server(

@@ -2,7 +2,8 @@
 //! real default model made to say an e-mail address (it copies the conversation's pattern),
 //! and the built-in guard components. The address never reaches the client, whole or
 //! streamed, from a plain model or a pipeline; the same model under a name no guard covers
-//! says it (so the guard is what removed it); a stop ends the answer with `content_filter`
+//! says it (so the guard is what removed it); a guarded run's replay shows only what was
+//! released; a stop ends the answer with `content_filter`
 //! through the official OpenAI client; a guard that cannot start fails closed unless opened;
 //! a guard that spins, hoards memory or traps fails its own stream closed (open where the
 //! operator says so) while an answer asked beside it comes back whole; a guard swapped under
@@ -180,11 +181,9 @@ plugin = "pattern-guard"
                 assert!(!answer.text.contains("example.org"), "{case}");
                 assert!(answer.text.contains("[redacted]"), "{case}");
                 assert_ne!(answer.finish_reason, "content_filter", "{case}");
-                // A guarded pipeline's events (the text before the guards) are not replayed.
-                let events = reqwest::get(format!("{base}/v1/runs/{}/events", answer.run_id))
-                    .await
-                    .unwrap();
-                assert_eq!(events.status().as_u16(), 404, "{case}");
+                if model == "guarded" {
+                    replayed_without_the_secret(&base, &answer, &case).await;
+                }
                 let events = answer.report["guards"]["events"]
                     .as_array()
                     .cloned()
@@ -213,6 +212,56 @@ plugin = "pattern-guard"
     });
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A guarded pipeline run, replayed after its answer: listed as guarded; its events, report
+/// and traces hold no text from before the guards; its `released` events are the answer the
+/// client got, and its verdicts are on the output node.
+async fn replayed_without_the_secret(base: &str, answer: &Answer, case: &str) {
+    let get = |path: String| async move {
+        let response = reqwest::get(format!("{base}{path}")).await.unwrap();
+        assert_eq!(response.status().as_u16(), 200, "{path}");
+        response.text().await.unwrap()
+    };
+    let listed: Value = serde_json::from_str(&get("/v1/runs".into()).await).unwrap();
+    let run = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == answer.run_id.as_str())
+        .unwrap_or_else(|| panic!("{case}: listed in {listed}"));
+    assert_eq!(run["guarded"], true, "{case}");
+    let events = get(format!("/v1/runs/{}/events", answer.run_id)).await;
+    assert!(!events.contains(SECRET), "{case}: {events}");
+    let events: Vec<Value> = events
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|data| serde_json::from_str(data).unwrap())
+        .collect();
+    let released: String = events
+        .iter()
+        .filter(|e| e["type"] == "released")
+        .map(|e| e["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(released, answer.text, "{case}: the answer the client got");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["type"] == "guard" && e["event"]["verdict"] == "redacted"),
+        "{case}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["type"] == "node_delta" && e["tokens"].as_u64() > Some(0)),
+        "{case}: token counts stay"
+    );
+    let last = events.last().unwrap();
+    assert_eq!(last["type"], "run_finished", "{case}");
+    for trace in ["trace", "trace.svg"] {
+        let trace = get(format!("/v1/runs/{}/{trace}", answer.run_id)).await;
+        assert!(!trace.contains(SECRET), "{case}: {trace}");
+    }
 }
 
 #[test]

@@ -6,7 +6,8 @@ Asserts: every node's lane received text; the answer began while a proposer was 
 generating (the page notes which nodes were running when the first answer text arrived);
 the report shows a TTFT; the recent-runs view lists and replays the run; the comparison view runs both modes;
 with --guarded-pipeline, a run of that pipeline shows its inner-edge guard's verdicts on the
-guarded node's lane; no console errors and no error banner. Writes a screenshot of the
+guarded node's lane, and, as an output guard masks every word of its answer, only the masked
+answer and no agent's text; no console errors and no error banner. Writes a screenshot of the
 finished run.
 """
 
@@ -31,7 +32,7 @@ def main():
     parser.add_argument("--screenshot", required=True)
     parser.add_argument("--answer-tokens", default="16")
     parser.add_argument("--mode", default="staircase", help="layered shows the check failing")
-    parser.add_argument("--guarded-pipeline", help="a pipeline whose node `analyst` has an inner-edge guard that acts")
+    parser.add_argument("--guarded-pipeline", help="a pipeline whose node `analyst` has an inner-edge guard and whose answer has an output guard, each masking every word")
     args = parser.parse_args()
 
     with sync_playwright() as p:
@@ -116,6 +117,18 @@ def main():
             verdicts = guarded.locator(".guards").inner_text()
             check("pattern-guard redacted" in verdicts, f"the lane names the guard: {verdicts!r}")
             print(f"guarded lane: {verdicts}")
+            # The answer's own guard: the view shows only what it released, and no agent's text.
+            answer = run.locator(".answer")
+            check(answer.get_attribute("data-guarded") == "true", "the answer came from the guards' released text")
+            released = answer.inner_text()
+            check("[redacted]" in released and not any(c.isalpha() for c in released.replace("[redacted]", "")), f"only masked words were released: {released!r}")
+            for i in range(lanes.count()):
+                lane = lanes.nth(i)
+                check(not lane.locator(".lane-text").inner_text().strip(), f"lane {lane.get_attribute('data-node')} withholds its text")
+            check(run.locator(".withheld").is_visible(), "the view says the texts are withheld")
+            output = page.locator("#live-run .lane[data-node=aggregator]")
+            check(output.get_attribute("data-guard") == "redacted", f"the answer guard's verdict on the output lane: {output.inner_text()[:500]}")
+            print(f"guarded answer: {released[:80]!r}; output lane: {output.locator('.guards').inner_text()}")
 
         check(page.locator("#errors").is_hidden(), f"no error banner: {page.locator('#errors').inner_text()}")
         check(not problems, f"no console errors: {problems}")

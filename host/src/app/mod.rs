@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use config::{Config, ConfigError, ModelConfig, SandboxConfig};
-pub use guards::AnswerGuards;
+pub use guards::{AnswerGuards, GuardedRun};
 pub use models::ModelEntry;
 pub use pinned::{Pinned, PinnedPlugin};
 pub use pipelines::{PipelineTable, PipelineVersion, Rejection};

@@ -104,6 +104,10 @@ impl Launcher {
         &self.runner
     }
 
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
     /// Everything a run needs before it starts. Waits, without holding a thread, for any
     /// plugin of the chosen pipeline still waiting for its first compile, so a run never
     /// compiles on the runtime.

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio::sync::{Notify, mpsc};
 
-use crate::app::{AnswerGuards, App, PreparedRun, Progress, RunOutcome, RunSpec};
+use crate::app::{AnswerGuards, PreparedRun, Progress, RunOutcome, RunSpec};
 use crate::guard::GuardReport;
 use crate::pipeline::{
     self, NodeIndex, Pipeline, Recorder, RunEvent, RunId, RunReport, RunRequest,
@@ -175,7 +175,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         } else {
             View::Plain
         };
-        drive(prepared, view, guards.map(|g| (&app, g))).await
+        drive(prepared, view, guards).await
     })?;
     let Driven {
         outcome,
@@ -225,7 +225,7 @@ struct Driven {
 async fn drive(
     prepared: PreparedRun,
     view: View,
-    guards: Option<(&App, AnswerGuards)>,
+    guards: Option<AnswerGuards>,
 ) -> anyhow::Result<Driven> {
     let pipeline = prepared.pipeline().clone();
     let view = RefCell::new(view);
@@ -259,8 +259,8 @@ async fn drive(
     };
     let work = async move {
         match guards {
-            Some((app, guards)) => {
-                let (result, report) = guards.relay(app, run, raw_rx, released_tx).await;
+            Some(guards) => {
+                let (result, report) = guards.relay(run, raw_rx, released_tx, None).await;
                 (result, Some(report))
             }
             None => (Some(run.await), None),

@@ -98,6 +98,11 @@ pub enum EvalError {
     },
     #[error("judge: {0}")]
     Judge(EngineError),
+    #[error("variant `{variant}`: an output guard did not start: {source}")]
+    Guard {
+        variant: String,
+        source: crate::policy::PolicyError,
+    },
 }
 
 /// What to evaluate.
@@ -415,12 +420,40 @@ async fn answer(
             let spec =
                 RunSpec::measured(sized(pipeline, options), RunRequest::prompt(prompt, *mode))
                     .map_err(failed)?;
-            let outcome = launcher
-                .prepare(spec)
-                .await
-                .run_alone()
-                .await
-                .map_err(failed)?;
+            let prepared = launcher.prepare(spec).await;
+            // A pipeline's own output guards: what is judged is what its client would read.
+            let (outcome, released) = if pipeline.guards.is_empty() {
+                (prepared.run_alone().await.map_err(failed)?, None)
+            } else {
+                let started = std::time::Instant::now();
+                let info = crate::guard::StreamInfo {
+                    node_id: pipeline.node(pipeline.output).id.clone(),
+                    model: pipeline.name.clone(),
+                    to_client: true,
+                };
+                let guards = launcher
+                    .open_guards(&pipeline.guards, &info)
+                    .await
+                    .map_err(|source| EvalError::Guard {
+                        variant: variant.name.clone(),
+                        source,
+                    })?;
+                let guarded = guards.run_whole(prepared).await;
+                match guarded.outcome {
+                    Some(outcome) => (outcome.map_err(failed)?, Some(guarded.released)),
+                    // Stopped: the answer is what was released before the stop.
+                    None => {
+                        return Ok(Run {
+                            text: guarded.released,
+                            ttft_ms: None,
+                            total_ms: millis(started.elapsed()),
+                            first_input_token_ms: None,
+                            first_step_ms: None,
+                            hit_limit: false,
+                        });
+                    }
+                }
+            };
             let (pipeline, report) = (outcome.pipeline, outcome.report);
             let output = &report.nodes[pipeline.output.0];
             let first_input_token_ms = report
@@ -437,7 +470,7 @@ async fn answer(
                 hit_limit: pipeline_hit_limit(&pipeline, output.output_tokens),
                 ttft_ms: report.ttft_ms.map(millis),
                 total_ms: millis(report.total_ms),
-                text: report.answer,
+                text: released.unwrap_or(report.answer),
             })
         }
     }

@@ -9,7 +9,7 @@
 
 mod relay;
 
-pub use relay::{GuardReport, relay, strip_texts};
+pub use relay::{GuardReport, Witness, relay, strip_texts};
 
 use serde::{Deserialize, Serialize};
 

@@ -12,7 +12,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::guard::{GuardChain, GuardEvent, Outcome};
-use crate::pipeline::{Guest, GuestPool};
+use crate::pipeline::{Guest, GuestPool, NodeIndex, Recorder, RunEvent};
 
 /// What the guards did to one answer (a report's `guards` object).
 #[derive(Debug, Default, Serialize)]
@@ -27,6 +27,26 @@ pub struct GuardReport {
     pub chunks: u32,
 }
 
+/// A run's recorder that a relay also tells what it let out and why: its verdicts as
+/// [`RunEvent::Guard`] on the answering node, its released text as [`RunEvent::Released`],
+/// so the run's live view shows the answer its client saw.
+#[derive(Clone, Copy)]
+pub struct Witness<'a> {
+    pub recorder: &'a Recorder,
+    pub node: NodeIndex,
+}
+
+impl Witness<'_> {
+    pub fn verdicts(&self, events: &[GuardEvent]) {
+        for event in events {
+            self.recorder.record(RunEvent::Guard {
+                node: self.node,
+                event: event.clone(),
+            });
+        }
+    }
+}
+
 /// Runs `work`, which sends its answer's text to `raw`, and relays to `client` only what
 /// `chain` releases. `work`'s result is `None` when a guard stopped the stream first (the
 /// run is dropped, cancelling it).
@@ -36,6 +56,7 @@ pub async fn relay<R>(
     work: impl Future<Output = R>,
     mut raw: mpsc::UnboundedReceiver<String>,
     client: mpsc::UnboundedSender<String>,
+    witness: Option<Witness<'_>>,
 ) -> (Option<R>, GuardReport) {
     let mut chain = Guest::new(pool, Box::new(chain));
     let mut report = GuardReport::default();
@@ -49,7 +70,7 @@ pub async fn relay<R>(
                 Some(text) => {
                     report.chunks += 1;
                     let outcome = chain.call(move |c| Ok(c.push(&text, 1))).await;
-                    if !take(outcome, &client, &mut report) {
+                    if !take(outcome, &client, &mut report, witness) {
                         return (None, finish(chain, report).await);
                     }
                 }
@@ -60,7 +81,7 @@ pub async fn relay<R>(
         }
     }
     let outcome = chain.call(|c| Ok(c.finish())).await;
-    take(outcome, &client, &mut report);
+    take(outcome, &client, &mut report, witness);
     (result, finish(chain, report).await)
 }
 
@@ -69,12 +90,21 @@ fn take(
     outcome: Result<Outcome, crate::policy::PolicyError>,
     client: &mpsc::UnboundedSender<String>,
     report: &mut GuardReport,
+    witness: Option<Witness<'_>>,
 ) -> bool {
     let outcome = outcome.unwrap_or_else(|error| Outcome {
         // The pool lost the chain (a panic on its thread): nothing more may pass.
         stopped: Some(format!("the guards failed: {error}")),
         ..Outcome::default()
     });
+    if let Some(witness) = witness {
+        witness.verdicts(&outcome.events);
+        if !outcome.released.is_empty() {
+            witness.recorder.record(RunEvent::Released {
+                text: outcome.released.clone(),
+            });
+        }
+    }
     if !outcome.released.is_empty() {
         let _ = client.send(outcome.released);
     }

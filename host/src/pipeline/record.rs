@@ -60,8 +60,9 @@ pub enum RunEvent {
         text: String,
         tokens: u32,
     },
-    /// An inner-edge guard of `node` (`[[nodes.guards]]`) redacted, stopped, failed or
-    /// overflowed on what the node hands to other nodes.
+    /// A guard redacted, stopped, failed or overflowed: an inner-edge guard of `node`
+    /// (`[[nodes.guards]]`) on what it hands to other nodes, or, on the output node, one of
+    /// the answer's output guards.
     Guard {
         node: NodeIndex,
         event: crate::guard::GuardEvent,
@@ -123,6 +124,9 @@ pub enum RunEvent {
     /// That node's first token, numbered in the memory's order of events (before a
     /// compression's end: the token did not wait for it).
     HistoryFirstToken { node: NodeIndex, seq: u64 },
+    /// Answer text the answer's output guards let out to the reader: a guarded run's answer
+    /// as its client saw it.
+    Released { text: String },
 }
 
 /// An event and when it happened.
@@ -133,6 +137,18 @@ pub struct Recorded {
     pub at: Duration,
     #[serde(flatten)]
     pub event: RunEvent,
+}
+
+impl Recorded {
+    /// The event as a guarded run shows it to its client: a node's text before the output
+    /// guards is withheld (its token count stays); everything else as recorded.
+    pub fn without_generated_text(&self) -> Recorded {
+        let mut shown = self.clone();
+        if let RunEvent::NodeDelta { text, .. } = &mut shown.event {
+            text.clear();
+        }
+        shown
+    }
 }
 
 /// A live listener; dropped when it returns `false` (its receiver went away).
@@ -370,7 +386,8 @@ pub fn timeline(lanes: Vec<String>, events: &[Recorded]) -> Timeline {
             ),
             RunEvent::RunStarted { .. }
             | RunEvent::StepStarted { .. }
-            | RunEvent::HistoryFirstToken { .. } => continue,
+            | RunEvent::HistoryFirstToken { .. }
+            | RunEvent::Released { .. } => continue,
         };
         timeline.record_at(*at, node.0, kind);
     }

@@ -36,7 +36,7 @@ use crate::engine::{
     Engine, EngineError, FinishReason, GenerationEvent, GenerationRequest, Prompt, Role,
     SamplingParams,
 };
-use crate::pipeline::{Pipeline, RunError, RunId, RunRequest};
+use crate::pipeline::{Pipeline, RunError, RunId, RunReport, RunRequest};
 use crate::policy::LateCharge;
 
 /// What a request runs on.
@@ -60,6 +60,8 @@ struct Finish {
     fingerprint: Option<String>,
     /// Why an output guard stopped the answer (`finish_reason` is then `content_filter`).
     refusal: Option<String>,
+    /// A pipeline run's report, for its trace endpoints.
+    run_report: Option<Arc<RunReport>>,
 }
 
 /// OpenAI's prefix of a chat completion's id, and vLLM's and OpenAI's of a text
@@ -316,6 +318,8 @@ async fn start(
                 .app
                 .answer_guard_specs(&chat.model, Some(&version.pipeline))
                 .is_empty();
+            // A guarded run is listed too: its events withhold the text before the guards
+            // and carry what they released instead.
             let run = state.runs.start(
                 &meta.id,
                 &meta.tenant,
@@ -323,7 +327,7 @@ async fn start(
                 chat.mode,
                 prompt,
                 state.options.limits.recent_runs,
-                !guarded,
+                guarded,
             );
             Work::Pipeline(version, RunGuard(run))
         }
@@ -577,9 +581,21 @@ async fn execute(
     text: mpsc::UnboundedSender<String>,
 ) -> Result<Finish, ApiError> {
     let span = tracing::info_span!("request", id = %meta.id, model = %chat.model);
-    execute_guarded(state, chat, target, meta, text)
+    let result = execute_guarded(state, chat, &target, meta, text)
         .instrument(span)
-        .await
+        .await;
+    // A pipeline run ends here, after its guards let out their last text: its live view
+    // sees everything the client saw before its outcome.
+    if let Work::Pipeline(_, run) = &target {
+        match &result {
+            Ok(finish) => match &finish.run_report {
+                Some(report) => run.0.finished(report.clone(), finish.report.clone()),
+                None => run.0.stopped(finish.refusal.as_deref().unwrap_or_default()),
+            },
+            Err(error) => run.0.failed(error),
+        }
+    }
+    result
 }
 
 /// [`execute`], through the output guards that cover the answer: the pipeline's own, then
@@ -587,21 +603,26 @@ async fn execute(
 async fn execute_guarded(
     state: &ServerState,
     chat: &Chat,
-    target: Work,
+    target: &Work,
     meta: &Meta,
     text: mpsc::UnboundedSender<String>,
 ) -> Result<Finish, ApiError> {
-    let (specs, answering) = match &target {
-        Work::Pipeline(version, _) => {
+    let (specs, answering, witness) = match target {
+        Work::Pipeline(version, run) => {
             let pipeline = &version.pipeline;
             (
                 state.app.answer_guard_specs(&chat.model, Some(pipeline)),
                 pipeline.node(pipeline.output).id.clone(),
+                Some(crate::guard::Witness {
+                    recorder: run.0.recorder(),
+                    node: pipeline.output,
+                }),
             )
         }
         Work::Model(_) => (
             state.app.answer_guard_specs(&chat.model, None),
             "answer".into(),
+            None,
         ),
     };
     if specs.is_empty() {
@@ -623,7 +644,7 @@ async fn execute_guarded(
     let labels = guards.labels();
     let (raw_tx, raw_rx) = mpsc::unbounded_channel();
     let work = execute_unguarded(state, chat, target, meta, raw_tx);
-    let (result, report) = guards.relay(&state.app, work, raw_rx, text).await;
+    let (result, report) = guards.relay(work, raw_rx, text, witness).await;
     for event in &report.events {
         state.metrics.guard_event(&chat.model, event);
     }
@@ -639,6 +660,7 @@ async fn execute_guarded(
                 report: json!({ "run_id": meta.id }),
                 fingerprint: None,
                 refusal: None,
+                run_report: None,
             }
         }
     };
@@ -671,7 +693,7 @@ async fn execute_guarded(
 async fn execute_unguarded(
     state: &ServerState,
     chat: &Chat,
-    target: Work,
+    target: &Work,
     meta: &Meta,
     text: mpsc::UnboundedSender<String>,
 ) -> Result<Finish, ApiError> {
@@ -686,11 +708,7 @@ async fn execute_unguarded(
     };
     let result = match target {
         Work::Pipeline(version, run) => {
-            let result = run_pipeline(state, chat, version, &run, meta, &mut send).await;
-            if let Err(error) = &result {
-                run.0.failed(error);
-            }
-            result
+            run_pipeline(state, chat, version.clone(), run, meta, &mut send).await
         }
         Work::Model(engine) => {
             let cap = state.options.limits.max_tokens;
@@ -773,13 +791,13 @@ async fn run_pipeline(
     }
     let fingerprint = outcome.fingerprint.as_str().to_string();
     let reason = if outcome.hit_cap { "length" } else { "stop" };
-    live.0.finished(Arc::new(outcome.report), value.clone());
     Ok(Finish {
         reason,
         usage,
         report: value,
         fingerprint: Some(fingerprint),
         refusal: None,
+        run_report: Some(Arc::new(outcome.report)),
     })
 }
 
@@ -899,6 +917,7 @@ async fn generate(
                     ),
                     fingerprint: None,
                     refusal: None,
+                    run_report: None,
                     report: json!({
                         "run_id": id,
                         "model": engine.model_info().name,

@@ -48,6 +48,9 @@ pub(crate) struct Run {
     tenant: Tenant,
     model: String,
     mode: StreamMode,
+    /// Output guards watch its answer: its events and report withhold every text the run
+    /// generated (only what the guards released leaves, as `released` events).
+    guarded: bool,
     /// The last user message, shortened, for the list.
     prompt: String,
     recorder: Recorder,
@@ -62,12 +65,23 @@ impl Run {
     }
 
     /// The run ended with `report` (`value` is its JSON as the completion carries it).
-    pub(crate) fn finished(&self, report: Arc<RunReport>, value: Value) {
+    pub(crate) fn finished(&self, report: Arc<RunReport>, mut value: Value) {
+        if self.guarded {
+            crate::guard::strip_texts(&mut value);
+        }
         self.conclude(Outcome::Finished(report, value));
     }
 
     pub(crate) fn failed(&self, error: &ApiError) {
         self.conclude(Outcome::Failed(json!(error.object())));
+    }
+
+    /// An output guard stopped the answer for `reason` (the run was cancelled).
+    pub(crate) fn stopped(&self, reason: &str) {
+        self.conclude(Outcome::Failed(json!({
+            "message": format!("an output guard stopped the answer: {reason}"),
+            "type": "content_filter",
+        })));
     }
 
     /// Sets the outcome (the first one wins), then ends the live subscriptions: a
@@ -95,6 +109,7 @@ impl Run {
             "id": self.id,
             "model": self.model,
             "mode": self.mode,
+            "guarded": self.guarded,
             "status": status,
             "ttft_ms": ttft,
             "total_ms": total,
@@ -139,9 +154,8 @@ impl Runs {
     }
 
     /// Registers a run of `tenant` about to start, dropping the tenant's oldest beyond
-    /// `keep` (one tenant's traffic never pushes out another's runs). An unlisted run (one
-    /// whose answer output guards watch: its events carry the text before the guards) is
-    /// never kept, so its events and trace cannot be replayed.
+    /// `keep` (one tenant's traffic never pushes out another's runs). A `guarded` run's
+    /// events and report are shown without the texts it generated.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn start(
         &self,
@@ -151,21 +165,19 @@ impl Runs {
         mode: StreamMode,
         prompt: &str,
         keep: usize,
-        listed: bool,
+        guarded: bool,
     ) -> Arc<Run> {
         let run = Arc::new(Run {
             id: id.to_string(),
             tenant: tenant.clone(),
             model: model.to_string(),
             mode,
+            guarded,
             prompt: prompt.chars().take(PROMPT_CHARS).collect(),
             recorder: Recorder::new(),
             outcome: Mutex::new(None),
             subscribers: Arc::new(Semaphore::new(self.per_run_subscribers)),
         });
-        if !listed {
-            return run;
-        }
         let mut runs = lock(&self.runs);
         runs.push_back(run.clone());
         let own = runs.iter().filter(|r| r.tenant == *tenant).count();
@@ -232,8 +244,14 @@ pub(crate) async fn list(
     Ok(Json(json!({ "object": "list", "data": data })))
 }
 
-fn event_of(recorded: &Recorded) -> Event {
-    Event::default().data(serde_json::to_string(recorded).unwrap_or_default())
+/// An event's JSON as the run's client may read it.
+fn event_data(run: &Run, recorded: &Recorded) -> String {
+    let data = if run.guarded {
+        serde_json::to_string(&recorded.without_generated_text())
+    } else {
+        serde_json::to_string(recorded)
+    };
+    data.unwrap_or_default()
 }
 
 /// The last event: the outcome. Looked up once the recorder is closed, so it is set.
@@ -313,7 +331,11 @@ pub(crate) async fn events(
         let mut subscription = subscription?;
         match subscription.next_batch().await {
             Some(batch) => {
-                let events: Vec<Event> = batch.iter().map(event_of).collect();
+                let run = &subscription.run;
+                let events: Vec<Event> = batch
+                    .iter()
+                    .map(|r| Event::default().data(event_data(run, r)))
+                    .collect();
                 Some((events, Some(subscription)))
             }
             None => Some((vec![outcome_event(&subscription.run)], None)),
@@ -328,12 +350,13 @@ pub(crate) async fn events(
 mod tests {
     use super::*;
     use crate::pipeline::{NodeIndex, RunEvent};
+    use std::time::Duration;
 
     #[tokio::test]
     async fn a_run_dropped_before_its_outcome_ends_its_subscribers_as_failed() {
         let runs = Runs::new(2);
         let alice = Tenant::test("alice");
-        let run = runs.start("r1", &alice, "moa", StreamMode::Staircase, "hi", 2, true);
+        let run = runs.start("r1", &alice, "moa", StreamMode::Staircase, "hi", 2, false);
         run.recorder()
             .record(RunEvent::NodeStarted { node: NodeIndex(0) });
         let mut subscription = Subscription {
@@ -358,9 +381,9 @@ mod tests {
     fn the_oldest_runs_of_a_tenant_go_first() {
         let runs = Runs::new(2);
         let (alice, bob) = (Tenant::test("alice"), Tenant::test("bob"));
-        runs.start("b1", &bob, "moa", StreamMode::Layered, "hi", 2, true);
+        runs.start("b1", &bob, "moa", StreamMode::Layered, "hi", 2, false);
         for id in ["a", "b", "c"] {
-            runs.start(id, &alice, "moa", StreamMode::Layered, "hi", 2, true);
+            runs.start(id, &alice, "moa", StreamMode::Layered, "hi", 2, false);
         }
         assert!(runs.get("a", &alice).is_none());
         let ids: Vec<_> = runs
@@ -386,7 +409,7 @@ mod tests {
             StreamMode::Layered,
             "my pin is 4711",
             8,
-            true,
+            false,
         );
         assert!(runs.get("r1", &bob).is_none());
         assert!(runs.list(&bob, false).is_empty());
@@ -396,13 +419,34 @@ mod tests {
     }
 
     #[test]
-    fn an_unlisted_run_is_not_kept_for_replay() {
+    fn a_guarded_run_is_listed_without_the_text_it_generated() {
         let runs = Runs::new(2);
         let alice = Tenant::test("alice");
-        let run = runs.start("g1", &alice, "moa", StreamMode::Layered, "hi", 8, false);
-        assert!(runs.get("g1", &alice).is_none());
-        assert!(runs.list(&alice, false).is_empty());
-        // It still records for its own request.
-        assert_eq!(run.id, "g1");
+        let run = runs.start("g1", &alice, "moa", StreamMode::Layered, "hi", 8, true);
+        let listed = &runs.list(&alice, false)[0];
+        assert_eq!(
+            (&listed["id"], &listed["guarded"]),
+            (&json!("g1"), &json!(true))
+        );
+        let generated = Recorded {
+            at: Duration::ZERO,
+            event: RunEvent::NodeDelta {
+                node: NodeIndex(0),
+                text: "bob@example.org".into(),
+                tokens: 3,
+            },
+        };
+        let released = Recorded {
+            at: Duration::ZERO,
+            event: RunEvent::Released {
+                text: "[email]".into(),
+            },
+        };
+        let shown: Value = serde_json::from_str(&event_data(&run, &generated)).unwrap();
+        assert_eq!((&shown["text"], &shown["tokens"]), (&json!(""), &json!(3)));
+        let shown: Value = serde_json::from_str(&event_data(&run, &released)).unwrap();
+        assert_eq!(shown["text"], "[email]");
+        let plain = runs.start("p1", &alice, "moa", StreamMode::Layered, "hi", 8, false);
+        assert!(event_data(&plain, &generated).contains("bob@"));
     }
 }

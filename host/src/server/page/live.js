@@ -131,6 +131,9 @@ class RunView {
       case "guard":
         this.guardVerdict(node, event.event);
         break;
+      case "released":
+        this.released(event);
+        break;
       case "node_finished":
         node.finished = event.at_ms;
         node.cancelled = event.cancelled;
@@ -176,8 +179,8 @@ class RunView {
     });
   }
 
-  // What the node's inner-edge guards did to the text it hands on (its lane shows the text
-  // as generated): each guard's verdicts, counted.
+  // What a node's guards did, each guard's verdicts counted: an inner-edge guard's to the
+  // text the node hands on, or, on the output node, an answer guard's to the answer.
   guardVerdict(node, verdict) {
     const key = verdict.guard + " " + verdict.verdict;
     node.verdicts.set(key, (node.verdicts.get(key) || 0) + 1);
@@ -207,6 +210,17 @@ class RunView {
       }
       this.answer.textContent += event.text;
     }
+  }
+
+  // Text the answer's output guards let out: a guarded run's answer as its client saw it.
+  // Such a run's lanes count tokens only; the text before the guards never leaves the server.
+  released(event) {
+    if (!this.answer.dataset.guarded) {
+      this.answer.dataset.guarded = "true";
+      this.lanes.dataset.withheld = "true";
+      this.lanes.before(el("p", { class: "withheld" }, "Output guards watch this answer: the agents' texts are withheld."));
+    }
+    this.answer.textContent += event.text;
   }
 
   scheduleDraw() {
