@@ -54,6 +54,13 @@ fn plugin(cwd: &Path, args: &[&str]) -> Command {
     command
 }
 
+/// `staircase ARGS...` in `cwd`.
+fn staircase_in(cwd: &Path, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_staircase"));
+    command.current_dir(cwd).args(args);
+    command
+}
+
 fn run(mut command: Command) -> Output {
     let output = command.output().expect("the staircase binary runs");
     assert!(
@@ -103,10 +110,17 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// What a served scaffold did: its answer, the calls its plugin served (from `/metrics`) and
+/// the lines it logged in the run (from the run's events, as the live view reads them).
+struct Served {
+    answer: String,
+    calls: u64,
+    logged: Vec<String>,
+}
+
 /// Starts `serve` on empty plugin and pipeline folders, then drops the built plugin and its
-/// sample pipeline into them, reloads, and asks the pipeline a question. Returns the answer
-/// and how many calls the plugin served, from `/metrics`.
-fn serve_the_scaffold(folder: &Path, name: &str) -> (String, u64) {
+/// sample pipeline into them, reloads, and asks the pipeline a question.
+fn serve_the_scaffold(folder: &Path, name: &str) -> Served {
     let served = outside(&format!("{name}-served"));
     let (plugins, pipelines) = (served.join("plugins"), served.join("pipelines"));
     std::fs::create_dir_all(&plugins).unwrap();
@@ -155,8 +169,33 @@ fn serve_the_scaffold(folder: &Path, name: &str) -> (String, u64) {
             .await
             .expect("the server answers");
         let status = response.status();
+        let run_id = response.headers()["x-staircase-run-id"]
+            .to_str()
+            .unwrap()
+            .to_string();
         let body: serde_json::Value = response.json().await.unwrap_or_default();
         assert_eq!(status, 200, "{body}");
+        let events = client
+            .get(format!("{base}/v1/runs/{run_id}/events"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let logged = events
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter_map(|data| serde_json::from_str::<serde_json::Value>(data).ok())
+            // Named with its version, as in the fingerprint.
+            .filter(|e| {
+                e["type"] == "plugin_log"
+                    && e["plugin"]
+                        .as_str()
+                        .is_some_and(|p| p.starts_with(&format!("{name}@")))
+            })
+            .map(|e| e["message"].as_str().unwrap_or_default().to_string())
+            .collect();
         let answer = body["choices"][0]["message"]["content"]
             .as_str()
             .unwrap_or_default()
@@ -175,7 +214,11 @@ fn serve_the_scaffold(folder: &Path, name: &str) -> (String, u64) {
             .filter(|l| l.contains(&format!("plugin=\"{name}\"")))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum::<f64>() as u64;
-        (answer, calls)
+        Served {
+            answer,
+            calls,
+            logged,
+        }
     });
     drop(server);
     let _ = std::fs::remove_dir_all(&served);
@@ -183,11 +226,17 @@ fn serve_the_scaffold(folder: &Path, name: &str) -> (String, u64) {
 }
 
 fn assert_served(folder: &Path, name: &str) {
-    let (answer, calls) = serve_the_scaffold(folder, name);
-    assert!(!answer.trim().is_empty(), "the pipeline answered");
+    let served = serve_the_scaffold(folder, name);
+    assert!(!served.answer.trim().is_empty(), "the pipeline answered");
     assert!(
-        calls >= 2,
-        "the scaffold's role was called (system prompt, messages, parameters): {calls}"
+        served.calls >= 2,
+        "the scaffold's role was called (system prompt, messages, parameters): {}",
+        served.calls
+    );
+    assert!(
+        served.logged.iter().any(|m| m.contains("messages in")),
+        "its host.log line is among the run's events: {:?}",
+        served.logged
     );
 }
 
@@ -228,6 +277,31 @@ fn a_rust_role_plugin_goes_from_new_to_a_served_answer() {
         "the plugin's host.log line is shown: {stderr}"
     );
     assert_served(&folder, "my-rust-role");
+    // In a run, its log line is shown (stderr beside the answer) and kept in the report.
+    let pipeline = folder.join("pipelines/my-rust-role.toml");
+    let plugins = ["--plugins", path(&folder), "--pipeline", path(&pipeline)];
+    let ran = run(staircase_in(
+        &parent,
+        &[&["run"][..], &plugins, &["Say hi."]].concat(),
+    ));
+    let stderr = String::from_utf8_lossy(&ran.stderr);
+    assert!(
+        stderr.contains("[agent] my-rust-role@0.1.0 debug: 1 messages in"),
+        "{stderr}"
+    );
+    let ran = run(staircase_in(
+        &parent,
+        &[&["run", "--json"][..], &plugins, &["Say hi."]].concat(),
+    ));
+    let report: serde_json::Value = serde_json::from_slice(&ran.stdout).unwrap();
+    let logs = &report["nodes"][0]["logs"];
+    assert_eq!(logs[0]["plugin"], "my-rust-role@0.1.0", "{report}");
+    assert!(
+        logs[0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("messages in")),
+        "{logs}"
+    );
     let _ = std::fs::remove_dir_all(&parent);
 }
 

@@ -1518,3 +1518,18 @@ async fn inner_edge_guards_keep_a_proposers_text_out_of_the_aggregator() {
     let trace = report.trace().to_json();
     assert!(trace.contains("mask redacted 1 span(s)"), "{trace}");
 }
+
+/// The guarded example is `moa` with three output guards on its answer, in order.
+#[test]
+fn the_guarded_example_is_moa_with_three_answer_guards() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let parse = |file: &str| {
+        let text = std::fs::read_to_string(dir.join(file)).unwrap();
+        Pipeline::parse(&text, file).unwrap()
+    };
+    let (moa, guarded) = (parse("pipelines/moa.toml"), parse("guards/moa-guarded.toml"));
+    let plugins: Vec<&str> = guarded.guards.iter().map(|g| g.plugin.as_str()).collect();
+    assert_eq!(plugins, ["pattern-guard", "phrase-guard", "pattern-guard"]);
+    let ids = |p: &Pipeline| p.nodes.iter().map(|n| n.id.clone()).collect::<Vec<_>>();
+    assert_eq!(ids(&guarded), ids(&moa), "the same nodes as moa");
+}

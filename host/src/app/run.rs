@@ -17,9 +17,10 @@ use tracing::Instrument;
 use super::pinned::{self, Pinned, PinnedPlugin};
 use super::pipelines::PipelineVersion;
 use crate::pipeline::adaptive::{self, Choice};
+use crate::pipeline::plugin_log::{self, PluginLine};
 use crate::pipeline::spec::ParamOverrides;
 use crate::pipeline::{
-    Pipeline, Recorder, RunError, RunEvent, RunId, RunReport, RunRequest, Runner,
+    NodeIndex, Pipeline, Recorder, RunError, RunEvent, RunId, RunReport, RunRequest, Runner,
 };
 use crate::plugin::Registry;
 
@@ -237,6 +238,16 @@ impl PreparedRun {
                 watch(Progress::Answer(text));
             }
         };
+        // Its plugins' `host.log` lines, recorded as they come.
+        let (_attached, mut plugin_lines) = plugin_log::attach(self.id.to_string());
+        let record_line = |line: PluginLine| {
+            if let Some(node) = self.pipeline.nodes.iter().position(|n| n.id == line.node) {
+                recorder.record(RunEvent::PluginLog {
+                    node: NodeIndex(node),
+                    line,
+                });
+            }
+        };
         let result = {
             // Every log line of the run (its nodes', its plugins') carries its id.
             let span =
@@ -250,6 +261,7 @@ impl PreparedRun {
                 tokio::select! {
                     result = &mut run => break result,
                     Some(event) = events.recv() => on_event(event),
+                    Some(line) = plugin_lines.recv() => record_line(line),
                 }
             }
         };

@@ -98,18 +98,34 @@ const DEFAULT_LOG_FILTER: &str = "warn,staircase::access=info";
 /// [`DEFAULT_LOG_FILTER`]); text is in colour only on a terminal (a journal or a log file
 /// gets plain text).
 fn init_tracing(format: LogFormat, default_filter: &str) {
+    use crate::pipeline::plugin_log::RunLogLayer;
     use std::io::IsTerminal;
-    use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::filter::filter_fn;
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{EnvFilter, fmt};
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    // Plugins' `host.log` lines also go to the run that wrote them, whatever stderr's filter.
+    let runs = RunLogLayer.with_filter(filter_fn(RunLogLayer::interest));
+    let logs = fmt::layer().with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(runs);
     match format {
-        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Text => registry
+            .with(
+                logs.with_ansi(std::io::stderr().is_terminal())
+                    .with_filter(filter),
+            )
+            .init(),
         // Fields at the top level of each object, beside `timestamp`, `level` and `target`;
         // `spans` holds the request, run and node it happened in (their ids).
-        LogFormat::Json => logs.json().flatten_event(true).with_span_list(true).init(),
+        LogFormat::Json => registry
+            .with(
+                logs.json()
+                    .flatten_event(true)
+                    .with_span_list(true)
+                    .with_filter(filter),
+            )
+            .init(),
     }
 }
 

@@ -15,6 +15,7 @@ use tokio::sync::{Notify, mpsc};
 
 use crate::app::{AnswerGuards, PreparedRun, Progress, RunOutcome, RunSpec};
 use crate::guard::GuardReport;
+use crate::pipeline::plugin_log::PluginLine;
 use crate::pipeline::{
     self, NodeIndex, Pipeline, Recorder, RunEvent, RunId, RunReport, RunRequest,
 };
@@ -253,6 +254,8 @@ async fn drive(
                 Progress::Answer(text) if guarded => {
                     let _ = raw.send(text.to_owned());
                 }
+                // A plugin may quote the text before the guards.
+                Progress::Event(RunEvent::PluginLog { .. }) if guarded => {}
                 progress => show_ref(progress),
             })
             .await
@@ -332,6 +335,10 @@ impl View {
                 out.write_all(text.as_bytes())?;
                 out.flush()?;
             }
+            // What plugins log goes to stderr, beside the answer on stdout.
+            (View::Plain, Progress::Event(RunEvent::PluginLog { node, line })) => {
+                eprintln!("{}", log_line(pipeline, *node, line));
+            }
             (View::Live(live), Progress::Event(event)) => live.on_event(pipeline, event)?,
             (View::Live(live), Progress::Answer(text)) => live.answer.push_str(text),
             _ => {}
@@ -370,6 +377,26 @@ struct AgentLine {
     started: Option<Instant>,
     finished: Option<Instant>,
     cancelled: bool,
+    /// The last line its plugin logged.
+    last_log: Option<String>,
+}
+
+/// Cuts `text` to at most `max` characters (never inside one).
+fn truncate_chars(text: &mut String, max: usize) {
+    if let Some((at, _)) = text.char_indices().nth(max) {
+        text.truncate(at);
+    }
+}
+
+/// A plugin's log line as `run` shows it: `[node] plugin level: message`.
+fn log_line(pipeline: &Pipeline, node: NodeIndex, line: &PluginLine) -> String {
+    format!(
+        "[{}] {} {}: {}",
+        pipeline.node(node).id,
+        line.plugin,
+        line.level,
+        line.message
+    )
 }
 
 /// One line per node above the answer, redrawn in place.
@@ -418,6 +445,9 @@ impl Live {
                 line.finished = Some(Instant::now());
                 line.cancelled = *cancelled;
             }
+            RunEvent::PluginLog { node, line } => {
+                self.agents[node.0].last_log = Some(format!("{}: {}", line.plugin, line.message));
+            }
             _ => {}
         }
     }
@@ -436,7 +466,12 @@ impl Live {
             }
         };
         let mut text = format!("{:<16} {:<10} {}", spec.id, spec.kind.name(), state);
-        text.truncate(self.width.saturating_sub(1));
+        if let Some(log) = &line.last_log {
+            text.push_str("  | ");
+            // One line: a message's own line breaks would break the redraw.
+            text.extend(log.chars().map(|c| if c.is_control() { ' ' } else { c }));
+        }
+        truncate_chars(&mut text, self.width.saturating_sub(1));
         text
     }
 

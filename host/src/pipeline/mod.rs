@@ -17,6 +17,7 @@ pub mod critical;
 pub mod examples;
 pub mod guest;
 pub mod history;
+pub mod plugin_log;
 pub mod predict;
 pub mod record;
 pub mod report;

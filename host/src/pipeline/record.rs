@@ -18,6 +18,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 
 use super::history::HistoryUse;
+use super::plugin_log::PluginLine;
 use super::spec::NodeIndex;
 use crate::engine::Confidence;
 use crate::policy::StreamMode;
@@ -127,6 +128,12 @@ pub enum RunEvent {
     /// Answer text the answer's output guards let out to the reader: a guarded run's answer
     /// as its client saw it.
     Released { text: String },
+    /// A line `node`'s plugin wrote with `host.log` ([`super::plugin_log`]).
+    PluginLog {
+        node: NodeIndex,
+        #[serde(flatten)]
+        line: PluginLine,
+    },
 }
 
 /// An event and when it happened.
@@ -141,11 +148,14 @@ pub struct Recorded {
 
 impl Recorded {
     /// The event as a guarded run shows it to its client: a node's text before the output
-    /// guards is withheld (its token count stays); everything else as recorded.
+    /// guards is withheld (its token count stays), and so are its plugins' log lines (which
+    /// may quote it); everything else as recorded.
     pub fn without_generated_text(&self) -> Recorded {
         let mut shown = self.clone();
-        if let RunEvent::NodeDelta { text, .. } = &mut shown.event {
-            text.clear();
+        match &mut shown.event {
+            RunEvent::NodeDelta { text, .. } => text.clear(),
+            RunEvent::PluginLog { line, .. } => line.message.clear(),
+            _ => {}
         }
         shown
     }
@@ -387,7 +397,8 @@ pub fn timeline(lanes: Vec<String>, events: &[Recorded]) -> Timeline {
             RunEvent::RunStarted { .. }
             | RunEvent::StepStarted { .. }
             | RunEvent::HistoryFirstToken { .. }
-            | RunEvent::Released { .. } => continue,
+            | RunEvent::Released { .. }
+            | RunEvent::PluginLog { .. } => continue,
         };
         timeline.record_at(*at, node.0, kind);
     }

@@ -11,6 +11,7 @@ use serde::Serialize;
 use super::adaptive::Choice;
 use super::critical::{self, CriticalPath};
 use super::history::{HistoryEvent, HistoryEventKind, HistoryUse};
+use super::plugin_log::PluginLine;
 use super::record::{self, Recorded, RunEvent};
 use super::spec::{NodeIndex, NodeKind, Pipeline};
 use crate::engine::Confidence;
@@ -49,6 +50,10 @@ pub struct NodeReport {
     /// What the conversation memory did for a node with a history budget.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub history: Option<HistoryUse>,
+    /// What the node's plugins wrote with `host.log`, in order (when the binary's log layer
+    /// routes them: [`super::plugin_log`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub logs: Vec<PluginLine>,
     pub text: String,
 }
 
@@ -283,6 +288,9 @@ impl NodeReport {
                         first_token_seq: seq,
                         ..used.clone()
                     });
+                }
+                RunEvent::PluginLog { node, line } if *node == ix => {
+                    report.logs.push(line.clone());
                 }
                 RunEvent::HistoryFirstToken { node, seq } if *node == ix => {
                     report

@@ -16,6 +16,7 @@ use super::runtime::MESSAGE_OVERHEAD_BYTES;
 use crate::engine::{
     ChatMessage, Engine, GenerationEvent, GenerationRequest, Prompt, Role, SamplingParams, Usage,
 };
+use crate::pipeline::plugin_log::PLUGIN_LOG_TARGET as LOG;
 use crate::policy::UsageMeter;
 
 /// Text `count-tokens` tokenizes between two looks at the deadline: about 5 ms of
@@ -37,12 +38,13 @@ impl host::Host for StoreState {
             return Ok(());
         }
         let plugin = &self.plugin;
+        // The target routes the line to its run too (`pipeline::plugin_log`).
         match level {
-            host::LogLevel::Trace => tracing::trace!(%plugin, "{message}"),
-            host::LogLevel::Debug => tracing::debug!(%plugin, "{message}"),
-            host::LogLevel::Info => tracing::info!(%plugin, "{message}"),
-            host::LogLevel::Warn => tracing::warn!(%plugin, "{message}"),
-            host::LogLevel::Error => tracing::error!(%plugin, "{message}"),
+            host::LogLevel::Trace => tracing::trace!(target: LOG, %plugin, "{message}"),
+            host::LogLevel::Debug => tracing::debug!(target: LOG, %plugin, "{message}"),
+            host::LogLevel::Info => tracing::info!(target: LOG, %plugin, "{message}"),
+            host::LogLevel::Warn => tracing::warn!(target: LOG, %plugin, "{message}"),
+            host::LogLevel::Error => tracing::error!(target: LOG, %plugin, "{message}"),
         }
         Ok(())
     }

@@ -134,6 +134,11 @@ class RunView {
       case "released":
         this.released(event);
         break;
+      case "plugin_log":
+        // What the node's plugin wrote with host.log, in order.
+        node.logs.textContent += `${event.plugin} ${event.level}: ${event.message}\n`;
+        node.lane.dataset.logs = (Number(node.lane.dataset.logs) || 0) + 1;
+        break;
       case "node_finished":
         node.finished = event.at_ms;
         node.cancelled = event.cancelled;
@@ -159,6 +164,7 @@ class RunView {
     this.status.textContent = "running";
     this.nodes = event.nodes.map((info, index) => {
       const text = el("pre", { class: "lane-text" });
+      const logs = el("pre", { class: "lane-logs" });
       const state = el("span", { class: "state" }, "waiting");
       const tokens = el("span", { class: "tokens" }, "0 tokens");
       const stepsLabel = el("span", { class: "steps" }, "");
@@ -168,11 +174,12 @@ class RunView {
         { class: "lane", "data-node": info.id, "data-kind": info.kind },
         el("div", { class: "lane-head" }, el("b", {}, info.id), " ", el("span", { class: "kind" }, info.kind), " ", state, " ", tokens, " ", stepsLabel, " ", guardsLabel),
         text,
+        logs,
       );
       if (index === event.output) lane.classList.add("output");
       this.lanes.append(lane);
       return {
-        info, lane, text, state, tokens, stepsLabel, guardsLabel,
+        info, lane, text, logs, state, tokens, stepsLabel, guardsLabel,
         started: null, first: null, finished: null, cancelled: false,
         count: 0, chunks: [], steps: [], verdicts: new Map(),
       };
