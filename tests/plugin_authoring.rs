@@ -4,7 +4,9 @@
 //! componentize-js for JavaScript) and checks it, and a running `serve` takes it from its
 //! plugin folder and answers a chat request through the scaffold's sample pipeline. A
 //! missing toolchain is named with its install command, and nothing is built. The Rust SDK
-//! also builds a plugin from its `cargo package`d crate.
+//! also builds a plugin from its `cargo package`d crate. `plugin call` runs the built-in
+//! plugins of every kind alone (and a hostile one, which fails naming its limit), and
+//! `plugin wit` writes the WIT an author of another language needs.
 //!
 //! Rust plugin builds share one cargo target folder (`CARGO_TARGET_TMPDIR`), so only the
 //! first compiles the SDK's dependencies.
@@ -305,33 +307,266 @@ fn a_rust_role_plugin_goes_from_new_to_a_served_answer() {
     let _ = std::fs::remove_dir_all(&parent);
 }
 
+/// A guest component of this repository (a built-in or a fixture, by its folder under
+/// `plugins/`) as `NAME.wasm` beside `NAME.toml` in a fresh folder, as an author has theirs;
+/// returns the folder.
+fn guest_folder(crate_dir: &str) -> PathBuf {
+    let name = Path::new(crate_dir)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap();
+    let parent = outside(&format!("call-{name}"));
+    std::fs::copy(
+        staircase::plugin::builtin::guest_artifact(name),
+        parent.join(format!("{name}.wasm")),
+    )
+    .unwrap();
+    std::fs::copy(
+        staircase::plugin::builtin::guest_manifest(crate_dir),
+        parent.join(format!("{name}.toml")),
+    )
+    .unwrap();
+    parent
+}
+
+/// `staircase plugin call NAME.wasm ARGS...` on a guest from [`guest_folder`]; its output,
+/// whether it succeeded or not. The folder is removed.
+fn call_guest(crate_dir: &str, args: &[&str]) -> Output {
+    let parent = guest_folder(crate_dir);
+    let name = format!(
+        "{}.wasm",
+        Path::new(crate_dir).file_name().unwrap().to_string_lossy()
+    );
+    let output = plugin(&parent, &["call", &name])
+        .args(args)
+        .output()
+        .expect("the staircase binary runs");
+    let _ = std::fs::remove_dir_all(&parent);
+    output
+}
+
+/// The stdout of a call that must succeed.
+fn called(crate_dir: &str, args: &[&str]) -> String {
+    let output = call_guest(crate_dir, args);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "plugin call {crate_dir} {args:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+/// The stderr of a call that must fail.
+fn refused(crate_dir: &str, args: &[&str]) -> String {
+    let output = call_guest(crate_dir, args);
+    assert!(
+        !output.status.success(),
+        "plugin call {crate_dir} {args:?} succeeded:\n{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
 /// `plugin call` on a role that spins past its deadline ends with the limit it hit.
 #[test]
 fn plugin_call_reports_the_limit_a_looping_role_hits() {
-    let parent = outside("looping");
-    std::fs::copy(
-        staircase::plugin::builtin::guest_artifact("hostile-role"),
-        parent.join("hostile-role.wasm"),
-    )
-    .unwrap();
-    std::fs::copy(
-        staircase::plugin::builtin::guest_manifest("fixtures/hostile-role"),
-        parent.join("hostile-role.toml"),
-    )
-    .unwrap();
-    let output = plugin(
-        &parent,
-        &["call", "hostile-role.wasm", "--prompt", "attack:loop"],
-    )
-    .output()
-    .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "a looping call fails");
+    let stderr = refused("fixtures/hostile-role", &["--prompt", "attack:loop"]);
     assert!(
         stderr.contains("build-messages failed") && stderr.contains("deadline"),
         "the error names the call and the deadline it hit: {stderr}"
     );
-    let _ = std::fs::remove_dir_all(&parent);
+}
+
+/// A guard alone, fed an address split over three chunks: the pushes hold its pieces, the
+/// redaction replaces it whole, and no line of the output ever holds the address.
+#[test]
+fn plugin_call_shows_a_pattern_guard_redacting_an_address_split_over_chunks() {
+    let stdout = called(
+        "pattern-guard",
+        &[
+            "--chunk", "mail bob", "--chunk", "@example", "--chunk", ".org now",
+        ],
+    );
+    assert_eq!(
+        stdout.matches("call          push").count(),
+        3,
+        "one push per chunk: {stdout}"
+    );
+    assert!(stdout.contains("call          finish"), "{stdout}");
+    assert!(
+        stdout.contains("-> redact "),
+        "a redaction verdict: {stdout}"
+    );
+    assert!(!stdout.contains("bob@example"), "{stdout}");
+    let released = stdout
+        .lines()
+        .rev()
+        .find_map(|l| l.trim_start().strip_prefix("released"))
+        .unwrap_or_default()
+        .trim();
+    assert_eq!(released, r#""mail [redacted] now""#, "{stdout}");
+}
+
+/// A guard that stops: the stop verdict and its reason are shown, and the banned phrase
+/// never leaves.
+#[test]
+fn plugin_call_shows_a_phrase_guard_stopping_a_stream() {
+    let stdout = called(
+        "phrase-guard",
+        &[
+            "--config",
+            "phrases=stop",
+            "--prompt",
+            "go on, then stop here, please",
+        ],
+    );
+    assert!(stdout.contains("-> stop: "), "a stop verdict: {stdout}");
+    assert!(
+        stdout.contains("stopped       guard phrase-guard"),
+        "{stdout}"
+    );
+    for line in stdout
+        .lines()
+        .filter(|l| l.trim_start().starts_with("released"))
+    {
+        assert!(!line.contains("stop"), "released a banned phrase: {line}");
+    }
+}
+
+/// A guard that loops fails the call with the limit it hit, as the server fails it closed.
+#[test]
+fn plugin_call_reports_the_limit_a_looping_guard_hits() {
+    let stderr = refused("fixtures/hostile-guard", &["--config", "attack=loop"]);
+    assert!(
+        stderr.contains("push failed") && stderr.contains("deadline"),
+        "the error names the call and the deadline it hit: {stderr}"
+    );
+}
+
+/// An aggregator on a short scripted run: the session opens, each push and finish is a
+/// call followed by `next-step`, a warm-up comes first and the final step, once both
+/// proposers finished, holds what they said. Without a script, the `--upstream` answers are
+/// streamed in chunks to the same end.
+#[test]
+fn plugin_call_runs_the_moa_aggregator_on_a_script() {
+    let dir = outside("moa-script");
+    let script = dir.join("run.json");
+    std::fs::write(
+        &script,
+        serde_json::json!({
+            "prompt": "What is 2 + 2?",
+            "proposers": ["a", {"id": "b", "label": "checker"}],
+            "events": [
+                {"push": {"from": "a", "text": "It is "}},
+                {"push": {"from": "b", "text": "Four, "}},
+                {"push": {"from": "a", "text": "4."}},
+                {"finish": "a"},
+                {"push": {"from": "b", "text": "clearly."}},
+                {"finish": "b"},
+            ],
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let stdout = called("moa-aggregator", &["--script", path(&script)]);
+    for call in ["open", "push", "finish", "next-step"] {
+        assert!(
+            stdout.contains(&format!("call          {call}")),
+            "{call}: {stdout}"
+        );
+    }
+    // Once at the start, then after each of the six events.
+    assert_eq!(
+        stdout.matches("call          next-step").count(),
+        7,
+        "{stdout}"
+    );
+    assert!(stdout.contains("-> warm-up step"), "{stdout}");
+    let final_step = stdout
+        .split("-> final step")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no final step: {stdout}"));
+    assert!(
+        ["It is ", "4.", "### checker", "Four, ", "clearly."]
+            .iter()
+            .all(|said| final_step.contains(said)),
+        "the final prompt holds the proposers' answers: {final_step}"
+    );
+
+    let stdout = called(
+        "moa-aggregator",
+        &["--upstream", "solver=The sum is four.", "--mode", "layered"],
+    );
+    assert_eq!(stdout.matches("call          push").count(), 3, "{stdout}");
+    assert!(
+        stdout.contains("-> final step") && stdout.contains("The sum is four."),
+        "{stdout}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A compressor on the default history and a small budget returns a shorter history that
+/// keeps the system message and ends with the newest one.
+#[test]
+fn plugin_call_shows_the_truncate_compressor_shortening_a_history() {
+    let stdout = called("truncate-compressor", &["--budget", "30"]);
+    assert!(stdout.contains("call          compress"), "{stdout}");
+    let answer = stdout
+        .split("  -> ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no answer: {stdout}"));
+    let kept: usize = answer
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no message count: {answer}"));
+    assert!(answer.contains("of 6 message(s)") && kept < 6, "{answer}");
+    assert!(
+        answer.contains("helpful assistant"),
+        "the system message stays: {answer}"
+    );
+    assert!(
+        answer.contains("Which river"),
+        "the newest message stays: {answer}"
+    );
+    assert!(
+        !answer.contains("capital of France"),
+        "the oldest turn goes: {answer}"
+    );
+}
+
+/// A router's decision: a short easy prompt goes to the small model, a long one to the large.
+#[test]
+fn plugin_call_shows_the_rule_router_deciding() {
+    let stdout = called(
+        "rule-router",
+        &["--models", "small,large", "--prompt", "Hi"],
+    );
+    assert!(stdout.contains("call          route"), "{stdout}");
+    assert!(stdout.contains("-> small ("), "{stdout}");
+    let stdout = called("rule-router", &["--prompt-tokens", "5000"]);
+    assert!(stdout.contains("-> large ("), "{stdout}");
+    // A flag of another kind is refused, not ignored.
+    let stderr = refused("rule-router", &["--chunk", "x"]);
+    assert!(stderr.contains("--chunk feeds a guard"), "{stderr}");
+}
+
+/// `plugin wit` writes the binary's WIT packages, the same as the SDK's.
+#[test]
+fn plugin_wit_writes_every_package() {
+    let dir = outside("wit");
+    let out = dir.join("wit");
+    run(plugin(&dir, &["wit", "--out", path(&out)]));
+    for version in ["v0.1.0", "v0.2.0", "v0.3.0"] {
+        let written = std::fs::read_to_string(out.join(version).join("agent.wit")).unwrap();
+        let sdk = std::fs::read_to_string(repo().join("sdk/wit").join(version).join("agent.wit"))
+            .unwrap();
+        assert_eq!(written, sdk, "{version}");
+    }
+    let guard = std::fs::read_to_string(out.join("v0.3.0/agent.wit")).unwrap();
+    assert!(guard.contains("interface guard-policy"), "{guard}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

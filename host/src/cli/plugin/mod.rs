@@ -1,13 +1,14 @@
 //! `staircase plugin`: scaffold a plugin from the templates in the binary (`new`), build it
-//! with its language's toolchain (`build`), check a component and list plugins. Each verb
-//! is one file here; the loading and checking is the plugin host's (`crate::plugin`).
+//! with its language's toolchain (`build`), run one alone (`call`), write the WIT (`wit`),
+//! check a component and list plugins. The larger verbs are a file (or folder) each here;
+//! the loading and checking is the plugin host's (`crate::plugin`).
 
 mod build;
 mod call;
 mod new;
 mod templates;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
@@ -22,9 +23,18 @@ pub enum Command {
     /// Build a plugin folder into NAME.wasm beside its manifest (cargo, componentize-py,
     /// componentize-js, or the manifest's `[build] command`), then check it.
     Build(build::Args),
-    /// Run a role alone on a prompt: prints each call, what it returned and its time, the
-    /// plugin's log lines (stderr) and any limit it hit.
+    /// Run a plugin of any kind alone (a role on a prompt, an aggregator on a scripted run,
+    /// a compressor on a history, a router on a request, a guard on a stream of chunks):
+    /// prints each call, what it was given and returned, its time, the plugin's log lines
+    /// (stderr) and any limit it hit. Starts no model unless `--model` names one.
     Call(call::Args),
+    /// Write the WIT packages in the binary (`v0.1.0/agent.wit`, ...) into a folder, for
+    /// authors whose toolchain reads WIT (componentize-py, componentize-js, wit-bindgen).
+    Wit {
+        /// The folder to write into (created if missing; existing files are replaced).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
     /// Load a component with its manifest, type-check it against its kind's world, run its
     /// self-test, and print what it is. Exits non-zero on any problem.
     Check {
@@ -74,6 +84,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             if no_grant { Some(Vec::new()) } else { grants },
         ),
         Command::List { dirs } => list(dirs),
+        Command::Wit { out } => wit(&out),
     }
 }
 
@@ -119,6 +130,19 @@ pub(super) fn check(
         },
         crate::millis::millis(loaded.compile_time)
     );
+    Ok(())
+}
+
+fn wit(out: &Path) -> anyhow::Result<()> {
+    for (path, text) in templates::WIT_FILES {
+        let file = out.join(path);
+        if let Some(parent) = file.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
+        std::fs::write(&file, text).with_context(|| format!("writing {}", file.display()))?;
+        println!("wrote         {}", file.display());
+    }
     Ok(())
 }
 

@@ -63,6 +63,14 @@ pub const WIT_V0_2_0: &str = include_str!("../../../../sdk/wit/v0.2.0/agent.wit"
 /// `staircase:agent@0.3.0` (guards).
 pub const WIT_V0_3_0: &str = include_str!("../../../../sdk/wit/v0.3.0/agent.wit");
 
+/// Every WIT package in the binary, by its path under a WIT folder (`plugin wit` writes
+/// them; the SDK's `wit/` has the same layout).
+pub const WIT_FILES: &[(&str, &str)] = &[
+    ("v0.1.0/agent.wit", WIT_V0_1_0),
+    ("v0.2.0/agent.wit", WIT_V0_2_0),
+    ("v0.3.0/agent.wit", WIT_V0_3_0),
+];
+
 /// The Rust SDK as `cargo package` ships it (manifest, source, WIT), written beside a new
 /// Rust plugin because the SDK is not on crates.io.
 pub const SDK_FILES: &[(&str, &str)] = &[
