@@ -1527,7 +1527,10 @@ fn the_guarded_example_is_moa_with_three_answer_guards() {
         let text = std::fs::read_to_string(dir.join(file)).unwrap();
         Pipeline::parse(&text, file).unwrap()
     };
-    let (moa, guarded) = (parse("pipelines/moa.toml"), parse("guards/moa-guarded.toml"));
+    let (moa, guarded) = (
+        parse("pipelines/moa.toml"),
+        parse("guards/moa-guarded.toml"),
+    );
     let plugins: Vec<&str> = guarded.guards.iter().map(|g| g.plugin.as_str()).collect();
     assert_eq!(plugins, ["pattern-guard", "phrase-guard", "pattern-guard"]);
     let ids = |p: &Pipeline| p.nodes.iter().map(|n| n.id.clone()).collect::<Vec<_>>();
