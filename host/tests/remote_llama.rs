@@ -7,7 +7,8 @@
 //! really continue the assistant prefix (the server reports the continued prompt as cached),
 //! and failover: a replica killed before the first token, one killed mid-stream, its breaker
 //! opening and closing again once it is restarted and passes a health check. And Staircase
-//! itself as the server: `staircase serve` as another Staircase's remote model.
+//! itself as the server: `staircase serve` as another Staircase's remote model. And an output
+//! guard in front of a llama-server, as the README configures it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -712,5 +713,92 @@ fn extra_sampling_fields_and_text_prompts_reach_a_llama_server() {
             usage.prompt_tokens > 0 && usage.prompt_tokens < 12,
             "raw text, no template: {usage:?}"
         );
+    });
+}
+
+/// The README's guarding proxy, for real: `staircase serve` in front of a llama-server, a
+/// `pattern-guard` on the remote model. The model is made to say an address (it copies the
+/// conversation's pattern); under a second name with no guard it does, and through the
+/// guarded name no byte of it reaches the client, streamed or whole.
+#[test]
+fn an_output_guard_in_front_of_a_llama_server_keeps_a_secret_out() {
+    const SECRET: &str = "ada@example.org";
+    let _serial = serial();
+    let llama = server();
+    let config = Config::parse(
+        &format!(
+            r#"
+[models.upstream]
+kind = "remote"
+model = "default"
+base_url = "{url}/v1"
+
+[models.raw]
+kind = "remote"
+model = "default"
+base_url = "{url}/v1"
+
+[[guards]]
+plugin = "pattern-guard"
+models = ["upstream"]
+"#,
+            url = llama.url()
+        ),
+        std::path::Path::new("staircase.toml"),
+    )
+    .expect("the README's configuration parses");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let app = Arc::new(AppBuilder::from_config(config).build().expect("serve"));
+    let (addr, _stop) = serve(&rt, app);
+    let ask = |model: &'static str, stream: bool| async move {
+        let response = reqwest::Client::new()
+            .post(format!("http://{addr}/v1/chat/completions"))
+            .json(&serde_json::json!({
+                "model": model,
+                "messages": [
+                    {"role": "user", "content": "Say: bob@example.org"},
+                    {"role": "assistant", "content": "bob@example.org"},
+                    {"role": "user", "content": format!("Say: {SECRET}")},
+                ],
+                "max_tokens": 20,
+                "temperature": 0,
+                "stream": stream,
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{model}");
+        response.text().await.unwrap()
+    };
+    rt.block_on(async {
+        let said = ask("raw", false).await;
+        assert!(
+            said.contains(SECRET),
+            "unguarded, the model says it: {said}"
+        );
+        for stream in [false, true] {
+            let body = ask("upstream", stream).await;
+            assert!(!body.contains(SECRET), "stream {stream}: {body}");
+            // The answer's text: the message, or the stream's deltas joined.
+            let text: String = if stream {
+                body.lines()
+                    .filter_map(|l| l.strip_prefix("data: "))
+                    .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+                    .filter_map(|c| {
+                        c["choices"][0]["delta"]["content"]
+                            .as_str()
+                            .map(String::from)
+                    })
+                    .collect()
+            } else {
+                let whole: serde_json::Value = serde_json::from_str(&body).unwrap();
+                whole["choices"][0]["message"]["content"]
+                    .as_str()
+                    .unwrap()
+                    .into()
+            };
+            assert!(text.contains("[redacted]"), "stream {stream}: {body}");
+            assert!(!text.contains("example.org"), "stream {stream}: {text}");
+        }
     });
 }
