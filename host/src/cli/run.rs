@@ -161,12 +161,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let guards = if guard_specs.is_empty() {
             None
         } else {
-            let pipeline = prepared.pipeline();
-            let info = crate::guard::StreamInfo {
-                node_id: pipeline.node(pipeline.output).id.clone(),
-                model: pipeline.name.clone(),
-                to_client: true,
-            };
+            let info = crate::guard::StreamInfo::answer_of(prepared.pipeline());
             Some(app.open_guards(&guard_specs, &info).await?)
         };
         let view = if args.json {

@@ -426,11 +426,7 @@ async fn answer(
                 (prepared.run_alone().await.map_err(failed)?, None)
             } else {
                 let started = std::time::Instant::now();
-                let info = crate::guard::StreamInfo {
-                    node_id: pipeline.node(pipeline.output).id.clone(),
-                    model: pipeline.name.clone(),
-                    to_client: true,
-                };
+                let info = crate::guard::StreamInfo::answer_of(pipeline);
                 let guards = launcher
                     .open_guards(&pipeline.guards, &info)
                     .await

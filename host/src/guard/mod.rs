@@ -114,6 +114,17 @@ pub struct StreamInfo {
     pub to_client: bool,
 }
 
+impl StreamInfo {
+    /// The answer of a run of `pipeline`, on its way to the client (`run`, `eval`).
+    pub fn answer_of(pipeline: &crate::pipeline::Pipeline) -> Self {
+        Self {
+            node_id: pipeline.node(pipeline.output).id.clone(),
+            model: pipeline.name.clone(),
+            to_client: true,
+        }
+    }
+}
+
 /// One stream's guard (WIT `guard-policy.guard-stream`).
 pub trait GuardSession: Send {
     /// The most text to hold back for this guard (its manifest's `window-bytes`).
