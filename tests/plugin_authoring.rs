@@ -1,8 +1,9 @@
 //! A plugin author's three commands, end to end, outside the repository: `staircase plugin
 //! new` scaffolds a role plugin into a folder under the system's temporary folder, `plugin
 //! build` compiles it with the real toolchain (cargo for Rust, componentize-py for Python,
-//! componentize-js for JavaScript) and checks it, and a running `serve` takes it from its
-//! plugin folder and answers a chat request through the scaffold's sample pipeline. A
+//! componentize-js for JavaScript) and checks it, and `plugin dev` installs it into a running
+//! `serve`, which answers a chat request through the scaffold's sample pipeline; an edit of
+//! the source is rebuilt and swapped in for the next request. A
 //! missing toolchain is named with its install command, and nothing is built. The Rust SDK
 //! also builds a plugin from its `cargo package`d crate. `plugin call` runs the built-in
 //! plugins of every kind alone (and a hostile one, which fails naming its limit), and
@@ -120,115 +121,227 @@ struct Served {
     logged: Vec<String>,
 }
 
-/// Starts `serve` on empty plugin and pipeline folders, then drops the built plugin and its
-/// sample pipeline into them, reloads, and asks the pipeline a question.
-fn serve_the_scaffold(folder: &Path, name: &str) -> Served {
-    let served = outside(&format!("{name}-served"));
-    let (plugins, pipelines) = (served.join("plugins"), served.join("pipelines"));
-    std::fs::create_dir_all(&plugins).unwrap();
-    std::fs::create_dir_all(&pipelines).unwrap();
-    let (server, base) = start_server(
-        Command::new(env!("CARGO_BIN_EXE_staircase"))
-            .args(["serve", "--host", "127.0.0.1", "--port", "0", "--no-watch"])
-            .args(["--plugins", path(&plugins), "--pipelines", path(&pipelines)]),
-    );
-    let manifest = format!("{name}.toml");
-    std::fs::copy(folder.join(&manifest), plugins.join(&manifest)).unwrap();
-    std::fs::copy(
-        folder.join(format!("{name}.wasm")),
-        plugins.join(format!("{name}.wasm")),
-    )
-    .unwrap();
-    std::fs::copy(
-        folder.join("pipelines").join(&manifest),
-        pipelines.join(&manifest),
-    )
-    .unwrap();
-    let result = runtime().block_on(async {
-        let client = reqwest::Client::builder()
-            .timeout(HTTP_TIMEOUT)
-            .build()
-            .unwrap();
-        let reload = client
-            .post(format!("{base}/admin/reload"))
-            .send()
-            .await
-            .expect("a reload answers");
-        let status = reload.status();
-        let body: serde_json::Value = reload.json().await.unwrap_or_default();
-        assert!(status.is_success(), "{status} {body}");
-        assert!(
-            body["plugins"].to_string().contains(name),
-            "the running server took the plugin: {body}"
-        );
-        let response = client
-            .post(format!("{base}/v1/chat/completions"))
-            .json(&serde_json::json!({
-                "model": name,
-                "messages": [{"role": "user", "content": "Say hi."}],
-            }))
-            .send()
-            .await
-            .expect("the server answers");
-        let status = response.status();
-        let run_id = response.headers()["x-staircase-run-id"]
-            .to_str()
-            .unwrap()
-            .to_string();
-        let body: serde_json::Value = response.json().await.unwrap_or_default();
-        assert_eq!(status, 200, "{body}");
-        let events = client
-            .get(format!("{base}/v1/runs/{run_id}/events"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let logged = events
-            .lines()
-            .filter_map(|l| l.strip_prefix("data: "))
-            .filter_map(|data| serde_json::from_str::<serde_json::Value>(data).ok())
-            // Named with its version, as in the fingerprint.
-            .filter(|e| {
-                e["type"] == "plugin_log"
-                    && e["plugin"]
-                        .as_str()
-                        .is_some_and(|p| p.starts_with(&format!("{name}@")))
-            })
-            .map(|e| e["message"].as_str().unwrap_or_default().to_string())
-            .collect();
-        let answer = body["choices"][0]["message"]["content"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        let metrics = client
-            .get(format!("{base}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let calls = metrics
-            .lines()
-            .filter(|l| l.starts_with("staircase_plugin_calls_total{"))
-            .filter(|l| l.contains(&format!("plugin=\"{name}\"")))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>() as u64;
-        Served {
-            answer,
-            calls,
-            logged,
-        }
-    });
-    drop(server);
-    let _ = std::fs::remove_dir_all(&served);
-    result
+/// A running `serve` on empty plugin and pipeline folders, and `plugin dev` building the
+/// scaffold and installing each good version (and its sample pipeline) into them.
+struct DevLoop {
+    name: String,
+    base: String,
+    /// `plugin dev`'s stdout, line by line.
+    lines: std::sync::mpsc::Receiver<String>,
+    // Dropped (killed) before the folders are removed.
+    _dev: serve_support::Server,
+    _server: serve_support::Server,
+    served: PathBuf,
 }
 
-fn assert_served(folder: &Path, name: &str) {
-    let served = serve_the_scaffold(folder, name);
+/// How long one build of a scaffold may take in `plugin dev` (a first Rust build compiles
+/// the SDK's dependencies).
+const BUILD_TIMEOUT: Duration = Duration::from_secs(900);
+/// How long a running server may take to swap in an installed file.
+const SWAP_TIMEOUT: Duration = Duration::from_secs(120);
+
+impl DevLoop {
+    fn start(folder: &Path, name: &str) -> Self {
+        let served = outside(&format!("{name}-served"));
+        let (plugins, pipelines) = (served.join("plugins"), served.join("pipelines"));
+        std::fs::create_dir_all(&plugins).unwrap();
+        std::fs::create_dir_all(&pipelines).unwrap();
+        let (server, base) = start_server(
+            Command::new(env!("CARGO_BIN_EXE_staircase"))
+                .args(["serve", "--host", "127.0.0.1", "--port", "0"])
+                .args(["--plugins", path(&plugins), "--pipelines", path(&pipelines)]),
+        );
+        let mut dev = plugin(
+            folder.parent().unwrap(),
+            &[
+                "dev",
+                path(folder),
+                "--into",
+                path(&plugins),
+                "--pipelines",
+                path(&pipelines),
+            ],
+        );
+        let mut child = dev
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("plugin dev starts");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        DevLoop {
+            name: name.to_string(),
+            base,
+            lines,
+            _dev: serve_support::Server(child),
+            _server: server,
+            served,
+        }
+    }
+
+    /// Waits until `plugin dev` installs its next version of the component; returns the
+    /// sha256 its check printed. A version it refused fails the test with what it said.
+    fn next_install(&self) -> String {
+        let deadline = std::time::Instant::now() + BUILD_TIMEOUT;
+        let (mut sha, mut said) = (None, Vec::new());
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .unwrap_or_else(|e| panic!("plugin dev installed nothing ({e}):\n{said:#?}"));
+            if let Some(value) = line.strip_prefix("sha256") {
+                sha = Some(value.trim().to_string());
+            }
+            assert!(!line.starts_with("not installed"), "{said:#?}\n{line}");
+            if line.starts_with("installed") && line.ends_with(".wasm") {
+                return sha.unwrap_or_else(|| panic!("no check before the install: {said:#?}"));
+            }
+            said.push(line);
+        }
+    }
+
+    /// Once the server serves the component `sha` and the sample pipeline, asks the
+    /// pipeline a question.
+    fn ask(&self, sha: &str) -> Served {
+        let name = &self.name;
+        let base = &self.base;
+        runtime().block_on(async {
+            let client = reqwest::Client::builder()
+                .timeout(HTTP_TIMEOUT)
+                .build()
+                .unwrap();
+            // Polls the server's own account of what it loaded; the swap is its watcher's.
+            let deadline = std::time::Instant::now() + SWAP_TIMEOUT;
+            loop {
+                let status: serde_json::Value = client
+                    .get(format!("{base}/admin/status"))
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                let serves_it = status["plugins"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|p| p["name"] == name.as_str() && p["sha256"] == sha);
+                let has_pipeline = status["pipelines"]
+                    .to_string()
+                    .contains(&format!("\"{name}\""));
+                if serves_it && has_pipeline {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the server did not swap in {sha}: {status:#}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            chat(&client, base, name).await
+        })
+    }
+}
+
+impl Drop for DevLoop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.served);
+    }
+}
+
+/// Asks the pipeline `name` a question; returns what the plugin `name` did in the run.
+async fn chat(client: &reqwest::Client, base: &str, name: &str) -> Served {
+    let response = client
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&serde_json::json!({
+            "model": name,
+            "messages": [{"role": "user", "content": "Say hi."}],
+        }))
+        .send()
+        .await
+        .expect("the server answers");
+    let status = response.status();
+    let run_id = response.headers()["x-staircase-run-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    assert_eq!(status, 200, "{body}");
+    let events = client
+        .get(format!("{base}/v1/runs/{run_id}/events"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let logged = events
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|data| serde_json::from_str::<serde_json::Value>(data).ok())
+        // Named with its version, as in the fingerprint.
+        .filter(|e| {
+            e["type"] == "plugin_log"
+                && e["plugin"]
+                    .as_str()
+                    .is_some_and(|p| p.starts_with(&format!("{name}@")))
+        })
+        .map(|e| e["message"].as_str().unwrap_or_default().to_string())
+        .collect();
+    let answer = body["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let metrics = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let calls = metrics
+        .lines()
+        .filter(|l| l.starts_with("staircase_plugin_calls_total{"))
+        .filter(|l| l.contains(&format!("plugin=\"{name}\"")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64;
+    Served {
+        answer,
+        calls,
+        logged,
+    }
+}
+
+/// The scaffold's role logs "N messages in" in each language; the edit an author makes.
+fn edit_the_log_line(folder: &Path) {
+    let source = ["src/lib.rs", "app.py", "plugin.js"]
+        .into_iter()
+        .map(|file| folder.join(file))
+        .find(|file| std::fs::read_to_string(file).is_ok_and(|text| text.contains("messages in")))
+        .expect("the role's source logs \"messages in\"");
+    let text = std::fs::read_to_string(&source).unwrap();
+    std::fs::write(&source, text.replace("messages in", "messages in, edited")).unwrap();
+}
+
+/// The loop an author lives in: `plugin dev` installs the scaffold into a running server,
+/// which answers through its sample pipeline; an edit of the source is rebuilt, checked and
+/// swapped in, and the next request runs the new version. No request fails meanwhile.
+fn assert_served_then_swapped(folder: &Path, name: &str) {
+    let dev = DevLoop::start(folder, name);
+    let first = dev.next_install();
+    let served = dev.ask(&first);
     assert!(!served.answer.trim().is_empty(), "the pipeline answered");
     assert!(
         served.calls >= 2,
@@ -238,6 +351,24 @@ fn assert_served(folder: &Path, name: &str) {
     assert!(
         served.logged.iter().any(|m| m.contains("messages in")),
         "its host.log line is among the run's events: {:?}",
+        served.logged
+    );
+    edit_the_log_line(folder);
+    // While the new version builds, the old one keeps answering.
+    let meanwhile = runtime().block_on(async {
+        let client = reqwest::Client::new();
+        chat(&client, &dev.base, name).await
+    });
+    assert!(!meanwhile.answer.trim().is_empty());
+    let second = dev.next_install();
+    assert_ne!(first, second, "the edit built a different component");
+    let served = dev.ask(&second);
+    assert!(
+        served
+            .logged
+            .iter()
+            .any(|m| m.contains("messages in, edited")),
+        "the next request ran the edited version: {:?}",
         served.logged
     );
 }
@@ -278,7 +409,7 @@ fn a_rust_role_plugin_goes_from_new_to_a_served_answer() {
         stderr.contains("1 messages in"),
         "the plugin's host.log line is shown: {stderr}"
     );
-    assert_served(&folder, "my-rust-role");
+    assert_served_then_swapped(&folder, "my-rust-role");
     // In a run, its log line is shown (stderr beside the answer) and kept in the report.
     let pipeline = folder.join("pipelines/my-rust-role.toml");
     let plugins = ["--plugins", path(&folder), "--pipeline", path(&pipeline)];
@@ -298,6 +429,10 @@ fn a_rust_role_plugin_goes_from_new_to_a_served_answer() {
     let report: serde_json::Value = serde_json::from_slice(&ran.stdout).unwrap();
     let logs = &report["nodes"][0]["logs"];
     assert_eq!(logs[0]["plugin"], "my-rust-role@0.1.0", "{report}");
+    // And what the role sent to its model: its system prompt, then the user's message.
+    let messages = &report["nodes"][0]["prompts"][0]["messages"];
+    assert_eq!(messages[0]["role"], "system", "{report}");
+    assert_eq!(messages[1]["content"], "Say hi.", "{report}");
     assert!(
         logs[0]["message"]
             .as_str()
@@ -375,6 +510,64 @@ fn plugin_call_reports_the_limit_a_looping_role_hits() {
     assert!(
         stderr.contains("build-messages failed") && stderr.contains("deadline"),
         "the error names the call and the deadline it hit: {stderr}"
+    );
+}
+
+/// `--model` starts the real engine for a plugin that asks it: a compressor summarising the
+/// history with `model.complete` gets a summary from the default model; without `--model`
+/// the same call is refused, naming why.
+#[test]
+fn plugin_call_with_a_model_runs_a_compressor_that_asks_the_model() {
+    let parent = guest_folder("fixtures/model-compressor");
+    // The fixture's 100 ms deadline is a pipeline's; a summary on two busy cores takes longer.
+    let manifest = parent.join("model-compressor.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(&manifest, text.replace("call-ms = 100", "call-ms = 5000")).unwrap();
+    let model = staircase::model::default_model_path().expect("the default model");
+    let called = plugin(
+        &parent,
+        &["call", "model-compressor.wasm", "--budget", "16"],
+    )
+    .args(["--model", path(&model)])
+    .output()
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&called.stdout);
+    assert!(
+        called.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&called.stderr)
+    );
+    let summary = stdout
+        .split_once("1 of 6 message(s)")
+        .map(|(_, after)| after)
+        .unwrap_or_else(|| panic!("one summary message came back: {stdout}"));
+    assert!(summary.contains("System"), "{stdout}");
+    let refused = plugin(
+        &parent,
+        &["call", "model-compressor.wasm", "--budget", "16"],
+    )
+    .output()
+    .unwrap();
+    assert!(!refused.status.success(), "no engine, no summary");
+    let _ = std::fs::remove_dir_all(&parent);
+}
+
+/// What a plugin prints is its log: stdout's lines at info, stderr's at warn, and a panic
+/// message (on stderr) beside the trap it ends in.
+#[test]
+fn plugin_call_shows_what_a_plugin_printed_and_its_panic_message() {
+    let printed = call_guest("fixtures/hostile-role", &["--prompt", "print: hello"]);
+    let stderr = String::from_utf8_lossy(&printed.stderr);
+    assert!(printed.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("stdout: hostile-role on stdout")
+            && stderr.contains("stderr: hostile-role on stderr"),
+        "{stderr}"
+    );
+    let stderr = refused("fixtures/hostile-role", &["--prompt", "attack:panic"]);
+    assert!(
+        stderr.contains("stderr: ") && stderr.contains("hostile-role fixture panics on command"),
+        "the panic message is shown: {stderr}"
     );
 }
 
@@ -578,7 +771,7 @@ fn a_python_role_plugin_goes_from_new_to_a_served_answer() {
         manifest.contains("call-ms = 2000"),
         "an interpreter's first call gets time: {manifest}"
     );
-    assert_served(&folder, "my-python-role");
+    assert_served_then_swapped(&folder, "my-python-role");
     let _ = std::fs::remove_dir_all(&parent);
 }
 
@@ -586,7 +779,7 @@ fn a_python_role_plugin_goes_from_new_to_a_served_answer() {
 fn a_javascript_role_plugin_goes_from_new_to_a_served_answer() {
     let parent = outside("js");
     let folder = new_and_build(&parent, "my-js-role", "js", link_node_modules);
-    assert_served(&folder, "my-js-role");
+    assert_served_then_swapped(&folder, "my-js-role");
     let _ = std::fs::remove_dir_all(&parent);
 }
 

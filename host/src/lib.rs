@@ -27,3 +27,4 @@ pub mod sync;
 pub mod token;
 pub mod trace;
 pub mod tune;
+pub mod watch;

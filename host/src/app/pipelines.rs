@@ -16,12 +16,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use notify::{RecursiveMode, Watcher};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -81,7 +79,7 @@ pub struct PipelineTable {
     accepted: AtomicU64,
     rejected: AtomicU64,
     last_rejection: Mutex<Option<Rejection>>,
-    watcher: Mutex<Option<notify::RecommendedWatcher>>,
+    watcher: Mutex<Option<crate::watch::Watch>>,
     /// Built-in names a file may take over.
     overrides: BTreeSet<String>,
 }
@@ -228,31 +226,14 @@ impl PipelineTable {
     /// Watches the folders: a changed file is read again after [`DEBOUNCE`], a removed one
     /// stops serving (its built-in, if any, serves again). Stops when the table is dropped.
     pub fn watch(self: &Arc<Self>) -> Result<(), notify::Error> {
-        let (tx, rx) = mpsc::channel::<PathBuf>();
-        let mut watcher = notify::recommended_watcher(
-            move |event: notify::Result<notify::Event>| {
-                if let Ok(event) = event {
-                    use notify::event::{AccessKind, AccessMode, EventKind};
-                    // Reads are not changes; a close after writing is (it ends a `cp`).
-                    if matches!(event.kind, EventKind::Access(kind) if kind != AccessKind::Close(AccessMode::Write))
-                    {
-                        return;
-                    }
-                    for path in event.paths {
-                        let _ = tx.send(path);
-                    }
-                }
-            },
-        )?;
-        for dir in &self.dirs {
-            watcher.watch(dir, RecursiveMode::NonRecursive)?;
-        }
-        *lock(&self.watcher) = Some(watcher);
         let table = Arc::downgrade(self);
-        std::thread::Builder::new()
-            .name("pipeline-reload".into())
-            .spawn(move || reload_loop(table, rx))
-            .map_err(|e| notify::Error::generic(&e.to_string()))?;
+        let watch = crate::watch::watch(
+            &crate::watch::flat(&self.dirs),
+            DEBOUNCE,
+            "pipeline-reload",
+            move |batch| reload_batch(&table, batch),
+        )?;
+        *lock(&self.watcher) = Some(watch);
         Ok(())
     }
 
@@ -324,32 +305,20 @@ impl PipelineTable {
     }
 }
 
-/// Collects file events until [`DEBOUNCE`] passes without one, then reads each touched file
-/// once. Ends when the table (which owns the watcher) is gone.
-fn reload_loop(table: Weak<PipelineTable>, rx: mpsc::Receiver<PathBuf>) {
-    while let Ok(first) = rx.recv() {
-        let mut touched = std::collections::BTreeSet::new();
-        touched.insert(first);
-        loop {
-            match rx.recv_timeout(DEBOUNCE) {
-                Ok(path) => {
-                    touched.insert(path);
-                }
-                Err(RecvTimeoutError::Timeout) => break,
-                Err(RecvTimeoutError::Disconnected) => return,
-            }
-        }
-        let Some(table) = table.upgrade() else {
-            return;
-        };
-        for path in touched.into_iter().filter(|p| is_pipeline_file(p)) {
-            if path.symlink_metadata().is_err() {
-                table.remove(&path);
-            } else if settled(&path) && !table.unchanged(&path) {
-                let _ = table.load_file(&path);
-            }
+/// Reads each pipeline file a batch of changes touched, once (a removed one stops serving);
+/// `false` once the table is gone.
+fn reload_batch(table: &Weak<PipelineTable>, batch: crate::watch::Batch) -> bool {
+    let Some(table) = table.upgrade() else {
+        return false;
+    };
+    for path in batch.into_keys().filter(|p| is_pipeline_file(p)) {
+        if path.symlink_metadata().is_err() {
+            table.remove(&path);
+        } else if settled(&path) && !table.unchanged(&path) {
+            let _ = table.load_file(&path);
         }
     }
+    true
 }
 
 /// Whether `path` stays the same for [`SETTLE`] (then it is judged; otherwise its writer's

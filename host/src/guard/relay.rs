@@ -123,13 +123,14 @@ async fn finish(mut chain: Guest<GuardChain>, mut report: GuardReport) -> GuardR
 
 /// Removes every `text` and `answer` field of a guarded answer's report, at any depth: they
 /// are the run's texts before the guards, and only what the guards released may leave. The
-/// nodes' plugin `logs` go too: a plugin may quote those texts.
+/// nodes' plugin `logs` and model `prompts` go too: they may quote those texts.
 pub fn strip_texts(value: &mut Value) {
     match value {
         Value::Object(map) => {
             map.remove("text");
             map.remove("answer");
             map.remove("logs");
+            map.remove("prompts");
             map.values_mut().for_each(strip_texts);
         }
         Value::Array(items) => items.iter_mut().for_each(strip_texts),

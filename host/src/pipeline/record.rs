@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, watch};
 use super::history::HistoryUse;
 use super::plugin_log::PluginLine;
 use super::spec::NodeIndex;
-use crate::engine::Confidence;
+use crate::engine::{ChatMessage, Confidence};
 use crate::policy::StreamMode;
 use crate::speculate::SpeculationStats;
 use crate::trace::{EventKind, Timeline};
@@ -81,6 +81,9 @@ pub enum RunEvent {
         node: NodeIndex,
         index: u32,
         is_final: bool,
+        /// The messages the step sent to its model (none for a compressor's call).
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        messages: Vec<ChatMessage>,
     },
     /// That step ended after `tokens` of output.
     StepFinished {
@@ -155,6 +158,8 @@ impl Recorded {
         match &mut shown.event {
             RunEvent::NodeDelta { text, .. } => text.clear(),
             RunEvent::PluginLog { line, .. } => line.message.clear(),
+            // An aggregator's prompt quotes its sources' text.
+            RunEvent::StepStarted { messages, .. } => messages.clear(),
             _ => {}
         }
         shown

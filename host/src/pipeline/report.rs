@@ -14,7 +14,7 @@ use super::history::{HistoryEvent, HistoryEventKind, HistoryUse};
 use super::plugin_log::PluginLine;
 use super::record::{self, Recorded, RunEvent};
 use super::spec::{NodeIndex, NodeKind, Pipeline};
-use crate::engine::Confidence;
+use crate::engine::{ChatMessage, Confidence};
 use crate::policy::StreamMode;
 use crate::speculate::SpeculationStats;
 use crate::trace::chrome::ChromeTrace;
@@ -54,7 +54,18 @@ pub struct NodeReport {
     /// routes them: [`super::plugin_log`]).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub logs: Vec<PluginLine>,
+    /// What each of the node's engine requests sent to its model, in order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub prompts: Vec<StepPrompt>,
     pub text: String,
+}
+
+/// The messages of one engine request of a node.
+#[derive(Clone, Debug, Serialize)]
+pub struct StepPrompt {
+    /// The node's engine request number (as in the timeline's steps).
+    pub step: u32,
+    pub messages: Vec<ChatMessage>,
 }
 
 /// One engine request of a routed node: where the router sent it and why.
@@ -292,6 +303,15 @@ impl NodeReport {
                 RunEvent::PluginLog { node, line } if *node == ix => {
                     report.logs.push(line.clone());
                 }
+                RunEvent::StepStarted {
+                    node,
+                    index,
+                    messages,
+                    ..
+                } if *node == ix && !messages.is_empty() => report.prompts.push(StepPrompt {
+                    step: *index,
+                    messages: messages.clone(),
+                }),
                 RunEvent::HistoryFirstToken { node, seq } if *node == ix => {
                     report
                         .history

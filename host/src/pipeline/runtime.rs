@@ -1166,6 +1166,7 @@ impl<'r> RunCtx<'r> {
                     node: ix,
                     index: steps,
                     is_final: step.is_final && part == step_left,
+                    messages: step.messages.clone(),
                 });
                 let mut stream = engine.submit(request).map_err(engine_error)?;
                 let mut step_text = String::new();
@@ -1361,6 +1362,7 @@ impl<'r> RunCtx<'r> {
             node: ix,
             index: 0,
             is_final: true,
+            messages: Vec::new(),
         });
         let history: Vec<ChatMessage> = sources
             .iter()

@@ -31,11 +31,12 @@ pub fn approximate_tokens(text: &str) -> u32 {
 
 impl types::Host for StoreState {}
 
-impl host::Host for StoreState {
-    fn log(&mut self, level: host::LogLevel, message: String) -> wasmtime::Result<()> {
-        let message = clip(&message, self.log.line_bytes());
+impl StoreState {
+    /// Writes one line of the plugin's log, within its log budget.
+    fn plugin_log(&mut self, level: host::LogLevel, message: &str) {
+        let message = clip(message, self.log.line_bytes());
         if !self.log.admit(message.len()) {
-            return Ok(());
+            return;
         }
         let plugin = &self.plugin;
         // The target routes the line to its run too (`pipeline::plugin_log`).
@@ -46,6 +47,23 @@ impl host::Host for StoreState {
             host::LogLevel::Warn => tracing::warn!(target: LOG, %plugin, "{message}"),
             host::LogLevel::Error => tracing::error!(target: LOG, %plugin, "{message}"),
         }
+    }
+
+    /// Writes what the call printed as log lines: stdout's at info, stderr's at warn.
+    pub(crate) fn log_guest_output(&mut self) {
+        let (stdout, stderr) = (self.stdout.take_lines(), self.stderr.take_lines());
+        for line in stdout {
+            self.plugin_log(host::LogLevel::Info, &format!("stdout: {line}"));
+        }
+        for line in stderr {
+            self.plugin_log(host::LogLevel::Warn, &format!("stderr: {line}"));
+        }
+    }
+}
+
+impl host::Host for StoreState {
+    fn log(&mut self, level: host::LogLevel, message: String) -> wasmtime::Result<()> {
+        self.plugin_log(level, &message);
         Ok(())
     }
 

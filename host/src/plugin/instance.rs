@@ -12,6 +12,7 @@ use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::error::{LimitExceeded, MAX_ERROR_DETAIL_BYTES, PluginError, PluginRef, clip};
+use super::guest_output::GuestOutput;
 use super::limits::{Limiter, LogBudget};
 use super::runtime::{
     EPOCH_TICK, HOSTCALL_FUEL_BYTES, KindPre, LoadedPlugin, MESSAGE_OVERHEAD_BYTES, PluginRuntime,
@@ -47,6 +48,9 @@ pub(crate) struct StoreState {
     pub(crate) log: LogBudget,
     /// Bytes the current call wrote to stdout and stderr, and how many it may.
     pub(crate) stdio_written: u64,
+    /// What the current call wrote to stdout and stderr, logged when it returns.
+    pub(crate) stdout: GuestOutput,
+    pub(crate) stderr: GuestOutput,
     pub(crate) max_stdio: u64,
     /// Largest text `count-tokens` accepts, and largest prompt of `model.complete`.
     pub(crate) max_count_bytes: usize,
@@ -104,9 +108,13 @@ impl PluginInstance {
             }
             _ => plugin.config.clone(),
         };
-        // No env, args, preopened folders or stdio (the builder inherits nothing unless
-        // asked); network off explicitly.
+        // No env, args, preopened folders or stdin (the builder inherits nothing unless
+        // asked); stdout and stderr become log lines; network off explicitly.
+        let max_stdio = inner.config.max_stdio_bytes_per_call;
+        let (stdout, stderr) = (GuestOutput::new(max_stdio), GuestOutput::new(max_stdio));
         let wasi = wasmtime_wasi::WasiCtxBuilder::new()
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)
@@ -130,7 +138,9 @@ impl PluginInstance {
             deadline: Instant::now(),
             log: LogBudget::new(inner.config.log, plugin.plugin.clone()),
             stdio_written: 0,
-            max_stdio: inner.config.max_stdio_bytes_per_call,
+            stdout,
+            stderr,
+            max_stdio,
             max_count_bytes: inner.config.max_output_bytes,
             max_messages: inner.config.max_messages,
             max_model_tokens: inner.config.max_model_tokens,
@@ -196,6 +206,8 @@ impl PluginInstance {
         // one did, the panic unwinds out of wasm to here and fails this call and the
         // instance, never the host.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(store)));
+        // Also after a failure: a guest's panic message is on its stderr.
+        store.data_mut().log_guest_output();
         let error = match outcome {
             Ok(Ok(value)) => return Ok(value),
             Ok(Err(error)) => {

@@ -14,6 +14,7 @@ pub mod builtin;
 mod cache;
 mod error;
 pub mod folder;
+mod guest_output;
 mod host_imports;
 mod instance;
 mod limits;

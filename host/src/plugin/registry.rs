@@ -24,7 +24,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, Weak};
 use std::thread::ThreadId;
 use std::time::{Duration, Instant};
@@ -32,7 +32,6 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 
 use arc_swap::ArcSwap;
-use notify::{RecursiveMode, Watcher};
 
 use super::builtin;
 use super::error::{MAX_ERROR_DETAIL_BYTES, PluginError, clip};
@@ -130,7 +129,7 @@ pub struct Registry {
     /// Serialises table updates (readers never wait).
     update: Mutex<()>,
     subscribers: Mutex<Vec<Sender<RegistryEvent>>>,
-    watchers: Mutex<Vec<notify::RecommendedWatcher>>,
+    watchers: Mutex<Vec<crate::watch::Watch>>,
     /// Started on first use.
     compiler: Mutex<Option<Compiler>>,
     /// Files that failed to load, by identity, with the reason: not retried until they change.
@@ -678,67 +677,40 @@ impl Registry {
     /// dedicated thread, never on the async runtime. Watching stops when the registry is
     /// dropped.
     pub fn watch(self: &Arc<Self>, dirs: &[PathBuf]) -> Result<(), PluginError> {
-        let (tx, rx) = mpsc::channel::<(PathBuf, Instant)>();
-        let mut watcher =
-            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                if let Ok(event) = event {
-                    use notify::event::{AccessKind, AccessMode, EventKind};
-                    // Reads are not changes; a close after writing is (it ends a `cp`).
-                    if matches!(event.kind, EventKind::Access(kind) if kind != AccessKind::Close(AccessMode::Write))
-                    {
-                        return;
-                    }
-                    let now = Instant::now();
-                    for path in event.paths {
-                        let _ = tx.send((path, now));
-                    }
-                }
-            })
-            .map_err(|e| PluginError::Runtime(format!("file watcher: {e}")))?;
-        for dir in dirs {
-            watcher
-                .watch(dir, RecursiveMode::NonRecursive)
-                .map_err(|e| PluginError::Runtime(format!("watching {}: {e}", dir.display())))?;
-        }
-        lock(&self.watchers).push(watcher);
         let registry = Arc::downgrade(self);
-        std::thread::Builder::new()
-            .name("plugin-reload".into())
-            .spawn(move || reload_loop(registry, rx))
-            .map_err(|e| PluginError::Runtime(format!("reload thread: {e}")))?;
+        let watch = crate::watch::watch(
+            &crate::watch::flat(dirs),
+            DEBOUNCE,
+            "plugin-reload",
+            move |batch| reload_batch(&registry, batch),
+        )
+        .map_err(|e| PluginError::Runtime(format!("watching {dirs:?}: {e}")))?;
+        lock(&self.watchers).push(watch);
         Ok(())
     }
 }
 
-/// Collects file events until [`DEBOUNCE`] passes without one, then reloads each touched
-/// plugin once. Ends when the watcher (owned by the registry) is gone.
-fn reload_loop(registry: Weak<Registry>, rx: Receiver<(PathBuf, Instant)>) {
-    while let Ok((first, at)) = rx.recv() {
-        let mut touched: BTreeMap<PathBuf, Instant> = BTreeMap::new();
-        let mut note = |path: PathBuf, at: Instant| {
-            if let Some(wasm) = plugin_file(&path) {
-                touched.entry(wasm).or_insert(at);
-            }
-        };
-        note(first, at);
-        loop {
-            match rx.recv_timeout(DEBOUNCE) {
-                Ok((path, at)) => note(path, at),
-                Err(RecvTimeoutError::Timeout) => break,
-                Err(RecvTimeoutError::Disconnected) => return,
-            }
-        }
-        let Some(registry) = registry.upgrade() else {
-            return;
-        };
-        for (wasm, since) in touched {
-            if wasm.symlink_metadata().is_ok() {
-                let _ = registry.reload(&wasm, since);
-            } else {
-                registry.unload(&wasm);
-            }
+/// Reloads each plugin a batch of changed files touched, once (unloads a removed one);
+/// `false` once the registry is gone.
+fn reload_batch(registry: &Weak<Registry>, batch: crate::watch::Batch) -> bool {
+    let mut touched: BTreeMap<PathBuf, Instant> = BTreeMap::new();
+    for (path, at) in batch {
+        if let Some(wasm) = plugin_file(&path) {
+            let since = touched.entry(wasm).or_insert(at);
+            *since = (*since).min(at);
         }
     }
+    let Some(registry) = registry.upgrade() else {
+        return false;
+    };
+    for (wasm, since) in touched {
+        if wasm.symlink_metadata().is_ok() {
+            let _ = registry.reload(&wasm, since);
+        } else {
+            registry.unload(&wasm);
+        }
+    }
+    true
 }
 
 /// The `*.wasm` files of a folder, sorted.

@@ -50,8 +50,8 @@ pub const DEFAULT_MAX_MESSAGES: usize = 1024;
 /// What an answer's message costs beyond its text (role markers of the chat template),
 /// counted against the output limit so that many tiny messages weigh what they cost.
 pub const MESSAGE_OVERHEAD_BYTES: usize = 16;
-/// Bytes one call may write to its (discarded) stdout and stderr: a panic message or a
-/// traceback is a few KiB; more is a plugin using the host's CPU and memory as a sink.
+/// Bytes one call may write to its stdout and stderr (kept as log lines): a panic message
+/// or a traceback is a few KiB; more is a plugin using the host's CPU and memory as a sink.
 pub const DEFAULT_MAX_STDIO_BYTES_PER_CALL: u64 = 64 << 10;
 /// Most tokens one `model.complete` may generate (`[sandbox] max_model_tokens`; a request
 /// asking 0 or more gets this many): a compressor's summary is a few hundred tokens, and an
@@ -97,7 +97,8 @@ pub struct HostConfig {
     pub max_output_bytes: usize,
     /// Most messages in one answer.
     pub max_messages: usize,
-    /// Bytes one call may write to stdout and stderr together (both are discarded).
+    /// Bytes one call may write to stdout and stderr together (kept as log lines, within the
+    /// log budget).
     pub max_stdio_bytes_per_call: u64,
     /// Most tokens one `model.complete` generates.
     pub max_model_tokens: u32,

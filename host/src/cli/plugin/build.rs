@@ -57,12 +57,29 @@ enum Recipe {
     Command(String),
 }
 
+/// What a build produced.
+pub struct Built {
+    /// `NAME.wasm` beside the manifest.
+    pub wasm: PathBuf,
+    pub manifest_path: PathBuf,
+    pub name: String,
+}
+
 /// Builds the folder's component, then checks it.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let dir = args.dir;
-    let manifest_path = match args.manifest {
+    let built = build(&args.dir, args.manifest)?;
+    if args.no_check {
+        return Ok(());
+    }
+    super::check(built.wasm, Some(built.manifest_path), None)
+}
+
+/// Builds the component of the plugin folder `dir` (its manifest found there unless given)
+/// into `NAME.wasm` beside the manifest. The file is renamed into place whole.
+pub fn build(dir: &Path, manifest: Option<PathBuf>) -> anyhow::Result<Built> {
+    let manifest_path = match manifest {
         Some(path) => path,
-        None => find_manifest(&dir)?,
+        None => find_manifest(dir)?,
     };
     let manifest = crate::plugin::read_manifest(&manifest_path)?;
     // Absolute, because every tool runs in the folder and gets paths inside it.
@@ -98,10 +115,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     std::fs::rename(&staged, &wasm)
         .with_context(|| format!("moving the component to {}", wasm.display()))?;
     println!("built         {}", wasm.display());
-    if args.no_check {
-        return Ok(());
-    }
-    super::check(wasm, Some(manifest_path), None)
+    Ok(Built {
+        wasm,
+        manifest_path,
+        name: manifest.name,
+    })
 }
 
 /// The one plugin manifest among the folder's `*.toml` files.

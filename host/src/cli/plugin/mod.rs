@@ -1,10 +1,12 @@
 //! `staircase plugin`: scaffold a plugin from the templates in the binary (`new`), build it
-//! with its language's toolchain (`build`), run one alone (`call`), write the WIT (`wit`),
-//! check a component and list plugins. The larger verbs are a file (or folder) each here;
+//! with its language's toolchain (`build`), rebuild it on every save into a running server
+//! (`dev`), run one alone (`call`), write the WIT (`wit`), check a component and list
+//! plugins. The larger verbs are a file (or folder) each here;
 //! the loading and checking is the plugin host's (`crate::plugin`).
 
 mod build;
 mod call;
+mod dev;
 mod new;
 mod templates;
 
@@ -23,6 +25,10 @@ pub enum Command {
     /// Build a plugin folder into NAME.wasm beside its manifest (cargo, componentize-py,
     /// componentize-js, or the manifest's `[build] command`), then check it.
     Build(build::Args),
+    /// Build, check and install a plugin folder into a running server's plugin folder, then
+    /// rebuild on every saved change: the server swaps each good version in for the next
+    /// request; a version that fails to build or check is reported and not installed.
+    Dev(dev::Args),
     /// Run a plugin of any kind alone (a role on a prompt, an aggregator on a scripted run,
     /// a compressor on a history, a router on a request, a guard on a stream of chunks):
     /// prints each call, what it was given and returned, its time, the plugin's log lines
@@ -72,6 +78,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::New(args) => new::run(args),
         Command::Build(args) => build::run(args),
+        Command::Dev(args) => dev::run(args),
         Command::Call(args) => call::run(args),
         Command::Check {
             file,

@@ -120,6 +120,7 @@ class RunView {
       case "step_started":
         node.steps.push({ index: event.index, start: event.at_ms, end: null, final: event.is_final });
         node.stepsLabel.textContent = "steps " + node.steps.length;
+        if (event.messages) this.prompt(node, event);
         break;
       case "step_finished": {
         const step = node.steps.find((s) => s.index === event.index && s.end === null);
@@ -165,6 +166,9 @@ class RunView {
     this.nodes = event.nodes.map((info, index) => {
       const text = el("pre", { class: "lane-text" });
       const logs = el("pre", { class: "lane-logs" });
+      const promptSummary = el("summary", {}, "");
+      const promptText = el("pre", {});
+      const prompt = el("details", { class: "lane-prompt" }, promptSummary, promptText);
       const state = el("span", { class: "state" }, "waiting");
       const tokens = el("span", { class: "tokens" }, "0 tokens");
       const stepsLabel = el("span", { class: "steps" }, "");
@@ -175,15 +179,23 @@ class RunView {
         el("div", { class: "lane-head" }, el("b", {}, info.id), " ", el("span", { class: "kind" }, info.kind), " ", state, " ", tokens, " ", stepsLabel, " ", guardsLabel),
         text,
         logs,
+        prompt,
       );
       if (index === event.output) lane.classList.add("output");
       this.lanes.append(lane);
       return {
-        info, lane, text, logs, state, tokens, stepsLabel, guardsLabel,
+        info, lane, text, logs, prompt, promptSummary, promptText, state, tokens, stepsLabel, guardsLabel,
         started: null, first: null, finished: null, cancelled: false,
         count: 0, chunks: [], steps: [], verdicts: new Map(),
       };
     });
+  }
+
+  // The messages the node's latest engine request sent to its model (folded until opened).
+  prompt(node, event) {
+    node.promptSummary.textContent = `prompt of step ${event.index + 1} (${event.messages.length} messages)`;
+    node.promptText.textContent = event.messages.map((m) => `${m.role}: ${m.content}`).join("\n\n");
+    node.prompt.dataset.step = event.index;
   }
 
   // What a node's guards did, each guard's verdicts counted: an inner-edge guard's to the
