@@ -783,6 +783,43 @@ fn a_javascript_role_plugin_goes_from_new_to_a_served_answer() {
     let _ = std::fs::remove_dir_all(&parent);
 }
 
+/// Every kind in every language, from `plugin new` to `plugin call` alone and to an answer
+/// through `plugin dev` into a running server. The slow suite (15 builds, about 15 minutes
+/// on two cores): `cargo test --test plugin_authoring -- --ignored`. CI runs a role in each
+/// language (with an edit swapped in) and a guard in each language.
+#[test]
+#[ignore = "slow: 15 plugin builds; run with --ignored"]
+fn every_kind_in_every_language_goes_from_new_to_a_served_answer() {
+    let parent = outside("every");
+    for lang in ["rust", "python", "js"] {
+        for kind in ["role", "aggregator", "compressor", "router", "guard"] {
+            let name = format!("{kind}-{lang}");
+            let folder = new_and_build_kind(&parent, &name, kind, lang, |folder| {
+                if lang == "js" {
+                    link_node_modules(folder);
+                }
+            });
+            let wasm = format!("{name}/{name}.wasm");
+            let called = plugin(&parent, &["call", &wasm]).output().unwrap();
+            assert!(
+                called.status.success(),
+                "{name} alone:\n{}\n{}",
+                String::from_utf8_lossy(&called.stdout),
+                String::from_utf8_lossy(&called.stderr)
+            );
+            let dev = DevLoop::start(&folder, &name);
+            let served = dev.ask(&dev.next_install());
+            assert!(!served.answer.trim().is_empty(), "{name} answered");
+            // A compressor is called once a history outgrows its budget, a guard's calls
+            // are its stream's; the other kinds are on every request's path.
+            if matches!(kind, "role" | "aggregator" | "router") {
+                assert!(served.calls >= 1, "{name} was called: {}", served.calls);
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&parent);
+}
+
 /// With a search path that lacks the toolchain, `plugin build` names the missing tool and
 /// the command that installs it, and writes no component.
 #[test]
