@@ -128,9 +128,8 @@ struct DevLoop {
     base: String,
     /// `plugin dev`'s stdout, line by line.
     lines: std::sync::mpsc::Receiver<String>,
-    // Dropped (killed) before the folders are removed.
-    _dev: serve_support::Server,
-    _server: serve_support::Server,
+    dev: serve_support::Server,
+    server: serve_support::Server,
     served: PathBuf,
 }
 
@@ -183,8 +182,8 @@ impl DevLoop {
             name: name.to_string(),
             base,
             lines,
-            _dev: serve_support::Server(child),
-            _server: server,
+            dev: serve_support::Server(child),
+            server,
             served,
         }
     }
@@ -206,6 +205,25 @@ impl DevLoop {
             assert!(!line.starts_with("not installed"), "{said:#?}\n{line}");
             if line.starts_with("installed") && line.ends_with(".wasm") {
                 return sha.unwrap_or_else(|| panic!("no check before the install: {said:#?}"));
+            }
+            said.push(line);
+        }
+    }
+
+    /// Waits until `plugin dev` refuses a version; returns what it said. An install first
+    /// fails the test.
+    fn next_refusal(&self) -> String {
+        let deadline = std::time::Instant::now() + BUILD_TIMEOUT;
+        let mut said = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .unwrap_or_else(|e| panic!("plugin dev refused nothing ({e}):\n{said:#?}"));
+            assert!(!line.starts_with("installed"), "{said:#?}\n{line}");
+            if line.starts_with("not installed") {
+                return line;
             }
             said.push(line);
         }
@@ -256,6 +274,11 @@ impl DevLoop {
 
 impl Drop for DevLoop {
     fn drop(&mut self) {
+        // The processes first: neither may write into the folders being removed.
+        for child in [&mut self.dev.0, &mut self.server.0] {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
         let _ = std::fs::remove_dir_all(&self.served);
     }
 }
@@ -324,13 +347,18 @@ async fn chat(client: &reqwest::Client, base: &str, name: &str) -> Served {
     }
 }
 
-/// The scaffold's role logs "N messages in" in each language; the edit an author makes.
-fn edit_the_log_line(folder: &Path) {
-    let source = ["src/lib.rs", "app.py", "plugin.js"]
+/// The source of a scaffolded role: it logs "N messages in" in each language.
+fn source_of_the_log_line(folder: &Path) -> PathBuf {
+    ["src/lib.rs", "app.py", "plugin.js"]
         .into_iter()
         .map(|file| folder.join(file))
         .find(|file| std::fs::read_to_string(file).is_ok_and(|text| text.contains("messages in")))
-        .expect("the role's source logs \"messages in\"");
+        .expect("the role's source logs \"messages in\"")
+}
+
+/// The edit an author makes: the role's log line says more.
+fn edit_the_log_line(folder: &Path) {
+    let source = source_of_the_log_line(folder);
     let text = std::fs::read_to_string(&source).unwrap();
     std::fs::write(&source, text.replace("messages in", "messages in, edited")).unwrap();
 }
@@ -371,6 +399,21 @@ fn assert_served_then_swapped(folder: &Path, name: &str) {
         "the next request ran the edited version: {:?}",
         served.logged
     );
+    // A save that does not build is reported, and the server keeps the last good version.
+    let source = source_of_the_log_line(folder);
+    let good = std::fs::read_to_string(&source).unwrap();
+    std::fs::write(&source, format!("{good}\n%%% not code in any language\n")).unwrap();
+    dev.next_refusal();
+    let served = dev.ask(&second);
+    assert!(
+        served
+            .logged
+            .iter()
+            .any(|m| m.contains("messages in, edited")),
+        "the last good version still serves: {:?}",
+        served.logged
+    );
+    std::fs::write(&source, good).unwrap();
 }
 
 #[test]

@@ -11,8 +11,9 @@ const { component } = await componentize({
   sourcePath: join(here, 'role.js'),
   witPath: join(here, '..', '..', '..', 'wit', 'v0.1.0'),
   worldName: 'role',
-  // A policy needs no WASI features: a smaller component with fewer imports.
-  disableFeatures: ['random', 'stdio', 'clocks', 'http', 'fetch-event'],
+  // A policy needs no other WASI feature (a smaller component with fewer imports); stdio
+  // stays, so console.log and console.error become the plugin's log lines.
+  disableFeatures: ['random', 'clocks', 'http', 'fetch-event'],
 });
 await writeFile(out, component);
 console.log(`wrote ${out} (${component.length} bytes)`);

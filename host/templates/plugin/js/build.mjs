@@ -9,7 +9,8 @@ const { component } = await componentize({
   sourcePath: env.STAIRCASE_SOURCE,
   witPath: env.STAIRCASE_WIT,
   worldName: env.STAIRCASE_WORLD,
-  // A policy needs no WASI features: a smaller component with fewer imports.
-  disableFeatures: ['random', 'stdio', 'clocks', 'http', 'fetch-event'],
+  // A policy needs no other WASI feature (a smaller component with fewer imports); stdio
+  // stays, so console.log and console.error become the plugin's log lines.
+  disableFeatures: ['random', 'clocks', 'http', 'fetch-event'],
 });
 await writeFile(env.STAIRCASE_OUT, component);
