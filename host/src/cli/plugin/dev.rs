@@ -113,16 +113,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 fn cycle(dir: &Path, manifest: Option<PathBuf>, targets: &Targets) -> anyhow::Result<()> {
     let built = build::build(dir, manifest)?;
     super::check(built.wasm.clone(), Some(built.manifest_path.clone()), None)?;
-    // The manifest first: a server that reloads between the two files then loads the new
-    // component under it, never the new manifest over an old component's limits.
+    // Both files land within the server's debounce and load as one version; a reload that
+    // falls between them is followed by another for the second file.
     let manifest_name = format!("{}.toml", built.name);
     let wasm_name = format!("{}.wasm", built.name);
+    let dest = targets.plugins.join(&wasm_name);
+    // A server watching the plugin's own folder took the build when it was renamed in.
+    let in_place = std::fs::canonicalize(&dest).ok() == std::fs::canonicalize(&built.wasm).ok();
     install(&built.manifest_path, &targets.plugins.join(manifest_name))?;
-    if install(&built.wasm, &targets.plugins.join(&wasm_name))? {
-        println!(
-            "installed     {}",
-            targets.plugins.join(&wasm_name).display()
-        );
+    if in_place || install(&built.wasm, &dest)? {
+        println!("installed     {}", dest.display());
     } else {
         println!("unchanged     the same component is already installed");
     }
