@@ -301,14 +301,7 @@ async fn chat(client: &reqwest::Client, base: &str, name: &str) -> Served {
         .to_string();
     let body: serde_json::Value = response.json().await.unwrap_or_default();
     assert_eq!(status, 200, "{body}");
-    let events = client
-        .get(format!("{base}/v1/runs/{run_id}/events"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let events = text_of(client, format!("{base}/v1/runs/{run_id}/events")).await;
     let logged = events
         .lines()
         .filter_map(|l| l.strip_prefix("data: "))
@@ -326,14 +319,7 @@ async fn chat(client: &reqwest::Client, base: &str, name: &str) -> Served {
         .as_str()
         .unwrap_or_default()
         .to_string();
-    let metrics = client
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = text_of(client, format!("{base}/metrics")).await;
     let calls = metrics
         .lines()
         .filter(|l| l.starts_with("staircase_plugin_calls_total{"))
@@ -345,6 +331,11 @@ async fn chat(client: &reqwest::Client, base: &str, name: &str) -> Served {
         calls,
         logged,
     }
+}
+
+/// The body of a GET.
+async fn text_of(client: &reqwest::Client, url: String) -> String {
+    client.get(url).send().await.unwrap().text().await.unwrap()
 }
 
 /// The source of a scaffolded role: it logs "N messages in" in each language.

@@ -27,15 +27,22 @@ const JS_DEFAULT_SOURCE: &str = "plugin.js";
 /// component before it is renamed into place (a watching server never sees half a file).
 const SCRATCH: &str = "target/staircase";
 
-/// `staircase plugin build` arguments.
+/// The plugin folder a command builds (`plugin build`, `plugin dev`).
 #[derive(Debug, clap::Args)]
-pub struct Args {
+pub struct Folder {
     /// The plugin folder (default: the current folder).
     #[arg(default_value = ".")]
     pub dir: PathBuf,
     /// Its manifest (default: the one `*.toml` in DIR that is a plugin manifest).
     #[arg(long)]
     pub manifest: Option<PathBuf>,
+}
+
+/// `staircase plugin build` arguments.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub folder: Folder,
     /// Build only; skip the check of the result.
     #[arg(long)]
     pub no_check: bool,
@@ -67,7 +74,7 @@ pub struct Built {
 
 /// Builds the folder's component, then checks it.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let built = build(&args.dir, args.manifest)?;
+    let built = build(&args.folder.dir, args.folder.manifest)?;
     if args.no_check {
         return Ok(());
     }

@@ -29,12 +29,8 @@ const IGNORED: &[&str] = &[
 /// `staircase plugin dev` arguments.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The plugin folder (default: the current folder).
-    #[arg(default_value = ".")]
-    pub dir: PathBuf,
-    /// Its manifest (default: the one `*.toml` in DIR that is a plugin manifest).
-    #[arg(long)]
-    pub manifest: Option<PathBuf>,
+    #[command(flatten)]
+    pub folder: build::Folder,
     /// The plugin folder of the running server, where each good build is installed
     /// (default: the user's plugin folder, which `serve` loads and watches).
     #[arg(long, value_name = "DIR")]
@@ -69,10 +65,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         pipelines: args.pipelines,
     };
     if args.once {
-        return cycle(&args.dir, args.manifest.clone(), &targets);
+        return cycle(&args.folder, &targets);
     }
-    let folder = std::path::absolute(&args.dir)
-        .with_context(|| format!("resolving {}", args.dir.display()))?;
+    let folder = std::path::absolute(&args.folder.dir)
+        .with_context(|| format!("resolving {}", args.folder.dir.display()))?;
     let (tx, changes) = mpsc::channel::<PathBuf>();
     let source_folder = folder.clone();
     let _watch = crate::watch::watch(
@@ -91,7 +87,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut version = 1u64;
     loop {
         println!("version       {version}");
-        match cycle(&args.dir, args.manifest.clone(), &targets) {
+        match cycle(&args.folder, &targets) {
             Ok(()) => {}
             // Nothing an edit of the sources could fix.
             Err(error) if error.downcast_ref::<MissingTool>().is_some() => return Err(error),
@@ -110,8 +106,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// Builds, checks and installs one version.
-fn cycle(dir: &Path, manifest: Option<PathBuf>, targets: &Targets) -> anyhow::Result<()> {
-    let built = build::build(dir, manifest)?;
+fn cycle(folder: &build::Folder, targets: &Targets) -> anyhow::Result<()> {
+    let built = build::build(&folder.dir, folder.manifest.clone())?;
     super::check(built.wasm.clone(), Some(built.manifest_path.clone()), None)?;
     // Both files land within the server's debounce and load as one version; a reload that
     // falls between them is followed by another for the second file.
