@@ -63,6 +63,14 @@ def main():
             node = lane.get_attribute("data-node")
             text = lane.locator(".lane-text").inner_text()
             check(text.strip(), f"lane {node} received text")
+            # What the node's latest engine request sent to its model, folded until opened.
+            prompt = lane.locator(".lane-prompt")
+            check(prompt.get_attribute("data-step") is not None, f"lane {node} shows its latest prompt")
+            prompt.locator("summary").click()
+            sent = prompt.locator("pre").inner_text()
+            check("system: " in sent or "user: " in sent, f"lane {node}'s prompt lists its messages: {sent[:300]!r}")
+            if node in ("analyst", "critic", "creative"):
+                check("Why do leaves change colour" in sent, f"proposer {node} sent the question: {sent[:300]!r}")
             print(f"lane {node}: {len(text)} chars, state {lane.get_attribute('data-state')}")
 
         answer = run.locator(".answer")
@@ -125,6 +133,7 @@ def main():
             for i in range(lanes.count()):
                 lane = lanes.nth(i)
                 check(not lane.locator(".lane-text").inner_text().strip(), f"lane {lane.get_attribute('data-node')} withholds its text")
+                check(lane.locator(".lane-prompt").get_attribute("data-step") is None, f"lane {lane.get_attribute('data-node')} withholds its prompts")
             check(run.locator(".withheld").is_visible(), "the view says the texts are withheld")
             output = page.locator("#live-run .lane[data-node=aggregator]")
             check(output.get_attribute("data-guard") == "redacted", f"the answer guard's verdict on the output lane: {output.inner_text()[:500]}")
