@@ -586,6 +586,46 @@ fn plugin_call_with_a_model_runs_a_compressor_that_asks_the_model() {
     let _ = std::fs::remove_dir_all(&parent);
 }
 
+/// `plugin call` on an aggregator that floods: its stdout ends the call with the stdio
+/// limit it hit; its log is cut to the log budget and the rest counted in one line.
+#[test]
+fn plugin_call_reports_what_a_flooding_plugin_hit() {
+    let parent = outside("floods");
+    let script = |attack: &str| {
+        let file = parent.join(format!("{attack}.json"));
+        std::fs::write(
+            &file,
+            serde_json::json!({
+                "prompt": "hi",
+                "proposers": ["a"],
+                "events": [{"push": {"from": "a", "text": attack}}],
+            })
+            .to_string(),
+        )
+        .unwrap();
+        file.display().to_string()
+    };
+    let stdout_flood = script("stdout-flood");
+    let stderr = refused("fixtures/hostile", &["--script", &stdout_flood]);
+    assert!(
+        stderr.contains("stdout and stderr bytes in one call") && stderr.contains("65536"),
+        "the error names the stdio limit: {stderr}"
+    );
+    let log_flood = script("log-flood");
+    let flooded = call_guest("fixtures/hostile", &["--script", &log_flood]);
+    let stderr = String::from_utf8_lossy(&flooded.stderr);
+    assert!(
+        stderr.contains("log lines over the plugin's budget were dropped"),
+        "one line counts what was dropped: {stderr}"
+    );
+    let shown = stderr.lines().filter(|l| l.contains("yyyy")).count() as u32;
+    assert!(
+        shown <= staircase::plugin::LogLimits::default().lines_per_call,
+        "{shown} lines shown"
+    );
+    let _ = std::fs::remove_dir_all(&parent);
+}
+
 /// What a plugin prints is its log: stdout's lines at info, stderr's at warn, and a panic
 /// message (on stderr) beside the trap it ends in.
 #[test]
