@@ -188,31 +188,9 @@ impl DevLoop {
         }
     }
 
-    /// Waits until `plugin dev` installs its next version of the component; returns the
-    /// sha256 its check printed. A version it refused fails the test with what it said.
-    fn next_install(&self) -> String {
-        let deadline = std::time::Instant::now() + BUILD_TIMEOUT;
-        let (mut sha, mut said) = (None, Vec::new());
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            let line = self
-                .lines
-                .recv_timeout(left)
-                .unwrap_or_else(|e| panic!("plugin dev installed nothing ({e}):\n{said:#?}"));
-            if let Some(value) = line.strip_prefix("sha256") {
-                sha = Some(value.trim().to_string());
-            }
-            assert!(!line.starts_with("not installed"), "{said:#?}\n{line}");
-            if line.starts_with("installed") && line.ends_with(".wasm") {
-                return sha.unwrap_or_else(|| panic!("no check before the install: {said:#?}"));
-            }
-            said.push(line);
-        }
-    }
-
-    /// Waits until `plugin dev` refuses a version; returns what it said. An install first
-    /// fails the test.
-    fn next_refusal(&self) -> String {
+    /// Reads `plugin dev`'s lines until `pick` takes one; fails the test with what it said
+    /// when none comes within [`BUILD_TIMEOUT`].
+    fn read_until<T>(&self, mut pick: impl FnMut(&str) -> Option<T>) -> T {
         let deadline = std::time::Instant::now() + BUILD_TIMEOUT;
         let mut said = Vec::new();
         loop {
@@ -220,13 +198,34 @@ impl DevLoop {
             let line = self
                 .lines
                 .recv_timeout(left)
-                .unwrap_or_else(|e| panic!("plugin dev refused nothing ({e}):\n{said:#?}"));
-            assert!(!line.starts_with("installed"), "{said:#?}\n{line}");
-            if line.starts_with("not installed") {
-                return line;
+                .unwrap_or_else(|e| panic!("plugin dev did not say it ({e}):\n{said:#?}"));
+            if let Some(picked) = pick(&line) {
+                return picked;
             }
             said.push(line);
         }
+    }
+
+    /// Waits until `plugin dev` installs its next version of the component; returns the
+    /// sha256 its check printed. A version it refused fails the test with what it said.
+    fn next_install(&self) -> String {
+        let mut sha = None;
+        self.read_until(|line| {
+            if let Some(value) = line.strip_prefix("sha256") {
+                sha = Some(value.trim().to_string());
+            }
+            assert!(!line.starts_with("not installed"), "{line}");
+            (line.starts_with("installed") && line.ends_with(".wasm"))
+                .then(|| sha.clone().expect("the check comes before the install"))
+        })
+    }
+
+    /// Waits until `plugin dev` refuses a version. An install first fails the test.
+    fn next_refusal(&self) {
+        self.read_until(|line| {
+            assert!(!line.starts_with("installed"), "{line}");
+            line.starts_with("not installed").then_some(())
+        })
     }
 
     /// Once the server serves the component `sha` and the sample pipeline, asks the
