@@ -839,6 +839,12 @@ fn plugin_wit_writes_every_package() {
 fn a_python_role_plugin_goes_from_new_to_a_served_answer() {
     let parent = outside("python");
     let folder = new_and_build(&parent, "my-python-role", "python", |_| {});
+    // componentize-py's typed bindings, for the author's editor; the build used them.
+    let host = std::fs::read_to_string(folder.join("wit_world/imports/host.py")).unwrap();
+    assert!(
+        host.contains("def log(level: LogLevel, message: str)"),
+        "{host}"
+    );
     let manifest = std::fs::read_to_string(folder.join("my-python-role.toml")).unwrap();
     assert!(
         manifest.contains("call-ms = 2000"),

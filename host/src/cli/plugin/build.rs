@@ -11,6 +11,7 @@ use anyhow::{Context, bail};
 
 use super::templates::{self, Lang};
 use crate::plugin::Manifest;
+use crate::policy::PluginKind;
 
 /// The target Rust plugins compile to.
 const WASM_TARGET: &str = "wasm32-wasip2";
@@ -285,12 +286,45 @@ fn has_wasm_target(folder: &Path) -> bool {
     sysroot.join("lib/rustlib").join(WASM_TARGET).is_dir()
 }
 
-fn build_python(folder: &Path, wit: &Path, world: &str, staged: &Path) -> anyhow::Result<()> {
-    let tool = require(
+fn componentize_py() -> Result<PathBuf, MissingTool> {
+    require(
         "componentize-py",
         Lang::Python,
         &format!("python3 -m pip install {COMPONENTIZE_PY}"),
-    )?;
+    )
+}
+
+/// Writes componentize-py's typed bindings of the kind's world into a Python plugin's folder
+/// (`wit_world/` and the runtime's modules), where an editor or mypy finds them, as
+/// componentize-py's own tutorial does; its build then uses them as it would its own.
+pub fn python_bindings(folder: &Path, kind: PluginKind) -> anyhow::Result<()> {
+    let tool = componentize_py()?;
+    // Absolute: the tool runs in the folder.
+    let folder = absolute(folder)?;
+    let (wit_version, wit_text) = templates::wit_of(kind);
+    let wit = folder.join(SCRATCH).join("wit").join(wit_version);
+    std::fs::create_dir_all(&wit).with_context(|| format!("creating {}", wit.display()))?;
+    std::fs::write(wit.join("agent.wit"), wit_text)?;
+    let world = kind.name();
+    let output = Command::new(tool)
+        .current_dir(&folder)
+        .arg("-d")
+        .arg(&wit)
+        .args(["-w", world, "bindings", "."])
+        .output()
+        .context("cannot run componentize-py")?;
+    if !output.status.success() {
+        bail!(
+            "componentize-py -w {world} bindings failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn build_python(folder: &Path, wit: &Path, world: &str, staged: &Path) -> anyhow::Result<()> {
+    let tool = componentize_py()?;
     let mut command = Command::new(tool);
     command
         .current_dir(folder)

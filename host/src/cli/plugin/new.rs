@@ -44,15 +44,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .dir
         .unwrap_or_else(|| PathBuf::from("."))
         .join(&args.name);
-    let files = files(&args.name, args.kind.into(), args.lang)?;
+    let kind = PluginKind::from(args.kind);
+    let files = files(&args.name, kind, args.lang)?;
     write(&folder, &files)?;
     println!(
         "created {} ({} {} plugin, {} files)",
         folder.display(),
         args.lang.name(),
-        PluginKind::from(args.kind).name(),
+        kind.name(),
         files.len()
     );
+    if args.lang == Lang::Python {
+        // Type hints for the author's editor; the plugin builds without them.
+        match super::build::python_bindings(&folder, kind) {
+            Ok(()) => println!(
+                "bindings      wit_world/ (componentize-py's typed bindings, for an editor or mypy)"
+            ),
+            Err(error) => println!("no bindings   {error:#}"),
+        }
+    }
     println!("next:");
     println!("  staircase plugin build {}", folder.display());
     println!(
