@@ -899,6 +899,53 @@ fn every_kind_in_every_language_goes_from_new_to_a_served_answer() {
     let _ = std::fs::remove_dir_all(&parent);
 }
 
+/// The npm types package (`sdk/js`, which the JavaScript example's packages link) types
+/// every JavaScript template: each kind, scaffolded outside the repository with the
+/// `tsconfig.json` of the package's README, checks clean under `tsc --checkJs`, and an
+/// import used against the WIT fails the check.
+#[test]
+fn the_javascript_types_check_every_template_and_catch_a_misuse() {
+    let parent = outside("js-types");
+    let tsconfig = r#"{ "compilerOptions": { "allowJs": true, "checkJs": true, "noEmit": true, "strict": false,
+    "module": "nodenext", "moduleResolution": "nodenext", "target": "es2022",
+    "types": ["@staircase/agent-types"] },
+  "include": ["*.js"] }"#;
+    let tsc = |folder: &Path| {
+        Command::new(folder.join("node_modules/.bin/tsc"))
+            .args(["-p", "."])
+            .current_dir(folder)
+            .output()
+            .expect("the example's packages hold tsc")
+    };
+    for kind in ["role", "aggregator", "compressor", "router", "guard"] {
+        let name = format!("typed-{kind}");
+        run(plugin(
+            &parent,
+            &["new", &name, "--kind", kind, "--lang", "js"],
+        ));
+        let folder = parent.join(&name);
+        link_node_modules(&folder);
+        std::fs::write(folder.join("tsconfig.json"), tsconfig).unwrap();
+        let checked = tsc(&folder);
+        assert!(
+            checked.status.success(),
+            "{kind}: {}",
+            String::from_utf8_lossy(&checked.stdout)
+        );
+    }
+    let folder = parent.join("typed-role");
+    let source = folder.join("plugin.js");
+    let text = std::fs::read_to_string(&source).unwrap();
+    std::fs::write(&source, format!("{text}\nlog('loud', 'no such level');\n")).unwrap();
+    let checked = tsc(&folder);
+    let said = String::from_utf8_lossy(&checked.stdout);
+    assert!(
+        !checked.status.success() && said.contains("LogLevel"),
+        "a log level the WIT does not have: {said}"
+    );
+    let _ = std::fs::remove_dir_all(&parent);
+}
+
 /// With a search path that lacks the toolchain, `plugin build` names the missing tool and
 /// the command that installs it, and writes no component.
 #[test]
