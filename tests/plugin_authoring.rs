@@ -231,6 +231,12 @@ impl DevLoop {
     /// Once the server serves the component `sha` and the sample pipeline, asks the
     /// pipeline a question.
     fn ask(&self, sha: &str) -> Served {
+        self.ask_once_it_serves(|plugin| plugin["sha256"] == sha)
+    }
+
+    /// Once the server's entry for the plugin satisfies `serves` and it has the sample
+    /// pipeline, asks the pipeline a question.
+    fn ask_once_it_serves(&self, serves: impl Fn(&serde_json::Value) -> bool) -> Served {
         let name = &self.name;
         let base = &self.base;
         runtime().block_on(async {
@@ -253,7 +259,7 @@ impl DevLoop {
                     .as_array()
                     .unwrap()
                     .iter()
-                    .any(|p| p["name"] == name.as_str() && p["sha256"] == sha);
+                    .any(|p| p["name"] == name.as_str() && serves(p));
                 let has_pipeline = status["pipelines"]
                     .to_string()
                     .contains(&format!("\"{name}\""));
@@ -262,7 +268,7 @@ impl DevLoop {
                 }
                 assert!(
                     std::time::Instant::now() < deadline,
-                    "the server did not swap in {sha}: {status:#}"
+                    "the server did not swap the version in: {status:#}"
                 );
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -863,7 +869,8 @@ fn a_javascript_role_plugin_goes_from_new_to_a_served_answer() {
 }
 
 /// Every kind in every language, from `plugin new` to `plugin call` alone and to an answer
-/// through `plugin dev` into a running server. The slow suite (15 builds, about 15 minutes
+/// through `plugin dev` into a running server; then an edit of its manifest's version is
+/// swapped in and answers the next request. The slow suite (15 builds, about 15 minutes
 /// on two cores): `cargo test --test plugin_authoring -- --ignored`. CI runs a role in each
 /// language (with an edit swapped in) and a guard in each language.
 #[test]
@@ -889,6 +896,17 @@ fn every_kind_in_every_language_goes_from_new_to_a_served_answer() {
             let dev = DevLoop::start(&folder, &name);
             let served = dev.ask(&dev.next_install());
             assert!(!served.answer.trim().is_empty(), "{name} answered");
+            // An edit any kind has: its manifest's version. The server swaps the new
+            // version in and the next request runs it.
+            let manifest = folder.join(format!("{name}.toml"));
+            let text = std::fs::read_to_string(&manifest).unwrap();
+            std::fs::write(
+                &manifest,
+                text.replace("version = \"0.1.0\"", "version = \"0.1.1\""),
+            )
+            .unwrap();
+            let served = dev.ask_once_it_serves(|plugin| plugin["version"] == "0.1.1");
+            assert!(!served.answer.trim().is_empty(), "{name} 0.1.1 answered");
             // A compressor is called once a history outgrows its budget, a guard's calls
             // are its stream's; the other kinds are on every request's path.
             if matches!(kind, "role" | "aggregator" | "router") {

@@ -116,7 +116,10 @@ fn cycle(folder: &build::Folder, targets: &Targets) -> anyhow::Result<()> {
     let dest = targets.plugins.join(&wasm_name);
     // A server watching the plugin's own folder took the build when it was renamed in.
     let in_place = std::fs::canonicalize(&dest).ok() == std::fs::canonicalize(&built.wasm).ok();
-    install(&built.manifest_path, &targets.plugins.join(manifest_name))?;
+    let manifest_dest = targets.plugins.join(manifest_name);
+    if install(&built.manifest_path, &manifest_dest)? {
+        println!("installed     {}", manifest_dest.display());
+    }
     if in_place || install(&built.wasm, &dest)? {
         println!("installed     {}", dest.display());
     } else {
