@@ -103,10 +103,7 @@ pub fn build(dir: &Path, manifest: Option<PathBuf>) -> anyhow::Result<Built> {
     std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
     let staged = scratch.join(format!("{}.wasm", manifest.name));
     let _ = std::fs::remove_file(&staged);
-    let (wit_version, wit_text) = templates::wit_of(manifest.kind);
-    let wit = scratch.join("wit").join(wit_version);
-    std::fs::create_dir_all(&wit)?;
-    std::fs::write(wit.join("agent.wit"), wit_text)?;
+    let wit = write_wit(&folder, manifest.kind)?;
     let world = manifest.kind.name();
     match &recipe {
         Recipe::Known(Lang::Rust) => build_rust(&folder, &staged)?,
@@ -294,6 +291,17 @@ fn componentize_py() -> Result<PathBuf, MissingTool> {
     )
 }
 
+/// Writes the WIT of `kind`'s world into the folder's scratch space, for the toolchain;
+/// returns its folder.
+fn write_wit(folder: &Path, kind: PluginKind) -> anyhow::Result<PathBuf> {
+    let (wit_version, wit_text) = templates::wit_of(kind);
+    let wit = folder.join(SCRATCH).join("wit").join(wit_version);
+    std::fs::create_dir_all(&wit).with_context(|| format!("creating {}", wit.display()))?;
+    let file = wit.join("agent.wit");
+    std::fs::write(&file, wit_text).with_context(|| format!("writing {}", file.display()))?;
+    Ok(wit)
+}
+
 /// Writes componentize-py's typed bindings of the kind's world into a Python plugin's folder
 /// (`wit_world/` and the runtime's modules), where an editor or mypy finds them, as
 /// componentize-py's own tutorial does; its build then uses them as it would its own.
@@ -301,10 +309,7 @@ pub fn python_bindings(folder: &Path, kind: PluginKind) -> anyhow::Result<()> {
     let tool = componentize_py()?;
     // Absolute: the tool runs in the folder.
     let folder = absolute(folder)?;
-    let (wit_version, wit_text) = templates::wit_of(kind);
-    let wit = folder.join(SCRATCH).join("wit").join(wit_version);
-    std::fs::create_dir_all(&wit).with_context(|| format!("creating {}", wit.display()))?;
-    std::fs::write(wit.join("agent.wit"), wit_text)?;
+    let wit = write_wit(&folder, kind)?;
     let world = kind.name();
     let output = Command::new(tool)
         .current_dir(&folder)
